@@ -1,0 +1,30 @@
+# Two commands do all the set-up from a fresh clone:
+#   make test   - .venv, dependencies, build, the whole test suite
+#   make bench  - the same set-up, then the benchmark
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch 2.14.1 is a CUDA 13.0 build, so the CUDA kernels compile even on a
+# machine without a GPU; any torch>=2.4 works (TORCH_SPEC=torch==2.13.0 for
+# the CPU-only build).
+TORCH_SPEC ?= torch==2.14.1
+DEPS := numpy pytest expecttest ninja rich matplotlib "setuptools>=64" wheel
+
+.PHONY: test bench build clean
+
+$(VENV)/.deps: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(DEPS)
+	touch $@
+
+build: $(VENV)/.deps
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+
+test: build
+	$(PY) -m pytest -q tests
+
+bench: build
+	$(PY) benchmarks/bench_lstm.py
+
+clean:
+	rm -rf build rnnfast/_C*.so *.egg-info

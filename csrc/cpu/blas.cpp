@@ -1,0 +1,99 @@
+#include "blas.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <limits>
+
+extern "C" {
+// Weak: resolved against libtorch_cpu's BLAS when it exports one.
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
+            const int* k, const float* alpha, const float* a, const int* lda,
+            const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n,
+            const int* k, const double* alpha, const double* a, const int* lda,
+            const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
+
+namespace rnnfast::cpu {
+namespace {
+
+bool fits_int(int64_t v) { return v <= std::numeric_limits<int>::max(); }
+
+// Fallback through ATen: views of the raw buffers.
+template <typename T>
+void gemm_aten(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
+               T alpha, const T* a, int64_t lda, const T* b, int64_t ldb,
+               T beta, T* c, int64_t ldc) {
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>());
+  auto view = [&](const T* p, int64_t rows, int64_t cols, int64_t ld,
+                  bool trans) {
+    auto t = at::from_blob(const_cast<T*>(p), {trans ? cols : rows,
+                                               trans ? rows : cols},
+                           {ld, 1}, opts);
+    return trans ? t.t() : t;
+  };
+  at::Tensor ct = at::from_blob(c, {m, n}, {ldc, 1}, opts);
+  at::Tensor prod = at::mm(view(a, m, k, lda, trans_a), view(b, k, n, ldb, trans_b));
+  if (beta == T(0)) {
+    ct.copy_(prod.mul_(alpha));
+  } else {
+    ct.mul_(beta).add_(prod, alpha);
+  }
+}
+
+// Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the
+// operands, keep the transpose flags.
+template <typename T, typename Fn>
+void gemm_blas(Fn fn, bool trans_a, bool trans_b, int64_t m, int64_t n,
+               int64_t k, T alpha, const T* a, int64_t lda, const T* b,
+               int64_t ldb, T beta, T* c, int64_t ldc) {
+  const char ta = trans_a ? 'T' : 'N';
+  const char tb = trans_b ? 'T' : 'N';
+  const int mi = static_cast<int>(m), ni = static_cast<int>(n),
+            ki = static_cast<int>(k), lda_i = static_cast<int>(lda),
+            ldb_i = static_cast<int>(ldb), ldc_i = static_cast<int>(ldc);
+  fn(&tb, &ta, &ni, &mi, &ki, &alpha, b, &ldb_i, a, &lda_i, &beta, c, &ldc_i);
+}
+
+template <typename T, typename Fn>
+void gemm_any(Fn fn, bool trans_a, bool trans_b, int64_t m, int64_t n,
+              int64_t k, T alpha, const T* a, int64_t lda, const T* b,
+              int64_t ldb, T beta, T* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {  // C = beta C
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j)
+        c[i * ldc + j] = beta == T(0) ? T(0) : beta * c[i * ldc + j];
+    return;
+  }
+  if (fn != nullptr && fits_int(m) && fits_int(n) && fits_int(k) &&
+      fits_int(lda) && fits_int(ldb) && fits_int(ldc)) {
+    gemm_blas(fn, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c,
+              ldc);
+  } else {
+    gemm_aten(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
+}
+
+}  // namespace
+
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
+          float alpha, const float* a, int64_t lda, const float* b,
+          int64_t ldb, float beta, float* c, int64_t ldc) {
+  gemm_any(sgemm_, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c,
+           ldc);
+}
+
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
+          double alpha, const double* a, int64_t lda, const double* b,
+          int64_t ldb, double beta, double* c, int64_t ldc) {
+  gemm_any(dgemm_, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c,
+           ldc);
+}
+
+const char* gemm_backend() { return sgemm_ != nullptr ? "blas" : "aten"; }
+
+}  // namespace rnnfast::cpu

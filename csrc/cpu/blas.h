@@ -1,0 +1,26 @@
+// Row-major GEMM on raw CPU pointers for the per-step products of the time
+// loop, where a dispatcher round trip per call would cost as much as the
+// product itself at small batch sizes.
+//
+// It calls the Fortran BLAS (sgemm_/dgemm_) that libtorch_cpu exports (MKL
+// in the x86 wheels, OpenBLAS elsewhere); measured on the 2-core Xeon of our
+// CI machine, MKL's sgemm reaches the same throughput as oneDNN there (see
+// README). Where torch exports no BLAS, it falls back to ATen's mm.
+#pragma once
+
+#include <cstdint>
+
+namespace rnnfast::cpu {
+
+// C[m, n] = alpha * op(A) * op(B) + beta * C, all row-major.
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
+          float alpha, const float* a, int64_t lda, const float* b,
+          int64_t ldb, float beta, float* c, int64_t ldc);
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
+          double alpha, const double* a, int64_t lda, const double* b,
+          int64_t ldb, double beta, double* c, int64_t ldc);
+
+// Which implementation gemm uses ("blas" or "aten").
+const char* gemm_backend();
+
+}  // namespace rnnfast::cpu

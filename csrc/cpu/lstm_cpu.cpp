@@ -1,0 +1,57 @@
+// CPU implementation of the rnnfast ops: the shared recurrence of
+// lstm_driver.h over BLAS GEMMs and the vectorised pointwise kernels.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <string>
+
+#include "../lstm_ops.h"
+#include "blas.h"
+#include "pointwise_kernels.h"
+
+namespace rnnfast::cpu {
+
+const KernelTable& kernel_table() {
+  static const KernelTable& table = []() -> const KernelTable& {
+    // at::get_cpu_capability() honours ATEN_CPU_CAPABILITY and the CPU.
+    const std::string cap = at::get_cpu_capability();
+    if (cap == "AVX512") return kernel_table_avx512();
+    if (cap == "AVX2") return kernel_table_avx2();
+    return kernel_table_default();
+  }();
+  return table;
+}
+
+struct CpuBackend {
+  template <typename T>
+  static void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n,
+                   int64_t k, T alpha, const T* a, int64_t lda, const T* b,
+                   int64_t ldb, T beta, T* c, int64_t ldc) {
+    cpu::gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
+  template <typename T>
+  static void forward_step(const ForwardStepParams<T>& p) {
+    cpu::forward_step<T>(p);
+  }
+  template <typename T>
+  static void backward_step(const BackwardStepParams<T>& p) {
+    cpu::backward_step<T>(p);
+  }
+  template <typename T>
+  static void copy(T* dst, const T* src, int64_t count) {
+    std::memcpy(dst, src, sizeof(T) * count);
+  }
+  template <typename T>
+  static void add(T* dst, const T* a, const T* b, int64_t count) {
+    for (int64_t i = 0; i < count; ++i) dst[i] = a[i] + b[i];
+  }
+};
+
+}  // namespace rnnfast::cpu
+
+TORCH_LIBRARY_IMPL(rnnfast, CPU, m) {
+  m.impl("lstm_forward", &rnnfast::lstm_forward_op<rnnfast::cpu::CpuBackend>);
+  m.impl("lstm_backward",
+         &rnnfast::lstm_backward_op<rnnfast::cpu::CpuBackend>);
+}

@@ -1,0 +1,9 @@
+// Pointwise kernels built for any x86-64 / other CPU (no SIMD assumptions).
+#define CPU_CAPABILITY DEFAULT
+#include "pointwise_impl.h"
+
+namespace rnnfast::cpu {
+const KernelTable& kernel_table_default() {
+  return DEFAULT::make_kernel_table("DEFAULT");
+}
+}  // namespace rnnfast::cpu

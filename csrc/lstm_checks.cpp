@@ -1,0 +1,129 @@
+#include "lstm_checks.h"
+
+namespace rnnfast {
+namespace {
+
+void check_same(const at::Tensor& t, const char* name, const at::Tensor& input) {
+  TORCH_CHECK(t.scalar_type() == input.scalar_type(), "rnnfast.lstm: ", name,
+              " must have the dtype of input (", input.scalar_type(),
+              "), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == input.device(), "rnnfast.lstm: ", name,
+              " must be on the device of input (", input.device(), "), got ",
+              t.device());
+}
+
+void check_shape(const at::Tensor& t, const char* name,
+                 at::IntArrayRef expected) {
+  TORCH_CHECK(t.sizes() == expected, "rnnfast.lstm: expected ", name,
+              " of size ", expected, ", got ", t.sizes());
+}
+
+}  // namespace
+
+LstmSizes check_lstm_args(const at::Tensor& input, const at::Tensor& hx,
+                          const at::Tensor& cx, const at::Tensor& weight_ih,
+                          const at::Tensor& weight_hh,
+                          const c10::optional<at::Tensor>& bias_ih,
+                          const c10::optional<at::Tensor>& bias_hh,
+                          const c10::optional<at::Tensor>& weight_hr,
+                          const c10::optional<at::Tensor>& batch_sizes) {
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
+              "rnnfast.lstm: input must be a floating point tensor, got ",
+              input.scalar_type());
+  const bool packed = batch_sizes.has_value();
+  TORCH_CHECK(input.dim() == (packed ? 2 : 3), "rnnfast.lstm: expected ",
+              packed ? "packed input of 2 dimensions [N, input_size]"
+                     : "input of 3 dimensions [T, B, input_size]",
+              ", got ", input.dim(), " dimensions");
+  TORCH_CHECK(weight_ih.dim() == 2 && weight_hh.dim() == 2,
+              "rnnfast.lstm: weights must be 2-D");
+  LstmSizes s;
+  s.input = input.size(-1);
+  TORCH_CHECK(weight_ih.size(0) % 4 == 0 && weight_ih.size(0) > 0,
+              "rnnfast.lstm: weight_ih must have 4 * hidden_size rows, got ",
+              weight_ih.size(0));
+  s.hidden = weight_ih.size(0) / 4;
+  s.output = weight_hr.has_value() ? weight_hr->size(0) : s.hidden;
+  const int64_t batch = packed ? (batch_sizes->numel() > 0
+                                      ? batch_sizes->data_ptr<int64_t>()[0]
+                                      : 0)
+                               : input.size(1);
+  check_same(hx, "hx", input);
+  check_same(cx, "cx", input);
+  check_same(weight_ih, "weight_ih", input);
+  check_same(weight_hh, "weight_hh", input);
+  check_shape(weight_ih, "weight_ih", {4 * s.hidden, s.input});
+  check_shape(weight_hh, "weight_hh", {4 * s.hidden, s.output});
+  check_shape(hx, "hx", {batch, s.output});
+  check_shape(cx, "cx", {batch, s.hidden});
+  TORCH_CHECK(bias_ih.has_value() == bias_hh.has_value(),
+              "rnnfast.lstm: give both biases or neither");
+  if (bias_ih.has_value()) {
+    check_same(*bias_ih, "bias_ih", input);
+    check_same(*bias_hh, "bias_hh", input);
+    check_shape(*bias_ih, "bias_ih", {4 * s.hidden});
+    check_shape(*bias_hh, "bias_hh", {4 * s.hidden});
+  }
+  if (weight_hr.has_value()) {
+    check_same(*weight_hr, "weight_hr", input);
+    TORCH_CHECK(s.output > 0 && s.output < s.hidden,
+                "rnnfast.lstm: proj_size must be between 0 and hidden_size (",
+                s.hidden, "), got ", s.output);
+    check_shape(*weight_hr, "weight_hr", {s.output, s.hidden});
+  }
+  if (packed) {
+    const auto& bs = *batch_sizes;
+    TORCH_CHECK(bs.device().is_cpu() && bs.scalar_type() == at::kLong &&
+                    bs.dim() == 1,
+                "rnnfast.lstm: batch_sizes must be a 1-D int64 CPU tensor");
+    TORCH_CHECK(bs.numel() > 0,
+                "rnnfast.lstm: expected sequence length to be larger than 0");
+    const int64_t* b = bs.data_ptr<int64_t>();
+    int64_t total = 0;
+    for (int64_t t = 0; t < bs.numel(); ++t) {
+      TORCH_CHECK(b[t] > 0 && (t == 0 || b[t] <= b[t - 1]),
+                  "rnnfast.lstm: batch_sizes must be positive and "
+                  "non-increasing, got ", bs);
+      total += b[t];
+    }
+    TORCH_CHECK(total == input.size(0), "rnnfast.lstm: batch_sizes sum to ",
+                total, " but the packed input has ", input.size(0), " rows");
+  } else {
+    TORCH_CHECK(input.size(0) > 0,
+                "rnnfast.lstm: expected sequence length to be larger than 0");
+  }
+  return s;
+}
+
+SequenceLayout make_layout(const at::Tensor& input,
+                           const c10::optional<at::Tensor>& batch_sizes,
+                           bool reverse) {
+  SequenceLayout l;
+  l.reverse = reverse;
+  if (batch_sizes.has_value()) {
+    const auto bs = batch_sizes->contiguous();
+    l.steps = bs.numel();
+    l.batch_sizes.assign(bs.data_ptr<int64_t>(),
+                         bs.data_ptr<int64_t>() + l.steps);
+    l.batch = l.steps > 0 ? l.batch_sizes[0] : 0;
+  } else {
+    l.steps = input.size(0);
+    l.batch = input.size(1);
+    l.batch_sizes.assign(l.steps, l.batch);
+  }
+  l.offsets.resize(l.steps + 1);
+  l.offsets[0] = 0;
+  for (int64_t t = 0; t < l.steps; ++t) {
+    l.offsets[t + 1] = l.offsets[t] + l.batch_sizes[t];
+  }
+  l.rows = l.offsets[l.steps];
+  return l;
+}
+
+std::vector<int64_t> output_shape(const at::Tensor& input, int64_t output_size) {
+  auto shape = input.sizes().vec();
+  shape.back() = output_size;
+  return shape;
+}
+
+}  // namespace rnnfast

@@ -1,0 +1,30 @@
+// Argument checks and sequence layout shared by every backend's host code.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "lstm_params.h"
+
+namespace rnnfast {
+
+// Validates the arguments of lstm_forward / lstm_backward and returns the
+// sizes. input is [T, B, I] (padded) or [N, I] with batch_sizes [T] (packed);
+// hx [B, P]; cx [B, H]; weight_ih [4H, I]; weight_hh [4H, P];
+// biases [4H]; weight_hr [P, H].
+LstmSizes check_lstm_args(const at::Tensor& input, const at::Tensor& hx,
+                          const at::Tensor& cx, const at::Tensor& weight_ih,
+                          const at::Tensor& weight_hh,
+                          const c10::optional<at::Tensor>& bias_ih,
+                          const c10::optional<at::Tensor>& bias_hh,
+                          const c10::optional<at::Tensor>& weight_hr,
+                          const c10::optional<at::Tensor>& batch_sizes);
+
+// The packed-row layout of input (see lstm_params.h).
+SequenceLayout make_layout(const at::Tensor& input,
+                           const c10::optional<at::Tensor>& batch_sizes,
+                           bool reverse);
+
+// Shape of the output for this input: [T, B, P] or [N, P].
+std::vector<int64_t> output_shape(const at::Tensor& input, int64_t output_size);
+
+}  // namespace rnnfast

@@ -1,0 +1,78 @@
+// Plain-data descriptions of one LSTM layer in one direction over a whole
+// sequence, shared by the host code of every backend. Kernels see these
+// structs and raw pointers only, never at::Tensor.
+//
+// Layout. Sequences are time-major and stored as "packed rows": step t owns
+// rows [offset[t], offset[t] + batch_size[t]) of every per-row buffer. A
+// padded [T, B, *] input is the special case batch_size[t] == B. With a
+// PackedSequence the batch sizes are non-increasing in t (sequences sorted
+// by decreasing length), so the rows active at a step are a prefix of the
+// batch; the same row index refers to the same sequence at every step.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace rnnfast {
+
+struct SequenceLayout {
+  int64_t steps = 0;         // T
+  int64_t batch = 0;         // B: rows of the initial / final states
+  int64_t rows = 0;          // N: total rows, sum of batch_sizes
+  bool reverse = false;      // process t = T-1 .. 0
+  std::vector<int64_t> batch_sizes;  // [T]
+  std::vector<int64_t> offsets;      // [T + 1], exclusive prefix sums
+
+  // The time index processed at position s (0 <= s < T) of the recurrence.
+  int64_t step_at(int64_t s) const { return reverse ? steps - 1 - s : s; }
+  // The time index processed just before t, or -1 for the first one.
+  int64_t previous(int64_t t) const {
+    const int64_t p = reverse ? t + 1 : t - 1;
+    return (p < 0 || p >= steps) ? -1 : p;
+  }
+  // Rows of step t whose previous state is the previous step's output (the
+  // others start from the initial state): with decreasing batch sizes this
+  // is a prefix of the rows of t.
+  int64_t rows_from_previous(int64_t t) const {
+    const int64_t p = previous(t);
+    if (p < 0) return 0;
+    return batch_sizes[t] < batch_sizes[p] ? batch_sizes[t] : batch_sizes[p];
+  }
+};
+
+struct LstmSizes {
+  int64_t input = 0;   // I
+  int64_t hidden = 0;  // H: cell size
+  int64_t output = 0;  // P: hidden state size, proj_size or H
+  bool has_projection() const { return output != hidden; }
+};
+
+// Pointers for the pointwise part of one forward step over `rows` rows.
+template <typename T>
+struct ForwardStepParams {
+  int64_t rows = 0;
+  int64_t hidden = 0;        // H
+  T* gates = nullptr;        // [rows, 4H] pre-activations in, activated gates out
+  T* cell_state = nullptr;   // [rows, H] c_{t-1} in, c_t out
+  T* cell_save = nullptr;    // [rows, H] copy of c_t for the backward, or null
+  T* r_out = nullptr;        // [rows, H] o * tanh(c_t)
+  T* r_out2 = nullptr;       // [rows, H] second copy of r, or null
+};
+
+// Pointers for the pointwise part of one backward step over `rows` rows.
+template <typename T>
+struct BackwardStepParams {
+  int64_t rows = 0;
+  int64_t hidden = 0;             // H
+  int64_t rows_from_previous = 0; // rows [0, this) read c_prev from cell_prev
+  const T* gates = nullptr;       // [rows, 4H] activated gates of the step
+  const T* cell = nullptr;        // [rows, H] c_t
+  const T* cell_prev = nullptr;   // [rows_from_previous, H] c_{t-1}
+  const T* cell_init = nullptr;   // [B, H] c_0, indexed by row
+  const T* dr = nullptr;          // [rows, H] gradient w.r.t. o * tanh(c_t)
+  const T* dr2 = nullptr;         // [rows, H] added to dr when not null
+  T* dcell_state = nullptr;       // [rows, H] dc_t in, dc_{t-1} out
+  T* dgates = nullptr;            // [rows, 4H] gradient w.r.t. pre-activations
+};
+
+}  // namespace rnnfast

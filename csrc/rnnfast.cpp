@@ -1,0 +1,60 @@
+// The rnnfast op library: every schema, declared once, and the Python module
+// init of rnnfast._C (build information only; the ops are reached through
+// torch.ops.rnnfast, see rnnfast/ops.py).
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "cpu/blas.h"
+#include "cpu/pointwise_kernels.h"
+
+#ifndef RNNFAST_CUDA_ARCHS
+#define RNNFAST_CUDA_ARCHS ""
+#endif
+
+TORCH_LIBRARY(rnnfast, m) {
+  // One LSTM layer in one direction over a whole time-major sequence.
+  //   input        [T, B, I], or packed rows [N, I] with batch_sizes [T]
+  //   hx, cx       [B, P], [B, H] initial states
+  //   weight_ih    [4H, I], weight_hh [4H, P], biases [4H], weight_hr [P, H]
+  //   batch_sizes  int64 CPU tensor [T] (PackedSequence), or None
+  // Returns output ([T, B, P] or [N, P]), hy [B, P], cy [B, H], and what the
+  // backward needs when training: the activated gates [N, 4H] and the cell
+  // states [N, H] (in float for half types), else two empty tensors.
+  m.def(
+      "lstm_forward(Tensor input, Tensor hx, Tensor cx, Tensor weight_ih, "
+      "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, Tensor? weight_hr, "
+      "Tensor? batch_sizes, bool reverse, bool training) -> "
+      "(Tensor output, Tensor hy, Tensor cy, Tensor gates, Tensor cells)");
+  // Gradients of lstm_forward. grad_bias is the gradient of each bias;
+  // grad_weight_hr is empty without a projection.
+  m.def(
+      "lstm_backward(Tensor grad_output, Tensor grad_hy, Tensor grad_cy, "
+      "Tensor input, Tensor hx, Tensor cx, Tensor weight_ih, Tensor weight_hh, "
+      "Tensor? weight_hr, Tensor? batch_sizes, bool reverse, Tensor output, "
+      "Tensor gates, Tensor cells) -> (Tensor grad_input, Tensor grad_hx, "
+      "Tensor grad_cx, Tensor grad_weight_ih, Tensor grad_weight_hh, "
+      "Tensor grad_bias, Tensor grad_weight_hr)");
+}
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "rnnfast's compiled ops (registered in torch.ops.rnnfast).";
+  m.def(
+      "build_info",
+      [] {
+        pybind11::dict info;
+#ifdef RNNFAST_WITH_CUDA
+        info["with_cuda"] = true;
+#else
+        info["with_cuda"] = false;
+#endif
+        info["cuda_archs"] = std::string(RNNFAST_CUDA_ARCHS);
+        info["torch_version"] = std::string(RNNFAST_TORCH_VERSION);
+        info["cpu_kernels"] =
+            std::string(rnnfast::cpu::kernel_table().capability);
+        info["cpu_gemm"] = std::string(rnnfast::cpu::gemm_backend());
+        return info;
+      },
+      "How this rnnfast extension was built, and the CPU kernels in use.");
+}

@@ -1,0 +1,285 @@
+"""nn.Module front ends. They hold parameters and call rnnfast.functional.
+
+:class:`LSTM` has torch.nn.LSTM's whole contract: constructor, parameter
+names, shapes, gate order and initialisation, forward signature (padded,
+batch_first, unbatched and PackedSequence input), errors and repr, so
+``load_state_dict`` works both ways and replacing ``torch.nn.LSTM`` with
+``rnnfast.LSTM`` needs no other change.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from . import functional as RF
+
+__all__ = ["LSTM"]
+
+_HiddenState = tuple[Tensor, Tensor]
+
+
+def _apply_permutation(t: Tensor, permutation: Optional[Tensor]) -> Tensor:
+    return t if permutation is None else t.index_select(1, permutation)
+
+
+class _RecurrentBase(nn.Module):
+    """Constructor checks, forward-argument handling and repr shared by the
+    rnnfast recurrent modules; the messages and exception classes are
+    torch.nn.LSTM's."""
+
+    _name = "LSTM"
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
+                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
+                 bidirectional: bool = False, proj_size: int = 0) -> None:
+        super().__init__()
+        if (not isinstance(dropout, numbers.Number) or isinstance(dropout, bool)
+                or not 0 <= dropout <= 1):
+            raise ValueError(
+                "dropout should be a number in range [0, 1] representing the "
+                "probability of an element being zeroed")
+        if dropout > 0 and num_layers == 1:
+            warnings.warn(
+                "dropout option adds dropout after all but last recurrent layer, "
+                "so non-zero dropout expects num_layers greater than 1, but got "
+                f"dropout={dropout} and num_layers={num_layers}", stacklevel=3)
+        for name, value, kind in (("bias", bias, bool), ("batch_first", batch_first, bool),
+                                  ("input_size", input_size, int),
+                                  ("hidden_size", hidden_size, int)):
+            if not isinstance(value, kind):
+                raise TypeError(
+                    f"{name} should be of type {kind.__name__}, got: {type(value).__name__}")
+        if input_size <= 0:
+            raise ValueError("input_size must be greater than zero")
+        if hidden_size <= 0:
+            raise ValueError("hidden_size must be greater than zero")
+        if num_layers <= 0:
+            raise ValueError("num_layers must be greater than zero")
+        if proj_size < 0:
+            raise ValueError(
+                "proj_size should be a positive integer or zero to disable projections")
+        if proj_size >= hidden_size:
+            raise ValueError("proj_size has to be smaller than hidden_size")
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.proj_size = proj_size
+
+    # -- sizes -------------------------------------------------------------
+    @property
+    def _directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    @property
+    def _out_size(self) -> int:
+        return self.proj_size if self.proj_size > 0 else self.hidden_size
+
+    def _layer_input_size(self, layer: int) -> int:
+        return self.input_size if layer == 0 else self._out_size * self._directions
+
+    @staticmethod
+    def _suffix(direction: int) -> str:
+        return "_reverse" if direction == 1 else ""
+
+    # -- forward-argument checks (nn.LSTM's words) --------------------------
+    def _dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def _check_input(self, input: Tensor, batch_sizes: Optional[Tensor]) -> None:
+        dtype = self._dtype()
+        if input.dtype != dtype and not torch._C._is_any_autocast_enabled():
+            raise ValueError(
+                f"RNN input dtype ({input.dtype}) does not match weight dtype ({dtype}). "
+                f"Convert input: input.to({dtype}), or convert model: model.to({input.dtype})")
+        expected = 2 if batch_sizes is not None else 3
+        if input.dim() != expected:
+            raise RuntimeError(f"input must have {expected} dimensions, got {input.dim()}")
+        if self.input_size != input.size(-1):
+            raise RuntimeError(
+                "input.size(-1) must be equal to input_size. "
+                f"Expected {self.input_size}, got {input.size(-1)}")
+
+    def _expected_sizes(self, input: Tensor, batch_sizes: Optional[Tensor]):
+        if batch_sizes is not None:
+            batch = int(batch_sizes[0])
+        else:
+            batch = input.size(0) if self.batch_first else input.size(1)
+        layers = self.num_layers * self._directions
+        return (layers, batch, self._out_size), (layers, batch, self.hidden_size)
+
+    def _check_forward_args(self, input: Tensor, hx: _HiddenState,
+                            batch_sizes: Optional[Tensor]) -> None:
+        self._check_input(input, batch_sizes)
+        h_size, c_size = self._expected_sizes(input, batch_sizes)
+        for i, (t, size) in enumerate(((hx[0], h_size), (hx[1], c_size))):
+            if tuple(t.size()) != size:
+                raise RuntimeError(f"Expected hidden[{i}] size {size}, got {list(t.size())}")
+
+    def _zero_state(self, input: Tensor, batch: int) -> _HiddenState:
+        layers = self.num_layers * self._directions
+        opts = dict(dtype=input.dtype, device=input.device)
+        return (torch.zeros(layers, batch, self._out_size, **opts),
+                torch.zeros(layers, batch, self.hidden_size, **opts))
+
+    def forward(self, input: Union[Tensor, PackedSequence],
+                hx: Optional[_HiddenState] = None):
+        """``(output, (h_n, c_n))``, exactly as ``torch.nn.LSTM.forward``."""
+        batch_sizes = None
+        sorted_indices = unsorted_indices = None
+        is_batched = True
+        if isinstance(input, PackedSequence):
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+            if hx is None:
+                hx = self._zero_state(data, int(batch_sizes[0]))
+            else:
+                hx = (_apply_permutation(hx[0], sorted_indices),
+                      _apply_permutation(hx[1], sorted_indices))
+            self._check_forward_args(data, hx, batch_sizes)
+        else:
+            data = input
+            if data.dim() not in (2, 3):
+                raise ValueError(
+                    f"{self._name}: Expected input to be 2D or 3D, got {data.dim()}D instead")
+            is_batched = data.dim() == 3
+            batch_dim = 0 if self.batch_first else 1
+            if not is_batched:
+                data = data.unsqueeze(batch_dim)
+            if hx is None:
+                hx = self._zero_state(data, data.size(batch_dim))
+            else:
+                if is_batched and (hx[0].dim() != 3 or hx[1].dim() != 3):
+                    raise RuntimeError(
+                        "For batched 3-D input, hx and cx should also be 3-D but got "
+                        f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+                if not is_batched:
+                    if hx[0].dim() != 2 or hx[1].dim() != 2:
+                        raise RuntimeError(
+                            "For unbatched 2-D input, hx and cx should also be 2-D but got "
+                            f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+                    hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+            self._check_forward_args(data, hx, batch_sizes)
+        if data.size(0 if batch_sizes is not None or not self.batch_first else 1) == 0 \
+                and batch_sizes is None:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+
+        output, h_n, c_n = self._run(data, hx, batch_sizes)
+
+        if batch_sizes is not None:
+            packed = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
+            return packed, (_apply_permutation(h_n, unsorted_indices),
+                            _apply_permutation(c_n, unsorted_indices))
+        if not is_batched:
+            output = output.squeeze(0 if self.batch_first else 1)
+            h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
+        return output, (h_n, c_n)
+
+    def _run(self, input: Tensor, hx: _HiddenState, batch_sizes: Optional[Tensor]):
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        s = "{input_size}, {hidden_size}"
+        if self.proj_size != 0:
+            s += ", proj_size={proj_size}"
+        if self.num_layers != 1:
+            s += ", num_layers={num_layers}"
+        if self.bias is not True:
+            s += ", bias={bias}"
+        if self.batch_first is not False:
+            s += ", batch_first={batch_first}"
+        if self.dropout != 0:
+            s += ", dropout={dropout}"
+        if self.bidirectional is not False:
+            s += ", bidirectional={bidirectional}"
+        return s.format(**self.__dict__)
+
+
+class LSTM(_RecurrentBase):
+    r"""A multi-layer LSTM with fused CPU / CUDA kernels; a drop-in
+    replacement for :class:`torch.nn.LSTM`.
+
+    Same arguments, parameters (``weight_ih_l{k}{suffix}`` ``[4H, in]``,
+    ``weight_hh_l{k}{suffix}`` ``[4H, P]``, ``bias_ih_l{k}{suffix}``,
+    ``bias_hh_l{k}{suffix}`` ``[4H]``, ``weight_hr_l{k}{suffix}`` ``[P, H]``
+    with a projection; gate order i, f, g, o), initialisation
+    (``U(-1/sqrt(H), 1/sqrt(H))``), inputs, outputs and errors as
+    torch.nn.LSTM.
+
+    Args:
+        input_size: features of the input ``x``.
+        hidden_size: features of the cell state ``c`` (and of ``h`` without a
+            projection).
+        num_layers: stacked layers. Default 1.
+        bias: use ``b_ih`` and ``b_hh``. Default True.
+        batch_first: input and output are ``[B, T, *]``. Default False.
+        dropout: dropout on the outputs of every layer but the last, in
+            training mode. Default 0.
+        bidirectional: add a reverse direction. Default False.
+        proj_size: size of ``h`` through a learned projection (0: none).
+        device, dtype: of the parameters.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
+                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
+                 bidirectional: bool = False, proj_size: int = 0,
+                 device=None, dtype=None) -> None:
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first,
+                         dropout, bidirectional, proj_size)
+        factory = dict(device=device, dtype=dtype)
+        gates = 4 * hidden_size
+        self._flat_weights_names: list[str] = []
+        self._all_weights: list[list[str]] = []
+        for layer in range(num_layers):
+            for direction in range(self._directions):
+                sfx = self._suffix(direction)
+                names = [f"weight_ih_l{layer}{sfx}", f"weight_hh_l{layer}{sfx}"]
+                shapes = [(gates, self._layer_input_size(layer)), (gates, self._out_size)]
+                if bias:
+                    names += [f"bias_ih_l{layer}{sfx}", f"bias_hh_l{layer}{sfx}"]
+                    shapes += [(gates,), (gates,)]
+                if proj_size > 0:
+                    names.append(f"weight_hr_l{layer}{sfx}")
+                    shapes.append((proj_size, hidden_size))
+                for name, shape in zip(names, shapes):
+                    self.register_parameter(name, nn.Parameter(torch.empty(shape, **factory)))
+                self._flat_weights_names.extend(names)
+                self._all_weights.append(names)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``U(-1/sqrt(hidden_size), 1/sqrt(hidden_size))`` for every
+        parameter, drawn in nn.LSTM's order (same seed, same weights)."""
+        stdv = 1.0 / math.sqrt(self.hidden_size)
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -stdv, stdv)
+
+    @property
+    def _flat_weights(self) -> list[Tensor]:
+        return [getattr(self, name) for name in self._flat_weights_names]
+
+    @property
+    def all_weights(self) -> list[list[nn.Parameter]]:
+        """Parameters grouped per layer and direction, as nn.LSTM's."""
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
+
+    def flatten_parameters(self) -> None:
+        """A no-op kept for nn.LSTM compatibility: rnnfast reads every
+        parameter where it is, so there is nothing to flatten (and DDP sees
+        ordinary, separate parameters)."""
+
+    def _run(self, input, hx, batch_sizes):
+        return RF.lstm(
+            input, hx, self._flat_weights, bias=self.bias, num_layers=self.num_layers,
+            dropout=self.dropout, training=self.training,
+            bidirectional=self.bidirectional, batch_first=self.batch_first,
+            batch_sizes=batch_sizes)

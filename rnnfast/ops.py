@@ -1,0 +1,160 @@
+"""The rnnfast custom ops: typed wrappers, fake (meta) kernels and autograd.
+
+This is the only module that touches ``torch.ops.rnnfast``. The ops are
+declared in C++ (csrc/rnnfast.cpp) and implemented per device there; here
+they get shape functions for torch.compile / torch.export and their
+autograd formulas, whose backward is itself an op.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (loads the library and registers the ops)
+
+__all__ = ["lstm_forward", "lstm_backward"]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the recurrence keeps its workspace in."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def lstm_forward(
+    input: Tensor,
+    hx: Tensor,
+    cx: Tensor,
+    weight_ih: Tensor,
+    weight_hh: Tensor,
+    bias_ih: Optional[Tensor],
+    bias_hh: Optional[Tensor],
+    weight_hr: Optional[Tensor],
+    batch_sizes: Optional[Tensor],
+    reverse: bool,
+    training: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One LSTM layer in one direction over a whole time-major sequence.
+
+    Args:
+        input: ``[T, B, I]``, or packed rows ``[N, I]`` when ``batch_sizes``
+            (int64 CPU tensor ``[T]``, non-increasing) is given.
+        hx, cx: initial states ``[B, P]`` and ``[B, H]``.
+        weight_ih: ``[4H, I]``; weight_hh: ``[4H, P]``; biases ``[4H]`` or
+            None; weight_hr: ``[P, H]`` (projection) or None. Gate order
+            i, f, g, o, as torch.nn.LSTM.
+        reverse: run from the last step to the first.
+        training: keep what the backward needs.
+
+    Returns:
+        ``(output, hy, cy, gates, cells)``: output ``[T, B, P]`` or ``[N, P]``,
+        final states ``[B, P]``, ``[B, H]``, and the saved activations (empty
+        unless training).
+    """
+    return torch.ops.rnnfast.lstm_forward.default(
+        input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
+        batch_sizes, reverse, training,
+    )
+
+
+def lstm_backward(
+    grad_output: Tensor,
+    grad_hy: Tensor,
+    grad_cy: Tensor,
+    input: Tensor,
+    hx: Tensor,
+    cx: Tensor,
+    weight_ih: Tensor,
+    weight_hh: Tensor,
+    weight_hr: Optional[Tensor],
+    batch_sizes: Optional[Tensor],
+    reverse: bool,
+    output: Tensor,
+    gates: Tensor,
+    cells: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of :func:`lstm_forward` from its saved activations.
+
+    Returns ``(grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh,
+    grad_bias, grad_weight_hr)``; ``grad_bias`` is the gradient of each of
+    the two biases, ``grad_weight_hr`` is empty without a projection.
+    """
+    return torch.ops.rnnfast.lstm_backward.default(
+        grad_output, grad_hy, grad_cy, input, hx, cx, weight_ih, weight_hh,
+        weight_hr, batch_sizes, reverse, output, gates, cells,
+    )
+
+
+@torch.library.register_fake("rnnfast::lstm_forward")
+def _lstm_forward_fake(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh,
+                       weight_hr, batch_sizes, reverse, training):
+    torch._check(input.dim() == (2 if batch_sizes is not None else 3),
+                 lambda: f"rnnfast.lstm: unexpected input of {input.dim()} dimensions")
+    hidden = weight_ih.shape[0] // 4
+    out_size = weight_hr.shape[0] if weight_hr is not None else hidden
+    torch._check(input.shape[-1] == weight_ih.shape[1],
+                 lambda: "rnnfast.lstm: input size does not match weight_ih")
+    rows = input.shape[0] if batch_sizes is not None else input.shape[0] * input.shape[1]
+    saved = rows if training else 0
+    cdt = _compute_dtype(input.dtype)
+    return (
+        input.new_empty((*input.shape[:-1], out_size)),
+        hx.new_empty(hx.shape),
+        cx.new_empty(cx.shape),
+        input.new_empty((saved, 4 * hidden), dtype=cdt),
+        input.new_empty((saved, hidden), dtype=cdt),
+    )
+
+
+@torch.library.register_fake("rnnfast::lstm_backward")
+def _lstm_backward_fake(grad_output, grad_hy, grad_cy, input, hx, cx, weight_ih,
+                        weight_hh, weight_hr, batch_sizes, reverse, output, gates,
+                        cells):
+    return (
+        torch.empty_like(input),
+        torch.empty_like(hx),
+        torch.empty_like(cx),
+        torch.empty_like(weight_ih),
+        torch.empty_like(weight_hh),
+        weight_ih.new_empty((weight_ih.shape[0],)),
+        torch.empty_like(weight_hr) if weight_hr is not None else weight_ih.new_empty((0,)),
+    )
+
+
+def _lstm_setup_context(ctx, inputs, output):
+    (input, hx, cx, weight_ih, weight_hh, bias_ih, _bias_hh, weight_hr,
+     batch_sizes, reverse, training) = inputs
+    out, _hy, _cy, gates, cells = output
+    ctx.mark_non_differentiable(gates, cells)
+    ctx.reverse = reverse
+    ctx.training = training
+    ctx.has_bias = bias_ih is not None
+    ctx.save_for_backward(input, hx, cx, weight_ih, weight_hh, weight_hr,
+                          batch_sizes, out, gates, cells)
+
+
+def _zeros_if_none(grad: Optional[Tensor], like: Tensor) -> Tensor:
+    return torch.zeros_like(like) if grad is None else grad
+
+
+def _lstm_backward_autograd(ctx, grad_output, grad_hy, grad_cy, _grad_gates, _grad_cells):
+    (input, hx, cx, weight_ih, weight_hh, weight_hr, batch_sizes, out, gates,
+     cells) = ctx.saved_tensors
+    if not ctx.training:
+        raise RuntimeError(
+            "rnnfast.lstm: backward through a forward run with training=False; "
+            "run the forward with gradients enabled")
+    (grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias,
+     grad_w_hr) = lstm_backward(
+        _zeros_if_none(grad_output, out), _zeros_if_none(grad_hy, hx),
+        _zeros_if_none(grad_cy, cx), input, hx, cx, weight_ih, weight_hh,
+        weight_hr, batch_sizes, ctx.reverse, out, gates, cells)
+    grad_b = grad_bias if ctx.has_bias else None
+    return (grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_b, grad_b,
+            grad_w_hr if weight_hr is not None else None, None, None, None)
+
+
+torch.library.register_autograd(
+    "rnnfast::lstm_forward", _lstm_backward_autograd, setup_context=_lstm_setup_context)

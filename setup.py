@@ -1,0 +1,136 @@
+"""Build of rnnfast's C++/CUDA extension, rnnfast._C.
+
+The C++ CPU kernels are always built. The CUDA kernels (csrc/cuda/*.cu) are
+added whenever torch is a CUDA build and a CUDA toolkit is found, whether or
+not a GPU is visible, so CI without a GPU still compiles them.
+
+Environment:
+  RNNFAST_SKIP_CUDA=1      build the CPU kernels only
+  RNNFAST_FORCE_CUDA=1     fail unless the CUDA kernels can be built
+  CUDA_HOME                the toolkit folder (bin/nvcc, lib64); found from
+                           the nvcc on PATH when unset
+  TORCH_CUDA_ARCH_LIST     CUDA archs; defaults to the visible GPUs, or to
+                           DEFAULT_CUDA_ARCHS when none is visible
+  MAX_JOBS                 parallel compile jobs (ninja)
+"""
+
+import glob
+import os
+import shutil
+import sys
+import sysconfig
+import warnings
+
+from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# Hopper first: the GPUs rnnfast is tuned on; Ampere for the A100 / RTX 30 class.
+DEFAULT_CUDA_ARCHS = "8.0;9.0"
+
+
+def _flag(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _find_cuda_home():
+    """The toolkit folder that holds bin/nvcc and lib64.
+
+    torch guesses the parent of the folder of the first nvcc on PATH, which is
+    wrong when that nvcc is a symlink (e.g. /usr/local/bin/nvcc ->
+    /usr/local/cuda-13.0/bin/nvcc); resolve the link instead.
+    """
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return home
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+        if os.path.exists(os.path.join(home, "bin", "nvcc")):
+            return home
+    for home in ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True):
+        if os.path.exists(os.path.join(home, "bin", "nvcc")):
+            return home
+    return None
+
+
+def _nvidia_wheel_includes():
+    """Headers shipped by the nvidia-* wheels (cublas_v2.h, cusparse.h, ...)."""
+    purelib = sysconfig.get_paths()["purelib"]
+    found = []
+    for pattern in ("nvidia/cu*/include", "nvidia/*/include"):
+        found += sorted(glob.glob(os.path.join(purelib, pattern)))
+    return found
+
+
+cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+want_cuda = bool(cuda_sources) and not _flag("RNNFAST_SKIP_CUDA")
+cuda_home = _find_cuda_home() if want_cuda else None
+if cuda_home:
+    # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
+    os.environ["CUDA_HOME"] = cuda_home
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import (  # noqa: E402
+    BuildExtension,
+    CppExtension,
+    CUDAExtension,
+)
+
+with_cuda = want_cuda and torch.version.cuda is not None and cuda_home is not None
+if want_cuda and not with_cuda:
+    why = ("torch is a CPU-only build" if torch.version.cuda is None
+           else "no CUDA toolkit (nvcc) was found; set CUDA_HOME")
+    if _flag("RNNFAST_FORCE_CUDA"):
+        sys.exit(f"RNNFAST_FORCE_CUDA=1 but the CUDA kernels cannot be built: {why}")
+    warnings.warn(f"rnnfast: building the CPU kernels only: {why}")
+
+cuda_archs = ""
+if with_cuda:
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        visible = torch.cuda.is_available() and torch.cuda.device_count() > 0
+        if visible:
+            caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+            os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(f"{a}.{b}" for a, b in sorted(caps))
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+    cuda_archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+
+cpu_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+cpu_sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+# lstm_cpu.cpp, built without ISA flags, comes before the pointwise_avx*.cpp
+# units so that the linker keeps its copies of any inline function both emit.
+cpu_sources.sort(key=lambda p: ("pointwise_avx" in p, p))
+
+define_macros = [
+    ("RNNFAST_TORCH_VERSION", f'"{torch.__version__}"'),
+    ("RNNFAST_CUDA_ARCHS", f'"{cuda_archs}"'),
+]
+cxx_flags = ["-O3", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas"]
+include_dirs = [os.path.join(HERE, "csrc")]
+
+if with_cuda:
+    define_macros.append(("RNNFAST_WITH_CUDA", None))
+    include_dirs += _nvidia_wheel_includes()
+    nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
+                  "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+                  "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
+    ext = CUDAExtension(
+        "rnnfast._C",
+        sources=cpu_sources + cuda_sources,
+        include_dirs=include_dirs,
+        define_macros=define_macros,
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+    )
+else:
+    ext = CppExtension(
+        "rnnfast._C",
+        sources=cpu_sources,
+        include_dirs=include_dirs,
+        define_macros=define_macros,
+        extra_compile_args={"cxx": cxx_flags},
+    )
+
+setup(
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
