@@ -4,9 +4,9 @@
 // Every function is a template over the value type T, which is the opmath
 // type of the tensors (float for float/half/bfloat16, double for double) on
 // CUDA and a SIMD vector of it (at::vec::Vectorized<float>) in the CPU
-// kernels. The only operations T needs are + - * / and the two transcendental
-// functions supplied by MathOps<T>; each backend specialises MathOps for its
-// vector types, this header provides the scalar ones.
+// kernels. The only operations T needs are + - * / and the two activation
+// functions supplied by MathOps<T> (sigmoid, tanh); each backend specialises
+// MathOps for its vector types, this header provides the scalar ones.
 //
 // Gate order is torch.nn.LSTM's: i, f, g, o.
 #pragma once
@@ -21,19 +21,23 @@ struct MathOps;
 
 template <>
 struct MathOps<float> {
-  static C10_HOST_DEVICE inline float exp(float x) { return ::expf(x); }
+  static C10_HOST_DEVICE inline float sigmoid(float x) {
+    return 1.0f / (1.0f + ::expf(-x));
+  }
   static C10_HOST_DEVICE inline float tanh(float x) { return ::tanhf(x); }
 };
 
 template <>
 struct MathOps<double> {
-  static C10_HOST_DEVICE inline double exp(double x) { return ::exp(x); }
+  static C10_HOST_DEVICE inline double sigmoid(double x) {
+    return 1.0 / (1.0 + ::exp(-x));
+  }
   static C10_HOST_DEVICE inline double tanh(double x) { return ::tanh(x); }
 };
 
 template <typename T>
 C10_HOST_DEVICE inline T sigmoid(T x) {
-  return T(1) / (T(1) + MathOps<T>::exp(-x));
+  return MathOps<T>::sigmoid(x);
 }
 
 template <typename T>

@@ -3,10 +3,13 @@
 // kernels and a row copy for raw pointers of type T. Bulk work before and
 // after the time loop uses ATen ops, which run on the tensors' device.
 //
-// Backend interface (all row-major; C[m, n] = alpha op(A) op(B) + beta C):
-//   static void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n,
-//                    int64_t k, T alpha, const T* a, int64_t lda,
-//                    const T* b, int64_t ldb, T beta, T* c, int64_t ldc);
+// Backend interface (all row-major):
+//   template <typename T> class StepWeight: a weight multiplied at every
+//     step, prepared once (e.g. packed) by
+//     StepWeight(bool trans_b, int64_t max_m, int64_t n, int64_t k,
+//                const T* b, int64_t ldb), then
+//     multiply(int64_t m, const T* a, int64_t lda, T beta, T* c, int64_t ldc)
+//     computes C[m, n] = A[m, k] op(B) + beta C.
 //   static void forward_step(const ForwardStepParams<T>&);
 //   static void backward_step(const BackwardStepParams<T>&);
 //   static void copy(T* dst, const T* src, int64_t count);
@@ -14,6 +17,8 @@
 #pragma once
 
 #include <ATen/ATen.h>
+
+#include <memory>
 
 #include "lstm_params.h"
 
@@ -66,16 +71,21 @@ ForwardResult lstm_forward_recurrence(
   T* hs = h_state.data_ptr<T>();
   T* cs = c_state.data_ptr<T>();
   T* cells = training ? r.cells.data_ptr<T>() : nullptr;
-  const T* whh = weight_hh.data_ptr<T>();
-  const T* whr = s.has_projection() ? weight_hr.data_ptr<T>() : nullptr;
+  using Weight = typename Backend::template StepWeight<T>;
+  // gates += h W_hh^T; h = r W_hr^T
+  const Weight whh(true, l.batch, G, P, weight_hh.data_ptr<T>(), P);
+  std::unique_ptr<Weight> whr;
+  if (s.has_projection()) {
+    whr = std::make_unique<Weight>(true, l.batch, P, H,
+                                   weight_hr.data_ptr<T>(), H);
+  }
 
   for (int64_t step = 0; step < l.steps; ++step) {
     const int64_t t = l.step_at(step);
     const int64_t rows = l.batch_sizes[t];
     const int64_t off = l.offsets[t];
     // gates[t] += h_{t-1} W_hh^T
-    Backend::gemm(false, true, rows, G, P, T(1), hs, P, whh, P, T(1),
-                  g + off * G, G);
+    whh.multiply(rows, hs, P, T(1), g + off * G, G);
     ForwardStepParams<T> p;
     p.rows = rows;
     p.hidden = H;
@@ -86,8 +96,7 @@ ForwardResult lstm_forward_recurrence(
       p.r_out = r_buf.data_ptr<T>();
       Backend::forward_step(p);
       // h_t = r_t W_hr^T
-      Backend::gemm(false, true, rows, P, H, T(1), p.r_out, H, whr, H, T(0),
-                    out + off * P, P);
+      whr->multiply(rows, p.r_out, H, T(0), out + off * P, P);
       Backend::copy(hs, out + off * P, rows * P);
     } else {
       p.r_out = out + off * P;
@@ -158,8 +167,14 @@ BackwardResult lstm_backward_recurrence(
   const T* g = gates.data_ptr<T>();
   const T* c = cells.data_ptr<T>();
   const T* c0 = cx.data_ptr<T>();
-  const T* whh = weight_hh.data_ptr<T>();
-  const T* whr = s.has_projection() ? weight_hr.data_ptr<T>() : nullptr;
+  using Weight = typename Backend::template StepWeight<T>;
+  // dh = dgates W_hh; dr = dh W_hr
+  const Weight whh(false, l.batch, P, G, weight_hh.data_ptr<T>(), P);
+  std::unique_ptr<Weight> whr;
+  if (s.has_projection()) {
+    whr = std::make_unique<Weight>(false, l.batch, H, P,
+                                   weight_hr.data_ptr<T>(), H);
+  }
   T* dg = dgates.data_ptr<T>();
   T* dhs = dh_state.data_ptr<T>();
   T* dcs = dc_state.data_ptr<T>();
@@ -183,8 +198,7 @@ BackwardResult lstm_backward_recurrence(
       T* dht = dh_total.data_ptr<T>() + off * P;
       Backend::add(dht, dhs, dy + off * P, rows * P);
       // dr = dh W_hr
-      Backend::gemm(false, false, rows, H, P, T(1), dht, P, whr, H, T(0),
-                    dr_buf.data_ptr<T>(), H);
+      whr->multiply(rows, dht, P, T(0), dr_buf.data_ptr<T>(), H);
       p.dr = dr_buf.data_ptr<T>();
     } else {
       p.dr = dhs;
@@ -192,8 +206,7 @@ BackwardResult lstm_backward_recurrence(
     }
     Backend::backward_step(p);
     // dh_{t-1} = dgates W_hh
-    Backend::gemm(false, false, rows, P, G, T(1), dg + off * G, G, whh, P,
-                  T(0), dhs, P);
+    whh.multiply(rows, dg + off * G, G, T(0), dhs, P);
   }
   r.grad_hx = dh_state;
   r.grad_cx = dc_state;

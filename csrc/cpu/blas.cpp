@@ -3,7 +3,9 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <cstdlib>
 #include <limits>
+#include <type_traits>
 
 extern "C" {
 // Weak: resolved against libtorch_cpu's BLAS when it exports one.
@@ -15,6 +17,17 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n,
             const int* k, const double* alpha, const double* a, const int* lda,
             const double* b, const int* ldb, const double* beta, double* c,
             const int* ldc) __attribute__((weak));
+// MKL's packed GEMM (CBLAS enums: RowMajor 101, NoTrans 111, Trans 112,
+// Packed 151, BMatrix 162).
+size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k)
+    __attribute__((weak));
+void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n,
+                      int k, float alpha, const float* src, int ld,
+                      float* dest) __attribute__((weak));
+void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n,
+                         int k, const float* a, int lda, const float* b,
+                         int ldb, float beta, float* c, int ldc)
+    __attribute__((weak));
 }
 
 namespace rnnfast::cpu {
@@ -94,6 +107,64 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
            ldc);
 }
 
-const char* gemm_backend() { return sgemm_ != nullptr ? "blas" : "aten"; }
+namespace {
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151,
+              kBMatrix = 162;
+
+bool have_mkl_pack() {
+  return cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr &&
+         cblas_sgemm_compute != nullptr;
+}
+}  // namespace
+
+template <typename T>
+StepWeight<T>::StepWeight(bool trans_b, int64_t max_m, int64_t n, int64_t k,
+                          const T* b, int64_t ldb)
+    : trans_b_(trans_b), n_(n), k_(k), ldb_(ldb), b_(b) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (have_mkl_pack() && max_m > 0 && fits_int(max_m) && fits_int(n) &&
+        fits_int(k) && fits_int(ldb) && n > 0 && k > 0) {
+      const size_t bytes = cblas_sgemm_pack_get_size(
+          kBMatrix, static_cast<int>(max_m), static_cast<int>(n),
+          static_cast<int>(k));
+      packed_ = std::malloc(bytes);
+      TORCH_CHECK(packed_ != nullptr, "rnnfast: out of memory packing a weight");
+      cblas_sgemm_pack(kRowMajor, kBMatrix, trans_b ? kTrans : kNoTrans,
+                       static_cast<int>(max_m), static_cast<int>(n),
+                       static_cast<int>(k), 1.0f, b, static_cast<int>(ldb),
+                       static_cast<float*>(packed_));
+    }
+  }
+}
+
+template <typename T>
+StepWeight<T>::~StepWeight() {
+  std::free(packed_);
+}
+
+template <typename T>
+void StepWeight<T>::multiply(int64_t m, const T* a, int64_t lda, T beta, T* c,
+                             int64_t ldc) const {
+  if constexpr (std::is_same_v<T, float>) {
+    if (packed_ != nullptr && m > 0 && fits_int(lda) && fits_int(ldc)) {
+      cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, static_cast<int>(m),
+                          static_cast<int>(n_), static_cast<int>(k_), a,
+                          static_cast<int>(lda),
+                          static_cast<const float*>(packed_),
+                          static_cast<int>(ldb_), beta, c,
+                          static_cast<int>(ldc));
+      return;
+    }
+  }
+  gemm(false, trans_b_, m, n_, k_, T(1), a, lda, b_, ldb_, beta, c, ldc);
+}
+
+template class StepWeight<float>;
+template class StepWeight<double>;
+
+const char* gemm_backend() {
+  if (have_mkl_pack()) return "mkl-packed";
+  return sgemm_ != nullptr ? "blas" : "aten";
+}
 
 }  // namespace rnnfast::cpu

@@ -20,7 +20,30 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
           double alpha, const double* a, int64_t lda, const double* b,
           int64_t ldb, double beta, double* c, int64_t ldc);
 
-// Which implementation gemm uses ("blas" or "aten").
+// The right-hand operand of a product repeated at every step of a time loop
+// (a recurrent weight), packed once into the BLAS's internal layout where it
+// offers one (MKL's cblas_sgemm_pack), so per-step products skip repacking:
+// at batch 4 that repacking is most of a step's cost.
+//   multiply(m, a, lda, beta, c, ldc): C[m, n] = A[m, k] op(B) + beta C
+template <typename T>
+class StepWeight {
+ public:
+  StepWeight(bool trans_b, int64_t max_m, int64_t n, int64_t k, const T* b,
+             int64_t ldb);
+  ~StepWeight();
+  StepWeight(const StepWeight&) = delete;
+  StepWeight& operator=(const StepWeight&) = delete;
+  void multiply(int64_t m, const T* a, int64_t lda, T beta, T* c,
+                int64_t ldc) const;
+
+ private:
+  bool trans_b_;
+  int64_t n_, k_, ldb_;
+  const T* b_;
+  void* packed_ = nullptr;  // owned, from the BLAS's own allocator layout
+};
+
+// Which implementation gemm uses ("mkl-packed", "blas" or "aten").
 const char* gemm_backend();
 
 }  // namespace rnnfast::cpu

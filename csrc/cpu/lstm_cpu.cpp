@@ -25,11 +25,7 @@ const KernelTable& kernel_table() {
 
 struct CpuBackend {
   template <typename T>
-  static void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n,
-                   int64_t k, T alpha, const T* a, int64_t lda, const T* b,
-                   int64_t ldb, T beta, T* c, int64_t ldc) {
-    cpu::gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-  }
+  using StepWeight = cpu::StepWeight<T>;
   template <typename T>
   static void forward_step(const ForwardStepParams<T>& p) {
     cpu::forward_step<T>(p);
