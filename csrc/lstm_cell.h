@@ -53,28 +53,77 @@ template <typename T>
 struct LstmCellForward {
   T i, f, g, o;  // activated gates
   T c;           // new cell state
-  T r;           // o * tanh(c)
+  T r;           // o * tanh(c) (set by lstm_cell_forward only)
 };
 
+// Activations and the state update, without the output: the LayerNorm-LSTM
+// normalises c before its tanh.
 template <typename T>
-C10_HOST_DEVICE inline LstmCellForward<T> lstm_cell_forward(
-    T pre_i, T pre_f, T pre_g, T pre_o, T c_prev) {
+C10_HOST_DEVICE inline LstmCellForward<T> lstm_cell_state(T pre_i, T pre_f,
+                                                          T pre_g, T pre_o,
+                                                          T c_prev) {
   LstmCellForward<T> out;
   out.i = sigmoid(pre_i);
   out.f = sigmoid(pre_f);
   out.g = tanh(pre_g);
   out.o = sigmoid(pre_o);
   out.c = out.f * c_prev + out.i * out.g;
+  return out;
+}
+
+template <typename T>
+C10_HOST_DEVICE inline LstmCellForward<T> lstm_cell_forward(
+    T pre_i, T pre_f, T pre_g, T pre_o, T c_prev) {
+  LstmCellForward<T> out = lstm_cell_state(pre_i, pre_f, pre_g, pre_o, c_prev);
   out.r = out.o * tanh(out.c);
   return out;
 }
 
-// Backward of one cell element, written in terms of the saved activated
-// gates and cell states.
+// The backward is split in two so that the LayerNorm-LSTM, whose hidden
+// state is o * tanh(LN(c)), reuses both halves.
+//
+// Output half: h = o * tanh(y), with y = c (LSTM) or LN_cell(c).
+//   dh:     gradient w.r.t. h (w.r.t. r = o * tanh(c) with a projection)
+//   tanh_y: tanh(y) of the forward
+// gives the gradient w.r.t. o's pre-activation and w.r.t. y.
+template <typename T>
+struct LstmOutputBackward {
+  T do_;  // w.r.t. the pre-activation of o
+  T dy;   // w.r.t. y, the argument of tanh
+};
+
+template <typename T>
+C10_HOST_DEVICE inline LstmOutputBackward<T> lstm_output_backward(T dh, T o,
+                                                                  T tanh_y) {
+  LstmOutputBackward<T> out;
+  out.do_ = dh * tanh_y * o * (T(1) - o);
+  out.dy = dh * o * (T(1) - tanh_y * tanh_y);
+  return out;
+}
+
+// State half: c = f * c_prev + i * g.
+//   dc: the whole gradient w.r.t. c (from the output and from the next step)
+// gives the gradients w.r.t. the pre-activations of i, f, g and w.r.t. c_prev.
+template <typename T>
+struct LstmStateBackward {
+  T di, df, dg;  // w.r.t. the pre-activations
+  T dc_prev;
+};
+
+template <typename T>
+C10_HOST_DEVICE inline LstmStateBackward<T> lstm_state_backward(T dc, T i, T f,
+                                                                T g, T c_prev) {
+  LstmStateBackward<T> out;
+  out.di = dc * g * i * (T(1) - i);
+  out.df = dc * c_prev * f * (T(1) - f);
+  out.dg = dc * i * (T(1) - g * g);
+  out.dc_prev = dc * f;
+  return out;
+}
+
+// The whole LSTM cell backward, from the saved activated gates and states.
 //   dr:      gradient w.r.t. r = o * tanh(c) of this step
 //   dc_next: gradient w.r.t. c flowing back from the next step (or from c_n)
-// Produces the gradients w.r.t. the four gate pre-activations and w.r.t.
-// c_prev.
 template <typename T>
 struct LstmCellBackward {
   T di, df, dg, do_;  // gradients w.r.t. the pre-activations
@@ -84,14 +133,14 @@ struct LstmCellBackward {
 template <typename T>
 C10_HOST_DEVICE inline LstmCellBackward<T> lstm_cell_backward(
     T i, T f, T g, T o, T c, T c_prev, T dr, T dc_next) {
+  const auto out_grad = lstm_output_backward(dr, o, tanh(c));
+  const auto state = lstm_state_backward(dc_next + out_grad.dy, i, f, g, c_prev);
   LstmCellBackward<T> out;
-  const T tanh_c = tanh(c);
-  const T dc = dc_next + dr * o * (T(1) - tanh_c * tanh_c);
-  out.do_ = dr * tanh_c * o * (T(1) - o);
-  out.di = dc * g * i * (T(1) - i);
-  out.df = dc * c_prev * f * (T(1) - f);
-  out.dg = dc * i * (T(1) - g * g);
-  out.dc_prev = dc * f;
+  out.di = state.di;
+  out.df = state.df;
+  out.dg = state.dg;
+  out.do_ = out_grad.do_;
+  out.dc_prev = state.dc_prev;
   return out;
 }
 

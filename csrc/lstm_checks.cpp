@@ -95,6 +95,18 @@ LstmSizes check_lstm_args(const at::Tensor& input, const at::Tensor& hx,
   return s;
 }
 
+void check_layer_norm_args(const at::Tensor& input, const LstmSizes& sizes,
+                           at::TensorList ln_gates, at::TensorList ln_cell) {
+  for (const auto& t : ln_gates) {
+    check_same(t, "a LayerNorm parameter", input);
+    check_shape(t, "ln_ih_* / ln_hh_* parameter", {4 * sizes.hidden});
+  }
+  for (const auto& t : ln_cell) {
+    check_same(t, "a LayerNorm parameter", input);
+    check_shape(t, "ln_cell_* parameter", {sizes.hidden});
+  }
+}
+
 SequenceLayout make_layout(const at::Tensor& input,
                            const c10::optional<at::Tensor>& batch_sizes,
                            bool reverse) {

@@ -19,6 +19,11 @@ LstmSizes check_lstm_args(const at::Tensor& input, const at::Tensor& hx,
                           const c10::optional<at::Tensor>& weight_hr,
                           const c10::optional<at::Tensor>& batch_sizes);
 
+// Checks the LayerNorm parameters of a layer_norm_lstm op: ln_ih_* and
+// ln_hh_* [4H], ln_cell_* [H], on input's device and dtype.
+void check_layer_norm_args(const at::Tensor& input, const LstmSizes& sizes,
+                           at::TensorList ln_gates, at::TensorList ln_cell);
+
 // The packed-row layout of input (see lstm_params.h).
 SequenceLayout make_layout(const at::Tensor& input,
                            const c10::optional<at::Tensor>& batch_sizes,

@@ -75,4 +75,89 @@ struct BackwardStepParams {
   T* dgates = nullptr;            // [rows, 4H] gradient w.r.t. pre-activations
 };
 
+// ---- LayerNorm-LSTM ------------------------------------------------------
+// Row statistics saved for the backward, [N, kStatsWidth] per row.
+enum LayerNormStat : int64_t {
+  kRstdIh = 0,   // 1 / std of W_ih x
+  kRstdHh = 1,   // 1 / std of W_hh h_{t-1}
+  kMeanCell = 2, // mean of c_t
+  kRstdCell = 3, // 1 / std of c_t
+  kStatsWidth = 4,
+};
+
+// LayerNorm of every row of a [rows, width] buffer (the input projection of
+// all steps at once): output = xhat * gamma + beta + bias.
+template <typename T>
+struct LayerNormRowsParams {
+  int64_t rows = 0;
+  int64_t width = 0;
+  T eps = T(1e-5);
+  const T* input = nullptr;   // [rows, width]
+  T* normalized = nullptr;    // [rows, width] xhat, or null; may alias input
+  T* output = nullptr;        // [rows, width]
+  const T* gamma = nullptr;   // [width]
+  const T* beta = nullptr;    // [width]
+  const T* bias = nullptr;    // [width] added to the output, or null
+  T* rstd = nullptr;          // rstd of row r at rstd[r * rstd_stride], or null
+  int64_t rstd_stride = 1;
+};
+
+// Backward of LayerNormRowsParams: dx from dy = dL/doutput.
+template <typename T>
+struct LayerNormRowsBackwardParams {
+  int64_t rows = 0;
+  int64_t width = 0;
+  const T* grad_output = nullptr;  // [rows, width]
+  const T* normalized = nullptr;   // [rows, width] xhat
+  const T* gamma = nullptr;        // [width]
+  const T* rstd = nullptr;         // rstd[r * rstd_stride]
+  int64_t rstd_stride = 1;
+  T* grad_input = nullptr;         // [rows, width]
+};
+
+// One forward step of the LayerNorm-LSTM over `rows` rows:
+//   pre = gates + LN_hh(hh), c = f c_prev + i g, h = o tanh(LN_cell(c)).
+template <typename T>
+struct LayerNormStepParams {
+  int64_t rows = 0;
+  int64_t hidden = 0;               // H
+  T eps = T(1e-5);
+  T* gates = nullptr;       // [rows, 4H] LN_ih(W_ih x) + biases in, activated out
+  T* hh = nullptr;          // [rows, 4H] W_hh h_{t-1} in, xhat_hh out if save
+  bool save_normalized_hh = false;
+  const T* gamma_hh = nullptr;      // [4H]
+  const T* beta_hh = nullptr;       // [4H]
+  const T* gamma_cell = nullptr;    // [H]
+  const T* beta_cell = nullptr;     // [H]
+  T* cell_state = nullptr;  // [rows, H] c_{t-1} in, c_t out
+  T* cell_save = nullptr;   // [rows, H] copy of c_t, or null
+  T* stats = nullptr;       // [rows, kStatsWidth] (kRstdHh, kMeanCell,
+                            // kRstdCell written), or null
+  T* h_out = nullptr;       // [rows, H]
+  T* h_out2 = nullptr;      // [rows, H] second copy, or null
+};
+
+// One backward step of the LayerNorm-LSTM over `rows` rows.
+template <typename T>
+struct LayerNormBackwardStepParams {
+  int64_t rows = 0;
+  int64_t hidden = 0;
+  int64_t rows_from_previous = 0;   // rows [0, this) read c_prev from cell_prev
+  const T* gates = nullptr;         // [rows, 4H] activated gates
+  const T* cell = nullptr;          // [rows, H] c_t
+  const T* cell_prev = nullptr;     // [rows_from_previous, H]
+  const T* cell_init = nullptr;     // [B, H] c_0
+  const T* normalized_hh = nullptr; // [rows, 4H] xhat_hh
+  const T* stats = nullptr;         // [rows, kStatsWidth]
+  const T* gamma_hh = nullptr;      // [4H]
+  const T* gamma_cell = nullptr;    // [H]
+  const T* beta_cell = nullptr;     // [H]
+  const T* dh = nullptr;            // [rows, H] gradient w.r.t. h_t ...
+  const T* dh2 = nullptr;           // ... plus this one when not null
+  T* dcell_state = nullptr;         // [rows, H] dc_t in, dc_{t-1} out
+  T* dgates = nullptr;              // [rows, 4H] w.r.t. the pre-activations
+  T* dhh = nullptr;                 // [rows, 4H] w.r.t. W_hh h_{t-1}
+  T* dcell_norm = nullptr;          // [rows, H] w.r.t. LN_cell(c_t)
+};
+
 }  // namespace rnnfast

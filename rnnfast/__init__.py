@@ -1,13 +1,14 @@
-"""rnnfast: fused LSTM kernels for PyTorch, a drop-in torch.nn.LSTM."""
+"""rnnfast: fused LSTM and LayerNorm-LSTM kernels for PyTorch; rnnfast.LSTM is
+a drop-in torch.nn.LSTM."""
 
 from __future__ import annotations
 
 from . import functional, ops
 from ._C import build_info as _build_info
-from .modules import LSTM
+from .modules import LSTM, LayerNormLSTM
 
 __version__ = "0.1.0"
-__all__ = ["LSTM", "functional", "ops", "build_info", "__version__"]
+__all__ = ["LSTM", "LayerNormLSTM", "functional", "ops", "build_info", "__version__"]
 
 
 def build_info() -> dict:

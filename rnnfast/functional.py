@@ -1,5 +1,5 @@
-"""Functional LSTM: layers, directions and dropout composed from the fused
-one-layer op of :mod:`rnnfast.ops`.
+"""Functional LSTM and LayerNorm-LSTM: layers, directions and dropout
+composed from the fused one-layer ops of :mod:`rnnfast.ops`.
 
 :func:`lstm` takes the arguments of ``torch._VF.lstm`` (the function behind
 ``torch.nn.LSTM``) in a documented, keyword-friendly form, so a module or a
@@ -16,7 +16,7 @@ from torch import Tensor
 
 from . import ops
 
-__all__ = ["lstm", "split_weights"]
+__all__ = ["lstm", "layer_norm_lstm", "split_weights"]
 
 
 def split_weights(
@@ -98,13 +98,31 @@ def lstm(
         ``(output, h_n, c_n)``: output ``[T, B, D * P]`` (or ``[N, D * P]``
         packed), final states shaped like ``hx``.
     """
-    h0, c0 = hx
     layers = split_weights(weights, num_layers, bidirectional, bias)
+    save = _needs_grad(input, hx, weights)
+
+    def run(layer_input, idx, reverse, h0, c0):
+        w_ih, w_hh, b_ih, b_hh, w_hr = layers[idx]
+        out, hy, cy, _, _ = ops.lstm_forward(
+            layer_input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes,
+            reverse, save)
+        return out, hy, cy
+
+    return _stack(run, input, hx, num_layers=num_layers, dropout=dropout,
+                  training=training, bidirectional=bidirectional,
+                  batch_first=batch_first, packed=batch_sizes is not None)
+
+
+def _stack(run, input: Tensor, hx: tuple[Tensor, Tensor], *, num_layers: int,
+           dropout: float, training: bool, bidirectional: bool, batch_first: bool,
+           packed: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Composes one-layer, one-direction runs into a stacked, optionally
+    bidirectional network with dropout between layers.
+    ``run(layer_input, index, reverse, h0, c0) -> (output, h_n, c_n)``."""
+    h0, c0 = hx
     directions = 2 if bidirectional else 1
-    packed = batch_sizes is not None
     if batch_first and not packed:
         input = input.transpose(0, 1)
-    save = _needs_grad(input, hx, weights)
     layer_input = input
     h_n: list[Tensor] = []
     c_n: list[Tensor] = []
@@ -112,10 +130,7 @@ def lstm(
         outputs = []
         for direction in range(directions):
             idx = layer * directions + direction
-            w_ih, w_hh, b_ih, b_hh, w_hr = layers[idx]
-            out, hy, cy, _, _ = ops.lstm_forward(
-                layer_input, h0[idx], c0[idx], w_ih, w_hh, b_ih, b_hh, w_hr,
-                batch_sizes, direction == 1, save)
+            out, hy, cy = run(layer_input, idx, direction == 1, h0[idx], c0[idx])
             outputs.append(out)
             h_n.append(hy)
             c_n.append(cy)
@@ -127,3 +142,59 @@ def lstm(
     if batch_first and not packed:
         output = output.transpose(0, 1)
     return output, torch.stack(h_n), torch.stack(c_n)
+
+
+_LN_NAMES = ("ln_ih_weight", "ln_ih_bias", "ln_hh_weight", "ln_hh_bias",
+             "ln_cell_weight", "ln_cell_bias")
+
+
+def layer_norm_lstm(
+    input: Tensor,
+    hx: tuple[Tensor, Tensor],
+    weights: Sequence[Tensor],
+    *,
+    bias: bool = True,
+    num_layers: int = 1,
+    dropout: float = 0.0,
+    training: bool = False,
+    bidirectional: bool = False,
+    batch_first: bool = False,
+    batch_sizes: Optional[Tensor] = None,
+    eps: float = 1e-5,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A multi-layer LayerNorm-LSTM (Ba, Kiros & Hinton 2016, section 3.1)::
+
+        gates = LN_ih(W_ih x_t) + LN_hh(W_hh h_{t-1}) + b_ih + b_hh   # LN over 4H
+        i, f, g, o = gates.chunk(4)
+        c_t = sigmoid(f) * c_{t-1} + sigmoid(i) * tanh(g)
+        h_t = sigmoid(o) * tanh(LN_cell(c_t))                         # LN over H
+
+    Arguments as :func:`lstm` (no projection; ``h_0`` and ``c_0`` are both
+    ``[num_layers * D, B, H]``), except ``weights``, which holds for each
+    layer, then each direction: ``weight_ih`` ``[4H, in]``, ``weight_hh``
+    ``[4H, H]``, ``bias_ih``, ``bias_hh`` ``[4H]`` when ``bias``, then
+    ``ln_ih_weight``, ``ln_ih_bias``, ``ln_hh_weight``, ``ln_hh_bias``
+    ``[4H]`` and ``ln_cell_weight``, ``ln_cell_bias`` ``[H]``; and ``eps``,
+    the LayerNorm epsilon (biased variance, as ``F.layer_norm``).
+    """
+    directions = 2 if bidirectional else 1
+    groups = num_layers * directions
+    per = (4 if bias else 2) + len(_LN_NAMES)
+    if len(weights) != groups * per:
+        raise ValueError(
+            f"rnnfast.functional.layer_norm_lstm: expected {groups * per} weights "
+            f"({per} per layer and direction, bias={bias}), got {len(weights)}")
+    save = _needs_grad(input, hx, weights)
+
+    def run(layer_input, idx, reverse, h0, c0):
+        w = list(weights[idx * per:(idx + 1) * per])
+        b_ih, b_hh = (w[2], w[3]) if bias else (None, None)
+        ln = w[-len(_LN_NAMES):]
+        out, hy, cy, *_ = ops.layer_norm_lstm_forward(
+            layer_input, h0, c0, w[0], w[1], b_ih, b_hh, *ln, batch_sizes, reverse,
+            save, eps)
+        return out, hy, cy
+
+    return _stack(run, input, hx, num_layers=num_layers, dropout=dropout,
+                  training=training, bidirectional=bidirectional,
+                  batch_first=batch_first, packed=batch_sizes is not None)

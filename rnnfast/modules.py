@@ -20,7 +20,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from . import functional as RF
 
-__all__ = ["LSTM"]
+__all__ = ["LSTM", "LayerNormLSTM"]
 
 _HiddenState = tuple[Tensor, Tensor]
 
@@ -75,6 +75,35 @@ class _RecurrentBase(nn.Module):
         self.dropout = float(dropout)
         self.bidirectional = bidirectional
         self.proj_size = proj_size
+
+    def _register_parameters(self, per_direction, factory) -> None:
+        """Registers, for each layer then direction, the parameters that
+        ``per_direction(layer, suffix)`` lists as ``(name, shape)`` pairs,
+        recording their order in ``_flat_weights_names`` (nn.LSTM's)."""
+        self._flat_weights_names: list[str] = []
+        self._all_weights: list[list[str]] = []
+        for layer in range(self.num_layers):
+            for direction in range(self._directions):
+                entries = per_direction(layer, self._suffix(direction))
+                for name, shape in entries:
+                    self.register_parameter(name, nn.Parameter(torch.empty(shape, **factory)))
+                names = [name for name, _ in entries]
+                self._flat_weights_names.extend(names)
+                self._all_weights.append(names)
+
+    @property
+    def _flat_weights(self) -> list[Tensor]:
+        return [getattr(self, name) for name in self._flat_weights_names]
+
+    @property
+    def all_weights(self) -> list[list[nn.Parameter]]:
+        """Parameters grouped per layer and direction, as nn.LSTM's."""
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
+
+    def flatten_parameters(self) -> None:
+        """A no-op kept for nn.LSTM compatibility: rnnfast reads every
+        parameter where it is, so there is nothing to flatten (and DDP sees
+        ordinary, separate parameters)."""
 
     # -- sizes -------------------------------------------------------------
     @property
@@ -235,25 +264,19 @@ class LSTM(_RecurrentBase):
                  device=None, dtype=None) -> None:
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first,
                          dropout, bidirectional, proj_size)
-        factory = dict(device=device, dtype=dtype)
         gates = 4 * hidden_size
-        self._flat_weights_names: list[str] = []
-        self._all_weights: list[list[str]] = []
-        for layer in range(num_layers):
-            for direction in range(self._directions):
-                sfx = self._suffix(direction)
-                names = [f"weight_ih_l{layer}{sfx}", f"weight_hh_l{layer}{sfx}"]
-                shapes = [(gates, self._layer_input_size(layer)), (gates, self._out_size)]
-                if bias:
-                    names += [f"bias_ih_l{layer}{sfx}", f"bias_hh_l{layer}{sfx}"]
-                    shapes += [(gates,), (gates,)]
-                if proj_size > 0:
-                    names.append(f"weight_hr_l{layer}{sfx}")
-                    shapes.append((proj_size, hidden_size))
-                for name, shape in zip(names, shapes):
-                    self.register_parameter(name, nn.Parameter(torch.empty(shape, **factory)))
-                self._flat_weights_names.extend(names)
-                self._all_weights.append(names)
+
+        def per_direction(layer, sfx):
+            entries = [(f"weight_ih_l{layer}{sfx}", (gates, self._layer_input_size(layer))),
+                       (f"weight_hh_l{layer}{sfx}", (gates, self._out_size))]
+            if bias:
+                entries += [(f"bias_ih_l{layer}{sfx}", (gates,)),
+                            (f"bias_hh_l{layer}{sfx}", (gates,))]
+            if proj_size > 0:
+                entries.append((f"weight_hr_l{layer}{sfx}", (proj_size, hidden_size)))
+            return entries
+
+        self._register_parameters(per_direction, dict(device=device, dtype=dtype))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -263,23 +286,100 @@ class LSTM(_RecurrentBase):
         for weight in self.parameters():
             nn.init.uniform_(weight, -stdv, stdv)
 
-    @property
-    def _flat_weights(self) -> list[Tensor]:
-        return [getattr(self, name) for name in self._flat_weights_names]
-
-    @property
-    def all_weights(self) -> list[list[nn.Parameter]]:
-        """Parameters grouped per layer and direction, as nn.LSTM's."""
-        return [[getattr(self, name) for name in names] for names in self._all_weights]
-
-    def flatten_parameters(self) -> None:
-        """A no-op kept for nn.LSTM compatibility: rnnfast reads every
-        parameter where it is, so there is nothing to flatten (and DDP sees
-        ordinary, separate parameters)."""
-
     def _run(self, input, hx, batch_sizes):
         return RF.lstm(
             input, hx, self._flat_weights, bias=self.bias, num_layers=self.num_layers,
             dropout=self.dropout, training=self.training,
             bidirectional=self.bidirectional, batch_first=self.batch_first,
             batch_sizes=batch_sizes)
+
+
+class LayerNormLSTM(_RecurrentBase):
+    r"""A multi-layer LayerNorm-LSTM (Ba, Kiros & Hinton 2016, section 3.1)
+    with fused CPU / CUDA kernels and :class:`torch.nn.LSTM`'s interface::
+
+        gates = LN_ih(W_ih x_t) + LN_hh(W_hh h_{t-1}) + b_ih + b_hh   # LN over 4H
+        i, f, g, o = gates.chunk(4)                                   # nn.LSTM's order
+        c_t = sigmoid(f) * c_{t-1} + sigmoid(i) * tanh(g)
+        h_t = sigmoid(o) * tanh(LN_cell(c_t))                         # LN over H
+
+    Each LN is ``(v - mean) / sqrt(var + eps) * gamma + beta`` with the biased
+    variance (``F.layer_norm``); the raw ``c_t`` is carried to the next step.
+
+    Parameters, per layer ``k`` and direction suffix ``s`` (``''`` or
+    ``'_reverse'``): ``weight_ih_l{k}{s}`` ``[4H, in]``, ``weight_hh_l{k}{s}``
+    ``[4H, H]``, with ``bias``: ``bias_ih_l{k}{s}``, ``bias_hh_l{k}{s}``
+    ``[4H]`` (all initialised as nn.LSTM's, from the same random stream, so
+    the same seed gives the same plain weights), and whatever ``bias`` says:
+    ``ln_ih_weight_l{k}{s}``, ``ln_ih_bias_l{k}{s}``, ``ln_hh_weight_l{k}{s}``,
+    ``ln_hh_bias_l{k}{s}`` ``[4H]``, ``ln_cell_weight_l{k}{s}``,
+    ``ln_cell_bias_l{k}{s}`` ``[H]`` (weights 1, biases 0).
+
+    A trained nn.LSTM / rnnfast.LSTM (without projection) loads into it with
+    ``layer_norm_lstm.load_state_dict(lstm.state_dict(), strict=False)``: the
+    plain weights match by name and the LayerNorm parameters keep their
+    initial values.
+
+    Args:
+        input_size, hidden_size, num_layers, bias, batch_first, dropout,
+        bidirectional, device, dtype: as :class:`torch.nn.LSTM`.
+        eps: the LayerNorm epsilon. Default 1e-5.
+
+    ``forward(input, hx=None) -> (output, (h_n, c_n))`` exactly as
+    nn.LSTM's: padded, batch_first, unbatched or PackedSequence input.
+    """
+
+    _name = "LayerNormLSTM"
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
+                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
+                 bidirectional: bool = False, eps: float = 1e-5,
+                 device=None, dtype=None) -> None:
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first,
+                         dropout, bidirectional, 0)
+        if not eps > 0:
+            raise ValueError(f"eps must be positive, got {eps}")
+        self.eps = float(eps)
+        gates = 4 * hidden_size
+
+        def per_direction(layer, sfx):
+            entries = [(f"weight_ih_l{layer}{sfx}", (gates, self._layer_input_size(layer))),
+                       (f"weight_hh_l{layer}{sfx}", (gates, hidden_size))]
+            if bias:
+                entries += [(f"bias_ih_l{layer}{sfx}", (gates,)),
+                            (f"bias_hh_l{layer}{sfx}", (gates,))]
+            entries += [(f"ln_ih_weight_l{layer}{sfx}", (gates,)),
+                        (f"ln_ih_bias_l{layer}{sfx}", (gates,)),
+                        (f"ln_hh_weight_l{layer}{sfx}", (gates,)),
+                        (f"ln_hh_bias_l{layer}{sfx}", (gates,)),
+                        (f"ln_cell_weight_l{layer}{sfx}", (hidden_size,)),
+                        (f"ln_cell_bias_l{layer}{sfx}", (hidden_size,))]
+            return entries
+
+        self._register_parameters(per_direction, dict(device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.LSTM's ``U(-1/sqrt(H), 1/sqrt(H))`` for the weights and biases
+        (drawn in nn.LSTM's order), 1 for LayerNorm gains, 0 for LayerNorm
+        biases."""
+        stdv = 1.0 / math.sqrt(self.hidden_size)
+        for name in self._flat_weights_names:
+            param = getattr(self, name)
+            if name.startswith("ln_"):
+                nn.init.ones_(param) if "_weight_" in name else nn.init.zeros_(param)
+            else:
+                nn.init.uniform_(param, -stdv, stdv)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        if self.eps != 1e-5:
+            s += f", eps={self.eps}"
+        return s
+
+    def _run(self, input, hx, batch_sizes):
+        return RF.layer_norm_lstm(
+            input, hx, self._flat_weights, bias=self.bias, num_layers=self.num_layers,
+            dropout=self.dropout, training=self.training,
+            bidirectional=self.bidirectional, batch_first=self.batch_first,
+            batch_sizes=batch_sizes, eps=self.eps)

@@ -15,7 +15,8 @@ from torch import Tensor
 
 from . import _C  # noqa: F401  (loads the library and registers the ops)
 
-__all__ = ["lstm_forward", "lstm_backward"]
+__all__ = ["lstm_forward", "lstm_backward", "layer_norm_lstm_forward",
+           "layer_norm_lstm_backward"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -158,3 +159,168 @@ def _lstm_backward_autograd(ctx, grad_output, grad_hy, grad_cy, _grad_gates, _gr
 
 torch.library.register_autograd(
     "rnnfast::lstm_forward", _lstm_backward_autograd, setup_context=_lstm_setup_context)
+
+
+# ---- LayerNorm-LSTM ---------------------------------------------------------
+
+_STATS_WIDTH = 4  # per-row statistics saved by layer_norm_lstm_forward
+
+
+def layer_norm_lstm_forward(
+    input: Tensor,
+    hx: Tensor,
+    cx: Tensor,
+    weight_ih: Tensor,
+    weight_hh: Tensor,
+    bias_ih: Optional[Tensor],
+    bias_hh: Optional[Tensor],
+    ln_ih_weight: Tensor,
+    ln_ih_bias: Tensor,
+    ln_hh_weight: Tensor,
+    ln_hh_bias: Tensor,
+    ln_cell_weight: Tensor,
+    ln_cell_bias: Tensor,
+    batch_sizes: Optional[Tensor],
+    reverse: bool,
+    training: bool,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One LayerNorm-LSTM layer in one direction over a whole sequence.
+
+    The cell (Ba, Kiros & Hinton 2016, section 3.1)::
+
+        gates = LN_ih(W_ih x_t) + LN_hh(W_hh h_{t-1}) + b_ih + b_hh   # LN over 4H
+        c_t = sigmoid(f) * c_{t-1} + sigmoid(i) * tanh(g)
+        h_t = sigmoid(o) * tanh(LN_cell(c_t))                         # LN over H
+
+    Sizes as :func:`lstm_forward` (no projection, so ``P == H``);
+    ``ln_ih_*`` and ``ln_hh_*`` are ``[4H]``, ``ln_cell_*`` ``[H]``.
+
+    Returns ``(output, hy, cy, gates, cells, normalized_ih, normalized_hh,
+    stats)``; the last five are saved activations, empty unless training.
+    """
+    return torch.ops.rnnfast.layer_norm_lstm_forward.default(
+        input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, ln_ih_weight,
+        ln_ih_bias, ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias,
+        batch_sizes, reverse, training, eps,
+    )
+
+
+def layer_norm_lstm_backward(
+    grad_output: Tensor,
+    grad_hy: Tensor,
+    grad_cy: Tensor,
+    input: Tensor,
+    hx: Tensor,
+    cx: Tensor,
+    weight_ih: Tensor,
+    weight_hh: Tensor,
+    ln_ih_weight: Tensor,
+    ln_hh_weight: Tensor,
+    ln_cell_weight: Tensor,
+    ln_cell_bias: Tensor,
+    batch_sizes: Optional[Tensor],
+    reverse: bool,
+    output: Tensor,
+    gates: Tensor,
+    cells: Tensor,
+    normalized_ih: Tensor,
+    normalized_hh: Tensor,
+    stats: Tensor,
+) -> tuple[Tensor, ...]:
+    """Gradients of :func:`layer_norm_lstm_forward`.
+
+    Returns ``(grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh,
+    grad_bias, grad_ln_ih_weight, grad_ln_hh_weight, grad_ln_cell_weight,
+    grad_ln_cell_bias)``; ``grad_bias`` is the gradient of each of
+    ``bias_ih``, ``bias_hh``, ``ln_ih_bias`` and ``ln_hh_bias``.
+    """
+    return torch.ops.rnnfast.layer_norm_lstm_backward.default(
+        grad_output, grad_hy, grad_cy, input, hx, cx, weight_ih, weight_hh,
+        ln_ih_weight, ln_hh_weight, ln_cell_weight, ln_cell_bias, batch_sizes,
+        reverse, output, gates, cells, normalized_ih, normalized_hh, stats,
+    )
+
+
+@torch.library.register_fake("rnnfast::layer_norm_lstm_forward")
+def _layer_norm_lstm_forward_fake(input, hx, cx, weight_ih, weight_hh, bias_ih,
+                                  bias_hh, ln_ih_weight, ln_ih_bias, ln_hh_weight,
+                                  ln_hh_bias, ln_cell_weight, ln_cell_bias,
+                                  batch_sizes, reverse, training, eps):
+    torch._check(input.dim() == (2 if batch_sizes is not None else 3),
+                 lambda: f"rnnfast.lstm: unexpected input of {input.dim()} dimensions")
+    hidden = weight_ih.shape[0] // 4
+    torch._check(input.shape[-1] == weight_ih.shape[1],
+                 lambda: "rnnfast.lstm: input size does not match weight_ih")
+    rows = input.shape[0] if batch_sizes is not None else input.shape[0] * input.shape[1]
+    saved = rows if training else 0
+    cdt = _compute_dtype(input.dtype)
+    return (
+        input.new_empty((*input.shape[:-1], hidden)),
+        hx.new_empty(hx.shape),
+        cx.new_empty(cx.shape),
+        input.new_empty((saved, 4 * hidden), dtype=cdt),
+        input.new_empty((saved, hidden), dtype=cdt),
+        input.new_empty((saved, 4 * hidden), dtype=cdt),
+        input.new_empty((saved, 4 * hidden), dtype=cdt),
+        input.new_empty((saved, _STATS_WIDTH), dtype=cdt),
+    )
+
+
+@torch.library.register_fake("rnnfast::layer_norm_lstm_backward")
+def _layer_norm_lstm_backward_fake(grad_output, grad_hy, grad_cy, input, hx, cx,
+                                   weight_ih, weight_hh, ln_ih_weight, ln_hh_weight,
+                                   ln_cell_weight, ln_cell_bias, batch_sizes, reverse,
+                                   output, gates, cells, normalized_ih,
+                                   normalized_hh, stats):
+    return (
+        torch.empty_like(input),
+        torch.empty_like(hx),
+        torch.empty_like(cx),
+        torch.empty_like(weight_ih),
+        torch.empty_like(weight_hh),
+        torch.empty_like(ln_ih_weight),
+        torch.empty_like(ln_ih_weight),
+        torch.empty_like(ln_hh_weight),
+        torch.empty_like(ln_cell_weight),
+        torch.empty_like(ln_cell_bias),
+    )
+
+
+def _layer_norm_lstm_setup_context(ctx, inputs, output):
+    (input, hx, cx, weight_ih, weight_hh, bias_ih, _bias_hh, ln_ih_weight, _ln_ih_bias,
+     ln_hh_weight, _ln_hh_bias, ln_cell_weight, ln_cell_bias, batch_sizes, reverse,
+     training, _eps) = inputs
+    out, _hy, _cy, gates, cells, normalized_ih, normalized_hh, stats = output
+    ctx.mark_non_differentiable(gates, cells, normalized_ih, normalized_hh, stats)
+    ctx.reverse = reverse
+    ctx.training = training
+    ctx.has_bias = bias_ih is not None
+    ctx.save_for_backward(input, hx, cx, weight_ih, weight_hh, ln_ih_weight,
+                          ln_hh_weight, ln_cell_weight, ln_cell_bias, batch_sizes,
+                          out, gates, cells, normalized_ih, normalized_hh, stats)
+
+
+def _layer_norm_lstm_backward_autograd(ctx, grad_output, grad_hy, grad_cy, *_unused):
+    (input, hx, cx, weight_ih, weight_hh, ln_ih_weight, ln_hh_weight, ln_cell_weight,
+     ln_cell_bias, batch_sizes, out, gates, cells, normalized_ih, normalized_hh,
+     stats) = ctx.saved_tensors
+    if not ctx.training:
+        raise RuntimeError(
+            "rnnfast.layer_norm_lstm: backward through a forward run with "
+            "training=False; run the forward with gradients enabled")
+    (grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias, grad_ln_ih_w,
+     grad_ln_hh_w, grad_ln_cell_w, grad_ln_cell_b) = layer_norm_lstm_backward(
+        _zeros_if_none(grad_output, out), _zeros_if_none(grad_hy, hx),
+        _zeros_if_none(grad_cy, cx), input, hx, cx, weight_ih, weight_hh,
+        ln_ih_weight, ln_hh_weight, ln_cell_weight, ln_cell_bias, batch_sizes,
+        ctx.reverse, out, gates, cells, normalized_ih, normalized_hh, stats)
+    grad_b = grad_bias if ctx.has_bias else None
+    return (grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_b, grad_b,
+            grad_ln_ih_w, grad_bias, grad_ln_hh_w, grad_bias, grad_ln_cell_w,
+            grad_ln_cell_b, None, None, None, None)
+
+
+torch.library.register_autograd(
+    "rnnfast::layer_norm_lstm_forward", _layer_norm_lstm_backward_autograd,
+    setup_context=_layer_norm_lstm_setup_context)

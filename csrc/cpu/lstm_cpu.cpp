@@ -28,11 +28,27 @@ struct CpuBackend {
   using StepWeight = cpu::StepWeight<T>;
   template <typename T>
   static void forward_step(const ForwardStepParams<T>& p) {
-    cpu::forward_step<T>(p);
+    kernels<T>().forward_step(p);
   }
   template <typename T>
   static void backward_step(const BackwardStepParams<T>& p) {
-    cpu::backward_step<T>(p);
+    kernels<T>().backward_step(p);
+  }
+  template <typename T>
+  static void layer_norm_rows(const LayerNormRowsParams<T>& p) {
+    kernels<T>().layer_norm_rows(p);
+  }
+  template <typename T>
+  static void layer_norm_rows_backward(const LayerNormRowsBackwardParams<T>& p) {
+    kernels<T>().layer_norm_rows_backward(p);
+  }
+  template <typename T>
+  static void layer_norm_forward_step(const LayerNormStepParams<T>& p) {
+    kernels<T>().layer_norm_forward_step(p);
+  }
+  template <typename T>
+  static void layer_norm_backward_step(const LayerNormBackwardStepParams<T>& p) {
+    kernels<T>().layer_norm_backward_step(p);
   }
   template <typename T>
   static void copy(T* dst, const T* src, int64_t count) {
@@ -50,4 +66,8 @@ TORCH_LIBRARY_IMPL(rnnfast, CPU, m) {
   m.impl("lstm_forward", &rnnfast::lstm_forward_op<rnnfast::cpu::CpuBackend>);
   m.impl("lstm_backward",
          &rnnfast::lstm_backward_op<rnnfast::cpu::CpuBackend>);
+  m.impl("layer_norm_lstm_forward",
+         &rnnfast::layer_norm_lstm_forward_op<rnnfast::cpu::CpuBackend>);
+  m.impl("layer_norm_lstm_backward",
+         &rnnfast::layer_norm_lstm_backward_op<rnnfast::cpu::CpuBackend>);
 }

@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include "../layer_norm.h"
 #include "../lstm_cell.h"
 #include "pointwise_kernels.h"
 
@@ -123,10 +124,241 @@ void backward_step_impl(const BackwardStepParams<T>& p) {
   });
 }
 
+// ---- LayerNorm-LSTM ------------------------------------------------------
+
+// Sum of the lanes of v (fixed order: deterministic).
+template <typename T>
+inline T lane_sum(const at::vec::Vectorized<T>& v) {
+  T lanes[at::vec::Vectorized<T>::size()];
+  v.store(lanes);
+  T s = T(0);
+  for (int64_t k = 0; k < at::vec::Vectorized<T>::size(); ++k) s += lanes[k];
+  return s;
+}
+
+// Sum over j < n of f(j), where f maps a vector offset and a lane count to a
+// vector of terms (lanes past the count are excluded).
+template <typename T, typename F>
+inline T row_reduce(int64_t n, const F& f) {
+  using V = at::vec::Vectorized<T>;
+  V acc(T(0));
+  int64_t j = 0;
+  for (; j + V::size() <= n; j += V::size()) acc = acc + f(j, V::size());
+  T s = lane_sum(acc);
+  if (j < n) {
+    const V tail = V::set(V(T(0)), f(j, n - j), n - j);
+    s += lane_sum(tail);
+  }
+  return s;
+}
+
+// mean and 1/sqrt(var + eps) of x[0, n), two-pass.
+template <typename T>
+inline std::pair<T, T> row_moments(const T* x, int64_t n, T eps) {
+  using V = at::vec::Vectorized<T>;
+  const T mean =
+      row_reduce<T>(n, [&](int64_t j, int64_t c) { return V::loadu(x + j, c); }) /
+      T(n);
+  const T var = row_reduce<T>(n, [&](int64_t j, int64_t c) {
+                  const V d = V::loadu(x + j, c) - V(mean);
+                  return d * d;
+                }) /
+                T(n);
+  return {mean, layer_norm_rstd(var, eps)};
+}
+
+template <typename T>
+void layer_norm_rows_impl(const LayerNormRowsParams<T>& p) {
+  using V = at::vec::Vectorized<T>;
+  const int64_t W = p.width;
+  at::parallel_for(0, p.rows, row_grain(W), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const T* x = p.input + row * W;
+      const auto [mean, rstd] = row_moments(x, W, p.eps);
+      if (p.rstd) p.rstd[row * p.rstd_stride] = rstd;
+      T* xhat_out = p.normalized ? p.normalized + row * W : nullptr;
+      T* out = p.output + row * W;
+      for (int64_t j = 0; j < W; j += V::size()) {
+        const int64_t n = std::min<int64_t>(V::size(), W - j);
+        const V xhat = (V::loadu(x + j, n) - V(mean)) * V(rstd);
+        if (xhat_out) xhat.store(xhat_out + j, n);
+        V y = at::vec::fmadd(xhat, V::loadu(p.gamma + j, n),
+                             V::loadu(p.beta + j, n));
+        if (p.bias) y = y + V::loadu(p.bias + j, n);
+        y.store(out + j, n);
+      }
+    }
+  });
+}
+
+// dx of one normalised row: dxhat = dy * gamma, then the LayerNorm backward.
+template <typename T>
+inline void layer_norm_row_backward(const T* dy, const T* xhat,
+                                    const T* gamma, T rstd, int64_t n,
+                                    T* dx) {
+  using V = at::vec::Vectorized<T>;
+  const T mean_dxhat = row_reduce<T>(n, [&](int64_t j, int64_t c) {
+                         return V::loadu(dy + j, c) * V::loadu(gamma + j, c);
+                       }) /
+                       T(n);
+  const T mean_dxhat_xhat =
+      row_reduce<T>(n, [&](int64_t j, int64_t c) {
+        return V::loadu(dy + j, c) * V::loadu(gamma + j, c) *
+               V::loadu(xhat + j, c);
+      }) /
+      T(n);
+  for (int64_t j = 0; j < n; j += V::size()) {
+    const int64_t c = std::min<int64_t>(V::size(), n - j);
+    const V dxhat = V::loadu(dy + j, c) * V::loadu(gamma + j, c);
+    layer_norm_input_grad<V>(dxhat, V::loadu(xhat + j, c), V(rstd),
+                             V(mean_dxhat), V(mean_dxhat_xhat))
+        .store(dx + j, c);
+  }
+}
+
+template <typename T>
+void layer_norm_rows_backward_impl(const LayerNormRowsBackwardParams<T>& p) {
+  const int64_t W = p.width;
+  at::parallel_for(0, p.rows, row_grain(W), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      layer_norm_row_backward(p.grad_output + row * W, p.normalized + row * W,
+                              p.gamma, p.rstd[row * p.rstd_stride], W,
+                              p.grad_input + row * W);
+    }
+  });
+}
+
+template <typename T>
+void layer_norm_forward_step_impl(const LayerNormStepParams<T>& p) {
+  using V = at::vec::Vectorized<T>;
+  const int64_t H = p.hidden, G = 4 * p.hidden;
+  at::parallel_for(0, p.rows, row_grain(G), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      T* gates = p.gates + row * G;
+      T* hh = p.hh + row * G;
+      T* c_state = p.cell_state + row * H;
+      const auto [mean_hh, rstd_hh] = row_moments<T>(hh, G, p.eps);
+      // Gates and the cell state.
+      for (int64_t j = 0; j < H; j += V::size()) {
+        const int64_t n = std::min<int64_t>(V::size(), H - j);
+        V pre[4];
+        for (int k = 0; k < 4; ++k) {
+          const int64_t o = k * H + j;
+          const V xhat = (V::loadu(hh + o, n) - V(mean_hh)) * V(rstd_hh);
+          if (p.save_normalized_hh) xhat.store(hh + o, n);
+          pre[k] = V::loadu(gates + o, n) +
+                   at::vec::fmadd(xhat, V::loadu(p.gamma_hh + o, n),
+                                  V::loadu(p.beta_hh + o, n));
+        }
+        const auto cell = lstm_cell_state<V>(pre[0], pre[1], pre[2], pre[3],
+                                             V::loadu(c_state + j, n));
+        cell.i.store(gates + j, n);
+        cell.f.store(gates + H + j, n);
+        cell.g.store(gates + 2 * H + j, n);
+        cell.o.store(gates + 3 * H + j, n);
+        cell.c.store(c_state + j, n);
+        if (p.cell_save) cell.c.store(p.cell_save + row * H + j, n);
+      }
+      // h = o tanh(LN_cell(c)).
+      const auto [mean_c, rstd_c] = row_moments<T>(c_state, H, p.eps);
+      if (p.stats) {
+        T* st = p.stats + row * kStatsWidth;
+        st[kRstdHh] = rstd_hh;
+        st[kMeanCell] = mean_c;
+        st[kRstdCell] = rstd_c;
+      }
+      for (int64_t j = 0; j < H; j += V::size()) {
+        const int64_t n = std::min<int64_t>(V::size(), H - j);
+        const V cn = at::vec::fmadd(
+            (V::loadu(c_state + j, n) - V(mean_c)) * V(rstd_c),
+            V::loadu(p.gamma_cell + j, n), V::loadu(p.beta_cell + j, n));
+        const V h = V::loadu(gates + 3 * H + j, n) * rnnfast::tanh<V>(cn);
+        h.store(p.h_out + row * H + j, n);
+        if (p.h_out2) h.store(p.h_out2 + row * H + j, n);
+      }
+    }
+  });
+}
+
+template <typename T>
+void layer_norm_backward_step_impl(const LayerNormBackwardStepParams<T>& p) {
+  using V = at::vec::Vectorized<T>;
+  const int64_t H = p.hidden, G = 4 * p.hidden;
+  at::parallel_for(0, p.rows, row_grain(G), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const T* gates = p.gates + row * G;
+      const T* cell = p.cell + row * H;
+      const T* cell_prev = row < p.rows_from_previous
+                               ? p.cell_prev + row * H
+                               : p.cell_init + row * H;
+      const T* st = p.stats + row * kStatsWidth;
+      const T mean_c = st[kMeanCell], rstd_c = st[kRstdCell];
+      const T* dh = p.dh + row * H;
+      const T* dh2 = p.dh2 ? p.dh2 + row * H : nullptr;
+      T* dgates = p.dgates + row * G;
+      T* dcn = p.dcell_norm + row * H;
+      T* dc_state = p.dcell_state + row * H;
+      // Output half: gradient w.r.t. o and w.r.t. LN_cell(c).
+      for (int64_t j = 0; j < H; j += V::size()) {
+        const int64_t n = std::min<int64_t>(V::size(), H - j);
+        const V xhat = (V::loadu(cell + j, n) - V(mean_c)) * V(rstd_c);
+        const V cn = at::vec::fmadd(xhat, V::loadu(p.gamma_cell + j, n),
+                                    V::loadu(p.beta_cell + j, n));
+        V dh_v = V::loadu(dh + j, n);
+        if (dh2) dh_v = dh_v + V::loadu(dh2 + j, n);
+        const auto out = lstm_output_backward<V>(
+            dh_v, V::loadu(gates + 3 * H + j, n), rnnfast::tanh<V>(cn));
+        out.do_.store(dgates + 3 * H + j, n);
+        out.dy.store(dcn + j, n);
+      }
+      // LN_cell backward, then the state half.
+      const T mean_dxhat = row_reduce<T>(H, [&](int64_t j, int64_t c) {
+                             return V::loadu(dcn + j, c) *
+                                    V::loadu(p.gamma_cell + j, c);
+                           }) /
+                           T(H);
+      const T mean_dxhat_xhat =
+          row_reduce<T>(H, [&](int64_t j, int64_t c) {
+            return V::loadu(dcn + j, c) * V::loadu(p.gamma_cell + j, c) *
+                   ((V::loadu(cell + j, c) - V(mean_c)) * V(rstd_c));
+          }) /
+          T(H);
+      for (int64_t j = 0; j < H; j += V::size()) {
+        const int64_t n = std::min<int64_t>(V::size(), H - j);
+        const V xhat = (V::loadu(cell + j, n) - V(mean_c)) * V(rstd_c);
+        const V dxhat = V::loadu(dcn + j, n) * V::loadu(p.gamma_cell + j, n);
+        const V dc = V::loadu(dc_state + j, n) +
+                     layer_norm_input_grad<V>(dxhat, xhat, V(rstd_c),
+                                              V(mean_dxhat),
+                                              V(mean_dxhat_xhat));
+        const auto state = lstm_state_backward<V>(
+            dc, V::loadu(gates + j, n), V::loadu(gates + H + j, n),
+            V::loadu(gates + 2 * H + j, n), V::loadu(cell_prev + j, n));
+        state.di.store(dgates + j, n);
+        state.df.store(dgates + H + j, n);
+        state.dg.store(dgates + 2 * H + j, n);
+        state.dc_prev.store(dc_state + j, n);
+      }
+      // LN_hh backward: gradient w.r.t. W_hh h_{t-1}.
+      layer_norm_row_backward(dgates, p.normalized_hh + row * G, p.gamma_hh,
+                              st[kRstdHh], G, p.dhh + row * G);
+    }
+  });
+}
+
+template <typename T>
+constexpr TypedKernels<T> typed_kernels() {
+  return {&forward_step_impl<T>,
+          &backward_step_impl<T>,
+          &layer_norm_rows_impl<T>,
+          &layer_norm_rows_backward_impl<T>,
+          &layer_norm_forward_step_impl<T>,
+          &layer_norm_backward_step_impl<T>};
+}
+
 inline const KernelTable& make_kernel_table(const char* name) {
-  static const KernelTable table{
-      &forward_step_impl<float>, &forward_step_impl<double>,
-      &backward_step_impl<float>, &backward_step_impl<double>, name};
+  static const KernelTable table{typed_kernels<float>(), typed_kernels<double>(),
+                                 name};
   return table;
 }
 

@@ -8,11 +8,19 @@
 
 namespace rnnfast::cpu {
 
+template <typename T>
+struct TypedKernels {
+  void (*forward_step)(const ForwardStepParams<T>&);
+  void (*backward_step)(const BackwardStepParams<T>&);
+  void (*layer_norm_rows)(const LayerNormRowsParams<T>&);
+  void (*layer_norm_rows_backward)(const LayerNormRowsBackwardParams<T>&);
+  void (*layer_norm_forward_step)(const LayerNormStepParams<T>&);
+  void (*layer_norm_backward_step)(const LayerNormBackwardStepParams<T>&);
+};
+
 struct KernelTable {
-  void (*forward_step_f)(const ForwardStepParams<float>&);
-  void (*forward_step_d)(const ForwardStepParams<double>&);
-  void (*backward_step_f)(const BackwardStepParams<float>&);
-  void (*backward_step_d)(const BackwardStepParams<double>&);
+  TypedKernels<float> f;
+  TypedKernels<double> d;
   const char* capability;
 };
 
@@ -23,26 +31,16 @@ const KernelTable& kernel_table_avx512();
 // The table for this process's CPU (chosen once).
 const KernelTable& kernel_table();
 
+// The kernels for element type T of the table in use.
 template <typename T>
-inline void forward_step(const ForwardStepParams<T>& p);
+inline const TypedKernels<T>& kernels();
 template <>
-inline void forward_step<float>(const ForwardStepParams<float>& p) {
-  kernel_table().forward_step_f(p);
+inline const TypedKernels<float>& kernels<float>() {
+  return kernel_table().f;
 }
 template <>
-inline void forward_step<double>(const ForwardStepParams<double>& p) {
-  kernel_table().forward_step_d(p);
-}
-
-template <typename T>
-inline void backward_step(const BackwardStepParams<T>& p);
-template <>
-inline void backward_step<float>(const BackwardStepParams<float>& p) {
-  kernel_table().backward_step_f(p);
-}
-template <>
-inline void backward_step<double>(const BackwardStepParams<double>& p) {
-  kernel_table().backward_step_d(p);
+inline const TypedKernels<double>& kernels<double>() {
+  return kernel_table().d;
 }
 
 }  // namespace rnnfast::cpu
