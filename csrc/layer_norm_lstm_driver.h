@@ -5,6 +5,7 @@
 //   layer_norm_rows_backward(LayerNormRowsBackwardParams<T>)
 //   layer_norm_forward_step(LayerNormStepParams<T>)
 //   layer_norm_backward_step(LayerNormBackwardStepParams<T>)
+//   column_sums(ColumnSumsParams<T>)
 //
 // The cell (Ba, Kiros & Hinton 2016, section 3.1):
 //   gates = LN_ih(W_ih x_t) + LN_hh(W_hh h_{t-1}) + b_ih + b_hh   (LN over 4H)
@@ -194,9 +195,23 @@ LayerNormBackwardResult layer_norm_lstm_backward_recurrence(
   r.grad_weight_ih = at::mm(dih.t(), x);
   r.grad_weight_hh =
       at::mm(dhh.t(), gather_previous_hidden<Backend, T>(l, output, hx));
-  r.grad_bias = dgates.sum(0);
-  r.grad_ln_ih_weight = (dgates * normalized_ih).sum(0);
-  r.grad_ln_hh_weight = (dgates * normalized_hh).sum(0);
+  r.grad_bias = at::empty({G}, opts);
+  r.grad_ln_ih_weight = at::empty({G}, opts);
+  r.grad_ln_hh_weight = at::empty({G}, opts);
+  {
+    ColumnSumsParams<T> p;
+    p.rows = l.rows;
+    p.width = G;
+    p.a = dgates.data_ptr<T>();
+    p.b = normalized_ih.data_ptr<T>();
+    p.sum_a = r.grad_bias.data_ptr<T>();
+    p.sum_ab = r.grad_ln_ih_weight.data_ptr<T>();
+    Backend::column_sums(p);
+    p.b = normalized_hh.data_ptr<T>();
+    p.sum_a = nullptr;
+    p.sum_ab = r.grad_ln_hh_weight.data_ptr<T>();
+    Backend::column_sums(p);
+  }
   const at::Tensor cell_xhat =
       (cells - stats.select(1, kMeanCell).unsqueeze(1)) *
       stats.select(1, kRstdCell).unsqueeze(1);

@@ -115,6 +115,20 @@ struct LayerNormRowsBackwardParams {
   T* grad_input = nullptr;         // [rows, width]
 };
 
+// Column sums of a [rows, width] buffer, alone and weighted by another one:
+//   sum_a[j] = sum_r a[r, j],  sum_ab[j] = sum_r a[r, j] * b[r, j].
+// Summed in row order whatever the threading, so the results are bitwise
+// reproducible (the LayerNorm gain and bias gradients).
+template <typename T>
+struct ColumnSumsParams {
+  int64_t rows = 0;
+  int64_t width = 0;
+  const T* a = nullptr;  // [rows, width]
+  const T* b = nullptr;  // [rows, width], or null (no sum_ab)
+  T* sum_a = nullptr;    // [width], or null
+  T* sum_ab = nullptr;   // [width], or null
+};
+
 // One forward step of the LayerNorm-LSTM over `rows` rows:
 //   pre = gates + LN_hh(hh), c = f c_prev + i g, h = o tanh(LN_cell(c)).
 template <typename T>

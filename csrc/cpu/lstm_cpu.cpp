@@ -51,6 +51,10 @@ struct CpuBackend {
     kernels<T>().layer_norm_backward_step(p);
   }
   template <typename T>
+  static void column_sums(const ColumnSumsParams<T>& p) {
+    kernels<T>().column_sums(p);
+  }
+  template <typename T>
   static void copy(T* dst, const T* src, int64_t count) {
     std::memcpy(dst, src, sizeof(T) * count);
   }

@@ -347,13 +347,45 @@ void layer_norm_backward_step_impl(const LayerNormBackwardStepParams<T>& p) {
 }
 
 template <typename T>
+void column_sums_impl(const ColumnSumsParams<T>& p) {
+  using V = at::vec::Vectorized<T>;
+  // Each task owns a block of columns and walks every row in order.
+  constexpr int64_t kBlock = 16 * V::size();
+  const int64_t blocks = (p.width + kBlock - 1) / kBlock;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t c0 = blk * kBlock;
+      const int64_t cols = std::min<int64_t>(kBlock, p.width - c0);
+      V acc_a[16], acc_ab[16];
+      for (int k = 0; k < 16; ++k) acc_a[k] = acc_ab[k] = V(T(0));
+      for (int64_t r = 0; r < p.rows; ++r) {
+        const T* a = p.a + r * p.width + c0;
+        const T* b = p.b ? p.b + r * p.width + c0 : nullptr;
+        for (int64_t k = 0, j = 0; j < cols; ++k, j += V::size()) {
+          const int64_t n = std::min<int64_t>(V::size(), cols - j);
+          const V av = V::loadu(a + j, n);
+          acc_a[k] = acc_a[k] + av;
+          if (b) acc_ab[k] = at::vec::fmadd(av, V::loadu(b + j, n), acc_ab[k]);
+        }
+      }
+      for (int64_t k = 0, j = 0; j < cols; ++k, j += V::size()) {
+        const int64_t n = std::min<int64_t>(V::size(), cols - j);
+        if (p.sum_a) acc_a[k].store(p.sum_a + c0 + j, n);
+        if (p.sum_ab) acc_ab[k].store(p.sum_ab + c0 + j, n);
+      }
+    }
+  });
+}
+
+template <typename T>
 constexpr TypedKernels<T> typed_kernels() {
   return {&forward_step_impl<T>,
           &backward_step_impl<T>,
           &layer_norm_rows_impl<T>,
           &layer_norm_rows_backward_impl<T>,
           &layer_norm_forward_step_impl<T>,
-          &layer_norm_backward_step_impl<T>};
+          &layer_norm_backward_step_impl<T>,
+          &column_sums_impl<T>};
 }
 
 inline const KernelTable& make_kernel_table(const char* name) {

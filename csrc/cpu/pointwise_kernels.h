@@ -16,6 +16,7 @@ struct TypedKernels {
   void (*layer_norm_rows_backward)(const LayerNormRowsBackwardParams<T>&);
   void (*layer_norm_forward_step)(const LayerNormStepParams<T>&);
   void (*layer_norm_backward_step)(const LayerNormBackwardStepParams<T>&);
+  void (*column_sums)(const ColumnSumsParams<T>&);
 };
 
 struct KernelTable {
