@@ -1,8 +1,9 @@
 """Build of rnnfast's C++/CUDA extension, rnnfast._C.
 
-The C++ CPU kernels are always built. The CUDA kernels (csrc/cuda/*.cu) are
-added whenever torch is a CUDA build and a CUDA toolkit is found, whether or
-not a GPU is visible, so CI without a GPU still compiles them.
+The C++ CPU kernels are always built. The CUDA backend (kernels in
+csrc/cuda/*.cu, their host code in csrc/cuda/*.cpp) is added whenever torch is
+a CUDA build and a CUDA toolkit is found, whether or not a GPU is visible, so
+CI without a GPU still compiles it.
 
 Environment:
   RNNFAST_SKIP_CUDA=1      build the CPU kernels only
@@ -32,23 +33,29 @@ def _flag(name):
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
+def _is_toolkit(home):
+    return (os.path.exists(os.path.join(home, "bin", "nvcc"))
+            and os.path.exists(os.path.join(home, "include", "cuda_runtime_api.h")))
+
+
 def _find_cuda_home():
-    """The toolkit folder that holds bin/nvcc and lib64.
+    """The toolkit folder that holds bin/nvcc, include and lib64.
 
     torch guesses the parent of the folder of the first nvcc on PATH, which is
-    wrong when that nvcc is a symlink (e.g. /usr/local/bin/nvcc ->
-    /usr/local/cuda-13.0/bin/nvcc); resolve the link instead.
+    wrong when that nvcc is a symlink or a wrapper script (e.g.
+    /usr/local/bin/nvcc running /usr/local/cuda-13.0/bin/nvcc): resolve the
+    link, and accept a folder only if it holds the toolkit's headers too.
     """
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+    if home and _is_toolkit(home):
         return home
     nvcc = shutil.which("nvcc")
     if nvcc:
         home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-        if os.path.exists(os.path.join(home, "bin", "nvcc")):
+        if _is_toolkit(home):
             return home
     for home in ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True):
-        if os.path.exists(os.path.join(home, "bin", "nvcc")):
+        if _is_toolkit(home):
             return home
     return None
 
@@ -62,7 +69,31 @@ def _nvidia_wheel_includes():
     return found
 
 
+def _cublas_link_args(cuda_home):
+    """Linker arguments for cuBLAS, preferring the copy torch itself loads.
+
+    The nvidia wheels (torch's CUDA runtime) ship only versioned files such as
+    libcublas.so.13, which -lcublas cannot find, so such a file is linked by
+    path; the loader then matches its soname with the library torch has
+    already loaded. A toolkit's lib64/libcublas.so is the fallback.
+    """
+    purelib = sysconfig.get_paths()["purelib"]
+    for pattern in ("nvidia/cu*/lib/libcublas.so.*", "nvidia/cublas/lib/libcublas.so.*"):
+        found = sorted(glob.glob(os.path.join(purelib, pattern)), key=len)
+        if found:
+            return [found[0]]
+    lib64 = os.path.join(cuda_home, "lib64")
+    if os.path.exists(os.path.join(lib64, "libcublas.so")):
+        return [f"-L{lib64}", "-lcublas"]
+    warnings.warn("rnnfast: libcublas not found; relying on torch's libtorch_cuda "
+                  "to bring it in at load time")
+    return []
+
+
+# The CUDA backend: kernels (.cu, nvcc) and host code that only makes sense
+# with them (.cpp, host compiler: cuBLAS calls, op registration).
 cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+cuda_sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
 want_cuda = bool(cuda_sources) and not _flag("RNNFAST_SKIP_CUDA")
 cuda_home = _find_cuda_home() if want_cuda else None
 if cuda_home:
@@ -120,6 +151,7 @@ if with_cuda:
         include_dirs=include_dirs,
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=_cublas_link_args(cuda_home),
     )
 else:
     ext = CppExtension(

@@ -44,6 +44,12 @@ LstmSizes check_lstm_args(const at::Tensor& input, const at::Tensor& hx,
               weight_ih.size(0));
   s.hidden = weight_ih.size(0) / 4;
   s.output = weight_hr.has_value() ? weight_hr->size(0) : s.hidden;
+  // Checked before anything reads it on the host (a CUDA tensor would be
+  // dereferenced as host memory).
+  TORCH_CHECK(!packed || (batch_sizes->device().is_cpu() &&
+                          batch_sizes->scalar_type() == at::kLong &&
+                          batch_sizes->dim() == 1),
+              "rnnfast.lstm: batch_sizes must be a 1-D int64 CPU tensor");
   const int64_t batch = packed ? (batch_sizes->numel() > 0
                                       ? batch_sizes->data_ptr<int64_t>()[0]
                                       : 0)
@@ -73,9 +79,6 @@ LstmSizes check_lstm_args(const at::Tensor& input, const at::Tensor& hx,
   }
   if (packed) {
     const auto& bs = *batch_sizes;
-    TORCH_CHECK(bs.device().is_cpu() && bs.scalar_type() == at::kLong &&
-                    bs.dim() == 1,
-                "rnnfast.lstm: batch_sizes must be a 1-D int64 CPU tensor");
     TORCH_CHECK(bs.numel() > 0,
                 "rnnfast.lstm: expected sequence length to be larger than 0");
     const int64_t* b = bs.data_ptr<int64_t>();

@@ -1,0 +1,96 @@
+// The LSTM step kernels: one thread per (row, hidden unit) element, calling
+// the shared cell math of lstm_cell.h in the opmath type. Included by the
+// .cu files that instantiate them.
+//
+// Layout (lstm_params.h): gates rows are [i | f | g | o], each H wide, so the
+// four gates of element (row, j) are at row * 4H + k * H + j, k = 0..3; the
+// [rows, H] buffers hold element (row, j) at row * H + j.
+#pragma once
+
+#include <ATen/OpMathType.h>
+
+#include "../lstm_cell.h"
+#include "launch.cuh"
+#include "lstm_cuda.h"
+
+namespace rnnfast::cuda {
+
+template <typename T>
+__global__ void __launch_bounds__(kBlockThreads)
+    lstm_forward_step_kernel(const ForwardStepParams<T> p) {
+  using acc_t = at::opmath_type<T>;
+  const int64_t H = p.hidden;
+  const int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= H) return;
+  const int64_t row_stride = int64_t(gridDim.y) * blockDim.y;
+  for (int64_t row = int64_t(blockIdx.y) * blockDim.y + threadIdx.y;
+       row < p.rows; row += row_stride) {
+    const int64_t e = row * H + j;
+    T* gates = p.gates + row * 4 * H + j;
+    const auto out = lstm_cell_forward<acc_t>(
+        static_cast<acc_t>(gates[0]), static_cast<acc_t>(gates[H]),
+        static_cast<acc_t>(gates[2 * H]), static_cast<acc_t>(gates[3 * H]),
+        static_cast<acc_t>(p.cell_state[e]));
+    gates[0] = static_cast<T>(out.i);
+    gates[H] = static_cast<T>(out.f);
+    gates[2 * H] = static_cast<T>(out.g);
+    gates[3 * H] = static_cast<T>(out.o);
+    p.cell_state[e] = static_cast<T>(out.c);
+    if (p.cell_save != nullptr) p.cell_save[e] = static_cast<T>(out.c);
+    p.r_out[e] = static_cast<T>(out.r);
+    if (p.r_out2 != nullptr) p.r_out2[e] = static_cast<T>(out.r);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kBlockThreads)
+    lstm_backward_step_kernel(const BackwardStepParams<T> p) {
+  using acc_t = at::opmath_type<T>;
+  const int64_t H = p.hidden;
+  const int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= H) return;
+  const int64_t row_stride = int64_t(gridDim.y) * blockDim.y;
+  for (int64_t row = int64_t(blockIdx.y) * blockDim.y + threadIdx.y;
+       row < p.rows; row += row_stride) {
+    const int64_t e = row * H + j;
+    const int64_t ge = row * 4 * H + j;
+    const T* gates = p.gates + ge;
+    // Rows that continue from the previous step read its cell state; the
+    // others start this step from the initial state of the same row.
+    const T c_prev = row < p.rows_from_previous ? p.cell_prev[e]
+                                                : p.cell_init[e];
+    acc_t dr = static_cast<acc_t>(p.dr[e]);
+    if (p.dr2 != nullptr) dr += static_cast<acc_t>(p.dr2[e]);
+    const auto out = lstm_cell_backward<acc_t>(
+        static_cast<acc_t>(gates[0]), static_cast<acc_t>(gates[H]),
+        static_cast<acc_t>(gates[2 * H]), static_cast<acc_t>(gates[3 * H]),
+        static_cast<acc_t>(p.cell[e]), static_cast<acc_t>(c_prev), dr,
+        static_cast<acc_t>(p.dcell_state[e]));
+    T* dgates = p.dgates + ge;
+    dgates[0] = static_cast<T>(out.di);
+    dgates[H] = static_cast<T>(out.df);
+    dgates[2 * H] = static_cast<T>(out.dg);
+    dgates[3 * H] = static_cast<T>(out.do_);
+    p.dcell_state[e] = static_cast<T>(out.dc_prev);
+  }
+}
+
+template <typename T>
+void lstm_forward_step(const ForwardStepParams<T>& p) {
+  if (p.rows <= 0 || p.hidden <= 0) return;
+  const LaunchShape s = rows_by_cols(p.rows, p.hidden);
+  lstm_forward_step_kernel<T>
+      <<<s.grid, s.block, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void lstm_backward_step(const BackwardStepParams<T>& p) {
+  if (p.rows <= 0 || p.hidden <= 0) return;
+  const LaunchShape s = rows_by_cols(p.rows, p.hidden);
+  lstm_backward_step_kernel<T>
+      <<<s.grid, s.block, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace rnnfast::cuda

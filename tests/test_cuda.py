@@ -1,0 +1,347 @@
+"""CUDA tests of rnnfast's LSTM: parity with the CPU kernels (float64) and
+with cuDNN (float32), reduced precision judged against torch's own error,
+gradcheck, streams, devices, host synchronisation and CUDA-graph capture.
+
+Every test that needs a GPU takes the ``cuda`` fixture, which skips when
+none is available; nothing queries CUDA at import time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import rnnfast
+from rnnfast import ops
+
+T, B, I, H, P = 6, 4, 5, 7, 3  # H odd and below a warp: partial blocks
+LENGTHS = [6, 3, 5, 1]         # unsorted: exercises PackedSequence sorting
+
+# Layer configurations shared by the parity tests.
+CONFIGS = {
+    "plain": dict(),
+    "no_bias": dict(bias=False),
+    "bidirectional": dict(bidirectional=True),
+    "proj": dict(proj_size=P),
+    "packed": dict(packed=True),
+    "batch_first": dict(batch_first=True),
+    "2_layers_bi_proj_packed": dict(num_layers=2, bidirectional=True,
+                                    proj_size=P, packed=True),
+    "2_layers_bi_proj": dict(num_layers=2, bidirectional=True, proj_size=P),
+}
+
+
+@pytest.fixture
+def cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA is not available")
+    return torch.device("cuda")
+
+
+@contextlib.contextmanager
+def tf32_disabled():
+    """Full float32 matmuls in cuBLAS and cuDNN, restored afterwards."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+        torch.backends.cudnn.allow_tf32 = cudnn
+
+
+def pairs(*seqs):
+    """zip that insists on equal lengths (zip(strict=True) needs 3.10)."""
+    assert len({len(s) for s in seqs}) == 1, [len(s) for s in seqs]
+    return zip(*seqs)
+
+
+def module_kwargs(config):
+    """The constructor arguments in a config (all but ``packed``)."""
+    return {k: v for k, v in config.items() if k != "packed"}
+
+
+def make_inputs(config, dtype=torch.float64):
+    """Input and initial state on the CPU, for a model built with config."""
+    batch_first = config.get("batch_first", False)
+    layers = config.get("num_layers", 1) * (2 if config.get("bidirectional") else 1)
+    out = config.get("proj_size", 0) or H
+    x = torch.randn((B, T, I) if batch_first else (T, B, I), dtype=dtype)
+    hx = (torch.randn(layers, B, out, dtype=dtype), torch.randn(layers, B, H, dtype=dtype))
+    return x, hx
+
+
+def forward_backward(model, x, hx, config, round_to=None):
+    """Output, final states and every gradient of a fixed random loss.
+
+    The loss weights (cotangents) come from a fixed CPU generator, rounded
+    through ``round_to`` when given, so that runs in different dtypes and on
+    different devices differentiate the same function.
+    """
+    x = x.detach().clone().requires_grad_()
+    hx = tuple(h.detach().clone().requires_grad_() for h in hx)
+    batch_first = config.get("batch_first", False)
+    inp = x
+    if config.get("packed"):
+        inp = pack_padded_sequence(x, torch.tensor(LENGTHS), batch_first=batch_first,
+                                   enforce_sorted=False)
+    out, (h, c) = model(inp, hx)
+    out = out.data if config.get("packed") else out
+    gen = torch.Generator().manual_seed(1234)
+    loss = 0
+    for t in (out, h, c):
+        weight = torch.randn(t.shape, generator=gen, dtype=torch.float64)
+        if round_to is not None:
+            weight = weight.to(round_to)
+        loss = loss + (t * weight.to(t)).sum()
+    loss.backward()
+    grads = [x.grad, hx[0].grad, hx[1].grad] + [p.grad for p in model.parameters()]
+    return [t.detach() for t in [out, h, c] + grads]
+
+
+NAMES = ["output", "h_n", "c_n", "grad_input", "grad_h0", "grad_c0"]
+
+
+def names_for(model):
+    return NAMES + [f"grad_{n}" for n, _ in model.named_parameters()]
+
+
+def test_every_op_has_a_cuda_kernel():
+    """A CUDA build registers a CUDA kernel for every rnnfast op."""
+    if not rnnfast.build_info()["with_cuda"]:
+        pytest.skip("rnnfast was built without CUDA")
+    names = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith("rnnfast::")]
+    assert "rnnfast::lstm_forward" in names and "rnnfast::lstm_backward" in names
+    missing = [n for n in names if not torch._C._dispatch_has_kernel_for_dispatch_key(n, "CUDA")]
+    assert missing == [], f"ops without a CUDA kernel: {missing}"
+
+
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+def test_matches_cpu_in_float64(cuda, config):
+    torch.manual_seed(0)
+    cpu_model = rnnfast.LSTM(I, H, dtype=torch.float64, **module_kwargs(config))
+    cuda_model = copy.deepcopy(cpu_model).to(cuda)
+    x, hx = make_inputs(config)
+    expected = forward_backward(cpu_model, x, hx, config)
+    got = forward_backward(cuda_model, x.to(cuda), tuple(h.to(cuda) for h in hx), config)
+    for name, g, e in pairs(names_for(cpu_model), got, expected):
+        assert g.device.type == cuda.type, name
+        torch.testing.assert_close(g.cpu(), e, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+def test_matches_cudnn_in_float32(cuda, config):
+    torch.manual_seed(0)
+    reference = nn.LSTM(I, H, **module_kwargs(config)).to(cuda)
+    model = rnnfast.LSTM(I, H, **module_kwargs(config)).to(cuda)
+    model.load_state_dict(reference.state_dict())
+    x, hx = make_inputs(config, torch.float32)
+    x, hx = x.to(cuda), tuple(h.to(cuda) for h in hx)
+    with tf32_disabled():
+        expected = forward_backward(reference, x, hx, config)
+        got = forward_backward(model, x, hx, config)
+    for name, g, e in pairs(names_for(model), got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+HALF_CONFIGS = {k: CONFIGS[k] for k in ("plain", "packed", "2_layers_bi_proj")}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("config", HALF_CONFIGS.values(), ids=HALF_CONFIGS.keys())
+def test_reduced_precision_error_within_twice_torch(cuda, config, dtype):
+    """In float16 / bfloat16, every output and gradient is at most twice as
+    far from a float64 reference as torch.nn.LSTM's in the same dtype, plus
+    a floor of half a unit of the dtype at the reference's scale.
+
+    The reference runs the same (rounded) weights, inputs and loss weights in
+    float64, so only the arithmetic differs.
+    """
+    torch.manual_seed(0)
+    torch_model = nn.LSTM(I, H, **module_kwargs(config)).to(cuda, dtype)
+    model = rnnfast.LSTM(I, H, **module_kwargs(config)).to(cuda, dtype)
+    model.load_state_dict(torch_model.state_dict())
+    reference_model = copy.deepcopy(torch_model).to("cpu", torch.float64)
+    x, hx = make_inputs(config, torch.float32)
+    x, hx = x.to(dtype), tuple(h.to(dtype) for h in hx)
+
+    reference = forward_backward(reference_model, x.double(),
+                                 tuple(h.double() for h in hx), config, round_to=dtype)
+    dev = lambda t: t.to(cuda)  # noqa: E731
+    torch_out = forward_backward(torch_model, dev(x), tuple(map(dev, hx)), config,
+                                 round_to=dtype)
+    ours = forward_backward(model, dev(x), tuple(map(dev, hx)), config, round_to=dtype)
+    eps = torch.finfo(dtype).eps
+    for name, o, t, r in pairs(names_for(model), ours, torch_out, reference):
+        assert o.dtype == dtype, name
+        our_err = (o.double().cpu() - r).abs().max().item()
+        torch_err = (t.double().cpu() - r).abs().max().item()
+        floor = 0.5 * eps * r.abs().max().item()
+        assert our_err <= 2 * torch_err + floor, (
+            f"{name}: rnnfast error {our_err:.3g}, torch.nn.LSTM error {torch_err:.3g}, "
+            f"floor {floor:.3g}")
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("bias,proj", [(True, False), (False, True)],
+                         ids=["bias", "proj_no_bias"])
+def test_gradcheck_float64(cuda, bias, proj, packed, reverse):
+    torch.manual_seed(0)
+    t, b, i, h = 3, 2, 3, 4
+    p = 2 if proj else h
+    opts = dict(dtype=torch.float64, device=cuda, requires_grad=True)
+    batch_sizes = torch.tensor([2, 2, 1]) if packed else None
+    x = torch.randn((5, i) if packed else (t, b, i), **opts)
+    hx, cx = torch.randn(b, p, **opts), torch.randn(b, h, **opts)
+    w_ih, w_hh = torch.randn(4 * h, i, **opts), torch.randn(4 * h, p, **opts)
+    b_ih = torch.randn(4 * h, **opts) if bias else None
+    b_hh = torch.randn(4 * h, **opts) if bias else None
+    w_hr = torch.randn(p, h, **opts) if proj else None
+
+    def fn(x, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr):
+        out, hy, cy, _, _ = ops.lstm_forward(x, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr,
+                                             batch_sizes, reverse, True)
+        return out, hy, cy
+
+    assert torch.autograd.gradcheck(fn, (x, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr))
+
+
+@pytest.mark.parametrize("proj", [False, True], ids=["no_proj", "proj"])
+def test_opcheck(cuda, proj):
+    torch.manual_seed(0)
+    opts = dict(dtype=torch.float32, device=cuda)
+    p = P if proj else H
+    args = (torch.randn(T, B, I, **opts), torch.randn(B, p, **opts),
+            torch.randn(B, H, **opts), torch.randn(4 * H, I, **opts),
+            torch.randn(4 * H, p, **opts), torch.randn(4 * H, **opts),
+            torch.randn(4 * H, **opts), torch.randn(p, H, **opts) if proj else None,
+            None, False, True)
+    torch.library.opcheck(torch.ops.rnnfast.lstm_forward.default, args,
+                          test_utils=("test_schema", "test_autograd_registration",
+                                      "test_faketensor"))
+
+
+def test_rejects_batch_sizes_on_cuda(cuda):
+    """batch_sizes is read on the host: a CUDA tensor is refused, not read."""
+    opts = dict(dtype=torch.float32, device=cuda)
+    args = (torch.randn(5, I, **opts), torch.randn(2, H, **opts), torch.randn(2, H, **opts),
+            torch.randn(4 * H, I, **opts), torch.randn(4 * H, H, **opts), None, None, None,
+            torch.tensor([2, 2, 1], device=cuda), False, False)
+    with pytest.raises(RuntimeError, match="batch_sizes must be a 1-D int64 CPU tensor"):
+        ops.lstm_forward(*args)
+
+
+def test_follows_the_current_stream(cuda):
+    """Work queued on a side stream behind a long sleep still sees the
+    input projection: every kernel and GEMM of the op runs on the current
+    stream, none on a private or default one."""
+    torch.manual_seed(0)
+    model = rnnfast.LSTM(64, 128, num_layers=2, proj_size=32).to(cuda)
+    x = torch.randn(50, 16, 64, device=cuda)
+    out, (h, c) = model(x)
+    expected = [t.detach() for t in (out, h, c)]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(100_000_000)
+        out, (h, c) = model(x)
+        got = [t.detach() for t in (out, h, c)]
+    torch.cuda.current_stream().wait_stream(stream)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+
+
+def test_runs_on_the_input_device(cuda):
+    """With another device current, the op runs on its input's device."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    torch.manual_seed(0)
+    config = CONFIGS["2_layers_bi_proj"]
+    cpu_model = rnnfast.LSTM(I, H, dtype=torch.float64, **module_kwargs(config))
+    x, hx = make_inputs(config)
+    expected = forward_backward(cpu_model, x, hx, config)
+    second = torch.device("cuda", 1)
+    with torch.cuda.device(0):
+        got = forward_backward(copy.deepcopy(cpu_model).to(second), x.to(second),
+                               tuple(h.to(second) for h in hx), config)
+    for name, g, e in pairs(names_for(cpu_model), got, expected):
+        assert g.device == second, name
+        torch.testing.assert_close(g.cpu(), e, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_training_step_does_not_sync_with_the_host(cuda):
+    torch.manual_seed(0)
+    model = rnnfast.LSTM(I, H, num_layers=2, bidirectional=True, proj_size=P).to(cuda)
+    x = torch.randn(T, B, I, device=cuda)
+    model(x)  # first call: lazy initialisation (cuBLAS handle, workspace)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, (h, c) = model(x)
+        (out.square().sum() + h.sum() + c.sum()).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_cuda_graph_training_step_matches_eager(cuda):
+    """Forward, backward and optimizer step captured in one CUDA graph and
+    replayed on new data give what the same steps give eagerly."""
+    torch.manual_seed(0)
+    model = rnnfast.LSTM(I, H, num_layers=2, bidirectional=True, proj_size=P).to(cuda)
+    eager = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    eager_opt = torch.optim.SGD(eager.parameters(), lr=0.1)
+    batches = [(torch.randn(T, B, I, device=cuda), torch.randn(T, B, 2 * P, device=cuda))
+               for _ in range(6)]
+
+    def loss_fn(m, x, y):
+        out, (h, c) = m(x)
+        return (out - y).square().mean() + h.square().mean() + c.square().mean()
+
+    def eager_step(x, y):
+        eager_opt.zero_grad(set_to_none=True)
+        loss = loss_fn(eager, x, y)
+        loss.backward()
+        eager_opt.step()
+        return loss.detach()
+
+    static_x, static_y = torch.zeros_like(batches[0][0]), torch.zeros_like(batches[0][1])
+    # Warm up on a side stream, as torch.cuda.graphs requires.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for x, y in batches[:3]:
+            static_x.copy_(x)
+            static_y.copy_(y)
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model, static_x, static_y).backward()
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    for x, y in batches[:3]:
+        eager_step(x, y)
+
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        static_loss = loss_fn(model, static_x, static_y)
+        static_loss.backward()
+        opt.step()
+
+    for x, y in batches[3:]:
+        static_x.copy_(x)
+        static_y.copy_(y)
+        graph.replay()
+        expected = eager_step(x, y)
+        torch.testing.assert_close(static_loss, expected, rtol=1e-5, atol=1e-6)
+    torch.cuda.synchronize()
+    for (name, p), q in pairs(list(model.named_parameters()), list(eager.parameters())):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6,
+                                   msg=lambda m, name=name: f"{name}: {m}")
