@@ -50,14 +50,20 @@ class _RecurrentBase(nn.Module):
                 "dropout option adds dropout after all but last recurrent layer, "
                 "so non-zero dropout expects num_layers greater than 1, but got "
                 f"dropout={dropout} and num_layers={num_layers}", stacklevel=3)
-        for name, value, kind in (("bias", bias, bool), ("batch_first", batch_first, bool),
-                                  ("input_size", input_size, int),
-                                  ("hidden_size", hidden_size, int)):
-            if not isinstance(value, kind):
-                raise TypeError(
-                    f"{name} should be of type {kind.__name__}, got: {type(value).__name__}")
+        # nn.LSTM's checks, in nn.LSTM's order (so the same error wins).
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias should be of type bool, got: {type(bias).__name__}")
+        if not isinstance(batch_first, bool):
+            raise TypeError(
+                f"batch_first should be of type bool, got: {type(batch_first).__name__}")
+        if not isinstance(input_size, int):
+            raise TypeError(
+                f"input_size should be of type int, got: {type(input_size).__name__}")
         if input_size <= 0:
             raise ValueError("input_size must be greater than zero")
+        if not isinstance(hidden_size, int):
+            raise TypeError(
+                f"hidden_size should be of type int, got: {type(hidden_size).__name__}")
         if hidden_size <= 0:
             raise ValueError("hidden_size must be greater than zero")
         if num_layers <= 0:

@@ -19,6 +19,15 @@ __all__ = ["lstm_forward", "lstm_backward", "layer_norm_lstm_forward",
            "layer_norm_lstm_backward"]
 
 
+def _check_same_device(input: Tensor, **tensors: Optional[Tensor]) -> None:
+    """What the real kernels check, for the fake (meta) kernels."""
+    for name, t in tensors.items():
+        if t is not None:
+            torch._check(t.device == input.device,
+                         lambda: f"rnnfast: {name} must be on the device of input "
+                                 f"({input.device}), got {t.device}")
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the recurrence keeps its workspace in."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
@@ -93,6 +102,8 @@ def _lstm_forward_fake(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh,
                        weight_hr, batch_sizes, reverse, training):
     torch._check(input.dim() == (2 if batch_sizes is not None else 3),
                  lambda: f"rnnfast.lstm: unexpected input of {input.dim()} dimensions")
+    _check_same_device(input, hx=hx, cx=cx, weight_ih=weight_ih, weight_hh=weight_hh,
+                       bias_ih=bias_ih, bias_hh=bias_hh, weight_hr=weight_hr)
     hidden = weight_ih.shape[0] // 4
     out_size = weight_hr.shape[0] if weight_hr is not None else hidden
     torch._check(input.shape[-1] == weight_ih.shape[1],
@@ -127,8 +138,10 @@ def _lstm_backward_fake(grad_output, grad_hy, grad_cy, input, hx, cx, weight_ih,
 def _lstm_setup_context(ctx, inputs, output):
     (input, hx, cx, weight_ih, weight_hh, bias_ih, _bias_hh, weight_hr,
      batch_sizes, reverse, training) = inputs
-    out, _hy, _cy, gates, cells = output
+    out, hy, cy, gates, cells = output
     ctx.mark_non_differentiable(gates, cells)
+    if not training:  # nothing was saved: these outputs have no gradient
+        ctx.mark_non_differentiable(out, hy, cy)
     ctx.reverse = reverse
     ctx.training = training
     ctx.has_bias = bias_ih is not None
@@ -143,10 +156,8 @@ def _zeros_if_none(grad: Optional[Tensor], like: Tensor) -> Tensor:
 def _lstm_backward_autograd(ctx, grad_output, grad_hy, grad_cy, _grad_gates, _grad_cells):
     (input, hx, cx, weight_ih, weight_hh, weight_hr, batch_sizes, out, gates,
      cells) = ctx.saved_tensors
-    if not ctx.training:
-        raise RuntimeError(
-            "rnnfast.lstm: backward through a forward run with training=False; "
-            "run the forward with gradients enabled")
+    if not ctx.training:  # outputs were marked non-differentiable
+        return (None,) * 11
     (grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias,
      grad_w_hr) = lstm_backward(
         _zeros_if_none(grad_output, out), _zeros_if_none(grad_hy, hx),
@@ -249,6 +260,11 @@ def _layer_norm_lstm_forward_fake(input, hx, cx, weight_ih, weight_hh, bias_ih,
                                   batch_sizes, reverse, training, eps):
     torch._check(input.dim() == (2 if batch_sizes is not None else 3),
                  lambda: f"rnnfast.lstm: unexpected input of {input.dim()} dimensions")
+    _check_same_device(input, hx=hx, cx=cx, weight_ih=weight_ih, weight_hh=weight_hh,
+                       bias_ih=bias_ih, bias_hh=bias_hh, ln_ih_weight=ln_ih_weight,
+                       ln_ih_bias=ln_ih_bias, ln_hh_weight=ln_hh_weight,
+                       ln_hh_bias=ln_hh_bias, ln_cell_weight=ln_cell_weight,
+                       ln_cell_bias=ln_cell_bias)
     hidden = weight_ih.shape[0] // 4
     torch._check(input.shape[-1] == weight_ih.shape[1],
                  lambda: "rnnfast.lstm: input size does not match weight_ih")
@@ -291,8 +307,10 @@ def _layer_norm_lstm_setup_context(ctx, inputs, output):
     (input, hx, cx, weight_ih, weight_hh, bias_ih, _bias_hh, ln_ih_weight, _ln_ih_bias,
      ln_hh_weight, _ln_hh_bias, ln_cell_weight, ln_cell_bias, batch_sizes, reverse,
      training, _eps) = inputs
-    out, _hy, _cy, gates, cells, normalized_ih, normalized_hh, stats = output
+    out, hy, cy, gates, cells, normalized_ih, normalized_hh, stats = output
     ctx.mark_non_differentiable(gates, cells, normalized_ih, normalized_hh, stats)
+    if not training:  # nothing was saved: these outputs have no gradient
+        ctx.mark_non_differentiable(out, hy, cy)
     ctx.reverse = reverse
     ctx.training = training
     ctx.has_bias = bias_ih is not None
@@ -305,10 +323,8 @@ def _layer_norm_lstm_backward_autograd(ctx, grad_output, grad_hy, grad_cy, *_unu
     (input, hx, cx, weight_ih, weight_hh, ln_ih_weight, ln_hh_weight, ln_cell_weight,
      ln_cell_bias, batch_sizes, out, gates, cells, normalized_ih, normalized_hh,
      stats) = ctx.saved_tensors
-    if not ctx.training:
-        raise RuntimeError(
-            "rnnfast.layer_norm_lstm: backward through a forward run with "
-            "training=False; run the forward with gradients enabled")
+    if not ctx.training:  # outputs were marked non-differentiable
+        return (None,) * 17
     (grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias, grad_ln_ih_w,
      grad_ln_hh_w, grad_ln_cell_w, grad_ln_cell_b) = layer_norm_lstm_backward(
         _zeros_if_none(grad_output, out), _zeros_if_none(grad_hy, hx),
@@ -324,3 +340,23 @@ def _layer_norm_lstm_backward_autograd(ctx, grad_output, grad_hy, grad_cy, *_unu
 torch.library.register_autograd(
     "rnnfast::layer_norm_lstm_forward", _layer_norm_lstm_backward_autograd,
     setup_context=_layer_norm_lstm_setup_context)
+
+
+# ---- no double backward ------------------------------------------------------
+
+def _refuse_double_backward(name: str):
+    def setup_context(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"rnnfast: {name} is not differentiable: double backward (a gradient "
+            "of a gradient, e.g. a gradient penalty) through rnnfast layers is "
+            "not supported")
+
+    torch.library.register_autograd(f"rnnfast::{name}", backward,
+                                    setup_context=setup_context)
+
+
+for _name in ("lstm_backward", "layer_norm_lstm_backward"):
+    _refuse_double_backward(_name)

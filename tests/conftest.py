@@ -1,0 +1,58 @@
+"""Fixtures shared by the rnnfast tests; plain helpers are in utils.py.
+
+CUDA is only queried inside fixtures, never at import time, so collecting
+the suite never initialises a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+# `from utils import ...` in every test file, whatever pytest's import mode.
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+def _skip_unless_cuda() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA is not available")
+    import rnnfast
+    if not rnnfast.build_info()["with_cuda"]:
+        pytest.skip("rnnfast was built without CUDA kernels")
+
+
+@pytest.fixture
+def _no_tf32():
+    """Full float32 matmuls (cuDNN's LSTM uses TF32 by default, too coarse
+    for float32 parity tolerances)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def device(request) -> str:
+    """Every device rnnfast can run on here: CPU always, CUDA when present."""
+    if request.param == "cuda":
+        _skip_unless_cuda()
+        request.getfixturevalue("_no_tf32")
+    return request.param
+
+
+@pytest.fixture
+def cuda_device(_no_tf32) -> str:
+    """For CUDA-only tests."""
+    _skip_unless_cuda()
+    return "cuda"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    """A fixed global seed for every test (modules are initialised from it)."""
+    torch.manual_seed(0)
+    yield

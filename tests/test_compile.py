@@ -1,0 +1,120 @@
+"""torch.compile(fullgraph=True) of a model built on rnnfast.LSTM: the
+forward and every gradient equal eager mode. Compiling is slow on a small
+CPU machine, so there are few compiles and each checks a lot."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import rnnfast
+from utils import make_packed
+
+T, B, I, H = 5, 3, 4, 6
+LENGTHS = [2, 5, 3]  # unsorted: enforce_sorted=False
+
+
+class Tagger(nn.Module):
+    """A 2-layer bidirectional rnnfast.LSTM and a linear head."""
+
+    def __init__(self, batch_first=False):
+        super().__init__()
+        self.lstm = rnnfast.LSTM(I, H, num_layers=2, bidirectional=True,
+                                 batch_first=batch_first)
+        self.head = nn.Linear(2 * H, 3)
+
+    def forward(self, x, hx=None):
+        out, (h_n, c_n) = self.lstm(x, hx)
+        if isinstance(out, torch.nn.utils.rnn.PackedSequence):
+            out = out.data
+        return self.head(out), h_n, c_n
+
+
+def _loss(y, h_n, c_n):
+    return (y * torch.linspace(0.5, 1.5, y.shape[-1], dtype=y.dtype, device=y.device)).sum() \
+        + 2 * h_n.sum() + 3 * c_n.sum()
+
+
+def _run(model, x, hx=None, lengths=None):
+    """Outputs and gradients (input, states, parameters) of one step."""
+    x = x.detach().clone().requires_grad_()
+    states = None if hx is None else tuple(h.detach().clone().requires_grad_() for h in hx)
+    inp = x if lengths is None else make_packed(x, lengths, enforce_sorted=False)
+    model.zero_grad(set_to_none=True)
+    y, h_n, c_n = model(inp, states)
+    _loss(y, h_n, c_n).backward()
+    res = {"y": y.detach(), "h_n": h_n.detach(), "c_n": c_n.detach(), "grad_x": x.grad}
+    if states is not None:
+        res["grad_h0"], res["grad_c0"] = states[0].grad, states[1].grad
+    # A compiled module shares its parameters with the original, whose
+    # names have no "_orig_mod." prefix.
+    params = getattr(model, "_orig_mod", model).named_parameters()
+    res.update({f"grad.{n}": p.grad for n, p in params})
+    return res
+
+
+def _assert_same(got, expected, tol):
+    assert set(got) == set(expected)
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], **tol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_compile_fullgraph_matches_eager(device):
+    """Inductor, fullgraph, float64; two calls (the second must not
+    recompile) with and without initial states."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Tagger().to(device, torch.float64)
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(T, B, I, dtype=torch.float64, device=device)
+    hx = (torch.randn(4, B, H, dtype=torch.float64, device=device),
+          torch.randn(4, B, H, dtype=torch.float64, device=device))
+    tol = dict(atol=1e-10, rtol=1e-10)
+    _assert_same(_run(compiled, x, hx), _run(model, x, hx), tol)
+    x2 = torch.randn(T, B, I, dtype=torch.float64, device=device)
+    _assert_same(_run(compiled, x2, hx), _run(model, x2, hx), tol)
+    torch._dynamo.reset()
+
+
+def test_compile_fullgraph_batch_first_aot_eager(device):
+    """batch_first through the AOT-autograd graph (fake kernels, autograd
+    registration) with the quick aot_eager backend, float32."""
+    torch._dynamo.reset()
+    torch.manual_seed(1)
+    model = Tagger(batch_first=True).to(device)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(B, T, I, device=device)
+    _assert_same(_run(compiled, x), _run(model, x), dict(atol=1e-5, rtol=1e-5))
+    torch._dynamo.reset()
+
+
+@pytest.mark.xfail(strict=True, raises=(torch._dynamo.exc.Unsupported,
+                                        torch._dynamo.exc.UserError),
+                   reason="PackedSequence input breaks fullgraph: the module reads "
+                          "int(batch_sizes[0]) (a data-dependent value). nn.LSTM "
+                          "cannot be compiled at all (dynamo refuses to wrap it).")
+def test_compile_fullgraph_packed_sequence(device):
+    torch._dynamo.reset()
+    torch.manual_seed(2)
+    model = Tagger().to(device, torch.float64)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(T, B, I, dtype=torch.float64, device=device)
+    try:
+        _assert_same(_run(compiled, x, lengths=LENGTHS), _run(model, x, lengths=LENGTHS),
+                     dict(atol=1e-10, rtol=1e-10))
+    finally:
+        torch._dynamo.reset()
+
+
+def test_compile_packed_sequence_with_graph_breaks(device):
+    """Without fullgraph, a PackedSequence input compiles (with graph
+    breaks) and matches eager."""
+    torch._dynamo.reset()
+    torch.manual_seed(3)
+    model = Tagger().to(device, torch.float64)
+    compiled = torch.compile(model, backend="aot_eager")
+    x = torch.randn(T, B, I, dtype=torch.float64, device=device)
+    _assert_same(_run(compiled, x, lengths=LENGTHS), _run(model, x, lengths=LENGTHS),
+                 dict(atol=1e-10, rtol=1e-10))
+    torch._dynamo.reset()
