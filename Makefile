@@ -23,8 +23,10 @@ build: $(VENV)/.deps
 test: build
 	$(PY) -m pytest -q tests
 
+# The default preset (< 5 min on a 2-core CPU) into bench-out/ (gitignored);
+# `$(PY) -m rnnfast.bench --help` for the axes, presets and subcommands.
 bench: build
-	$(PY) benchmarks/bench_lstm.py
+	$(PY) -m rnnfast.bench --out bench-out
 
 clean:
 	rm -rf build rnnfast/_C*.so *.egg-info

@@ -1,0 +1,134 @@
+"""Runs every implementation on every case, side by side, into records."""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
+
+import torch
+
+from .cases import Case
+from .impls import BASELINES, Impl, Inputs, Runner, SkipCase, make_inputs
+from .results import finalize
+from .timing import (
+    dispatched_backend,
+    peak_cuda_bytes,
+    saved_bytes,
+    synchronize,
+    time_runner,
+    warm_up,
+)
+
+__all__ = ["Settings", "run_suite"]
+
+# An output further than this from the family baseline's (same weights, same
+# inputs) gets a note: the figures of a wrong implementation mean nothing.
+_AGREEMENT = {"float64": 1e-8, "float32": 1e-3, "float16": 5e-2, "bfloat16": 1e-1}
+
+
+@dataclass
+class Settings:
+    min_run_time: float  # seconds of measurement per implementation and case
+    warmup: int  # calls before measuring
+    inputs: int = 3  # random input sets rotated between calls
+    seed: int = 0
+    threads: Optional[int] = None  # None: torch's current setting
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+Progress = Callable[[int, str], None]  # (measurements done, what runs next)
+
+
+def run_suite(cases: list[Case], impls: list[Impl], settings: Settings,
+              progress: Optional[Progress] = None) -> tuple[list[dict], list[str]]:
+    """Times every implementation on every case; returns the records (see
+    :data:`rnnfast.bench.results.FIELDS`) and notes on what was skipped or
+    failed. Implementations run case by case, baselines first."""
+    order = sorted(impls, key=lambda i: not i.is_baseline)
+    records: list[dict] = []
+    notes: list[str] = []
+    skipped: dict[tuple[str, str], int] = collections.Counter()
+    done = 0
+    for case in cases:
+        inputs = make_inputs(case, settings.inputs, settings.seed)
+        baseline_outputs: dict[str, tuple[dict, torch.Tensor]] = {}
+        for impl in order:
+            if progress:
+                progress(done, f"{case.mode} {case.device} {case.dtype} "
+                         f"{case.shape_label()}: {impl.name}")
+            done += 1
+            start = time.perf_counter()
+            try:
+                torch.manual_seed(settings.seed)
+                runner = impl.build(case, inputs)
+                record = _measure(impl, case, runner, inputs, settings,
+                                  baseline_outputs, notes)
+            except SkipCase as e:
+                skipped[(impl.name, str(e))] += 1
+                continue
+            except Exception as e:  # a failure is reported, never a figure
+                notes.append(f"{impl.name} on {case.mode} {case.device} {case.dtype} "
+                             f"{case.shape_label()}: failed: {type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}")
+                continue
+            record["wall_s"] = time.perf_counter() - start
+            records.append(record)
+    notes += [f"{name}: skipped on {n} case(s): {why}" for (name, why), n in skipped.items()]
+    return finalize(records), notes
+
+
+def _measure(impl: Impl, case: Case, runner: Runner, inputs: Inputs, settings: Settings,
+             baseline_outputs: dict, notes: list[str]) -> dict:
+    n = len(inputs)
+    first_s, last_s = warm_up(runner.step, n, settings.warmup, case.device)
+    max_abs_diff = _agreement(impl, case, runner, baseline_outputs)
+    if max_abs_diff is not None and max_abs_diff > _AGREEMENT[case.dtype]:
+        notes.append(f"{impl.name} on {case.mode} {case.device} {case.dtype} "
+                     f"{case.shape_label()}: output differs from {impl.baseline}'s by "
+                     f"{max_abs_diff:.3g}")
+    saved = saved_bytes(lambda: runner.step(0), runner.keep)
+    synchronize(case.device)
+    peak = peak_cuda_bytes(lambda: runner.step(0)) if case.device.startswith("cuda") else None
+    backend = runner.backend
+    if impl.name == "torch.nn.LSTM" and runner.module is not None:
+        with torch.set_grad_enabled(case.mode == "training"):
+            backend = dispatched_backend(
+                lambda: runner.module(inputs.x[0], inputs.hx[0]))
+    timing = time_runner(runner.step, n, settings.min_run_time, settings.threads,
+                         one_call=last_s)
+    return dict(
+        impl=impl.name, family=impl.family, baseline=BASELINES[impl.family],
+        **case.as_dict(),
+        median_ms=timing.median_ms, iqr_ms=timing.iqr_ms, runs=timing.runs,
+        tokens_per_s=case.tokens / (timing.median_ms / 1e3),
+        saved_bytes_per_token=saved / case.tokens,
+        peak_bytes=peak, max_abs_diff=max_abs_diff,
+        compile_s=first_s if impl.compiled else None, backend=backend,
+    )
+
+
+def _agreement(impl: Impl, case: Case, runner: Runner,
+               baseline_outputs: dict) -> Optional[float]:
+    """The baseline of a family keeps its weights and output on input set 0;
+    every other implementation of the family that can load those weights is
+    compared with it. None where no comparison is possible."""
+    if runner.output is None or runner.module is None:
+        return None
+    if impl.is_baseline:
+        baseline_outputs[impl.family] = (
+            {k: v.detach().clone() for k, v in runner.module.state_dict().items()},
+            runner.output(0))
+        return None
+    if impl.family not in baseline_outputs:
+        return None
+    state, want = baseline_outputs[impl.family]
+    try:
+        runner.module.load_state_dict(state)
+    except (RuntimeError, KeyError):  # another parameter layout (peers)
+        return None
+    got = runner.output(0)
+    return (got.double() - want.double()).abs().max().item()

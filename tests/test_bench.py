@@ -1,0 +1,315 @@
+"""The benchmark harness's logic (rnnfast.bench): argument parsing, cases,
+the GEMM floor's plan, activation-memory accounting, the result files'
+schema, compare's regression flagging and the README report. Timings are
+never asserted: the cases are tiny and measured for a few milliseconds."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+import rnnfast
+from rnnfast.bench import cli
+from rnnfast.bench.cases import PRESETS, Case, expand
+from rnnfast.bench.compare import classify, compare
+from rnnfast.bench.impls import discover, floor_gemms
+from rnnfast.bench.report import markdown, tables, write_readme
+from rnnfast.bench.results import FIELDS, KEY, finalize
+from rnnfast.bench.timing import saved_bytes
+from rnnfast.reference import ReferenceLayerNormLSTM
+
+TINY = ["--T", "3", "--B", "2", "--I", "4", "--H", "4", "--min-run-time", "0.001",
+        "--warmup", "1", "--inputs", "2", "--device", "cpu"]
+
+
+# -- parsing and cases --------------------------------------------------------
+
+def test_parse_defaults_and_lists():
+    args = cli.parse([])
+    assert args.command == "run" and args.grid == "default" and args.out is None
+    assert args.mode == ["inference", "training"]
+    args = cli.parse(["--quick", "--T", "100", "200", "--B", "4", "64",
+                      "--bidirectional", "true", "0", "--dtype", "float32", "bfloat16"])
+    assert args.grid == "quick"
+    assert args.T == [100, 200] and args.B == [4, 64]
+    assert args.bidirectional == [True, False]
+    assert args.dtype == ["float32", "bfloat16"]
+    assert cli.parse(["run", "--grid", "full"]).grid == "full"
+
+
+@pytest.mark.parametrize("bad", [["--T", "0"], ["--bidirectional", "maybe"],
+                                 ["--dtype", "int8"], ["--quick", "--grid", "full"],
+                                 ["--mode", "eval"]])
+def test_parse_rejects(bad, capsys):
+    with pytest.raises(SystemExit):
+        cli.parse(bad)
+
+
+def test_parse_compare_and_report():
+    args = cli.parse(["compare", "a.json", "b.json", "--threshold", "2"])
+    assert (args.command, str(args.old), str(args.new), args.threshold) == \
+        ("compare", "a.json", "b.json", 2.0)
+    args = cli.parse(["report", "x", "y"])
+    assert args.command == "report" and [str(d) for d in args.dirs] == ["x", "y"]
+    assert str(args.output) == "benchmarks/README.md"
+
+
+def test_default_preset_has_the_required_cases():
+    cases = expand(PRESETS["default"], devices=["cpu"])
+    for mode in ("inference", "training"):
+        assert Case(100, 64, 256, 256, mode=mode) in cases
+        assert Case(200, 4, 128, 128, mode=mode) in cases
+    assert len(cases) == len(set(cases))
+
+
+def test_overrides_replace_an_axis_and_keep_input_tied():
+    groups = [dict(T=[10], B=[2], I=["H"], H=[8, 16]), dict(T=[10], B=[2], I=[5], H=[8])]
+    cases = expand(groups, {"H": [32]}, modes=["inference"])
+    assert [(c.I, c.H) for c in cases] == [(32, 32), (5, 32)]
+    cases = expand(groups, {"I": [3], "H": [32], "B": [1, 4]}, modes=["training"])
+    assert [(c.B, c.I, c.H) for c in cases] == [(1, 3, 32), (4, 3, 32)]  # deduplicated
+    assert all(c.mode == "training" for c in cases)
+
+
+def test_full_grid_size():
+    cases = expand(PRESETS["full"], modes=["inference"])
+    assert len(cases) == 5 * 5 * 4 + 1
+    assert Case(100, 64, 512, 512) in cases
+
+
+def test_impl_selection_keeps_baselines_and_floor():
+    args = cli.parse(TINY + ["--impls", "rnnfast.*"])
+    _, impls, settings, _ = cli.plan(args)
+    names = {i.name for i in impls}
+    assert {"torch.nn.LSTM", "reference.LayerNormLSTM", "gemm-floor", "rnnfast.LSTM"} <= names
+    assert "reference.LSTM" not in names
+    assert settings.min_run_time == 0.001 and settings.warmup == 1 and settings.inputs == 2
+    with pytest.raises(SystemExit, match="matches none"):
+        cli.plan(cli.parse(TINY + ["--impls", "nope"]))
+
+
+def test_missing_layer_norm_lstm_is_a_note(monkeypatch):
+    monkeypatch.delattr(rnnfast, "LayerNormLSTM", raising=False)
+    impls, notes = discover()
+    assert "rnnfast.LayerNormLSTM" not in {i.name for i in impls}
+    assert any(n.startswith("rnnfast.LayerNormLSTM: skipped") for n in notes)
+    monkeypatch.setattr(rnnfast, "LayerNormLSTM", ReferenceLayerNormLSTM, raising=False)
+    impls, _ = discover(compile=True)
+    names = [i.name for i in impls]
+    assert "rnnfast.LayerNormLSTM" in names
+    assert "torch.compile(reference.LayerNormLSTM)" in names
+
+
+# -- GEMM floor and memory accounting -------------------------------------------
+
+def test_floor_gemms():
+    case = Case(T=7, B=3, I=5, H=4, layers=2, bidirectional=True, mode="inference")
+    gemms = floor_gemms(case)
+    assert len(gemms) == 2 * 2 * 2
+    recurrent = [g for g in gemms if g.what == "h_t @ W_hh^T"]
+    assert all((g.m, g.k, g.n, g.count) == (3, 4, 16, 7) for g in recurrent)
+    inputs = {g.layer: g for g in gemms if g.what == "x @ W_ih^T"}
+    assert (inputs[0].m, inputs[0].k) == (21, 5) and inputs[1].k == 8  # D*H
+    training = floor_gemms(Case(T=7, B=3, I=5, H=4, mode="training"))
+    assert len(training) == 6
+    flops = sum(g.flops for g in training)
+    assert flops == 2 * (21 * 5 * 16 + 7 * 3 * 4 * 16        # forward
+                         + 7 * 3 * 16 * 4 + 16 * 21 * 4      # dh, dW_hh
+                         + 16 * 21 * 5 + 21 * 16 * 5)        # dW_ih, dx
+
+
+def test_saved_bytes_counts_unique_storages_and_leaves_out_kept():
+    x = torch.randn(10, 8, requires_grad=True)
+    holder = {}
+
+    def run():
+        a = x * 2          # saves nothing (a scalar factor)
+        b = a.sin()        # saves a: 320 bytes
+        c = a[:2].cos()    # saves a view of a: the same storage
+        d = x * x          # saves x (kept: an input)
+        holder["out"] = (b, c, d)
+
+    assert saved_bytes(run, keep=[x]) == 10 * 8 * 4
+    assert saved_bytes(run) == 2 * 10 * 8 * 4
+    with torch.inference_mode():
+        assert saved_bytes(lambda: x.sin()) == 0
+
+
+# -- a tiny run end to end --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    mp = pytest.MonkeyPatch()
+    # the harness, not the kernel: the reference stands in for rnnfast's LN-LSTM
+    mp.setattr(rnnfast, "LayerNormLSTM", ReferenceLayerNormLSTM, raising=False)
+    try:
+        assert cli.main(["--quick", *TINY, "--out", str(out)]) == 0
+    finally:
+        mp.undo()
+    return out
+
+
+def test_results_json_schema(tiny_run):
+    doc = json.loads((tiny_run / "results.json").read_text())
+    env = doc["environment"]
+    for key in ("device_name", "cpu_model", "threads", "torch_version", "cuda_version",
+                "cudnn_version", "rnnfast_version", "rnnfast_build_info", "date"):
+        assert key in env
+    assert env["rnnfast_build_info"]["rnnfast_version"] == rnnfast.__version__
+    assert doc["settings"]["preset"] == "quick"
+    assert doc["settings"]["argv"][:2] == ["run", "--quick"]
+    records = doc["results"]
+    impls = {"torch.nn.LSTM", "rnnfast.LSTM", "reference.LSTM", "gemm-floor",
+             "reference.LayerNormLSTM", "rnnfast.LayerNormLSTM"}
+    assert {r["impl"] for r in records} == impls
+    # quick with T, B, I, H overridden: one-layer and two-layer bidirectional shapes
+    assert {(r["layers"], r["bidirectional"]) for r in records} == {(1, False), (2, True)}
+    assert len(records) == 2 * 2 * len(impls)
+    for r in records:
+        assert list(r) == FIELDS
+        assert r["mode"] in ("inference", "training")
+        assert (r["T"], r["B"], r["I"], r["H"], r["dtype"], r["device"]) == \
+            (3, 2, 4, 4, "float32", "cpu")
+        assert r["median_ms"] > 0 and r["iqr_ms"] >= 0 and r["runs"] >= 5
+        assert r["tokens_per_s"] == pytest.approx(6 / (r["median_ms"] / 1e3))
+        if r["impl"] != "gemm-floor" and r["mode"] == "training":
+            assert r["saved_bytes_per_token"] > 0
+        if r["mode"] == "inference":
+            assert r["saved_bytes_per_token"] == 0
+    by = {(r["impl"], r["mode"], r["layers"]): r for r in records}
+    for mode in ("inference", "training"):
+        for layers in (1, 2):
+            base = by[("torch.nn.LSTM", mode, layers)]
+            ln_base = by[("reference.LayerNormLSTM", mode, layers)]
+            floor = by[("gemm-floor", mode, layers)]
+            assert base["ratio"] == 1.0 and base["backend"] in ("onednn", "native")
+            fast = by[("rnnfast.LSTM", mode, layers)]
+            assert fast["ratio"] == pytest.approx(base["median_ms"] / fast["median_ms"])
+            assert fast["floor_ratio"] == pytest.approx(fast["median_ms"] / floor["median_ms"])
+            assert fast["max_abs_diff"] < 1e-4  # same weights as torch.nn.LSTM
+            assert by[("reference.LSTM", mode, layers)]["max_abs_diff"] < 1e-4
+            ln = by[("rnnfast.LayerNormLSTM", mode, layers)]
+            assert ln["baseline"] == "reference.LayerNormLSTM"
+            assert ln["ratio"] == pytest.approx(ln_base["median_ms"] / ln["median_ms"])
+            assert ln["lstm_ms"] == base["median_ms"]
+            assert ln["max_abs_diff"] == 0.0
+            assert floor["backend"] == "eager" and floor["max_abs_diff"] is None
+
+
+def test_results_csv_has_the_same_rows(tiny_run):
+    doc = json.loads((tiny_run / "results.json").read_text())
+    with (tiny_run / "results.csv").open() as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        assert reader.fieldnames == FIELDS
+    assert len(rows) == len(doc["results"])
+    for row, r in zip(rows, doc["results"]):
+        assert row["impl"] == r["impl"] and row["mode"] == r["mode"]
+        assert float(row["median_ms"]) == pytest.approx(r["median_ms"])
+
+
+def test_plots_written(tiny_run):
+    pngs = sorted(p.name for p in tiny_run.glob("*.png"))
+    assert "speedup_LSTM_cpu_float32_training.png" in pngs
+    assert "speedup_LayerNormLSTM_cpu_float32_inference.png" in pngs
+    for name in pngs:
+        assert (tiny_run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- tables, compare, report on synthetic records --------------------------------
+
+def _record(impl, family, median, iqr=0.1, mode="inference", H=4, **kw):
+    r = {k: None for k in FIELDS}
+    r.update(impl=impl, family=family, mode=mode, T=3, B=2, I=4, H=H, layers=1,
+             bidirectional=False, dtype="float32", device="cpu", median_ms=median,
+             iqr_ms=iqr, runs=5, tokens_per_s=6e3 / median, saved_bytes_per_token=0.0)
+    r.update(kw)
+    return r
+
+
+def _doc(records):
+    return {"schema": 1, "environment": {"device_name": "cpu", "threads": 2},
+            "settings": {"preset": "quick"}, "notes": ["a note"],
+            "results": finalize(records)}
+
+
+def test_tables_per_family_with_floor_and_plain_lstm_time():
+    records = finalize([_record("torch.nn.LSTM", "LSTM", 2.0),
+                        _record("rnnfast.LSTM", "LSTM", 1.0),
+                        _record("reference.LayerNormLSTM", "LayerNormLSTM", 8.0),
+                        _record("rnnfast.LayerNormLSTM", "LayerNormLSTM", 2.0),
+                        _record("gemm-floor", "floor", 0.5)])
+    lstm, ln = tables(records)
+    assert lstm.title.startswith("LSTM, inference") and ln.title.startswith("LayerNormLSTM")
+    assert [row[1] for row in lstm.rows] == ["torch.nn.LSTM", "rnnfast.LSTM", "gemm-floor"]
+    assert [row[1] for row in ln.rows] == ["reference.LayerNormLSTM",
+                                           "rnnfast.LayerNormLSTM", "gemm-floor"]
+    speed = ln.columns.index("speed-up")
+    assert [row[speed] for row in ln.rows] == ["1.00x", "4.00x", "16.00x"]
+    assert ln.rows[0][ln.columns.index("nn.LSTM ms")] == "2.00"
+    assert lstm.rows[1][lstm.columns.index("x floor")] == "2.00x"
+    text = markdown(lstm)
+    assert "| case | implementation | median ms |" in text and "|---|---|---:|" in text
+
+
+def test_classify_uses_the_iqrs():
+    old = dict(median_ms=10.0, iqr_ms=1.0)
+    assert classify(old, dict(median_ms=10.9, iqr_ms=1.0)) == "within noise"
+    assert classify(old, dict(median_ms=11.5, iqr_ms=1.0)) == "regression"
+    assert classify(old, dict(median_ms=8.5, iqr_ms=1.0)) == "improvement"
+    assert classify(old, dict(median_ms=11.5, iqr_ms=1.0), threshold=2) == "within noise"
+    tight = dict(median_ms=10.0, iqr_ms=0.0)  # tiny noise: the relative floor applies
+    assert classify(tight, dict(median_ms=10.1, iqr_ms=0.0)) == "within noise"
+    assert classify(tight, dict(median_ms=10.1, iqr_ms=0.0), min_change=0) == "regression"
+
+
+def test_compare_flags_regressions(tmp_path, capsys):
+    old = _doc([_record("torch.nn.LSTM", "LSTM", 10.0, 1.0),
+                _record("rnnfast.LSTM", "LSTM", 5.0, 0.2),
+                _record("reference.LSTM", "LSTM", 30.0, 1.0),
+                _record("gemm-floor", "floor", 2.0, 0.1)])
+    new = _doc([_record("torch.nn.LSTM", "LSTM", 10.3, 1.0),   # within noise
+                _record("rnnfast.LSTM", "LSTM", 6.0, 0.2),     # regression
+                _record("reference.LSTM", "LSTM", 20.0, 1.0),  # improvement
+                _record("rnnfast.LSTM", "LSTM", 5.0, 0.2, H=8)])  # only in new
+    changes, only_old, only_new = compare(old, new)
+    verdicts = {c.key[0]: c.verdict for c in changes}
+    assert verdicts == {"torch.nn.LSTM": "within noise", "rnnfast.LSTM": "regression",
+                        "reference.LSTM": "improvement"}
+    assert [k[0] for k in only_old] == ["gemm-floor"]
+    assert len(only_new) == 1 and dict(zip(KEY, only_new[0]))["H"] == 8
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    (tmp_path / "new.json").write_text(json.dumps(new))
+    assert cli.main(["compare", str(tmp_path / "old.json"), str(tmp_path / "new.json")]) == 1
+    out = capsys.readouterr().out
+    assert "regression" in out and "1 regression(s), 1 improvement(s)" in out
+    assert cli.main(["compare", str(tmp_path / "old.json"), str(tmp_path / "old.json")]) == 0
+
+
+def test_report_writes_readme(tmp_path, tiny_run):
+    results = tmp_path / "benchmarks" / "results"
+    folder = results / "cpu-tiny"
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text((tiny_run / "results.json").read_text())
+    (folder / "time_vs_hidden_cpu_float32_inference.png").write_bytes(b"png")
+    readme = tmp_path / "benchmarks" / "README.md"
+    assert cli.main(["report", str(folder), "--output", str(readme)]) == 0
+    text = readme.read_text()
+    assert "## cpu-tiny" in text
+    assert "**LSTM, inference, cpu float32" in text
+    assert "**LayerNormLSTM, training, cpu float32" in text
+    assert "| T=3 B=2 I=4 H=4 | torch.nn.LSTM |" in text
+    assert "![time_vs_hidden_cpu_float32_inference]" \
+           "(results/cpu-tiny/time_vs_hidden_cpu_float32_inference.png)" in text
+    assert f"torch {torch.__version__}" in text
+    # the same README from write_readme directly: deterministic
+    again = write_readme([folder], tmp_path / "benchmarks" / "again.md")
+    assert again.read_text() == text
+
+
+def test_list_runs_nothing(capsys):
+    assert cli.main(["--quick", "--list", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "T=50 B=16 I=64 H=64" in out and "cases x" in out
