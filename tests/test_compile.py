@@ -1,5 +1,5 @@
-"""torch.compile(fullgraph=True) of a model built on rnnfast.LSTM: the
-forward and every gradient equal eager mode. Compiling is slow on a small
+"""torch.compile(fullgraph=True) of models built on rnnfast.LSTM and
+rnnfast.LayerNormLSTM: the forward and every gradient equal eager mode. Compiling is slow on a small
 CPU machine, so there are few compiles and each checks a lot."""
 
 from __future__ import annotations
@@ -9,19 +9,20 @@ import torch
 from torch import nn
 
 import rnnfast
-from utils import make_packed
+from utils import make_packed, randomize_layer_norm_
 
 T, B, I, H = 5, 3, 4, 6
 LENGTHS = [2, 5, 3]  # unsorted: enforce_sorted=False
 
 
 class Tagger(nn.Module):
-    """A 2-layer bidirectional rnnfast.LSTM and a linear head."""
+    """A 2-layer bidirectional rnnfast.LSTM (or another recurrent module
+    with its interface, e.g. rnnfast.LayerNormLSTM) and a linear head."""
 
-    def __init__(self, batch_first=False):
+    def __init__(self, batch_first=False, rnn=rnnfast.LSTM, **kwargs):
         super().__init__()
-        self.lstm = rnnfast.LSTM(I, H, num_layers=2, bidirectional=True,
-                                 batch_first=batch_first)
+        self.lstm = rnn(I, H, num_layers=2, bidirectional=True, batch_first=batch_first,
+                        **kwargs)
         self.head = nn.Linear(2 * H, 3)
 
     def forward(self, x, hx=None):
@@ -118,3 +119,48 @@ def test_compile_packed_sequence_with_graph_breaks(device):
     _assert_same(_run(compiled, x, lengths=LENGTHS), _run(model, x, lengths=LENGTHS),
                  dict(atol=1e-10, rtol=1e-10))
     torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------
+# rnnfast.LayerNormLSTM
+# --------------------------------------------------------------------------
+def _layer_norm_tagger(seed, dtype, device, **kwargs):
+    torch.manual_seed(seed)
+    model = Tagger(rnn=rnnfast.LayerNormLSTM, **kwargs).to(device, dtype)
+    randomize_layer_norm_(model.lstm, seed)  # gains and biases away from 1 and 0
+    return model
+
+
+def test_compile_layer_norm_lstm_fullgraph_inductor(device):
+    """Inductor, fullgraph, float64, with initial states and a non-default
+    eps; a second call with new values runs without recompiling."""
+    torch._dynamo.reset()
+    model = _layer_norm_tagger(4, torch.float64, device, eps=1e-3)
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(T, B, I, dtype=torch.float64, device=device)
+    hx = (torch.randn(4, B, H, dtype=torch.float64, device=device),
+          torch.randn(4, B, H, dtype=torch.float64, device=device))
+    tol = dict(atol=1e-10, rtol=1e-10)
+    try:
+        expected = _run(model, x, hx)
+        assert len([k for k in expected if k.startswith("grad.lstm.ln_")]) == 4 * 6
+        _assert_same(_run(compiled, x, hx), expected, tol)
+        x2 = torch.randn(T, B, I, dtype=torch.float64, device=device)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            _assert_same(_run(compiled, x2, hx), _run(model, x2, hx), tol)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_compile_layer_norm_lstm_fullgraph_aot_eager(device):
+    """batch_first, default states, float32, through the AOT-autograd graph
+    (fake kernels and the autograd registration of layer_norm_lstm_forward)
+    with the quick aot_eager backend."""
+    torch._dynamo.reset()
+    model = _layer_norm_tagger(5, torch.float32, device, batch_first=True)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(B, T, I, device=device)
+    try:
+        _assert_same(_run(compiled, x), _run(model, x), dict(atol=1e-5, rtol=1e-5))
+    finally:
+        torch._dynamo.reset()

@@ -13,14 +13,15 @@ import pytest
 import torch
 
 import rnnfast
-from utils import assert_activations_accurate
+from utils import assert_activations_accurate, randomize_layer_norm_
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Forward + backward of small models in float64 and float32, from weights and
-# inputs made by the parent process (torch's own random generators differ
-# across SIMD levels in the last bits), saved to argv[2]. H = 5 and proj 3 are
-# not multiples of any vector width, so the tail paths run too.
+# Forward + backward of small models (rnnfast.LSTM in float64 and float32,
+# rnnfast.LayerNormLSTM in float64), from weights and inputs made by the
+# parent process (torch's own random generators differ across SIMD levels in
+# the last bits), saved to argv[2]. H = 5 and proj 3 are not multiples of any
+# vector width, so the tail paths run too.
 SCRIPT = textwrap.dedent("""
     import sys
     import torch
@@ -34,8 +35,12 @@ SCRIPT = textwrap.dedent("""
         for dtype in (torch.float32, torch.float64):
             res[f"activations-{dtype}"] = activation_probe(dtype)
         for key, case in cases.items():
-            m = rnnfast.LSTM(4, 5, num_layers=2, bidirectional=True,
-                             proj_size=case["proj"]).to(case["x"].dtype)
+            if case.get("layer_norm"):
+                m = rnnfast.LayerNormLSTM(4, 5, num_layers=2, bidirectional=True,
+                                          eps=case["eps"]).to(case["x"].dtype)
+            else:
+                m = rnnfast.LSTM(4, 5, num_layers=2, bidirectional=True,
+                                 proj_size=case["proj"]).to(case["x"].dtype)
             m.load_state_dict(case["state"])
             x = case["x"].clone().requires_grad_()
             inp = pack_padded_sequence(x, torch.tensor([6, 2, 4]),
@@ -67,6 +72,15 @@ def _make_cases() -> dict:
             cases[f"{dtype}-proj{proj}-packed{packed}"] = dict(
                 proj=proj, packed=packed, state=m.state_dict(),
                 x=torch.randn(6, 3, 4, generator=g, dtype=torch.float64).to(dtype))
+    # The LayerNorm-LSTM, with LayerNorm gains and biases away from 1 and 0
+    # and a non-default eps once.
+    for packed, eps in ((False, 1e-5), (True, 1e-3)):
+        torch.manual_seed(2)
+        m = randomize_layer_norm_(rnnfast.LayerNormLSTM(4, 5, num_layers=2,
+                                                        bidirectional=True).double())
+        cases[f"{torch.float64}-layernorm-packed{packed}"] = dict(
+            layer_norm=True, eps=eps, packed=packed, state=m.state_dict(),
+            x=torch.randn(6, 3, 4, generator=g, dtype=torch.float64))
     return cases
 
 
@@ -128,6 +142,11 @@ def test_simd_levels_agree(tmp_path, cases_file, native_results, capability, nam
     for dtype in (torch.float32, torch.float64):
         assert_activations_accurate(*native_results[f"activations-{dtype}"])
     assert set(res) == set(native)
+    # The LayerNorm-LSTM op is compared too, every LayerNorm gradient included.
+    for packed in (False, True):
+        prefix = f"{torch.float64}-layernorm-packed{packed}-"
+        assert {prefix + "out", prefix + "grad_x", prefix + "grad.ln_ih_weight_l1_reverse",
+                prefix + "grad.ln_cell_bias_l0"} <= set(native)
     for key, expected in native.items():
         tol = dict(atol=1e-12, rtol=1e-12) if "float64" in key else dict(atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(res[key], expected, **tol, msg=lambda m, k=key: f"{k}: {m}")

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 import rnnfast
-from utils import (TOLERANCES, assert_results_close, forward_backward, make_lstm_pair,
-                   make_packed)
+from utils import (TOLERANCES, assert_error_within_twice, assert_results_close,
+                   bad_forward_cases, forward_backward, make_lstm_pair)
 
 T, B, I, H, P = 5, 4, 3, 6, 4  # P: proj_size of the proj cases
 LENGTHS_SORTED = [5, 4, 4, 2]
@@ -227,49 +227,7 @@ def test_module_to_dtype_and_parameters_stay_leaves():
 # --------------------------------------------------------------------------
 # 6. bad input: the same exception class as nn.LSTM, a clear message
 # --------------------------------------------------------------------------
-def _bad_forward_cases():
-    L, D = 2, 2  # layers, directions of the model below
-    good_h = lambda batch=B: _states(L, D, H, H, dtype=torch.float32, batch=batch)  # noqa: E731
-    x3 = torch.randn(T, B, I)
-    return {
-        "input_1d": ((torch.randn(I),), r"Expected input to be 2D or 3D, got 1D"),
-        "input_4d": ((torch.randn(T, B, I, 1),), r"Expected input to be 2D or 3D, got 4D"),
-        "input_size": ((torch.randn(T, B, I + 2),),
-                       rf"input.size\(-1\) must be equal to input_size. Expected {I}, got {I+2}"),
-        "input_size_unbatched": ((torch.randn(T, I + 1),), r"must be equal to input_size"),
-        "h0_batch": ((x3, (good_h(B + 1)[0], good_h()[1])),
-                     rf"Expected hidden\[0\] size \({L * D}, {B}, {H}\), got \[4, {B + 1}, {H}\]"),
-        "c0_batch": ((x3, (good_h()[0], good_h(B - 1)[1])), r"Expected hidden\[1\] size"),
-        "h0_layers": ((x3, (torch.zeros(1, B, H), good_h()[1])),
-                      rf"Expected hidden\[0\] size \(4, {B}, {H}\), got \[1, {B}, {H}\]"),
-        "c0_hidden": ((x3, (good_h()[0], torch.zeros(L * D, B, H + 1))),
-                      rf"Expected hidden\[1\] size \(4, {B}, {H}\), got \[4, {B}, {H + 1}\]"),
-        "state_2d_input_3d": ((x3, (torch.zeros(L * D, H), torch.zeros(L * D, H))),
-                              r"For batched 3-D input, hx and cx should also be 3-D but got "
-                              r"\(2-D, 2-D\)"),
-        "state_3d_input_2d": ((torch.randn(T, I), good_h(1)),
-                              r"For unbatched 2-D input, hx and cx should also be 2-D but got "
-                              r"\(3-D, 3-D\)"),
-        "state_mixed_dims": ((x3, (good_h()[0], torch.zeros(L * D, H))),
-                             r"should also be 3-D but got \(3-D, 2-D\)"),
-        "float64_input": ((x3.double(),), r"input dtype \(torch.float64\) does not match weight "
-                          r"dtype \(torch.float32\)"),
-        "h0_dtype": ((x3, (good_h()[0].double(), good_h()[1])),
-                     r"hx must have the dtype of input", False),
-        "int_input": ((torch.ones(T, B, I, dtype=torch.int64),), r"input dtype \(torch.int64\)"),
-        "seq_len_0": ((torch.randn(0, B, I),),
-                      r"Expected sequence length to be larger than 0 in RNN"),
-        "seq_len_0_unbatched": ((torch.randn(0, I),),
-                                r"Expected sequence length to be larger than 0 in RNN"),
-        "packed_h0_batch": ((make_packed(torch.randn(T, B, I), LENGTHS_SORTED),
-                             (good_h(B + 1)[0], good_h(B + 1)[1])), r"Expected hidden\[0\] size",
-                            False),
-        "packed_input_size": ((make_packed(torch.randn(T, B, I + 1), LENGTHS_SORTED),),
-                              r"must be equal to input_size", False),
-    }
-
-
-BAD_FORWARD = _bad_forward_cases()
+BAD_FORWARD = bad_forward_cases(T, B, I, H, LENGTHS_SORTED)
 
 
 @pytest.mark.parametrize("case", list(BAD_FORWARD))
@@ -565,15 +523,7 @@ def test_low_precision_error_within_twice_pytorch(dtype, kwargs, kind):
     got = forward_backward(ours, x, hx, **run)
     pt = forward_backward(ref, x, hx, **run)
     exact = forward_backward(ref64, x.double(), tuple(h.double() for h in hx), **run)
-    for key, e in exact.items():
-        if e is None or not e.is_floating_point():
-            continue
-        assert got[key].dtype == dtype, key
-        err_ours = (got[key].double() - e).abs().max().item()
-        err_pt = (pt[key].double() - e).abs().max().item()
-        # One unit in the last place of the largest value.
-        floor = torch.finfo(dtype).eps * max(e.abs().max().item(), 1e-3)
-        assert err_ours <= 2 * err_pt + floor, f"{key}: {err_ours} vs nn.LSTM {err_pt}"
+    assert_error_within_twice(got, pt, exact, dtype)
 
 
 # --------------------------------------------------------------------------

@@ -3,9 +3,10 @@
 Everything here is plain functions (no fixtures), so any test file can
 ``from utils import ...``; the fixtures themselves live in conftest.py.
 
-The central one is :func:`sample_inputs`, which, as in pytorch/extension-cpp,
-feeds the gradient, opcheck and compile tests of the ``rnnfast::lstm_forward``
-op alike.
+The central ones are :func:`sample_inputs` and
+:func:`layer_norm_sample_inputs`, which, as in pytorch/extension-cpp, feed
+the gradient, opcheck and compile tests of the ``rnnfast::lstm_forward`` and
+``rnnfast::layer_norm_lstm_forward`` ops alike.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 import rnnfast
+from rnnfast.reference import ReferenceLayerNormLSTM
 
 # Tolerances per dtype for comparisons against torch.nn.LSTM (same math, a
 # different summation order).
@@ -52,16 +54,44 @@ def make_packed(padded: Tensor, lengths: Sequence[int], *, batch_first: bool = F
 # --------------------------------------------------------------------------
 @dataclass
 class OpSample:
-    """Arguments of ``torch.ops.rnnfast.lstm_forward`` with a readable name.
+    """Arguments of ``torch.ops.rnnfast.<op>`` with a readable name.
 
-    ``args`` is ``(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh,
-    weight_hr, batch_sizes, reverse, training)``.
+    For ``op == "lstm_forward"``, ``args`` is ``(input, hx, cx, weight_ih,
+    weight_hh, bias_ih, bias_hh, weight_hr, batch_sizes, reverse,
+    training)``; for ``"layer_norm_lstm_forward"`` it is ``(input, hx, cx,
+    weight_ih, weight_hh, bias_ih, bias_hh, ln_ih_weight, ln_ih_bias,
+    ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias, batch_sizes,
+    reverse, training, eps)``.
     """
 
     name: str
     args: tuple
     # Positions in ``args`` of the differentiable tensors that are present.
     diff_positions: list = field(default_factory=list)
+    op: str = "lstm_forward"
+
+    @property
+    def op_overload(self):
+        return getattr(torch.ops.rnnfast, self.op).default
+
+    @property
+    def training(self) -> bool:
+        return self.args[-2] if self.op == "layer_norm_lstm_forward" else self.args[-1]
+
+    @property
+    def batch_sizes(self) -> Optional[Tensor]:
+        return self.args[-4] if self.op == "layer_norm_lstm_forward" else self.args[-3]
+
+    @property
+    def reverse(self) -> bool:
+        return self.args[-3] if self.op == "layer_norm_lstm_forward" else self.args[-2]
+
+    def outputs(self, *diff_values: Tensor) -> tuple:
+        """``(output, hy, cy)`` of the op (through its autograd) on ``args``,
+        or on ``args`` with the differentiable tensors replaced by
+        ``diff_values`` (so it is a function gradcheck can call)."""
+        args = self.with_args(diff_values) if diff_values else self.args
+        return tuple(self.op_overload(*args)[:3])
 
     def __repr__(self) -> str:  # shows in pytest ids / failure messages
         return f"OpSample({self.name})"
@@ -82,13 +112,18 @@ def make_op_args(*, steps: int = 3, batch: int = 3, input_size: int = 2, hidden:
                  proj: int = 0, bias: bool = True, reverse: bool = False,
                  lengths: Optional[Sequence[int]] = None, training: bool = True,
                  device="cpu", dtype=torch.float64, requires_grad: bool = False,
-                 seed: int = 0, name: Optional[str] = None) -> OpSample:
-    """Random arguments for one ``lstm_forward`` call.
+                 seed: int = 0, name: Optional[str] = None, layer_norm: bool = False,
+                 eps: float = 1e-5) -> OpSample:
+    """Random arguments for one ``lstm_forward`` call, or, with
+    ``layer_norm``, one ``layer_norm_lstm_forward`` call (no projection)
+    whose LayerNorm gains are drawn from U(0.5, 1.5) and biases from
+    U(-0.5, 0.5), so no LayerNorm parameter has its trivial initial value.
 
     Padded input ``[steps, batch, input_size]``, or, with ``lengths``
     (non-increasing, ``len(lengths)`` sequences), packed rows
     ``[sum(lengths), input_size]`` with their ``batch_sizes``.
     """
+    assert not (layer_norm and proj), "the LayerNorm-LSTM op has no projection"
     g = torch.Generator().manual_seed(seed)
     out = proj if proj > 0 else hidden
 
@@ -107,18 +142,31 @@ def make_op_args(*, steps: int = 3, batch: int = 3, input_size: int = 2, hidden:
     args = [x, rand(batch, out), rand(batch, hidden), rand(4 * hidden, input_size, scale=k),
             rand(4 * hidden, out, scale=k)]
     args += [rand(4 * hidden, scale=k), rand(4 * hidden, scale=k)] if bias else [None, None]
-    args += [rand(out, hidden, scale=k) if proj > 0 else None]
-    args += [batch_sizes, reverse, training]
-    diff = [i for i in range(8) if args[i] is not None]
+    if layer_norm:
+        # The same draws as without layer_norm up to here, then the LN
+        # parameters: ln_ih weight/bias, ln_hh weight/bias [4H], ln_cell [H].
+        for size in (4 * hidden, 4 * hidden, hidden):
+            gain = (torch.rand(size, generator=g, dtype=torch.float64) + 0.5)
+            args += [gain.to(device=device, dtype=dtype).requires_grad_(requires_grad),
+                     rand(size, scale=0.5)]
+        args += [batch_sizes, reverse, training, eps]
+        diff = [i for i in range(13) if args[i] is not None]
+    else:
+        args += [rand(out, hidden, scale=k) if proj > 0 else None]
+        args += [batch_sizes, reverse, training]
+        diff = [i for i in range(8) if args[i] is not None]
     if name is None:
         name = "-".join([
+            *(["ln"] if layer_norm else []),
+            *([f"eps{eps:g}"] if layer_norm and eps != 1e-5 else []),
             "packed" if lengths is not None else "padded",
             "bias" if bias else "nobias",
             "reverse" if reverse else "forward",
-            f"proj{proj}" if proj else "noproj",
+            *([] if layer_norm else [f"proj{proj}" if proj else "noproj"]),
             "train" if training else "eval",
         ])
-    return OpSample(name, tuple(args), diff)
+    return OpSample(name, tuple(args), diff,
+                    "layer_norm_lstm_forward" if layer_norm else "lstm_forward")
 
 
 def sample_inputs(device, dtype=torch.float64, requires_grad: bool = False,
@@ -144,20 +192,55 @@ def sample_inputs(device, dtype=torch.float64, requires_grad: bool = False,
     return samples
 
 
+def layer_norm_sample_inputs(device, dtype=torch.float64, requires_grad: bool = False,
+                             *, include_eval: bool = True) -> list[OpSample]:
+    """The ``layer_norm_lstm_forward`` counterpart of :func:`sample_inputs`:
+    padded and packed input, with and without biases, both directions,
+    a non-default eps, ``training`` True and (when ``include_eval``) False."""
+    common = dict(device=device, dtype=dtype, requires_grad=requires_grad, layer_norm=True)
+    samples = [
+        make_op_args(bias=True, reverse=False, seed=11, **common),
+        make_op_args(bias=False, reverse=True, seed=12, **common),
+        make_op_args(lengths=[4, 2, 2, 1], hidden=4, reverse=True, seed=13, **common),
+        make_op_args(lengths=[3, 3, 1], bias=False, eps=1e-3, seed=14, **common),
+        make_op_args(steps=1, batch=1, input_size=1, hidden=1, seed=15,
+                     name="ln-tiny-T1-B1-H1", **common),
+    ]
+    if include_eval:
+        samples += [
+            make_op_args(training=False, seed=16, **common),
+            make_op_args(lengths=[3, 1], training=False, reverse=True, seed=17, **common),
+        ]
+    return samples
+
+
 def backward_args_from(sample: OpSample, seed: int = 100) -> tuple:
-    """Arguments of ``torch.ops.rnnfast.lstm_backward`` for the forward of a
-    ``training=True`` sample, with random upstream gradients."""
-    (x, hx, cx, w_ih, w_hh, _b_ih, _b_hh, w_hr, batch_sizes, reverse, training) = sample.args
-    assert training, "lstm_backward needs the activations of a training forward"
+    """Arguments of ``torch.ops.rnnfast.lstm_backward`` (or
+    ``layer_norm_lstm_backward`` for a ``layer_norm_lstm_forward`` sample)
+    for the forward of a ``training=True`` sample, with random upstream
+    gradients."""
+    assert sample.training, "the backward ops need the activations of a training forward"
     with torch.no_grad():
-        out, hy, cy, gates, cells = torch.ops.rnnfast.lstm_forward.default(*sample.args)
+        saved = sample.op_overload(*sample.args)
     g = torch.Generator().manual_seed(seed)
 
     def rand_like(t):
         return torch.randn(t.shape, generator=g, dtype=torch.float64).to(t)
 
-    det = [None if t is None else t.detach() for t in (x, hx, cx, w_ih, w_hh, w_hr)]
-    x, hx, cx, w_ih, w_hh, w_hr = det
+    def detach(*ts):
+        return [None if t is None else t.detach() for t in ts]
+
+    if sample.op == "layer_norm_lstm_forward":
+        (x, hx, cx, w_ih, w_hh, _b_ih, _b_hh, ln_ih_w, _ln_ih_b, ln_hh_w, _ln_hh_b,
+         ln_cell_w, ln_cell_b, batch_sizes, reverse, _training, _eps) = sample.args
+        out, hy, cy = saved[:3]
+        return (rand_like(out), rand_like(hy), rand_like(cy),
+                *detach(x, hx, cx, w_ih, w_hh, ln_ih_w, ln_hh_w, ln_cell_w, ln_cell_b),
+                batch_sizes, reverse, *saved[:1], *saved[3:])
+
+    (x, hx, cx, w_ih, w_hh, _b_ih, _b_hh, w_hr, batch_sizes, reverse, training) = sample.args
+    out, hy, cy, gates, cells = saved
+    x, hx, cx, w_ih, w_hh, w_hr = detach(x, hx, cx, w_ih, w_hh, w_hr)
     return (rand_like(out), rand_like(hy), rand_like(cy), x, hx, cx, w_ih, w_hh, w_hr,
             batch_sizes, reverse, out, gates, cells)
 
@@ -165,13 +248,48 @@ def backward_args_from(sample: OpSample, seed: int = 100) -> tuple:
 # --------------------------------------------------------------------------
 # Modules
 # --------------------------------------------------------------------------
+def _make_pair(ours_cls, ref_cls, input_size, hidden_size, dtype, device, seed, kwargs):
+    torch.manual_seed(seed)
+    ref = ref_cls(input_size, hidden_size, **kwargs).to(device=device, dtype=dtype)
+    ours = ours_cls(input_size, hidden_size, **kwargs).to(device=device, dtype=dtype)
+    return ours, ref
+
+
 def make_lstm_pair(input_size: int, hidden_size: int, *, dtype=torch.float64, device="cpu",
                    seed: int = 0, **kwargs) -> tuple[rnnfast.LSTM, nn.LSTM]:
     """``(rnnfast.LSTM, torch.nn.LSTM)`` with the same arguments and
     identical weights (loaded from the nn.LSTM's state_dict)."""
-    torch.manual_seed(seed)
-    ref = nn.LSTM(input_size, hidden_size, **kwargs).to(device=device, dtype=dtype)
-    ours = rnnfast.LSTM(input_size, hidden_size, **kwargs).to(device=device, dtype=dtype)
+    ours, ref = _make_pair(rnnfast.LSTM, nn.LSTM, input_size, hidden_size, dtype, device,
+                           seed, kwargs)
+    ours.load_state_dict(ref.state_dict())
+    return ours, ref
+
+
+def randomize_layer_norm_(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Gives every LayerNorm parameter (``ln_*``) of ``module`` a random,
+    non-trivial value, in place: gains from U(0.5, 1.5), biases from
+    U(-0.5, 0.5) (the initial 1 and 0 would hide a swapped or ignored
+    gain or bias)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.startswith("ln_"):
+                u = torch.rand(p.shape, generator=g, dtype=torch.float64)
+                p.copy_(u + 0.5 if "_weight_" in name else u - 0.5)
+    return module
+
+
+def make_layer_norm_lstm_pair(input_size: int, hidden_size: int, *, dtype=torch.float64,
+                              device="cpu", seed: int = 0, randomize_ln: bool = True,
+                              **kwargs) -> tuple[rnnfast.LayerNormLSTM, ReferenceLayerNormLSTM]:
+    """``(rnnfast.LayerNormLSTM, ReferenceLayerNormLSTM)`` with the same
+    arguments and identical parameters (the reference's state_dict, with
+    random LayerNorm gains and biases unless ``randomize_ln`` is False,
+    loaded into rnnfast's)."""
+    ours, ref = _make_pair(rnnfast.LayerNormLSTM, ReferenceLayerNormLSTM, input_size,
+                           hidden_size, dtype, device, seed, kwargs)
+    if randomize_ln:
+        randomize_layer_norm_(ref, seed)
     ours.load_state_dict(ref.state_dict())
     return ours, ref
 
@@ -230,15 +348,118 @@ def forward_backward(model: nn.Module, x: Tensor, hx: Optional[tuple[Tensor, Ten
     return res
 
 
-def assert_results_close(ours: dict, ref: dict, **tol) -> None:
-    """Every entry of ``ref`` is present in ``ours`` and close to it."""
+def assert_results_close(ours: dict, ref: dict, *, scaled: bool = False, **tol) -> None:
+    """Every entry of ``ref`` is present in ``ours`` and close to it.
+
+    With ``scaled``, ``atol`` is taken relative to the largest magnitude of
+    each expected tensor (at least 1): float32 gradients summed over many
+    rows are large, and their rounding error grows with them."""
     assert set(ours) == set(ref), f"keys differ: {sorted(set(ours) ^ set(ref))}"
     for key, expected in ref.items():
         got = ours[key]
         if expected is None or got is None:
             assert got is None and expected is None, f"{key}: {got!r} vs {expected!r}"
             continue
-        torch.testing.assert_close(got, expected, **tol, msg=lambda m, k=key: f"{k}: {m}")
+        key_tol = dict(tol)
+        if scaled and expected.is_floating_point() and expected.numel() > 0:
+            key_tol["atol"] = tol["atol"] * max(1.0, expected.abs().max().item())
+        if _quickly_close(got, expected, **key_tol):
+            continue
+        torch.testing.assert_close(got, expected, **key_tol, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def _quickly_close(got: Tensor, expected: Tensor, *, atol: Optional[float] = None,
+                   rtol: Optional[float] = None) -> bool:
+    """What ``torch.testing.assert_close`` accepts, decided quickly for the
+    common case (it is slow when called for dozens of small tensors per
+    test); False means "let assert_close decide and explain"."""
+    if (atol is None or rtol is None or not isinstance(got, Tensor)
+            or type(got) is not type(expected) or got.shape != expected.shape
+            or got.dtype != expected.dtype or got.device != expected.device
+            or got.layout != torch.strided or expected.layout != torch.strided):
+        return False
+    if not got.is_floating_point():
+        return torch.equal(got, expected)
+    return bool(torch.isclose(got, expected, rtol=rtol, atol=atol).all())
+
+
+def upcast(results: dict) -> dict:
+    """``results`` (of :func:`forward_backward`) with every floating-point
+    tensor in float64, to compare with a float64 reference."""
+    return {k: v.double() if isinstance(v, Tensor) and v.is_floating_point() else v
+            for k, v in results.items()}
+
+
+def assert_error_within_twice(got: dict, pytorch: dict, exact: dict, dtype) -> None:
+    """Reduced precision judged against PyTorch's own error: for every
+    floating-point entry of ``exact`` (a float64 run on the rounded weights
+    and inputs), the error of ``got`` is at most twice the error of
+    ``pytorch`` (the same math done by PyTorch in ``dtype``), plus one unit
+    in the last place of the entry's largest value."""
+    for key, e in exact.items():
+        if e is None or not e.is_floating_point():
+            continue
+        assert got[key].dtype == dtype, key
+        err_ours = (got[key].double() - e).abs().max().item()
+        err_pt = (pytorch[key].double() - e).abs().max().item()
+        floor = torch.finfo(dtype).eps * max(e.abs().max().item(), 1e-3)
+        assert err_ours <= 2 * err_pt + floor, f"{key}: {err_ours} vs PyTorch's {err_pt}"
+
+
+# --------------------------------------------------------------------------
+# Bad forward arguments
+# --------------------------------------------------------------------------
+def bad_forward_cases(steps: int, batch: int, input_size: int, hidden: int,
+                      lengths: Sequence[int], layers: int = 2, directions: int = 2) -> dict:
+    """Bad ``forward`` arguments of a float32 model (``layers`` layers,
+    ``directions`` directions, no projection) and the words of the error
+    they must raise: ``{name: (args, regex[, same_words_as_nn_lstm])}``.
+    ``same_words`` is False where nn.LSTM fails from deep inside (an error
+    of _VF.lstm) rather than with words of its own."""
+    T, B, I, H, L, D = steps, batch, input_size, hidden, layers, directions
+
+    def states(b=B):
+        return torch.randn(L * D, b, H) * 0.5, torch.randn(L * D, b, H) * 0.5
+
+    x3 = torch.randn(T, B, I)
+    return {
+        "input_1d": ((torch.randn(I),), r"Expected input to be 2D or 3D, got 1D"),
+        "input_4d": ((torch.randn(T, B, I, 1),), r"Expected input to be 2D or 3D, got 4D"),
+        "input_size": ((torch.randn(T, B, I + 2),),
+                       rf"input.size\(-1\) must be equal to input_size. Expected {I}, got {I+2}"),
+        "input_size_unbatched": ((torch.randn(T, I + 1),), r"must be equal to input_size"),
+        "h0_batch": ((x3, (states(B + 1)[0], states()[1])),
+                     rf"Expected hidden\[0\] size \({L * D}, {B}, {H}\), "
+                     rf"got \[{L * D}, {B + 1}, {H}\]"),
+        "c0_batch": ((x3, (states()[0], states(B - 1)[1])), r"Expected hidden\[1\] size"),
+        "h0_layers": ((x3, (torch.zeros(1, B, H), states()[1])),
+                      rf"Expected hidden\[0\] size \({L * D}, {B}, {H}\), got \[1, {B}, {H}\]"),
+        "c0_hidden": ((x3, (states()[0], torch.zeros(L * D, B, H + 1))),
+                      rf"Expected hidden\[1\] size \({L * D}, {B}, {H}\), "
+                      rf"got \[{L * D}, {B}, {H + 1}\]"),
+        "state_2d_input_3d": ((x3, (torch.zeros(L * D, H), torch.zeros(L * D, H))),
+                              r"For batched 3-D input, hx and cx should also be 3-D but got "
+                              r"\(2-D, 2-D\)"),
+        "state_3d_input_2d": ((torch.randn(T, I), states(1)),
+                              r"For unbatched 2-D input, hx and cx should also be 2-D but got "
+                              r"\(3-D, 3-D\)"),
+        "state_mixed_dims": ((x3, (states()[0], torch.zeros(L * D, H))),
+                             r"should also be 3-D but got \(3-D, 2-D\)"),
+        "float64_input": ((x3.double(),), r"input dtype \(torch.float64\) does not match weight "
+                          r"dtype \(torch.float32\)"),
+        "h0_dtype": ((x3, (states()[0].double(), states()[1])),
+                     r"hx must have the dtype of input", False),
+        "int_input": ((torch.ones(T, B, I, dtype=torch.int64),), r"input dtype \(torch.int64\)"),
+        "seq_len_0": ((torch.randn(0, B, I),),
+                      r"Expected sequence length to be larger than 0 in RNN"),
+        "seq_len_0_unbatched": ((torch.randn(0, I),),
+                                r"Expected sequence length to be larger than 0 in RNN"),
+        "packed_h0_batch": ((make_packed(torch.randn(T, B, I), lengths),
+                             (states(B + 1)[0], states(B + 1)[1])), r"Expected hidden\[0\] size",
+                            False),
+        "packed_input_size": ((make_packed(torch.randn(T, B, I + 1), lengths),),
+                              r"must be equal to input_size", False),
+    }
 
 
 # --------------------------------------------------------------------------
