@@ -3,8 +3,13 @@ compute-sanitizer (scripts/gpu_check.sh runs it under memcheck and initcheck).
 
 Covers padded and packed (unsorted) input, batch_first, both directions, two
 layers, a projection and each dtype family, on shapes small enough that the
-sanitizer finishes in seconds. Exits non-zero on any error; the sanitizer
-adds its own exit code for memory errors.
+sanitizer finishes in seconds, for rnnfast.LSTM and rnnfast.LayerNormLSTM
+(which skips the cases with a projection). The hidden sizes cover both paths
+of the LayerNorm row reductions: 6 (a row within one warp, eight rows to a
+block) and 40 and 70 (rows spanning two or three warps, several rows to a
+block, summed through shared memory; rows of 4H up to nine warps). Exits
+non-zero on any error; the sanitizer adds its own exit code for memory
+errors.
 
     PYTHONPATH=. PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
         compute-sanitizer --tool memcheck python scripts/sanitize_case.py
@@ -28,7 +33,14 @@ CASES = [
     dict(dtype=torch.float64, batch_first=True, proj_size=P),
     dict(dtype=torch.bfloat16, num_layers=2, bidirectional=True),
     dict(dtype=torch.float16, packed=True, proj_size=P),
+    dict(dtype=torch.float32, packed=True, bidirectional=True, hidden_size=70),
+    dict(dtype=torch.float64, batch_first=True, bias=False, num_layers=2, hidden_size=40),
 ]
+
+
+def constructor_kwargs(case):
+    """The keyword arguments of the layer's constructor in a case."""
+    return {k: v for k, v in case.items() if k not in ("dtype", "packed", "hidden_size")}
 
 
 def layer_classes():
@@ -42,8 +54,9 @@ def run_case(cls, case):
     case = dict(case)
     dtype = case.pop("dtype")
     packed = case.pop("packed", False)
+    hidden = case.pop("hidden_size", H)
     torch.manual_seed(0)
-    model = cls(I, H, **case).to("cuda", dtype)
+    model = cls(I, hidden, **case).to("cuda", dtype)
     batch_first = case.get("batch_first", False)
     x = torch.randn((B, T, I) if batch_first else (T, B, I), device="cuda",
                     dtype=dtype, requires_grad=True)
@@ -69,7 +82,7 @@ def main():
         for case in CASES:
             label = f"{name} {case}"
             try:
-                cls(I, H, **{k: v for k, v in case.items() if k not in ("dtype", "packed")})
+                cls(I, case.get("hidden_size", H), **constructor_kwargs(case))
             except (TypeError, ValueError) as e:  # an option this layer lacks
                 print(f"skip {label}: {e}")
                 continue

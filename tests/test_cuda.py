@@ -1,6 +1,7 @@
-"""CUDA tests of rnnfast's LSTM: parity with the CPU kernels (float64) and
-with cuDNN (float32), reduced precision judged against torch's own error,
-gradcheck, streams, devices, host synchronisation and CUDA-graph capture.
+"""CUDA tests of rnnfast's LSTM and LayerNorm-LSTM: parity with the CPU
+kernels (float64), with cuDNN (float32) and with the plain-PyTorch reference,
+reduced precision judged against torch's own error, gradcheck, determinism,
+streams, devices, host synchronisation and CUDA-graph capture.
 
 Every test that needs a GPU takes the ``cuda`` fixture, which skips when
 none is available; nothing queries CUDA at import time.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 
 import pytest
 import torch
@@ -67,13 +69,14 @@ def module_kwargs(config):
     return {k: v for k, v in config.items() if k != "packed"}
 
 
-def make_inputs(config, dtype=torch.float64):
+def make_inputs(config, dtype=torch.float64, hidden=H):
     """Input and initial state on the CPU, for a model built with config."""
     batch_first = config.get("batch_first", False)
     layers = config.get("num_layers", 1) * (2 if config.get("bidirectional") else 1)
-    out = config.get("proj_size", 0) or H
+    out = config.get("proj_size", 0) or hidden
     x = torch.randn((B, T, I) if batch_first else (T, B, I), dtype=dtype)
-    hx = (torch.randn(layers, B, out, dtype=dtype), torch.randn(layers, B, H, dtype=dtype))
+    hx = (torch.randn(layers, B, out, dtype=dtype),
+          torch.randn(layers, B, hidden, dtype=dtype))
     return x, hx
 
 
@@ -277,9 +280,18 @@ def test_runs_on_the_input_device(cuda):
         torch.testing.assert_close(g.cpu(), e, msg=lambda m, name=name: f"{name}: {m}")
 
 
-def test_training_step_does_not_sync_with_the_host(cuda):
+# Two-layer bidirectional models of each layer type, for the tests of host
+# synchronisation and graph capture.
+MODELS = {
+    "lstm": lambda: rnnfast.LSTM(I, H, num_layers=2, bidirectional=True, proj_size=P),
+    "layer_norm_lstm": lambda: rnnfast.LayerNormLSTM(I, H, num_layers=2, bidirectional=True),
+}
+
+
+@pytest.mark.parametrize("make_model", MODELS.values(), ids=MODELS.keys())
+def test_training_step_does_not_sync_with_the_host(cuda, make_model):
     torch.manual_seed(0)
-    model = rnnfast.LSTM(I, H, num_layers=2, bidirectional=True, proj_size=P).to(cuda)
+    model = make_model().to(cuda)
     x = torch.randn(T, B, I, device=cuda)
     model(x)  # first call: lazy initialisation (cuBLAS handle, workspace)
     torch.cuda.synchronize()
@@ -291,15 +303,17 @@ def test_training_step_does_not_sync_with_the_host(cuda):
         torch.cuda.set_sync_debug_mode("default")
 
 
-def test_cuda_graph_training_step_matches_eager(cuda):
+@pytest.mark.parametrize("make_model", MODELS.values(), ids=MODELS.keys())
+def test_cuda_graph_training_step_matches_eager(cuda, make_model):
     """Forward, backward and optimizer step captured in one CUDA graph and
     replayed on new data give what the same steps give eagerly."""
     torch.manual_seed(0)
-    model = rnnfast.LSTM(I, H, num_layers=2, bidirectional=True, proj_size=P).to(cuda)
+    model = make_model().to(cuda)
     eager = copy.deepcopy(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     eager_opt = torch.optim.SGD(eager.parameters(), lr=0.1)
-    batches = [(torch.randn(T, B, I, device=cuda), torch.randn(T, B, 2 * P, device=cuda))
+    out_size = 2 * (model.proj_size or model.hidden_size)
+    batches = [(torch.randn(T, B, I, device=cuda), torch.randn(T, B, out_size, device=cuda))
                for _ in range(6)]
 
     def loss_fn(m, x, y):
@@ -345,3 +359,160 @@ def test_cuda_graph_training_step_matches_eager(cuda):
     for (name, p), q in pairs(list(model.named_parameters()), list(eager.parameters())):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6,
                                    msg=lambda m, name=name: f"{name}: {m}")
+
+
+# ---- LayerNorm-LSTM -----------------------------------------------------------
+
+# bias x bidirectional x packed (unsorted lengths), two layers each.
+LN_CONFIGS = {
+    f"{'bias' if bias else 'no_bias'}-{'bi' if bi else 'uni'}-{'packed' if packed else 'padded'}":
+        dict(num_layers=2, bias=bias, bidirectional=bi, packed=packed)
+    for bias, bi, packed in itertools.product([True, False], repeat=3)
+}
+
+
+def randomize_layer_norm(model):
+    """Non-trivial LayerNorm gains (around 1) and biases (around 0), drawn
+    from the global generator, so that a wrong gain or bias index shows."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("ln_"):
+                noise = 0.3 * torch.randn(p.shape, dtype=torch.float64)
+                p.copy_(noise + 1 if "_weight_" in name else noise)
+    return model
+
+
+def assert_layer_norm_lstm_matches_cpu(cuda, config, hidden):
+    """Every output and gradient of a float64 LayerNormLSTM on CUDA equals
+    the CPU kernels' to float64 tolerances."""
+    torch.manual_seed(0)
+    cpu_model = randomize_layer_norm(
+        rnnfast.LayerNormLSTM(I, hidden, dtype=torch.float64, **module_kwargs(config)))
+    cuda_model = copy.deepcopy(cpu_model).to(cuda)
+    x, hx = make_inputs(config, hidden=hidden)
+    expected = forward_backward(cpu_model, x, hx, config)
+    got = forward_backward(cuda_model, x.to(cuda), tuple(h.to(cuda) for h in hx), config)
+    names = names_for(cpu_model)
+    assert any(n.startswith("grad_ln_cell_bias") for n in names)
+    for name, g, e in pairs(names, got, expected):
+        assert g.device.type == cuda.type, name
+        torch.testing.assert_close(g.cpu(), e, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("config", LN_CONFIGS.values(), ids=LN_CONFIGS.keys())
+def test_layer_norm_lstm_matches_cpu_in_float64(cuda, config):
+    assert_layer_norm_lstm_matches_cpu(cuda, config, H)
+
+
+@pytest.mark.parametrize("hidden", [37, 1030], ids=["H37", "H1030"])
+def test_layer_norm_lstm_hidden_sizes_match_cpu(cuda, hidden):
+    """A row of H = 37 spans two partial warps; one of 4H = 4120 is more than
+    a block's threads, so each thread loops over several elements."""
+    assert_layer_norm_lstm_matches_cpu(cuda, dict(bidirectional=True, packed=True), hidden)
+
+
+@pytest.mark.parametrize("packed,reverse", [(False, False), (True, True)],
+                         ids=["padded_forward", "packed_reverse"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_layer_norm_lstm_gradcheck_float64(cuda, bias, packed, reverse):
+    torch.manual_seed(0)
+    t, b, i, h = 3, 2, 3, 4
+    opts = dict(dtype=torch.float64, device=cuda)
+    batch_sizes = torch.tensor([2, 2, 1]) if packed else None
+    leaf = lambda v: v.requires_grad_()  # noqa: E731
+    x = leaf(torch.randn((5, i) if packed else (t, b, i), **opts))
+    hx, cx = leaf(torch.randn(b, h, **opts)), leaf(torch.randn(b, h, **opts))
+    w_ih, w_hh = leaf(torch.randn(4 * h, i, **opts)), leaf(torch.randn(4 * h, h, **opts))
+    b_ih = leaf(torch.randn(4 * h, **opts)) if bias else None
+    b_hh = leaf(torch.randn(4 * h, **opts)) if bias else None
+    ln = [leaf(1 + 0.3 * torch.randn(n, **opts)) if k % 2 == 0 else
+          leaf(0.3 * torch.randn(n, **opts))
+          for k, n in enumerate([4 * h, 4 * h, 4 * h, 4 * h, h, h])]
+
+    def fn(x, hx, cx, w_ih, w_hh, b_ih, b_hh, *ln):
+        out, hy, cy, *_ = ops.layer_norm_lstm_forward(
+            x, hx, cx, w_ih, w_hh, b_ih, b_hh, *ln, batch_sizes, reverse, True, 1e-5)
+        return out, hy, cy
+
+    assert torch.autograd.gradcheck(fn, (x, hx, cx, w_ih, w_hh, b_ih, b_hh, *ln))
+
+
+LN_FLOAT32_CONFIGS = {k: LN_CONFIGS[k] for k in ("bias-uni-padded", "no_bias-bi-packed")}
+
+
+@pytest.mark.parametrize("config", LN_FLOAT32_CONFIGS.values(), ids=LN_FLOAT32_CONFIGS.keys())
+def test_layer_norm_lstm_float32_error_within_twice_reference(cuda, config):
+    """In float32 every output and gradient is at most twice as far from a
+    float64 ground truth as the plain-PyTorch reference's in float32 on the
+    same GPU, plus a floor of 32 float32 eps at the ground truth's scale
+    (the kernels are built with --use_fast_math, whose exp is a few ulps off;
+    an indexing or reduction bug is off by far more).
+
+    The reference is rnnfast/reference.py; the test is skipped where that
+    module does not exist."""
+    reference = pytest.importorskip("rnnfast.reference")
+    torch.manual_seed(0)
+    ref_model = randomize_layer_norm(
+        reference.ReferenceLayerNormLSTM(I, H, **module_kwargs(config)))
+    model = rnnfast.LayerNormLSTM(I, H, **module_kwargs(config))
+    model.load_state_dict(ref_model.state_dict())
+    assert ([n for n, _ in ref_model.named_parameters()]
+            == [n for n, _ in model.named_parameters()])
+    truth_model = copy.deepcopy(ref_model).double()
+    x, hx = make_inputs(config, torch.float32)
+    truth = forward_backward(truth_model, x.double(), tuple(h.double() for h in hx),
+                             config, round_to=torch.float32)
+    dev = lambda t: t.to(cuda)  # noqa: E731
+    with tf32_disabled():
+        ref_out = forward_backward(ref_model.to(cuda), dev(x), tuple(map(dev, hx)), config,
+                                   round_to=torch.float32)
+        ours = forward_backward(model.to(cuda), dev(x), tuple(map(dev, hx)), config,
+                                round_to=torch.float32)
+    eps = torch.finfo(torch.float32).eps
+    for name, o, t, r in pairs(names_for(model), ours, ref_out, truth):
+        assert o.dtype == torch.float32 and o.device.type == cuda.type, name
+        our_err = (o.double().cpu() - r).abs().max().item()
+        ref_err = (t.double().cpu() - r).abs().max().item()
+        floor = 32 * eps * r.abs().max().item()
+        assert our_err <= 2 * ref_err + floor, (
+            f"{name}: rnnfast error {our_err:.3g}, reference error {ref_err:.3g}, "
+            f"floor {floor:.3g}")
+
+
+def test_layer_norm_lstm_backward_is_deterministic(cuda):
+    """Two forward + backward runs give bitwise equal outputs and gradients
+    (no atomics in the LayerNorm reductions or the gain and bias sums), on a
+    shape with many rows and rows that span several warps."""
+    torch.manual_seed(0)
+    t, b, i, h = 40, 24, 16, 300
+    model = randomize_layer_norm(
+        rnnfast.LayerNormLSTM(i, h, num_layers=2, bidirectional=True)).to(cuda)
+    x = torch.randn(t, b, i, device=cuda)
+    lengths = torch.randint(1, t + 1, (b,))
+    lengths[0] = t
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        xg = x.clone().requires_grad_()
+        out, (hn, cn) = model(pack_padded_sequence(xg, lengths, enforce_sorted=False))
+        (out.data.square().sum() + hn.sum() + cn.square().sum()).backward()
+        return [out.data, hn, cn, xg.grad] + [p.grad.clone() for p in model.parameters()]
+
+    first, second = run(), run()
+    for name, a, z in pairs(["output", "h_n", "c_n", "grad_input"]
+                            + [f"grad_{n}" for n, _ in model.named_parameters()], first, second):
+        assert torch.equal(a, z), f"{name} differs between two identical runs"
+
+
+def test_layer_norm_lstm_opcheck(cuda):
+    torch.manual_seed(0)
+    opts = dict(dtype=torch.float32, device=cuda)
+    g = 4 * H
+    args = (torch.randn(T, B, I, **opts), torch.randn(B, H, **opts), torch.randn(B, H, **opts),
+            torch.randn(g, I, **opts), torch.randn(g, H, **opts), torch.randn(g, **opts),
+            torch.randn(g, **opts), 1 + torch.rand(g, **opts), torch.randn(g, **opts),
+            1 + torch.rand(g, **opts), torch.randn(g, **opts), 1 + torch.rand(H, **opts),
+            torch.randn(H, **opts), None, False, True, 1e-5)
+    torch.library.opcheck(torch.ops.rnnfast.layer_norm_lstm_forward.default, args,
+                          test_utils=("test_schema", "test_autograd_registration",
+                                      "test_faketensor"))

@@ -38,6 +38,23 @@ inline LaunchShape rows_by_cols(int64_t rows, int64_t cols) {
           dim3(static_cast<unsigned>(bx), static_cast<unsigned>(by))};
 }
 
+// Rows that are each reduced as a whole (LayerNorm statistics): a group of
+// blockDim.x threads, a whole number of warps and at most kMaxRowThreads,
+// strides over the n elements of one row; blockDim.y rows share a block so
+// that short rows still fill kBlockThreads. Blocks along x loop over the rows
+// with a stride of gridDim.x * blockDim.y. A block never holds more than
+// kMaxRowThreads threads, so at most kMaxRowThreads / 32 warps.
+constexpr int kMaxRowThreads = 512;
+
+inline LaunchShape row_groups(int64_t rows, int64_t n) {
+  const int64_t bx = std::min<int64_t>(
+      kMaxRowThreads, std::max<int64_t>(32, (n + 31) / 32 * 32));
+  const int64_t by = std::max<int64_t>(1, kBlockThreads / bx);
+  const int64_t gx = std::min<int64_t>((rows + by - 1) / by, kMaxBlocks);
+  return {dim3(static_cast<unsigned>(gx)),
+          dim3(static_cast<unsigned>(bx), static_cast<unsigned>(by))};
+}
+
 // A flat range of n elements for a grid-stride loop.
 inline LaunchShape flat(int64_t n) {
   const int64_t blocks =

@@ -1,7 +1,7 @@
-// CUDA kernels of the rnnfast LSTM ops: the host code shared with the CPU
-// (lstm_ops.h, lstm_driver.h) over CudaBackend. Host code only, so the host
-// compiler builds it and nvcc never parses ATen; the kernels are in the .cu
-// files.
+// CUDA kernels of the rnnfast ops: the host code shared with the CPU
+// (lstm_ops.h, lstm_driver.h, layer_norm_lstm_driver.h) over CudaBackend.
+// Host code only, so the host compiler builds it and nvcc never parses ATen;
+// the kernels are in the .cu files.
 #include <torch/library.h>
 
 #include "../lstm_ops.h"
@@ -15,4 +15,10 @@ TORCH_LIBRARY_IMPL(rnnfast, CUDA, m) {
          &OnDeviceOfFirst<&rnnfast::lstm_forward_op<CudaBackend>>::call);
   m.impl("lstm_backward",
          &OnDeviceOfFirst<&rnnfast::lstm_backward_op<CudaBackend>>::call);
+  m.impl("layer_norm_lstm_forward",
+         &OnDeviceOfFirst<
+             &rnnfast::layer_norm_lstm_forward_op<CudaBackend>>::call);
+  m.impl("layer_norm_lstm_backward",
+         &OnDeviceOfFirst<
+             &rnnfast::layer_norm_lstm_backward_op<CudaBackend>>::call);
 }
