@@ -28,6 +28,10 @@ void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n,
                          int k, const float* a, int lda, const float* b,
                          int ldb, float beta, float* c, int ldc)
     __attribute__((weak));
+// MKL's per-thread thread count (0: follow the global setting; the C entry
+// point, mkl_set_num_threads_local is the Fortran one); returns the
+// previous value.
+int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));
 }
 
 namespace rnnfast::cpu {
@@ -117,10 +121,35 @@ bool have_mkl_pack() {
 }
 }  // namespace
 
+// Products below this many multiply-adds run on one thread: the fork/join
+// of a parallel region costs more than it saves (at batch 4 and H 128 it was
+// most of a step).
+constexpr int64_t kSerialGemmMacs = int64_t{1} << 21;
+
+// Runs MKL on the calling thread only while alive (a thread-local setting).
+class SerialMkl {
+ public:
+  explicit SerialMkl(bool enable) {
+    if (enable && MKL_Set_Num_Threads_Local != nullptr) {
+      previous_ = MKL_Set_Num_Threads_Local(1);
+      active_ = true;
+    }
+  }
+  ~SerialMkl() {
+    if (active_) MKL_Set_Num_Threads_Local(previous_);
+  }
+
+ private:
+  bool active_ = false;
+  int previous_ = 0;
+};
+
 template <typename T>
 StepWeight<T>::StepWeight(bool trans_b, int64_t max_m, int64_t n, int64_t k,
                           const T* b, int64_t ldb)
-    : trans_b_(trans_b), n_(n), k_(k), ldb_(ldb), b_(b) {
+    : trans_b_(trans_b), n_(n), k_(k), ldb_(ldb), b_(b),
+      serial_(max_m * n * k < kSerialGemmMacs) {
+  const SerialMkl serial(serial_);
   if constexpr (std::is_same_v<T, float>) {
     if (have_mkl_pack() && max_m > 0 && fits_int(max_m) && fits_int(n) &&
         fits_int(k) && fits_int(ldb) && n > 0 && k > 0) {
@@ -145,6 +174,7 @@ StepWeight<T>::~StepWeight() {
 template <typename T>
 void StepWeight<T>::multiply(int64_t m, const T* a, int64_t lda, T beta, T* c,
                              int64_t ldc) const {
+  const SerialMkl serial(serial_);
   if constexpr (std::is_same_v<T, float>) {
     if (packed_ != nullptr && m > 0 && fits_int(lda) && fits_int(ldc)) {
       cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, static_cast<int>(m),

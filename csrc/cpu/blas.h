@@ -40,6 +40,7 @@ class StepWeight {
   bool trans_b_;
   int64_t n_, k_, ldb_;
   const T* b_;
+  bool serial_;             // small products run on the calling thread only
   void* packed_ = nullptr;  // owned, from the BLAS's own allocator layout
 };
 
