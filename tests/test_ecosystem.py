@@ -10,6 +10,7 @@ the autocast dtype), plus one unit in the last place.
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
@@ -300,6 +301,10 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_path: str) -> None:
             torch.save(model.state_dict(), out_path)
     finally:
         dist.destroy_process_group()
+    # In torch 2.14, about one gloo process in 20 aborts in C++ teardown at
+    # interpreter exit ("terminate called without an active exception"),
+    # after its work is done; nn.Linear alone does it too. Skip the teardown.
+    os._exit(0)
 
 
 def _free_port() -> int:
