@@ -23,10 +23,21 @@ from . import functional as RF
 __all__ = ["LSTM", "LayerNormLSTM"]
 
 _HiddenState = tuple[Tensor, Tensor]
+_Device = Union[torch.device, str, int, None]
 
 
 def _apply_permutation(t: Tensor, permutation: Optional[Tensor]) -> Tensor:
     return t if permutation is None else t.index_select(1, permutation)
+
+
+def _packed_batch_size(batch_sizes: Tensor, sorted_indices: Optional[Tensor]) -> int:
+    """The number of sequences in a PackedSequence: the size of
+    ``sorted_indices`` when there is one (a shape, known while tracing),
+    else ``batch_sizes[0].item()``, an int in eager mode and an unbacked
+    SymInt under torch.export / torch.compile (``int()`` would fail there)."""
+    if sorted_indices is not None:
+        return sorted_indices.size(0)
+    return batch_sizes[0].item()
 
 
 class _RecurrentBase(nn.Module):
@@ -145,19 +156,21 @@ class _RecurrentBase(nn.Module):
                 "input.size(-1) must be equal to input_size. "
                 f"Expected {self.input_size}, got {input.size(-1)}")
 
-    def _expected_sizes(self, input: Tensor, batch_sizes: Optional[Tensor]):
-        if batch_sizes is not None:
-            batch = int(batch_sizes[0])
-        else:
-            batch = input.size(0) if self.batch_first else input.size(1)
+    def _expected_sizes(self, batch: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
         layers = self.num_layers * self._directions
         return (layers, batch, self._out_size), (layers, batch, self.hidden_size)
 
     def _check_forward_args(self, input: Tensor, hx: _HiddenState,
-                            batch_sizes: Optional[Tensor]) -> None:
+                            batch_sizes: Optional[Tensor], batch: int) -> None:
         self._check_input(input, batch_sizes)
-        h_size, c_size = self._expected_sizes(input, batch_sizes)
+        h_size, c_size = self._expected_sizes(batch)
         for i, (t, size) in enumerate(((hx[0], h_size), (hx[1], c_size))):
+            # Tracing a PackedSequence without sorted_indices, the batch read
+            # from batch_sizes is a symbol without a value: torch._check
+            # records the equality as a runtime assert, so the comparison
+            # below is decided without a data-dependent branch.
+            if isinstance(batch, torch.SymInt) and t.dim() == 3:
+                torch._check(t.size(1) == batch)
             if tuple(t.size()) != size:
                 raise RuntimeError(f"Expected hidden[{i}] size {size}, got {list(t.size())}")
 
@@ -168,19 +181,21 @@ class _RecurrentBase(nn.Module):
                 torch.zeros(layers, batch, self.hidden_size, **opts))
 
     def forward(self, input: Union[Tensor, PackedSequence],
-                hx: Optional[_HiddenState] = None):
+                hx: Optional[_HiddenState] = None
+                ) -> tuple[Union[Tensor, PackedSequence], _HiddenState]:
         """``(output, (h_n, c_n))``, exactly as ``torch.nn.LSTM.forward``."""
         batch_sizes = None
         sorted_indices = unsorted_indices = None
         is_batched = True
         if isinstance(input, PackedSequence):
             data, batch_sizes, sorted_indices, unsorted_indices = input
+            batch = _packed_batch_size(batch_sizes, sorted_indices)
             if hx is None:
-                hx = self._zero_state(data, int(batch_sizes[0]))
+                hx = self._zero_state(data, batch)
             else:
                 hx = (_apply_permutation(hx[0], sorted_indices),
                       _apply_permutation(hx[1], sorted_indices))
-            self._check_forward_args(data, hx, batch_sizes)
+            self._check_forward_args(data, hx, batch_sizes, batch)
         else:
             data = input
             if data.dim() not in (2, 3):
@@ -190,8 +205,9 @@ class _RecurrentBase(nn.Module):
             batch_dim = 0 if self.batch_first else 1
             if not is_batched:
                 data = data.unsqueeze(batch_dim)
+            batch = data.size(batch_dim)
             if hx is None:
-                hx = self._zero_state(data, data.size(batch_dim))
+                hx = self._zero_state(data, batch)
             else:
                 if is_batched and (hx[0].dim() != 3 or hx[1].dim() != 3):
                     raise RuntimeError(
@@ -203,7 +219,7 @@ class _RecurrentBase(nn.Module):
                             "For unbatched 2-D input, hx and cx should also be 2-D but got "
                             f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
                     hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
-            self._check_forward_args(data, hx, batch_sizes)
+            self._check_forward_args(data, hx, batch_sizes, batch)
         if data.size(0 if batch_sizes is not None or not self.batch_first else 1) == 0 \
                 and batch_sizes is None:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
@@ -219,10 +235,13 @@ class _RecurrentBase(nn.Module):
             h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
         return output, (h_n, c_n)
 
-    def _run(self, input: Tensor, hx: _HiddenState, batch_sizes: Optional[Tensor]):
+    def _run(self, input: Tensor, hx: _HiddenState,
+             batch_sizes: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         raise NotImplementedError
 
     def extra_repr(self) -> str:
+        """The sizes and the arguments that differ from their defaults, as
+        in nn.LSTM's repr."""
         s = "{input_size}, {hidden_size}"
         if self.proj_size != 0:
             s += ", proj_size={proj_size}"
@@ -267,7 +286,7 @@ class LSTM(_RecurrentBase):
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
                  bidirectional: bool = False, proj_size: int = 0,
-                 device=None, dtype=None) -> None:
+                 device: _Device = None, dtype: Optional[torch.dtype] = None) -> None:
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first,
                          dropout, bidirectional, proj_size)
         gates = 4 * hidden_size
@@ -292,7 +311,8 @@ class LSTM(_RecurrentBase):
         for weight in self.parameters():
             nn.init.uniform_(weight, -stdv, stdv)
 
-    def _run(self, input, hx, batch_sizes):
+    def _run(self, input: Tensor, hx: _HiddenState,
+             batch_sizes: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         return RF.lstm(
             input, hx, self._flat_weights, bias=self.bias, num_layers=self.num_layers,
             dropout=self.dropout, training=self.training,
@@ -340,7 +360,7 @@ class LayerNormLSTM(_RecurrentBase):
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
                  bidirectional: bool = False, eps: float = 1e-5,
-                 device=None, dtype=None) -> None:
+                 device: _Device = None, dtype: Optional[torch.dtype] = None) -> None:
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first,
                          dropout, bidirectional, 0)
         if not eps > 0:
@@ -378,12 +398,14 @@ class LayerNormLSTM(_RecurrentBase):
                 nn.init.uniform_(param, -stdv, stdv)
 
     def extra_repr(self) -> str:
+        """nn.LSTM's repr, and ``eps`` when not the default."""
         s = super().extra_repr()
         if self.eps != 1e-5:
             s += f", eps={self.eps}"
         return s
 
-    def _run(self, input, hx, batch_sizes):
+    def _run(self, input: Tensor, hx: _HiddenState,
+             batch_sizes: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         return RF.layer_norm_lstm(
             input, hx, self._flat_weights, bias=self.bias, num_layers=self.num_layers,
             dropout=self.dropout, training=self.training,
