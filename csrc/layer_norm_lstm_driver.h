@@ -58,7 +58,9 @@ LayerNormForwardResult layer_norm_lstm_forward_recurrence(
   LayerNormForwardResult r;
   // W_ih x for every step at once, then LN_ih (+ all biases) in one pass.
   at::Tensor ih = at::mm(x, w.weight_ih.t());
-  at::Tensor gates = at::empty({l.rows, G}, opts);
+  // Training keeps xhat of W_ih x (in ih) for the backward; inference
+  // normalises in place.
+  at::Tensor gates = training ? at::empty({l.rows, G}, opts) : ih;
   at::Tensor stats = at::empty({training ? l.rows : l.batch, kStatsWidth}, opts);
   {
     LayerNormRowsParams<T> p;

@@ -90,12 +90,9 @@ def test_compile_fullgraph_batch_first_aot_eager(device):
     torch._dynamo.reset()
 
 
-@pytest.mark.xfail(strict=True, raises=(torch._dynamo.exc.Unsupported,
-                                        torch._dynamo.exc.UserError),
-                   reason="PackedSequence input breaks fullgraph: the module reads "
-                          "int(batch_sizes[0]) (a data-dependent value). nn.LSTM "
-                          "cannot be compiled at all (dynamo refuses to wrap it).")
 def test_compile_fullgraph_packed_sequence(device):
+    """A PackedSequence input compiles without a graph break (nn.LSTM cannot
+    be compiled at all: dynamo refuses to wrap it)."""
     torch._dynamo.reset()
     torch.manual_seed(2)
     model = Tagger().to(device, torch.float64)

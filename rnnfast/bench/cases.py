@@ -90,7 +90,7 @@ PRESETS: dict[str, list[dict[str, list]]] = {
     ],
     # what `make bench` runs: < 5 min on a 2-core CPU
     "default": [
-        dict(T=[100], B=[64], I=[TIED], H=[128, 256, 512]),
+        dict(T=[100], B=[64], I=[TIED], H=[128, 256]),
         dict(T=[200], B=[4], I=[TIED], H=[128]),
         dict(T=[100], B=[32], I=[TIED], H=[256], layers=[2], bidirectional=[True]),
     ],
