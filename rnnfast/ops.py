@@ -97,17 +97,17 @@ def lstm_backward(
     )
 
 
-@torch.library.register_fake("rnnfast::lstm_forward")
-def _lstm_forward_fake(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh,
-                       weight_hr, batch_sizes, reverse, training):
+def _fake_forward(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor,
+                  batch_sizes: Optional[Tensor], training: bool, out_size: int,
+                  saved_widths: tuple[int, ...], **weights: Optional[Tensor]):
+    """Shapes of a forward op's outputs: output, hy, cy, then one
+    ``[rows, width]`` saved activation per entry of ``saved_widths`` (no rows
+    unless training), in the compute dtype."""
     torch._check(input.dim() == (2 if batch_sizes is not None else 3),
-                 lambda: f"rnnfast.lstm: unexpected input of {input.dim()} dimensions")
-    _check_same_device(input, hx=hx, cx=cx, weight_ih=weight_ih, weight_hh=weight_hh,
-                       bias_ih=bias_ih, bias_hh=bias_hh, weight_hr=weight_hr)
-    hidden = weight_ih.shape[0] // 4
-    out_size = weight_hr.shape[0] if weight_hr is not None else hidden
+                 lambda: f"rnnfast: unexpected input of {input.dim()} dimensions")
+    _check_same_device(input, hx=hx, cx=cx, weight_ih=weight_ih, **weights)
     torch._check(input.shape[-1] == weight_ih.shape[1],
-                 lambda: "rnnfast.lstm: input size does not match weight_ih")
+                 lambda: "rnnfast: input size does not match weight_ih")
     rows = input.shape[0] if batch_sizes is not None else input.shape[0] * input.shape[1]
     saved = rows if training else 0
     cdt = _compute_dtype(input.dtype)
@@ -115,9 +115,18 @@ def _lstm_forward_fake(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh,
         input.new_empty((*input.shape[:-1], out_size)),
         hx.new_empty(hx.shape),
         cx.new_empty(cx.shape),
-        input.new_empty((saved, 4 * hidden), dtype=cdt),
-        input.new_empty((saved, hidden), dtype=cdt),
+        *(input.new_empty((saved, width), dtype=cdt) for width in saved_widths),
     )
+
+
+@torch.library.register_fake("rnnfast::lstm_forward")
+def _lstm_forward_fake(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh,
+                       weight_hr, batch_sizes, reverse, training):
+    hidden = weight_ih.shape[0] // 4
+    out_size = weight_hr.shape[0] if weight_hr is not None else hidden
+    return _fake_forward(input, hx, cx, weight_ih, batch_sizes, training, out_size,
+                         (4 * hidden, hidden), weight_hh=weight_hh, bias_ih=bias_ih,
+                         bias_hh=bias_hh, weight_hr=weight_hr)
 
 
 @torch.library.register_fake("rnnfast::lstm_backward")
@@ -258,29 +267,13 @@ def _layer_norm_lstm_forward_fake(input, hx, cx, weight_ih, weight_hh, bias_ih,
                                   bias_hh, ln_ih_weight, ln_ih_bias, ln_hh_weight,
                                   ln_hh_bias, ln_cell_weight, ln_cell_bias,
                                   batch_sizes, reverse, training, eps):
-    torch._check(input.dim() == (2 if batch_sizes is not None else 3),
-                 lambda: f"rnnfast.lstm: unexpected input of {input.dim()} dimensions")
-    _check_same_device(input, hx=hx, cx=cx, weight_ih=weight_ih, weight_hh=weight_hh,
-                       bias_ih=bias_ih, bias_hh=bias_hh, ln_ih_weight=ln_ih_weight,
-                       ln_ih_bias=ln_ih_bias, ln_hh_weight=ln_hh_weight,
-                       ln_hh_bias=ln_hh_bias, ln_cell_weight=ln_cell_weight,
-                       ln_cell_bias=ln_cell_bias)
     hidden = weight_ih.shape[0] // 4
-    torch._check(input.shape[-1] == weight_ih.shape[1],
-                 lambda: "rnnfast.lstm: input size does not match weight_ih")
-    rows = input.shape[0] if batch_sizes is not None else input.shape[0] * input.shape[1]
-    saved = rows if training else 0
-    cdt = _compute_dtype(input.dtype)
-    return (
-        input.new_empty((*input.shape[:-1], hidden)),
-        hx.new_empty(hx.shape),
-        cx.new_empty(cx.shape),
-        input.new_empty((saved, 4 * hidden), dtype=cdt),
-        input.new_empty((saved, hidden), dtype=cdt),
-        input.new_empty((saved, 4 * hidden), dtype=cdt),
-        input.new_empty((saved, 4 * hidden), dtype=cdt),
-        input.new_empty((saved, _STATS_WIDTH), dtype=cdt),
-    )
+    return _fake_forward(
+        input, hx, cx, weight_ih, batch_sizes, training, hidden,
+        (4 * hidden, hidden, 4 * hidden, 4 * hidden, _STATS_WIDTH),
+        weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh,
+        ln_ih_weight=ln_ih_weight, ln_ih_bias=ln_ih_bias, ln_hh_weight=ln_hh_weight,
+        ln_hh_bias=ln_hh_bias, ln_cell_weight=ln_cell_weight, ln_cell_bias=ln_cell_bias)
 
 
 @torch.library.register_fake("rnnfast::layer_norm_lstm_backward")
