@@ -179,8 +179,10 @@ LayerNormBackwardResult layer_norm_lstm_backward_recurrence(
   }
   r.grad_hx = dh_state;
   r.grad_cx = dc_state;
-  // LN_ih backward over every row at once.
-  at::Tensor dih = at::empty({l.rows, G}, opts);
+  r.grad_weight_hh =
+      at::mm(dhh.t(), gather_previous_hidden<Backend, T>(l, output, hx));
+  // LN_ih backward over every row at once, into dhh's memory (free now).
+  at::Tensor dih = dhh;
   {
     LayerNormRowsBackwardParams<T> p;
     p.rows = l.rows;
@@ -195,8 +197,6 @@ LayerNormBackwardResult layer_norm_lstm_backward_recurrence(
   }
   r.grad_input = at::mm(dih, w.weight_ih);
   r.grad_weight_ih = at::mm(dih.t(), x);
-  r.grad_weight_hh =
-      at::mm(dhh.t(), gather_previous_hidden<Backend, T>(l, output, hx));
   r.grad_bias = at::empty({G}, opts);
   r.grad_ln_ih_weight = at::empty({G}, opts);
   r.grad_ln_hh_weight = at::empty({G}, opts);
