@@ -24,7 +24,7 @@ struct LayerNormWeights {
   at::Tensor weight_ih;  // [4H, I]
   at::Tensor weight_hh;  // [4H, H] contiguous
   at::Tensor bias;       // [4H] b_ih + b_hh, or undefined
-  at::Tensor ln_ih_weight, ln_ih_bias;      // [4H]
+  at::Tensor ln_ih_weight, ln_ih_bias;      // [4H] (biases: forward only)
   at::Tensor ln_hh_weight, ln_hh_bias;      // [4H]
   at::Tensor ln_cell_weight, ln_cell_bias;  // [H]
 };

@@ -134,8 +134,8 @@ inline LayerNormWeights layer_norm_weights(
     at::ScalarType cdt, const at::Tensor& weight_ih,
     const at::Tensor& weight_hh, const c10::optional<at::Tensor>& bias_ih,
     const c10::optional<at::Tensor>& bias_hh, const at::Tensor& ln_ih_weight,
-    const at::Tensor& ln_ih_bias, const at::Tensor& ln_hh_weight,
-    const at::Tensor& ln_hh_bias, const at::Tensor& ln_cell_weight,
+    const c10::optional<at::Tensor>& ln_ih_bias, const at::Tensor& ln_hh_weight,
+    const c10::optional<at::Tensor>& ln_hh_bias, const at::Tensor& ln_cell_weight,
     const at::Tensor& ln_cell_bias) {
   LayerNormWeights w;
   w.weight_ih = as_compute(weight_ih, cdt);
@@ -248,11 +248,11 @@ LayerNormBackwardOutputs layer_norm_lstm_backward_op(
             zeros_g.clone(), zeros_g.clone(), at::zeros({H}, weight_ih.options()),
             at::zeros({H}, weight_ih.options())};
   }
-  // The biases only enter the backward through the saved activations.
-  const at::Tensor unused = at::zeros({G}, ln_ih_weight.options());
+  // The gate biases (b_ih, b_hh, ln_ih_bias, ln_hh_bias) only enter the
+  // backward through the saved activations: they stay undefined here.
   const LayerNormWeights w = layer_norm_weights(
       cdt, weight_ih, weight_hh, c10::nullopt, c10::nullopt, ln_ih_weight,
-      unused, ln_hh_weight, unused, ln_cell_weight, ln_cell_bias);
+      c10::nullopt, ln_hh_weight, c10::nullopt, ln_cell_weight, ln_cell_bias);
   LayerNormBackwardResult r;
   AT_DISPATCH_FLOATING_TYPES(cdt, "rnnfast::layer_norm_lstm_backward", [&] {
     r = layer_norm_lstm_backward_recurrence<Backend, scalar_t>(

@@ -220,9 +220,8 @@ class _RecurrentBase(nn.Module):
                             f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
                     hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
             self._check_forward_args(data, hx, batch_sizes, batch)
-        if data.size(0 if batch_sizes is not None or not self.batch_first else 1) == 0 \
-                and batch_sizes is None:
-            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+            if data.size(1 - batch_dim) == 0:
+                raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 
         output, h_n, c_n = self._run(data, hx, batch_sizes)
 
