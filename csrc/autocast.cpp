@@ -50,7 +50,7 @@ using LstmForwardSignature = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
     bool reverse, bool training);
 
 using LayerNormLstmForwardSignature =
-    std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
+    std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
         const Tensor& input, const Tensor& hx, const Tensor& cx,
         const Tensor& weight_ih, const Tensor& weight_hh,
         const OptionalTensor& bias_ih, const OptionalTensor& bias_hh,
@@ -77,7 +77,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_autocast(
 }
 
 template <c10::DeviceType device>
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
 layer_norm_lstm_forward_autocast(
     const Tensor& input, const Tensor& hx, const Tensor& cx,
     const Tensor& weight_ih, const Tensor& weight_hh,

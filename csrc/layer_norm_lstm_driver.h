@@ -1,19 +1,27 @@
 // The recurrence of one LayerNorm-LSTM layer in one direction, forward and
-// backward, over the same Backend as lstm_driver.h plus four LayerNorm
+// backward, over the same Backend as lstm_driver.h plus three LayerNorm-LSTM
 // kernels:
-//   layer_norm_rows(LayerNormRowsParams<T>)
-//   layer_norm_rows_backward(LayerNormRowsBackwardParams<T>)
 //   layer_norm_forward_step(LayerNormStepParams<T>)
 //   layer_norm_backward_step(LayerNormBackwardStepParams<T>)
-//   column_sums(ColumnSumsParams<T>)
+//   layer_norm_param_grads(LayerNormParamGradsParams<T>)
 //
 // The cell (Ba, Kiros & Hinton 2016, section 3.1):
 //   gates = LN_ih(W_ih x_t) + LN_hh(W_hh h_{t-1}) + b_ih + b_hh   (LN over 4H)
 //   c_t = sigmoid(f) c_{t-1} + sigmoid(i) tanh(g)
 //   h_t = sigmoid(o) tanh(LN_cell(c_t))                           (LN over H)
+//
+// Memory traffic, not arithmetic, bounds everything but the GEMMs, so each
+// step does all of its LayerNorm work in one pass over rows that are still in
+// cache: the forward normalises W_ih x_t and W_hh h_{t-1} in place (the
+// backward's only [N, 4H] inputs) and saves no gates; the backward recomputes
+// the gates from them, writes the gradients w.r.t. both products, and adds
+// the step's share of the LayerNorm parameter gradients.
 #pragma once
 
 #include <ATen/ATen.h>
+
+#include <algorithm>
+#include <vector>
 
 #include "lstm_driver.h"
 #include "lstm_params.h"
@@ -23,16 +31,14 @@ namespace rnnfast {
 struct LayerNormWeights {
   at::Tensor weight_ih;  // [4H, I]
   at::Tensor weight_hh;  // [4H, H] contiguous
-  at::Tensor bias;       // [4H] b_ih + b_hh, or undefined
-  at::Tensor ln_ih_weight, ln_ih_bias;      // [4H] (biases: forward only)
-  at::Tensor ln_hh_weight, ln_hh_bias;      // [4H]
+  at::Tensor gate_bias;  // [4H] ln_ih_bias + ln_hh_bias (+ b_ih + b_hh)
+  at::Tensor ln_ih_weight, ln_hh_weight;    // [4H]
   at::Tensor ln_cell_weight, ln_cell_bias;  // [H]
 };
 
 struct LayerNormForwardResult {
   at::Tensor output;         // [N, H]
   at::Tensor hy, cy;         // [B, H]
-  at::Tensor gates;          // [N, 4H] activated gates (training)
   at::Tensor cells;          // [N, H] c_t (training)
   at::Tensor normalized_ih;  // [N, 4H] xhat of W_ih x (training)
   at::Tensor normalized_hh;  // [N, 4H] xhat of W_hh h (training)
@@ -56,32 +62,17 @@ LayerNormForwardResult layer_norm_lstm_forward_recurrence(
   const int64_t H = s.hidden, G = 4 * s.hidden;
   const auto opts = x.options();
   LayerNormForwardResult r;
-  // W_ih x for every step at once, then LN_ih (+ all biases) in one pass.
+  // W_ih x for every step at once; each step normalises its rows in place.
   at::Tensor ih = at::mm(x, w.weight_ih.t());
-  // Training keeps xhat of W_ih x (in ih) for the backward; inference
-  // normalises in place.
-  at::Tensor gates = training ? at::empty({l.rows, G}, opts) : ih;
-  at::Tensor stats = at::empty({training ? l.rows : l.batch, kStatsWidth}, opts);
-  {
-    LayerNormRowsParams<T> p;
-    p.rows = l.rows;
-    p.width = G;
-    p.eps = static_cast<T>(eps);
-    p.input = ih.data_ptr<T>();
-    p.normalized = training ? ih.data_ptr<T>() : nullptr;
-    p.output = gates.data_ptr<T>();
-    p.gamma = w.ln_ih_weight.data_ptr<T>();
-    p.beta = w.ln_ih_bias.data_ptr<T>();
-    p.bias = w.bias.defined() ? w.bias.data_ptr<T>() : nullptr;
-    p.rstd = training ? stats.data_ptr<T>() + kRstdIh : nullptr;
-    p.rstd_stride = kStatsWidth;
-    Backend::layer_norm_rows(p);
-  }
+  // W_hh h_{t-1}: kept for every step when training, else one step's rows.
   at::Tensor hh = at::empty({training ? l.rows : l.batch, G}, opts);
   r.output = at::empty({l.rows, H}, opts);
   at::Tensor h_state = hx.contiguous().clone();
   at::Tensor c_state = cx.contiguous().clone();
-  if (training) r.cells = at::empty({l.rows, H}, opts);
+  if (training) {
+    r.cells = at::empty({l.rows, H}, opts);
+    r.stats = at::empty({l.rows, kStatsWidth}, opts);
+  }
 
   using Weight = typename Backend::template StepWeight<T>;
   const Weight whh(true, l.batch, G, H, w.weight_hh.data_ptr<T>(), H);
@@ -96,16 +87,16 @@ LayerNormForwardResult layer_norm_lstm_forward_recurrence(
     p.rows = rows;
     p.hidden = H;
     p.eps = static_cast<T>(eps);
-    p.gates = gates.data_ptr<T>() + off * G;
+    p.ih = ih.data_ptr<T>() + off * G;
     p.hh = hh_rows;
-    p.save_normalized_hh = training;
+    p.gamma_ih = w.ln_ih_weight.data_ptr<T>();
     p.gamma_hh = w.ln_hh_weight.data_ptr<T>();
-    p.beta_hh = w.ln_hh_bias.data_ptr<T>();
+    p.bias = w.gate_bias.data_ptr<T>();
     p.gamma_cell = w.ln_cell_weight.data_ptr<T>();
     p.beta_cell = w.ln_cell_bias.data_ptr<T>();
     p.cell_state = c_state.data_ptr<T>();
     p.cell_save = training ? r.cells.data_ptr<T>() + off * H : nullptr;
-    p.stats = training ? stats.data_ptr<T>() + off * kStatsWidth : nullptr;
+    p.stats = training ? r.stats.data_ptr<T>() + off * kStatsWidth : nullptr;
     p.h_out = r.output.data_ptr<T>() + off * H;
     p.h_out2 = hs;
     Backend::layer_norm_forward_step(p);
@@ -113,12 +104,42 @@ LayerNormForwardResult layer_norm_lstm_forward_recurrence(
   r.hy = h_state;
   r.cy = c_state;
   if (training) {
-    r.gates = gates;
     r.normalized_ih = ih;
     r.normalized_hh = hh;
-    r.stats = stats;
   }
   return r;
+}
+
+// The backward keeps the gradients w.r.t. W_ih x_t and W_hh h_{t-1} for a
+// block of consecutive steps of about this many rows: each block goes
+// through the input- and weight-gradient GEMMs while it is still in cache,
+// and no [N, 4H] gradient buffer is ever allocated (fresh memory costs page
+// faults on every call).
+constexpr int64_t kGradBlockRows = 1024;
+
+// A block of consecutive time steps [first, last] of the backward.
+struct StepBlock {
+  int64_t first = 0, last = 0;
+};
+
+// The backward's blocks in the order it visits them: consecutive steps of
+// at most max(block_rows, the largest step) rows together.
+inline std::vector<StepBlock> backward_blocks(const SequenceLayout& l,
+                                              int64_t block_rows) {
+  std::vector<StepBlock> blocks;
+  for (int64_t step = l.steps - 1; step >= 0;) {
+    int64_t t = l.step_at(step--);
+    StepBlock b{t, t};
+    int64_t rows = l.batch_sizes[t];
+    while (step >= 0 && rows + l.batch_sizes[l.step_at(step)] <= block_rows) {
+      t = l.step_at(step--);
+      rows += l.batch_sizes[t];
+      b.first = std::min(b.first, t);
+      b.last = std::max(b.last, t);
+    }
+    blocks.push_back(b);
+  }
+  return blocks;
 }
 
 template <typename Backend, typename T>
@@ -132,7 +153,6 @@ LayerNormBackwardResult layer_norm_lstm_backward_recurrence(
     const at::Tensor& cx,           // [B, H] contiguous
     const LayerNormWeights& w,
     const at::Tensor& output,         // [N, H]
-    const at::Tensor& gates,          // [N, 4H]
     const at::Tensor& cells,          // [N, H]
     const at::Tensor& normalized_ih,  // [N, 4H]
     const at::Tensor& normalized_hh,  // [N, 4H]
@@ -140,85 +160,96 @@ LayerNormBackwardResult layer_norm_lstm_backward_recurrence(
   const int64_t H = s.hidden, G = 4 * s.hidden;
   const auto opts = x.options();
   LayerNormBackwardResult r;
-  at::Tensor dgates = at::empty({l.rows, G}, opts);
-  at::Tensor dhh = at::empty({l.rows, G}, opts);
-  at::Tensor dcell_norm = at::empty({l.rows, H}, opts);
+  const std::vector<StepBlock> blocks =
+      backward_blocks(l, std::max(kGradBlockRows, l.batch));
+  int64_t max_block_rows = 0;
+  for (const StepBlock& b : blocks) {
+    max_block_rows = std::max(
+        max_block_rows, l.offsets[b.last + 1] - l.offsets[b.first]);
+  }
+  // One block's gradients w.r.t. W_ih x_t and W_hh h_{t-1}, and its h_{t-1}.
+  at::Tensor dih = at::empty({max_block_rows, G}, opts);
+  at::Tensor dhh = at::empty({max_block_rows, G}, opts);
+  at::Tensor h_prev = at::empty({max_block_rows, H}, opts);
+  // One step's gradients w.r.t. the pre-activations and LN_cell(c_t), read
+  // by the parameter sums of the same step.
+  at::Tensor dgates = at::empty({l.batch, G}, opts);
+  at::Tensor dcell_norm = at::empty({l.batch, H}, opts);
   at::Tensor dh_state = grad_hy.clone();
   at::Tensor dc_state = grad_cy.clone();
+  r.grad_input = at::empty({l.rows, s.input}, opts);
+  r.grad_weight_ih = at::zeros({G, s.input}, opts);
+  r.grad_weight_hh = at::zeros({G, H}, opts);
+  r.grad_bias = at::zeros({G}, opts);
+  r.grad_ln_ih_weight = at::zeros({G}, opts);
+  r.grad_ln_hh_weight = at::zeros({G}, opts);
+  r.grad_ln_cell_weight = at::zeros({H}, opts);
+  r.grad_ln_cell_bias = at::zeros({H}, opts);
 
   using Weight = typename Backend::template StepWeight<T>;
   const Weight whh(false, l.batch, H, G, w.weight_hh.data_ptr<T>(), H);
   const T* c = cells.data_ptr<T>();
-  for (int64_t step = l.steps - 1; step >= 0; --step) {
-    const int64_t t = l.step_at(step);
-    const int64_t rows = l.batch_sizes[t];
-    const int64_t off = l.offsets[t];
-    const int64_t prev = l.previous(t);
-    LayerNormBackwardStepParams<T> p;
-    p.rows = rows;
-    p.hidden = H;
-    p.rows_from_previous = l.rows_from_previous(t);
-    p.gates = gates.data_ptr<T>() + off * G;
-    p.cell = c + off * H;
-    p.cell_prev = prev >= 0 ? c + l.offsets[prev] * H : nullptr;
-    p.cell_init = cx.data_ptr<T>();
-    p.normalized_hh = normalized_hh.data_ptr<T>() + off * G;
-    p.stats = stats.data_ptr<T>() + off * kStatsWidth;
-    p.gamma_hh = w.ln_hh_weight.data_ptr<T>();
-    p.gamma_cell = w.ln_cell_weight.data_ptr<T>();
-    p.beta_cell = w.ln_cell_bias.data_ptr<T>();
-    p.dh = dh_state.data_ptr<T>();
-    p.dh2 = grad_output.data_ptr<T>() + off * H;
-    p.dcell_state = dc_state.data_ptr<T>();
-    p.dgates = dgates.data_ptr<T>() + off * G;
-    p.dhh = dhh.data_ptr<T>() + off * G;
-    p.dcell_norm = dcell_norm.data_ptr<T>() + off * H;
-    Backend::layer_norm_backward_step(p);
-    // dh_{t-1} = dhh W_hh
-    whh.multiply(rows, p.dhh, G, T(0), dh_state.data_ptr<T>(), H);
+  for (const StepBlock& b : blocks) {
+    const int64_t lo = l.offsets[b.first];
+    const int64_t n = l.offsets[b.last + 1] - lo;
+    for (int64_t k = 0; k <= b.last - b.first; ++k) {
+      const int64_t t = l.reverse ? b.first + k : b.last - k;
+      const int64_t rows = l.batch_sizes[t];
+      const int64_t off = l.offsets[t];
+      const int64_t prev = l.previous(t);
+      LayerNormBackwardStepParams<T> p;
+      p.rows = rows;
+      p.hidden = H;
+      p.rows_from_previous = l.rows_from_previous(t);
+      p.normalized_ih = normalized_ih.data_ptr<T>() + off * G;
+      p.normalized_hh = normalized_hh.data_ptr<T>() + off * G;
+      p.stats = stats.data_ptr<T>() + off * kStatsWidth;
+      p.gamma_ih = w.ln_ih_weight.data_ptr<T>();
+      p.gamma_hh = w.ln_hh_weight.data_ptr<T>();
+      p.bias = w.gate_bias.data_ptr<T>();
+      p.gamma_cell = w.ln_cell_weight.data_ptr<T>();
+      p.beta_cell = w.ln_cell_bias.data_ptr<T>();
+      p.cell = c + off * H;
+      p.cell_prev = prev >= 0 ? c + l.offsets[prev] * H : nullptr;
+      p.cell_init = cx.data_ptr<T>();
+      p.dh = dh_state.data_ptr<T>();
+      p.dh2 = grad_output.data_ptr<T>() + off * H;
+      p.dcell_state = dc_state.data_ptr<T>();
+      p.dgates = dgates.data_ptr<T>();
+      p.dcell_norm = dcell_norm.data_ptr<T>();
+      p.dih = dih.data_ptr<T>() + (off - lo) * G;
+      p.dhh = dhh.data_ptr<T>() + (off - lo) * G;
+      Backend::layer_norm_backward_step(p);
+      LayerNormParamGradsParams<T> q;
+      q.rows = rows;
+      q.hidden = H;
+      q.dgates = p.dgates;
+      q.normalized_ih = p.normalized_ih;
+      q.normalized_hh = p.normalized_hh;
+      q.dcell_norm = p.dcell_norm;
+      q.cell = p.cell;
+      q.stats = p.stats;
+      q.grad_bias = r.grad_bias.data_ptr<T>();
+      q.grad_gamma_ih = r.grad_ln_ih_weight.data_ptr<T>();
+      q.grad_gamma_hh = r.grad_ln_hh_weight.data_ptr<T>();
+      q.grad_gamma_cell = r.grad_ln_cell_weight.data_ptr<T>();
+      q.grad_beta_cell = r.grad_ln_cell_bias.data_ptr<T>();
+      Backend::layer_norm_param_grads(q);
+      // dh_{t-1} = dhh W_hh
+      whh.multiply(rows, p.dhh, G, T(0), dh_state.data_ptr<T>(), H);
+    }
+    // The block's share of the input and weight gradients.
+    const at::Tensor dih_b = dih.narrow(0, 0, n);
+    const at::Tensor dhh_b = dhh.narrow(0, 0, n);
+    at::Tensor grad_input_b = r.grad_input.narrow(0, lo, n);
+    at::mm_out(grad_input_b, dih_b, w.weight_ih);
+    r.grad_weight_ih.addmm_(dih_b.t(), x.narrow(0, lo, n));
+    gather_previous_hidden<Backend, T>(l, output, hx, b.first, b.last,
+                                       h_prev.data_ptr<T>());
+    r.grad_weight_hh.addmm_(dhh_b.t(), h_prev.narrow(0, 0, n));
   }
   r.grad_hx = dh_state;
   r.grad_cx = dc_state;
-  r.grad_weight_hh =
-      at::mm(dhh.t(), gather_previous_hidden<Backend, T>(l, output, hx));
-  // LN_ih backward over every row at once, into dhh's memory (free now).
-  at::Tensor dih = dhh;
-  {
-    LayerNormRowsBackwardParams<T> p;
-    p.rows = l.rows;
-    p.width = G;
-    p.grad_output = dgates.data_ptr<T>();
-    p.normalized = normalized_ih.data_ptr<T>();
-    p.gamma = w.ln_ih_weight.data_ptr<T>();
-    p.rstd = stats.data_ptr<T>() + kRstdIh;
-    p.rstd_stride = kStatsWidth;
-    p.grad_input = dih.data_ptr<T>();
-    Backend::layer_norm_rows_backward(p);
-  }
-  r.grad_input = at::mm(dih, w.weight_ih);
-  r.grad_weight_ih = at::mm(dih.t(), x);
-  r.grad_bias = at::empty({G}, opts);
-  r.grad_ln_ih_weight = at::empty({G}, opts);
-  r.grad_ln_hh_weight = at::empty({G}, opts);
-  {
-    ColumnSumsParams<T> p;
-    p.rows = l.rows;
-    p.width = G;
-    p.a = dgates.data_ptr<T>();
-    p.b = normalized_ih.data_ptr<T>();
-    p.sum_a = r.grad_bias.data_ptr<T>();
-    p.sum_ab = r.grad_ln_ih_weight.data_ptr<T>();
-    Backend::column_sums(p);
-    p.b = normalized_hh.data_ptr<T>();
-    p.sum_a = nullptr;
-    p.sum_ab = r.grad_ln_hh_weight.data_ptr<T>();
-    Backend::column_sums(p);
-  }
-  const at::Tensor cell_xhat =
-      (cells - stats.select(1, kMeanCell).unsqueeze(1)) *
-      stats.select(1, kRstdCell).unsqueeze(1);
-  r.grad_ln_cell_weight = (dcell_norm * cell_xhat).sum(0);
-  r.grad_ln_cell_bias = dcell_norm.sum(0);
   return r;
 }
 

@@ -110,21 +110,22 @@ ForwardResult lstm_forward_recurrence(
   return r;
 }
 
-// Rows of h_{t-1} for every row of every step, [N, P]: the previous step's
-// output where the sequence continues, the initial state where it starts.
+// Rows of h_{t-1} for the rows of steps [t_first, t_last] (packed rows
+// [offsets[t_first], offsets[t_last + 1])), into dst [those rows, P]: the
+// previous step's output where the sequence continues, the initial state
+// where it starts.
 template <typename Backend, typename T>
-at::Tensor gather_previous_hidden(const SequenceLayout& l,
-                                  const at::Tensor& output,  // [N, P]
-                                  const at::Tensor& hx) {    // [B, P]
+void gather_previous_hidden(const SequenceLayout& l,
+                            const at::Tensor& output,  // [N, P]
+                            const at::Tensor& hx,      // [B, P]
+                            int64_t t_first, int64_t t_last, T* dst) {
   const int64_t P = output.size(1);
-  at::Tensor prev = at::empty_like(output);
   const T* out = output.data_ptr<T>();
   const T* h0 = hx.data_ptr<T>();
-  T* dst = prev.data_ptr<T>();
-  for (int64_t t = 0; t < l.steps; ++t) {
+  for (int64_t t = t_first; t <= t_last; ++t) {
     const int64_t rows = l.batch_sizes[t];
     const int64_t from_prev = l.rows_from_previous(t);
-    T* d = dst + l.offsets[t] * P;
+    T* d = dst + (l.offsets[t] - l.offsets[t_first]) * P;
     if (from_prev > 0) {
       Backend::copy(d, out + l.offsets[l.previous(t)] * P, from_prev * P);
     }
@@ -133,6 +134,16 @@ at::Tensor gather_previous_hidden(const SequenceLayout& l,
                     (rows - from_prev) * P);
     }
   }
+}
+
+// The same for every step, [N, P].
+template <typename Backend, typename T>
+at::Tensor gather_previous_hidden(const SequenceLayout& l,
+                                  const at::Tensor& output,  // [N, P]
+                                  const at::Tensor& hx) {    // [B, P]
+  at::Tensor prev = at::empty_like(output);
+  gather_previous_hidden<Backend, T>(l, output, hx, 0, l.steps - 1,
+                                     prev.data_ptr<T>());
   return prev;
 }
 

@@ -125,7 +125,7 @@ BackwardOutputs lstm_backward_op(
 
 using LayerNormForwardOutputs =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-               at::Tensor, at::Tensor, at::Tensor>;
+               at::Tensor, at::Tensor>;
 using LayerNormBackwardOutputs =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -134,19 +134,19 @@ inline LayerNormWeights layer_norm_weights(
     at::ScalarType cdt, const at::Tensor& weight_ih,
     const at::Tensor& weight_hh, const c10::optional<at::Tensor>& bias_ih,
     const c10::optional<at::Tensor>& bias_hh, const at::Tensor& ln_ih_weight,
-    const c10::optional<at::Tensor>& ln_ih_bias, const at::Tensor& ln_hh_weight,
-    const c10::optional<at::Tensor>& ln_hh_bias, const at::Tensor& ln_cell_weight,
+    const at::Tensor& ln_ih_bias, const at::Tensor& ln_hh_weight,
+    const at::Tensor& ln_hh_bias, const at::Tensor& ln_cell_weight,
     const at::Tensor& ln_cell_bias) {
   LayerNormWeights w;
   w.weight_ih = as_compute(weight_ih, cdt);
   w.weight_hh = as_compute(weight_hh, cdt);
+  // The four gate biases enter the pre-activations alike: one sum serves.
+  w.gate_bias = as_compute(ln_ih_bias, cdt) + as_compute(ln_hh_bias, cdt);
   if (bias_ih.has_value()) {
-    w.bias = as_compute(*bias_ih, cdt) + as_compute(*bias_hh, cdt);
+    w.gate_bias += as_compute(*bias_ih, cdt) + as_compute(*bias_hh, cdt);
   }
   w.ln_ih_weight = as_compute(ln_ih_weight, cdt);
-  w.ln_ih_bias = as_compute(ln_ih_bias, cdt);
   w.ln_hh_weight = as_compute(ln_hh_weight, cdt);
-  w.ln_hh_bias = as_compute(ln_hh_bias, cdt);
   w.ln_cell_weight = as_compute(ln_cell_weight, cdt);
   w.ln_cell_bias = as_compute(ln_cell_bias, cdt);
   return w;
@@ -176,9 +176,9 @@ LayerNormForwardOutputs layer_norm_lstm_forward_op(
   const int64_t H = s.hidden, G = 4 * s.hidden;
   auto empty_workspace = [&] {
     return LayerNormForwardOutputs{
-        at::Tensor(), at::Tensor(), at::Tensor(), at::empty({0, G}, copts),
-        at::empty({0, H}, copts), at::empty({0, G}, copts),
-        at::empty({0, G}, copts), at::empty({0, kStatsWidth}, copts)};
+        at::Tensor(), at::Tensor(), at::Tensor(), at::empty({0, H}, copts),
+        at::empty({0, G}, copts), at::empty({0, G}, copts),
+        at::empty({0, kStatsWidth}, copts)};
   };
   if (l.rows == 0) {
     auto out = empty_workspace();
@@ -201,11 +201,10 @@ LayerNormForwardOutputs layer_norm_lstm_forward_op(
   std::get<1>(out) = r.hy.to(dtype);
   std::get<2>(out) = r.cy.to(dtype);
   if (training) {
-    std::get<3>(out) = r.gates;
-    std::get<4>(out) = r.cells;
-    std::get<5>(out) = r.normalized_ih;
-    std::get<6>(out) = r.normalized_hh;
-    std::get<7>(out) = r.stats;
+    std::get<3>(out) = r.cells;
+    std::get<4>(out) = r.normalized_ih;
+    std::get<5>(out) = r.normalized_hh;
+    std::get<6>(out) = r.stats;
   }
   return out;
 }
@@ -215,17 +214,20 @@ LayerNormBackwardOutputs layer_norm_lstm_backward_op(
     const at::Tensor& grad_output, const at::Tensor& grad_hy,
     const at::Tensor& grad_cy, const at::Tensor& input, const at::Tensor& hx,
     const at::Tensor& cx, const at::Tensor& weight_ih,
-    const at::Tensor& weight_hh, const at::Tensor& ln_ih_weight,
-    const at::Tensor& ln_hh_weight, const at::Tensor& ln_cell_weight,
+    const at::Tensor& weight_hh, const c10::optional<at::Tensor>& bias_ih,
+    const c10::optional<at::Tensor>& bias_hh, const at::Tensor& ln_ih_weight,
+    const at::Tensor& ln_ih_bias, const at::Tensor& ln_hh_weight,
+    const at::Tensor& ln_hh_bias, const at::Tensor& ln_cell_weight,
     const at::Tensor& ln_cell_bias,
     const c10::optional<at::Tensor>& batch_sizes, bool reverse,
-    const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
+    const at::Tensor& output, const at::Tensor& cells,
     const at::Tensor& normalized_ih, const at::Tensor& normalized_hh,
     const at::Tensor& stats) {
   const LstmSizes s =
-      check_lstm_args(input, hx, cx, weight_ih, weight_hh, c10::nullopt,
-                      c10::nullopt, c10::nullopt, batch_sizes);
-  check_layer_norm_args(input, s, {ln_ih_weight, ln_hh_weight},
+      check_lstm_args(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh,
+                      c10::nullopt, batch_sizes);
+  check_layer_norm_args(input, s,
+                        {ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias},
                         {ln_cell_weight, ln_cell_bias});
   const SequenceLayout l = make_layout(input, batch_sizes, reverse);
   const at::ScalarType dtype = input.scalar_type();
@@ -234,8 +236,7 @@ LayerNormBackwardOutputs layer_norm_lstm_backward_op(
   TORCH_CHECK(grad_output.sizes() == output.sizes(),
               "rnnfast.layer_norm_lstm_backward: grad_output has size ",
               grad_output.sizes(), ", expected ", output.sizes());
-  TORCH_CHECK(l.rows == 0 || (gates.size(0) == l.rows &&
-                              cells.size(0) == l.rows &&
+  TORCH_CHECK(l.rows == 0 || (cells.size(0) == l.rows &&
                               normalized_ih.size(0) == l.rows &&
                               normalized_hh.size(0) == l.rows &&
                               stats.size(0) == l.rows),
@@ -248,11 +249,10 @@ LayerNormBackwardOutputs layer_norm_lstm_backward_op(
             zeros_g.clone(), zeros_g.clone(), at::zeros({H}, weight_ih.options()),
             at::zeros({H}, weight_ih.options())};
   }
-  // The gate biases (b_ih, b_hh, ln_ih_bias, ln_hh_bias) only enter the
-  // backward through the saved activations: they stay undefined here.
+  // The biases recompute the gates from the saved normalised products.
   const LayerNormWeights w = layer_norm_weights(
-      cdt, weight_ih, weight_hh, c10::nullopt, c10::nullopt, ln_ih_weight,
-      c10::nullopt, ln_hh_weight, c10::nullopt, ln_cell_weight, ln_cell_bias);
+      cdt, weight_ih, weight_hh, bias_ih, bias_hh, ln_ih_weight, ln_ih_bias,
+      ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias);
   LayerNormBackwardResult r;
   AT_DISPATCH_FLOATING_TYPES(cdt, "rnnfast::layer_norm_lstm_backward", [&] {
     r = layer_norm_lstm_backward_recurrence<Backend, scalar_t>(
@@ -260,7 +260,7 @@ LayerNormBackwardOutputs layer_norm_lstm_backward_op(
         as_compute(grad_hy, cdt), as_compute(grad_cy, cdt),
         as_compute(input, cdt).view({l.rows, s.input}), as_compute(hx, cdt),
         as_compute(cx, cdt), w, as_compute(output, cdt).view({l.rows, H}),
-        gates.contiguous(), cells.contiguous(), normalized_ih.contiguous(),
+        cells.contiguous(), normalized_ih.contiguous(),
         normalized_hh.contiguous(), stats.contiguous());
   });
   return {r.grad_input.view(input.sizes()).to(dtype),

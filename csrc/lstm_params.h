@@ -85,93 +85,83 @@ enum LayerNormStat : int64_t {
   kStatsWidth = 4,
 };
 
-// LayerNorm of every row of a [rows, width] buffer (the input projection of
-// all steps at once): output = xhat * gamma + beta + bias.
-template <typename T>
-struct LayerNormRowsParams {
-  int64_t rows = 0;
-  int64_t width = 0;
-  T eps = T(1e-5);
-  const T* input = nullptr;   // [rows, width]
-  T* normalized = nullptr;    // [rows, width] xhat, or null; may alias input
-  T* output = nullptr;        // [rows, width]
-  const T* gamma = nullptr;   // [width]
-  const T* beta = nullptr;    // [width]
-  const T* bias = nullptr;    // [width] added to the output, or null
-  T* rstd = nullptr;          // rstd of row r at rstd[r * rstd_stride], or null
-  int64_t rstd_stride = 1;
-};
-
-// Backward of LayerNormRowsParams: dx from dy = dL/doutput.
-template <typename T>
-struct LayerNormRowsBackwardParams {
-  int64_t rows = 0;
-  int64_t width = 0;
-  const T* grad_output = nullptr;  // [rows, width]
-  const T* normalized = nullptr;   // [rows, width] xhat
-  const T* gamma = nullptr;        // [width]
-  const T* rstd = nullptr;         // rstd[r * rstd_stride]
-  int64_t rstd_stride = 1;
-  T* grad_input = nullptr;         // [rows, width]
-};
-
-// Column sums of a [rows, width] buffer, alone and weighted by another one:
-//   sum_a[j] = sum_r a[r, j],  sum_ab[j] = sum_r a[r, j] * b[r, j].
-// Summed in row order whatever the threading, so the results are bitwise
-// reproducible (the LayerNorm gain and bias gradients).
-template <typename T>
-struct ColumnSumsParams {
-  int64_t rows = 0;
-  int64_t width = 0;
-  const T* a = nullptr;  // [rows, width]
-  const T* b = nullptr;  // [rows, width], or null (no sum_ab)
-  T* sum_a = nullptr;    // [width], or null
-  T* sum_ab = nullptr;   // [width], or null
-};
-
 // One forward step of the LayerNorm-LSTM over `rows` rows:
-//   pre = gates + LN_hh(hh), c = f c_prev + i g, h = o tanh(LN_cell(c)).
+//   pre = LN_ih(ih) + LN_hh(hh) + bias, c = f c_prev + i g,
+//   h = o tanh(LN_cell(c)),
+// where bias is the sum of the four gate biases (b_ih, b_hh and the two LN
+// biases, which enter alike). ih and hh are overwritten with their normalised
+// values xhat (what the backward reads; it recomputes the gates from them).
 template <typename T>
 struct LayerNormStepParams {
   int64_t rows = 0;
-  int64_t hidden = 0;               // H
+  int64_t hidden = 0;             // H
   T eps = T(1e-5);
-  T* gates = nullptr;       // [rows, 4H] LN_ih(W_ih x) + biases in, activated out
-  T* hh = nullptr;          // [rows, 4H] W_hh h_{t-1} in, xhat_hh out if save
-  bool save_normalized_hh = false;
-  const T* gamma_hh = nullptr;      // [4H]
-  const T* beta_hh = nullptr;       // [4H]
-  const T* gamma_cell = nullptr;    // [H]
-  const T* beta_cell = nullptr;     // [H]
+  T* ih = nullptr;                // [rows, 4H] W_ih x_t in, xhat_ih out
+  T* hh = nullptr;                // [rows, 4H] W_hh h_{t-1} in, xhat_hh out
+  const T* gamma_ih = nullptr;    // [4H]
+  const T* gamma_hh = nullptr;    // [4H]
+  const T* bias = nullptr;        // [4H] sum of the gate biases
+  const T* gamma_cell = nullptr;  // [H]
+  const T* beta_cell = nullptr;   // [H]
   T* cell_state = nullptr;  // [rows, H] c_{t-1} in, c_t out
   T* cell_save = nullptr;   // [rows, H] copy of c_t, or null
-  T* stats = nullptr;       // [rows, kStatsWidth] (kRstdHh, kMeanCell,
-                            // kRstdCell written), or null
+  T* stats = nullptr;       // [rows, kStatsWidth], or null
   T* h_out = nullptr;       // [rows, H]
   T* h_out2 = nullptr;      // [rows, H] second copy, or null
 };
 
-// One backward step of the LayerNorm-LSTM over `rows` rows.
+// One backward step of the LayerNorm-LSTM over `rows` rows, from what the
+// forward saved (the gates are recomputed from xhat_ih and xhat_hh).
 template <typename T>
 struct LayerNormBackwardStepParams {
   int64_t rows = 0;
   int64_t hidden = 0;
   int64_t rows_from_previous = 0;   // rows [0, this) read c_prev from cell_prev
-  const T* gates = nullptr;         // [rows, 4H] activated gates
+  const T* normalized_ih = nullptr; // [rows, 4H] xhat_ih
+  const T* normalized_hh = nullptr; // [rows, 4H] xhat_hh
+  const T* stats = nullptr;         // [rows, kStatsWidth]
+  const T* gamma_ih = nullptr;      // [4H]
+  const T* gamma_hh = nullptr;      // [4H]
+  const T* bias = nullptr;          // [4H] sum of the gate biases
+  const T* gamma_cell = nullptr;    // [H]
+  const T* beta_cell = nullptr;     // [H]
   const T* cell = nullptr;          // [rows, H] c_t
   const T* cell_prev = nullptr;     // [rows_from_previous, H]
   const T* cell_init = nullptr;     // [B, H] c_0
-  const T* normalized_hh = nullptr; // [rows, 4H] xhat_hh
-  const T* stats = nullptr;         // [rows, kStatsWidth]
-  const T* gamma_hh = nullptr;      // [4H]
-  const T* gamma_cell = nullptr;    // [H]
-  const T* beta_cell = nullptr;     // [H]
   const T* dh = nullptr;            // [rows, H] gradient w.r.t. h_t ...
   const T* dh2 = nullptr;           // ... plus this one when not null
   T* dcell_state = nullptr;         // [rows, H] dc_t in, dc_{t-1} out
   T* dgates = nullptr;              // [rows, 4H] w.r.t. the pre-activations
-  T* dhh = nullptr;                 // [rows, 4H] w.r.t. W_hh h_{t-1}
   T* dcell_norm = nullptr;          // [rows, H] w.r.t. LN_cell(c_t)
+  T* dih = nullptr;                 // [rows, 4H] w.r.t. W_ih x_t
+  T* dhh = nullptr;                 // [rows, 4H] w.r.t. W_hh h_{t-1}
+};
+
+// Adds one step's share to the LayerNorm parameter gradients, from the
+// gradients a backward step wrote:
+//   grad_bias[j]       += sum_r dgates[r, j]
+//   grad_gamma_ih[j]   += sum_r dgates[r, j] * xhat_ih[r, j]
+//   grad_gamma_hh[j]   += sum_r dgates[r, j] * xhat_hh[r, j]
+//   grad_beta_cell[k]  += sum_r dcell_norm[r, k]
+//   grad_gamma_cell[k] += sum_r dcell_norm[r, k] * xhat_cell[r, k]
+// (xhat_cell from c_t and its saved statistics). Each column sums its rows
+// in row order whatever the threading, and the driver adds the steps in
+// order, so the gradients are bitwise reproducible.
+template <typename T>
+struct LayerNormParamGradsParams {
+  int64_t rows = 0;
+  int64_t hidden = 0;
+  const T* dgates = nullptr;         // [rows, 4H]
+  const T* normalized_ih = nullptr;  // [rows, 4H]
+  const T* normalized_hh = nullptr;  // [rows, 4H]
+  const T* dcell_norm = nullptr;     // [rows, H]
+  const T* cell = nullptr;           // [rows, H] c_t
+  const T* stats = nullptr;          // [rows, kStatsWidth]
+  T* grad_bias = nullptr;            // [4H]
+  T* grad_gamma_ih = nullptr;        // [4H]
+  T* grad_gamma_hh = nullptr;        // [4H]
+  T* grad_gamma_cell = nullptr;      // [H]
+  T* grad_beta_cell = nullptr;       // [H]
 };
 
 }  // namespace rnnfast

@@ -41,25 +41,27 @@ TORCH_LIBRARY(rnnfast, m) {
   //   c = f c_prev + i g,  h = o tanh(LN_cell(c)), LN over H.
   // Sizes as lstm_forward (P = H); ln_ih_*, ln_hh_* [4H], ln_cell_* [H].
   // Returns output, hy, cy and, when training, the saved activations:
-  // gates [N, 4H], cells [N, H], normalized_ih and normalized_hh [N, 4H]
-  // (the LayerNorm inputs after normalisation) and stats [N, 4] (1/std of
-  // W_ih x and W_hh h, mean and 1/std of c), else empty tensors.
+  // cells [N, H], normalized_ih and normalized_hh [N, 4H] (the LayerNorm
+  // inputs after normalisation, from which the backward recomputes the
+  // gates) and stats [N, 4] (1/std of W_ih x and W_hh h, mean and 1/std of
+  // c), else empty tensors.
   m.def(
       "layer_norm_lstm_forward(Tensor input, Tensor hx, Tensor cx, "
       "Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, "
       "Tensor ln_ih_weight, Tensor ln_ih_bias, Tensor ln_hh_weight, "
       "Tensor ln_hh_bias, Tensor ln_cell_weight, Tensor ln_cell_bias, "
       "Tensor? batch_sizes, bool reverse, bool training, float eps) -> "
-      "(Tensor output, Tensor hy, Tensor cy, Tensor gates, Tensor cells, "
+      "(Tensor output, Tensor hy, Tensor cy, Tensor cells, "
       "Tensor normalized_ih, Tensor normalized_hh, Tensor stats)");
   // Gradients of layer_norm_lstm_forward. grad_bias is the gradient of each
   // of bias_ih, bias_hh, ln_ih_bias and ln_hh_bias (they enter alike).
   m.def(
       "layer_norm_lstm_backward(Tensor grad_output, Tensor grad_hy, "
       "Tensor grad_cy, Tensor input, Tensor hx, Tensor cx, Tensor weight_ih, "
-      "Tensor weight_hh, Tensor ln_ih_weight, Tensor ln_hh_weight, "
-      "Tensor ln_cell_weight, Tensor ln_cell_bias, Tensor? batch_sizes, "
-      "bool reverse, Tensor output, Tensor gates, Tensor cells, "
+      "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, "
+      "Tensor ln_ih_weight, Tensor ln_ih_bias, Tensor ln_hh_weight, "
+      "Tensor ln_hh_bias, Tensor ln_cell_weight, Tensor ln_cell_bias, "
+      "Tensor? batch_sizes, bool reverse, Tensor output, Tensor cells, "
       "Tensor normalized_ih, Tensor normalized_hh, Tensor stats) -> "
       "(Tensor grad_input, Tensor grad_hx, Tensor grad_cx, "
       "Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias, "

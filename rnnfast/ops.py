@@ -149,6 +149,9 @@ def _lstm_setup_context(ctx, inputs, output):
      batch_sizes, reverse, training) = inputs
     out, hy, cy, gates, cells = output
     ctx.mark_non_differentiable(gates, cells)
+    # No zero-filled [N, 4H] gradients for the saved activations: a missing
+    # gradient arrives as None.
+    ctx.set_materialize_grads(False)
     if not training:  # nothing was saved: these outputs have no gradient
         ctx.mark_non_differentiable(out, hy, cy)
     ctx.reverse = reverse
@@ -204,7 +207,7 @@ def layer_norm_lstm_forward(
     reverse: bool,
     training: bool,
     eps: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One LayerNorm-LSTM layer in one direction over a whole sequence.
 
     The cell (Ba, Kiros & Hinton 2016, section 3.1)::
@@ -216,8 +219,10 @@ def layer_norm_lstm_forward(
     Sizes as :func:`lstm_forward` (no projection, so ``P == H``);
     ``ln_ih_*`` and ``ln_hh_*`` are ``[4H]``, ``ln_cell_*`` ``[H]``.
 
-    Returns ``(output, hy, cy, gates, cells, normalized_ih, normalized_hh,
-    stats)``; the last five are saved activations, empty unless training.
+    Returns ``(output, hy, cy, cells, normalized_ih, normalized_hh,
+    stats)``; the last four are saved activations, empty unless training.
+    The backward recomputes the gates from ``normalized_ih`` and
+    ``normalized_hh``.
     """
     return torch.ops.rnnfast.layer_norm_lstm_forward.default(
         input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, ln_ih_weight,
@@ -235,14 +240,17 @@ def layer_norm_lstm_backward(
     cx: Tensor,
     weight_ih: Tensor,
     weight_hh: Tensor,
+    bias_ih: Optional[Tensor],
+    bias_hh: Optional[Tensor],
     ln_ih_weight: Tensor,
+    ln_ih_bias: Tensor,
     ln_hh_weight: Tensor,
+    ln_hh_bias: Tensor,
     ln_cell_weight: Tensor,
     ln_cell_bias: Tensor,
     batch_sizes: Optional[Tensor],
     reverse: bool,
     output: Tensor,
-    gates: Tensor,
     cells: Tensor,
     normalized_ih: Tensor,
     normalized_hh: Tensor,
@@ -257,8 +265,9 @@ def layer_norm_lstm_backward(
     """
     return torch.ops.rnnfast.layer_norm_lstm_backward.default(
         grad_output, grad_hy, grad_cy, input, hx, cx, weight_ih, weight_hh,
-        ln_ih_weight, ln_hh_weight, ln_cell_weight, ln_cell_bias, batch_sizes,
-        reverse, output, gates, cells, normalized_ih, normalized_hh, stats,
+        bias_ih, bias_hh, ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias,
+        ln_cell_weight, ln_cell_bias, batch_sizes, reverse, output, cells,
+        normalized_ih, normalized_hh, stats,
     )
 
 
@@ -270,7 +279,7 @@ def _layer_norm_lstm_forward_fake(input, hx, cx, weight_ih, weight_hh, bias_ih,
     hidden = weight_ih.shape[0] // 4
     return _fake_forward(
         input, hx, cx, weight_ih, batch_sizes, training, hidden,
-        (4 * hidden, hidden, 4 * hidden, 4 * hidden, _STATS_WIDTH),
+        (hidden, 4 * hidden, 4 * hidden, _STATS_WIDTH),
         weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh,
         ln_ih_weight=ln_ih_weight, ln_ih_bias=ln_ih_bias, ln_hh_weight=ln_hh_weight,
         ln_hh_bias=ln_hh_bias, ln_cell_weight=ln_cell_weight, ln_cell_bias=ln_cell_bias)
@@ -278,10 +287,11 @@ def _layer_norm_lstm_forward_fake(input, hx, cx, weight_ih, weight_hh, bias_ih,
 
 @torch.library.register_fake("rnnfast::layer_norm_lstm_backward")
 def _layer_norm_lstm_backward_fake(grad_output, grad_hy, grad_cy, input, hx, cx,
-                                   weight_ih, weight_hh, ln_ih_weight, ln_hh_weight,
+                                   weight_ih, weight_hh, bias_ih, bias_hh,
+                                   ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias,
                                    ln_cell_weight, ln_cell_bias, batch_sizes, reverse,
-                                   output, gates, cells, normalized_ih,
-                                   normalized_hh, stats):
+                                   output, cells, normalized_ih, normalized_hh,
+                                   stats):
     return (
         torch.empty_like(input),
         torch.empty_like(hx),
@@ -297,33 +307,36 @@ def _layer_norm_lstm_backward_fake(grad_output, grad_hy, grad_cy, input, hx, cx,
 
 
 def _layer_norm_lstm_setup_context(ctx, inputs, output):
-    (input, hx, cx, weight_ih, weight_hh, bias_ih, _bias_hh, ln_ih_weight, _ln_ih_bias,
-     ln_hh_weight, _ln_hh_bias, ln_cell_weight, ln_cell_bias, batch_sizes, reverse,
+    (input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, ln_ih_weight, ln_ih_bias,
+     ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias, batch_sizes, reverse,
      training, _eps) = inputs
-    out, hy, cy, gates, cells, normalized_ih, normalized_hh, stats = output
-    ctx.mark_non_differentiable(gates, cells, normalized_ih, normalized_hh, stats)
+    out, hy, cy, cells, normalized_ih, normalized_hh, stats = output
+    ctx.mark_non_differentiable(cells, normalized_ih, normalized_hh, stats)
+    ctx.set_materialize_grads(False)  # as in _lstm_setup_context
     if not training:  # nothing was saved: these outputs have no gradient
         ctx.mark_non_differentiable(out, hy, cy)
     ctx.reverse = reverse
     ctx.training = training
     ctx.has_bias = bias_ih is not None
-    ctx.save_for_backward(input, hx, cx, weight_ih, weight_hh, ln_ih_weight,
-                          ln_hh_weight, ln_cell_weight, ln_cell_bias, batch_sizes,
-                          out, gates, cells, normalized_ih, normalized_hh, stats)
+    ctx.save_for_backward(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh,
+                          ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias,
+                          ln_cell_weight, ln_cell_bias, batch_sizes, out, cells,
+                          normalized_ih, normalized_hh, stats)
 
 
 def _layer_norm_lstm_backward_autograd(ctx, grad_output, grad_hy, grad_cy, *_unused):
-    (input, hx, cx, weight_ih, weight_hh, ln_ih_weight, ln_hh_weight, ln_cell_weight,
-     ln_cell_bias, batch_sizes, out, gates, cells, normalized_ih, normalized_hh,
-     stats) = ctx.saved_tensors
+    (input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, ln_ih_weight, ln_ih_bias,
+     ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias, batch_sizes, out, cells,
+     normalized_ih, normalized_hh, stats) = ctx.saved_tensors
     if not ctx.training:  # outputs were marked non-differentiable
         return (None,) * 17
     (grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias, grad_ln_ih_w,
      grad_ln_hh_w, grad_ln_cell_w, grad_ln_cell_b) = layer_norm_lstm_backward(
         _zeros_if_none(grad_output, out), _zeros_if_none(grad_hy, hx),
-        _zeros_if_none(grad_cy, cx), input, hx, cx, weight_ih, weight_hh,
-        ln_ih_weight, ln_hh_weight, ln_cell_weight, ln_cell_bias, batch_sizes,
-        ctx.reverse, out, gates, cells, normalized_ih, normalized_hh, stats)
+        _zeros_if_none(grad_cy, cx), input, hx, cx, weight_ih, weight_hh, bias_ih,
+        bias_hh, ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias, ln_cell_weight,
+        ln_cell_bias, batch_sizes, ctx.reverse, out, cells, normalized_ih,
+        normalized_hh, stats)
     grad_b = grad_bias if ctx.has_bias else None
     return (grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_b, grad_b,
             grad_ln_ih_w, grad_bias, grad_ln_hh_w, grad_bias, grad_ln_cell_w,

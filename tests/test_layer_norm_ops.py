@@ -130,16 +130,50 @@ def test_forward_and_backward_ops_match_reference(device, packed, bias):
                                    msg=lambda m, k=name: f"{k}: {m}")
 
 
+@pytest.mark.parametrize("packed,reverse", [(False, False), (False, True), (True, False),
+                                            (True, True)])
+def test_backward_over_several_gradient_blocks(device, packed, reverse):
+    """The backward runs its input and weight gradient GEMMs per block of
+    about 1024 rows (layer_norm_lstm_driver.h's kGradBlockRows): a sequence of
+    several blocks, with uneven step sizes when packed, still gives the
+    reference's gradients."""
+    lengths = [500, 480, 400, 330, 200, 150, 64, 3] if packed else None  # 2127 rows
+    sample = _ln_sample(steps=250, batch=9, input_size=2, hidden=2, lengths=lengths,
+                        reverse=reverse, device=device, requires_grad=True, seed=31)
+    rows = sample.args[0].shape[0] * (1 if packed else sample.args[0].shape[1])
+    assert rows > 2 * 1024
+    x, hx, cx, *weights = sample.args[:13]
+    # One direction (d) of a bidirectional reference whose other direction
+    # gets detached copies (and no gradient).
+    d = 1 if reverse else 0
+    copies = [w.detach().clone() for w in weights]
+    both = [list(weights), copies] if d == 0 else [copies, list(weights)]
+    states = [(hx, cx), (hx.detach(), cx.detach())][::1 if d == 0 else -1]
+    out, hy, cy = layer_norm_lstm_reference(
+        x, tuple(torch.stack(pair) for pair in zip(*states)), both[0] + both[1],
+        bias=True, bidirectional=True, batch_sizes=sample.batch_sizes, eps=sample.args[-1])
+    out, hy, cy = out[..., d * 2:(d + 1) * 2], hy[d], cy[d]
+    args = backward_args_from(sample)
+    expected = torch.autograd.grad((out, hy, cy), sample.diff_args, args[:3])
+    grads = OPS.layer_norm_lstm_backward.default(*args)
+    g_bias = grads[5]
+    got = list(grads[:5]) + [g_bias, g_bias, grads[6], g_bias, grads[7], g_bias, grads[8],
+                             grads[9]]
+    for name, g, e in zip(DIFF_NAMES, got, expected):
+        torch.testing.assert_close(g, e, atol=1e-9, rtol=1e-9,
+                                   msg=lambda m, k=name: f"{k}: {m}")
+
+
 def test_forward_outputs_shapes_and_workspaces(device):
     for sample in layer_norm_sample_inputs(device):
         x, hx, cx, w_ih = sample.args[:4]
         hidden = w_ih.shape[0] // 4
-        out, hy, cy, gates, cells, n_ih, n_hh, stats = sample.op_overload(*sample.args)
+        out, hy, cy, cells, n_ih, n_hh, stats = sample.op_overload(*sample.args)
         assert out.shape == (*x.shape[:-1], hidden), sample
         assert hy.shape == hx.shape and cy.shape == cx.shape, sample
         rows = x.shape[0] if x.dim() == 2 else x.shape[0] * x.shape[1]
         saved = rows if sample.training else 0
-        assert gates.shape == (saved, 4 * hidden) and cells.shape == (saved, hidden), sample
+        assert cells.shape == (saved, hidden), sample
         assert n_ih.shape == n_hh.shape == (saved, 4 * hidden), sample
         assert stats.shape[0] == saved, sample
         # Inference and training compute the same outputs.

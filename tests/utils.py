@@ -231,11 +231,12 @@ def backward_args_from(sample: OpSample, seed: int = 100) -> tuple:
         return [None if t is None else t.detach() for t in ts]
 
     if sample.op == "layer_norm_lstm_forward":
-        (x, hx, cx, w_ih, w_hh, _b_ih, _b_hh, ln_ih_w, _ln_ih_b, ln_hh_w, _ln_hh_b,
+        (x, hx, cx, w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b,
          ln_cell_w, ln_cell_b, batch_sizes, reverse, _training, _eps) = sample.args
         out, hy, cy = saved[:3]
         return (rand_like(out), rand_like(hy), rand_like(cy),
-                *detach(x, hx, cx, w_ih, w_hh, ln_ih_w, ln_hh_w, ln_cell_w, ln_cell_b),
+                *detach(x, hx, cx, w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_ih_b, ln_hh_w,
+                        ln_hh_b, ln_cell_w, ln_cell_b),
                 batch_sizes, reverse, *saved[:1], *saved[3:])
 
     (x, hx, cx, w_ih, w_hh, _b_ih, _b_hh, w_hr, batch_sizes, reverse, training) = sample.args

@@ -35,14 +35,6 @@ struct CpuBackend {
     kernels<T>().backward_step(p);
   }
   template <typename T>
-  static void layer_norm_rows(const LayerNormRowsParams<T>& p) {
-    kernels<T>().layer_norm_rows(p);
-  }
-  template <typename T>
-  static void layer_norm_rows_backward(const LayerNormRowsBackwardParams<T>& p) {
-    kernels<T>().layer_norm_rows_backward(p);
-  }
-  template <typename T>
   static void layer_norm_forward_step(const LayerNormStepParams<T>& p) {
     kernels<T>().layer_norm_forward_step(p);
   }
@@ -51,8 +43,8 @@ struct CpuBackend {
     kernels<T>().layer_norm_backward_step(p);
   }
   template <typename T>
-  static void column_sums(const ColumnSumsParams<T>& p) {
-    kernels<T>().column_sums(p);
+  static void layer_norm_param_grads(const LayerNormParamGradsParams<T>& p) {
+    kernels<T>().layer_norm_param_grads(p);
   }
   template <typename T>
   static void copy(T* dst, const T* src, int64_t count) {

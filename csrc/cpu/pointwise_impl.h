@@ -167,30 +167,6 @@ inline std::pair<T, T> row_moments(const T* x, int64_t n, T eps) {
   return {mean, layer_norm_rstd(var, eps)};
 }
 
-template <typename T>
-void layer_norm_rows_impl(const LayerNormRowsParams<T>& p) {
-  using V = at::vec::Vectorized<T>;
-  const int64_t W = p.width;
-  at::parallel_for(0, p.rows, row_grain(W), [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const T* x = p.input + row * W;
-      const auto [mean, rstd] = row_moments(x, W, p.eps);
-      if (p.rstd) p.rstd[row * p.rstd_stride] = rstd;
-      T* xhat_out = p.normalized ? p.normalized + row * W : nullptr;
-      T* out = p.output + row * W;
-      for (int64_t j = 0; j < W; j += V::size()) {
-        const int64_t n = std::min<int64_t>(V::size(), W - j);
-        const V xhat = (V::loadu(x + j, n) - V(mean)) * V(rstd);
-        if (xhat_out) xhat.store(xhat_out + j, n);
-        V y = at::vec::fmadd(xhat, V::loadu(p.gamma + j, n),
-                             V::loadu(p.beta + j, n));
-        if (p.bias) y = y + V::loadu(p.bias + j, n);
-        y.store(out + j, n);
-      }
-    }
-  });
-}
-
 // dx of one normalised row: dxhat = dy * gamma, then the LayerNorm backward.
 template <typename T>
 inline void layer_norm_row_backward(const T* dy, const T* xhat,
@@ -217,45 +193,36 @@ inline void layer_norm_row_backward(const T* dy, const T* xhat,
 }
 
 template <typename T>
-void layer_norm_rows_backward_impl(const LayerNormRowsBackwardParams<T>& p) {
-  const int64_t W = p.width;
-  at::parallel_for(0, p.rows, row_grain(W), [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      layer_norm_row_backward(p.grad_output + row * W, p.normalized + row * W,
-                              p.gamma, p.rstd[row * p.rstd_stride], W,
-                              p.grad_input + row * W);
-    }
-  });
-}
-
-template <typename T>
 void layer_norm_forward_step_impl(const LayerNormStepParams<T>& p) {
   using V = at::vec::Vectorized<T>;
   const int64_t H = p.hidden, G = 4 * p.hidden;
   at::parallel_for(0, p.rows, row_grain(G), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      T* gates = p.gates + row * G;
+      T* ih = p.ih + row * G;
       T* hh = p.hh + row * G;
       T* c_state = p.cell_state + row * H;
+      T* h_out = p.h_out + row * H;
+      const auto [mean_ih, rstd_ih] = row_moments<T>(ih, G, p.eps);
       const auto [mean_hh, rstd_hh] = row_moments<T>(hh, G, p.eps);
-      // Gates and the cell state.
+      // Gates and the cell state; both products normalised in place, and
+      // sigmoid(o) parked in h_out until LN_cell's statistics are known.
       for (int64_t j = 0; j < H; j += V::size()) {
         const int64_t n = std::min<int64_t>(V::size(), H - j);
         V pre[4];
         for (int k = 0; k < 4; ++k) {
           const int64_t o = k * H + j;
-          const V xhat = (V::loadu(hh + o, n) - V(mean_hh)) * V(rstd_hh);
-          if (p.save_normalized_hh) xhat.store(hh + o, n);
-          pre[k] = V::loadu(gates + o, n) +
-                   at::vec::fmadd(xhat, V::loadu(p.gamma_hh + o, n),
-                                  V::loadu(p.beta_hh + o, n));
+          const V xi = (V::loadu(ih + o, n) - V(mean_ih)) * V(rstd_ih);
+          const V xh = (V::loadu(hh + o, n) - V(mean_hh)) * V(rstd_hh);
+          xi.store(ih + o, n);
+          xh.store(hh + o, n);
+          pre[k] = at::vec::fmadd(
+              xi, V::loadu(p.gamma_ih + o, n),
+              at::vec::fmadd(xh, V::loadu(p.gamma_hh + o, n),
+                             V::loadu(p.bias + o, n)));
         }
         const auto cell = lstm_cell_state<V>(pre[0], pre[1], pre[2], pre[3],
                                              V::loadu(c_state + j, n));
-        cell.i.store(gates + j, n);
-        cell.f.store(gates + H + j, n);
-        cell.g.store(gates + 2 * H + j, n);
-        cell.o.store(gates + 3 * H + j, n);
+        cell.o.store(h_out + j, n);
         cell.c.store(c_state + j, n);
         if (p.cell_save) cell.c.store(p.cell_save + row * H + j, n);
       }
@@ -263,6 +230,7 @@ void layer_norm_forward_step_impl(const LayerNormStepParams<T>& p) {
       const auto [mean_c, rstd_c] = row_moments<T>(c_state, H, p.eps);
       if (p.stats) {
         T* st = p.stats + row * kStatsWidth;
+        st[kRstdIh] = rstd_ih;
         st[kRstdHh] = rstd_hh;
         st[kMeanCell] = mean_c;
         st[kRstdCell] = rstd_c;
@@ -272,12 +240,25 @@ void layer_norm_forward_step_impl(const LayerNormStepParams<T>& p) {
         const V cn = at::vec::fmadd(
             (V::loadu(c_state + j, n) - V(mean_c)) * V(rstd_c),
             V::loadu(p.gamma_cell + j, n), V::loadu(p.beta_cell + j, n));
-        const V h = V::loadu(gates + 3 * H + j, n) * rnnfast::tanh<V>(cn);
-        h.store(p.h_out + row * H + j, n);
+        const V h = V::loadu(h_out + j, n) * rnnfast::tanh<V>(cn);
+        h.store(h_out + j, n);
         if (p.h_out2) h.store(p.h_out2 + row * H + j, n);
       }
     }
   });
+}
+
+// The pre-activation of gate k at hidden units [j, j + n) of a row, from the
+// normalised products the forward saved.
+template <typename T>
+inline at::vec::Vectorized<T> saved_pre_activation(
+    const LayerNormBackwardStepParams<T>& p, const T* xi, const T* xh,
+    int64_t o, int64_t n) {
+  using V = at::vec::Vectorized<T>;
+  return at::vec::fmadd(V::loadu(xi + o, n), V::loadu(p.gamma_ih + o, n),
+                        at::vec::fmadd(V::loadu(xh + o, n),
+                                       V::loadu(p.gamma_hh + o, n),
+                                       V::loadu(p.bias + o, n)));
 }
 
 template <typename T>
@@ -286,7 +267,8 @@ void layer_norm_backward_step_impl(const LayerNormBackwardStepParams<T>& p) {
   const int64_t H = p.hidden, G = 4 * p.hidden;
   at::parallel_for(0, p.rows, row_grain(G), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      const T* gates = p.gates + row * G;
+      const T* xi = p.normalized_ih + row * G;
+      const T* xh = p.normalized_hh + row * G;
       const T* cell = p.cell + row * H;
       const T* cell_prev = row < p.rows_from_previous
                                ? p.cell_prev + row * H
@@ -301,13 +283,14 @@ void layer_norm_backward_step_impl(const LayerNormBackwardStepParams<T>& p) {
       // Output half: gradient w.r.t. o and w.r.t. LN_cell(c).
       for (int64_t j = 0; j < H; j += V::size()) {
         const int64_t n = std::min<int64_t>(V::size(), H - j);
+        const V o = rnnfast::sigmoid<V>(
+            saved_pre_activation(p, xi, xh, 3 * H + j, n));
         const V xhat = (V::loadu(cell + j, n) - V(mean_c)) * V(rstd_c);
         const V cn = at::vec::fmadd(xhat, V::loadu(p.gamma_cell + j, n),
                                     V::loadu(p.beta_cell + j, n));
         V dh_v = V::loadu(dh + j, n);
         if (dh2) dh_v = dh_v + V::loadu(dh2 + j, n);
-        const auto out = lstm_output_backward<V>(
-            dh_v, V::loadu(gates + 3 * H + j, n), rnnfast::tanh<V>(cn));
+        const auto out = lstm_output_backward<V>(dh_v, o, rnnfast::tanh<V>(cn));
         out.do_.store(dgates + 3 * H + j, n);
         out.dy.store(dcn + j, n);
       }
@@ -331,47 +314,88 @@ void layer_norm_backward_step_impl(const LayerNormBackwardStepParams<T>& p) {
                      layer_norm_input_grad<V>(dxhat, xhat, V(rstd_c),
                                               V(mean_dxhat),
                                               V(mean_dxhat_xhat));
-        const auto state = lstm_state_backward<V>(
-            dc, V::loadu(gates + j, n), V::loadu(gates + H + j, n),
-            V::loadu(gates + 2 * H + j, n), V::loadu(cell_prev + j, n));
+        const V i = rnnfast::sigmoid<V>(saved_pre_activation(p, xi, xh, j, n));
+        const V f =
+            rnnfast::sigmoid<V>(saved_pre_activation(p, xi, xh, H + j, n));
+        const V g =
+            rnnfast::tanh<V>(saved_pre_activation(p, xi, xh, 2 * H + j, n));
+        const auto state =
+            lstm_state_backward<V>(dc, i, f, g, V::loadu(cell_prev + j, n));
         state.di.store(dgates + j, n);
         state.df.store(dgates + H + j, n);
         state.dg.store(dgates + 2 * H + j, n);
         state.dc_prev.store(dc_state + j, n);
       }
-      // LN_hh backward: gradient w.r.t. W_hh h_{t-1}.
-      layer_norm_row_backward(dgates, p.normalized_hh + row * G, p.gamma_hh,
-                              st[kRstdHh], G, p.dhh + row * G);
+      // The LayerNorm backward of both products.
+      layer_norm_row_backward(dgates, xh, p.gamma_hh, st[kRstdHh], G,
+                              p.dhh + row * G);
+      layer_norm_row_backward(dgates, xi, p.gamma_ih, st[kRstdIh], G,
+                              p.dih + row * G);
     }
   });
 }
 
+// Column blocks of layer_norm_param_grads_impl: kParamBlock vectors wide.
+constexpr int kParamBlock = 8;
+
 template <typename T>
-void column_sums_impl(const ColumnSumsParams<T>& p) {
+void layer_norm_param_grads_impl(const LayerNormParamGradsParams<T>& p) {
   using V = at::vec::Vectorized<T>;
-  // Each task owns a block of columns and walks every row in order.
-  constexpr int64_t kBlock = 16 * V::size();
-  const int64_t blocks = (p.width + kBlock - 1) / kBlock;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t H = p.hidden, G = 4 * p.hidden;
+  constexpr int64_t kCols = kParamBlock * V::size();
+  const int64_t gate_blocks = (G + kCols - 1) / kCols;
+  const int64_t cell_blocks = (H + kCols - 1) / kCols;
+  // Each task owns blocks of columns and walks every row in order; enough
+  // blocks per task to be worth handing to a thread (about 16K elements).
+  const int64_t grain = std::max<int64_t>(
+      1, (int64_t{1} << 14) / std::max<int64_t>(1, p.rows * kCols));
+  at::parallel_for(0, gate_blocks + cell_blocks, grain, [&](int64_t begin,
+                                                            int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t c0 = blk * kBlock;
-      const int64_t cols = std::min<int64_t>(kBlock, p.width - c0);
-      V acc_a[16], acc_ab[16];
-      for (int k = 0; k < 16; ++k) acc_a[k] = acc_ab[k] = V(T(0));
+      const bool gate = blk < gate_blocks;
+      const int64_t W = gate ? G : H;
+      const int64_t c0 = (gate ? blk : blk - gate_blocks) * kCols;
+      const int64_t cols = std::min<int64_t>(kCols, W - c0);
+      T* sum_a = gate ? p.grad_bias : p.grad_beta_cell;
+      T* sum_b = gate ? p.grad_gamma_ih : p.grad_gamma_cell;
+      V a[kParamBlock], b[kParamBlock], c[kParamBlock];
+      for (int64_t k = 0, j = 0; j < cols; ++k, j += V::size()) {
+        const int64_t n = std::min<int64_t>(V::size(), cols - j);
+        a[k] = V::loadu(sum_a + c0 + j, n);
+        b[k] = V::loadu(sum_b + c0 + j, n);
+        c[k] = gate ? V::loadu(p.grad_gamma_hh + c0 + j, n) : V(T(0));
+      }
       for (int64_t r = 0; r < p.rows; ++r) {
-        const T* a = p.a + r * p.width + c0;
-        const T* b = p.b ? p.b + r * p.width + c0 : nullptr;
-        for (int64_t k = 0, j = 0; j < cols; ++k, j += V::size()) {
-          const int64_t n = std::min<int64_t>(V::size(), cols - j);
-          const V av = V::loadu(a + j, n);
-          acc_a[k] = acc_a[k] + av;
-          if (b) acc_ab[k] = at::vec::fmadd(av, V::loadu(b + j, n), acc_ab[k]);
+        if (gate) {
+          const T* dg = p.dgates + r * G + c0;
+          const T* xi = p.normalized_ih + r * G + c0;
+          const T* xh = p.normalized_hh + r * G + c0;
+          for (int64_t k = 0, j = 0; j < cols; ++k, j += V::size()) {
+            const int64_t n = std::min<int64_t>(V::size(), cols - j);
+            const V d = V::loadu(dg + j, n);
+            a[k] = a[k] + d;
+            b[k] = at::vec::fmadd(d, V::loadu(xi + j, n), b[k]);
+            c[k] = at::vec::fmadd(d, V::loadu(xh + j, n), c[k]);
+          }
+        } else {
+          const T* dcn = p.dcell_norm + r * H + c0;
+          const T* cell = p.cell + r * H + c0;
+          const T* st = p.stats + r * kStatsWidth;
+          const V mean(st[kMeanCell]), rstd(st[kRstdCell]);
+          for (int64_t k = 0, j = 0; j < cols; ++k, j += V::size()) {
+            const int64_t n = std::min<int64_t>(V::size(), cols - j);
+            const V d = V::loadu(dcn + j, n);
+            a[k] = a[k] + d;
+            b[k] = at::vec::fmadd(d, (V::loadu(cell + j, n) - mean) * rstd,
+                                  b[k]);
+          }
         }
       }
       for (int64_t k = 0, j = 0; j < cols; ++k, j += V::size()) {
         const int64_t n = std::min<int64_t>(V::size(), cols - j);
-        if (p.sum_a) acc_a[k].store(p.sum_a + c0 + j, n);
-        if (p.sum_ab) acc_ab[k].store(p.sum_ab + c0 + j, n);
+        a[k].store(sum_a + c0 + j, n);
+        b[k].store(sum_b + c0 + j, n);
+        if (gate) c[k].store(p.grad_gamma_hh + c0 + j, n);
       }
     }
   });
@@ -381,11 +405,9 @@ template <typename T>
 constexpr TypedKernels<T> typed_kernels() {
   return {&forward_step_impl<T>,
           &backward_step_impl<T>,
-          &layer_norm_rows_impl<T>,
-          &layer_norm_rows_backward_impl<T>,
           &layer_norm_forward_step_impl<T>,
           &layer_norm_backward_step_impl<T>,
-          &column_sums_impl<T>};
+          &layer_norm_param_grads_impl<T>};
 }
 
 inline const KernelTable& make_kernel_table(const char* name) {

@@ -12,11 +12,9 @@ template <typename T>
 struct TypedKernels {
   void (*forward_step)(const ForwardStepParams<T>&);
   void (*backward_step)(const BackwardStepParams<T>&);
-  void (*layer_norm_rows)(const LayerNormRowsParams<T>&);
-  void (*layer_norm_rows_backward)(const LayerNormRowsBackwardParams<T>&);
   void (*layer_norm_forward_step)(const LayerNormStepParams<T>&);
   void (*layer_norm_backward_step)(const LayerNormBackwardStepParams<T>&);
-  void (*column_sums)(const ColumnSumsParams<T>&);
+  void (*layer_norm_param_grads)(const LayerNormParamGradsParams<T>&);
 };
 
 struct KernelTable {

@@ -19,18 +19,13 @@ void lstm_backward_step(const BackwardStepParams<T>& p);
 // the current stream: one group of threads per row, block reductions for the
 // row statistics, the math of layer_norm.h and lstm_cell.h in
 // at::opmath_type<T>; deterministic (no atomics). Instantiated for float and
-// double (layer_norm_rows.cu, layer_norm_forward_step.cu,
-// layer_norm_backward_step.cu).
-template <typename T>
-void layer_norm_rows(const LayerNormRowsParams<T>& p);
-template <typename T>
-void layer_norm_rows_backward(const LayerNormRowsBackwardParams<T>& p);
+// double (layer_norm_forward_step.cu, layer_norm_backward_step.cu).
 template <typename T>
 void layer_norm_forward_step(const LayerNormStepParams<T>& p);
 template <typename T>
 void layer_norm_backward_step(const LayerNormBackwardStepParams<T>& p);
 template <typename T>
-void column_sums(const ColumnSumsParams<T>& p);
+void layer_norm_param_grads(const LayerNormParamGradsParams<T>& p);
 
 struct CudaBackend : CudaBackendBase {
   template <typename T>
@@ -42,14 +37,6 @@ struct CudaBackend : CudaBackendBase {
     lstm_backward_step(p);
   }
   template <typename T>
-  static void layer_norm_rows(const LayerNormRowsParams<T>& p) {
-    cuda::layer_norm_rows(p);
-  }
-  template <typename T>
-  static void layer_norm_rows_backward(const LayerNormRowsBackwardParams<T>& p) {
-    cuda::layer_norm_rows_backward(p);
-  }
-  template <typename T>
   static void layer_norm_forward_step(const LayerNormStepParams<T>& p) {
     cuda::layer_norm_forward_step(p);
   }
@@ -58,8 +45,8 @@ struct CudaBackend : CudaBackendBase {
     cuda::layer_norm_backward_step(p);
   }
   template <typename T>
-  static void column_sums(const ColumnSumsParams<T>& p) {
-    cuda::column_sums(p);
+  static void layer_norm_param_grads(const LayerNormParamGradsParams<T>& p) {
+    cuda::layer_norm_param_grads(p);
   }
 };
 
