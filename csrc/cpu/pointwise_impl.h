@@ -7,6 +7,9 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <array>
+#include <utility>
+
 #include "../layer_norm.h"
 #include "../lstm_cell.h"
 #include "pointwise_kernels.h"
@@ -152,6 +155,38 @@ inline T row_reduce(int64_t n, const F& f) {
   return s;
 }
 
+// v with the lanes from n on set to zero (the tail of a row).
+template <typename T>
+inline at::vec::Vectorized<T> first_lanes(const at::vec::Vectorized<T>& v,
+                                          int64_t n) {
+  using V = at::vec::Vectorized<T>;
+  return n < V::size() ? V::set(V(T(0)), v, n) : v;
+}
+
+// row_moments of two rows of n values at once.
+template <typename T>
+inline std::array<std::pair<T, T>, 2> row_moments2(const T* a, const T* b,
+                                                   int64_t n, T eps) {
+  using V = at::vec::Vectorized<T>;
+  V sa(T(0)), sb(T(0));
+  for (int64_t j = 0; j < n; j += V::size()) {
+    const int64_t c = std::min<int64_t>(V::size(), n - j);
+    sa = sa + V::loadu(a + j, c);
+    sb = sb + V::loadu(b + j, c);
+  }
+  const T mean_a = lane_sum(sa) / T(n), mean_b = lane_sum(sb) / T(n);
+  V va(T(0)), vb(T(0));
+  for (int64_t j = 0; j < n; j += V::size()) {
+    const int64_t c = std::min<int64_t>(V::size(), n - j);
+    const V da = first_lanes(V::loadu(a + j, c) - V(mean_a), c);
+    const V db = first_lanes(V::loadu(b + j, c) - V(mean_b), c);
+    va = at::vec::fmadd(da, da, va);
+    vb = at::vec::fmadd(db, db, vb);
+  }
+  return {std::pair<T, T>{mean_a, layer_norm_rstd(lane_sum(va) / T(n), eps)},
+          std::pair<T, T>{mean_b, layer_norm_rstd(lane_sum(vb) / T(n), eps)}};
+}
+
 // mean and 1/sqrt(var + eps) of x[0, n), two-pass.
 template <typename T>
 inline std::pair<T, T> row_moments(const T* x, int64_t n, T eps) {
@@ -167,31 +202,6 @@ inline std::pair<T, T> row_moments(const T* x, int64_t n, T eps) {
   return {mean, layer_norm_rstd(var, eps)};
 }
 
-// dx of one normalised row: dxhat = dy * gamma, then the LayerNorm backward.
-template <typename T>
-inline void layer_norm_row_backward(const T* dy, const T* xhat,
-                                    const T* gamma, T rstd, int64_t n,
-                                    T* dx) {
-  using V = at::vec::Vectorized<T>;
-  const T mean_dxhat = row_reduce<T>(n, [&](int64_t j, int64_t c) {
-                         return V::loadu(dy + j, c) * V::loadu(gamma + j, c);
-                       }) /
-                       T(n);
-  const T mean_dxhat_xhat =
-      row_reduce<T>(n, [&](int64_t j, int64_t c) {
-        return V::loadu(dy + j, c) * V::loadu(gamma + j, c) *
-               V::loadu(xhat + j, c);
-      }) /
-      T(n);
-  for (int64_t j = 0; j < n; j += V::size()) {
-    const int64_t c = std::min<int64_t>(V::size(), n - j);
-    const V dxhat = V::loadu(dy + j, c) * V::loadu(gamma + j, c);
-    layer_norm_input_grad<V>(dxhat, V::loadu(xhat + j, c), V(rstd),
-                             V(mean_dxhat), V(mean_dxhat_xhat))
-        .store(dx + j, c);
-  }
-}
-
 template <typename T>
 void layer_norm_forward_step_impl(const LayerNormStepParams<T>& p) {
   using V = at::vec::Vectorized<T>;
@@ -202,8 +212,9 @@ void layer_norm_forward_step_impl(const LayerNormStepParams<T>& p) {
       T* hh = p.hh + row * G;
       T* c_state = p.cell_state + row * H;
       T* h_out = p.h_out + row * H;
-      const auto [mean_ih, rstd_ih] = row_moments<T>(ih, G, p.eps);
-      const auto [mean_hh, rstd_hh] = row_moments<T>(hh, G, p.eps);
+      const auto moments = row_moments2<T>(ih, hh, G, p.eps);
+      const auto [mean_ih, rstd_ih] = moments[0];
+      const auto [mean_hh, rstd_hh] = moments[1];
       // Gates and the cell state; both products normalised in place, and
       // sigmoid(o) parked in h_out until LN_cell's statistics are known.
       for (int64_t j = 0; j < H; j += V::size()) {
@@ -280,40 +291,37 @@ void layer_norm_backward_step_impl(const LayerNormBackwardStepParams<T>& p) {
       T* dgates = p.dgates + row * G;
       T* dcn = p.dcell_norm + row * H;
       T* dc_state = p.dcell_state + row * H;
-      // Output half: gradient w.r.t. o and w.r.t. LN_cell(c).
+      // Output half: gradient w.r.t. o and w.r.t. LN_cell(c), and the sums
+      // of the LN_cell backward.
+      V sum_dxhat(T(0)), sum_dxhat_xhat(T(0));
       for (int64_t j = 0; j < H; j += V::size()) {
         const int64_t n = std::min<int64_t>(V::size(), H - j);
         const V o = rnnfast::sigmoid<V>(
             saved_pre_activation(p, xi, xh, 3 * H + j, n));
         const V xhat = (V::loadu(cell + j, n) - V(mean_c)) * V(rstd_c);
-        const V cn = at::vec::fmadd(xhat, V::loadu(p.gamma_cell + j, n),
-                                    V::loadu(p.beta_cell + j, n));
+        const V gamma = V::loadu(p.gamma_cell + j, n);
+        const V cn = at::vec::fmadd(xhat, gamma, V::loadu(p.beta_cell + j, n));
         V dh_v = V::loadu(dh + j, n);
         if (dh2) dh_v = dh_v + V::loadu(dh2 + j, n);
         const auto out = lstm_output_backward<V>(dh_v, o, rnnfast::tanh<V>(cn));
         out.do_.store(dgates + 3 * H + j, n);
         out.dy.store(dcn + j, n);
+        const V dxhat = first_lanes(out.dy * gamma, n);
+        sum_dxhat = sum_dxhat + dxhat;
+        sum_dxhat_xhat = at::vec::fmadd(dxhat, xhat, sum_dxhat_xhat);
       }
-      // LN_cell backward, then the state half.
-      const T mean_dxhat = row_reduce<T>(H, [&](int64_t j, int64_t c) {
-                             return V::loadu(dcn + j, c) *
-                                    V::loadu(p.gamma_cell + j, c);
-                           }) /
-                           T(H);
-      const T mean_dxhat_xhat =
-          row_reduce<T>(H, [&](int64_t j, int64_t c) {
-            return V::loadu(dcn + j, c) * V::loadu(p.gamma_cell + j, c) *
-                   ((V::loadu(cell + j, c) - V(mean_c)) * V(rstd_c));
-          }) /
-          T(H);
+      const V mean_dxhat(lane_sum(sum_dxhat) / T(H));
+      const V mean_dxhat_xhat(lane_sum(sum_dxhat_xhat) / T(H));
+      // LN_cell backward, then the state half, and the sums of the LayerNorm
+      // backward of both products over the row's 4H gate gradients.
+      V sum_hh(T(0)), sum_hh_x(T(0)), sum_ih(T(0)), sum_ih_x(T(0));
       for (int64_t j = 0; j < H; j += V::size()) {
         const int64_t n = std::min<int64_t>(V::size(), H - j);
         const V xhat = (V::loadu(cell + j, n) - V(mean_c)) * V(rstd_c);
         const V dxhat = V::loadu(dcn + j, n) * V::loadu(p.gamma_cell + j, n);
         const V dc = V::loadu(dc_state + j, n) +
                      layer_norm_input_grad<V>(dxhat, xhat, V(rstd_c),
-                                              V(mean_dxhat),
-                                              V(mean_dxhat_xhat));
+                                              mean_dxhat, mean_dxhat_xhat);
         const V i = rnnfast::sigmoid<V>(saved_pre_activation(p, xi, xh, j, n));
         const V f =
             rnnfast::sigmoid<V>(saved_pre_activation(p, xi, xh, H + j, n));
@@ -325,12 +333,38 @@ void layer_norm_backward_step_impl(const LayerNormBackwardStepParams<T>& p) {
         state.df.store(dgates + H + j, n);
         state.dg.store(dgates + 2 * H + j, n);
         state.dc_prev.store(dc_state + j, n);
+        const V dg[4] = {state.di, state.df, state.dg,
+                         V::loadu(dgates + 3 * H + j, n)};
+        for (int k = 0; k < 4; ++k) {
+          const int64_t o = k * H + j;
+          const V d = first_lanes(dg[k], n);
+          const V dxh = d * V::loadu(p.gamma_hh + o, n);
+          const V dxi = d * V::loadu(p.gamma_ih + o, n);
+          sum_hh = sum_hh + dxh;
+          sum_hh_x = at::vec::fmadd(dxh, V::loadu(xh + o, n), sum_hh_x);
+          sum_ih = sum_ih + dxi;
+          sum_ih_x = at::vec::fmadd(dxi, V::loadu(xi + o, n), sum_ih_x);
+        }
       }
-      // The LayerNorm backward of both products.
-      layer_norm_row_backward(dgates, xh, p.gamma_hh, st[kRstdHh], G,
-                              p.dhh + row * G);
-      layer_norm_row_backward(dgates, xi, p.gamma_ih, st[kRstdIh], G,
-                              p.dih + row * G);
+      // The LayerNorm backward of both products: gradients w.r.t.
+      // W_hh h_{t-1} and W_ih x_t.
+      const V mean_hh(lane_sum(sum_hh) / T(G)), mean_hh_x(lane_sum(sum_hh_x) / T(G));
+      const V mean_ih(lane_sum(sum_ih) / T(G)), mean_ih_x(lane_sum(sum_ih_x) / T(G));
+      const V rstd_hh(st[kRstdHh]), rstd_ih(st[kRstdIh]);
+      T* dhh = p.dhh + row * G;
+      T* dih = p.dih + row * G;
+      for (int64_t o = 0; o < G; o += V::size()) {
+        const int64_t n = std::min<int64_t>(V::size(), G - o);
+        const V d = V::loadu(dgates + o, n);
+        layer_norm_input_grad<V>(d * V::loadu(p.gamma_hh + o, n),
+                                 V::loadu(xh + o, n), rstd_hh, mean_hh,
+                                 mean_hh_x)
+            .store(dhh + o, n);
+        layer_norm_input_grad<V>(d * V::loadu(p.gamma_ih + o, n),
+                                 V::loadu(xi + o, n), rstd_ih, mean_ih,
+                                 mean_ih_x)
+            .store(dih + o, n);
+      }
     }
   });
 }
