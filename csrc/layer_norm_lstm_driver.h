@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "activation_cache.h"
 #include "lstm_driver.h"
 #include "lstm_params.h"
 
@@ -63,15 +64,16 @@ LayerNormForwardResult layer_norm_lstm_forward_recurrence(
   const auto opts = x.options();
   LayerNormForwardResult r;
   // W_ih x for every step at once; each step normalises its rows in place.
-  at::Tensor ih = at::mm(x, w.weight_ih.t());
+  at::Tensor ih = empty_activation({l.rows, G}, opts);
+  at::mm_out(ih, x, w.weight_ih.t());
   // W_hh h_{t-1}: kept for every step when training, else one step's rows.
-  at::Tensor hh = at::empty({training ? l.rows : l.batch, G}, opts);
+  at::Tensor hh = empty_activation({training ? l.rows : l.batch, G}, opts);
   r.output = at::empty({l.rows, H}, opts);
   at::Tensor h_state = hx.contiguous().clone();
   at::Tensor c_state = cx.contiguous().clone();
   if (training) {
-    r.cells = at::empty({l.rows, H}, opts);
-    r.stats = at::empty({l.rows, kStatsWidth}, opts);
+    r.cells = empty_activation({l.rows, H}, opts);
+    r.stats = empty_activation({l.rows, kStatsWidth}, opts);
   }
 
   using Weight = typename Backend::template StepWeight<T>;
@@ -168,9 +170,9 @@ LayerNormBackwardResult layer_norm_lstm_backward_recurrence(
         max_block_rows, l.offsets[b.last + 1] - l.offsets[b.first]);
   }
   // One block's gradients w.r.t. W_ih x_t and W_hh h_{t-1}, and its h_{t-1}.
-  at::Tensor dih = at::empty({max_block_rows, G}, opts);
-  at::Tensor dhh = at::empty({max_block_rows, G}, opts);
-  at::Tensor h_prev = at::empty({max_block_rows, H}, opts);
+  at::Tensor dih = empty_activation({max_block_rows, G}, opts);
+  at::Tensor dhh = empty_activation({max_block_rows, G}, opts);
+  at::Tensor h_prev = empty_activation({max_block_rows, H}, opts);
   // One step's gradients w.r.t. the pre-activations and LN_cell(c_t), read
   // by the parameter sums of the same step.
   at::Tensor dgates = at::empty({l.batch, G}, opts);

@@ -20,6 +20,7 @@
 
 #include <memory>
 
+#include "activation_cache.h"
 #include "lstm_params.h"
 
 namespace rnnfast {
@@ -57,12 +58,16 @@ ForwardResult lstm_forward_recurrence(
   const auto opts = x.options();
   ForwardResult r;
   // Input projection for every step at once: gates = x W_ih^T + b.
-  at::Tensor gates = bias.defined() ? at::addmm(bias, x, weight_ih.t())
-                                    : at::mm(x, weight_ih.t());
+  at::Tensor gates = empty_activation({l.rows, G}, opts);
+  if (bias.defined()) {
+    at::addmm_out(gates, bias, x, weight_ih.t());
+  } else {
+    at::mm_out(gates, x, weight_ih.t());
+  }
   r.output = at::empty({l.rows, P}, opts);
   at::Tensor h_state = hx.contiguous().clone();
   at::Tensor c_state = cx.contiguous().clone();
-  if (training) r.cells = at::empty({l.rows, H}, opts);
+  if (training) r.cells = empty_activation({l.rows, H}, opts);
   at::Tensor r_buf;
   if (s.has_projection()) r_buf = at::empty({l.batch, H}, opts);
 
@@ -141,7 +146,7 @@ template <typename Backend, typename T>
 at::Tensor gather_previous_hidden(const SequenceLayout& l,
                                   const at::Tensor& output,  // [N, P]
                                   const at::Tensor& hx) {    // [B, P]
-  at::Tensor prev = at::empty_like(output);
+  at::Tensor prev = empty_activation(output.sizes(), output.options());
   gather_previous_hidden<Backend, T>(l, output, hx, 0, l.steps - 1,
                                      prev.data_ptr<T>());
   return prev;
@@ -165,12 +170,12 @@ BackwardResult lstm_backward_recurrence(
   const int64_t H = s.hidden, P = s.output, G = 4 * s.hidden;
   const auto opts = x.options();
   BackwardResult r;
-  at::Tensor dgates = at::empty({l.rows, G}, opts);
+  at::Tensor dgates = empty_activation({l.rows, G}, opts);
   at::Tensor dh_state = grad_hy.clone();  // dL/dh of the rows' current step
   at::Tensor dc_state = grad_cy.clone();
   at::Tensor dh_total, dr_buf;  // only with a projection
   if (s.has_projection()) {
-    dh_total = at::empty({l.rows, P}, opts);
+    dh_total = empty_activation({l.rows, P}, opts);
     dr_buf = at::empty({l.batch, H}, opts);
   }
 

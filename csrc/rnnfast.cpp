@@ -6,6 +6,7 @@
 
 #include <string>
 
+#include "activation_cache.h"
 #include "cpu/blas.h"
 #include "cpu/pointwise_kernels.h"
 
@@ -88,4 +89,8 @@ PYBIND11_MODULE(_C, m) {
         return info;
       },
       "How this rnnfast extension was built, and the CPU kernels in use.");
+  m.def("empty_cache", &rnnfast::empty_activation_cache,
+        "Frees the CPU blocks rnnfast keeps for reuse; returns their bytes.");
+  m.def("cache_bytes", &rnnfast::activation_cache_bytes,
+        "Bytes of free CPU blocks rnnfast keeps for reuse.");
 }

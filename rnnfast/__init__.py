@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from . import functional, ops
 from ._C import build_info as _build_info
+from ._C import empty_cache as _empty_cache
 from .modules import LSTM, LayerNormLSTM
 
 __version__ = "0.1.0"
-__all__ = ["LSTM", "LayerNormLSTM", "functional", "ops", "build_info", "__version__"]
+__all__ = ["LSTM", "LayerNormLSTM", "functional", "ops", "build_info", "empty_cache",
+           "__version__"]
 
 
 def build_info() -> dict:
@@ -17,3 +19,14 @@ def build_info() -> dict:
     info = dict(_build_info())
     info["rnnfast_version"] = __version__
     return info
+
+
+def empty_cache() -> int:
+    """Frees the CPU memory rnnfast keeps for reuse and returns its size in
+    bytes. Training on the CPU reuses the large buffers of one step (saved
+    activations, backward workspaces) in the next instead of faulting in
+    fresh pages; at most ``RNNFAST_CPU_CACHE_MB`` megabytes (default 1024,
+    0 turns the cache off) of free buffers are kept. The counterpart of
+    ``torch.cuda.empty_cache``; GPU memory goes through torch's caching
+    allocator as usual."""
+    return int(_empty_cache())
