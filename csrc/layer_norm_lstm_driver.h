@@ -14,8 +14,10 @@
 // step does all of its LayerNorm work in one pass over rows that are still in
 // cache: the forward normalises W_ih x_t and W_hh h_{t-1} in place (the
 // backward's only [N, 4H] inputs) and saves no gates; the backward recomputes
-// the gates from them, writes the gradients w.r.t. both products, and adds
-// the step's share of the LayerNorm parameter gradients.
+// the gates from them and writes the gradients w.r.t. both products. Every
+// block of steps (kGradBlockRows) then adds its share of the LayerNorm
+// parameter gradients and runs its input and weight gradient GEMMs while its
+// rows are still in cache.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -169,14 +171,13 @@ LayerNormBackwardResult layer_norm_lstm_backward_recurrence(
     max_block_rows = std::max(
         max_block_rows, l.offsets[b.last + 1] - l.offsets[b.first]);
   }
-  // One block's gradients w.r.t. W_ih x_t and W_hh h_{t-1}, and its h_{t-1}.
+  // One block's gradients w.r.t. W_ih x_t, W_hh h_{t-1}, the
+  // pre-activations and LN_cell(c_t), and its h_{t-1}.
   at::Tensor dih = empty_activation({max_block_rows, G}, opts);
   at::Tensor dhh = empty_activation({max_block_rows, G}, opts);
+  at::Tensor dgates = empty_activation({max_block_rows, G}, opts);
+  at::Tensor dcell_norm = empty_activation({max_block_rows, H}, opts);
   at::Tensor h_prev = empty_activation({max_block_rows, H}, opts);
-  // One step's gradients w.r.t. the pre-activations and LN_cell(c_t), read
-  // by the parameter sums of the same step.
-  at::Tensor dgates = at::empty({l.batch, G}, opts);
-  at::Tensor dcell_norm = at::empty({l.batch, H}, opts);
   at::Tensor dh_state = grad_hy.clone();
   at::Tensor dc_state = grad_cy.clone();
   r.grad_input = at::empty({l.rows, s.input}, opts);
@@ -217,30 +218,32 @@ LayerNormBackwardResult layer_norm_lstm_backward_recurrence(
       p.dh = dh_state.data_ptr<T>();
       p.dh2 = grad_output.data_ptr<T>() + off * H;
       p.dcell_state = dc_state.data_ptr<T>();
-      p.dgates = dgates.data_ptr<T>();
-      p.dcell_norm = dcell_norm.data_ptr<T>();
+      p.dgates = dgates.data_ptr<T>() + (off - lo) * G;
+      p.dcell_norm = dcell_norm.data_ptr<T>() + (off - lo) * H;
       p.dih = dih.data_ptr<T>() + (off - lo) * G;
       p.dhh = dhh.data_ptr<T>() + (off - lo) * G;
       Backend::layer_norm_backward_step(p);
-      LayerNormParamGradsParams<T> q;
-      q.rows = rows;
-      q.hidden = H;
-      q.dgates = p.dgates;
-      q.normalized_ih = p.normalized_ih;
-      q.normalized_hh = p.normalized_hh;
-      q.dcell_norm = p.dcell_norm;
-      q.cell = p.cell;
-      q.stats = p.stats;
-      q.grad_bias = r.grad_bias.data_ptr<T>();
-      q.grad_gamma_ih = r.grad_ln_ih_weight.data_ptr<T>();
-      q.grad_gamma_hh = r.grad_ln_hh_weight.data_ptr<T>();
-      q.grad_gamma_cell = r.grad_ln_cell_weight.data_ptr<T>();
-      q.grad_beta_cell = r.grad_ln_cell_bias.data_ptr<T>();
-      Backend::layer_norm_param_grads(q);
       // dh_{t-1} = dhh W_hh
       whh.multiply(rows, p.dhh, G, T(0), dh_state.data_ptr<T>(), H);
     }
-    // The block's share of the input and weight gradients.
+    // The block's share of the LayerNorm parameter gradients (its rows in
+    // order: the sums do not depend on the blocking's threads) ...
+    LayerNormParamGradsParams<T> q;
+    q.rows = n;
+    q.hidden = H;
+    q.dgates = dgates.data_ptr<T>();
+    q.normalized_ih = normalized_ih.data_ptr<T>() + lo * G;
+    q.normalized_hh = normalized_hh.data_ptr<T>() + lo * G;
+    q.dcell_norm = dcell_norm.data_ptr<T>();
+    q.cell = c + lo * H;
+    q.stats = stats.data_ptr<T>() + lo * kStatsWidth;
+    q.grad_bias = r.grad_bias.data_ptr<T>();
+    q.grad_gamma_ih = r.grad_ln_ih_weight.data_ptr<T>();
+    q.grad_gamma_hh = r.grad_ln_hh_weight.data_ptr<T>();
+    q.grad_gamma_cell = r.grad_ln_cell_weight.data_ptr<T>();
+    q.grad_beta_cell = r.grad_ln_cell_bias.data_ptr<T>();
+    Backend::layer_norm_param_grads(q);
+    // ... and of the input and weight gradients.
     const at::Tensor dih_b = dih.narrow(0, 0, n);
     const at::Tensor dhh_b = dhh.narrow(0, 0, n);
     at::Tensor grad_input_b = r.grad_input.narrow(0, lo, n);

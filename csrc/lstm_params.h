@@ -137,15 +137,15 @@ struct LayerNormBackwardStepParams {
   T* dhh = nullptr;                 // [rows, 4H] w.r.t. W_hh h_{t-1}
 };
 
-// Adds one step's share to the LayerNorm parameter gradients, from the
-// gradients a backward step wrote:
+// Adds the share of `rows` rows (a block of steps) to the LayerNorm
+// parameter gradients, from the gradients the backward steps wrote:
 //   grad_bias[j]       += sum_r dgates[r, j]
 //   grad_gamma_ih[j]   += sum_r dgates[r, j] * xhat_ih[r, j]
 //   grad_gamma_hh[j]   += sum_r dgates[r, j] * xhat_hh[r, j]
 //   grad_beta_cell[k]  += sum_r dcell_norm[r, k]
 //   grad_gamma_cell[k] += sum_r dcell_norm[r, k] * xhat_cell[r, k]
 // (xhat_cell from c_t and its saved statistics). Each column sums its rows
-// in row order whatever the threading, and the driver adds the steps in
+// in row order whatever the threading, and the driver adds the blocks in
 // order, so the gradients are bitwise reproducible.
 template <typename T>
 struct LayerNormParamGradsParams {
