@@ -14,10 +14,10 @@
 // step does all of its LayerNorm work in one pass over rows that are still in
 // cache: the forward normalises W_ih x_t and W_hh h_{t-1} in place (the
 // backward's only [N, 4H] inputs) and saves no gates; the backward recomputes
-// the gates from them and writes the gradients w.r.t. both products. Every
-// block of steps (kGradBlockRows) then adds its share of the LayerNorm
-// parameter gradients and runs its input and weight gradient GEMMs while its
-// rows are still in cache.
+// the gates from them and writes the gradients w.r.t. both products; groups
+// of steps (kParamGradRows) add their share of the LayerNorm parameter
+// gradients and blocks of steps (kGradBlockRows) run their input and weight
+// gradient GEMMs while their rows are still in cache.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -120,6 +120,10 @@ LayerNormForwardResult layer_norm_lstm_forward_recurrence(
 // and no [N, 4H] gradient buffer is ever allocated (fresh memory costs page
 // faults on every call).
 constexpr int64_t kGradBlockRows = 1024;
+// The LayerNorm parameter gradients are summed over groups of consecutive
+// steps of at least this many rows: one step at larger batches (its rows are
+// in cache), several at small ones (fewer, longer passes).
+constexpr int64_t kParamGradRows = 64;
 
 // A block of consecutive time steps [first, last] of the backward.
 struct StepBlock {
@@ -171,13 +175,16 @@ LayerNormBackwardResult layer_norm_lstm_backward_recurrence(
     max_block_rows = std::max(
         max_block_rows, l.offsets[b.last + 1] - l.offsets[b.first]);
   }
-  // One block's gradients w.r.t. W_ih x_t, W_hh h_{t-1}, the
-  // pre-activations and LN_cell(c_t), and its h_{t-1}.
+  // One block's gradients w.r.t. W_ih x_t and W_hh h_{t-1}, and its h_{t-1}.
   at::Tensor dih = empty_activation({max_block_rows, G}, opts);
   at::Tensor dhh = empty_activation({max_block_rows, G}, opts);
-  at::Tensor dgates = empty_activation({max_block_rows, G}, opts);
-  at::Tensor dcell_norm = empty_activation({max_block_rows, H}, opts);
   at::Tensor h_prev = empty_activation({max_block_rows, H}, opts);
+  // One group's gradients w.r.t. the pre-activations and LN_cell(c_t), in
+  // row order: from the start when the rows of the steps grow (reverse),
+  // ending at the end when they shrink.
+  const int64_t group_capacity = kParamGradRows + l.batch;
+  at::Tensor dgates = at::empty({group_capacity, G}, opts);
+  at::Tensor dcell_norm = at::empty({group_capacity, H}, opts);
   at::Tensor dh_state = grad_hy.clone();
   at::Tensor dc_state = grad_cy.clone();
   r.grad_input = at::empty({l.rows, s.input}, opts);
@@ -192,9 +199,37 @@ LayerNormBackwardResult layer_norm_lstm_backward_recurrence(
   using Weight = typename Backend::template StepWeight<T>;
   const Weight whh(false, l.batch, H, G, w.weight_hh.data_ptr<T>(), H);
   const T* c = cells.data_ptr<T>();
+  // The first row of the group buffers that holds the sequence's row `row`
+  // of a group whose rows start at `g_lo` and end before `g_hi`.
+  auto group_row = [&](int64_t row, int64_t g_lo, int64_t g_hi) {
+    return l.reverse ? row - g_lo : group_capacity - (g_hi - row);
+  };
+  // Adds the LayerNorm parameter gradients of steps [first, last] (a group).
+  auto add_param_grads = [&](int64_t first, int64_t last) {
+    const int64_t g_lo = l.offsets[first], g_hi = l.offsets[last + 1];
+    const int64_t at = group_row(g_lo, g_lo, g_hi);
+    LayerNormParamGradsParams<T> q;
+    q.rows = g_hi - g_lo;
+    q.hidden = H;
+    q.dgates = dgates.data_ptr<T>() + at * G;
+    q.normalized_ih = normalized_ih.data_ptr<T>() + g_lo * G;
+    q.normalized_hh = normalized_hh.data_ptr<T>() + g_lo * G;
+    q.dcell_norm = dcell_norm.data_ptr<T>() + at * H;
+    q.cell = c + g_lo * H;
+    q.stats = stats.data_ptr<T>() + g_lo * kStatsWidth;
+    q.grad_bias = r.grad_bias.data_ptr<T>();
+    q.grad_gamma_ih = r.grad_ln_ih_weight.data_ptr<T>();
+    q.grad_gamma_hh = r.grad_ln_hh_weight.data_ptr<T>();
+    q.grad_gamma_cell = r.grad_ln_cell_weight.data_ptr<T>();
+    q.grad_beta_cell = r.grad_ln_cell_bias.data_ptr<T>();
+    Backend::layer_norm_param_grads(q);
+  };
   for (const StepBlock& b : blocks) {
     const int64_t lo = l.offsets[b.first];
     const int64_t n = l.offsets[b.last + 1] - lo;
+    // Steps whose parameter gradients are not added yet: [g_first, g_last],
+    // whose first step's rows are [g_lo, g_hi).
+    int64_t g_first = -1, g_last = -1, g_rows = 0, g_lo = 0, g_hi = 0;
     for (int64_t k = 0; k <= b.last - b.first; ++k) {
       const int64_t t = l.reverse ? b.first + k : b.last - k;
       const int64_t rows = l.batch_sizes[t];
@@ -218,32 +253,31 @@ LayerNormBackwardResult layer_norm_lstm_backward_recurrence(
       p.dh = dh_state.data_ptr<T>();
       p.dh2 = grad_output.data_ptr<T>() + off * H;
       p.dcell_state = dc_state.data_ptr<T>();
-      p.dgates = dgates.data_ptr<T>() + (off - lo) * G;
-      p.dcell_norm = dcell_norm.data_ptr<T>() + (off - lo) * H;
+      // The group's first step fixes its end (rows shrink) or start (grow).
+      if (g_first < 0) {
+        g_lo = off;
+        g_hi = off + rows;
+      }
+      const int64_t at = group_row(off, g_lo, g_hi);
+      p.dgates = dgates.data_ptr<T>() + at * G;
+      p.dcell_norm = dcell_norm.data_ptr<T>() + at * H;
       p.dih = dih.data_ptr<T>() + (off - lo) * G;
       p.dhh = dhh.data_ptr<T>() + (off - lo) * G;
       Backend::layer_norm_backward_step(p);
       // dh_{t-1} = dhh W_hh
       whh.multiply(rows, p.dhh, G, T(0), dh_state.data_ptr<T>(), H);
+      // The LayerNorm parameter gradients, every kParamGradRows rows or so
+      // (while the steps' rows are still in cache).
+      g_first = g_first < 0 ? t : std::min(g_first, t);
+      g_last = std::max(g_last, t);
+      g_rows += rows;
+      if (g_rows >= kParamGradRows || k == b.last - b.first) {
+        add_param_grads(g_first, g_last);
+        g_first = g_last = -1;
+        g_rows = 0;
+      }
     }
-    // The block's share of the LayerNorm parameter gradients (its rows in
-    // order: the sums do not depend on the blocking's threads) ...
-    LayerNormParamGradsParams<T> q;
-    q.rows = n;
-    q.hidden = H;
-    q.dgates = dgates.data_ptr<T>();
-    q.normalized_ih = normalized_ih.data_ptr<T>() + lo * G;
-    q.normalized_hh = normalized_hh.data_ptr<T>() + lo * G;
-    q.dcell_norm = dcell_norm.data_ptr<T>();
-    q.cell = c + lo * H;
-    q.stats = stats.data_ptr<T>() + lo * kStatsWidth;
-    q.grad_bias = r.grad_bias.data_ptr<T>();
-    q.grad_gamma_ih = r.grad_ln_ih_weight.data_ptr<T>();
-    q.grad_gamma_hh = r.grad_ln_hh_weight.data_ptr<T>();
-    q.grad_gamma_cell = r.grad_ln_cell_weight.data_ptr<T>();
-    q.grad_beta_cell = r.grad_ln_cell_bias.data_ptr<T>();
-    Backend::layer_norm_param_grads(q);
-    // ... and of the input and weight gradients.
+    // The block's share of the input and weight gradients.
     const at::Tensor dih_b = dih.narrow(0, 0, n);
     const at::Tensor dhh_b = dhh.narrow(0, 0, n);
     at::Tensor grad_input_b = r.grad_input.narrow(0, lo, n);

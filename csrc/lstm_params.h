@@ -137,7 +137,7 @@ struct LayerNormBackwardStepParams {
   T* dhh = nullptr;                 // [rows, 4H] w.r.t. W_hh h_{t-1}
 };
 
-// Adds the share of `rows` rows (a block of steps) to the LayerNorm
+// Adds the share of `rows` rows (a group of steps) to the LayerNorm
 // parameter gradients, from the gradients the backward steps wrote:
 //   grad_bias[j]       += sum_r dgates[r, j]
 //   grad_gamma_ih[j]   += sum_r dgates[r, j] * xhat_ih[r, j]
@@ -145,7 +145,7 @@ struct LayerNormBackwardStepParams {
 //   grad_beta_cell[k]  += sum_r dcell_norm[r, k]
 //   grad_gamma_cell[k] += sum_r dcell_norm[r, k] * xhat_cell[r, k]
 // (xhat_cell from c_t and its saved statistics). Each column sums its rows
-// in row order whatever the threading, and the driver adds the blocks in
+// in row order whatever the threading, and the driver adds the groups in
 // order, so the gradients are bitwise reproducible.
 template <typename T>
 struct LayerNormParamGradsParams {

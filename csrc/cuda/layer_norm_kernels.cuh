@@ -299,7 +299,7 @@ __global__ void __launch_bounds__(kMaxRowThreads)
   }
 }
 
-// ---- The LayerNorm parameter gradients of a block of steps ----------------
+// ---- The LayerNorm parameter gradients of a group of steps ----------------
 
 // A block owns kWarpSize adjacent columns of the 4H gate columns followed by
 // the H cell columns (a warp reads 32 adjacent values of a row) and
