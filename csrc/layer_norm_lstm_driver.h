@@ -180,8 +180,9 @@ LayerNormBackwardResult layer_norm_lstm_backward_recurrence(
   at::Tensor dhh = empty_activation({max_block_rows, G}, opts);
   at::Tensor h_prev = empty_activation({max_block_rows, H}, opts);
   // One group's gradients w.r.t. the pre-activations and LN_cell(c_t), in
-  // row order: from the start when the rows of the steps grow (reverse),
-  // ending at the end when they shrink.
+  // row order: a reverse layer's backward visits the rows upwards and fills
+  // the buffer from its start, a forward layer's visits them downwards and
+  // fills it towards its end.
   const int64_t group_capacity = kParamGradRows + l.batch;
   at::Tensor dgates = at::empty({group_capacity, G}, opts);
   at::Tensor dcell_norm = at::empty({group_capacity, H}, opts);
