@@ -24,9 +24,12 @@ test: build
 	$(PY) -m pytest -q tests
 
 # The default preset (< 5 min on a 2-core CPU) into bench-out/ (gitignored);
+# BENCH_ARGS adds options, e.g. BENCH_ARGS=--compile for torch.compile of the
+# reference (minutes of compiling per case on a CPU);
 # `$(PY) -m rnnfast.bench --help` for the axes, presets and subcommands.
+BENCH_ARGS ?=
 bench: build
-	$(PY) -m rnnfast.bench --out bench-out
+	$(PY) -m rnnfast.bench --out bench-out $(BENCH_ARGS)
 
 clean:
 	rm -rf build rnnfast/_C*.so *.egg-info
