@@ -5,6 +5,7 @@ can be emptied or turned off."""
 import os
 import subprocess
 import sys
+import threading
 
 import torch
 
@@ -59,6 +60,35 @@ def test_buffers_in_use_are_never_shared():
         for got, want in ((gx, alone_x[1]), (gy, alone_y[1])):
             for a, b in zip(got, want):
                 torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_concurrent_training_threads():
+    """Training steps in two Python threads at once (the ops release the GIL)
+    take and return cached blocks concurrently and still compute exactly
+    what they compute alone."""
+    cases = [_big_case(rnnfast.LayerNormLSTM), _big_case(rnnfast.LSTM)]
+    alone = [_train_step(m, x) for m, x in cases]
+    errors = []
+
+    def work(i):
+        try:
+            m, x = cases[i]
+            for _ in range(5):
+                out, grads = _train_step(m, x)
+                # Not bitwise: BLAS may split a GEMM differently when the
+                # threads compete; a shared buffer would be far off.
+                torch.testing.assert_close(out, alone[i][0], atol=1e-5, rtol=1e-5)
+                for a, b in zip(grads, alone[i][1]):
+                    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        except Exception as e:  # reported below, from the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
 
 
 def test_cache_turned_off_by_environment():
