@@ -1,7 +1,7 @@
 #include "activation_cache.h"
 
-#include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
+#include <c10/util/accumulate.h>
 
 #include <cstdlib>
 #include <map>
@@ -92,10 +92,8 @@ at::Tensor empty_activation(at::IntArrayRef sizes,
       !cache().enabled()) {
     return at::empty(sizes, options);
   }
-  int64_t numel = 1;
-  for (const int64_t s : sizes) numel *= s;
-  const size_t bytes =
-      static_cast<size_t>(numel) * c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
+  const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) *
+                       options.dtype().itemsize();
   if (bytes < static_cast<size_t>(kMinCachedBytes)) {
     return at::empty(sizes, options);
   }
