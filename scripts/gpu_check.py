@@ -135,17 +135,24 @@ def units(stages: Sequence[Stage]) -> list[list[Stage]]:
     return out
 
 
-def reserve_after(later: Sequence[list[Stage]]) -> float:
+def reserve_after(later: Sequence[list[Stage]], left_s: float = float("inf")) -> float:
     """Time set aside for later units: each unit's largest minimum, for
-    units that will try to run."""
-    return sum(max(s.min_s for s in unit) for unit in later
-               if any(s.skip is None for s in unit))
+    units that will try to run and could (a minimum over ``left_s`` will be
+    skipped anyway)."""
+    mins = [max(s.min_s for s in unit if s.skip is None) for unit in later
+            if any(s.skip is None for s in unit)]
+    return sum(m for m in mins if m <= left_s)
+
+
+# Seconds kept back from each stage's limit for killing it, polling and
+# writing the table.
+MARGIN_S = 1.0
 
 
 def stage_limit(stage: Stage, left_s: float, reserved_s: float) -> float:
     """The seconds ``stage`` may run: its cap, cut so that the later
     stages keep their minimums."""
-    return max(0.0, min(stage.cap_s, left_s - reserved_s))
+    return max(0.0, min(stage.cap_s, left_s - reserved_s - MARGIN_S))
 
 
 def summarize_tests(path: Path) -> Optional[dict]:
@@ -240,7 +247,7 @@ def run_stages(stages: Sequence[Stage], budget_s: float, work: Path, outdir: Pat
     plan = units(stages)
     for i, unit in enumerate(plan):
         left = budget_s - (time.monotonic() - start)
-        reserved = reserve_after(plan[i + 1:])
+        reserved = reserve_after(plan[i + 1:], left)
         limits: dict[str, float] = {}
         runnable = []
         for s in unit:
