@@ -68,6 +68,9 @@ def test_default_preset_has_the_required_cases():
     assert Case(1, 8, 512, 512, layers=2, decode=True) in cases
     assert not any(c.decode and c.mode == "training" for c in cases)
     assert len(cases) == len(set(cases))
+    # a decode override keeps one direction only: a reverse direction cannot stream
+    decode = expand(PRESETS["default"], {"decode": [True]}, devices=["cpu"])
+    assert decode and all(c.decode and not c.bidirectional and c.T == 1 for c in decode)
 
 
 def test_old_results_load_with_the_new_axes():

@@ -339,3 +339,13 @@ def test_sanitizer_large_cases_run_on_cpu():
             sc.run_case(rnnfast.LSTM, case, device="cpu")
     sc.run_case(rnnfast.LayerNormLSTM,
                 next(c for c in sc.CASES if c.get("hidden_size", 0) >= 600), device="cpu")
+
+
+def test_decode_overhead_script_runs():
+    r = subprocess.run([PY, str(SCRIPTS / "decode_overhead.py"), "--H", "8", "--no-profile",
+                        "--min-s", "0.01"], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 0, r.stderr
+    for layer in ("module", "forward", "functional", "ops", "dispatcher", "gemm", "nn.LSTM"):
+        assert any(line.startswith(layer + " ") for line in r.stdout.splitlines()), layer
+    assert "b_ih + b_hh" in r.stdout

@@ -16,7 +16,8 @@ Two axes change what is timed rather than the shape:
   cases take ``tf32=True`` (others are dropped).
 * ``decode``: streaming decode, one timestep per call with the state
   carried from call to call (an autoregressive decoder, a streaming
-  recogniser): T is 1, inference only, and the time is per step.
+  recogniser): T is 1, inference only, one direction, and the time is per
+  step.
 """
 
 from __future__ import annotations
@@ -149,7 +150,8 @@ def expand(groups: Iterable[dict[str, list]], overrides: Optional[dict[str, list
     absent for "keep the preset's") applied, once each, in a stable order:
     by device and dtype (in the order given), mode, then the preset's
     order. A ``tf32`` case that is not CUDA float32 is dropped; a
-    ``decode`` case has T=1 and runs in inference only."""
+    ``decode`` case has T=1, runs in inference only and is never
+    bidirectional (a reverse direction cannot stream)."""
     overrides = {k: v for k, v in (overrides or {}).items() if v}
     base = dict(layers=[1], bidirectional=[False], dtype=list(dtypes), device=list(devices),
                 tf32=[False], decode=[False])
@@ -166,6 +168,8 @@ def expand(groups: Iterable[dict[str, list]], overrides: Optional[dict[str, list
                                      and case["dtype"] == "float32"):
                 continue
             if case["decode"]:
+                if case["bidirectional"]:  # the reverse direction needs the future
+                    continue
                 case["T"] = 1
             shape = tuple(case[a] for a in AXES)
             if shape not in shapes:
