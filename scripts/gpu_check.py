@@ -20,8 +20,9 @@ Stages, in this order, each with its own log, exit code and time:
                compute-sanitizer on scripts/sanitize_case.py, all four at
                once (one GPU, 16 cores: each is CPU-bound instrumentation)
   bench        python -m rnnfast.bench --grid gpu (stops itself in time)
-  ncu          Nsight Compute of one training step (scripts/profile_step.py):
-               time per kernel, in ncu_kernels.csv
+  ncu          Nsight Compute of one training step of each layer
+               (scripts/profile_step.py at T=50 B=64 I=H=512, a few hundred
+               kernels each): time per kernel, in ncu_kernels.csv
 
 ``--quick`` runs build, test_cuda and bench only (under 5 minutes).
 
@@ -461,11 +462,16 @@ def after_env(outcome: Outcome, work: Path) -> Optional[str]:
     return "; ".join(notes) or None
 
 
-def after_ncu(outcome: Outcome, work: Path) -> Optional[str]:
-    raw = work / "ncu_raw.csv"
-    if not raw.exists():
-        return "no ncu output"
-    rows = ncu_kernel_times(raw.read_text(errors="replace"))
+def after_ncu(outcome: Optional[Outcome], work: Path) -> Optional[str]:
+    """ncu_kernels.csv from ncu's CSV (its --log-file, else its log)."""
+    rows: list[dict] = []
+    for name in ("ncu_raw.csv", "ncu.log"):
+        if (work / name).exists():
+            rows = ncu_kernel_times((work / name).read_text(errors="replace"))
+            if rows:
+                break
+    if not rows:
+        return "no kernel times in ncu's output"
     write_kernel_table(rows, work / "ncu_kernels.csv")
     total = sum(r["total_us"] for r in rows)
     return f"{len(rows)} kernels, {sum(r['calls'] for r in rows)} launches, {total:.0f} us"
@@ -558,7 +564,8 @@ def build_stages(py: str, work: Path, quick: bool = False,
             "ncu", None if ncu is None else [
                 ncu, "--profile-from-start", "off", "--clock-control", "none",
                 "--target-processes", "all", "--csv", "--metrics", "gpu__time_duration.sum",
-                "--log-file", str(work / "ncu_raw.csv"), py, str(SCRIPTS / "profile_step.py")],
+                "--log-file", str(work / "ncu_raw.csv"), py, str(SCRIPTS / "profile_step.py"),
+                "--T", "50"],
             cap_s=90, min_s=30, needs=("build",), env=pyenv, refused=TOOL_REFUSED,
             skip=None if ncu else "ncu not found", after=after_ncu))
     return stages
@@ -673,6 +680,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    began = time.monotonic()  # the budget counts from here
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "_env":
         return env_stage(Path(argv[1]))
@@ -700,7 +708,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 f"{'  group ' + s.group if s.group else ''}  {what}")
         return 0
     say(f"rnnfast GPU check of {ROOT}: budget {budget:.0f} s, logs in {work}, table in {outdir}")
-    outcomes = run_stages(stages, budget, work, outdir, before=before_stage, say=say)
+    outcomes = run_stages(stages, budget - (time.monotonic() - began), work, outdir,
+                          before=before_stage, say=say)
     print()
     print((outdir / "stages.md").read_text())
     return 0 if ok(outcomes) else 1

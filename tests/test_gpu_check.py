@@ -248,7 +248,8 @@ def test_ncu_kernel_times(tmp_path):
     assert rows[0]["mean_us"] == pytest.approx(3.0)
     assert rows[1]["total_us"] == pytest.approx(5.1)
     assert ncu_kernel_times("no csv here") == []
-    (tmp_path / "ncu_raw.csv").write_text(_NCU)
+    assert gpu_check.after_ncu(None, tmp_path) == "no kernel times in ncu's output"
+    (tmp_path / "ncu.log").write_text(_NCU)  # the CSV in ncu's log when not in --log-file
     note = gpu_check.after_ncu(None, tmp_path)
     assert note.startswith("2 kernels, 3 launches")
     assert (tmp_path / "ncu_kernels.csv").read_text().splitlines()[0] == \
