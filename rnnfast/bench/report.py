@@ -311,14 +311,14 @@ GEMMs alone, each through the fastest product the machine offers for its
 shape (torch.mm, F.linear, and on CPUs MKL's packed GEMM and oneDNN's packed
 linear, chosen per GEMM by timing them; gemm-floor's notes name the winners;
 a gemm-floor noted only "eager" or "cuda-graph" ran torch.mm for every GEMM,
-as the harness did before 2026-11-28), CUDA-graph replayed on GPUs; on CPUs each GEMM pays torch's per-call
-overhead, so small cases can beat it. Saved B/token is the activation memory
-autograd keeps for the backward (parameters and inputs left out), per token
-(T*B). "decode" cases are streaming decode: one step per call with the state
-carried from the previous call, timed per step. "float32 TF32" tables ran
-with TF32 matmuls allowed (`torch.backends.cuda.matmul.allow_tf32` and
-`torch.backends.cudnn.allow_tf32`), the plain float32 tables with both off,
-for every implementation alike.
+as the harness did before 2026-11-28), CUDA-graph replayed on GPUs; on CPUs
+each GEMM pays torch's per-call overhead, so small cases can beat it. Saved
+B/token is the activation memory autograd keeps for the backward
+(parameters and inputs left out), per token (T*B). "decode" cases are
+streaming decode: one step per call with the state carried from the previous
+call, timed per step. "float32 TF32" tables ran with TF32 matmuls allowed
+(`torch.backends.cuda.matmul.allow_tf32` and `torch.backends.cudnn.allow_tf32`),
+the plain float32 tables with both off, for every implementation alike.
 
 Reproduce with `make bench` (the default preset, into bench-out/) or
 `rnnfast-bench --out benchmarks/results/NAME [--grid full]`, then
