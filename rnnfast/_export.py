@@ -56,6 +56,15 @@ def _in_torchscript_onnx_export() -> bool:
     return torch.onnx.is_in_onnx_export() and torch.jit.is_tracing()
 
 
+def _check_dynamo_onnx_export(batch_sizes: Optional[Tensor], what: str) -> None:
+    _refuse_packed(batch_sizes, what)
+    if not hasattr(torch.onnx, "ops"):
+        raise RuntimeError(
+            f"rnnfast: ONNX export of {what} with the torch.export-based exporter "
+            f"needs torch.onnx.ops (torch >= 2.8; this is torch {torch.__version__}); "
+            "use torch.onnx.export(..., dynamo=False) or a newer torch")
+
+
 def _refuse_packed(batch_sizes: Optional[Tensor], what: str) -> None:
     if batch_sizes is not None:
         raise RuntimeError(
@@ -73,7 +82,7 @@ def lstm_forward(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor,
     """``ops.lstm_forward``'s ``(output, hy, cy)``, in the form the current
     capture understands (see the module's doc)."""
     if _in_dynamo_onnx_export():
-        _refuse_packed(batch_sizes, "rnnfast.LSTM")
+        _check_dynamo_onnx_export(batch_sizes, "rnnfast.LSTM")
         if weight_hr is None:
             return _onnx_lstm(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh,
                               reverse)
@@ -142,7 +151,7 @@ def layer_norm_lstm_forward(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Te
     ln = (ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias, ln_cell_weight,
           ln_cell_bias)
     if _in_dynamo_onnx_export():
-        _refuse_packed(batch_sizes, "rnnfast.LayerNormLSTM")
+        _check_dynamo_onnx_export(batch_sizes, "rnnfast.LayerNormLSTM")
         return _scan_layer(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, None,
                            ln, reverse, eps)
     if _in_torchscript_onnx_export():
@@ -201,6 +210,14 @@ def _scan_layer(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor,
 _traced_fns: dict[str, object] = {}
 
 
+def _script(fn):
+    """``torch.jit.script(fn)`` without the deprecation notice: the user
+    asked for a trace or an export, not for TorchScript."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.script(fn)
+
+
 def _traced_lstm_forward():
     """A TorchScript function calling the fused LSTM op; it asks for the
     saved activations only when autograd will need them, decided when the
@@ -223,7 +240,7 @@ def _traced_lstm_forward():
                 batch_sizes, reverse, save)
             return out, hy, cy
 
-        fn = _traced_fns["lstm"] = torch.jit.script(rnnfast_lstm_layer)
+        fn = _traced_fns["lstm"] = _script(rnnfast_lstm_layer)
     return fn
 
 
@@ -252,7 +269,7 @@ def _traced_layer_norm_lstm_forward():
                 batch_sizes, reverse, save, eps)
             return out, hy, cy
 
-        fn = _traced_fns["layer_norm_lstm"] = torch.jit.script(rnnfast_layer_norm_lstm_layer)
+        fn = _traced_fns["layer_norm_lstm"] = _script(rnnfast_layer_norm_lstm_layer)
     return fn
 
 
@@ -309,7 +326,7 @@ def _loop_layer():
                 output = output.flip(0)
             return output, h, c
 
-        fn = _traced_fns["loop"] = torch.jit.script(rnnfast_loop_layer)
+        fn = _traced_fns["loop"] = _script(rnnfast_loop_layer)
     return fn
 
 
@@ -351,5 +368,6 @@ def _lstm_symbolic(g, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, wei
 
 
 _ONNX_MIN_OPSET = 7  # ONNX's LSTM exists from opset 7 (torch's lowest)
-torch.onnx.register_custom_op_symbolic("rnnfast::lstm_forward", _lstm_symbolic,
-                                       _ONNX_MIN_OPSET)
+if hasattr(torch.onnx, "register_custom_op_symbolic"):  # gone with the TorchScript exporter
+    torch.onnx.register_custom_op_symbolic("rnnfast::lstm_forward", _lstm_symbolic,
+                                           _ONNX_MIN_OPSET)
