@@ -16,8 +16,10 @@ form the current capture understands:
   it;
 - ``torch.onnx.export(..., dynamo=False)`` (the TorchScript exporter): the
   fused LSTM op is translated to ONNX's ``LSTM`` by a symbolic registered
-  below; the LayerNorm-LSTM and the projection run a TorchScript loop over
-  time that the exporter turns into an ONNX ``Loop``;
+  below (which also takes the exporter's form of a PackedSequence, padded
+  data and lengths, for a unidirectional LSTM); the LayerNorm-LSTM and the
+  projection run a TorchScript loop over time that the exporter turns into
+  an ONNX ``Loop``;
 - ``torch.jit.trace``: the fused op, called from a small TorchScript function
   that decides at run time whether to keep activations for the backward (a
   Python-side decision would be frozen into the trace, and the trace's own
@@ -69,8 +71,9 @@ def _refuse_packed(batch_sizes: Optional[Tensor], what: str) -> None:
     if batch_sizes is not None:
         raise RuntimeError(
             f"rnnfast: ONNX export of {what} with a PackedSequence input is not "
-            "supported (ONNX has no packed sequences); export with padded input "
-            "[T, B, I] instead")
+            "supported; export with padded input [T, B, I] instead (the only "
+            "PackedSequence export is of a unidirectional rnnfast.LSTM without "
+            "projection by torch.onnx.export(..., dynamo=False))")
 
 
 # ---- the LSTM ------------------------------------------------------------------
@@ -89,8 +92,13 @@ def lstm_forward(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor,
         return _scan_layer(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh,
                            weight_hr, None, reverse, 0.0)
     if _in_torchscript_onnx_export():
-        _refuse_packed(batch_sizes, "rnnfast.LSTM")
+        if reverse:
+            # The exporter's packing pass wants the packed input used once, by
+            # one LSTM node for both directions; rnnfast's ops are per direction.
+            _refuse_packed(batch_sizes, "a bidirectional rnnfast.LSTM by the "
+                           "TorchScript-based exporter")
         if weight_hr is not None:
+            _refuse_packed(batch_sizes, "rnnfast.LSTM with proj_size")
             return _loop_layer()(input, hx, cx, weight_ih, weight_hh,
                                  _present(bias_ih, bias_hh), [weight_hr], [], reverse, 0.0)
         # translated to ONNX's LSTM by _lstm_symbolic below
@@ -332,8 +340,8 @@ def _loop_layer():
 
 def _lstm_symbolic(g, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
                    batch_sizes, reverse, training):
-    """``rnnfast::lstm_forward`` (without projection, padded input) as
-    ONNX's ``LSTM``, for the TorchScript-based exporter: the weights gathered
+    """``rnnfast::lstm_forward`` (without projection) as ONNX's ``LSTM``,
+    for the TorchScript-based exporter: the weights gathered
     into ONNX's gate order, the two biases concatenated, the states given a
     direction axis. The last two outputs (saved activations) are unused in
     an exported graph and come out empty."""
@@ -352,6 +360,10 @@ def _lstm_symbolic(g, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, wei
         value.setType(torch._C.OptionalType.ofTensor())
         return value
 
+    # The exporter writes a PackedSequence as the padded input and its
+    # lengths: batch_sizes then holds the lengths, ONNX's sequence_lens.
+    # (int32 already: the exporter's pack_padded_sequence casts them.)
+    lengths = missing() if sh._is_none(batch_sizes) else batch_sizes
     b = missing()
     if not sh._is_none(bias_ih) and not sh._is_none(bias_hh):
         b = sh._unsqueeze_helper(
@@ -359,7 +371,7 @@ def _lstm_symbolic(g, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, wei
                     g.op("Gather", bias_hh, perm, axis_i=0), axis_i=0), [0])
     direction = "reverse" if sh._maybe_get_const(reverse, "b") else "forward"
     y, y_h, y_c = g.op(
-        "LSTM", input, onnx_layout(weight_ih), onnx_layout(weight_hh), b, missing(),
+        "LSTM", input, onnx_layout(weight_ih), onnx_layout(weight_hh), b, lengths,
         sh._unsqueeze_helper(g, hx, [0]), sh._unsqueeze_helper(g, cx, [0]),
         hidden_size_i=hidden, direction_s=direction, outputs=3)
     unused = g.op("Constant", value_t=torch.empty(0))

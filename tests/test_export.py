@@ -198,28 +198,59 @@ def test_onnx_lstm_with_projection_is_a_scan(tmp_path):
 
 
 class _PacksItsInput(nn.Module):
+    """A model that packs its padded input, as models of variable-length
+    sequences do, and returns the padded output and final states."""
+
     def __init__(self, layer: nn.Module):
         super().__init__()
         self.layer = layer
 
     def forward(self, x, lengths):
         packed = nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
-        _, (h_n, _) = self.layer(packed)
-        return h_n
+        output, (h_n, c_n) = self.layer(packed)
+        return nn.utils.rnn.pad_packed_sequence(output)[0], h_n, c_n
 
 
-@pytest.mark.parametrize("layer", ["lstm", "layer_norm_lstm"])
-@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
-def test_onnx_packed_input_is_refused_clearly(tmp_path, layer, dynamo):
-    """ONNX has no packed sequences (nn.LSTM's export with the default
-    exporter fails on them too): a clear error naming the way out."""
-    model = _PacksItsInput(_make(layer))
+def test_onnx_torchscript_exporter_packed_lstm(tmp_path):
+    """The TorchScript-based exporter writes a PackedSequence as the padded
+    input and its lengths (ONNX LSTM's sequence_lens), as for nn.LSTM: a
+    unidirectional rnnfast.LSTM takes it, and onnxruntime agrees with
+    PyTorch for other lengths in another order."""
+    model = _PacksItsInput(_make("lstm", num_layers=2)).eval()
+    args = (torch.randn(EXAMPLE_T, EXAMPLE_B, INPUT), torch.tensor([EXAMPLE_T, 2]))
+    path = tmp_path / "packed.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, args, str(path), dynamo=False, input_names=["x", "lengths"],
+                          dynamic_axes={"x": {0: "time", 1: "batch"}, "lengths": {0: "batch"}})
+    proto = onnx.load(str(path))
+    assert [n.op_type for n in proto.graph.node].count("LSTM") == 2
+    x, lengths = torch.randn(OTHER_T, 4, INPUT), torch.tensor([3, OTHER_T, 5, 1])
+    with torch.no_grad():
+        expected = model(x, lengths)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"x": x.numpy(), "lengths": lengths.numpy()})
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e.numpy(), **ONNX_TOL)
+
+
+@pytest.mark.parametrize("layer,kwargs,dynamo", [
+    pytest.param("lstm", {}, True, id="dynamo-lstm"),
+    pytest.param("layer_norm_lstm", {}, True, id="dynamo-layer_norm_lstm"),
+    pytest.param("lstm", dict(bidirectional=True), False, id="torchscript-lstm-bidirectional"),
+    pytest.param("lstm", dict(proj_size=2), False, id="torchscript-lstm-projection"),
+    pytest.param("layer_norm_lstm", {}, False, id="torchscript-layer_norm_lstm"),
+])
+def test_onnx_packed_input_is_refused_clearly(tmp_path, layer, kwargs, dynamo):
+    """Where the exporter cannot take a PackedSequence (the default exporter
+    fails on nn.LSTM's too), a clear error naming the way out."""
+    model = _PacksItsInput(_make(layer, **kwargs))
     args = (torch.randn(EXAMPLE_T, EXAMPLE_B, INPUT), torch.tensor([EXAMPLE_T, 2]))
     with warnings.catch_warnings(), pytest.raises(Exception, match="PackedSequence") as err:
         warnings.simplefilter("ignore")
         torch.onnx.export(model, args, str(tmp_path / "p.onnx"), dynamo=dynamo,
                           verbose=False)
-    assert "padded input" in str(err.value)
+    assert "export with padded input" in str(err.value)
 
 
 # ---- ONNX, the TorchScript-based exporter (dynamo=False) ----------------------
