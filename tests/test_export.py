@@ -371,3 +371,15 @@ def test_jit_trace_prints_no_tracer_warning():
     assert run.returncode == 0, run.stderr
     assert "traced" in run.stdout
     assert "TracerWarning" not in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize("layer", ["lstm", "layer_norm_lstm"])
+def test_jit_trace_packed_input(layer):
+    """A model that packs its input traces, saves and loads, and agrees with
+    eager for other lengths, in another order and batch."""
+    model = _PacksItsInput(_make(layer, num_layers=2, bidirectional=True))
+    example = (torch.randn(EXAMPLE_T, EXAMPLE_B, INPUT), torch.tensor([EXAMPLE_T, 2]))
+    loaded = _trace_save_load(model, example)
+    x, lengths = torch.randn(OTHER_T, 4, INPUT), torch.tensor([3, OTHER_T, 5, 1])
+    for got, expected in zip(loaded(x, lengths), model(x, lengths)):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
