@@ -9,7 +9,8 @@ form the current capture understands:
   :mod:`rnnfast.ops`;
 - ``torch.onnx.export`` (the torch.export-based exporter, ``dynamo=True``):
   an LSTM without projection becomes ONNX's own ``LSTM`` operator (one node
-  per layer and direction, so runtimes run their fused kernel); a
+  per layer and direction, so runtimes run their fused kernel; in the
+  captured program it is a ``torch.onnx.ops`` placeholder); a
   LayerNorm-LSTM, which has no ONNX operator, and an LSTM with a projection,
   which ONNX's ``LSTM`` lacks, become a ``Scan`` over time whose body holds
   one step (``LayerNormalization`` inside), the input product hoisted out of
