@@ -130,7 +130,7 @@ def _assert_runs_like_pytorch(model: nn.Module, path, with_hx: bool) -> None:
 # ---- ONNX, the torch.export-based exporter (the default) ---------------------
 
 LSTM_CASES = [
-    pytest.param(dict(), False, id="1layer-timemajor"),
+    pytest.param(dict(bias=False), False, id="1layer-timemajor-nobias"),
     pytest.param(dict(num_layers=2, bidirectional=True, batch_first=True), True,
                  id="2layers-bidirectional-batchfirst-hx"),
 ]
@@ -267,7 +267,7 @@ def test_onnx_torchscript_exporter_lstm(tmp_path, kwargs, with_hx):
 
 
 @pytest.mark.parametrize("layer,kwargs,with_hx", [
-    pytest.param("layer_norm_lstm", dict(), False, id="layer_norm_lstm"),
+    pytest.param("layer_norm_lstm", dict(bias=False), False, id="layer_norm_lstm-nobias"),
     pytest.param("layer_norm_lstm", dict(num_layers=2, bidirectional=True, batch_first=True),
                  True, id="layer_norm_lstm-2layers-bidirectional-batchfirst-hx"),
     pytest.param("lstm", dict(proj_size=2), True, id="lstm-projection"),
