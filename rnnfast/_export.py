@@ -25,6 +25,10 @@ form the current capture understands:
   that decides at run time whether to keep activations for the backward (a
   Python-side decision would be frozen into the trace, and the trace's own
   check, run under ``torch.no_grad``, would see a different graph).
+
+The TorchScript helpers here call ``torch.ops.rnnfast`` themselves (the one
+exception to :mod:`rnnfast.ops` being the only module that does): TorchScript
+can call an op by its schema, not a Python wrapper.
 """
 
 from __future__ import annotations

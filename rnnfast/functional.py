@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _export
+from . import _export, ops  # noqa: F401  (ops: what this module composes, via _export)
 
 __all__ = ["lstm", "layer_norm_lstm", "split_weights"]
 
