@@ -147,22 +147,11 @@ class SerialMkl {
 template <typename T>
 StepWeight<T>::StepWeight(bool trans_b, int64_t max_m, int64_t n, int64_t k,
                           const T* b, int64_t ldb)
-    : trans_b_(trans_b), n_(n), k_(k), ldb_(ldb), b_(b),
+    : trans_b_(trans_b), max_m_(max_m), n_(n), k_(k), ldb_(ldb), b_(b),
       serial_(max_m * n * k < kSerialGemmMacs) {
-  const SerialMkl serial(serial_);
   if constexpr (std::is_same_v<T, float>) {
-    if (have_mkl_pack() && max_m > 0 && fits_int(max_m) && fits_int(n) &&
-        fits_int(k) && fits_int(ldb) && n > 0 && k > 0) {
-      const size_t bytes = cblas_sgemm_pack_get_size(
-          kBMatrix, static_cast<int>(max_m), static_cast<int>(n),
-          static_cast<int>(k));
-      packed_ = std::malloc(bytes);
-      TORCH_CHECK(packed_ != nullptr, "rnnfast: out of memory packing a weight");
-      cblas_sgemm_pack(kRowMajor, kBMatrix, trans_b ? kTrans : kNoTrans,
-                       static_cast<int>(max_m), static_cast<int>(n),
-                       static_cast<int>(k), 1.0f, b, static_cast<int>(ldb),
-                       static_cast<float*>(packed_));
-    }
+    packable_ = have_mkl_pack() && max_m > 0 && fits_int(max_m) &&
+                fits_int(n) && fits_int(k) && fits_int(ldb) && n > 0 && k > 0;
   }
 }
 
@@ -172,9 +161,28 @@ StepWeight<T>::~StepWeight() {
 }
 
 template <typename T>
+void StepWeight<T>::pack() const {
+  if constexpr (std::is_same_v<T, float>) {
+    const size_t bytes = cblas_sgemm_pack_get_size(
+        kBMatrix, static_cast<int>(max_m_), static_cast<int>(n_),
+        static_cast<int>(k_));
+    packed_ = std::malloc(bytes);
+    TORCH_CHECK(packed_ != nullptr, "rnnfast: out of memory packing a weight");
+    cblas_sgemm_pack(kRowMajor, kBMatrix, trans_b_ ? kTrans : kNoTrans,
+                     static_cast<int>(max_m_), static_cast<int>(n_),
+                     static_cast<int>(k_), 1.0f, b_, static_cast<int>(ldb_),
+                     static_cast<float*>(packed_));
+  }
+}
+
+template <typename T>
 void StepWeight<T>::multiply(int64_t m, const T* a, int64_t lda, T beta, T* c,
                              int64_t ldc) const {
   const SerialMkl serial(serial_);
+  // The first product runs unpacked; a second one means a time loop of
+  // several steps, which repays the packing.
+  if (packable_ && packed_ == nullptr && uses_ > 0) pack();
+  ++uses_;
   if constexpr (std::is_same_v<T, float>) {
     if (packed_ != nullptr && m > 0 && fits_int(lda) && fits_int(ldc)) {
       cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, static_cast<int>(m),

@@ -23,7 +23,9 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
 // The right-hand operand of a product repeated at every step of a time loop
 // (a recurrent weight), packed once into the BLAS's internal layout where it
 // offers one (MKL's cblas_sgemm_pack), so per-step products skip repacking:
-// at batch 4 that repacking is most of a step's cost.
+// at batch 4 that repacking is most of a step's cost. It is packed when it
+// is used a second time, not before: packing costs several plain products,
+// which a one-step call (streaming decode) would never earn back.
 //   multiply(m, a, lda, beta, c, ldc): C[m, n] = A[m, k] op(B) + beta C
 template <typename T>
 class StepWeight {
@@ -33,15 +35,21 @@ class StepWeight {
   ~StepWeight();
   StepWeight(const StepWeight&) = delete;
   StepWeight& operator=(const StepWeight&) = delete;
+  // Logically const, but it may pack on use: one time loop (one thread at a
+  // time) uses a StepWeight.
   void multiply(int64_t m, const T* a, int64_t lda, T beta, T* c,
                 int64_t ldc) const;
 
  private:
+  void pack() const;
+
   bool trans_b_;
-  int64_t n_, k_, ldb_;
+  int64_t max_m_, n_, k_, ldb_;
   const T* b_;
   bool serial_;             // small products run on the calling thread only
-  void* packed_ = nullptr;  // owned, from the BLAS's own allocator layout
+  bool packable_ = false;   // the BLAS can pack this operand
+  mutable int64_t uses_ = 0;        // products computed so far
+  mutable void* packed_ = nullptr;  // owned, in the BLAS's own layout
 };
 
 // Which implementation gemm uses ("mkl-packed", "blas" or "aten").
