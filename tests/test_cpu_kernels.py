@@ -166,7 +166,7 @@ def test_native_process_matches_this_process(cases_file, native_results):
 
 
 # --------------------------------------------------------------------------
-# 13. build_info and python -m rnnfast
+# build_info and python -m rnnfast
 # --------------------------------------------------------------------------
 def test_build_info_keys_and_types():
     info = rnnfast.build_info()

@@ -366,12 +366,8 @@ def discover(compile: bool = False) -> tuple[list[Impl], list[str]]:
         Impl("gemm-floor", "floor", _gemm_floor),
         Impl("rnnfast.LSTM", "LSTM", _nn_style(rnnfast.LSTM)),
         Impl("reference.LSTM", "LSTM", _nn_style(reference.ReferenceLSTM)),
+        Impl("rnnfast.LayerNormLSTM", "LayerNormLSTM", _nn_style(rnnfast.LayerNormLSTM)),
     ]
-    if hasattr(rnnfast, "LayerNormLSTM"):
-        impls.append(Impl("rnnfast.LayerNormLSTM", "LayerNormLSTM",
-                          _nn_style(rnnfast.LayerNormLSTM)))
-    else:
-        notes.append("rnnfast.LayerNormLSTM: skipped, this rnnfast has no LayerNormLSTM")
     if compile:
         impls.append(Impl("torch.compile(reference.LayerNormLSTM)", "LayerNormLSTM",
                           _compiled_reference, compiled=True))
