@@ -33,7 +33,7 @@ import rnnfast
 from utils import (CELLS, LAYER_NORM_LSTM_CELL, LSTM_CELL, TOLERANCES,
                    assert_error_within_twice, assert_results_close, backward_args_from,
                    bad_forward_cases, float64_twin, forward_backward, make_packed,
-                   randomize_layer_norm_, upcast)
+                   random_input, random_states, randomize_layer_norm_, upcast)
 
 T, B, I, P = 5, 4, 3, 4  # P: proj_size of the projection cases (LSTM only)
 LENGTHS_SORTED = [5, 4, 4, 2]
@@ -49,23 +49,11 @@ GRADCHECK_TOL = dict(eps=1e-6, atol=1e-8, rtol=1e-6)
 LN_F32_TOL = dict(atol=5e-5, rtol=1e-5, scaled=True)
 
 
-def _input(batch_first, dtype=torch.float64, device="cpu", steps=T, batch=B, size=I):
-    shape = (batch, steps, size) if batch_first else (steps, batch, size)
-    return torch.randn(shape, dtype=dtype, device=device)
-
-
-def _states(num_layers, directions, out_size, hidden, dtype=torch.float64, device="cpu",
-            batch=B):
-    opts = dict(dtype=dtype, device=device)
-    return (torch.randn(num_layers * directions, batch, out_size, **opts) * 0.5,
-            torch.randn(num_layers * directions, batch, hidden, **opts) * 0.5)
-
-
 def _states_for(model, dtype=torch.float64, device="cpu", batch=B):
     """Random ``(h_0, c_0)`` shaped for ``model``."""
     directions = 2 if model.bidirectional else 1
-    return _states(model.num_layers, directions, model.proj_size or model.hidden_size,
-                   model.hidden_size, dtype, device, batch)
+    return random_states(model.num_layers, directions, model.proj_size or model.hidden_size,
+                         model.hidden_size, dtype, device, batch)
 
 
 def _lengths(kind):
@@ -92,7 +80,7 @@ def _cell_params(per_cell: dict) -> list:
             for cell, rows in per_cell.items() for row in rows]
 
 
-def _lstm_grid_id(bias, reverse, proj, packed):
+def _op_grid_id(bias, reverse, proj, packed):
     return (f"{'bias' if bias else 'nobias'}-{'rev' if reverse else 'fwd'}-"
             f"{f'proj{proj}-' if proj else ''}{'packed' if packed else 'padded'}")
 
@@ -102,7 +90,7 @@ def _lstm_grid_id(bias, reverse, proj, packed):
 # --------------------------------------------------------------------------
 def _op_grid(cell):
     projections = [0, 2] if cell.has_projection else [0]
-    return [(_lstm_grid_id(b, r, p, k), b, r, p, k)
+    return [(_op_grid_id(b, r, p, k), b, r, p, k)
             for b, r, p, k in itertools.product([True, False], [False, True], projections,
                                                 [False, True])]
 
@@ -417,7 +405,7 @@ def test_parity_with_reference(device, dtype, cell, bias, batch_first, bidirecti
     ours, ref = cell.make_pair(I, cell.hidden, bias=bias, batch_first=batch_first,
                                bidirectional=bidirectional, dtype=dtype, device=device,
                                **variant)
-    x = _input(batch_first, dtype, device)
+    x = random_input(batch_first, dtype, device)
     hx = _states_for(ours, dtype, device) if with_hx else None
     lengths = _lengths(kind)
     run = dict(lengths=lengths, enforce_sorted=kind != "packed_unsorted")
@@ -440,14 +428,14 @@ def test_parity_single_layer_and_three_layers(device, cell):
         ours, ref = cell.make_pair(I, cell.hidden, device=device,
                                    **cell.kwargs(num_layers=num_layers, bidirectional=True,
                                                  proj_size=2))
-        x = _input(False, device=device)
+        x = random_input(False, device=device)
         assert_results_close(forward_backward(ours, x), forward_backward(ref, x),
                              **TOLERANCES[torch.float64])
 
 
 def test_parity_no_grad_and_inference_mode(device, cell):
     ours, ref = cell.make_pair(I, cell.hidden, num_layers=2, bidirectional=True, device=device)
-    x = _input(False, device=device)
+    x = random_input(False, device=device)
     with torch.no_grad():
         expected = ref(x)
         got_no_grad = ours(x)
@@ -465,7 +453,7 @@ def test_parity_frozen_weights_input_grad_only(device, cell):
                                **cell.kwargs(num_layers=2, proj_size=2))
     for m in (ours, ref):
         m.requires_grad_(False)
-    x = _input(False, device=device)
+    x = random_input(False, device=device)
     got, expected = forward_backward(ours, x), forward_backward(ref, x)
     assert_results_close(got, expected, **TOLERANCES[torch.float64])
     assert got["grad_input"].abs().sum() > 0
@@ -504,7 +492,7 @@ def test_batch_first_is_a_transpose(device, cell):
     ours, _ = cell.make_pair(I, cell.hidden, device=device, **kwargs)
     ours_bf = cell.module(I, cell.hidden, batch_first=True, **kwargs).double().to(device)
     ours_bf.load_state_dict(ours.state_dict())
-    x = _input(False, device=device)
+    x = random_input(False, device=device)
     hx = _states_for(ours, device=device)
     out, (h_n, c_n) = ours(x, hx)
     out_bf, (h_bf, c_bf) = ours_bf(x.transpose(0, 1), hx)  # states stay [L*D, B, H]
@@ -523,7 +511,7 @@ def test_packed_sequence_in_packed_sequence_out(device, cell, batch_first):
     ours, _ = cell.make_pair(I, cell.hidden, batch_first=batch_first, device=device,
                              **cell.kwargs(num_layers=2, bidirectional=True, proj_size=2))
     ours.eval()
-    x = _input(batch_first, device=device)
+    x = random_input(batch_first, device=device)
     hx = _states_for(ours, device=device)
     packed = make_packed(x, LENGTHS_UNSORTED, batch_first=batch_first, enforce_sorted=False)
     out, (h_n, c_n) = ours(packed, hx)
@@ -553,7 +541,7 @@ def test_empty_batch_like_nn_lstm(cell, batch_first, bidirectional, proj_size):
                          proj_size=proj_size)
     ours, ref = cell.make_pair(I, cell.hidden, **kwargs)
     lstm = nn.LSTM(I, cell.hidden, **kwargs).double() if cell.layer_norm else ref
-    x = _input(batch_first, batch=0)
+    x = random_input(batch_first, batch=0)
     got = forward_backward(ours, x)
     expected = forward_backward(lstm, x)
     assert got["output"].shape == expected["output"].shape
@@ -576,7 +564,7 @@ def test_dropout_eval_equals_no_dropout(device, cell):
     plain = cell.module(I, cell.hidden, num_layers=3, bidirectional=True).double().to(device)
     plain.load_state_dict(ours.state_dict())
     ours.eval()
-    x = _input(False, device=device)
+    x = random_input(False, device=device)
     got, expected = ours(x), plain(x)
     torch.testing.assert_close(got[0], expected[0], atol=0, rtol=0)
     torch.testing.assert_close(got[1], expected[1], atol=0, rtol=0)
@@ -590,7 +578,7 @@ def test_dropout_between_layers_in_training(device, cell):
     ours, ref = cell.make_pair(I, cell.hidden, num_layers=2, dropout=0.5, bidirectional=True,
                                device=device)
     ours.train(), ref.train()
-    x = _input(False, device=device)
+    x = random_input(False, device=device)
     torch.manual_seed(5)
     res_train = forward_backward(ours, x)
     if cell.layer_norm:
@@ -615,16 +603,16 @@ def test_dropout_ignored_with_one_layer(cell):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ours = cell.module(I, cell.hidden, num_layers=1, dropout=0.9).double()
-    x = _input(False)
+    x = random_input(False)
     train_out = ours(x)[0]
     ours.eval()
     torch.testing.assert_close(train_out, ours(x)[0], atol=0, rtol=0)
 
 
-def test_dropout_one_zeroes_second_layer_input(cell):
+def test_dropout_one_zeroes_second_layerrandom_input(cell):
     """dropout=1 in training: the second layer sees zeros, as in nn.LSTM."""
     ours, ref = cell.make_pair(I, cell.hidden, num_layers=2, dropout=1.0)
-    x = _input(False)
+    x = random_input(False)
     got, expected = ours(x), ref(x)
     torch.testing.assert_close(got[0], expected[0], atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(got[1][0], expected[1][0], atol=1e-10, rtol=1e-10)
@@ -684,26 +672,55 @@ FORWARD_TIME_ARGUMENT_CASES = {
 }
 
 
+def _overridden(overrides: dict) -> str:
+    """The argument an error must name."""
+    (name,) = overrides
+    return name
+
+
 @pytest.mark.parametrize("case", list(FORWARD_TIME_ARGUMENT_CASES))
 def test_constructor_arguments_refused_at_forward_like_nn_lstm(cell, case):
     overrides, match = FORWARD_TIME_ARGUMENT_CASES[case]
     kwargs = dict(input_size=I, hidden_size=cell.hidden, **overrides)
     lstm, ours = nn.LSTM(**kwargs), cell.module(**kwargs)  # both constructors accept
-    x = _input(False, dtype=torch.float32)
+    x = random_input(False, dtype=torch.float32)
     with pytest.raises(Exception) as ref_info:
         lstm(x)
     with pytest.raises(ref_info.type, match=match) as ours_info:
         ours(x)
     assert type(ours_info.value) is ref_info.type
     assert re.search(match, str(ref_info.value)), ref_info.value
-    assert re.search(rf"{cell.module.__name__}: .*{overrides_name(overrides)}",
+    assert re.search(rf"{cell.module.__name__}: .*{_overridden(overrides)}",
                      str(ours_info.value)), ours_info.value
 
 
-def overrides_name(overrides: dict) -> str:
-    """The argument an error must name."""
-    (name,) = overrides
-    return name
+FUNCTIONAL_CASES = {
+    "hx_tensor": ("stacked", {}, r"received an invalid combination of arguments"),
+    "hx_three_states": ("three", {}, r"lstm expects two hidden states"),
+    "bidirectional_int": ("pair", dict(bidirectional=1),
+                          r"received an invalid combination of arguments"),
+    "num_layers_bool": ("pair", dict(num_layers=True),
+                        r"received an invalid combination of arguments"),
+}
+
+
+@pytest.mark.parametrize("case", list(FUNCTIONAL_CASES))
+def test_functional_refuses_like_vf_lstm(cell, case):
+    """rnnfast.functional takes torch._VF.lstm's arguments and refuses what
+    it refuses, with its exception class and words, naming the function."""
+    states, overrides, match = FUNCTIONAL_CASES[case]
+    H = cell.hidden
+    ours, lstm = cell.module(I, H), nn.LSTM(I, H)
+    x, h = torch.randn(T, B, I), torch.zeros(1, B, H)
+    hx = {"stacked": torch.stack([h, h]), "three": (h, h, h), "pair": (h, h)}[states]
+    with pytest.raises(Exception) as ref_info:
+        torch._VF.lstm(x, hx, lstm._flat_weights, True, overrides.get("num_layers", 1), 0.0,
+                       False, overrides.get("bidirectional", False), False)
+    functional = getattr(rnnfast.functional, cell.name)
+    with pytest.raises(ref_info.type, match=match) as ours_info:
+        functional(x, hx, ours._flat_weights, **overrides)
+    assert re.search(match, str(ref_info.value)), ref_info.value
+    assert str(ours_info.value).startswith(f"rnnfast.functional.{cell.name}: ")
 
 
 def test_hidden_states_accepted_like_nn_lstm(cell):
@@ -814,7 +831,7 @@ NAN_GRID = {
 @pytest.mark.parametrize("cell,value,where,kind,kwargs", _cell_params(NAN_GRID))
 def test_nan_inf_propagate_like_reference(device, cell, value, where, kind, kwargs):
     ours, ref = cell.make_pair(I, cell.hidden, num_layers=2, device=device, **kwargs)
-    x = _input(False, device=device)
+    x = random_input(False, device=device)
     hx = _states_for(ours, device=device)
     if where == "input":
         x[1 if cell.layer_norm else 2, 1, 0] = value
@@ -842,10 +859,10 @@ def test_nan_inf_propagate_like_reference(device, cell, value, where, kind, kwar
 
 
 @pytest.mark.parametrize("batch_first", [False, True])
-def test_non_contiguous_input_and_states(device, cell, batch_first):
+def test_non_contiguous_input_andrandom_states(device, cell, batch_first):
     ours, ref = cell.make_pair(I, cell.hidden, batch_first=batch_first, device=device,
                                **cell.kwargs(num_layers=2, bidirectional=True, proj_size=2))
-    x = _input(batch_first, device=device)
+    x = random_input(batch_first, device=device)
     h0, c0 = _states_for(ours, device=device)
     # Transposed views with the same values, and a strided slice of a wider tensor.
     x_t = x.transpose(0, 1).contiguous().transpose(0, 1)
@@ -894,7 +911,7 @@ def test_non_contiguous_parameters(device, cell, kind):
         # (weight_hr of proj_size 2 and hidden 6 has no 1-sized dimension either)
         assert not view.is_contiguous(), name
         setattr(strided, name, nn.Parameter(view))
-    x = _input(False, device=device)
+    x = random_input(False, device=device)
     run = dict(lengths=_lengths(kind), enforce_sorted=False)
     assert_results_close(forward_backward(strided, x, **run), forward_backward(ours, x, **run),
                          atol=1e-12, rtol=1e-12)
@@ -939,7 +956,7 @@ def test_low_precision_error_within_twice_pytorch(cell, dtype, kwargs, kind):
     H = 8
     ours, ref = cell.make_pair(I, H, num_layers=2, dtype=dtype, **kwargs)
     assert all(p.dtype == dtype for p in ours.parameters())
-    x = _input(False, dtype=dtype, steps=7)
+    x = random_input(False, dtype=dtype, steps=7)
     hx = _states_for(ours, dtype=dtype)
     lengths = None if kind == "padded" else [3, 7, 1, 5]
     run = dict(lengths=lengths, enforce_sorted=False)

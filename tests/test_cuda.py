@@ -97,21 +97,24 @@ def assert_on(results, device):
 F64_DEVICE_TOL = dict(atol=1e-7, rtol=1e-7)
 
 
-@pytest.mark.parametrize("cell,config", CPU_PARITY)
-def test_matches_cpu_in_float64(cuda_device, cell, config):
-    """Every output and gradient of a float64 model on CUDA equals the CPU
-    kernels' (LayerNorm parameters at random values)."""
+def assert_matches_cpu(cell, config, hidden, device):
+    """Every output and gradient of a float64 model (LayerNorm parameters at
+    random values) on ``device`` equals the CPU kernels'."""
     torch.manual_seed(0)
     cpu_model = randomize_layer_norm_(
-        cell.module(I, H, dtype=torch.float64, **module_kwargs(config)))
-    cuda_model = copy.deepcopy(cpu_model).to(cuda_device)
+        cell.module(I, hidden, dtype=torch.float64, **module_kwargs(config)))
     x, hx = make_input(config), make_states(cpu_model)
     expected = run(cpu_model, x, hx, config)
-    got = run(cuda_model, x, hx, config)
+    got = run(copy.deepcopy(cpu_model).to(device), x, hx, config)
     if cell.layer_norm:
         assert any(k.startswith("grad.ln_cell_bias") for k in got)
-    assert_on(got, cuda_device)
+    assert_on(got, device)
     assert_results_close(on_cpu(got), expected, **F64_DEVICE_TOL)
+
+
+@pytest.mark.parametrize("cell,config", CPU_PARITY)
+def test_matches_cpu_in_float64(cuda_device, cell, config):
+    assert_matches_cpu(cell, config, H, cuda_device)
 
 
 @pytest.mark.parametrize("cell", CELLS, ids=repr)
@@ -119,18 +122,7 @@ def test_matches_cpu_in_float64(cuda_device, cell, config):
 def test_hidden_sizes_match_cpu(cuda_device, cell, hidden):
     """A row of H = 37 spans two partial warps; one of 4H = 4120 is more than
     a block's threads, so each thread loops over several elements."""
-    config = dict(bidirectional=True, packed=True)
-    torch.manual_seed(0)
-    cpu_model = randomize_layer_norm_(
-        cell.module(I, hidden, dtype=torch.float64, **module_kwargs(config)))
-    cuda_model = copy.deepcopy(cpu_model).to(cuda_device)
-    x, hx = make_input(config), make_states(cpu_model)
-    expected = run(cpu_model, x, hx, config)
-    got = run(cuda_model, x, hx, config)
-    if cell.layer_norm:
-        assert "grad.ln_cell_bias_l0_reverse" in got
-    assert_on(got, cuda_device)
-    assert_results_close(on_cpu(got), expected, **F64_DEVICE_TOL)
+    assert_matches_cpu(cell, dict(bidirectional=True, packed=True), hidden, cuda_device)
 
 
 @pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())

@@ -16,24 +16,12 @@ import rnnfast
 from rnnfast.reference import ReferenceLayerNormLSTM, layer_norm_lstm_reference
 from utils import (LAYER_NORM_LSTM_CELL, TOLERANCES, assert_results_close, backward_args_from,
                    float64_twin, forward_backward, make_layer_norm_lstm_pair, make_op_args,
-                   randomize_layer_norm_, upcast)
+                   random_input, random_states, randomize_layer_norm_, upcast)
 
 T, B, I, H = 5, 4, 3, 5
-LENGTHS_SORTED = [5, 4, 4, 2]
 LENGTHS_UNSORTED = [2, 5, 1, 4]  # enforce_sorted=False
 LN_SUFFIXES = ("ln_ih_weight", "ln_ih_bias", "ln_hh_weight", "ln_hh_bias", "ln_cell_weight",
                "ln_cell_bias")
-
-
-def _input(batch_first, dtype=torch.float64, device="cpu", steps=T, batch=B, size=I):
-    shape = (batch, steps, size) if batch_first else (steps, batch, size)
-    return torch.randn(shape, dtype=dtype, device=device)
-
-
-def _states(num_layers, directions, hidden=H, dtype=torch.float64, device="cpu", batch=B):
-    opts = dict(dtype=dtype, device=device)
-    return (torch.randn(num_layers * directions, batch, hidden, **opts) * 0.5,
-            torch.randn(num_layers * directions, batch, hidden, **opts) * 0.5)
 
 
 # --------------------------------------------------------------------------
@@ -59,8 +47,8 @@ def test_parity_non_default_eps(device, eps):
     ours, ref = make_layer_norm_lstm_pair(I, H, num_layers=2, bidirectional=True, eps=eps,
                                           device=device)
     assert ours.eps == eps
-    x = _input(False, device=device)
-    hx = _states(2, 2, device=device)
+    x = random_input(False, device=device)
+    hx = random_states(2, 2, H, H, device=device)
     got = forward_backward(ours, x, hx, lengths=LENGTHS_UNSORTED, enforce_sorted=False)
     expected = forward_backward(ref, x, hx, lengths=LENGTHS_UNSORTED, enforce_sorted=False)
     assert_results_close(got, expected, **TOLERANCES[torch.float64])
@@ -75,8 +63,8 @@ def test_parity_functional_with_flat_weights(device):
     """rnnfast.functional.layer_norm_lstm and layer_norm_lstm_reference take
     the same flat weight list (the module's _flat_weights)."""
     ours, _ = make_layer_norm_lstm_pair(I, H, num_layers=2, bidirectional=True, device=device)
-    x = _input(False, device=device)
-    hx = _states(2, 2, device=device)
+    x = random_input(False, device=device)
+    hx = random_states(2, 2, H, H, device=device)
     kwargs = dict(num_layers=2, bidirectional=True, eps=1e-4)
     got = rnnfast.functional.layer_norm_lstm(x, hx, ours._flat_weights, **kwargs)
     expected = layer_norm_lstm_reference(x, hx, ours._flat_weights, **kwargs)
@@ -163,7 +151,7 @@ def test_load_nn_lstm_state_dict(kwargs):
     ref = ReferenceLayerNormLSTM(I, H, eps=1e-12, **kwargs).double()
     assert ref.load_state_dict(lstm.state_dict(), strict=False).unexpected_keys == []
     ours.eval(), ref.eval(), lstm.eval()
-    x = _input(kwargs.get("batch_first", False))
+    x = random_input(kwargs.get("batch_first", False))
     out, (h_n, c_n) = ours(x)
     out_ref, (h_ref, c_ref) = ref(x)
     out_lstm, _ = lstm(x)
@@ -228,7 +216,7 @@ def test_float32_parity_larger_hidden(device, kind):
     ours, ref = make_layer_norm_lstm_pair(11, 70, num_layers=2, bidirectional=True,
                                           dtype=torch.float32, device=device)
     x = torch.randn(6, 37, 11, device=device)
-    hx = _states(2, 2, 70, dtype=torch.float32, device=device, batch=37)
+    hx = random_states(2, 2, 70, 70, dtype=torch.float32, device=device, batch=37)
     lengths = None if kind == "padded" else [(5 * i) % 6 + 1 for i in range(37)]
     run = dict(lengths=lengths, enforce_sorted=False)
     got = forward_backward(ours, x, hx, **run)

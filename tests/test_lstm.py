@@ -14,21 +14,9 @@ from torch import nn
 import rnnfast
 from rnnfast.reference import ReferenceLSTM
 from utils import (TOLERANCES, activation_probe, assert_activations_accurate,
-                   assert_results_close, forward_backward, make_lstm_pair)
+                   assert_results_close, forward_backward, make_lstm_pair, random_input)
 
 T, B, I, H = 5, 4, 3, 6
-
-
-def _input(batch_first, dtype=torch.float64, device="cpu", steps=T, batch=B, size=I):
-    shape = (batch, steps, size) if batch_first else (steps, batch, size)
-    return torch.randn(shape, dtype=dtype, device=device)
-
-
-def _states(num_layers, directions, out_size, hidden, dtype=torch.float64, device="cpu",
-            batch=B):
-    opts = dict(dtype=dtype, device=device)
-    return (torch.randn(num_layers * directions, batch, out_size, **opts) * 0.5,
-            torch.randn(num_layers * directions, batch, hidden, **opts) * 0.5)
 
 
 # --------------------------------------------------------------------------
@@ -98,7 +86,7 @@ def test_state_dict_both_directions(kwargs):
     ref2 = nn.LSTM(I, H, **kwargs).double()
     ref2.load_state_dict(ours2.state_dict())
     ours2.eval(), ref2.eval()
-    x = _input(kwargs.get("batch_first", False))
+    x = random_input(kwargs.get("batch_first", False))
     out_ours, (h_ours, c_ours) = ours2(x)
     out_ref, (h_ref, c_ref) = ref2(x)
     torch.testing.assert_close(out_ours, out_ref, atol=1e-10, rtol=1e-10)
@@ -141,7 +129,7 @@ def test_all_weights_and_flatten_parameters(kwargs):
     # all_weights are the module's parameters themselves, not copies.
     params = {id(p) for p in ours.parameters()}
     assert all(id(w) in params for group in ours.all_weights for w in group)
-    x = _input(kwargs.get("batch_first", False))
+    x = random_input(kwargs.get("batch_first", False))
     ours.eval(), ref.eval()
     torch.testing.assert_close(ours(x)[0], ref(x)[0], atol=1e-10, rtol=1e-10)
 
@@ -149,7 +137,7 @@ def test_all_weights_and_flatten_parameters(kwargs):
 def test_module_to_dtype_and_parameters_stay_leaves():
     ours = rnnfast.LSTM(I, H, num_layers=2).double()
     assert all(p.dtype == torch.float64 and p.is_leaf for p in ours.parameters())
-    out, _ = ours(_input(False))
+    out, _ = ours(random_input(False))
     assert out.dtype == torch.float64
 
 

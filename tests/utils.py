@@ -34,6 +34,26 @@ TOLERANCES = {
 
 
 # --------------------------------------------------------------------------
+# Random inputs of the module tests
+# --------------------------------------------------------------------------
+def random_input(batch_first: bool, dtype=torch.float64, device="cpu", steps: int = 5,
+                 batch: int = 4, size: int = 3) -> Tensor:
+    """A padded input ``[steps, batch, size]`` (``[batch, steps, size]``
+    with ``batch_first``) from the global generator."""
+    shape = (batch, steps, size) if batch_first else (steps, batch, size)
+    return torch.randn(shape, dtype=dtype, device=device)
+
+
+def random_states(num_layers: int, directions: int, out_size: int, hidden: int,
+                  dtype=torch.float64, device="cpu", batch: int = 4) -> tuple[Tensor, Tensor]:
+    """``(h_0, c_0)``: ``[num_layers * directions, batch, out_size]`` and
+    ``[num_layers * directions, batch, hidden]``, from N(0, 0.25)."""
+    opts = dict(dtype=dtype, device=device)
+    return (torch.randn(num_layers * directions, batch, out_size, **opts) * 0.5,
+            torch.randn(num_layers * directions, batch, hidden, **opts) * 0.5)
+
+
+# --------------------------------------------------------------------------
 # Packed sequences
 # --------------------------------------------------------------------------
 def batch_sizes_from_lengths(lengths: Sequence[int]) -> Tensor:
