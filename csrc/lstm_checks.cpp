@@ -3,44 +3,48 @@
 namespace rnnfast {
 namespace {
 
-void check_same(const at::Tensor& t, const char* name, const at::Tensor& input) {
-  TORCH_CHECK(t.scalar_type() == input.scalar_type(), "rnnfast.lstm: ", name,
+// Every message starts with the op's name ("rnnfast.lstm_forward: ...") and
+// names the argument at fault.
+void check_same(const char* op, const at::Tensor& t, const char* name,
+                const at::Tensor& input) {
+  TORCH_CHECK(t.scalar_type() == input.scalar_type(), op, ": ", name,
               " must have the dtype of input (", input.scalar_type(),
               "), got ", t.scalar_type());
-  TORCH_CHECK(t.device() == input.device(), "rnnfast.lstm: ", name,
+  TORCH_CHECK(t.device() == input.device(), op, ": ", name,
               " must be on the device of input (", input.device(), "), got ",
               t.device());
 }
 
-void check_shape(const at::Tensor& t, const char* name,
+void check_shape(const char* op, const at::Tensor& t, const char* name,
                  at::IntArrayRef expected) {
-  TORCH_CHECK(t.sizes() == expected, "rnnfast.lstm: expected ", name,
-              " of size ", expected, ", got ", t.sizes());
+  TORCH_CHECK(t.sizes() == expected, op, ": expected ", name, " of size ",
+              expected, ", got ", t.sizes());
 }
 
 }  // namespace
 
-LstmSizes check_lstm_args(const at::Tensor& input, const at::Tensor& hx,
-                          const at::Tensor& cx, const at::Tensor& weight_ih,
+LstmSizes check_lstm_args(const char* op, const at::Tensor& input,
+                          const at::Tensor& hx, const at::Tensor& cx,
+                          const at::Tensor& weight_ih,
                           const at::Tensor& weight_hh,
                           const c10::optional<at::Tensor>& bias_ih,
                           const c10::optional<at::Tensor>& bias_hh,
                           const c10::optional<at::Tensor>& weight_hr,
                           const c10::optional<at::Tensor>& batch_sizes) {
   TORCH_CHECK(at::isFloatingType(input.scalar_type()),
-              "rnnfast.lstm: input must be a floating point tensor, got ",
+              op, ": input must be a floating point tensor, got ",
               input.scalar_type());
   const bool packed = batch_sizes.has_value();
-  TORCH_CHECK(input.dim() == (packed ? 2 : 3), "rnnfast.lstm: expected ",
+  TORCH_CHECK(input.dim() == (packed ? 2 : 3), op, ": expected ",
               packed ? "packed input of 2 dimensions [N, input_size]"
                      : "input of 3 dimensions [T, B, input_size]",
               ", got ", input.dim(), " dimensions");
   TORCH_CHECK(weight_ih.dim() == 2 && weight_hh.dim() == 2,
-              "rnnfast.lstm: weights must be 2-D");
+              op, ": weights must be 2-D");
   LstmSizes s;
   s.input = input.size(-1);
   TORCH_CHECK(weight_ih.size(0) % 4 == 0 && weight_ih.size(0) > 0,
-              "rnnfast.lstm: weight_ih must have 4 * hidden_size rows, got ",
+              op, ": weight_ih must have 4 * hidden_size rows, got ",
               weight_ih.size(0));
   s.hidden = weight_ih.size(0) / 4;
   s.output = weight_hr.has_value() ? weight_hr->size(0) : s.hidden;
@@ -49,64 +53,70 @@ LstmSizes check_lstm_args(const at::Tensor& input, const at::Tensor& hx,
   TORCH_CHECK(!packed || (batch_sizes->device().is_cpu() &&
                           batch_sizes->scalar_type() == at::kLong &&
                           batch_sizes->dim() == 1),
-              "rnnfast.lstm: batch_sizes must be a 1-D int64 CPU tensor");
+              op, ": batch_sizes must be a 1-D int64 CPU tensor");
   const int64_t batch = packed ? (batch_sizes->numel() > 0
                                       ? batch_sizes->data_ptr<int64_t>()[0]
                                       : 0)
                                : input.size(1);
-  check_same(hx, "hx", input);
-  check_same(cx, "cx", input);
-  check_same(weight_ih, "weight_ih", input);
-  check_same(weight_hh, "weight_hh", input);
-  check_shape(weight_ih, "weight_ih", {4 * s.hidden, s.input});
-  check_shape(weight_hh, "weight_hh", {4 * s.hidden, s.output});
-  check_shape(hx, "hx", {batch, s.output});
-  check_shape(cx, "cx", {batch, s.hidden});
+  check_same(op, hx, "hx", input);
+  check_same(op, cx, "cx", input);
+  check_same(op, weight_ih, "weight_ih", input);
+  check_same(op, weight_hh, "weight_hh", input);
+  check_shape(op, weight_ih, "weight_ih", {4 * s.hidden, s.input});
+  check_shape(op, weight_hh, "weight_hh", {4 * s.hidden, s.output});
+  check_shape(op, hx, "hx", {batch, s.output});
+  check_shape(op, cx, "cx", {batch, s.hidden});
   TORCH_CHECK(bias_ih.has_value() == bias_hh.has_value(),
-              "rnnfast.lstm: give both biases or neither");
+              op, ": give both biases or neither");
   if (bias_ih.has_value()) {
-    check_same(*bias_ih, "bias_ih", input);
-    check_same(*bias_hh, "bias_hh", input);
-    check_shape(*bias_ih, "bias_ih", {4 * s.hidden});
-    check_shape(*bias_hh, "bias_hh", {4 * s.hidden});
+    check_same(op, *bias_ih, "bias_ih", input);
+    check_same(op, *bias_hh, "bias_hh", input);
+    check_shape(op, *bias_ih, "bias_ih", {4 * s.hidden});
+    check_shape(op, *bias_hh, "bias_hh", {4 * s.hidden});
   }
   if (weight_hr.has_value()) {
-    check_same(*weight_hr, "weight_hr", input);
+    check_same(op, *weight_hr, "weight_hr", input);
     TORCH_CHECK(s.output > 0 && s.output < s.hidden,
-                "rnnfast.lstm: proj_size must be between 0 and hidden_size (",
+                op, ": proj_size must be between 0 and hidden_size (",
                 s.hidden, "), got ", s.output);
-    check_shape(*weight_hr, "weight_hr", {s.output, s.hidden});
+    check_shape(op, *weight_hr, "weight_hr", {s.output, s.hidden});
   }
   if (packed) {
     const auto& bs = *batch_sizes;
     TORCH_CHECK(bs.numel() > 0,
-                "rnnfast.lstm: expected sequence length to be larger than 0");
+                op, ": expected sequence length to be larger than 0");
     const int64_t* b = bs.data_ptr<int64_t>();
     int64_t total = 0;
     for (int64_t t = 0; t < bs.numel(); ++t) {
       TORCH_CHECK(b[t] > 0 && (t == 0 || b[t] <= b[t - 1]),
-                  "rnnfast.lstm: batch_sizes must be positive and "
+                  op, ": batch_sizes must be positive and "
                   "non-increasing, got ", bs);
       total += b[t];
     }
-    TORCH_CHECK(total == input.size(0), "rnnfast.lstm: batch_sizes sum to ",
+    TORCH_CHECK(total == input.size(0), op, ": batch_sizes sum to ",
                 total, " but the packed input has ", input.size(0), " rows");
   } else {
     TORCH_CHECK(input.size(0) > 0,
-                "rnnfast.lstm: expected sequence length to be larger than 0");
+                op, ": expected sequence length to be larger than 0");
   }
   return s;
 }
 
-void check_layer_norm_args(const at::Tensor& input, const LstmSizes& sizes,
-                           at::TensorList ln_gates, at::TensorList ln_cell) {
-  for (const auto& t : ln_gates) {
-    check_same(t, "a LayerNorm parameter", input);
-    check_shape(t, "ln_ih_* / ln_hh_* parameter", {4 * sizes.hidden});
+void check_layer_norm_args(const char* op, const at::Tensor& input,
+                           const LstmSizes& sizes, at::TensorList ln_gates,
+                           at::TensorList ln_cell) {
+  static constexpr const char* kGateNames[] = {"ln_ih_weight", "ln_ih_bias",
+                                               "ln_hh_weight", "ln_hh_bias"};
+  static constexpr const char* kCellNames[] = {"ln_cell_weight",
+                                               "ln_cell_bias"};
+  TORCH_INTERNAL_ASSERT(ln_gates.size() == 4 && ln_cell.size() == 2);
+  for (size_t k = 0; k < ln_gates.size(); ++k) {
+    check_same(op, ln_gates[k], kGateNames[k], input);
+    check_shape(op, ln_gates[k], kGateNames[k], {4 * sizes.hidden});
   }
-  for (const auto& t : ln_cell) {
-    check_same(t, "a LayerNorm parameter", input);
-    check_shape(t, "ln_cell_* parameter", {sizes.hidden});
+  for (size_t k = 0; k < ln_cell.size(); ++k) {
+    check_same(op, ln_cell[k], kCellNames[k], input);
+    check_shape(op, ln_cell[k], kCellNames[k], {sizes.hidden});
   }
 }
 

@@ -7,22 +7,27 @@
 
 namespace rnnfast {
 
-// Validates the arguments of lstm_forward / lstm_backward and returns the
-// sizes. input is [T, B, I] (padded) or [N, I] with batch_sizes [T] (packed);
+// Validates the arguments of lstm_forward / lstm_backward (and the LSTM part
+// of the layer_norm_lstm ops) and returns the sizes. `op` names the op in
+// the messages ("rnnfast.lstm_forward"); each message names the argument.
+// input is [T, B, I] (padded) or [N, I] with batch_sizes [T] (packed);
 // hx [B, P]; cx [B, H]; weight_ih [4H, I]; weight_hh [4H, P];
 // biases [4H]; weight_hr [P, H].
-LstmSizes check_lstm_args(const at::Tensor& input, const at::Tensor& hx,
-                          const at::Tensor& cx, const at::Tensor& weight_ih,
+LstmSizes check_lstm_args(const char* op, const at::Tensor& input,
+                          const at::Tensor& hx, const at::Tensor& cx,
+                          const at::Tensor& weight_ih,
                           const at::Tensor& weight_hh,
                           const c10::optional<at::Tensor>& bias_ih,
                           const c10::optional<at::Tensor>& bias_hh,
                           const c10::optional<at::Tensor>& weight_hr,
                           const c10::optional<at::Tensor>& batch_sizes);
 
-// Checks the LayerNorm parameters of a layer_norm_lstm op: ln_ih_* and
-// ln_hh_* [4H], ln_cell_* [H], on input's device and dtype.
-void check_layer_norm_args(const at::Tensor& input, const LstmSizes& sizes,
-                           at::TensorList ln_gates, at::TensorList ln_cell);
+// Checks the LayerNorm parameters of the layer_norm_lstm op `op`:
+// ln_gates = {ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias} [4H],
+// ln_cell = {ln_cell_weight, ln_cell_bias} [H], on input's device and dtype.
+void check_layer_norm_args(const char* op, const at::Tensor& input,
+                           const LstmSizes& sizes, at::TensorList ln_gates,
+                           at::TensorList ln_cell);
 
 // The packed-row layout of input (see lstm_params.h).
 SequenceLayout make_layout(const at::Tensor& input,

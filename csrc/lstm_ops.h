@@ -58,8 +58,9 @@ ForwardOutputs lstm_forward_op(const at::Tensor& input, const at::Tensor& hx,
                                const c10::optional<at::Tensor>& weight_hr,
                                const c10::optional<at::Tensor>& batch_sizes,
                                bool reverse, bool training) {
-  const LstmSizes s = check_lstm_args(input, hx, cx, weight_ih, weight_hh,
-                                      bias_ih, bias_hh, weight_hr, batch_sizes);
+  const LstmSizes s =
+      check_lstm_args("rnnfast.lstm_forward", input, hx, cx, weight_ih,
+                      weight_hh, bias_ih, bias_hh, weight_hr, batch_sizes);
   const SequenceLayout l = make_layout(input, batch_sizes, reverse);
   const at::ScalarType dtype = input.scalar_type();
   const at::ScalarType cdt = compute_dtype(dtype);
@@ -101,8 +102,9 @@ BackwardOutputs lstm_backward_op(
     const at::Tensor& output, const at::Tensor& gates,
     const at::Tensor& cells) {
   const LstmSizes s =
-      check_lstm_args(input, hx, cx, weight_ih, weight_hh, c10::nullopt,
-                      c10::nullopt, weight_hr, batch_sizes);
+      check_lstm_args("rnnfast.lstm_backward", input, hx, cx, weight_ih,
+                      weight_hh, c10::nullopt, c10::nullopt, weight_hr,
+                      batch_sizes);
   const SequenceLayout l = make_layout(input, batch_sizes, reverse);
   const at::ScalarType dtype = input.scalar_type();
   const at::ScalarType cdt = compute_dtype(dtype);
@@ -183,9 +185,10 @@ LayerNormForwardOutputs layer_norm_lstm_forward_op(
     const c10::optional<at::Tensor>& batch_sizes, bool reverse, bool training,
     double eps) {
   const LstmSizes s =
-      check_lstm_args(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh,
-                      c10::nullopt, batch_sizes);
-  check_layer_norm_args(input, s,
+      check_lstm_args("rnnfast.layer_norm_lstm_forward", input, hx, cx,
+                      weight_ih, weight_hh, bias_ih, bias_hh, c10::nullopt,
+                      batch_sizes);
+  check_layer_norm_args("rnnfast.layer_norm_lstm_forward", input, s,
                         {ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias},
                         {ln_cell_weight, ln_cell_bias});
   const SequenceLayout l = make_layout(input, batch_sizes, reverse);
@@ -243,9 +246,10 @@ LayerNormBackwardOutputs layer_norm_lstm_backward_op(
     const at::Tensor& normalized_ih, const at::Tensor& normalized_hh,
     const at::Tensor& stats) {
   const LstmSizes s =
-      check_lstm_args(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh,
-                      c10::nullopt, batch_sizes);
-  check_layer_norm_args(input, s,
+      check_lstm_args("rnnfast.layer_norm_lstm_backward", input, hx, cx,
+                      weight_ih, weight_hh, bias_ih, bias_hh, c10::nullopt,
+                      batch_sizes);
+  check_layer_norm_args("rnnfast.layer_norm_lstm_backward", input, s,
                         {ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias},
                         {ln_cell_weight, ln_cell_bias});
   const SequenceLayout l = make_layout(input, batch_sizes, reverse);

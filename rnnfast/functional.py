@@ -51,6 +51,25 @@ def split_weights(
     return out
 
 
+def _check_arguments(op: str, hx, num_layers, bidirectional) -> None:
+    """What ``torch._VF.lstm`` (behind nn.LSTM) refuses before it computes,
+    with its exception classes and words, naming ``op``: ``hx`` that is not
+    a tuple (or list) of two tensors, a ``num_layers`` that is not an int, a
+    ``bidirectional`` that is not a bool (``bidirectional=1`` included)."""
+    def invalid(what: str) -> TypeError:
+        return TypeError(f"{op}: lstm() received an invalid combination of arguments - {what}")
+
+    if not isinstance(hx, (tuple, list)):
+        raise invalid(f"expected hx to be a tuple of two Tensors (h_0, c_0), got "
+                      f"{type(hx).__name__}")
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int):
+        raise invalid(f"expected num_layers to be an int, got {type(num_layers).__name__}")
+    if not isinstance(bidirectional, bool):
+        raise invalid(f"expected bidirectional to be a bool, got {type(bidirectional).__name__}")
+    if len(hx) != 2:
+        raise RuntimeError(f"{op}: lstm expects two hidden states (h_0, c_0), got {len(hx)}")
+
+
 def _needs_grad(input: Tensor, hx: Sequence[Tensor], weights: Sequence[Tensor]) -> bool:
     if not torch.is_grad_enabled():
         return False
@@ -97,7 +116,13 @@ def lstm(
     Returns:
         ``(output, h_n, c_n)``: output ``[T, B, D * P]`` (or ``[N, D * P]``
         packed), final states shaped like ``hx``.
+
+    Raises:
+        TypeError: ``hx`` is not a tuple or list, ``num_layers`` not an int
+            or ``bidirectional`` not a bool (as ``torch._VF.lstm``).
+        RuntimeError: ``hx`` does not hold two tensors (as ``torch._VF.lstm``).
     """
+    _check_arguments("rnnfast.functional.lstm", hx, num_layers, bidirectional)
     layers = split_weights(weights, num_layers, bidirectional, bias)
     save = _needs_grad(input, hx, weights)
 
@@ -174,8 +199,10 @@ def layer_norm_lstm(
     ``[4H, H]``, ``bias_ih``, ``bias_hh`` ``[4H]`` when ``bias``, then
     ``ln_ih_weight``, ``ln_ih_bias``, ``ln_hh_weight``, ``ln_hh_bias``
     ``[4H]`` and ``ln_cell_weight``, ``ln_cell_bias`` ``[H]``; and ``eps``,
-    the LayerNorm epsilon (biased variance, as ``F.layer_norm``).
+    the LayerNorm epsilon (biased variance, as ``F.layer_norm``). Raises as
+    :func:`lstm` for a bad ``hx``, ``num_layers`` or ``bidirectional``.
     """
+    _check_arguments("rnnfast.functional.layer_norm_lstm", hx, num_layers, bidirectional)
     directions = 2 if bidirectional else 1
     groups = num_layers * directions
     per = (4 if bias else 2) + len(_LN_NAMES)

@@ -129,10 +129,11 @@ class _RecurrentBase(nn.Module):
 
     @property
     def _out_size(self) -> int:
-        return self.proj_size if self.proj_size > 0 else self.hidden_size
+        # int(): nn.LSTM accepts a bool size (isinstance(True, int)).
+        return int(self.proj_size if self.proj_size > 0 else self.hidden_size)
 
     def _layer_input_size(self, layer: int) -> int:
-        return self.input_size if layer == 0 else self._out_size * self._directions
+        return int(self.input_size) if layer == 0 else self._out_size * self._directions
 
     @staticmethod
     def _suffix(direction: int) -> str:
@@ -158,7 +159,7 @@ class _RecurrentBase(nn.Module):
 
     def _expected_sizes(self, batch: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
         layers = self.num_layers * self._directions
-        return (layers, batch, self._out_size), (layers, batch, self.hidden_size)
+        return (layers, batch, self._out_size), (layers, batch, int(self.hidden_size))
 
     def _check_forward_args(self, input: Tensor, hx: _HiddenState,
                             batch_sizes: Optional[Tensor], batch: int) -> None:
@@ -174,11 +175,17 @@ class _RecurrentBase(nn.Module):
             if tuple(t.size()) != size:
                 raise RuntimeError(f"Expected hidden[{i}] size {size}, got {list(t.size())}")
 
+    def _check_functional_arguments(self, hx) -> None:
+        """What rnnfast.functional (as nn.LSTM's _VF.lstm) refuses: an hx
+        that is not two tensors, a non-int num_layers, a non-bool
+        bidirectional."""
+        RF._check_arguments(self._name, hx, self.num_layers, self.bidirectional)
+
     def _zero_state(self, input: Tensor, batch: int) -> _HiddenState:
         layers = self.num_layers * self._directions
         opts = dict(dtype=input.dtype, device=input.device)
         return (torch.zeros(layers, batch, self._out_size, **opts),
-                torch.zeros(layers, batch, self.hidden_size, **opts))
+                torch.zeros(layers, batch, int(self.hidden_size), **opts))
 
     def forward(self, input: Union[Tensor, PackedSequence],
                 hx: Optional[_HiddenState] = None
@@ -193,8 +200,12 @@ class _RecurrentBase(nn.Module):
             if hx is None:
                 hx = self._zero_state(data, batch)
             else:
-                hx = (_apply_permutation(hx[0], sorted_indices),
-                      _apply_permutation(hx[1], sorted_indices))
+                # nn.LSTM checks nothing of a packed input's hx itself: its
+                # _VF.lstm does, on hx as given when there is no permutation.
+                if sorted_indices is not None:
+                    hx = (_apply_permutation(hx[0], sorted_indices),
+                          _apply_permutation(hx[1], sorted_indices))
+                self._check_functional_arguments(hx)
             self._check_forward_args(data, hx, batch_sizes, batch)
         else:
             data = input
@@ -222,6 +233,7 @@ class _RecurrentBase(nn.Module):
             self._check_forward_args(data, hx, batch_sizes, batch)
             if data.size(1 - batch_dim) == 0:
                 raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+            self._check_functional_arguments(hx)
 
         output, h_n, c_n = self._run(data, hx, batch_sizes)
 
@@ -297,7 +309,7 @@ class LSTM(_RecurrentBase):
                 entries += [(f"bias_ih_l{layer}{sfx}", (gates,)),
                             (f"bias_hh_l{layer}{sfx}", (gates,))]
             if proj_size > 0:
-                entries.append((f"weight_hr_l{layer}{sfx}", (proj_size, hidden_size)))
+                entries.append((f"weight_hr_l{layer}{sfx}", (proj_size, int(hidden_size))))
             return entries
 
         self._register_parameters(per_direction, dict(device=device, dtype=dtype))
@@ -369,7 +381,7 @@ class LayerNormLSTM(_RecurrentBase):
 
         def per_direction(layer, sfx):
             entries = [(f"weight_ih_l{layer}{sfx}", (gates, self._layer_input_size(layer))),
-                       (f"weight_hh_l{layer}{sfx}", (gates, hidden_size))]
+                       (f"weight_hh_l{layer}{sfx}", (gates, int(hidden_size)))]
             if bias:
                 entries += [(f"bias_ih_l{layer}{sfx}", (gates,)),
                             (f"bias_hh_l{layer}{sfx}", (gates,))]
@@ -377,8 +389,8 @@ class LayerNormLSTM(_RecurrentBase):
                         (f"ln_ih_bias_l{layer}{sfx}", (gates,)),
                         (f"ln_hh_weight_l{layer}{sfx}", (gates,)),
                         (f"ln_hh_bias_l{layer}{sfx}", (gates,)),
-                        (f"ln_cell_weight_l{layer}{sfx}", (hidden_size,)),
-                        (f"ln_cell_bias_l{layer}{sfx}", (hidden_size,))]
+                        (f"ln_cell_weight_l{layer}{sfx}", (int(hidden_size),)),
+                        (f"ln_cell_bias_l{layer}{sfx}", (int(hidden_size),))]
             return entries
 
         self._register_parameters(per_direction, dict(device=device, dtype=dtype))

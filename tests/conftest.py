@@ -27,6 +27,8 @@ import torch  # noqa: E402
 # `from utils import ...` in every test file, whatever pytest's import mode.
 sys.path.insert(0, os.path.dirname(__file__))
 
+from utils import CELLS, Cell  # noqa: E402
+
 
 def _skip_unless_cuda() -> None:
     if not torch.cuda.is_available():
@@ -61,6 +63,13 @@ def cuda_device(_no_tf32) -> str:
     """For CUDA-only tests."""
     _skip_unless_cuda()
     return "cuda"
+
+
+@pytest.fixture(params=CELLS, ids=repr)
+def cell(request) -> Cell:
+    """Every recurrent cell rnnfast has (utils.CELLS): the shared tests of
+    test_cells.py run over ``cell x device``."""
+    return request.param
 
 
 @pytest.fixture(autouse=True)

@@ -107,6 +107,9 @@ def test_impl_selection_keeps_baselines_and_floor():
 
 
 def test_discover_compile_and_graphs():
+    """rnnfast.LayerNormLSTM is always benchmarked; --compile adds the
+    compiled reference; CUDA-graph variants only with a CUDA device."""
+    assert "torch.compile(reference.LayerNormLSTM)" not in [i.name for i in discover()[0]]
     impls, notes = discover(compile=True)
     names = [i.name for i in impls]
     assert "rnnfast.LayerNormLSTM" in names

@@ -9,7 +9,8 @@ import torch
 
 import rnnfast
 
-KNOWN_OPS = {"rnnfast::lstm_forward", "rnnfast::lstm_backward"}
+KNOWN_OPS = {"rnnfast::lstm_forward", "rnnfast::lstm_backward",
+             "rnnfast::layer_norm_lstm_forward", "rnnfast::layer_norm_lstm_backward"}
 
 
 def _rnnfast_ops() -> list[str]:
@@ -49,5 +50,6 @@ def test_no_cuda_kernels_claimed_without_cuda():
     assert not registered, registered
 
 
-def test_forward_op_has_autograd():
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("rnnfast::lstm_forward", "Autograd")
+@pytest.mark.parametrize("op", ["rnnfast::lstm_forward", "rnnfast::layer_norm_lstm_forward"])
+def test_forward_op_has_autograd(op):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "Autograd")

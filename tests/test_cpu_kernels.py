@@ -97,6 +97,9 @@ def _run_in_subprocess(tmp_path, cases_file, capability=None) -> dict:
     out = tmp_path / f"result-{capability}.pt"
     env = dict(os.environ)
     env.pop("ATEN_CPU_CAPABILITY", None)
+    # This checkout's rnnfast, not whichever an editable install points at
+    # (a script's sys.path starts at its own folder, not at cwd).
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
     if capability is not None:
         env["ATEN_CPU_CAPABILITY"] = capability
     tests_dir = os.path.join(REPO, "tests")
@@ -166,7 +169,7 @@ def test_native_process_matches_this_process(cases_file, native_results):
 
 
 # --------------------------------------------------------------------------
-# 13. build_info and python -m rnnfast
+# build_info and python -m rnnfast
 # --------------------------------------------------------------------------
 def test_build_info_keys_and_types():
     info = rnnfast.build_info()

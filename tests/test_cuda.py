@@ -1,15 +1,18 @@
-"""CUDA tests of rnnfast's LSTM and LayerNorm-LSTM: parity with the CPU
-kernels (float64), with cuDNN (float32) and with the plain-PyTorch reference,
-reduced precision judged against torch's own error, gradcheck, determinism,
-streams, devices, host synchronisation and CUDA-graph capture.
+"""What only CUDA has: parity of the CUDA kernels with the CPU kernels
+(float64) and with cuDNN (float32), reduced precision judged against
+cuDNN's own error, float32 LayerNorm-LSTM under the device build's fast math,
+streams, devices, host synchronisation, CUDA-graph capture, and float32
+opcheck of the CUDA kernels.
 
-Every test that needs a GPU takes the ``cuda`` fixture, which skips when
-none is available; nothing queries CUDA at import time.
+Everything else runs on CUDA through the shared tests, which take the
+``device`` fixture (test_cells.py: gradcheck, opcheck, parity, bad input,
+NaN, strides, determinism, ...). The tests here take the ``cuda_device``
+fixture (conftest.py), which skips without a GPU or without rnnfast's CUDA
+kernels and turns TF32 off; nothing queries CUDA at import time.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import itertools
 
@@ -19,12 +22,14 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import rnnfast
-from rnnfast import ops
+from utils import (CELLS, LAYER_NORM_LSTM_CELL, assert_error_within_twice, assert_results_close,
+                   forward_backward, randomize_layer_norm_)
 
 T, B, I, H, P = 6, 4, 5, 7, 3  # H odd and below a warp: partial blocks
 LENGTHS = [6, 3, 5, 1]         # unsorted: exercises PackedSequence sorting
 
-# Layer configurations shared by the parity tests.
+# Layer configurations of the parity tests; "packed" packs the input with
+# LENGTHS (enforce_sorted=False).
 CONFIGS = {
     "plain": dict(),
     "no_bias": dict(bias=False),
@@ -36,32 +41,17 @@ CONFIGS = {
                                     proj_size=P, packed=True),
     "2_layers_bi_proj": dict(num_layers=2, bidirectional=True, proj_size=P),
 }
-
-
-@pytest.fixture
-def cuda():
-    if not torch.cuda.is_available():
-        pytest.skip("CUDA is not available")
-    return torch.device("cuda")
-
-
-@contextlib.contextmanager
-def tf32_disabled():
-    """Full float32 matmuls in cuBLAS and cuDNN, restored afterwards."""
-    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = matmul
-        torch.backends.cudnn.allow_tf32 = cudnn
-
-
-def pairs(*seqs):
-    """zip that insists on equal lengths (zip(strict=True) needs 3.10)."""
-    assert len({len(s) for s in seqs}) == 1, [len(s) for s in seqs]
-    return zip(*seqs)
+# bias x bidirectional x packed (unsorted lengths), two layers each.
+LN_CONFIGS = {
+    f"{'bias' if bias else 'no_bias'}-{'bi' if bi else 'uni'}-{'packed' if packed else 'padded'}":
+        dict(num_layers=2, bias=bias, bidirectional=bi, packed=packed)
+    for bias, bi, packed in itertools.product([True, False], repeat=3)
+}
+# What each cell runs in test_matches_cpu_in_float64: the LSTM's configs
+# (projection included), the LayerNorm-LSTM's.
+CPU_PARITY = [pytest.param(cell, config, id=f"{cell.name}-{name}")
+              for cell, configs in ((CELLS[0], CONFIGS), (CELLS[1], LN_CONFIGS))
+              for name, config in configs.items()]
 
 
 def module_kwargs(config):
@@ -69,89 +59,82 @@ def module_kwargs(config):
     return {k: v for k, v in config.items() if k != "packed"}
 
 
-def make_inputs(config, dtype=torch.float64, hidden=H):
-    """Input and initial state on the CPU, for a model built with config."""
+def make_states(model, dtype=torch.float64, batch=B):
+    """Random ``(h_0, c_0)`` for ``model`` on the CPU."""
+    layers = model.num_layers * (2 if model.bidirectional else 1)
+    out = model.proj_size or model.hidden_size
+    return (torch.randn(layers, batch, out, dtype=dtype),
+            torch.randn(layers, batch, model.hidden_size, dtype=dtype))
+
+
+def make_input(config, dtype=torch.float64):
+    """Input on the CPU, for a model built with config."""
     batch_first = config.get("batch_first", False)
-    layers = config.get("num_layers", 1) * (2 if config.get("bidirectional") else 1)
-    out = config.get("proj_size", 0) or hidden
-    x = torch.randn((B, T, I) if batch_first else (T, B, I), dtype=dtype)
-    hx = (torch.randn(layers, B, out, dtype=dtype),
-          torch.randn(layers, B, hidden, dtype=dtype))
-    return x, hx
+    return torch.randn((B, T, I) if batch_first else (T, B, I), dtype=dtype)
 
 
-def forward_backward(model, x, hx, config, round_to=None):
-    """Output, final states and every gradient of a fixed random loss.
-
-    The loss weights (cotangents) come from a fixed CPU generator, rounded
-    through ``round_to`` when given, so that runs in different dtypes and on
-    different devices differentiate the same function.
-    """
-    x = x.detach().clone().requires_grad_()
-    hx = tuple(h.detach().clone().requires_grad_() for h in hx)
-    batch_first = config.get("batch_first", False)
-    inp = x
-    if config.get("packed"):
-        inp = pack_padded_sequence(x, torch.tensor(LENGTHS), batch_first=batch_first,
-                                   enforce_sorted=False)
-    out, (h, c) = model(inp, hx)
-    out = out.data if config.get("packed") else out
-    gen = torch.Generator().manual_seed(1234)
-    loss = 0
-    for t in (out, h, c):
-        weight = torch.randn(t.shape, generator=gen, dtype=torch.float64)
-        if round_to is not None:
-            weight = weight.to(round_to)
-        loss = loss + (t * weight.to(t)).sum()
-    loss.backward()
-    grads = [x.grad, hx[0].grad, hx[1].grad] + [p.grad for p in model.parameters()]
-    return [t.detach() for t in [out, h, c] + grads]
+def run(model, x, hx, config, **kwargs):
+    """utils.forward_backward on ``model``'s device, packing ``x`` with
+    LENGTHS when the config says so."""
+    device = next(model.parameters()).device
+    lengths = LENGTHS if config.get("packed") else None
+    return forward_backward(model, x.to(device), tuple(h.to(device) for h in hx),
+                            lengths=lengths, enforce_sorted=False, **kwargs)
 
 
-NAMES = ["output", "h_n", "c_n", "grad_input", "grad_h0", "grad_c0"]
+def on_cpu(results):
+    return {k: None if v is None else v.cpu() for k, v in results.items()}
 
 
-def names_for(model):
-    return NAMES + [f"grad_{n}" for n, _ in model.named_parameters()]
+def assert_on(results, device):
+    for key, value in results.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            assert value.device.type == torch.device(device).type, key
 
 
-def test_every_op_has_a_cuda_kernel():
-    """A CUDA build registers a CUDA kernel for every rnnfast op."""
-    if not rnnfast.build_info()["with_cuda"]:
-        pytest.skip("rnnfast was built without CUDA")
-    names = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith("rnnfast::")]
-    assert "rnnfast::lstm_forward" in names and "rnnfast::lstm_backward" in names
-    missing = [n for n in names if not torch._C._dispatch_has_kernel_for_dispatch_key(n, "CUDA")]
-    assert missing == [], f"ops without a CUDA kernel: {missing}"
+# float64 CUDA against float64 CPU: torch.testing.assert_close's float64
+# tolerances (the summation orders differ).
+F64_DEVICE_TOL = dict(atol=1e-7, rtol=1e-7)
+
+
+def assert_matches_cpu(cell, config, hidden, device):
+    """Every output and gradient of a float64 model (LayerNorm parameters at
+    random values) on ``device`` equals the CPU kernels'."""
+    torch.manual_seed(0)
+    cpu_model = randomize_layer_norm_(
+        cell.module(I, hidden, dtype=torch.float64, **module_kwargs(config)))
+    x, hx = make_input(config), make_states(cpu_model)
+    expected = run(cpu_model, x, hx, config)
+    got = run(copy.deepcopy(cpu_model).to(device), x, hx, config)
+    if cell.layer_norm:
+        assert any(k.startswith("grad.ln_cell_bias") for k in got)
+    assert_on(got, device)
+    assert_results_close(on_cpu(got), expected, **F64_DEVICE_TOL)
+
+
+@pytest.mark.parametrize("cell,config", CPU_PARITY)
+def test_matches_cpu_in_float64(cuda_device, cell, config):
+    assert_matches_cpu(cell, config, H, cuda_device)
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=repr)
+@pytest.mark.parametrize("hidden", [37, 1030], ids=["H37", "H1030"])
+def test_hidden_sizes_match_cpu(cuda_device, cell, hidden):
+    """A row of H = 37 spans two partial warps; one of 4H = 4120 is more than
+    a block's threads, so each thread loops over several elements."""
+    assert_matches_cpu(cell, dict(bidirectional=True, packed=True), hidden, cuda_device)
 
 
 @pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
-def test_matches_cpu_in_float64(cuda, config):
+def test_matches_cudnn_in_float32(cuda_device, config):
     torch.manual_seed(0)
-    cpu_model = rnnfast.LSTM(I, H, dtype=torch.float64, **module_kwargs(config))
-    cuda_model = copy.deepcopy(cpu_model).to(cuda)
-    x, hx = make_inputs(config)
-    expected = forward_backward(cpu_model, x, hx, config)
-    got = forward_backward(cuda_model, x.to(cuda), tuple(h.to(cuda) for h in hx), config)
-    for name, g, e in pairs(names_for(cpu_model), got, expected):
-        assert g.device.type == cuda.type, name
-        torch.testing.assert_close(g.cpu(), e, msg=lambda m, name=name: f"{name}: {m}")
-
-
-@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
-def test_matches_cudnn_in_float32(cuda, config):
-    torch.manual_seed(0)
-    reference = nn.LSTM(I, H, **module_kwargs(config)).to(cuda)
-    model = rnnfast.LSTM(I, H, **module_kwargs(config)).to(cuda)
+    reference = nn.LSTM(I, H, **module_kwargs(config)).to(cuda_device)
+    model = rnnfast.LSTM(I, H, **module_kwargs(config)).to(cuda_device)
     model.load_state_dict(reference.state_dict())
-    x, hx = make_inputs(config, torch.float32)
-    x, hx = x.to(cuda), tuple(h.to(cuda) for h in hx)
-    with tf32_disabled():
-        expected = forward_backward(reference, x, hx, config)
-        got = forward_backward(model, x, hx, config)
-    for name, g, e in pairs(names_for(model), got, expected):
-        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+    x, hx = make_input(config, torch.float32), make_states(model, torch.float32)
+    expected = run(reference, x, hx, config)  # TF32 is off (cuda_device)
+    got = run(model, x, hx, config)
+    assert_results_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
 HALF_CONFIGS = {k: CONFIGS[k] for k in ("plain", "packed", "2_layers_bi_proj")}
@@ -159,68 +142,45 @@ HALF_CONFIGS = {k: CONFIGS[k] for k in ("plain", "packed", "2_layers_bi_proj")}
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("config", HALF_CONFIGS.values(), ids=HALF_CONFIGS.keys())
-def test_reduced_precision_error_within_twice_torch(cuda, config, dtype):
+def test_reduced_precision_error_within_twice_torch(cuda_device, config, dtype):
     """In float16 / bfloat16, every output and gradient is at most twice as
-    far from a float64 reference as torch.nn.LSTM's in the same dtype, plus
-    a floor of half a unit of the dtype at the reference's scale.
+    far from a float64 reference as torch.nn.LSTM's (cuDNN's) in the same
+    dtype, plus a floor of half a unit of the dtype at the reference's scale.
 
     The reference runs the same (rounded) weights, inputs and loss weights in
     float64, so only the arithmetic differs.
     """
     torch.manual_seed(0)
-    torch_model = nn.LSTM(I, H, **module_kwargs(config)).to(cuda, dtype)
-    model = rnnfast.LSTM(I, H, **module_kwargs(config)).to(cuda, dtype)
+    torch_model = nn.LSTM(I, H, **module_kwargs(config)).to(cuda_device, dtype)
+    model = rnnfast.LSTM(I, H, **module_kwargs(config)).to(cuda_device, dtype)
     model.load_state_dict(torch_model.state_dict())
     reference_model = copy.deepcopy(torch_model).to("cpu", torch.float64)
-    x, hx = make_inputs(config, torch.float32)
-    x, hx = x.to(dtype), tuple(h.to(dtype) for h in hx)
+    x = make_input(config, torch.float32).to(dtype)
+    hx = tuple(h.to(dtype) for h in make_states(model, torch.float32))
 
-    reference = forward_backward(reference_model, x.double(),
-                                 tuple(h.double() for h in hx), config, round_to=dtype)
-    dev = lambda t: t.to(cuda)  # noqa: E731
-    torch_out = forward_backward(torch_model, dev(x), tuple(map(dev, hx)), config,
-                                 round_to=dtype)
-    ours = forward_backward(model, dev(x), tuple(map(dev, hx)), config, round_to=dtype)
-    eps = torch.finfo(dtype).eps
-    for name, o, t, r in pairs(names_for(model), ours, torch_out, reference):
-        assert o.dtype == dtype, name
-        our_err = (o.double().cpu() - r).abs().max().item()
-        torch_err = (t.double().cpu() - r).abs().max().item()
-        floor = 0.5 * eps * r.abs().max().item()
-        assert our_err <= 2 * torch_err + floor, (
-            f"{name}: rnnfast error {our_err:.3g}, torch.nn.LSTM error {torch_err:.3g}, "
-            f"floor {floor:.3g}")
+    reference = run(reference_model, x.double(), tuple(h.double() for h in hx), config,
+                    round_to=dtype)
+    torch_out = run(torch_model, x, hx, config, round_to=dtype)
+    ours = run(model, x, hx, config, round_to=dtype)
+    assert_error_within_twice(ours, torch_out, reference, dtype, floor_eps=0.5)
 
 
-@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-@pytest.mark.parametrize("bias,proj", [(True, False), (False, True)],
-                         ids=["bias", "proj_no_bias"])
-def test_gradcheck_float64(cuda, bias, proj, packed, reverse):
-    torch.manual_seed(0)
-    t, b, i, h = 3, 2, 3, 4
-    p = 2 if proj else h
-    opts = dict(dtype=torch.float64, device=cuda, requires_grad=True)
-    batch_sizes = torch.tensor([2, 2, 1]) if packed else None
-    x = torch.randn((5, i) if packed else (t, b, i), **opts)
-    hx, cx = torch.randn(b, p, **opts), torch.randn(b, h, **opts)
-    w_ih, w_hh = torch.randn(4 * h, i, **opts), torch.randn(4 * h, p, **opts)
-    b_ih = torch.randn(4 * h, **opts) if bias else None
-    b_hh = torch.randn(4 * h, **opts) if bias else None
-    w_hr = torch.randn(p, h, **opts) if proj else None
-
-    def fn(x, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr):
-        out, hy, cy, _, _ = ops.lstm_forward(x, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr,
-                                             batch_sizes, reverse, True)
-        return out, hy, cy
-
-    assert torch.autograd.gradcheck(fn, (x, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr))
+@pytest.mark.parametrize("cell", CELLS, ids=repr)
+def test_rejects_batch_sizes_on_cuda(cuda_device, cell):
+    """batch_sizes is read on the host: a CUDA tensor is refused, not read."""
+    sample = cell.op_sample(lengths=[2, 2, 1], device=cuda_device, dtype=torch.float32,
+                            training=False)
+    args = sample.with_arg("batch_sizes", sample.batch_sizes.to(cuda_device))
+    with pytest.raises(RuntimeError, match=rf"rnnfast.{cell.forward_op}: batch_sizes must be "
+                                           r"a 1-D int64 CPU tensor"):
+        cell.forward(*args)
 
 
 @pytest.mark.parametrize("proj", [False, True], ids=["no_proj", "proj"])
-def test_opcheck(cuda, proj):
+def test_opcheck(cuda_device, proj):
+    """float32 on the CUDA kernels (the shared opcheck runs float64)."""
     torch.manual_seed(0)
-    opts = dict(dtype=torch.float32, device=cuda)
+    opts = dict(dtype=torch.float32, device=cuda_device)
     p = P if proj else H
     args = (torch.randn(T, B, I, **opts), torch.randn(B, p, **opts),
             torch.randn(B, H, **opts), torch.randn(4 * H, I, **opts),
@@ -232,23 +192,13 @@ def test_opcheck(cuda, proj):
                                       "test_faketensor"))
 
 
-def test_rejects_batch_sizes_on_cuda(cuda):
-    """batch_sizes is read on the host: a CUDA tensor is refused, not read."""
-    opts = dict(dtype=torch.float32, device=cuda)
-    args = (torch.randn(5, I, **opts), torch.randn(2, H, **opts), torch.randn(2, H, **opts),
-            torch.randn(4 * H, I, **opts), torch.randn(4 * H, H, **opts), None, None, None,
-            torch.tensor([2, 2, 1], device=cuda), False, False)
-    with pytest.raises(RuntimeError, match="batch_sizes must be a 1-D int64 CPU tensor"):
-        ops.lstm_forward(*args)
-
-
-def test_follows_the_current_stream(cuda):
+def test_follows_the_current_stream(cuda_device):
     """Work queued on a side stream behind a long sleep still sees the
     input projection: every kernel and GEMM of the op runs on the current
     stream, none on a private or default one."""
     torch.manual_seed(0)
-    model = rnnfast.LSTM(64, 128, num_layers=2, proj_size=32).to(cuda)
-    x = torch.randn(50, 16, 64, device=cuda)
+    model = rnnfast.LSTM(64, 128, num_layers=2, proj_size=32).to(cuda_device)
+    x = torch.randn(50, 16, 64, device=cuda_device)
     out, (h, c) = model(x)
     expected = [t.detach() for t in (out, h, c)]
     stream = torch.cuda.Stream()
@@ -262,22 +212,22 @@ def test_follows_the_current_stream(cuda):
         torch.testing.assert_close(g, e)
 
 
-def test_runs_on_the_input_device(cuda):
+def test_runs_on_the_input_device(cuda_device):
     """With another device current, the op runs on its input's device."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
     torch.manual_seed(0)
     config = CONFIGS["2_layers_bi_proj"]
     cpu_model = rnnfast.LSTM(I, H, dtype=torch.float64, **module_kwargs(config))
-    x, hx = make_inputs(config)
-    expected = forward_backward(cpu_model, x, hx, config)
+    x, hx = make_input(config), make_states(cpu_model)
+    expected = run(cpu_model, x, hx, config)
     second = torch.device("cuda", 1)
     with torch.cuda.device(0):
-        got = forward_backward(copy.deepcopy(cpu_model).to(second), x.to(second),
-                               tuple(h.to(second) for h in hx), config)
-    for name, g, e in pairs(names_for(cpu_model), got, expected):
-        assert g.device == second, name
-        torch.testing.assert_close(g.cpu(), e, msg=lambda m, name=name: f"{name}: {m}")
+        got = run(copy.deepcopy(cpu_model).to(second), x, hx, config)
+    for key, value in got.items():
+        if value is not None and value.is_floating_point():
+            assert value.device == second, key
+    assert_results_close(on_cpu(got), expected, **F64_DEVICE_TOL)
 
 
 # Two-layer bidirectional models of each layer type, for the tests of host
@@ -289,10 +239,10 @@ MODELS = {
 
 
 @pytest.mark.parametrize("make_model", MODELS.values(), ids=MODELS.keys())
-def test_training_step_does_not_sync_with_the_host(cuda, make_model):
+def test_training_step_does_not_sync_with_the_host(cuda_device, make_model):
     torch.manual_seed(0)
-    model = make_model().to(cuda)
-    x = torch.randn(T, B, I, device=cuda)
+    model = make_model().to(cuda_device)
+    x = torch.randn(T, B, I, device=cuda_device)
     model(x)  # first call: lazy initialisation (cuBLAS handle, workspace)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -304,17 +254,17 @@ def test_training_step_does_not_sync_with_the_host(cuda, make_model):
 
 
 @pytest.mark.parametrize("make_model", MODELS.values(), ids=MODELS.keys())
-def test_cuda_graph_training_step_matches_eager(cuda, make_model):
+def test_cuda_graph_training_step_matches_eager(cuda_device, make_model):
     """Forward, backward and optimizer step captured in one CUDA graph and
     replayed on new data give what the same steps give eagerly."""
     torch.manual_seed(0)
-    model = make_model().to(cuda)
+    model = make_model().to(cuda_device)
     eager = copy.deepcopy(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     eager_opt = torch.optim.SGD(eager.parameters(), lr=0.1)
     out_size = 2 * (model.proj_size or model.hidden_size)
-    batches = [(torch.randn(T, B, I, device=cuda), torch.randn(T, B, out_size, device=cuda))
-               for _ in range(6)]
+    batches = [(torch.randn(T, B, I, device=cuda_device),
+                torch.randn(T, B, out_size, device=cuda_device)) for _ in range(6)]
 
     def loss_fn(m, x, y):
         out, (h, c) = m(x)
@@ -356,138 +306,51 @@ def test_cuda_graph_training_step_matches_eager(cuda, make_model):
         expected = eager_step(x, y)
         torch.testing.assert_close(static_loss, expected, rtol=1e-5, atol=1e-6)
     torch.cuda.synchronize()
-    for (name, p), q in pairs(list(model.named_parameters()), list(eager.parameters())):
+    named, eager_params = list(model.named_parameters()), list(eager.parameters())
+    assert len(named) == len(eager_params)
+    for (name, p), q in zip(named, eager_params):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6,
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
 # ---- LayerNorm-LSTM -----------------------------------------------------------
 
-# bias x bidirectional x packed (unsorted lengths), two layers each.
-LN_CONFIGS = {
-    f"{'bias' if bias else 'no_bias'}-{'bi' if bi else 'uni'}-{'packed' if packed else 'padded'}":
-        dict(num_layers=2, bias=bias, bidirectional=bi, packed=packed)
-    for bias, bi, packed in itertools.product([True, False], repeat=3)
-}
-
-
-def randomize_layer_norm(model):
-    """Non-trivial LayerNorm gains (around 1) and biases (around 0), drawn
-    from the global generator, so that a wrong gain or bias index shows."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.startswith("ln_"):
-                noise = 0.3 * torch.randn(p.shape, dtype=torch.float64)
-                p.copy_(noise + 1 if "_weight_" in name else noise)
-    return model
-
-
-def assert_layer_norm_lstm_matches_cpu(cuda, config, hidden):
-    """Every output and gradient of a float64 LayerNormLSTM on CUDA equals
-    the CPU kernels' to float64 tolerances."""
-    torch.manual_seed(0)
-    cpu_model = randomize_layer_norm(
-        rnnfast.LayerNormLSTM(I, hidden, dtype=torch.float64, **module_kwargs(config)))
-    cuda_model = copy.deepcopy(cpu_model).to(cuda)
-    x, hx = make_inputs(config, hidden=hidden)
-    expected = forward_backward(cpu_model, x, hx, config)
-    got = forward_backward(cuda_model, x.to(cuda), tuple(h.to(cuda) for h in hx), config)
-    names = names_for(cpu_model)
-    assert any(n.startswith("grad_ln_cell_bias") for n in names)
-    for name, g, e in pairs(names, got, expected):
-        assert g.device.type == cuda.type, name
-        torch.testing.assert_close(g.cpu(), e, msg=lambda m, name=name: f"{name}: {m}")
-
-
-@pytest.mark.parametrize("config", LN_CONFIGS.values(), ids=LN_CONFIGS.keys())
-def test_layer_norm_lstm_matches_cpu_in_float64(cuda, config):
-    assert_layer_norm_lstm_matches_cpu(cuda, config, H)
-
-
-@pytest.mark.parametrize("hidden", [37, 1030], ids=["H37", "H1030"])
-def test_layer_norm_lstm_hidden_sizes_match_cpu(cuda, hidden):
-    """A row of H = 37 spans two partial warps; one of 4H = 4120 is more than
-    a block's threads, so each thread loops over several elements."""
-    assert_layer_norm_lstm_matches_cpu(cuda, dict(bidirectional=True, packed=True), hidden)
-
-
-@pytest.mark.parametrize("packed,reverse", [(False, False), (True, True)],
-                         ids=["padded_forward", "packed_reverse"])
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
-def test_layer_norm_lstm_gradcheck_float64(cuda, bias, packed, reverse):
-    torch.manual_seed(0)
-    t, b, i, h = 3, 2, 3, 4
-    opts = dict(dtype=torch.float64, device=cuda)
-    batch_sizes = torch.tensor([2, 2, 1]) if packed else None
-    leaf = lambda v: v.requires_grad_()  # noqa: E731
-    x = leaf(torch.randn((5, i) if packed else (t, b, i), **opts))
-    hx, cx = leaf(torch.randn(b, h, **opts)), leaf(torch.randn(b, h, **opts))
-    w_ih, w_hh = leaf(torch.randn(4 * h, i, **opts)), leaf(torch.randn(4 * h, h, **opts))
-    b_ih = leaf(torch.randn(4 * h, **opts)) if bias else None
-    b_hh = leaf(torch.randn(4 * h, **opts)) if bias else None
-    ln = [leaf(1 + 0.3 * torch.randn(n, **opts)) if k % 2 == 0 else
-          leaf(0.3 * torch.randn(n, **opts))
-          for k, n in enumerate([4 * h, 4 * h, 4 * h, 4 * h, h, h])]
-
-    def fn(x, hx, cx, w_ih, w_hh, b_ih, b_hh, *ln):
-        out, hy, cy, *_ = ops.layer_norm_lstm_forward(
-            x, hx, cx, w_ih, w_hh, b_ih, b_hh, *ln, batch_sizes, reverse, True, 1e-5)
-        return out, hy, cy
-
-    assert torch.autograd.gradcheck(fn, (x, hx, cx, w_ih, w_hh, b_ih, b_hh, *ln))
-
-
 LN_FLOAT32_CONFIGS = {k: LN_CONFIGS[k] for k in ("bias-uni-padded", "no_bias-bi-packed")}
 
 
 @pytest.mark.parametrize("config", LN_FLOAT32_CONFIGS.values(), ids=LN_FLOAT32_CONFIGS.keys())
-def test_layer_norm_lstm_float32_error_within_twice_reference(cuda, config):
+def test_layer_norm_lstm_float32_error_within_twice_reference(cuda_device, config):
     """In float32 every output and gradient is at most twice as far from a
     float64 ground truth as the plain-PyTorch reference's in float32 on the
     same GPU, plus a floor of 32 float32 eps at the ground truth's scale
-    (the kernels are built with --use_fast_math, whose exp is a few ulps off;
-    an indexing or reduction bug is off by far more).
-
-    The reference is rnnfast/reference.py; the test is skipped where that
-    module does not exist."""
-    reference = pytest.importorskip("rnnfast.reference")
+    (the device code is built with fast math, whose exp is a few ulps off;
+    an indexing or reduction bug is off by far more)."""
     torch.manual_seed(0)
-    ref_model = randomize_layer_norm(
-        reference.ReferenceLayerNormLSTM(I, H, **module_kwargs(config)))
+    ref_model = randomize_layer_norm_(
+        LAYER_NORM_LSTM_CELL.reference(I, H, **module_kwargs(config)))
     model = rnnfast.LayerNormLSTM(I, H, **module_kwargs(config))
     model.load_state_dict(ref_model.state_dict())
     assert ([n for n, _ in ref_model.named_parameters()]
             == [n for n, _ in model.named_parameters()])
     truth_model = copy.deepcopy(ref_model).double()
-    x, hx = make_inputs(config, torch.float32)
-    truth = forward_backward(truth_model, x.double(), tuple(h.double() for h in hx),
-                             config, round_to=torch.float32)
-    dev = lambda t: t.to(cuda)  # noqa: E731
-    with tf32_disabled():
-        ref_out = forward_backward(ref_model.to(cuda), dev(x), tuple(map(dev, hx)), config,
-                                   round_to=torch.float32)
-        ours = forward_backward(model.to(cuda), dev(x), tuple(map(dev, hx)), config,
-                                round_to=torch.float32)
-    eps = torch.finfo(torch.float32).eps
-    for name, o, t, r in pairs(names_for(model), ours, ref_out, truth):
-        assert o.dtype == torch.float32 and o.device.type == cuda.type, name
-        our_err = (o.double().cpu() - r).abs().max().item()
-        ref_err = (t.double().cpu() - r).abs().max().item()
-        floor = 32 * eps * r.abs().max().item()
-        assert our_err <= 2 * ref_err + floor, (
-            f"{name}: rnnfast error {our_err:.3g}, reference error {ref_err:.3g}, "
-            f"floor {floor:.3g}")
+    x, hx = make_input(config, torch.float32), make_states(model, torch.float32)
+    truth = run(truth_model, x.double(), tuple(h.double() for h in hx), config,
+                round_to=torch.float32)
+    ref_out = run(ref_model.to(cuda_device), x, hx, config, round_to=torch.float32)
+    ours = run(model.to(cuda_device), x, hx, config, round_to=torch.float32)
+    assert_on(ours, cuda_device)
+    assert_error_within_twice(ours, ref_out, truth, torch.float32, floor_eps=32)
 
 
-def test_layer_norm_lstm_backward_is_deterministic(cuda):
+def test_layer_norm_lstm_backward_is_deterministic(cuda_device):
     """Two forward + backward runs give bitwise equal outputs and gradients
     (no atomics in the LayerNorm reductions or the gain and bias sums), on a
     shape with many rows and rows that span several warps."""
     torch.manual_seed(0)
     t, b, i, h = 40, 24, 16, 300
-    model = randomize_layer_norm(
-        rnnfast.LayerNormLSTM(i, h, num_layers=2, bidirectional=True)).to(cuda)
-    x = torch.randn(t, b, i, device=cuda)
+    model = randomize_layer_norm_(
+        rnnfast.LayerNormLSTM(i, h, num_layers=2, bidirectional=True)).to(cuda_device)
+    x = torch.randn(t, b, i, device=cuda_device)
     lengths = torch.randint(1, t + 1, (b,))
     lengths[0] = t
 
@@ -499,14 +362,16 @@ def test_layer_norm_lstm_backward_is_deterministic(cuda):
         return [out.data, hn, cn, xg.grad] + [p.grad.clone() for p in model.parameters()]
 
     first, second = run(), run()
-    for name, a, z in pairs(["output", "h_n", "c_n", "grad_input"]
-                            + [f"grad_{n}" for n, _ in model.named_parameters()], first, second):
+    names = ["output", "h_n", "c_n", "grad_input"] + [
+        f"grad_{n}" for n, _ in model.named_parameters()]
+    assert len(names) == len(first) == len(second)
+    for name, a, z in zip(names, first, second):
         assert torch.equal(a, z), f"{name} differs between two identical runs"
 
 
-def test_layer_norm_lstm_opcheck(cuda):
+def test_layer_norm_lstm_opcheck(cuda_device):
     torch.manual_seed(0)
-    opts = dict(dtype=torch.float32, device=cuda)
+    opts = dict(dtype=torch.float32, device=cuda_device)
     g = 4 * H
     args = (torch.randn(T, B, I, **opts), torch.randn(B, H, **opts), torch.randn(B, H, **opts),
             torch.randn(g, I, **opts), torch.randn(g, H, **opts), torch.randn(g, **opts),

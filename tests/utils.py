@@ -3,16 +3,20 @@
 Everything here is plain functions (no fixtures), so any test file can
 ``from utils import ...``; the fixtures themselves live in conftest.py.
 
-The central ones are :func:`sample_inputs` and
-:func:`layer_norm_sample_inputs`, which, as in pytorch/extension-cpp, feed
-the gradient, opcheck and compile tests of the ``rnnfast::lstm_forward`` and
-``rnnfast::layer_norm_lstm_forward`` ops alike.
+The central one is :class:`Cell`: a description of one recurrent cell
+(module class, reference, op names, sample inputs, how the backward op's
+gradients map to the forward op's arguments). ``CELLS`` lists every cell, and
+the ``cell`` fixture of conftest.py runs one set of tests (test_cells.py) over
+``cell x device``. Each cell's :func:`sample_inputs` /
+:func:`layer_norm_sample_inputs` feed, as in pytorch/extension-cpp, its
+gradient, opcheck and compile tests alike.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +31,26 @@ TOLERANCES = {
     torch.float64: dict(atol=1e-10, rtol=1e-10),
     torch.float32: dict(atol=1e-5, rtol=1e-5),
 }
+
+
+# --------------------------------------------------------------------------
+# Random inputs of the module tests
+# --------------------------------------------------------------------------
+def random_input(batch_first: bool, dtype=torch.float64, device="cpu", steps: int = 5,
+                 batch: int = 4, size: int = 3) -> Tensor:
+    """A padded input ``[steps, batch, size]`` (``[batch, steps, size]``
+    with ``batch_first``) from the global generator."""
+    shape = (batch, steps, size) if batch_first else (steps, batch, size)
+    return torch.randn(shape, dtype=dtype, device=device)
+
+
+def random_states(num_layers: int, directions: int, out_size: int, hidden: int,
+                  dtype=torch.float64, device="cpu", batch: int = 4) -> tuple[Tensor, Tensor]:
+    """``(h_0, c_0)``: ``[num_layers * directions, batch, out_size]`` and
+    ``[num_layers * directions, batch, hidden]``, from N(0, 0.25)."""
+    opts = dict(dtype=dtype, device=device)
+    return (torch.randn(num_layers * directions, batch, out_size, **opts) * 0.5,
+            torch.randn(num_layers * directions, batch, hidden, **opts) * 0.5)
 
 
 # --------------------------------------------------------------------------
@@ -73,6 +97,25 @@ class OpSample:
     @property
     def op_overload(self):
         return getattr(torch.ops.rnnfast, self.op).default
+
+    @property
+    def arg_names(self) -> list[str]:
+        """The op's argument names, from its schema."""
+        return [a.name for a in self.op_overload._schema.arguments]
+
+    @property
+    def diff_names(self) -> list[str]:
+        """The names of :attr:`diff_args`."""
+        return [self.arg_names[i] for i in self.diff_positions]
+
+    def arg(self, name: str):
+        return self.args[self.arg_names.index(name)]
+
+    def with_arg(self, name: str, value) -> tuple:
+        """``args`` with the argument ``name`` replaced by ``value``."""
+        args = list(self.args)
+        args[self.arg_names.index(name)] = value
+        return tuple(args)
 
     @property
     def training(self) -> bool:
@@ -295,23 +338,29 @@ def make_layer_norm_lstm_pair(input_size: int, hidden_size: int, *, dtype=torch.
     return ours, ref
 
 
-def _loss_weights(shape, dtype, device, seed) -> Tensor:
+def _loss_weights(shape, dtype, device, seed, round_to=None) -> Tensor:
     g = torch.Generator().manual_seed(seed)
-    return (torch.rand(tuple(shape), generator=g, dtype=torch.float64) + 0.5).to(
-        device=device, dtype=dtype)
+    w = torch.rand(tuple(shape), generator=g, dtype=torch.float64) + 0.5
+    if round_to is not None:
+        w = w.to(round_to)
+    return w.to(device=device, dtype=dtype)
 
 
-def weighted_loss(output: Tensor, h_n: Tensor, c_n: Tensor) -> Tensor:
+def weighted_loss(output: Tensor, h_n: Tensor, c_n: Tensor, *,
+                  round_to: Optional[torch.dtype] = None) -> Tensor:
     """A scalar that weights every element of output, h_n and c_n by a
-    different fixed factor, so each path gets its own gradient."""
+    different fixed factor, so each path gets its own gradient. With
+    ``round_to``, the factors are first rounded to that dtype, so that runs
+    in that dtype and in float64 differentiate the same function."""
     def term(t, scale, seed):
-        return (t * _loss_weights(t.shape, t.dtype, t.device, seed)).sum() * scale
+        return (t * _loss_weights(t.shape, t.dtype, t.device, seed, round_to)).sum() * scale
     return term(output, 1.0, 11) + term(h_n, 2.0, 12) + term(c_n, 3.0, 13)
 
 
 def forward_backward(model: nn.Module, x: Tensor, hx: Optional[tuple[Tensor, Tensor]] = None,
                      *, lengths: Optional[Sequence[int]] = None,
-                     enforce_sorted: bool = True, backward: bool = True) -> dict:
+                     enforce_sorted: bool = True, backward: bool = True,
+                     round_to: Optional[torch.dtype] = None) -> dict:
     """Runs ``model`` on copies of ``x`` (padded, laid out per
     ``model.batch_first``) and ``hx``, packing ``x`` first when ``lengths``
     is given, then the backward of :func:`weighted_loss`.
@@ -319,7 +368,8 @@ def forward_backward(model: nn.Module, x: Tensor, hx: Optional[tuple[Tensor, Ten
     Returns a dict of tensors: ``output`` (``.data`` for packed input),
     ``padded`` (``pad_packed_sequence`` of a packed output), ``lengths``,
     ``h_n``, ``c_n`` and the gradients ``grad_input``, ``grad_h0``,
-    ``grad_c0``, ``grad.<parameter name>``.
+    ``grad_c0``, ``grad.<parameter name>``. ``round_to``: see
+    :func:`weighted_loss`.
     """
     batch_first = getattr(model, "batch_first", False)
     x = x.detach().clone().requires_grad_(backward)
@@ -340,7 +390,7 @@ def forward_backward(model: nn.Module, x: Tensor, hx: Optional[tuple[Tensor, Ten
         res["output"] = output
         loss_out = output
     if backward:
-        weighted_loss(loss_out, h_n, c_n).backward()
+        weighted_loss(loss_out, h_n, c_n, round_to=round_to).backward()
         res["grad_input"] = x.grad
         if hx is not None:
             res["grad_h0"], res["grad_c0"] = hx[0].grad, hx[1].grad
@@ -391,20 +441,26 @@ def upcast(results: dict) -> dict:
             for k, v in results.items()}
 
 
-def assert_error_within_twice(got: dict, pytorch: dict, exact: dict, dtype) -> None:
-    """Reduced precision judged against PyTorch's own error: for every
-    floating-point entry of ``exact`` (a float64 run on the rounded weights
-    and inputs), the error of ``got`` is at most twice the error of
-    ``pytorch`` (the same math done by PyTorch in ``dtype``), plus one unit
-    in the last place of the entry's largest value."""
+def assert_error_within_twice(got: dict, pytorch: dict, exact: dict, dtype, *,
+                              floor_eps: float = 1.0) -> None:
+    """Reduced precision judged against PyTorch's own error (the one
+    tolerance rule of the suite): for every floating-point entry of
+    ``exact`` (a float64 run on the rounded weights and inputs), the error of
+    ``got`` is at most twice the error of ``pytorch`` (the same math done by
+    PyTorch in ``dtype``: nn.LSTM, cuDNN or the reference), plus a floor of
+    ``floor_eps`` units in the last place of the entry's largest value. The
+    three may be on different devices."""
+    eps = torch.finfo(dtype).eps
     for key, e in exact.items():
         if e is None or not e.is_floating_point():
             continue
         assert got[key].dtype == dtype, key
-        err_ours = (got[key].double() - e).abs().max().item()
-        err_pt = (pytorch[key].double() - e).abs().max().item()
-        floor = torch.finfo(dtype).eps * max(e.abs().max().item(), 1e-3)
-        assert err_ours <= 2 * err_pt + floor, f"{key}: {err_ours} vs PyTorch's {err_pt}"
+        e = e.double().cpu()
+        err_ours = (got[key].double().cpu() - e).abs().max().item()
+        err_pt = (pytorch[key].double().cpu() - e).abs().max().item()
+        floor = floor_eps * eps * max(e.abs().max().item(), 1e-3)
+        assert err_ours <= 2 * err_pt + floor, \
+            f"{key}: rnnfast error {err_ours:.3g}, PyTorch's {err_pt:.3g}, floor {floor:.3g}"
 
 
 # --------------------------------------------------------------------------
@@ -460,6 +516,17 @@ def bad_forward_cases(steps: int, batch: int, input_size: int, hidden: int,
                             False),
         "packed_input_size": ((make_packed(torch.randn(T, B, I + 1), lengths),),
                               r"must be equal to input_size", False),
+        # hx must be a tuple (or list) of two tensors: nn.LSTM's _VF.lstm
+        # refuses anything else (unless nn.LSTM rebuilt the tuple itself:
+        # unbatched input, or a permutation of packed input).
+        "hx_tensor": ((x3, torch.stack(states())),
+                      r"lstm\(\) received an invalid combination of arguments"),
+        "hx_three_states": ((x3, (*states(), states()[0])), r"lstm expects two hidden states"),
+        "hx_list_of_three": ((x3, [*states(), states()[0]]), r"lstm expects two hidden states"),
+        "packed_hx_tensor": ((make_packed(x3, lengths), torch.stack(states())),
+                             r"lstm\(\) received an invalid combination of arguments"),
+        "packed_hx_three_states": ((make_packed(x3, lengths), (*states(), states()[0])),
+                                   r"lstm expects two hidden states"),
     }
 
 
@@ -517,3 +584,92 @@ def assert_activations_accurate(values: Tensor, sigmoid: Tensor, tanh: Tensor) -
             assert rel.max() <= 8 * eps, f"tanh: relative error {rel.max().item():.3g} near 0"
             # (The sign of -0 may not survive the probe's GEMM.)
             assert (got[x == 0] == 0).all(), "tanh(0) must be 0"
+
+
+# --------------------------------------------------------------------------
+# Cells: one description per recurrent cell drives the shared tests
+# --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Cell:
+    """What the shared tests (test_cells.py) need to know about one cell.
+
+    ``module`` is rnnfast's nn.Module, ``reference`` the module it must agree
+    with (torch.nn.LSTM, or the plain-PyTorch reference where nn.LSTM has no
+    such cell); ``forward_op`` / ``backward_op`` name its ops in
+    ``torch.ops.rnnfast``; ``sample_inputs(device, dtype, requires_grad,
+    include_eval=...)`` gives its op samples; ``backward_grads`` says, for
+    each output of the backward op, which forward arguments it is the
+    gradient of (one gradient serves every bias that enters the gates
+    alike); ``hidden`` is the hidden size of the module tests.
+    """
+
+    name: str
+    module: type
+    reference: type
+    forward_op: str
+    backward_op: str
+    sample_inputs: Callable[..., list]
+    backward_grads: tuple
+    hidden: int
+    layer_norm: bool = False
+
+    def __repr__(self) -> str:  # the test ids
+        return self.name
+
+    @property
+    def forward(self):
+        return getattr(torch.ops.rnnfast, self.forward_op).default
+
+    @property
+    def backward(self):
+        return getattr(torch.ops.rnnfast, self.backward_op).default
+
+    @property
+    def has_projection(self) -> bool:
+        return not self.layer_norm
+
+    def op_sample(self, **kwargs) -> OpSample:
+        """:func:`make_op_args` for this cell's forward op."""
+        return make_op_args(layer_norm=self.layer_norm, **kwargs)
+
+    def kwargs(self, proj_size: int = 0, **kwargs) -> dict:
+        """Module arguments: ``kwargs``, plus ``proj_size`` where the cell
+        has a projection (the LayerNorm-LSTM has none)."""
+        if proj_size and self.has_projection:
+            kwargs["proj_size"] = proj_size
+        return kwargs
+
+    def make_pair(self, input_size: int, hidden_size: int, **kwargs):
+        """``(rnnfast module, reference module)`` with identical parameters
+        (see :func:`make_lstm_pair`, :func:`make_layer_norm_lstm_pair`)."""
+        make = make_layer_norm_lstm_pair if self.layer_norm else make_lstm_pair
+        return make(input_size, hidden_size, **kwargs)
+
+    def gradients_by_argument(self, sample: OpSample, grads: Sequence[Tensor]) -> list:
+        """``(name, gradient)`` for each of ``sample.diff_args``, read from
+        the outputs ``grads`` of the backward op."""
+        assert len(grads) == len(self.backward_grads), (len(grads), self.backward_grads)
+        by_name = {name: g for names, g in zip(self.backward_grads, grads) for name in names}
+        return [(name, by_name[name]) for name in sample.diff_names]
+
+
+def float64_twin(module: nn.Module) -> nn.Module:
+    """A float64 copy of ``module`` (same arguments, same values)."""
+    return copy.deepcopy(module).to(torch.float64)
+
+
+LSTM_CELL = Cell(
+    name="lstm", module=rnnfast.LSTM, reference=nn.LSTM, forward_op="lstm_forward",
+    backward_op="lstm_backward", sample_inputs=sample_inputs,
+    backward_grads=(("input",), ("hx",), ("cx",), ("weight_ih",), ("weight_hh",),
+                    ("bias_ih", "bias_hh"), ("weight_hr",)),
+    hidden=6)
+LAYER_NORM_LSTM_CELL = Cell(
+    name="layer_norm_lstm", module=rnnfast.LayerNormLSTM, reference=ReferenceLayerNormLSTM,
+    forward_op="layer_norm_lstm_forward", backward_op="layer_norm_lstm_backward",
+    sample_inputs=layer_norm_sample_inputs,
+    backward_grads=(("input",), ("hx",), ("cx",), ("weight_ih",), ("weight_hh",),
+                    ("bias_ih", "bias_hh", "ln_ih_bias", "ln_hh_bias"), ("ln_ih_weight",),
+                    ("ln_hh_weight",), ("ln_cell_weight",), ("ln_cell_bias",)),
+    hidden=5, layer_norm=True)
+CELLS = [LSTM_CELL, LAYER_NORM_LSTM_CELL]
