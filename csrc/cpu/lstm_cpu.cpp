@@ -26,17 +26,25 @@ const KernelTable& kernel_table() {
 struct CpuBackend {
   template <typename T>
   using StepWeight = cpu::StepWeight<T>;
-  template <typename T>
+  // The CPU's blocks of the backward (layer_norm_lstm_driver.h): about 1024
+  // rows stay in the L2 cache through the input and weight gradient GEMMs,
+  // and LayerNorm parameter gradients are summed every 64 rows or so.
+  static constexpr int64_t kGradBlockRows = 1024;
+  static constexpr int64_t kParamGradRows = 64;
+  // The storage dtype of the GEMMs for a half-type op: the CPU upcasts.
+  static constexpr bool kNativeHalf = false;
+
+  template <bool Training, typename T>
   static void forward_step(const ForwardStepParams<T>& p) {
-    kernels<T>().forward_step(p);
+    kernels<T>().forward_step[Training](p);
   }
-  template <typename T>
+  template <bool AddOutputGrad, typename T>
   static void backward_step(const BackwardStepParams<T>& p) {
-    kernels<T>().backward_step(p);
+    kernels<T>().backward_step[AddOutputGrad](p);
   }
-  template <typename T>
+  template <bool Training, typename T>
   static void layer_norm_forward_step(const LayerNormStepParams<T>& p) {
-    kernels<T>().layer_norm_forward_step(p);
+    kernels<T>().layer_norm_forward_step[Training](p);
   }
   template <typename T>
   static void layer_norm_backward_step(const LayerNormBackwardStepParams<T>& p) {
@@ -46,12 +54,29 @@ struct CpuBackend {
   static void layer_norm_param_grads(const LayerNormParamGradsParams<T>& p) {
     kernels<T>().layer_norm_param_grads(p);
   }
+  // C[m, n] (+)= op(A) op(B), row-major; beta is 0 or 1.
+  template <typename T>
+  static void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n,
+                   int64_t k, const T* a, int64_t lda, const T* b,
+                   int64_t ldb, T beta, T* c, int64_t ldc) {
+    cpu::gemm(trans_a, trans_b, m, n, k, T(1), a, lda, b, ldb, beta, c, ldc);
+  }
   template <typename T>
   static void copy(T* dst, const T* src, int64_t count) {
     std::memcpy(dst, src, sizeof(T) * count);
   }
   template <typename T>
-  static void add(T* dst, const T* a, const T* b, int64_t count) {
+  static void copy_rows(const RowCopy* copies, int64_t count, int64_t width,
+                        T* dst, const T* src_a, const T* src_b) {
+    for (int64_t i = 0; i < count; ++i) {
+      const RowCopy& c = copies[i];
+      std::memcpy(dst + c.dst_row * width,
+                  (c.from_second ? src_b : src_a) + c.src_row * width,
+                  sizeof(T) * c.rows * width);
+    }
+  }
+  template <typename T, typename S>
+  static void add(S* dst, const T* a, const S* b, int64_t count) {
     for (int64_t i = 0; i < count; ++i) dst[i] = a[i] + b[i];
   }
 };

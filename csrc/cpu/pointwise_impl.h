@@ -66,7 +66,7 @@ inline int64_t row_grain(int64_t hidden) {
   return g > 0 ? g : 1;
 }
 
-template <typename T>
+template <typename T, bool Training>
 void forward_step_impl(const ForwardStepParams<T>& p) {
   using V = at::vec::Vectorized<T>;
   const int64_t H = p.hidden;
@@ -85,15 +85,14 @@ void forward_step_impl(const ForwardStepParams<T>& p) {
         out.g.store(gates + 2 * H + j, n);
         out.o.store(gates + 3 * H + j, n);
         out.c.store(c_state + j, n);
-        if (p.cell_save) out.c.store(p.cell_save + row * H + j, n);
-        out.r.store(p.r_out + row * H + j, n);
-        if (p.r_out2) out.r.store(p.r_out2 + row * H + j, n);
+        if constexpr (Training) out.c.store(p.cell_save + row * H + j, n);
+        out.r.store(p.hidden_out + row * H + j, n);
       }
     }
   });
 }
 
-template <typename T>
+template <typename T, bool AddOutputGrad>
 void backward_step_impl(const BackwardStepParams<T>& p) {
   using V = at::vec::Vectorized<T>;
   const int64_t H = p.hidden;
@@ -104,14 +103,14 @@ void backward_step_impl(const BackwardStepParams<T>& p) {
       const T* cell_prev = row < p.rows_from_previous
                                ? p.cell_prev + row * H
                                : p.cell_init + row * H;
-      const T* dr = p.dr + row * H;
-      const T* dr2 = p.dr2 ? p.dr2 + row * H : nullptr;
+      const T* dr = p.grad_hidden + row * H;
+      const T* dy = AddOutputGrad ? p.grad_output + row * H : nullptr;
       T* dc_state = p.dcell_state + row * H;
       T* dgates = p.dgates + row * 4 * H;
       for (int64_t j = 0; j < H; j += V::size()) {
         const int64_t n = std::min<int64_t>(V::size(), H - j);
         V dr_v = V::loadu(dr + j, n);
-        if (dr2) dr_v = dr_v + V::loadu(dr2 + j, n);
+        if constexpr (AddOutputGrad) dr_v = dr_v + V::loadu(dy + j, n);
         const auto out = lstm_cell_backward<V>(
             V::loadu(gates + j, n), V::loadu(gates + H + j, n),
             V::loadu(gates + 2 * H + j, n), V::loadu(gates + 3 * H + j, n),
@@ -202,7 +201,7 @@ inline std::pair<T, T> row_moments(const T* x, int64_t n, T eps) {
   return {mean, layer_norm_rstd(var, eps)};
 }
 
-template <typename T>
+template <typename T, bool Training>
 void layer_norm_forward_step_impl(const LayerNormStepParams<T>& p) {
   using V = at::vec::Vectorized<T>;
   const int64_t H = p.hidden, G = 4 * p.hidden;
@@ -235,11 +234,11 @@ void layer_norm_forward_step_impl(const LayerNormStepParams<T>& p) {
                                              V::loadu(c_state + j, n));
         cell.o.store(h_out + j, n);
         cell.c.store(c_state + j, n);
-        if (p.cell_save) cell.c.store(p.cell_save + row * H + j, n);
+        if constexpr (Training) cell.c.store(p.cell_save + row * H + j, n);
       }
       // h = o tanh(LN_cell(c)).
       const auto [mean_c, rstd_c] = row_moments<T>(c_state, H, p.eps);
-      if (p.stats) {
+      if constexpr (Training) {
         T* st = p.stats + row * kStatsWidth;
         st[kRstdIh] = rstd_ih;
         st[kRstdHh] = rstd_hh;
@@ -253,7 +252,6 @@ void layer_norm_forward_step_impl(const LayerNormStepParams<T>& p) {
             V::loadu(p.gamma_cell + j, n), V::loadu(p.beta_cell + j, n));
         const V h = V::loadu(h_out + j, n) * rnnfast::tanh<V>(cn);
         h.store(h_out + j, n);
-        if (p.h_out2) h.store(p.h_out2 + row * H + j, n);
       }
     }
   });
@@ -286,8 +284,8 @@ void layer_norm_backward_step_impl(const LayerNormBackwardStepParams<T>& p) {
                                : p.cell_init + row * H;
       const T* st = p.stats + row * kStatsWidth;
       const T mean_c = st[kMeanCell], rstd_c = st[kRstdCell];
-      const T* dh = p.dh + row * H;
-      const T* dh2 = p.dh2 ? p.dh2 + row * H : nullptr;
+      const T* dh = p.grad_hidden + row * H;
+      const T* dy = p.grad_output + row * H;
       T* dgates = p.dgates + row * G;
       T* dcn = p.dcell_norm + row * H;
       T* dc_state = p.dcell_state + row * H;
@@ -301,8 +299,7 @@ void layer_norm_backward_step_impl(const LayerNormBackwardStepParams<T>& p) {
         const V xhat = (V::loadu(cell + j, n) - V(mean_c)) * V(rstd_c);
         const V gamma = V::loadu(p.gamma_cell + j, n);
         const V cn = at::vec::fmadd(xhat, gamma, V::loadu(p.beta_cell + j, n));
-        V dh_v = V::loadu(dh + j, n);
-        if (dh2) dh_v = dh_v + V::loadu(dh2 + j, n);
+        const V dh_v = V::loadu(dh + j, n) + V::loadu(dy + j, n);
         const auto out = lstm_output_backward<V>(dh_v, o, rnnfast::tanh<V>(cn));
         out.do_.store(dgates + 3 * H + j, n);
         out.dy.store(dcn + j, n);
@@ -437,9 +434,10 @@ void layer_norm_param_grads_impl(const LayerNormParamGradsParams<T>& p) {
 
 template <typename T>
 constexpr TypedKernels<T> typed_kernels() {
-  return {&forward_step_impl<T>,
-          &backward_step_impl<T>,
-          &layer_norm_forward_step_impl<T>,
+  return {{&forward_step_impl<T, false>, &forward_step_impl<T, true>},
+          {&backward_step_impl<T, false>, &backward_step_impl<T, true>},
+          {&layer_norm_forward_step_impl<T, false>,
+           &layer_norm_forward_step_impl<T, true>},
           &layer_norm_backward_step_impl<T>,
           &layer_norm_param_grads_impl<T>};
 }

@@ -8,11 +8,13 @@
 
 namespace rnnfast::cpu {
 
+// Each step kernel is compiled once per value of its compile-time flags
+// (lstm_params.h): index [Training] or [AddOutputGrad].
 template <typename T>
 struct TypedKernels {
-  void (*forward_step)(const ForwardStepParams<T>&);
-  void (*backward_step)(const BackwardStepParams<T>&);
-  void (*layer_norm_forward_step)(const LayerNormStepParams<T>&);
+  void (*forward_step[2])(const ForwardStepParams<T>&);
+  void (*backward_step[2])(const BackwardStepParams<T>&);
+  void (*layer_norm_forward_step[2])(const LayerNormStepParams<T>&);
   void (*layer_norm_backward_step)(const LayerNormBackwardStepParams<T>&);
   void (*layer_norm_param_grads)(const LayerNormParamGradsParams<T>&);
 };

@@ -1,5 +1,5 @@
-// cuBLAS GEMM and device copy of CudaBackendBase (host code only, so it is
-// compiled by the host compiler; the add kernel is in elementwise.cu).
+// cuBLAS GEMMs and device copies of CudaBackendBase (host code only, so it
+// is compiled by the host compiler; the kernels are in elementwise.cu).
 #include "cuda_backend.h"
 
 #include <ATen/cuda/CUDAContext.h>
@@ -8,6 +8,7 @@
 #include <c10/util/Exception.h>
 
 #include <limits>
+#include <type_traits>
 
 namespace rnnfast::cuda {
 namespace {
@@ -21,42 +22,26 @@ int as_int(int64_t v, const char* name) {
 
 cublasOperation_t op(bool trans) { return trans ? CUBLAS_OP_T : CUBLAS_OP_N; }
 
-// cuBLAS's gemm and in-place geam for float and double.
-cublasStatus_t xgemm(cublasHandle_t h, cublasOperation_t ta,
-                     cublasOperation_t tb, int m, int n, int k,
-                     const float* alpha, const float* a, int lda,
-                     const float* b, int ldb, const float* beta, float* c,
-                     int ldc) {
-  return cublasSgemm(h, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
-cublasStatus_t xgemm(cublasHandle_t h, cublasOperation_t ta,
-                     cublasOperation_t tb, int m, int n, int k,
-                     const double* alpha, const double* a, int lda,
-                     const double* b, int ldb, const double* beta, double* c,
-                     int ldc) {
-  return cublasDgemm(h, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
-cublasStatus_t xgeam(cublasHandle_t h, int m, int n, const float* alpha,
-                     float* c, int ldc) {
-  const float zero = 0;
-  return cublasSgeam(h, CUBLAS_OP_N, CUBLAS_OP_N, m, n, alpha, c, ldc, &zero,
-                     c, ldc, c, ldc);
-}
-cublasStatus_t xgeam(cublasHandle_t h, int m, int n, const double* alpha,
-                     double* c, int ldc) {
-  const double zero = 0;
-  return cublasDgeam(h, CUBLAS_OP_N, CUBLAS_OP_N, m, n, alpha, c, ldc, &zero,
-                     c, ldc, c, ldc);
+template <typename S>
+constexpr cudaDataType_t data_type() {
+  if constexpr (std::is_same_v<S, float>) return CUDA_R_32F;
+  if constexpr (std::is_same_v<S, double>) return CUDA_R_64F;
+  if constexpr (std::is_same_v<S, c10::Half>) return CUDA_R_16F;
+  if constexpr (std::is_same_v<S, c10::BFloat16>) return CUDA_R_16BF;
 }
 
-template <typename T>
-void gemm_impl(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
-               T alpha, const T* a, int64_t lda, const T* b, int64_t ldb,
-               T beta, T* c, int64_t ldc) {
+}  // namespace
+
+BlasHandle current_blas_handle() { return at::cuda::getCurrentCUDABlasHandle(); }
+
+template <typename S, typename C>
+void gemm(BlasHandle handle, bool trans_a, bool trans_b, int64_t m, int64_t n,
+          int64_t k, const S* a, int64_t lda, const S* b, int64_t ldb,
+          C beta, C* c, int64_t ldc) {
+  const float beta_f = static_cast<float>(beta);
+  TORCH_CHECK(beta_f == 0.0f || beta_f == 1.0f,
+              "rnnfast: internal error: GEMM beta must be 0 or 1");
   if (m == 0 || n == 0) return;
-  // torch binds its handle to the current stream and workspace, and sets its
-  // math mode from torch's float32 matmul precision (TF32 or not).
-  cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
   // Row-major C[m, n] is column-major C^T[n, m] with the same leading
   // dimension, and C^T = op(B)^T op(A)^T: swap the operands (and m with n),
   // keep the transpose flags.
@@ -64,32 +49,48 @@ void gemm_impl(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
   const int lda_i = as_int(lda, "lda"), ldb_i = as_int(ldb, "ldb"),
             ldc_i = as_int(ldc, "ldc");
   if (k == 0) {  // C = beta C; with beta == 0, C need not hold numbers
-    if (beta == T(0)) {
-      C10_CUDA_CHECK(cudaMemset2DAsync(
-          c, sizeof(T) * ldc, 0, sizeof(T) * n, m,
-          at::cuda::getCurrentCUDAStream()));
-    } else {
-      TORCH_CUDABLAS_CHECK(xgeam(handle, ni, mi, &beta, c, ldc_i));
+    if (beta_f == 0.0f) {
+      C10_CUDA_CHECK(cudaMemset2DAsync(c, sizeof(C) * ldc, 0, sizeof(C) * n,
+                                       m, at::cuda::getCurrentCUDAStream()));
     }
     return;
   }
-  TORCH_CUDABLAS_CHECK(xgemm(handle, op(trans_b), op(trans_a), ni, mi, ki,
-                             &alpha, b, ldb_i, a, lda_i, &beta, c, ldc_i));
+  if constexpr (std::is_same_v<S, float> && std::is_same_v<C, float>) {
+    const float alpha = 1.0f;
+    TORCH_CUDABLAS_CHECK(cublasSgemm(handle, op(trans_b), op(trans_a), ni, mi,
+                                     ki, &alpha, b, ldb_i, a, lda_i, &beta_f,
+                                     c, ldc_i));
+  } else if constexpr (std::is_same_v<S, double> &&
+                       std::is_same_v<C, double>) {
+    const double alpha = 1.0, beta_d = beta;
+    TORCH_CUDABLAS_CHECK(cublasDgemm(handle, op(trans_b), op(trans_a), ni, mi,
+                                     ki, &alpha, b, ldb_i, a, lda_i, &beta_d,
+                                     c, ldc_i));
+  } else {
+    // Half types: inputs in S, float accumulation and scalars, C in S or
+    // float.
+    static_assert(std::is_same_v<S, c10::Half> ||
+                  std::is_same_v<S, c10::BFloat16>);
+    static_assert(std::is_same_v<C, S> || std::is_same_v<C, float>);
+    const float alpha = 1.0f;
+    TORCH_CUDABLAS_CHECK(cublasGemmEx(
+        handle, op(trans_b), op(trans_a), ni, mi, ki, &alpha, b,
+        data_type<S>(), ldb_i, a, data_type<S>(), lda_i, &beta_f, c,
+        data_type<C>(), ldc_i, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  }
 }
 
-}  // namespace
-
-void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
-          float alpha, const float* a, int64_t lda, const float* b,
-          int64_t ldb, float beta, float* c, int64_t ldc) {
-  gemm_impl(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
-
-void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
-          double alpha, const double* a, int64_t lda, const double* b,
-          int64_t ldb, double beta, double* c, int64_t ldc) {
-  gemm_impl(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
+#define RNNFAST_GEMM(S, C)                                                   \
+  template void gemm<S, C>(BlasHandle, bool, bool, int64_t, int64_t,        \
+                           int64_t, const S*, int64_t, const S*, int64_t, C, \
+                           C*, int64_t);
+RNNFAST_GEMM(float, float)
+RNNFAST_GEMM(double, double)
+RNNFAST_GEMM(c10::Half, c10::Half)
+RNNFAST_GEMM(c10::Half, float)
+RNNFAST_GEMM(c10::BFloat16, c10::BFloat16)
+RNNFAST_GEMM(c10::BFloat16, float)
+#undef RNNFAST_GEMM
 
 void copy_bytes(void* dst, const void* src, size_t bytes) {
   if (bytes == 0) return;

@@ -1,7 +1,7 @@
 // The cell-independent half of lstm_driver.h's Backend interface on CUDA:
-// row-major GEMM through cuBLAS (and StepWeight over it), a device-to-device
-// copy and an elementwise add, on raw device pointers. A cell's CUDA backend
-// derives from CudaBackendBase and adds its own step kernels (lstm_cuda.h).
+// row-major GEMMs through cuBLAS (and StepWeight over them), row copies and
+// an elementwise add, on raw device pointers. A cell's CUDA backend derives
+// from CudaBackendBase and adds its own step kernels (lstm_cuda.h).
 //
 // Every call works on the current device and its current stream (the one
 // torch's cuBLAS handle is bound to), allocates nothing and never waits for
@@ -10,58 +10,108 @@
 // before an op runs.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <cstddef>
 #include <cstdint>
+#include <limits>
+
+#include "../lstm_params.h"
+
+struct cublasContext;  // cublasHandle_t is cublasContext*
 
 namespace rnnfast::cuda {
 
-// C[m, n] = alpha * op(A) * op(B) + beta * C, all row-major, through cuBLAS
-// with torch's handle: float follows torch's float32 matmul precision (TF32
-// when torch.backends.cuda.matmul.allow_tf32 is set), as torch.mm does.
-void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
-          float alpha, const float* a, int64_t lda, const float* b,
-          int64_t ldb, float beta, float* c, int64_t ldc);
-void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
-          double alpha, const double* a, int64_t lda, const double* b,
-          int64_t ldb, double beta, double* c, int64_t ldc);
+using BlasHandle = cublasContext*;
+
+// torch's cuBLAS handle for the current device, bound to the current stream
+// and torch's workspace, with torch's float32 math mode (TF32 when
+// torch.backends.cuda.matmul.allow_tf32 is set, as torch.mm). An op takes it
+// once (StepWeight) rather than at every step's GEMM.
+BlasHandle current_blas_handle();
+
+// C[m, n] = op(A) op(B) + beta C, all row-major; A and B hold S, C holds S
+// or, for half types, float; beta is 0 or 1. float and double run cuBLAS's
+// Sgemm / Dgemm; half and bfloat16 run cublasGemmEx on tensor cores with
+// float accumulation. Instantiated for (S, C) = (float, float),
+// (double, double), (Half, Half), (Half, float), (BFloat16, BFloat16),
+// (BFloat16, float).
+template <typename S, typename C>
+void gemm(BlasHandle handle, bool trans_a, bool trans_b, int64_t m, int64_t n,
+          int64_t k, const S* a, int64_t lda, const S* b, int64_t ldb,
+          C beta, C* c, int64_t ldc);
 
 // dst[0, bytes) = src[0, bytes), both device memory (cudaMemcpyAsync).
 void copy_bytes(void* dst, const void* src, size_t bytes);
 
-// dst[i] = a[i] + b[i] for i < count (one kernel launch).
-void add(float* dst, const float* a, const float* b, int64_t count);
-void add(double* dst, const double* a, const double* b, int64_t count);
+// The runs of rows of Backend::copy_rows, a kernel launch per
+// kMaxRowCopies runs (the list travels in the kernel's parameters).
+constexpr int kMaxRowCopies = 120;
+template <typename S>
+void copy_rows(const RowCopy* copies, int64_t count, int64_t width, S* dst,
+               const S* first, const S* second);
+
+// dst[i] = a[i] + b[i] for i < count, summed in T (one kernel launch).
+// Instantiated for (T, S) = (float, float), (double, double), (float, Half),
+// (float, BFloat16).
+template <typename T, typename S>
+void add(S* dst, const T* a, const S* b, int64_t count);
 
 // lstm_driver.h's StepWeight: the right-hand operand of a product repeated
-// at every step of a time loop. cuBLAS reads it as it is (nothing to pack),
-// so this only remembers it.
-template <typename T>
+// at every step of a time loop. cuBLAS reads it as it is (nothing to pack);
+// the handle is taken once, here.
+template <typename S>
 class StepWeight {
  public:
   StepWeight(bool trans_b, int64_t /*max_m*/, int64_t n, int64_t k,
-             const T* b, int64_t ldb)
-      : trans_b_(trans_b), n_(n), k_(k), ldb_(ldb), b_(b) {}
+             const S* b, int64_t ldb)
+      : handle_(current_blas_handle()),
+        trans_b_(trans_b), n_(n), k_(k), ldb_(ldb), b_(b) {}
   // C[m, n] = A[m, k] op(B) + beta C
-  void multiply(int64_t m, const T* a, int64_t lda, T beta, T* c,
+  template <typename C>
+  void multiply(int64_t m, const S* a, int64_t lda, C beta, C* c,
                 int64_t ldc) const {
-    gemm(false, trans_b_, m, n_, k_, T(1), a, lda, b_, ldb_, beta, c, ldc);
+    gemm(handle_, false, trans_b_, m, n_, k_, a, lda, b_, ldb_, beta, c, ldc);
   }
 
  private:
+  BlasHandle handle_;
   bool trans_b_;
   int64_t n_, k_, ldb_;
-  const T* b_;
+  const S* b_;
 };
 
 struct CudaBackendBase {
-  template <typename T>
-  using StepWeight = cuda::StepWeight<T>;
-  template <typename T>
-  static void copy(T* dst, const T* src, int64_t count) {
-    copy_bytes(dst, src, sizeof(T) * static_cast<size_t>(count));
+  template <typename S>
+  using StepWeight = cuda::StepWeight<S>;
+  // One block and one group for the whole sequence in the LayerNorm-LSTM
+  // backward (layer_norm_lstm_driver.h): its input and weight gradients are
+  // whole GEMMs and its LayerNorm parameter gradients one launch. (The
+  // CPU's cache-sized blocks would mean ~100 small launches at B = 64.)
+  static constexpr int64_t kGradBlockRows = std::numeric_limits<int64_t>::max() / 4;
+  static constexpr int64_t kParamGradRows = std::numeric_limits<int64_t>::max() / 4;
+  // Half-type ops keep their GEMM operands in half / bfloat16.
+  static constexpr bool kNativeHalf = true;
+
+  template <typename S, typename C>
+  static void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n,
+                   int64_t k, const S* a, int64_t lda, const S* b,
+                   int64_t ldb, C beta, C* c, int64_t ldc) {
+    cuda::gemm(current_blas_handle(), trans_a, trans_b, m, n, k, a, lda, b,
+               ldb, beta, c, ldc);
   }
-  template <typename T>
-  static void add(T* dst, const T* a, const T* b, int64_t count) {
+  template <typename S>
+  static void copy(S* dst, const S* src, int64_t count) {
+    copy_bytes(dst, src, sizeof(S) * static_cast<size_t>(count));
+  }
+  template <typename S>
+  static void copy_rows(const RowCopy* copies, int64_t count, int64_t width,
+                        S* dst, const S* first, const S* second) {
+    cuda::copy_rows(copies, count, width, dst, first, second);
+  }
+  template <typename T, typename S>
+  static void add(S* dst, const T* a, const S* b, int64_t count) {
     cuda::add(dst, a, b, count);
   }
 };
