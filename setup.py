@@ -128,7 +128,7 @@ if with_cuda:
 
 cpu_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
 cpu_sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-# lstm_cpu.cpp, built without ISA flags, comes before the pointwise_avx*.cpp
+# cpu_backend.cpp, built without ISA flags, comes before the pointwise_avx*.cpp
 # units so that the linker keeps its copies of any inline function both emit.
 cpu_sources.sort(key=lambda p: ("pointwise_avx" in p, p))
 

@@ -32,7 +32,6 @@
 #include <algorithm>
 #include <vector>
 
-#include "activation_cache.h"
 #include "lstm_driver.h"
 #include "lstm_params.h"
 
@@ -77,15 +76,15 @@ LayerNormForwardResult layer_norm_lstm_forward_recurrence(
   const auto topts = sopts.dtype(compute_scalar_type<T>());
   LayerNormForwardResult r;
   // W_ih x for every step at once; each step normalises its rows in place.
-  at::Tensor ih = empty_activation({l.rows, G}, topts);
+  at::Tensor ih = Backend::empty_activation({l.rows, G}, topts);
   input_projection<Backend, S, T>(ih, x, w.weight_ih, at::Tensor());
   // W_hh h_{t-1}: kept for every step when training, else one step's rows.
-  at::Tensor hh = empty_activation({training ? l.rows : l.batch, G}, topts);
+  at::Tensor hh = Backend::empty_activation({training ? l.rows : l.batch, G}, topts);
   r.output = at::empty({l.rows, H}, sopts);
   at::Tensor c_state = cx.contiguous().clone();
   if (training) {
-    r.cells = empty_activation({l.rows, H}, topts);
-    r.stats = empty_activation({l.rows, kStatsWidth}, topts);
+    r.cells = Backend::empty_activation({l.rows, H}, topts);
+    r.stats = Backend::empty_activation({l.rows, kStatsWidth}, topts);
   }
 
   using Weight = typename Backend::template StepWeight<S>;
@@ -328,12 +327,12 @@ LayerNormBackwardResult layer_norm_lstm_backward_recurrence(
   // A group never spans blocks and stops once it has kParamGradRows rows.
   ParamGradGroup group(
       l, std::min(max_block_rows, Backend::kParamGradRows + l.batch));
-  b.dgates = empty_activation({group.capacity(), G}, topts);
-  b.dcell_norm = empty_activation({group.capacity(), H}, topts);
-  b.dih = empty_activation({max_block_rows, G}, sopts);
-  b.dhh = empty_activation({max_block_rows, G}, sopts);
+  b.dgates = Backend::empty_activation({group.capacity(), G}, topts);
+  b.dcell_norm = Backend::empty_activation({group.capacity(), H}, topts);
+  b.dih = Backend::empty_activation({max_block_rows, G}, sopts);
+  b.dhh = Backend::empty_activation({max_block_rows, G}, sopts);
   at::Tensor h_prev;  // one block's h_{t-1}, for a packed layout
-  if (!l.uniform()) h_prev = empty_activation({max_block_rows, H}, sopts);
+  if (!l.uniform()) h_prev = Backend::empty_activation({max_block_rows, H}, sopts);
   b.dh_state = grad_hy.clone();
   b.dc_state = grad_cy.clone();
   LayerNormBackwardResult& r = b.r;

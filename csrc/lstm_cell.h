@@ -4,9 +4,10 @@
 // Every function is a template over the value type T, which is the opmath
 // type of the tensors (float for float/half/bfloat16, double for double) on
 // CUDA and a SIMD vector of it (at::vec::Vectorized<float>) in the CPU
-// kernels. The only operations T needs are + - * / and the two activation
-// functions supplied by MathOps<T> (sigmoid, tanh); each backend specialises
-// MathOps for its vector types, this header provides the scalar ones.
+// kernels. The only operations T needs are + - * / and what MathOps<T>
+// supplies (the activations sigmoid and tanh, and fmadd); each backend
+// specialises MathOps for its vector types, this header provides the scalar
+// ones.
 //
 // Gate order is torch.nn.LSTM's: i, f, g, o.
 #pragma once
@@ -41,6 +42,9 @@ struct MathOps<float> {
 #endif
   }
   static C10_HOST_DEVICE inline float tanh(float x) { return ::tanhf(x); }
+  static C10_HOST_DEVICE inline float fmadd(float a, float b, float c) {
+    return a * b + c;
+  }
 };
 
 template <>
@@ -49,6 +53,9 @@ struct MathOps<double> {
     return 1.0 / (1.0 + ::exp(-x));
   }
   static C10_HOST_DEVICE inline double tanh(double x) { return ::tanh(x); }
+  static C10_HOST_DEVICE inline double fmadd(double a, double b, double c) {
+    return a * b + c;
+  }
 };
 
 template <typename T>

@@ -26,9 +26,11 @@
 //   copy_rows(const RowCopy*, int64_t n, int64_t width, S* dst,
 //             const S* first, const S* second): runs of rows, one pass.
 //   add(S* dst, const T* a, const S* b, int64_t count): dst = a + b.
+//   empty_activation(sizes, options): a large workspace or saved activation
+//     (the CPU reuses freed blocks, cpu/activation_cache.h).
 //   kGradBlockRows, kParamGradRows: block sizes of the LayerNorm-LSTM
 //     backward (layer_norm_lstm_driver.h); kNativeHalf: whether S may be a
-//     half type (lstm_ops.h).
+//     half type (op_impls.h).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -38,7 +40,6 @@
 #include <type_traits>
 #include <vector>
 
-#include "activation_cache.h"
 #include "lstm_params.h"
 
 namespace rnnfast {
@@ -239,11 +240,11 @@ ForwardResult lstm_forward_recurrence(
   const auto topts = sopts.dtype(compute_scalar_type<T>());
   ForwardResult r;
   // Input projection for every step at once: gates = x W_ih^T + b.
-  at::Tensor gates = empty_activation({l.rows, G}, topts);
+  at::Tensor gates = Backend::empty_activation({l.rows, G}, topts);
   input_projection<Backend, S, T>(gates, x, weight_ih, bias);
   r.output = at::empty({l.rows, P}, sopts);
   at::Tensor c_state = cx.contiguous().clone();
-  if (training) r.cells = empty_activation({l.rows, H}, topts);
+  if (training) r.cells = Backend::empty_activation({l.rows, H}, topts);
   at::Tensor r_buf;
   if (s.has_projection()) r_buf = at::empty({l.batch, H}, sopts);
 
@@ -310,12 +311,12 @@ BackwardResult lstm_backward_recurrence(
   const auto sopts = x.options();
   const auto topts = sopts.dtype(compute_scalar_type<T>());
   BackwardResult r;
-  at::Tensor dgates = empty_activation({l.rows, G}, sopts);
+  at::Tensor dgates = Backend::empty_activation({l.rows, G}, sopts);
   at::Tensor dh_state = grad_hy.clone();  // dL/dh of the rows' current step
   at::Tensor dc_state = grad_cy.clone();
   at::Tensor dh_total, dr_buf;  // only with a projection
   if (s.has_projection()) {
-    dh_total = empty_activation({l.rows, P}, sopts);
+    dh_total = Backend::empty_activation({l.rows, P}, sopts);
     dr_buf = at::empty({l.batch, H}, topts);
   }
 
@@ -373,7 +374,7 @@ BackwardResult lstm_backward_recurrence(
   matmul_into<Backend, S, T>(r.grad_weight_ih, dgates.t(), x, false);
   r.grad_weight_hh = at::zeros({G, P}, topts);
   at::Tensor scratch;  // h_{t-1} of a packed layout
-  if (!l.uniform()) scratch = empty_activation({l.rows, P}, sopts);
+  if (!l.uniform()) scratch = Backend::empty_activation({l.rows, P}, sopts);
   add_recurrent_weight_grad<Backend, S, T>(l, r.grad_weight_hh, dgates, output,
                                            hx, 0, l.steps - 1, scratch);
   r.grad_bias = std::is_same_v<S, T>

@@ -1,5 +1,5 @@
-// The elementwise kernels of CudaBackendBase: add and copy_rows.
-#include "cuda_backend.h"
+// The elementwise kernels of CudaBackend (gemm_and_copy.h): add and copy_rows.
+#include "gemm_and_copy.h"
 #include "launch.cuh"
 
 namespace rnnfast::cuda {

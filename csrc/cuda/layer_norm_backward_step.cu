@@ -1,5 +1,5 @@
 // The LayerNorm-LSTM backward step kernel for every (compute, storage) type
-// pair of the ops (lstm_cuda.h), and the LayerNorm parameter gradients
+// pair of the ops (step_kernels.h), and the LayerNorm parameter gradients
 // (compute type only).
 #include "layer_norm_kernels.cuh"
 

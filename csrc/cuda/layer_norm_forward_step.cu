@@ -1,5 +1,5 @@
 // The LayerNorm-LSTM forward step kernel for every (compute, storage) type
-// pair of the ops (lstm_cuda.h) and both values of Training.
+// pair of the ops (step_kernels.h) and both values of Training.
 #include "layer_norm_kernels.cuh"
 
 namespace rnnfast::cuda {

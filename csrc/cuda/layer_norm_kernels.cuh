@@ -1,10 +1,10 @@
 // The LayerNorm-LSTM kernels of CudaBackend, the CUDA counterparts of
 // layer_norm_forward_step_impl, layer_norm_backward_step_impl and
-// layer_norm_param_grads_impl in cpu/pointwise_impl.h, with the same
+// layer_norm_param_grads_impl in cpu/step_kernels.h, with the same
 // semantics (two-pass mean and biased variance, the same buffers read and
-// written, the same in-place updates). The element math is layer_norm.h's
-// and lstm_cell.h's; only the row sums are written here, as warp and block
-// reductions. Included by the .cu files that instantiate them.
+// written, the same in-place updates). The element math is layer_norm.h's,
+// layer_norm_lstm_cell.h's and lstm_cell.h's; only the row sums are written
+// here, as warp, block and cluster reductions. Included by the .cu files that instantiate them.
 //
 // Step kernels (launch.cuh's row_groups): a group of blockDim.x threads
 // (whole warps) in each of the `blocks` blocks of a thread-block cluster
@@ -31,9 +31,10 @@
 #include <type_traits>
 
 #include "../layer_norm.h"
+#include "../layer_norm_lstm_cell.h"
 #include "../lstm_cell.h"
 #include "launch.cuh"
-#include "lstm_cuda.h"
+#include "step_kernels.h"
 
 namespace rnnfast::cuda {
 
@@ -192,13 +193,15 @@ __global__ void __launch_bounds__(kMaxRowThreads)
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         const int64_t o = k * H + j;
-        const acc_t xi = (static_cast<acc_t>(ih[o]) - mean_ih) * rstd_ih;
-        const acc_t xh = (static_cast<acc_t>(hh[o]) - mean_hh) * rstd_hh;
+        const acc_t xi =
+            layer_norm_normalize(static_cast<acc_t>(ih[o]), mean_ih, rstd_ih);
+        const acc_t xh =
+            layer_norm_normalize(static_cast<acc_t>(hh[o]), mean_hh, rstd_hh);
         ih[o] = static_cast<T>(xi);
         hh[o] = static_cast<T>(xh);
-        pre[k] = xi * static_cast<acc_t>(p.gamma_ih[o]) +
-                 (xh * static_cast<acc_t>(p.gamma_hh[o]) +
-                  static_cast<acc_t>(p.bias[o]));
+        pre[k] = layer_norm_gate(xi, static_cast<acc_t>(p.gamma_ih[o]), xh,
+                                 static_cast<acc_t>(p.gamma_hh[o]),
+                                 static_cast<acc_t>(p.bias[o]));
       }
       const auto cell = lstm_cell_state<acc_t>(pre[0], pre[1], pre[2], pre[3],
                                                static_cast<acc_t>(c_state[j]));
@@ -230,20 +233,19 @@ __global__ void __launch_bounds__(kMaxRowThreads)
       st[kRstdCell] = static_cast<T>(rstd_c);
     }
     for (int64_t j = begin; j < H; j += step) {
-      const acc_t cn =
-          ((static_cast<acc_t>(c_state[j]) - mean_c) * rstd_c) *
-              static_cast<acc_t>(p.gamma_cell[j]) +
-          static_cast<acc_t>(p.beta_cell[j]);
+      const acc_t cn = layer_norm_affine(
+          layer_norm_normalize(static_cast<acc_t>(c_state[j]), mean_c, rstd_c),
+          static_cast<acc_t>(p.gamma_cell[j]),
+          static_cast<acc_t>(p.beta_cell[j]));
       acc_t o;
       if constexpr (kParkO) {
         o = static_cast<acc_t>(h_out[j]);
       } else {  // as computed above, from the normalised products
         const int64_t k = 3 * H + j;
-        o = rnnfast::sigmoid(static_cast<acc_t>(ih[k]) *
-                                 static_cast<acc_t>(p.gamma_ih[k]) +
-                             (static_cast<acc_t>(hh[k]) *
-                                  static_cast<acc_t>(p.gamma_hh[k]) +
-                              static_cast<acc_t>(p.bias[k])));
+        o = rnnfast::sigmoid(layer_norm_gate(
+            static_cast<acc_t>(ih[k]), static_cast<acc_t>(p.gamma_ih[k]),
+            static_cast<acc_t>(hh[k]), static_cast<acc_t>(p.gamma_hh[k]),
+            static_cast<acc_t>(p.bias[k])));
       }
       h_out[j] = static_cast<S>(o * rnnfast::tanh(cn));
     }
@@ -256,9 +258,11 @@ template <typename T, typename S, typename acc_t = at::opmath_type<T>>
 __device__ __forceinline__ acc_t saved_pre_activation(
     const LayerNormBackwardStepParams<T, S>& p, const T* xi, const T* xh,
     int64_t o) {
-  return static_cast<acc_t>(xi[o]) * static_cast<acc_t>(p.gamma_ih[o]) +
-         (static_cast<acc_t>(xh[o]) * static_cast<acc_t>(p.gamma_hh[o]) +
-          static_cast<acc_t>(p.bias[o]));
+  return layer_norm_gate(static_cast<acc_t>(xi[o]),
+                         static_cast<acc_t>(p.gamma_ih[o]),
+                         static_cast<acc_t>(xh[o]),
+                         static_cast<acc_t>(p.gamma_hh[o]),
+                         static_cast<acc_t>(p.bias[o]));
 }
 
 template <typename T, typename S>
@@ -300,9 +304,11 @@ __global__ void __launch_bounds__(kMaxRowThreads)
     acc_t s[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
     for (int64_t j = begin; j < H; j += step) {
       const acc_t o = rnnfast::sigmoid(saved_pre_activation(p, xi, xh, 3 * H + j));
-      const acc_t xhat = (static_cast<acc_t>(cell[j]) - mean_c) * rstd_c;
-      const acc_t cn = xhat * static_cast<acc_t>(p.gamma_cell[j]) +
-                       static_cast<acc_t>(p.beta_cell[j]);
+      const acc_t xhat =
+          layer_norm_normalize(static_cast<acc_t>(cell[j]), mean_c, rstd_c);
+      const acc_t cn = layer_norm_affine(xhat,
+                                         static_cast<acc_t>(p.gamma_cell[j]),
+                                         static_cast<acc_t>(p.beta_cell[j]));
       const acc_t dh = static_cast<acc_t>(p.grad_hidden[rh + j]) +
                        static_cast<acc_t>(p.grad_output[rh + j]);
       const auto out = lstm_output_backward<acc_t>(dh, o, rnnfast::tanh(cn));
@@ -321,7 +327,8 @@ __global__ void __launch_bounds__(kMaxRowThreads)
     // backward of both products over the row's 4H gate gradients.
     s[0] = s[1] = s[2] = s[3] = acc_t(0);
     for (int64_t j = begin; j < H; j += step) {
-      const acc_t xhat = (static_cast<acc_t>(cell[j]) - mean_c) * rstd_c;
+      const acc_t xhat =
+          layer_norm_normalize(static_cast<acc_t>(cell[j]), mean_c, rstd_c);
       const acc_t dxhat =
           static_cast<acc_t>(dcn[j]) * static_cast<acc_t>(p.gamma_cell[j]);
       const acc_t dc = static_cast<acc_t>(dc_state[j]) +
@@ -402,9 +409,9 @@ __global__ void __launch_bounds__(kWarpSize * kColumnSlices)
       for (int64_t r = threadIdx.y; r < p.rows; r += kColumnSlices) {
         const T* st = p.stats + r * kStatsWidth;
         const acc_t d = static_cast<acc_t>(p.dcell_norm[r * H + k]);
-        const acc_t xhat = (static_cast<acc_t>(p.cell[r * H + k]) -
-                            static_cast<acc_t>(st[kMeanCell])) *
-                           static_cast<acc_t>(st[kRstdCell]);
+        const acc_t xhat = layer_norm_normalize(
+            static_cast<acc_t>(p.cell[r * H + k]),
+            static_cast<acc_t>(st[kMeanCell]), static_cast<acc_t>(st[kRstdCell]));
         sum[0] += d;
         sum[1] += d * xhat;
       }

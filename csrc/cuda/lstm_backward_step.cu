@@ -1,5 +1,5 @@
 // The LSTM backward step kernel for every (compute, storage) type pair of
-// the ops (lstm_cuda.h) and both values of AddOutputGrad.
+// the ops (step_kernels.h) and both values of AddOutputGrad.
 #include "lstm_kernels.cuh"
 
 namespace rnnfast::cuda {

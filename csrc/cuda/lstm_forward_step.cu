@@ -1,5 +1,5 @@
 // The LSTM forward step kernel for every (compute, storage) type pair of
-// the ops (lstm_cuda.h) and both values of Training.
+// the ops (step_kernels.h) and both values of Training.
 #include "lstm_kernels.cuh"
 
 namespace rnnfast::cuda {

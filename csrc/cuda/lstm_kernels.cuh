@@ -12,7 +12,7 @@
 
 #include "../lstm_cell.h"
 #include "launch.cuh"
-#include "lstm_cuda.h"
+#include "step_kernels.h"
 
 namespace rnnfast::cuda {
 

@@ -11,8 +11,9 @@
 #include <utility>
 
 #include "../layer_norm.h"
+#include "../layer_norm_lstm_cell.h"
 #include "../lstm_cell.h"
-#include "pointwise_kernels.h"
+#include "kernel_table.h"
 
 namespace rnnfast {
 
@@ -29,12 +30,18 @@ struct MathOps<at::vec::Vectorized<S>> {
   using V = at::vec::Vectorized<S>;
   static inline V sigmoid(const V& x) { return V(S(1)) / (V(S(1)) + x.neg().exp()); }
   static inline V tanh(const V& x) { return x.tanh(); }
+  static inline V fmadd(const V& a, const V& b, const V& c) {
+    return at::vec::fmadd(a, b, c);
+  }
 };
 
 template <>
 struct MathOps<at::vec::Vectorized<float>> {
   using V = at::vec::Vectorized<float>;
   // exp_u20 clamps its argument, which would turn NaN into a number.
+  static inline V fmadd(const V& a, const V& b, const V& c) {
+    return at::vec::fmadd(a, b, c);
+  }
   static inline V keep_nan(const V& result, const V& x) {
     return V::blendv(result, x, x != x);
   }
@@ -221,14 +228,15 @@ void layer_norm_forward_step_impl(const LayerNormStepParams<T>& p) {
         V pre[4];
         for (int k = 0; k < 4; ++k) {
           const int64_t o = k * H + j;
-          const V xi = (V::loadu(ih + o, n) - V(mean_ih)) * V(rstd_ih);
-          const V xh = (V::loadu(hh + o, n) - V(mean_hh)) * V(rstd_hh);
+          const V xi = layer_norm_normalize(V::loadu(ih + o, n), V(mean_ih),
+                                            V(rstd_ih));
+          const V xh = layer_norm_normalize(V::loadu(hh + o, n), V(mean_hh),
+                                            V(rstd_hh));
           xi.store(ih + o, n);
           xh.store(hh + o, n);
-          pre[k] = at::vec::fmadd(
-              xi, V::loadu(p.gamma_ih + o, n),
-              at::vec::fmadd(xh, V::loadu(p.gamma_hh + o, n),
-                             V::loadu(p.bias + o, n)));
+          pre[k] = layer_norm_gate(xi, V::loadu(p.gamma_ih + o, n), xh,
+                                   V::loadu(p.gamma_hh + o, n),
+                                   V::loadu(p.bias + o, n));
         }
         const auto cell = lstm_cell_state<V>(pre[0], pre[1], pre[2], pre[3],
                                              V::loadu(c_state + j, n));
@@ -247,8 +255,9 @@ void layer_norm_forward_step_impl(const LayerNormStepParams<T>& p) {
       }
       for (int64_t j = 0; j < H; j += V::size()) {
         const int64_t n = std::min<int64_t>(V::size(), H - j);
-        const V cn = at::vec::fmadd(
-            (V::loadu(c_state + j, n) - V(mean_c)) * V(rstd_c),
+        const V cn = layer_norm_affine(
+            layer_norm_normalize(V::loadu(c_state + j, n), V(mean_c),
+                                 V(rstd_c)),
             V::loadu(p.gamma_cell + j, n), V::loadu(p.beta_cell + j, n));
         const V h = V::loadu(h_out + j, n) * rnnfast::tanh<V>(cn);
         h.store(h_out + j, n);
@@ -264,10 +273,9 @@ inline at::vec::Vectorized<T> saved_pre_activation(
     const LayerNormBackwardStepParams<T>& p, const T* xi, const T* xh,
     int64_t o, int64_t n) {
   using V = at::vec::Vectorized<T>;
-  return at::vec::fmadd(V::loadu(xi + o, n), V::loadu(p.gamma_ih + o, n),
-                        at::vec::fmadd(V::loadu(xh + o, n),
-                                       V::loadu(p.gamma_hh + o, n),
-                                       V::loadu(p.bias + o, n)));
+  return layer_norm_gate(V::loadu(xi + o, n), V::loadu(p.gamma_ih + o, n),
+                         V::loadu(xh + o, n), V::loadu(p.gamma_hh + o, n),
+                         V::loadu(p.bias + o, n));
 }
 
 template <typename T>
@@ -296,9 +304,10 @@ void layer_norm_backward_step_impl(const LayerNormBackwardStepParams<T>& p) {
         const int64_t n = std::min<int64_t>(V::size(), H - j);
         const V o = rnnfast::sigmoid<V>(
             saved_pre_activation(p, xi, xh, 3 * H + j, n));
-        const V xhat = (V::loadu(cell + j, n) - V(mean_c)) * V(rstd_c);
+        const V xhat =
+            layer_norm_normalize(V::loadu(cell + j, n), V(mean_c), V(rstd_c));
         const V gamma = V::loadu(p.gamma_cell + j, n);
-        const V cn = at::vec::fmadd(xhat, gamma, V::loadu(p.beta_cell + j, n));
+        const V cn = layer_norm_affine(xhat, gamma, V::loadu(p.beta_cell + j, n));
         const V dh_v = V::loadu(dh + j, n) + V::loadu(dy + j, n);
         const auto out = lstm_output_backward<V>(dh_v, o, rnnfast::tanh<V>(cn));
         out.do_.store(dgates + 3 * H + j, n);
@@ -314,7 +323,8 @@ void layer_norm_backward_step_impl(const LayerNormBackwardStepParams<T>& p) {
       V sum_hh(T(0)), sum_hh_x(T(0)), sum_ih(T(0)), sum_ih_x(T(0));
       for (int64_t j = 0; j < H; j += V::size()) {
         const int64_t n = std::min<int64_t>(V::size(), H - j);
-        const V xhat = (V::loadu(cell + j, n) - V(mean_c)) * V(rstd_c);
+        const V xhat =
+            layer_norm_normalize(V::loadu(cell + j, n), V(mean_c), V(rstd_c));
         const V dxhat = V::loadu(dcn + j, n) * V::loadu(p.gamma_cell + j, n);
         const V dc = V::loadu(dc_state + j, n) +
                      layer_norm_input_grad<V>(dxhat, xhat, V(rstd_c),
@@ -417,7 +427,8 @@ void layer_norm_param_grads_impl(const LayerNormParamGradsParams<T>& p) {
             const int64_t n = std::min<int64_t>(V::size(), cols - j);
             const V d = V::loadu(dcn + j, n);
             a[k] = a[k] + d;
-            b[k] = at::vec::fmadd(d, (V::loadu(cell + j, n) - mean) * rstd,
+            b[k] = at::vec::fmadd(d, layer_norm_normalize(V::loadu(cell + j, n),
+                                                          mean, rstd),
                                   b[k]);
           }
         }

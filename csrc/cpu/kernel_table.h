@@ -1,6 +1,6 @@
-// The CPU pointwise kernels' entry points. Each is compiled once per CPU
+// The dispatch table of the CPU step kernels. Each is compiled once per CPU
 // capability (pointwise_{default,avx2,avx512}.cpp include
-// pointwise_impl.h); kernel_table() picks the best one the CPU supports,
+// step_kernels.h); kernel_table() picks the best one the CPU supports,
 // honouring ATEN_CPU_CAPABILITY as ATen does.
 #pragma once
 

@@ -6,9 +6,11 @@
 #include <cstring>
 #include <string>
 
-#include "../lstm_ops.h"
+#include "../backend_info.h"
+#include "../op_impls.h"
+#include "activation_cache.h"
 #include "blas.h"
-#include "pointwise_kernels.h"
+#include "kernel_table.h"
 
 namespace rnnfast::cpu {
 
@@ -26,13 +28,24 @@ const KernelTable& kernel_table() {
 struct CpuBackend {
   template <typename T>
   using StepWeight = cpu::StepWeight<T>;
-  // The CPU's blocks of the backward (layer_norm_lstm_driver.h): about 1024
-  // rows stay in the L2 cache through the input and weight gradient GEMMs,
-  // and LayerNorm parameter gradients are summed every 64 rows or so.
+  // The CPU's blocks of the LayerNorm-LSTM backward
+  // (layer_norm_lstm_driver.h). Its gradients w.r.t. W_ih x_t and
+  // W_hh h_{t-1} are kept for blocks of consecutive steps of about 1024
+  // rows, which go through the input and weight gradient GEMMs while they
+  // are still in cache (and no [N, 4H] gradient buffer is allocated: fresh
+  // memory costs page faults on every call). The LayerNorm parameter
+  // gradients are summed over groups of at least 64 rows: one step at
+  // larger batches (its rows are in cache), several at small ones.
   static constexpr int64_t kGradBlockRows = 1024;
   static constexpr int64_t kParamGradRows = 64;
   // The storage dtype of the GEMMs for a half-type op: the CPU upcasts.
   static constexpr bool kNativeHalf = false;
+
+  // Workspaces and saved activations come from the CPU buffer cache.
+  static at::Tensor empty_activation(at::IntArrayRef sizes,
+                                     const at::TensorOptions& options) {
+    return cpu::empty_activation(sizes, options);
+  }
 
   template <bool Training, typename T>
   static void forward_step(const ForwardStepParams<T>& p) {
@@ -82,6 +95,13 @@ struct CpuBackend {
 };
 
 }  // namespace rnnfast::cpu
+
+namespace rnnfast {
+const char* cpu_kernels_in_use() { return cpu::kernel_table().capability; }
+const char* cpu_gemm_in_use() { return cpu::gemm_backend(); }
+int64_t release_cpu_buffer_cache() { return cpu::empty_activation_cache(); }
+int64_t cpu_buffer_cache_bytes() { return cpu::activation_cache_bytes(); }
+}  // namespace rnnfast
 
 TORCH_LIBRARY_IMPL(rnnfast, CPU, m) {
   m.impl("lstm_forward", &rnnfast::lstm_forward_op<rnnfast::cpu::CpuBackend>);

@@ -1,9 +1,12 @@
-// The CUDA backend of the LSTM and LayerNorm-LSTM ops: CudaBackendBase's
-// GEMMs, copies and add plus the fused pointwise kernels of each cell.
+// The step kernels of the CUDA backend (cuda_backend.h), declared for the
+// host code; defined in lstm_kernels.cuh and layer_norm_kernels.cuh and
+// instantiated by the .cu files.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include "../lstm_params.h"
-#include "cuda_backend.h"
 
 namespace rnnfast::cuda {
 
@@ -27,29 +30,5 @@ template <typename T, typename S>
 void layer_norm_backward_step(const LayerNormBackwardStepParams<T, S>& p);
 template <typename T>
 void layer_norm_param_grads(const LayerNormParamGradsParams<T>& p);
-
-struct CudaBackend : CudaBackendBase {
-  template <bool Training, typename T, typename S>
-  static void forward_step(const ForwardStepParams<T, S>& p) {
-    lstm_forward_step<Training>(p);
-  }
-  template <bool AddOutputGrad, typename T, typename S>
-  static void backward_step(const BackwardStepParams<T, S>& p) {
-    lstm_backward_step<AddOutputGrad>(p);
-  }
-  template <bool Training, typename T, typename S>
-  static void layer_norm_forward_step(const LayerNormStepParams<T, S>& p) {
-    cuda::layer_norm_forward_step<Training>(p);
-  }
-  template <typename T, typename S>
-  static void layer_norm_backward_step(
-      const LayerNormBackwardStepParams<T, S>& p) {
-    cuda::layer_norm_backward_step(p);
-  }
-  template <typename T>
-  static void layer_norm_param_grads(const LayerNormParamGradsParams<T>& p) {
-    cuda::layer_norm_param_grads(p);
-  }
-};
 
 }  // namespace rnnfast::cuda

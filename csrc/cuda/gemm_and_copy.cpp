@@ -1,6 +1,6 @@
-// cuBLAS GEMMs and device copies of CudaBackendBase (host code only, so it
+// cuBLAS GEMMs and device copies of CudaBackend (gemm_and_copy.h) (host code only, so it
 // is compiled by the host compiler; the kernels are in elementwise.cu).
-#include "cuda_backend.h"
+#include "gemm_and_copy.h"
 
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/Exceptions.h>

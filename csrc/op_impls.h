@@ -7,7 +7,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
-#include "lstm_checks.h"
+#include "arg_checks.h"
 #include "layer_norm_lstm_driver.h"
 #include "lstm_driver.h"
 
