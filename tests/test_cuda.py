@@ -620,6 +620,9 @@ def test_packed_and_projected_training_step_under_cuda_graph_capture(cuda_device
     the W_hh gradient and the final-state copies are all capturable."""
     torch.manual_seed(0)
     model = make_model().to(cuda_device)
+    # The eager runs use a copy, so that they never free or replace the
+    # gradient tensors the graph writes into.
+    eager_model = copy.deepcopy(model)
     batch_sizes = shared.batch_sizes_from_lengths(CAPTURE_LENGTHS)
     rows = int(batch_sizes.sum())
     static_x = torch.zeros(rows, 8, device=cuda_device, requires_grad=True)
@@ -631,17 +634,17 @@ def test_packed_and_projected_training_step_under_cuda_graph_capture(cuda_device
         out, (h, c) = model(PackedSequence(batches[0], batch_sizes))
     weights = [torch.rand_like(t) + 0.5 for t in (out.data, h, c)]
 
-    def step(x):
-        out, (h, c) = model(PackedSequence(x, batch_sizes))
+    def step(m, x):
+        out, (h, c) = m(PackedSequence(x, batch_sizes))
         loss = sum((t * w).sum() for t, w in zip((out.data, h, c), weights))
         loss.backward()
         return out.data
 
     def eager(data):
-        model.zero_grad(set_to_none=True)
+        eager_model.zero_grad(set_to_none=True)
         x = data.clone().requires_grad_()
-        out = step(x)
-        return [out.detach(), x.grad] + [p.grad.clone() for p in model.parameters()]
+        out = step(eager_model, x)
+        return [out.detach(), x.grad] + [p.grad for p in eager_model.parameters()]
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -651,7 +654,7 @@ def test_packed_and_projected_training_step_under_cuda_graph_capture(cuda_device
             static_x.grad = None
             with torch.no_grad():
                 static_x.copy_(data)
-            step(static_x)
+            step(model, static_x)
     torch.cuda.current_stream().wait_stream(side)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
@@ -660,7 +663,7 @@ def test_packed_and_projected_training_step_under_cuda_graph_capture(cuda_device
     with torch.cuda.graph(graph):
         model.zero_grad(set_to_none=False)
         static_x.grad.zero_()
-        static_out = step(static_x)
+        static_out = step(model, static_x)
     for data in batches[2:]:
         with torch.no_grad():
             static_x.copy_(data)
