@@ -294,7 +294,8 @@ void add_block_input_and_weight_grads(LayerNormBackwardBuffers<T, S>& b,
                              true);
   add_recurrent_weight_grad<Backend, S, T>(b.l, b.r.grad_weight_hh, dhh,
                                            output, hx, block.first,
-                                           block.last, h_prev);
+                                           block.last, h_prev,
+                                           /*accumulate=*/true);
 }
 
 template <typename Backend, typename S, typename T>

@@ -159,9 +159,9 @@ void copy_final_hidden(const SequenceLayout& l, const S* output, int64_t P,
   }
 }
 
-// grad_w [G, P] (T) += dgates^T h_{t-1} over the steps [first, last], whose
-// gradients w.r.t. the pre-activations (S) are the rows of dgates (row 0 is
-// packed row offsets[first]). A uniform layout reads h_{t-1} in place: the
+// grad_w [G, P] (T) = dgates^T h_{t-1} (+= when accumulate) over the steps
+// [first, last], whose gradients w.r.t. the pre-activations (S) are the rows
+// of dgates (row 0 is packed row offsets[first]). A uniform layout reads h_{t-1} in place: the
 // steps that continue against the rows of their previous steps (contiguous,
 // one step apart), the step that starts the sequence against hx, so at most
 // two products. Otherwise the rows of h_{t-1} are gathered into scratch
@@ -172,7 +172,7 @@ void add_recurrent_weight_grad(const SequenceLayout& l, at::Tensor& grad_w,
                                const at::Tensor& output,  // [N, P]
                                const at::Tensor& hx,      // [B, P]
                                int64_t first, int64_t last,
-                               at::Tensor& scratch) {
+                               at::Tensor& scratch, bool accumulate) {
   const int64_t lo = l.offsets[first];
   const int64_t n = l.offsets[last + 1] - lo;
   if (l.uniform()) {
@@ -184,16 +184,18 @@ void add_recurrent_weight_grad(const SequenceLayout& l, at::Tensor& grad_w,
     } else if (start == last) {
       --b;
     }
-    if (start >= first && start <= last) {
-      matmul_into<Backend, S, T>(
-          grad_w, dgates.narrow(0, l.offsets[start] - lo, B).t(), hx, true);
-    }
     if (a <= b) {
       const int64_t rows = l.offsets[b + 1] - l.offsets[a];
       const int64_t prev = l.offsets[a] + (l.reverse ? B : -B);
       matmul_into<Backend, S, T>(
           grad_w, dgates.narrow(0, l.offsets[a] - lo, rows).t(),
-          output.narrow(0, prev, rows), true);
+          output.narrow(0, prev, rows), accumulate);
+      accumulate = true;
+    }
+    if (start >= first && start <= last) {
+      matmul_into<Backend, S, T>(
+          grad_w, dgates.narrow(0, l.offsets[start] - lo, B).t(), hx,
+          accumulate);
     }
     return;
   }
@@ -214,7 +216,7 @@ void add_recurrent_weight_grad(const SequenceLayout& l, at::Tensor& grad_w,
                      output.size(1), scratch.data_ptr<S>(),
                      output.data_ptr<S>(), hx.data_ptr<S>());
   matmul_into<Backend, S, T>(grad_w, dgates.t(), scratch.narrow(0, 0, n),
-                             true);
+                             accumulate);
 }
 
 template <typename T>
@@ -372,11 +374,12 @@ BackwardResult lstm_backward_recurrence(
   matmul_into<Backend, S, S>(r.grad_input, dgates, weight_ih, false);
   r.grad_weight_ih = at::empty({G, s.input}, topts);
   matmul_into<Backend, S, T>(r.grad_weight_ih, dgates.t(), x, false);
-  r.grad_weight_hh = at::zeros({G, P}, topts);
+  r.grad_weight_hh = at::empty({G, P}, topts);
   at::Tensor scratch;  // h_{t-1} of a packed layout
   if (!l.uniform()) scratch = Backend::empty_activation({l.rows, P}, sopts);
   add_recurrent_weight_grad<Backend, S, T>(l, r.grad_weight_hh, dgates, output,
-                                           hx, 0, l.steps - 1, scratch);
+                                           hx, 0, l.steps - 1, scratch,
+                                           /*accumulate=*/false);
   r.grad_bias = std::is_same_v<S, T>
                     ? dgates.sum(0)
                     : at::sum(dgates, {0}, false, compute_scalar_type<T>());
