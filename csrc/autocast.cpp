@@ -9,7 +9,7 @@
 // always uses float16. Float64 tensors and tensors on another device are
 // left alone (at::autocast::cached_cast's rule), so a float64 model is not
 // touched. The recurrence itself keeps its state and sums in float
-// (lstm_ops.h), so only the storage of the arguments and results is reduced.
+// (op_impls.h), so only the storage of the arguments and results is reduced.
 //
 // The backward ops need no autocast kernel: autograd runs them with the
 // dtypes the forward saw, and the casts above are recorded by autograd, so

@@ -15,9 +15,16 @@
 // cache: the forward normalises W_ih x_t and W_hh h_{t-1} in place (the
 // backward's only [N, 4H] inputs) and saves no gates; the backward recomputes
 // the gates from them and writes the gradients w.r.t. both products; groups
-// of steps (kParamGradRows) add their share of the LayerNorm parameter
-// gradients and blocks of steps (kGradBlockRows) run their input and weight
-// gradient GEMMs while their rows are still in cache.
+// of steps (Backend::kParamGradRows) add their share of the LayerNorm
+// parameter gradients and blocks of steps (Backend::kGradBlockRows) run their
+// input and weight gradient GEMMs while their rows are still in cache. Those
+// sizes are the backend's: cache-sized on the CPU, the whole sequence on CUDA
+// (one parameter-gradient launch and whole bulk GEMMs).
+//
+// Types as lstm_driver.h: S for the weights, input, output and the
+// gradients w.r.t. the two products (what the GEMMs read), T for everything
+// else (the normalised products, cell states, statistics and LayerNorm
+// parameters).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -25,29 +32,31 @@
 #include <algorithm>
 #include <vector>
 
-#include "activation_cache.h"
 #include "lstm_driver.h"
 #include "lstm_params.h"
 
 namespace rnnfast {
 
 struct LayerNormWeights {
-  at::Tensor weight_ih;  // [4H, I]
-  at::Tensor weight_hh;  // [4H, H] contiguous
+  at::Tensor weight_ih;  // [4H, I] (S)
+  at::Tensor weight_hh;  // [4H, H] contiguous (S)
+  // The rest in T.
   at::Tensor gate_bias;  // [4H] ln_ih_bias + ln_hh_bias (+ b_ih + b_hh)
   at::Tensor ln_ih_weight, ln_hh_weight;    // [4H]
   at::Tensor ln_cell_weight, ln_cell_bias;  // [H]
 };
 
 struct LayerNormForwardResult {
-  at::Tensor output;         // [N, H]
-  at::Tensor hy, cy;         // [B, H]
+  at::Tensor output;         // [N, H] (S)
+  at::Tensor hy;             // [B, H] (S)
+  at::Tensor cy;             // [B, H] (T)
   at::Tensor cells;          // [N, H] c_t (training)
   at::Tensor normalized_ih;  // [N, 4H] xhat of W_ih x (training)
   at::Tensor normalized_hh;  // [N, 4H] xhat of W_hh h (training)
   at::Tensor stats;          // [N, kStatsWidth] (training)
 };
 
+// grad_input in S, the others in T.
 struct LayerNormBackwardResult {
   at::Tensor grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh;
   at::Tensor grad_bias;  // of b_ih, b_hh, ln_ih_bias and ln_hh_bias alike
@@ -55,39 +64,41 @@ struct LayerNormBackwardResult {
   at::Tensor grad_ln_cell_weight, grad_ln_cell_bias;
 };
 
-template <typename Backend, typename T>
+template <typename Backend, typename S, typename T>
 LayerNormForwardResult layer_norm_lstm_forward_recurrence(
     const SequenceLayout& l, const LstmSizes& s,
-    const at::Tensor& x,   // [N, I] contiguous
-    const at::Tensor& hx,  // [B, H]
-    const at::Tensor& cx,  // [B, H]
+    const at::Tensor& x,   // [N, I] contiguous (S)
+    const at::Tensor& hx,  // [B, H] contiguous (S)
+    const at::Tensor& cx,  // [B, H] (T)
     const LayerNormWeights& w, double eps, bool training) {
   const int64_t H = s.hidden, G = 4 * s.hidden;
-  const auto opts = x.options();
+  const auto sopts = x.options();
+  const auto topts = sopts.dtype(compute_scalar_type<T>());
   LayerNormForwardResult r;
   // W_ih x for every step at once; each step normalises its rows in place.
-  at::Tensor ih = empty_activation({l.rows, G}, opts);
-  at::mm_out(ih, x, w.weight_ih.t());
+  at::Tensor ih = Backend::empty_activation({l.rows, G}, topts);
+  input_projection<Backend, S, T>(ih, x, w.weight_ih, at::Tensor());
   // W_hh h_{t-1}: kept for every step when training, else one step's rows.
-  at::Tensor hh = empty_activation({training ? l.rows : l.batch, G}, opts);
-  r.output = at::empty({l.rows, H}, opts);
-  at::Tensor h_state = hx.contiguous().clone();
+  at::Tensor hh = Backend::empty_activation({training ? l.rows : l.batch, G}, topts);
+  r.output = at::empty({l.rows, H}, sopts);
   at::Tensor c_state = cx.contiguous().clone();
   if (training) {
-    r.cells = empty_activation({l.rows, H}, opts);
-    r.stats = empty_activation({l.rows, kStatsWidth}, opts);
+    r.cells = Backend::empty_activation({l.rows, H}, topts);
+    r.stats = Backend::empty_activation({l.rows, kStatsWidth}, topts);
   }
 
-  using Weight = typename Backend::template StepWeight<T>;
-  const Weight whh(true, l.batch, G, H, w.weight_hh.data_ptr<T>(), H);
-  T* hs = h_state.data_ptr<T>();
+  using Weight = typename Backend::template StepWeight<S>;
+  const Weight whh(true, l.batch, G, H, w.weight_hh.data_ptr<S>(), H);
+  S* out = r.output.data_ptr<S>();
+  const S* h0 = hx.data_ptr<S>();
   for (int64_t step = 0; step < l.steps; ++step) {
     const int64_t t = l.step_at(step);
     const int64_t rows = l.batch_sizes[t];
     const int64_t off = l.offsets[t];
     T* hh_rows = hh.data_ptr<T>() + (training ? off * G : 0);
-    whh.multiply(rows, hs, H, T(0), hh_rows, G);  // W_hh h_{t-1}
-    LayerNormStepParams<T> p;
+    // W_hh h_{t-1}, h_{t-1} read in place
+    multiply_previous_hidden(l, t, whh, out, h0, H, T(0), hh_rows, G);
+    LayerNormStepParams<T, S> p;
     p.rows = rows;
     p.hidden = H;
     p.eps = static_cast<T>(eps);
@@ -99,13 +110,17 @@ LayerNormForwardResult layer_norm_lstm_forward_recurrence(
     p.gamma_cell = w.ln_cell_weight.data_ptr<T>();
     p.beta_cell = w.ln_cell_bias.data_ptr<T>();
     p.cell_state = c_state.data_ptr<T>();
-    p.cell_save = training ? r.cells.data_ptr<T>() + off * H : nullptr;
-    p.stats = training ? r.stats.data_ptr<T>() + off * kStatsWidth : nullptr;
-    p.h_out = r.output.data_ptr<T>() + off * H;
-    p.h_out2 = hs;
-    Backend::layer_norm_forward_step(p);
+    p.h_out = out + off * H;
+    if (training) {
+      p.cell_save = r.cells.data_ptr<T>() + off * H;
+      p.stats = r.stats.data_ptr<T>() + off * kStatsWidth;
+      Backend::template layer_norm_forward_step<true>(p);
+    } else {
+      Backend::template layer_norm_forward_step<false>(p);
+    }
   }
-  r.hy = h_state;
+  r.hy = at::empty({l.batch, H}, sopts);
+  copy_final_hidden<Backend>(l, out, H, r.hy.data_ptr<S>());
   r.cy = c_state;
   if (training) {
     r.normalized_ih = ih;
@@ -113,17 +128,6 @@ LayerNormForwardResult layer_norm_lstm_forward_recurrence(
   }
   return r;
 }
-
-// The backward keeps the gradients w.r.t. W_ih x_t and W_hh h_{t-1} for a
-// block of consecutive steps of about this many rows: each block goes
-// through the input- and weight-gradient GEMMs while it is still in cache,
-// and no [N, 4H] gradient buffer is ever allocated (fresh memory costs page
-// faults on every call).
-constexpr int64_t kGradBlockRows = 1024;
-// The LayerNorm parameter gradients are summed over groups of consecutive
-// steps of at least this many rows: one step at larger batches (its rows are
-// in cache), several at small ones (fewer, longer passes).
-constexpr int64_t kParamGradRows = 64;
 
 // A block of consecutive time steps [first, last] of the backward.
 struct StepBlock {
@@ -150,146 +154,223 @@ inline std::vector<StepBlock> backward_blocks(const SequenceLayout& l,
   return blocks;
 }
 
-template <typename Backend, typename T>
+// The steps of the backward whose LayerNorm parameter gradients are not
+// added yet (a group), and where their rows sit in the group buffers: in
+// row order, a reverse layer's backward visiting the rows upwards and
+// filling the buffers from their start, a forward layer's visiting them
+// downwards and filling them towards their end.
+class ParamGradGroup {
+ public:
+  ParamGradGroup(const SequenceLayout& l, int64_t capacity)
+      : l_(l), capacity_(capacity) {}
+  int64_t capacity() const { return capacity_; }
+  // Adds step t to the group; returns the buffer row of its first row.
+  int64_t add(int64_t t) {
+    const int64_t off = l_.offsets[t], rows = l_.batch_sizes[t];
+    if (first_ < 0) {  // the first step fixes the end (rows shrink) or start
+      lo_ = off;
+      hi_ = off + rows;
+    }
+    first_ = first_ < 0 ? t : std::min(first_, t);
+    last_ = std::max(last_, t);
+    rows_ += rows;
+    return buffer_row(off);
+  }
+  bool empty() const { return first_ < 0; }
+  int64_t rows() const { return rows_; }
+  int64_t first() const { return first_; }
+  int64_t last() const { return last_; }
+  // The buffer row of the group's first row (packed row offsets[first]).
+  int64_t first_buffer_row() const { return buffer_row(l_.offsets[first_]); }
+  void clear() {
+    first_ = last_ = -1;
+    rows_ = 0;
+  }
+
+ private:
+  int64_t buffer_row(int64_t row) const {
+    return l_.reverse ? row - lo_ : capacity_ - (hi_ - row);
+  }
+  const SequenceLayout& l_;
+  int64_t capacity_;
+  int64_t first_ = -1, last_ = -1, rows_ = 0, lo_ = 0, hi_ = 0;
+};
+
+// The saved activations and the gradients a LayerNorm-LSTM backward writes,
+// shared by its pieces below.
+template <typename T, typename S>
+struct LayerNormBackwardBuffers {
+  const SequenceLayout& l;
+  const LstmSizes& s;
+  const LayerNormWeights& w;
+  const at::Tensor& cx;
+  const at::Tensor& grad_output;    // [N, H] (S)
+  const at::Tensor& cells;          // [N, H]
+  const at::Tensor& normalized_ih;  // [N, 4H]
+  const at::Tensor& normalized_hh;  // [N, 4H]
+  const at::Tensor& stats;          // [N, kStatsWidth]
+  at::Tensor dh_state, dc_state;    // [B, H] dL/dh_t, dL/dc_t of the rows
+  at::Tensor dgates, dcell_norm;    // the group's, [capacity, 4H] / [.., H]
+  at::Tensor dih, dhh;              // the block's, [rows, 4H] (S)
+  LayerNormBackwardResult r;
+};
+
+// One step's pointwise backward; its gradients w.r.t. W_ih x_t and
+// W_hh h_{t-1} go to row `block_row` of the block buffers, those w.r.t. the
+// pre-activations and LN_cell(c_t) to row `group_row` of the group buffers.
+template <typename Backend, typename T, typename S>
+void run_layer_norm_backward_step(LayerNormBackwardBuffers<T, S>& b, int64_t t,
+                              int64_t block_row, int64_t group_row) {
+  const SequenceLayout& l = b.l;
+  const int64_t H = b.s.hidden, G = 4 * b.s.hidden;
+  const int64_t off = l.offsets[t];
+  const int64_t prev = l.previous(t);
+  const T* c = b.cells.template data_ptr<T>();
+  LayerNormBackwardStepParams<T, S> p;
+  p.rows = l.batch_sizes[t];
+  p.hidden = H;
+  p.rows_from_previous = l.rows_from_previous(t);
+  p.normalized_ih = b.normalized_ih.template data_ptr<T>() + off * G;
+  p.normalized_hh = b.normalized_hh.template data_ptr<T>() + off * G;
+  p.stats = b.stats.template data_ptr<T>() + off * kStatsWidth;
+  p.gamma_ih = b.w.ln_ih_weight.template data_ptr<T>();
+  p.gamma_hh = b.w.ln_hh_weight.template data_ptr<T>();
+  p.bias = b.w.gate_bias.template data_ptr<T>();
+  p.gamma_cell = b.w.ln_cell_weight.template data_ptr<T>();
+  p.beta_cell = b.w.ln_cell_bias.template data_ptr<T>();
+  p.cell = c + off * H;
+  p.cell_prev = prev >= 0 ? c + l.offsets[prev] * H : nullptr;
+  p.cell_init = b.cx.template data_ptr<T>();
+  p.grad_hidden = b.dh_state.template data_ptr<T>();
+  p.grad_output = b.grad_output.template data_ptr<S>() + off * H;
+  p.dcell_state = b.dc_state.template data_ptr<T>();
+  p.dgates = b.dgates.template data_ptr<T>() + group_row * G;
+  p.dcell_norm = b.dcell_norm.template data_ptr<T>() + group_row * H;
+  p.dih = b.dih.template data_ptr<S>() + block_row * G;
+  p.dhh = b.dhh.template data_ptr<S>() + block_row * G;
+  Backend::layer_norm_backward_step(p);
+}
+
+// Adds the LayerNorm parameter gradients of a group of steps.
+template <typename Backend, typename T, typename S>
+void add_layer_norm_param_grads(LayerNormBackwardBuffers<T, S>& b,
+                                const ParamGradGroup& group) {
+  const int64_t H = b.s.hidden, G = 4 * b.s.hidden;
+  const int64_t lo = b.l.offsets[group.first()];
+  const int64_t at = group.first_buffer_row();
+  LayerNormParamGradsParams<T> q;
+  q.rows = b.l.offsets[group.last() + 1] - lo;
+  q.hidden = H;
+  q.dgates = b.dgates.template data_ptr<T>() + at * G;
+  q.normalized_ih = b.normalized_ih.template data_ptr<T>() + lo * G;
+  q.normalized_hh = b.normalized_hh.template data_ptr<T>() + lo * G;
+  q.dcell_norm = b.dcell_norm.template data_ptr<T>() + at * H;
+  q.cell = b.cells.template data_ptr<T>() + lo * H;
+  q.stats = b.stats.template data_ptr<T>() + lo * kStatsWidth;
+  q.grad_bias = b.r.grad_bias.template data_ptr<T>();
+  q.grad_gamma_ih = b.r.grad_ln_ih_weight.template data_ptr<T>();
+  q.grad_gamma_hh = b.r.grad_ln_hh_weight.template data_ptr<T>();
+  q.grad_gamma_cell = b.r.grad_ln_cell_weight.template data_ptr<T>();
+  q.grad_beta_cell = b.r.grad_ln_cell_bias.template data_ptr<T>();
+  Backend::layer_norm_param_grads(q);
+}
+
+// A block's share of the input and weight gradients, from its gradients
+// w.r.t. the two products.
+template <typename Backend, typename T, typename S>
+void add_block_input_and_weight_grads(LayerNormBackwardBuffers<T, S>& b,
+                                      const StepBlock& block,
+                                      const at::Tensor& x,       // [N, I]
+                                      const at::Tensor& hx,      // [B, H]
+                                      const at::Tensor& output,  // [N, H]
+                                      at::Tensor& h_prev) {      // scratch
+  const int64_t lo = b.l.offsets[block.first];
+  const int64_t n = b.l.offsets[block.last + 1] - lo;
+  const at::Tensor dih = b.dih.narrow(0, 0, n);
+  const at::Tensor dhh = b.dhh.narrow(0, 0, n);
+  at::Tensor grad_input = b.r.grad_input.narrow(0, lo, n);
+  matmul_into<Backend, S, S>(grad_input, dih, b.w.weight_ih, false);
+  matmul_into<Backend, S, T>(b.r.grad_weight_ih, dih.t(), x.narrow(0, lo, n),
+                             true);
+  add_recurrent_weight_grad<Backend, S, T>(b.l, b.r.grad_weight_hh, dhh,
+                                           output, hx, block.first,
+                                           block.last, h_prev,
+                                           /*accumulate=*/true);
+}
+
+template <typename Backend, typename S, typename T>
 LayerNormBackwardResult layer_norm_lstm_backward_recurrence(
     const SequenceLayout& l, const LstmSizes& s,
-    const at::Tensor& grad_output,  // [N, H] contiguous
-    const at::Tensor& grad_hy,      // [B, H] contiguous
-    const at::Tensor& grad_cy,      // [B, H] contiguous
-    const at::Tensor& x,            // [N, I] contiguous
-    const at::Tensor& hx,           // [B, H] contiguous
-    const at::Tensor& cx,           // [B, H] contiguous
+    const at::Tensor& grad_output,  // [N, H] contiguous (S)
+    const at::Tensor& grad_hy,      // [B, H] contiguous (T)
+    const at::Tensor& grad_cy,      // [B, H] contiguous (T)
+    const at::Tensor& x,            // [N, I] contiguous (S)
+    const at::Tensor& hx,           // [B, H] contiguous (S)
+    const at::Tensor& cx,           // [B, H] contiguous (T)
     const LayerNormWeights& w,
-    const at::Tensor& output,         // [N, H]
+    const at::Tensor& output,         // [N, H] (S)
     const at::Tensor& cells,          // [N, H]
     const at::Tensor& normalized_ih,  // [N, 4H]
     const at::Tensor& normalized_hh,  // [N, 4H]
     const at::Tensor& stats) {        // [N, kStatsWidth]
   const int64_t H = s.hidden, G = 4 * s.hidden;
-  const auto opts = x.options();
-  LayerNormBackwardResult r;
+  const auto sopts = x.options();
+  const auto topts = sopts.dtype(compute_scalar_type<T>());
   const std::vector<StepBlock> blocks =
-      backward_blocks(l, std::max(kGradBlockRows, l.batch));
+      backward_blocks(l, std::max(Backend::kGradBlockRows, l.batch));
   int64_t max_block_rows = 0;
   for (const StepBlock& b : blocks) {
     max_block_rows = std::max(
         max_block_rows, l.offsets[b.last + 1] - l.offsets[b.first]);
   }
-  // One block's gradients w.r.t. W_ih x_t and W_hh h_{t-1}, and its h_{t-1}.
-  at::Tensor dih = empty_activation({max_block_rows, G}, opts);
-  at::Tensor dhh = empty_activation({max_block_rows, G}, opts);
-  at::Tensor h_prev = empty_activation({max_block_rows, H}, opts);
-  // One group's gradients w.r.t. the pre-activations and LN_cell(c_t), in
-  // row order: a reverse layer's backward visits the rows upwards and fills
-  // the buffer from its start, a forward layer's visits them downwards and
-  // fills it towards its end.
-  const int64_t group_capacity = kParamGradRows + l.batch;
-  at::Tensor dgates = at::empty({group_capacity, G}, opts);
-  at::Tensor dcell_norm = at::empty({group_capacity, H}, opts);
-  at::Tensor dh_state = grad_hy.clone();
-  at::Tensor dc_state = grad_cy.clone();
-  r.grad_input = at::empty({l.rows, s.input}, opts);
-  r.grad_weight_ih = at::zeros({G, s.input}, opts);
-  r.grad_weight_hh = at::zeros({G, H}, opts);
-  r.grad_bias = at::zeros({G}, opts);
-  r.grad_ln_ih_weight = at::zeros({G}, opts);
-  r.grad_ln_hh_weight = at::zeros({G}, opts);
-  r.grad_ln_cell_weight = at::zeros({H}, opts);
-  r.grad_ln_cell_bias = at::zeros({H}, opts);
+  LayerNormBackwardBuffers<T, S> b{l, s, w, cx, grad_output, cells,
+                                   normalized_ih, normalized_hh, stats};
+  // A group never spans blocks and stops once it has kParamGradRows rows.
+  ParamGradGroup group(
+      l, std::min(max_block_rows, Backend::kParamGradRows + l.batch));
+  b.dgates = Backend::empty_activation({group.capacity(), G}, topts);
+  b.dcell_norm = Backend::empty_activation({group.capacity(), H}, topts);
+  b.dih = Backend::empty_activation({max_block_rows, G}, sopts);
+  b.dhh = Backend::empty_activation({max_block_rows, G}, sopts);
+  at::Tensor h_prev;  // one block's h_{t-1}, for a packed layout
+  if (!l.uniform()) h_prev = Backend::empty_activation({max_block_rows, H}, sopts);
+  b.dh_state = grad_hy.clone();
+  b.dc_state = grad_cy.clone();
+  LayerNormBackwardResult& r = b.r;
+  r.grad_input = at::empty({l.rows, s.input}, sopts);
+  r.grad_weight_ih = at::zeros({G, s.input}, topts);
+  r.grad_weight_hh = at::zeros({G, H}, topts);
+  r.grad_bias = at::zeros({G}, topts);
+  r.grad_ln_ih_weight = at::zeros({G}, topts);
+  r.grad_ln_hh_weight = at::zeros({G}, topts);
+  r.grad_ln_cell_weight = at::zeros({H}, topts);
+  r.grad_ln_cell_bias = at::zeros({H}, topts);
 
-  using Weight = typename Backend::template StepWeight<T>;
-  const Weight whh(false, l.batch, H, G, w.weight_hh.data_ptr<T>(), H);
-  const T* c = cells.data_ptr<T>();
-  // The first row of the group buffers that holds the sequence's row `row`
-  // of a group whose rows start at `g_lo` and end before `g_hi`.
-  auto group_row = [&](int64_t row, int64_t g_lo, int64_t g_hi) {
-    return l.reverse ? row - g_lo : group_capacity - (g_hi - row);
-  };
-  // Adds the LayerNorm parameter gradients of steps [first, last] (a group).
-  auto add_param_grads = [&](int64_t first, int64_t last) {
-    const int64_t g_lo = l.offsets[first], g_hi = l.offsets[last + 1];
-    const int64_t at = group_row(g_lo, g_lo, g_hi);
-    LayerNormParamGradsParams<T> q;
-    q.rows = g_hi - g_lo;
-    q.hidden = H;
-    q.dgates = dgates.data_ptr<T>() + at * G;
-    q.normalized_ih = normalized_ih.data_ptr<T>() + g_lo * G;
-    q.normalized_hh = normalized_hh.data_ptr<T>() + g_lo * G;
-    q.dcell_norm = dcell_norm.data_ptr<T>() + at * H;
-    q.cell = c + g_lo * H;
-    q.stats = stats.data_ptr<T>() + g_lo * kStatsWidth;
-    q.grad_bias = r.grad_bias.data_ptr<T>();
-    q.grad_gamma_ih = r.grad_ln_ih_weight.data_ptr<T>();
-    q.grad_gamma_hh = r.grad_ln_hh_weight.data_ptr<T>();
-    q.grad_gamma_cell = r.grad_ln_cell_weight.data_ptr<T>();
-    q.grad_beta_cell = r.grad_ln_cell_bias.data_ptr<T>();
-    Backend::layer_norm_param_grads(q);
-  };
-  for (const StepBlock& b : blocks) {
-    const int64_t lo = l.offsets[b.first];
-    const int64_t n = l.offsets[b.last + 1] - lo;
-    // Steps whose parameter gradients are not added yet: [g_first, g_last],
-    // whose first step's rows are [g_lo, g_hi).
-    int64_t g_first = -1, g_last = -1, g_rows = 0, g_lo = 0, g_hi = 0;
-    for (int64_t k = 0; k <= b.last - b.first; ++k) {
-      const int64_t t = l.reverse ? b.first + k : b.last - k;
-      const int64_t rows = l.batch_sizes[t];
-      const int64_t off = l.offsets[t];
-      const int64_t prev = l.previous(t);
-      LayerNormBackwardStepParams<T> p;
-      p.rows = rows;
-      p.hidden = H;
-      p.rows_from_previous = l.rows_from_previous(t);
-      p.normalized_ih = normalized_ih.data_ptr<T>() + off * G;
-      p.normalized_hh = normalized_hh.data_ptr<T>() + off * G;
-      p.stats = stats.data_ptr<T>() + off * kStatsWidth;
-      p.gamma_ih = w.ln_ih_weight.data_ptr<T>();
-      p.gamma_hh = w.ln_hh_weight.data_ptr<T>();
-      p.bias = w.gate_bias.data_ptr<T>();
-      p.gamma_cell = w.ln_cell_weight.data_ptr<T>();
-      p.beta_cell = w.ln_cell_bias.data_ptr<T>();
-      p.cell = c + off * H;
-      p.cell_prev = prev >= 0 ? c + l.offsets[prev] * H : nullptr;
-      p.cell_init = cx.data_ptr<T>();
-      p.dh = dh_state.data_ptr<T>();
-      p.dh2 = grad_output.data_ptr<T>() + off * H;
-      p.dcell_state = dc_state.data_ptr<T>();
-      // The group's first step fixes its end (rows shrink) or start (grow).
-      if (g_first < 0) {
-        g_lo = off;
-        g_hi = off + rows;
-      }
-      const int64_t at = group_row(off, g_lo, g_hi);
-      p.dgates = dgates.data_ptr<T>() + at * G;
-      p.dcell_norm = dcell_norm.data_ptr<T>() + at * H;
-      p.dih = dih.data_ptr<T>() + (off - lo) * G;
-      p.dhh = dhh.data_ptr<T>() + (off - lo) * G;
-      Backend::layer_norm_backward_step(p);
+  using Weight = typename Backend::template StepWeight<S>;
+  const Weight whh(false, l.batch, H, G, w.weight_hh.data_ptr<S>(), H);
+  for (const StepBlock& block : blocks) {
+    const int64_t lo = l.offsets[block.first];
+    for (int64_t k = 0; k <= block.last - block.first; ++k) {
+      const int64_t t = l.reverse ? block.first + k : block.last - k;
+      const int64_t block_row = l.offsets[t] - lo;
+      run_layer_norm_backward_step<Backend>(b, t, block_row, group.add(t));
       // dh_{t-1} = dhh W_hh
-      whh.multiply(rows, p.dhh, G, T(0), dh_state.data_ptr<T>(), H);
+      whh.multiply(l.batch_sizes[t],
+                   b.dhh.template data_ptr<S>() + block_row * G, G, T(0),
+                   b.dh_state.template data_ptr<T>(), H);
       // The LayerNorm parameter gradients, every kParamGradRows rows or so
       // (while the steps' rows are still in cache).
-      g_first = g_first < 0 ? t : std::min(g_first, t);
-      g_last = std::max(g_last, t);
-      g_rows += rows;
-      if (g_rows >= kParamGradRows || k == b.last - b.first) {
-        add_param_grads(g_first, g_last);
-        g_first = g_last = -1;
-        g_rows = 0;
+      if (group.rows() >= Backend::kParamGradRows ||
+          k == block.last - block.first) {
+        add_layer_norm_param_grads<Backend>(b, group);
+        group.clear();
       }
     }
-    // The block's share of the input and weight gradients.
-    const at::Tensor dih_b = dih.narrow(0, 0, n);
-    const at::Tensor dhh_b = dhh.narrow(0, 0, n);
-    at::Tensor grad_input_b = r.grad_input.narrow(0, lo, n);
-    at::mm_out(grad_input_b, dih_b, w.weight_ih);
-    r.grad_weight_ih.addmm_(dih_b.t(), x.narrow(0, lo, n));
-    gather_previous_hidden<Backend, T>(l, output, hx, b.first, b.last,
-                                       h_prev.data_ptr<T>());
-    r.grad_weight_hh.addmm_(dhh_b.t(), h_prev.narrow(0, 0, n));
+    add_block_input_and_weight_grads<Backend>(b, block, x, hx, output,
+                                              h_prev);
   }
-  r.grad_hx = dh_state;
-  r.grad_cx = dc_state;
+  r.grad_hx = b.dh_state;
+  r.grad_cx = b.dc_state;
   return r;
 }
 

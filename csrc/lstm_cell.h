@@ -4,9 +4,10 @@
 // Every function is a template over the value type T, which is the opmath
 // type of the tensors (float for float/half/bfloat16, double for double) on
 // CUDA and a SIMD vector of it (at::vec::Vectorized<float>) in the CPU
-// kernels. The only operations T needs are + - * / and the two activation
-// functions supplied by MathOps<T> (sigmoid, tanh); each backend specialises
-// MathOps for its vector types, this header provides the scalar ones.
+// kernels. The only operations T needs are + - * / and what MathOps<T>
+// supplies (the activations sigmoid and tanh, and fmadd); each backend
+// specialises MathOps for its vector types, this header provides the scalar
+// ones.
 //
 // Gate order is torch.nn.LSTM's: i, f, g, o.
 #pragma once
@@ -19,12 +20,31 @@ namespace rnnfast {
 template <typename T>
 struct MathOps;
 
+// Scalar float, used by the CUDA kernels. The device code is built without
+// --use_fast_math (setup.py): subnormals are kept, so tanhf(1e-40) is 1e-40
+// and not 0. On the device the sigmoid still uses the fast exponential
+// __expf, where flushing cannot matter: a subnormal argument or result of
+// exp only ever meets 1 + e, which rounds to 1 either way, and its error
+// (2 + 1.2|x| ulps relative) reaches the sigmoid scaled by
+// s(1 - s) <= 1/4, well inside 2 ulps of 1 for every x. __frcp_rn is the
+// correctly rounded reciprocal, subnormal results included (sigmoid(-88)).
+// tanhf is CUDA's accurate one (2 ulps): its fast form __tanhf is only
+// good to 2^-11 relative. Cost against --use_fast_math: tanhf becomes a
+// short polynomial instead of one MUFU instruction, a few dozen
+// instructions per cell element in kernels bound by memory traffic.
 template <>
 struct MathOps<float> {
   static C10_HOST_DEVICE inline float sigmoid(float x) {
+#ifdef __CUDA_ARCH__
+    return __frcp_rn(1.0f + __expf(-x));
+#else
     return 1.0f / (1.0f + ::expf(-x));
+#endif
   }
   static C10_HOST_DEVICE inline float tanh(float x) { return ::tanhf(x); }
+  static C10_HOST_DEVICE inline float fmadd(float a, float b, float c) {
+    return a * b + c;
+  }
 };
 
 template <>
@@ -33,6 +53,9 @@ struct MathOps<double> {
     return 1.0 / (1.0 + ::exp(-x));
   }
   static C10_HOST_DEVICE inline double tanh(double x) { return ::tanh(x); }
+  static C10_HOST_DEVICE inline double fmadd(double a, double b, double c) {
+    return a * b + c;
+  }
 };
 
 template <typename T>

@@ -1,38 +1,58 @@
 // The recurrence of one LSTM layer in one direction, forward and backward,
-// written once over a Backend that supplies the GEMM, the pointwise step
-// kernels and a row copy for raw pointers of type T. Bulk work before and
-// after the time loop uses ATen ops, which run on the tensors' device.
+// written once over a Backend that supplies the GEMMs, the pointwise step
+// kernels and row copies for raw pointers. Bulk work before and after the
+// time loop uses ATen ops (or Backend::gemm for mixed dtypes), which run on
+// the tensors' device.
+//
+// Types (lstm_params.h): S is the storage type of what the GEMMs read
+// (input, weights, hidden states, output, gradients w.r.t. pre-activations),
+// T the compute type of the gates, cell states and saved activations. The
+// CPU always has S == T; CUDA runs half-type ops with S = half / bfloat16
+// and T = float.
 //
 // Backend interface (all row-major):
-//   template <typename T> class StepWeight: a weight multiplied at every
-//     step, prepared once (e.g. packed) by
+//   template <typename S> class StepWeight: a weight multiplied at every
+//     step, prepared once per op (packed on the CPU, the cuBLAS handle taken
+//     on CUDA) by
 //     StepWeight(bool trans_b, int64_t max_m, int64_t n, int64_t k,
-//                const T* b, int64_t ldb), then
-//     multiply(int64_t m, const T* a, int64_t lda, T beta, T* c, int64_t ldc)
-//     computes C[m, n] = A[m, k] op(B) + beta C.
-//   static void forward_step(const ForwardStepParams<T>&);
-//   static void backward_step(const BackwardStepParams<T>&);
-//   static void copy(T* dst, const T* src, int64_t count);
-//   static void add(T* dst, const T* a, const T* b, int64_t count);
+//                const S* b, int64_t ldb), then
+//     multiply(int64_t m, const S* a, int64_t lda, C beta, C* c, int64_t ldc)
+//     computes C[m, n] = A[m, k] op(B) + beta C (beta 0 or 1; C is S or T).
+//   gemm(trans_a, trans_b, m, n, k, const S* a, lda, const S* b, ldb,
+//        C beta, C* c, ldc): a one-off product, C = op(A) op(B) + beta C.
+//   template <bool Training> forward_step(const ForwardStepParams<T, S>&);
+//   template <bool AddOutputGrad> backward_step(const BackwardStepParams<T, S>&);
+//   copy(S* dst, const S* src, int64_t count);
+//   copy_rows(const RowCopy*, int64_t n, int64_t width, S* dst,
+//             const S* first, const S* second): runs of rows, one pass.
+//   add(S* dst, const T* a, const S* b, int64_t count): dst = a + b.
+//   empty_activation(sizes, options): a large workspace or saved activation
+//     (the CPU reuses freed blocks, cpu/activation_cache.h).
+//   kGradBlockRows, kParamGradRows: block sizes of the LayerNorm-LSTM
+//     backward (layer_norm_lstm_driver.h); kNativeHalf: whether S may be a
+//     half type (op_impls.h).
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <memory>
+#include <type_traits>
+#include <vector>
 
-#include "activation_cache.h"
 #include "lstm_params.h"
 
 namespace rnnfast {
 
 struct ForwardResult {
-  at::Tensor output;  // [N, P]
-  at::Tensor hy;      // [B, P]
-  at::Tensor cy;      // [B, H]
-  at::Tensor gates;   // [N, 4H] activated gates (training), else empty
-  at::Tensor cells;   // [N, H] cell states (training), else empty
+  at::Tensor output;  // [N, P] (S)
+  at::Tensor hy;      // [B, P] (S)
+  at::Tensor cy;      // [B, H] (T)
+  at::Tensor gates;   // [N, 4H] activated gates (training), else empty (T)
+  at::Tensor cells;   // [N, H] cell states (training), else empty (T)
 };
 
+// grad_input is in S, the others in T.
 struct BackwardResult {
   at::Tensor grad_input;      // [N, I]
   at::Tensor grad_hx;         // [B, P]
@@ -43,46 +63,205 @@ struct BackwardResult {
   at::Tensor grad_weight_hr;  // [P, H], or empty without a projection
 };
 
-template <typename Backend, typename T>
+// ---- Products and row copies shared by both cells' drivers ----------------
+
+// How a 2-D tensor lies in memory as a row-major GEMM operand: a row-major
+// matrix (trans false) or the transpose of one (a .t() view).
+struct MatrixLayout {
+  bool trans;
+  int64_t ld;
+};
+
+inline MatrixLayout matrix_layout(const at::Tensor& m) {
+  if (m.stride(1) == 1 && m.stride(0) >= std::max<int64_t>(1, m.size(1))) {
+    return {false, m.stride(0)};
+  }
+  if (m.stride(0) == 1 && m.stride(1) >= std::max<int64_t>(1, m.size(0))) {
+    return {true, m.stride(1)};
+  }
+  TORCH_CHECK(false, "rnnfast: internal error: a GEMM operand of strides ",
+              m.strides(), " is neither row- nor column-major");
+}
+
+// c = a b, or c += a b when accumulate; a and b hold S, c holds C (S, or T
+// for a product kept in the compute type). Same types go through ATen
+// (what the CPU always runs), mixed ones through Backend::gemm.
+template <typename Backend, typename S, typename C>
+void matmul_into(at::Tensor& c, const at::Tensor& a, const at::Tensor& b,
+                 bool accumulate) {
+  if constexpr (std::is_same_v<S, C>) {
+    if (accumulate) {
+      c.addmm_(a, b);
+    } else {
+      at::mm_out(c, a, b);
+    }
+  } else {
+    const MatrixLayout la = matrix_layout(a), lb = matrix_layout(b);
+    TORCH_CHECK(c.is_contiguous(), "rnnfast: internal error: GEMM output");
+    Backend::gemm(la.trans, lb.trans, a.size(0), b.size(1), a.size(1),
+                  a.data_ptr<S>(), la.ld, b.data_ptr<S>(), lb.ld,
+                  C(accumulate ? 1 : 0), c.data_ptr<C>(), c.size(1));
+  }
+}
+
+// out [N, 4H] (T) = x W^T + bias, x and W in S, bias in T or undefined.
+template <typename Backend, typename S, typename T>
+void input_projection(at::Tensor& out, const at::Tensor& x,
+                      const at::Tensor& weight, const at::Tensor& bias) {
+  if constexpr (std::is_same_v<S, T>) {
+    if (bias.defined()) {
+      at::addmm_out(out, bias, x, weight.t());
+    } else {
+      at::mm_out(out, x, weight.t());
+    }
+  } else {
+    if (bias.defined()) out.copy_(bias.expand_as(out));
+    matmul_into<Backend, S, T>(out, x, weight.t(), bias.defined());
+  }
+}
+
+// C[rows of step t, n] = h_{t-1} op(W) + beta C, with h_{t-1} read where it
+// lies: the previous step's output rows (P wide) for the rows that continue,
+// the initial state's for those that start at t (a reverse packed sequence
+// gains rows as it goes), so no step copies a hidden state.
+template <typename Weight, typename S, typename C>
+void multiply_previous_hidden(const SequenceLayout& l, int64_t t,
+                              const Weight& w, const S* output, const S* h0,
+                              int64_t P, C beta, C* c, int64_t ldc) {
+  const int64_t rows = l.batch_sizes[t];
+  const int64_t from_prev = l.rows_from_previous(t);
+  if (from_prev > 0) {
+    w.multiply(from_prev, output + l.offsets[l.previous(t)] * P, P, beta, c,
+               ldc);
+  }
+  if (rows > from_prev) {
+    w.multiply(rows - from_prev, h0 + from_prev * P, P, beta,
+               c + from_prev * ldc, ldc);
+  }
+}
+
+// hy [B, P] = the output of every sequence's last step: step 0 of a
+// reverse layer (all B rows), else the rows each step has that the next
+// one has not (one copy per distinct length).
+template <typename Backend, typename S>
+void copy_final_hidden(const SequenceLayout& l, const S* output, int64_t P,
+                       S* hy) {
+  if (l.reverse) {
+    Backend::copy(hy, output + l.offsets[0] * P, l.batch_sizes[0] * P);
+    return;
+  }
+  for (int64_t t = 0; t < l.steps; ++t) {
+    const int64_t next = t + 1 < l.steps ? l.batch_sizes[t + 1] : 0;
+    if (l.batch_sizes[t] > next) {
+      Backend::copy(hy + next * P, output + (l.offsets[t] + next) * P,
+                    (l.batch_sizes[t] - next) * P);
+    }
+  }
+}
+
+// grad_w [G, P] (T) = dgates^T h_{t-1} (+= when accumulate) over the steps
+// [first, last], whose gradients w.r.t. the pre-activations (S) are the rows
+// of dgates (row 0 is packed row offsets[first]). A uniform layout reads h_{t-1} in place: the
+// steps that continue against the rows of their previous steps (contiguous,
+// one step apart), the step that starts the sequence against hx, so at most
+// two products. Otherwise the rows of h_{t-1} are gathered into scratch
+// ([>= the steps' rows, P], S) in one Backend::copy_rows and multiplied once.
+template <typename Backend, typename S, typename T>
+void add_recurrent_weight_grad(const SequenceLayout& l, at::Tensor& grad_w,
+                               const at::Tensor& dgates,
+                               const at::Tensor& output,  // [N, P]
+                               const at::Tensor& hx,      // [B, P]
+                               int64_t first, int64_t last,
+                               at::Tensor& scratch, bool accumulate) {
+  const int64_t lo = l.offsets[first];
+  const int64_t n = l.offsets[last + 1] - lo;
+  if (l.uniform()) {
+    const int64_t B = l.batch;
+    const int64_t start = l.reverse ? l.steps - 1 : 0;  // reads hx
+    int64_t a = first, b = last;  // the others, contiguous
+    if (start == first) {
+      ++a;
+    } else if (start == last) {
+      --b;
+    }
+    if (a <= b) {
+      const int64_t rows = l.offsets[b + 1] - l.offsets[a];
+      const int64_t prev = l.offsets[a] + (l.reverse ? B : -B);
+      matmul_into<Backend, S, T>(
+          grad_w, dgates.narrow(0, l.offsets[a] - lo, rows).t(),
+          output.narrow(0, prev, rows), accumulate);
+      accumulate = true;
+    }
+    if (start >= first && start <= last) {
+      matmul_into<Backend, S, T>(
+          grad_w, dgates.narrow(0, l.offsets[start] - lo, B).t(), hx,
+          accumulate);
+    }
+    return;
+  }
+  std::vector<RowCopy> copies;
+  copies.reserve(2 * (last - first + 1));
+  for (int64_t t = first; t <= last; ++t) {
+    const int64_t rows = l.batch_sizes[t];
+    const int64_t from_prev = l.rows_from_previous(t);
+    const int64_t dst = l.offsets[t] - lo;
+    if (from_prev > 0) {
+      copies.push_back({dst, l.offsets[l.previous(t)], from_prev, 0});
+    }
+    if (rows > from_prev) {
+      copies.push_back({dst + from_prev, from_prev, rows - from_prev, 1});
+    }
+  }
+  Backend::copy_rows(copies.data(), static_cast<int64_t>(copies.size()),
+                     output.size(1), scratch.data_ptr<S>(),
+                     output.data_ptr<S>(), hx.data_ptr<S>());
+  matmul_into<Backend, S, T>(grad_w, dgates.t(), scratch.narrow(0, 0, n),
+                             accumulate);
+}
+
+template <typename T>
+constexpr at::ScalarType compute_scalar_type() {
+  return std::is_same_v<T, double> ? at::kDouble : at::kFloat;
+}
+
+// ---- The LSTM ------------------------------------------------------------------
+
+template <typename Backend, typename S, typename T>
 ForwardResult lstm_forward_recurrence(
     const SequenceLayout& l, const LstmSizes& s,
-    const at::Tensor& x,          // [N, I] contiguous
-    const at::Tensor& hx,         // [B, P]
-    const at::Tensor& cx,         // [B, H]
-    const at::Tensor& weight_ih,  // [4H, I]
-    const at::Tensor& weight_hh,  // [4H, P] contiguous
-    const at::Tensor& bias,       // [4H] b_ih + b_hh, or undefined
-    const at::Tensor& weight_hr,  // [P, H] contiguous, or undefined
+    const at::Tensor& x,          // [N, I] contiguous (S)
+    const at::Tensor& hx,         // [B, P] contiguous (S)
+    const at::Tensor& cx,         // [B, H] (T)
+    const at::Tensor& weight_ih,  // [4H, I] (S)
+    const at::Tensor& weight_hh,  // [4H, P] contiguous (S)
+    const at::Tensor& bias,       // [4H] b_ih + b_hh (T), or undefined
+    const at::Tensor& weight_hr,  // [P, H] contiguous (S), or undefined
     bool training) {
   const int64_t H = s.hidden, P = s.output, G = 4 * s.hidden;
-  const auto opts = x.options();
+  const auto sopts = x.options();
+  const auto topts = sopts.dtype(compute_scalar_type<T>());
   ForwardResult r;
   // Input projection for every step at once: gates = x W_ih^T + b.
-  at::Tensor gates = empty_activation({l.rows, G}, opts);
-  if (bias.defined()) {
-    at::addmm_out(gates, bias, x, weight_ih.t());
-  } else {
-    at::mm_out(gates, x, weight_ih.t());
-  }
-  r.output = at::empty({l.rows, P}, opts);
-  at::Tensor h_state = hx.contiguous().clone();
+  at::Tensor gates = Backend::empty_activation({l.rows, G}, topts);
+  input_projection<Backend, S, T>(gates, x, weight_ih, bias);
+  r.output = at::empty({l.rows, P}, sopts);
   at::Tensor c_state = cx.contiguous().clone();
-  if (training) r.cells = empty_activation({l.rows, H}, opts);
+  if (training) r.cells = Backend::empty_activation({l.rows, H}, topts);
   at::Tensor r_buf;
-  if (s.has_projection()) r_buf = at::empty({l.batch, H}, opts);
+  if (s.has_projection()) r_buf = at::empty({l.batch, H}, sopts);
 
   T* g = gates.data_ptr<T>();
-  T* out = r.output.data_ptr<T>();
-  T* hs = h_state.data_ptr<T>();
+  S* out = r.output.data_ptr<S>();
+  const S* h0 = hx.data_ptr<S>();
   T* cs = c_state.data_ptr<T>();
   T* cells = training ? r.cells.data_ptr<T>() : nullptr;
-  using Weight = typename Backend::template StepWeight<T>;
+  using Weight = typename Backend::template StepWeight<S>;
   // gates += h W_hh^T; h = r W_hr^T
-  const Weight whh(true, l.batch, G, P, weight_hh.data_ptr<T>(), P);
+  const Weight whh(true, l.batch, G, P, weight_hh.data_ptr<S>(), P);
   std::unique_ptr<Weight> whr;
   if (s.has_projection()) {
     whr = std::make_unique<Weight>(true, l.batch, P, H,
-                                   weight_hr.data_ptr<T>(), H);
+                                   weight_hr.data_ptr<S>(), H);
   }
 
   for (int64_t step = 0; step < l.steps; ++step) {
@@ -90,108 +269,72 @@ ForwardResult lstm_forward_recurrence(
     const int64_t rows = l.batch_sizes[t];
     const int64_t off = l.offsets[t];
     // gates[t] += h_{t-1} W_hh^T
-    whh.multiply(rows, hs, P, T(1), g + off * G, G);
-    ForwardStepParams<T> p;
+    multiply_previous_hidden(l, t, whh, out, h0, P, T(1), g + off * G, G);
+    ForwardStepParams<T, S> p;
     p.rows = rows;
     p.hidden = H;
     p.gates = g + off * G;
     p.cell_state = cs;
-    p.cell_save = cells ? cells + off * H : nullptr;
-    if (s.has_projection()) {
-      p.r_out = r_buf.data_ptr<T>();
-      Backend::forward_step(p);
-      // h_t = r_t W_hr^T
-      whr->multiply(rows, p.r_out, H, T(0), out + off * P, P);
-      Backend::copy(hs, out + off * P, rows * P);
+    p.cell_save = training ? cells + off * H : nullptr;
+    p.hidden_out = s.has_projection() ? r_buf.data_ptr<S>() : out + off * P;
+    if (training) {
+      Backend::template forward_step<true>(p);
     } else {
-      p.r_out = out + off * P;
-      p.r_out2 = hs;
-      Backend::forward_step(p);
+      Backend::template forward_step<false>(p);
+    }
+    // h_t = r_t W_hr^T
+    if (s.has_projection()) {
+      whr->multiply(rows, p.hidden_out, H, S(0), out + off * P, P);
     }
   }
-  r.hy = h_state;
+  r.hy = at::empty({l.batch, P}, sopts);
+  copy_final_hidden<Backend>(l, out, P, r.hy.data_ptr<S>());
   r.cy = c_state;
   if (training) r.gates = gates;
   return r;
 }
 
-// Rows of h_{t-1} for the rows of steps [t_first, t_last] (packed rows
-// [offsets[t_first], offsets[t_last + 1])), into dst [those rows, P]: the
-// previous step's output where the sequence continues, the initial state
-// where it starts.
-template <typename Backend, typename T>
-void gather_previous_hidden(const SequenceLayout& l,
-                            const at::Tensor& output,  // [N, P]
-                            const at::Tensor& hx,      // [B, P]
-                            int64_t t_first, int64_t t_last, T* dst) {
-  const int64_t P = output.size(1);
-  const T* out = output.data_ptr<T>();
-  const T* h0 = hx.data_ptr<T>();
-  for (int64_t t = t_first; t <= t_last; ++t) {
-    const int64_t rows = l.batch_sizes[t];
-    const int64_t from_prev = l.rows_from_previous(t);
-    T* d = dst + (l.offsets[t] - l.offsets[t_first]) * P;
-    if (from_prev > 0) {
-      Backend::copy(d, out + l.offsets[l.previous(t)] * P, from_prev * P);
-    }
-    if (rows > from_prev) {
-      Backend::copy(d + from_prev * P, h0 + from_prev * P,
-                    (rows - from_prev) * P);
-    }
-  }
-}
-
-// The same for every step, [N, P].
-template <typename Backend, typename T>
-at::Tensor gather_previous_hidden(const SequenceLayout& l,
-                                  const at::Tensor& output,  // [N, P]
-                                  const at::Tensor& hx) {    // [B, P]
-  at::Tensor prev = empty_activation(output.sizes(), output.options());
-  gather_previous_hidden<Backend, T>(l, output, hx, 0, l.steps - 1,
-                                     prev.data_ptr<T>());
-  return prev;
-}
-
-template <typename Backend, typename T>
+template <typename Backend, typename S, typename T>
 BackwardResult lstm_backward_recurrence(
     const SequenceLayout& l, const LstmSizes& s,
-    const at::Tensor& grad_output,  // [N, P] contiguous
-    const at::Tensor& grad_hy,      // [B, P] contiguous
-    const at::Tensor& grad_cy,      // [B, H] contiguous
-    const at::Tensor& x,            // [N, I] contiguous
-    const at::Tensor& hx,           // [B, P] contiguous
-    const at::Tensor& cx,           // [B, H] contiguous
-    const at::Tensor& weight_ih,    // [4H, I]
-    const at::Tensor& weight_hh,    // [4H, P] contiguous
-    const at::Tensor& weight_hr,    // [P, H] contiguous, or undefined
-    const at::Tensor& output,       // [N, P] contiguous
-    const at::Tensor& gates,        // [N, 4H] activated gates
-    const at::Tensor& cells) {      // [N, H]
+    const at::Tensor& grad_output,  // [N, P] contiguous (S)
+    const at::Tensor& grad_hy,      // [B, P] contiguous (T)
+    const at::Tensor& grad_cy,      // [B, H] contiguous (T)
+    const at::Tensor& x,            // [N, I] contiguous (S)
+    const at::Tensor& hx,           // [B, P] contiguous (S)
+    const at::Tensor& cx,           // [B, H] contiguous (T)
+    const at::Tensor& weight_ih,    // [4H, I] (S)
+    const at::Tensor& weight_hh,    // [4H, P] contiguous (S)
+    const at::Tensor& weight_hr,    // [P, H] contiguous (S), or undefined
+    const at::Tensor& output,       // [N, P] contiguous (S)
+    const at::Tensor& gates,        // [N, 4H] activated gates (T)
+    const at::Tensor& cells) {      // [N, H] (T)
   const int64_t H = s.hidden, P = s.output, G = 4 * s.hidden;
-  const auto opts = x.options();
+  const auto sopts = x.options();
+  const auto topts = sopts.dtype(compute_scalar_type<T>());
   BackwardResult r;
-  at::Tensor dgates = empty_activation({l.rows, G}, opts);
+  at::Tensor dgates = Backend::empty_activation({l.rows, G}, sopts);
   at::Tensor dh_state = grad_hy.clone();  // dL/dh of the rows' current step
   at::Tensor dc_state = grad_cy.clone();
   at::Tensor dh_total, dr_buf;  // only with a projection
   if (s.has_projection()) {
-    dh_total = empty_activation({l.rows, P}, opts);
-    dr_buf = at::empty({l.batch, H}, opts);
+    dh_total = Backend::empty_activation({l.rows, P}, sopts);
+    dr_buf = at::empty({l.batch, H}, topts);
   }
 
-  const T* dy = grad_output.data_ptr<T>();
+  const S* dy = grad_output.data_ptr<S>();
   const T* g = gates.data_ptr<T>();
   const T* c = cells.data_ptr<T>();
   const T* c0 = cx.data_ptr<T>();
-  using Weight = typename Backend::template StepWeight<T>;
+  using Weight = typename Backend::template StepWeight<S>;
   // dh = dgates W_hh; dr = dh W_hr
-  const Weight whh(false, l.batch, P, G, weight_hh.data_ptr<T>(), P);
+  const Weight whh(false, l.batch, P, G, weight_hh.data_ptr<S>(), P);
   std::unique_ptr<Weight> whr;
   if (s.has_projection()) {
     whr = std::make_unique<Weight>(false, l.batch, H, P,
-                                   weight_hr.data_ptr<T>(), H);
+                                   weight_hr.data_ptr<S>(), H);
   }
-  T* dg = dgates.data_ptr<T>();
+  S* dg = dgates.data_ptr<S>();
   T* dhs = dh_state.data_ptr<T>();
   T* dcs = dc_state.data_ptr<T>();
 
@@ -200,7 +343,7 @@ BackwardResult lstm_backward_recurrence(
     const int64_t rows = l.batch_sizes[t];
     const int64_t off = l.offsets[t];
     const int64_t prev = l.previous(t);
-    BackwardStepParams<T> p;
+    BackwardStepParams<T, S> p;
     p.rows = rows;
     p.hidden = H;
     p.rows_from_previous = l.rows_from_previous(t);
@@ -211,29 +354,40 @@ BackwardResult lstm_backward_recurrence(
     p.dcell_state = dcs;
     p.dgates = dg + off * G;
     if (s.has_projection()) {
-      T* dht = dh_total.data_ptr<T>() + off * P;
+      // dL/dh_t, kept for grad_weight_hr; dr = dh W_hr
+      S* dht = dh_total.data_ptr<S>() + off * P;
       Backend::add(dht, dhs, dy + off * P, rows * P);
-      // dr = dh W_hr
       whr->multiply(rows, dht, P, T(0), dr_buf.data_ptr<T>(), H);
-      p.dr = dr_buf.data_ptr<T>();
+      p.grad_hidden = dr_buf.data_ptr<T>();
+      Backend::template backward_step<false>(p);
     } else {
-      p.dr = dhs;
-      p.dr2 = dy + off * P;
+      p.grad_hidden = dhs;
+      p.grad_output = dy + off * P;
+      Backend::template backward_step<true>(p);
     }
-    Backend::backward_step(p);
     // dh_{t-1} = dgates W_hh
     whh.multiply(rows, dg + off * G, G, T(0), dhs, P);
   }
   r.grad_hx = dh_state;
   r.grad_cx = dc_state;
-  r.grad_input = at::mm(dgates, weight_ih);
-  r.grad_weight_ih = at::mm(dgates.t(), x);
-  r.grad_weight_hh =
-      at::mm(dgates.t(), gather_previous_hidden<Backend, T>(l, output, hx));
-  r.grad_bias = dgates.sum(0);
+  r.grad_input = at::empty({l.rows, s.input}, sopts);
+  matmul_into<Backend, S, S>(r.grad_input, dgates, weight_ih, false);
+  r.grad_weight_ih = at::empty({G, s.input}, topts);
+  matmul_into<Backend, S, T>(r.grad_weight_ih, dgates.t(), x, false);
+  r.grad_weight_hh = at::empty({G, P}, topts);
+  at::Tensor scratch;  // h_{t-1} of a packed layout
+  if (!l.uniform()) scratch = Backend::empty_activation({l.rows, P}, sopts);
+  add_recurrent_weight_grad<Backend, S, T>(l, r.grad_weight_hh, dgates, output,
+                                           hx, 0, l.steps - 1, scratch,
+                                           /*accumulate=*/false);
+  r.grad_bias = std::is_same_v<S, T>
+                    ? dgates.sum(0)
+                    : at::sum(dgates, {0}, false, compute_scalar_type<T>());
   if (s.has_projection()) {
-    const at::Tensor rr = gates.narrow(1, 3 * H, H) * cells.tanh();
-    r.grad_weight_hr = at::mm(dh_total.t(), rr);
+    const at::Tensor rr =
+        (gates.narrow(1, 3 * H, H) * cells.tanh()).to(sopts.dtype());
+    r.grad_weight_hr = at::empty({P, H}, topts);
+    matmul_into<Backend, S, T>(r.grad_weight_hr, dh_total.t(), rr, false);
   }
   return r;
 }

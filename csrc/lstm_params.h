@@ -38,6 +38,19 @@ struct SequenceLayout {
     if (p < 0) return 0;
     return batch_sizes[t] < batch_sizes[p] ? batch_sizes[t] : batch_sizes[p];
   }
+  // Whether every step has all B rows (a padded input, or a packed one of
+  // equal lengths): step t's rows are then [t B, (t + 1) B).
+  bool uniform() const { return rows == steps * batch; }
+};
+
+// A run of rows copied by Backend::copy_rows: rows [dst_row, dst_row + rows)
+// of the destination from rows [src_row, src_row + rows) of the first source
+// (from_second == 0) or of the second.
+struct RowCopy {
+  int64_t dst_row = 0;
+  int64_t src_row = 0;
+  int64_t rows = 0;
+  int64_t from_second = 0;
 };
 
 struct LstmSizes {
@@ -47,20 +60,30 @@ struct LstmSizes {
   bool has_projection() const { return output != hidden; }
 };
 
+// Types. T is the compute type of a step kernel (float or double): the
+// gates, the cell state and every saved activation are held in it. S is the
+// storage type of the tensors the GEMMs read (input, weights, hidden states,
+// output): T itself, or on CUDA half / bfloat16 for a half-type op, whose
+// GEMMs then run in that type with float accumulation.
+
 // Pointers for the pointwise part of one forward step over `rows` rows.
-template <typename T>
+// The kernel's compile-time flag Training says whether it saves c_t.
+template <typename T, typename S = T>
 struct ForwardStepParams {
   int64_t rows = 0;
   int64_t hidden = 0;        // H
   T* gates = nullptr;        // [rows, 4H] pre-activations in, activated gates out
   T* cell_state = nullptr;   // [rows, H] c_{t-1} in, c_t out
-  T* cell_save = nullptr;    // [rows, H] copy of c_t for the backward, or null
-  T* r_out = nullptr;        // [rows, H] o * tanh(c_t)
-  T* r_out2 = nullptr;       // [rows, H] second copy of r, or null
+  T* cell_save = nullptr;    // [rows, H] c_t for the backward (Training only)
+  S* hidden_out = nullptr;   // [rows, H] r = o * tanh(c_t): the step's
+                             // output, or the projection's input
 };
 
 // Pointers for the pointwise part of one backward step over `rows` rows.
-template <typename T>
+// The gradient w.r.t. r = o * tanh(c_t) is grad_hidden, plus grad_output
+// when the kernel's compile-time flag AddOutputGrad is set (without a
+// projection, where r is the step's output itself).
+template <typename T, typename S = T>
 struct BackwardStepParams {
   int64_t rows = 0;
   int64_t hidden = 0;             // H
@@ -69,10 +92,12 @@ struct BackwardStepParams {
   const T* cell = nullptr;        // [rows, H] c_t
   const T* cell_prev = nullptr;   // [rows_from_previous, H] c_{t-1}
   const T* cell_init = nullptr;   // [B, H] c_0, indexed by row
-  const T* dr = nullptr;          // [rows, H] gradient w.r.t. o * tanh(c_t)
-  const T* dr2 = nullptr;         // [rows, H] added to dr when not null
+  const T* grad_hidden = nullptr; // [rows, H] from the later steps (or the
+                                  // whole gradient w.r.t. r, see above)
+  const S* grad_output = nullptr; // [rows, H] w.r.t. the step's output
+                                  // (AddOutputGrad only)
   T* dcell_state = nullptr;       // [rows, H] dc_t in, dc_{t-1} out
-  T* dgates = nullptr;            // [rows, 4H] gradient w.r.t. pre-activations
+  S* dgates = nullptr;            // [rows, 4H] gradient w.r.t. pre-activations
 };
 
 // ---- LayerNorm-LSTM ------------------------------------------------------
@@ -91,7 +116,9 @@ enum LayerNormStat : int64_t {
 // where bias is the sum of the four gate biases (b_ih, b_hh and the two LN
 // biases, which enter alike). ih and hh are overwritten with their normalised
 // values xhat (what the backward reads; it recomputes the gates from them).
-template <typename T>
+// The kernel's compile-time flag Training says whether it saves c_t and the
+// statistics.
+template <typename T, typename S = T>
 struct LayerNormStepParams {
   int64_t rows = 0;
   int64_t hidden = 0;             // H
@@ -104,15 +131,14 @@ struct LayerNormStepParams {
   const T* gamma_cell = nullptr;  // [H]
   const T* beta_cell = nullptr;   // [H]
   T* cell_state = nullptr;  // [rows, H] c_{t-1} in, c_t out
-  T* cell_save = nullptr;   // [rows, H] copy of c_t, or null
-  T* stats = nullptr;       // [rows, kStatsWidth], or null
-  T* h_out = nullptr;       // [rows, H]
-  T* h_out2 = nullptr;      // [rows, H] second copy, or null
+  T* cell_save = nullptr;   // [rows, H] copy of c_t (Training only)
+  T* stats = nullptr;       // [rows, kStatsWidth] (Training only)
+  S* h_out = nullptr;       // [rows, H] h_t, the step's output
 };
 
 // One backward step of the LayerNorm-LSTM over `rows` rows, from what the
 // forward saved (the gates are recomputed from xhat_ih and xhat_hh).
-template <typename T>
+template <typename T, typename S = T>
 struct LayerNormBackwardStepParams {
   int64_t rows = 0;
   int64_t hidden = 0;
@@ -128,13 +154,13 @@ struct LayerNormBackwardStepParams {
   const T* cell = nullptr;          // [rows, H] c_t
   const T* cell_prev = nullptr;     // [rows_from_previous, H]
   const T* cell_init = nullptr;     // [B, H] c_0
-  const T* dh = nullptr;            // [rows, H] gradient w.r.t. h_t ...
-  const T* dh2 = nullptr;           // ... plus this one when not null
+  const T* grad_hidden = nullptr;   // [rows, H] dL/dh_t from later steps ...
+  const S* grad_output = nullptr;   // ... plus dL/dh_t of the step's output
   T* dcell_state = nullptr;         // [rows, H] dc_t in, dc_{t-1} out
   T* dgates = nullptr;              // [rows, 4H] w.r.t. the pre-activations
   T* dcell_norm = nullptr;          // [rows, H] w.r.t. LN_cell(c_t)
-  T* dih = nullptr;                 // [rows, 4H] w.r.t. W_ih x_t
-  T* dhh = nullptr;                 // [rows, 4H] w.r.t. W_hh h_{t-1}
+  S* dih = nullptr;                 // [rows, 4H] w.r.t. W_ih x_t
+  S* dhh = nullptr;                 // [rows, 4H] w.r.t. W_hh h_{t-1}
 };
 
 // Adds the share of `rows` rows (a group of steps) to the LayerNorm

@@ -6,9 +6,7 @@
 
 #include <string>
 
-#include "activation_cache.h"
-#include "cpu/blas.h"
-#include "cpu/pointwise_kernels.h"
+#include "backend_info.h"
 
 #ifndef RNNFAST_CUDA_ARCHS
 #define RNNFAST_CUDA_ARCHS ""
@@ -83,14 +81,13 @@ PYBIND11_MODULE(_C, m) {
 #endif
         info["cuda_archs"] = std::string(RNNFAST_CUDA_ARCHS);
         info["torch_version"] = std::string(RNNFAST_TORCH_VERSION);
-        info["cpu_kernels"] =
-            std::string(rnnfast::cpu::kernel_table().capability);
-        info["cpu_gemm"] = std::string(rnnfast::cpu::gemm_backend());
+        info["cpu_kernels"] = std::string(rnnfast::cpu_kernels_in_use());
+        info["cpu_gemm"] = std::string(rnnfast::cpu_gemm_in_use());
         return info;
       },
       "How this rnnfast extension was built, and the CPU kernels in use.");
-  m.def("empty_cache", &rnnfast::empty_activation_cache,
+  m.def("empty_cache", &rnnfast::release_cpu_buffer_cache,
         "Frees the CPU blocks rnnfast keeps for reuse; returns their bytes.");
-  m.def("cache_bytes", &rnnfast::activation_cache_bytes,
+  m.def("cache_bytes", &rnnfast::cpu_buffer_cache_bytes,
         "Bytes of free CPU blocks rnnfast keeps for reuse.");
 }

@@ -23,7 +23,7 @@
 #endif
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
-#include "pointwise_impl.h"
+#include "step_kernels.h"
 
 namespace rnnfast::cpu {
 const KernelTable& kernel_table_avx2() {
@@ -31,7 +31,7 @@ const KernelTable& kernel_table_avx2() {
 }
 }  // namespace rnnfast::cpu
 #else
-#include "pointwise_kernels.h"
+#include "kernel_table.h"
 namespace rnnfast::cpu {
 const KernelTable& kernel_table_avx2() { return kernel_table_default(); }
 }  // namespace rnnfast::cpu

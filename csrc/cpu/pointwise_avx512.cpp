@@ -36,7 +36,7 @@
 #endif
 #define CPU_CAPABILITY AVX512
 #define CPU_CAPABILITY_AVX512
-#include "pointwise_impl.h"
+#include "step_kernels.h"
 
 namespace rnnfast::cpu {
 const KernelTable& kernel_table_avx512() {
@@ -44,7 +44,7 @@ const KernelTable& kernel_table_avx512() {
 }
 }  // namespace rnnfast::cpu
 #else
-#include "pointwise_kernels.h"
+#include "kernel_table.h"
 namespace rnnfast::cpu {
 const KernelTable& kernel_table_avx512() { return kernel_table_default(); }
 }  // namespace rnnfast::cpu

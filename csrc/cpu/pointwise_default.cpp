@@ -1,6 +1,6 @@
 // Pointwise kernels built for any x86-64 / other CPU (no SIMD assumptions).
 #define CPU_CAPABILITY DEFAULT
-#include "pointwise_impl.h"
+#include "step_kernels.h"
 
 namespace rnnfast::cpu {
 const KernelTable& kernel_table_default() {

@@ -1,68 +1,84 @@
-// The cell-independent half of lstm_driver.h's Backend interface on CUDA:
-// row-major GEMM through cuBLAS (and StepWeight over it), a device-to-device
-// copy and an elementwise add, on raw device pointers. A cell's CUDA backend
-// derives from CudaBackendBase and adds its own step kernels (lstm_cuda.h).
+// The CUDA backend of the LSTM and LayerNorm-LSTM ops, whole: the Backend
+// of lstm_driver.h and layer_norm_lstm_driver.h over the GEMMs and copies of
+// gemm_and_copy.h and the step kernels of step_kernels.h. Host code only
+// (cuda_ops.cpp registers the ops with it).
 //
 // Every call works on the current device and its current stream (the one
-// torch's cuBLAS handle is bound to), allocates nothing and never waits for
-// the device, so a training step through these ops can be captured in a CUDA
-// graph. OnDeviceOfFirst (op_guard.h) makes the input's device current
-// before an op runs.
+// torch's cuBLAS handle is bound to), allocates nothing but through torch's
+// caching allocator and never waits for the device, so a training step
+// through these ops can be captured in a CUDA graph. OnDeviceOfFirst
+// (op_guard.h) makes the input's device current before an op runs.
 #pragma once
 
-#include <cstddef>
-#include <cstdint>
+#include <ATen/ATen.h>
+
+#include <limits>
+
+#include "../lstm_params.h"
+#include "gemm_and_copy.h"
+#include "step_kernels.h"
 
 namespace rnnfast::cuda {
 
-// C[m, n] = alpha * op(A) * op(B) + beta * C, all row-major, through cuBLAS
-// with torch's handle: float follows torch's float32 matmul precision (TF32
-// when torch.backends.cuda.matmul.allow_tf32 is set), as torch.mm does.
-void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
-          float alpha, const float* a, int64_t lda, const float* b,
-          int64_t ldb, float beta, float* c, int64_t ldc);
-void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
-          double alpha, const double* a, int64_t lda, const double* b,
-          int64_t ldb, double beta, double* c, int64_t ldc);
+struct CudaBackend {
+  template <typename S>
+  using StepWeight = cuda::StepWeight<S>;
+  // One block and one group for the whole sequence in the LayerNorm-LSTM
+  // backward (layer_norm_lstm_driver.h): its input and weight gradients are
+  // whole GEMMs and its LayerNorm parameter gradients one launch. (The
+  // CPU's cache-sized blocks would mean ~100 small launches at B = 64.)
+  static constexpr int64_t kGradBlockRows = std::numeric_limits<int64_t>::max() / 4;
+  static constexpr int64_t kParamGradRows = std::numeric_limits<int64_t>::max() / 4;
+  // Half-type ops keep their GEMM operands in half / bfloat16.
+  static constexpr bool kNativeHalf = true;
 
-// dst[0, bytes) = src[0, bytes), both device memory (cudaMemcpyAsync).
-void copy_bytes(void* dst, const void* src, size_t bytes);
-
-// dst[i] = a[i] + b[i] for i < count (one kernel launch).
-void add(float* dst, const float* a, const float* b, int64_t count);
-void add(double* dst, const double* a, const double* b, int64_t count);
-
-// lstm_driver.h's StepWeight: the right-hand operand of a product repeated
-// at every step of a time loop. cuBLAS reads it as it is (nothing to pack),
-// so this only remembers it.
-template <typename T>
-class StepWeight {
- public:
-  StepWeight(bool trans_b, int64_t /*max_m*/, int64_t n, int64_t k,
-             const T* b, int64_t ldb)
-      : trans_b_(trans_b), n_(n), k_(k), ldb_(ldb), b_(b) {}
-  // C[m, n] = A[m, k] op(B) + beta C
-  void multiply(int64_t m, const T* a, int64_t lda, T beta, T* c,
-                int64_t ldc) const {
-    gemm(false, trans_b_, m, n_, k_, T(1), a, lda, b_, ldb_, beta, c, ldc);
+  // Workspaces come from torch's caching allocator.
+  static at::Tensor empty_activation(at::IntArrayRef sizes,
+                                     const at::TensorOptions& options) {
+    return at::empty(sizes, options);
   }
 
- private:
-  bool trans_b_;
-  int64_t n_, k_, ldb_;
-  const T* b_;
-};
-
-struct CudaBackendBase {
-  template <typename T>
-  using StepWeight = cuda::StepWeight<T>;
-  template <typename T>
-  static void copy(T* dst, const T* src, int64_t count) {
-    copy_bytes(dst, src, sizeof(T) * static_cast<size_t>(count));
+  template <typename S, typename C>
+  static void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n,
+                   int64_t k, const S* a, int64_t lda, const S* b,
+                   int64_t ldb, C beta, C* c, int64_t ldc) {
+    cuda::gemm(current_blas_handle(), trans_a, trans_b, m, n, k, a, lda, b,
+               ldb, beta, c, ldc);
   }
-  template <typename T>
-  static void add(T* dst, const T* a, const T* b, int64_t count) {
+  template <typename S>
+  static void copy(S* dst, const S* src, int64_t count) {
+    copy_bytes(dst, src, sizeof(S) * static_cast<size_t>(count));
+  }
+  template <typename S>
+  static void copy_rows(const RowCopy* copies, int64_t count, int64_t width,
+                        S* dst, const S* first, const S* second) {
+    cuda::copy_rows(copies, count, width, dst, first, second);
+  }
+  template <typename T, typename S>
+  static void add(S* dst, const T* a, const S* b, int64_t count) {
     cuda::add(dst, a, b, count);
+  }
+
+  template <bool Training, typename T, typename S>
+  static void forward_step(const ForwardStepParams<T, S>& p) {
+    lstm_forward_step<Training>(p);
+  }
+  template <bool AddOutputGrad, typename T, typename S>
+  static void backward_step(const BackwardStepParams<T, S>& p) {
+    lstm_backward_step<AddOutputGrad>(p);
+  }
+  template <bool Training, typename T, typename S>
+  static void layer_norm_forward_step(const LayerNormStepParams<T, S>& p) {
+    cuda::layer_norm_forward_step<Training>(p);
+  }
+  template <typename T, typename S>
+  static void layer_norm_backward_step(
+      const LayerNormBackwardStepParams<T, S>& p) {
+    cuda::layer_norm_backward_step(p);
+  }
+  template <typename T>
+  static void layer_norm_param_grads(const LayerNormParamGradsParams<T>& p) {
+    cuda::layer_norm_param_grads(p);
   }
 };
 

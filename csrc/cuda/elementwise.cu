@@ -1,37 +1,94 @@
-// The elementwise kernels of CudaBackendBase (add).
-#include "cuda_backend.h"
+// The elementwise kernels of CudaBackend (gemm_and_copy.h): add and copy_rows.
+#include "gemm_and_copy.h"
 #include "launch.cuh"
 
 namespace rnnfast::cuda {
 namespace {
 
-template <typename T>
+template <typename T, typename S>
 __global__ void __launch_bounds__(kBlockThreads)
-    add_kernel(T* dst, const T* a, const T* b, int64_t n) {
+    add_kernel(S* dst, const T* a, const S* b, int64_t n) {
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += stride) {
-    dst[i] = a[i] + b[i];
+    dst[i] = static_cast<S>(a[i] + static_cast<T>(b[i]));
   }
 }
 
-template <typename T>
-void add_impl(T* dst, const T* a, const T* b, int64_t count) {
-  if (count <= 0) return;
-  const LaunchShape s = flat(count);
-  add_kernel<T><<<s.grid, s.block, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      dst, a, b, count);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+// Up to kMaxRowCopies runs, passed by value in the kernel's parameters
+// (under the 4 KiB limit of every architecture).
+struct RowCopyList {
+  RowCopy runs[kMaxRowCopies];
+};
+static_assert(sizeof(RowCopyList) <= 4000, "kernel parameters over 4 KiB");
+
+// blockIdx.y picks the run; the blocks along x and their threads stride
+// over its rows * width elements.
+template <typename S>
+__global__ void __launch_bounds__(kBlockThreads)
+    copy_rows_kernel(const __grid_constant__ RowCopyList list, int64_t width,
+                     S* dst, const S* first, const S* second) {
+  const RowCopy& run = list.runs[blockIdx.y];
+  const int64_t n = run.rows * width;
+  const S* src = (run.from_second ? second : first) + run.src_row * width;
+  S* d = dst + run.dst_row * width;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride) {
+    d[i] = src[i];
+  }
 }
 
 }  // namespace
 
-void add(float* dst, const float* a, const float* b, int64_t count) {
-  add_impl(dst, a, b, count);
+template <typename T, typename S>
+void add(S* dst, const T* a, const S* b, int64_t count) {
+  if (count <= 0) return;
+  const LaunchShape s = flat(count);
+  add_kernel<T, S><<<s.grid, s.block, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      dst, a, b, count);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void add(double* dst, const double* a, const double* b, int64_t count) {
-  add_impl(dst, a, b, count);
+template <typename S>
+void copy_rows(const RowCopy* copies, int64_t count, int64_t width, S* dst,
+               const S* first, const S* second) {
+  for (int64_t begin = 0; begin < count; begin += kMaxRowCopies) {
+    const int64_t runs = std::min<int64_t>(kMaxRowCopies, count - begin);
+    RowCopyList list;
+    int64_t most = 0;
+    for (int64_t i = 0; i < runs; ++i) {
+      list.runs[i] = copies[begin + i];
+      most = std::max(most, copies[begin + i].rows * width);
+    }
+    if (most == 0) continue;
+    const int64_t bx = std::min<int64_t>(
+        (most + kBlockThreads - 1) / kBlockThreads, 64);
+    copy_rows_kernel<S><<<dim3(static_cast<unsigned>(bx),
+                               static_cast<unsigned>(runs)),
+                          dim3(kBlockThreads), 0,
+                          c10::cuda::getCurrentCUDAStream()>>>(
+        list, width, dst, first, second);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
+
+template void add<float, float>(float*, const float*, const float*, int64_t);
+template void add<double, double>(double*, const double*, const double*,
+                                  int64_t);
+template void add<float, c10::Half>(c10::Half*, const float*,
+                                    const c10::Half*, int64_t);
+template void add<float, c10::BFloat16>(c10::BFloat16*, const float*,
+                                        const c10::BFloat16*, int64_t);
+template void copy_rows<float>(const RowCopy*, int64_t, int64_t, float*,
+                               const float*, const float*);
+template void copy_rows<double>(const RowCopy*, int64_t, int64_t, double*,
+                                const double*, const double*);
+template void copy_rows<c10::Half>(const RowCopy*, int64_t, int64_t,
+                                   c10::Half*, const c10::Half*,
+                                   const c10::Half*);
+template void copy_rows<c10::BFloat16>(const RowCopy*, int64_t, int64_t,
+                                       c10::BFloat16*, const c10::BFloat16*,
+                                       const c10::BFloat16*);
 
 }  // namespace rnnfast::cuda

@@ -7,6 +7,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <limits>
 
@@ -40,19 +41,105 @@ inline LaunchShape rows_by_cols(int64_t rows, int64_t cols) {
 
 // Rows that are each reduced as a whole (LayerNorm statistics): a group of
 // blockDim.x threads, a whole number of warps and at most kMaxRowThreads,
-// strides over the n elements of one row; blockDim.y rows share a block so
-// that short rows still fill kBlockThreads. Blocks along x loop over the rows
-// with a stride of gridDim.x * blockDim.y. A block never holds more than
-// kMaxRowThreads threads, so at most kMaxRowThreads / 32 warps.
+// in each of the `cluster` blocks of a thread-block cluster strides over the
+// n elements of one row; blockDim.y rows share a block so that short rows
+// still fill kBlockThreads. Clusters along x loop over the rows with a
+// stride of (gridDim.x / cluster) * blockDim.y.
+//
+// Sized for the machine: one thread per element of the row (up to
+// kMaxRowThreads per block), and with fewer rows than SMs (B = 64 on a
+// 132-SM H100 / H200) a row spread over a cluster of up to `max_cluster`
+// blocks (Hopper's distributed shared memory joins their sums; max_cluster
+// is 1 before Hopper), doubling the cluster while rows x cluster is short of
+// the SM count and each block keeps at least kMinClusterThreads threads.
 constexpr int kMaxRowThreads = 512;
+constexpr int64_t kMinClusterThreads = 128;
 
-inline LaunchShape row_groups(int64_t rows, int64_t n) {
-  const int64_t bx = std::min<int64_t>(
-      kMaxRowThreads, std::max<int64_t>(32, (n + 31) / 32 * 32));
-  const int64_t by = std::max<int64_t>(1, kBlockThreads / bx);
-  const int64_t gx = std::min<int64_t>((rows + by - 1) / by, kMaxBlocks);
-  return {dim3(static_cast<unsigned>(gx)),
-          dim3(static_cast<unsigned>(bx), static_cast<unsigned>(by))};
+struct RowGroupLaunch {
+  dim3 grid;
+  dim3 block;
+  unsigned cluster = 1;
+};
+
+inline RowGroupLaunch row_groups(int64_t rows, int64_t n, int sms,
+                                 int max_cluster) {
+  const int64_t units = std::max<int64_t>(32, (n + 31) / 32 * 32);
+  int64_t cluster = 1;
+  while (2 * cluster <= max_cluster && rows * cluster < sms &&
+         units / (2 * cluster) >= kMinClusterThreads) {
+    cluster *= 2;
+  }
+  const int64_t per_block = ((units + cluster - 1) / cluster + 31) / 32 * 32;
+  const int64_t bx = std::min<int64_t>(kMaxRowThreads, per_block);
+  const int64_t by =
+      cluster > 1 ? 1 : std::max<int64_t>(1, kBlockThreads / bx);
+  const int64_t groups =
+      std::min<int64_t>((rows + by - 1) / by, kMaxBlocks / cluster);
+  RowGroupLaunch l;
+  l.grid = dim3(static_cast<unsigned>(groups * cluster));
+  l.block = dim3(static_cast<unsigned>(bx), static_cast<unsigned>(by));
+  l.cluster = static_cast<unsigned>(cluster);
+  return l;
+}
+
+// The current device's SM count and the largest cluster row_groups may use
+// for `kernel` on it (4 where the device and the kernel's loaded binary are
+// Hopper or newer, else 1); looked up once per device and kernel.
+template <typename Kernel>
+inline void machine_for(Kernel kernel, int* sms, int* max_cluster) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cached_sms[kMaxDevices];
+  static std::atomic<int> cached_cluster[kMaxDevices];
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  if (device < kMaxDevices && cached_sms[device].load() > 0) {
+    *sms = cached_sms[device].load();
+    *max_cluster = cached_cluster[device].load();
+    return;
+  }
+  int count = 0, major = 0;
+  C10_CUDA_CHECK(
+      cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(
+      &major, cudaDevAttrComputeCapabilityMajor, device));
+  cudaFuncAttributes attr{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  const int cluster = (major >= 9 && attr.binaryVersion >= 90) ? 4 : 1;
+  if (device < kMaxDevices) {
+    cached_cluster[device].store(cluster);
+    cached_sms[device].store(count);
+  }
+  *sms = count;
+  *max_cluster = cluster;
+}
+
+// Launches kernel(params) with a row_groups shape on the current stream,
+// as a cluster launch when the shape asks for one.
+template <typename Params>
+inline void launch_row_groups(void (*kernel)(Params), const Params& params,
+                              int64_t rows, int64_t n) {
+  int sms = 0, max_cluster = 1;
+  machine_for(kernel, &sms, &max_cluster);
+  const RowGroupLaunch s = row_groups(rows, n, sms, max_cluster);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (s.cluster == 1) {
+    kernel<<<s.grid, s.block, 0, stream>>>(params);
+  } else {
+    cudaLaunchConfig_t config = {};
+    config.gridDim = s.grid;
+    config.blockDim = s.block;
+    config.dynamicSmemBytes = 0;
+    config.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = s.cluster;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    config.attrs = attr;
+    config.numAttrs = 1;
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, params));
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // A flat range of n elements for a grid-stride loop.

@@ -1,9 +1,16 @@
-// The LayerNorm-LSTM forward step kernel for the dtypes the recurrence runs
-// in (half types run in float, see compute_dtype in lstm_ops.h).
+// The LayerNorm-LSTM forward step kernel for every (compute, storage) type
+// pair of the ops (step_kernels.h) and both values of Training.
 #include "layer_norm_kernels.cuh"
 
 namespace rnnfast::cuda {
-template void layer_norm_forward_step<float>(const LayerNormStepParams<float>&);
-template void layer_norm_forward_step<double>(
-    const LayerNormStepParams<double>&);
+#define RNNFAST_LN_FORWARD_STEP(T, S)                    \
+  template void layer_norm_forward_step<false, T, S>(    \
+      const LayerNormStepParams<T, S>&);                 \
+  template void layer_norm_forward_step<true, T, S>(     \
+      const LayerNormStepParams<T, S>&);
+RNNFAST_LN_FORWARD_STEP(float, float)
+RNNFAST_LN_FORWARD_STEP(double, double)
+RNNFAST_LN_FORWARD_STEP(float, c10::Half)
+RNNFAST_LN_FORWARD_STEP(float, c10::BFloat16)
+#undef RNNFAST_LN_FORWARD_STEP
 }  // namespace rnnfast::cuda

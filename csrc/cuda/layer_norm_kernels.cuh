@@ -1,45 +1,78 @@
 // The LayerNorm-LSTM kernels of CudaBackend, the CUDA counterparts of
 // layer_norm_forward_step_impl, layer_norm_backward_step_impl and
-// layer_norm_param_grads_impl in cpu/pointwise_impl.h, with the same
+// layer_norm_param_grads_impl in cpu/step_kernels.h, with the same
 // semantics (two-pass mean and biased variance, the same buffers read and
-// written, the same in-place updates). The element math is layer_norm.h's
-// and lstm_cell.h's; only the row sums are written here, as warp and block
-// reductions. Included by the .cu files that instantiate them.
+// written, the same in-place updates). The element math is layer_norm.h's,
+// layer_norm_lstm_cell.h's and lstm_cell.h's; only the row sums are written
+// here, as warp, block and cluster reductions. Included by the .cu files that instantiate them.
 //
 // Step kernels (launch.cuh's row_groups): a group of blockDim.x threads
-// (whole warps) owns one row, and each thread of it owns the same hidden
-// units j = threadIdx.x + m * blockDim.x in every pass, with their four gates
-// at k * H + j (k = 0..3). A thread therefore only reads back what it wrote
-// itself (xhat over ih and hh, sigmoid(o) parked in h_out, c_t, dgates), so
-// the in-place updates need no synchronisation; threads meet only in
-// row_sum.
-// A block loops over its rows from a first row that is uniform in the block,
-// so all its threads run the same iterations and the same row_sum calls;
-// threads whose row is past the end (active == false) join the sums with
-// zeros and touch no memory. A warp never spans two rows (blockDim.x is whole
-// warps), so `active` is uniform in a warp.
+// (whole warps) in each of the `blocks` blocks of a thread-block cluster
+// owns one row (blocks is 1 without clusters: before Hopper, or with rows
+// enough to fill the GPU), and each thread of it owns the same hidden units
+// j = rank * blockDim.x + threadIdx.x + m * blockDim.x * blocks in every
+// pass, with their four gates at k * H + j (k = 0..3). A thread therefore
+// only reads back what it wrote itself (xhat over ih and hh, sigmoid(o)
+// parked in h_out, c_t, dgates), so the in-place updates need no
+// synchronisation; threads meet only in row_sum.
+// A cluster loops over its rows from a first row that is uniform in the
+// cluster, so all its threads run the same iterations and the same row_sum
+// calls; threads whose row is past the end (active == false) join the sums
+// with zeros and touch no memory. A warp never spans two rows (blockDim.x is
+// whole warps), so `active` is uniform in a warp.
 // Every reduction has a fixed shape for given sizes, so the results are
 // bitwise reproducible run to run (not equal to the CPU's, whose sums run in
 // another order).
 #pragma once
 
 #include <ATen/OpMathType.h>
+#include <cooperative_groups.h>
+
+#include <type_traits>
 
 #include "../layer_norm.h"
+#include "../layer_norm_lstm_cell.h"
 #include "../lstm_cell.h"
 #include "launch.cuh"
-#include "lstm_cuda.h"
+#include "step_kernels.h"
 
 namespace rnnfast::cuda {
 
 constexpr int kWarpSize = 32;
 constexpr int kMaxBlockWarps = kMaxRowThreads / kWarpSize;
 
-// Shared scratch of row_sum: one slot per warp of the block and per value.
+// Shared scratch of row_sum: one slot per warp of the block and per value,
+// and one per row of the block for the sums across a cluster.
 template <typename T, int N>
 struct RowSumScratch {
   T slot[kMaxBlockWarps][N];
+  T block[kMaxBlockWarps][N];
 };
+
+// Where a thread of a step kernel works: its cluster's rows and its hidden
+// units (see the top of this file).
+struct RowPlace {
+  unsigned rank = 0, blocks = 1;  // in the cluster
+  int64_t first_row = 0, row_stride = 0;
+  int64_t unit_stride = 0;        // between a thread's hidden units
+  __device__ int64_t first_unit() const {
+    return rank * int64_t(blockDim.x) + threadIdx.x;
+  }
+};
+
+__device__ __forceinline__ RowPlace row_place() {
+  RowPlace r;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const cooperative_groups::cluster_group cluster =
+      cooperative_groups::this_cluster();
+  r.rank = cluster.block_rank();
+  r.blocks = cluster.num_blocks();
+#endif
+  r.first_row = int64_t(blockIdx.x / r.blocks) * blockDim.y;
+  r.row_stride = int64_t(gridDim.x / r.blocks) * blockDim.y;
+  r.unit_stride = int64_t(blockDim.x) * r.blocks;
+  return r;
+}
 
 // Replaces v[n] in every thread of a row group by the sum of v[n] over the
 // group's blockDim.x threads; every thread of the group gets the same bits.
@@ -50,7 +83,8 @@ struct RowSumScratch {
 // one warp); blockDim.x must be a multiple of kWarpSize and the block at most
 // kMaxRowThreads threads.
 template <int N, typename T>
-__device__ __forceinline__ void row_sum(T (&v)[N], RowSumScratch<T, N>& s) {
+__device__ __forceinline__ void row_sum(T (&v)[N], RowSumScratch<T, N>& s,
+                                        const RowPlace& place) {
 #pragma unroll
   for (int n = 0; n < N; ++n) {
 #pragma unroll
@@ -59,58 +93,86 @@ __device__ __forceinline__ void row_sum(T (&v)[N], RowSumScratch<T, N>& s) {
     }
   }
   const int warps = blockDim.x / kWarpSize;  // per row, uniform in the block
-  if (warps == 1) return;
-  const int first_warp = threadIdx.y * warps;  // this row's first warp
-  if (threadIdx.x % kWarpSize == 0) {
+  if (warps > 1) {
+    const int first_warp = threadIdx.y * warps;  // this row's first warp
+    if (threadIdx.x % kWarpSize == 0) {
+#pragma unroll
+      for (int n = 0; n < N; ++n) {
+        s.slot[first_warp + threadIdx.x / kWarpSize][n] = v[n];
+      }
+    }
+    __syncthreads();
 #pragma unroll
     for (int n = 0; n < N; ++n) {
-      s.slot[first_warp + threadIdx.x / kWarpSize][n] = v[n];
+      T sum = s.slot[first_warp][n];
+      for (int w = 1; w < warps; ++w) sum += s.slot[first_warp + w][n];
+      v[n] = sum;
     }
+    __syncthreads();  // the slots are free for the next call
   }
-  __syncthreads();
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Across the blocks of a cluster: each block's sum through distributed
+  // shared memory, added in rank order by every thread.
+  if (place.blocks > 1) {
+    const cooperative_groups::cluster_group cluster =
+        cooperative_groups::this_cluster();
+    if (threadIdx.x == 0) {
 #pragma unroll
-  for (int n = 0; n < N; ++n) {
-    T sum = s.slot[first_warp][n];
-    for (int w = 1; w < warps; ++w) sum += s.slot[first_warp + w][n];
-    v[n] = sum;
+      for (int n = 0; n < N; ++n) s.block[threadIdx.y][n] = v[n];
+    }
+    cluster.sync();
+#pragma unroll
+    for (int n = 0; n < N; ++n) {
+      T sum = *cluster.map_shared_rank(&s.block[threadIdx.y][n], 0);
+      for (unsigned r = 1; r < place.blocks; ++r) {
+        sum += *cluster.map_shared_rank(&s.block[threadIdx.y][n], r);
+      }
+      v[n] = sum;
+    }
+    cluster.sync();  // every block has read the others' sums
   }
-  __syncthreads();  // the slots are free for the next call
+#endif
 }
 
 // ---- One step of the recurrence ---------------------------------------------
 
-template <typename T>
+template <bool Training, typename T, typename S>
 __global__ void __launch_bounds__(kMaxRowThreads)
-    layer_norm_forward_step_kernel(const LayerNormStepParams<T> p) {
+    layer_norm_forward_step_kernel(const LayerNormStepParams<T, S> p) {
   using acc_t = at::opmath_type<T>;
+  // sigmoid(o) waits in h_out for LN_cell's statistics when h_out holds T;
+  // a half-type h_out would round it, so then it is recomputed.
+  constexpr bool kParkO = std::is_same_v<T, S>;
   __shared__ RowSumScratch<acc_t, 2> scratch;
+  const RowPlace place = row_place();
   const int64_t H = p.hidden, G = 4 * p.hidden;
+  const int64_t step = place.unit_stride;
   const acc_t eps = static_cast<acc_t>(p.eps);
-  for (int64_t first = int64_t(blockIdx.x) * blockDim.y; first < p.rows;
-       first += int64_t(gridDim.x) * blockDim.y) {
+  for (int64_t first = place.first_row; first < p.rows;
+       first += place.row_stride) {
     const int64_t row = first + threadIdx.y;
     const bool active = row < p.rows;  // else this thread touches no memory
-    const int64_t begin = active ? int64_t(threadIdx.x) : H;  // hidden units
+    const int64_t begin = active ? place.first_unit() : H;  // hidden units
     T* ih = p.ih + (active ? row * G : 0);
     T* hh = p.hh + (active ? row * G : 0);
     T* c_state = p.cell_state + (active ? row * H : 0);
-    T* h_out = p.h_out + (active ? row * H : 0);
+    S* h_out = p.h_out + (active ? row * H : 0);
 
     // Statistics of W_ih x_t and W_hh h_{t-1} over their 4H values,
     // two-pass, both rows in the same sums.
     acc_t s[2] = {acc_t(0), acc_t(0)};
-    for (int64_t j = begin; j < H; j += blockDim.x) {
+    for (int64_t j = begin; j < H; j += step) {
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         s[0] += static_cast<acc_t>(ih[k * H + j]);
         s[1] += static_cast<acc_t>(hh[k * H + j]);
       }
     }
-    row_sum(s, scratch);
+    row_sum(s, scratch, place);
     const acc_t mean_ih = s[0] / static_cast<acc_t>(G);
     const acc_t mean_hh = s[1] / static_cast<acc_t>(G);
     s[0] = s[1] = acc_t(0);
-    for (int64_t j = begin; j < H; j += blockDim.x) {
+    for (int64_t j = begin; j < H; j += step) {
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         const acc_t di = static_cast<acc_t>(ih[k * H + j]) - mean_ih;
@@ -119,90 +181,103 @@ __global__ void __launch_bounds__(kMaxRowThreads)
         s[1] += dh * dh;
       }
     }
-    row_sum(s, scratch);
+    row_sum(s, scratch, place);
     const acc_t rstd_ih = layer_norm_rstd(s[0] / static_cast<acc_t>(G), eps);
     const acc_t rstd_hh = layer_norm_rstd(s[1] / static_cast<acc_t>(G), eps);
 
     // Gates and the cell state; both products normalised in place, and
     // sigmoid(o) parked in h_out until LN_cell's statistics are known.
     s[0] = acc_t(0);  // sum of c_t
-    for (int64_t j = begin; j < H; j += blockDim.x) {
+    for (int64_t j = begin; j < H; j += step) {
       acc_t pre[4];
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         const int64_t o = k * H + j;
-        const acc_t xi = (static_cast<acc_t>(ih[o]) - mean_ih) * rstd_ih;
-        const acc_t xh = (static_cast<acc_t>(hh[o]) - mean_hh) * rstd_hh;
+        const acc_t xi =
+            layer_norm_normalize(static_cast<acc_t>(ih[o]), mean_ih, rstd_ih);
+        const acc_t xh =
+            layer_norm_normalize(static_cast<acc_t>(hh[o]), mean_hh, rstd_hh);
         ih[o] = static_cast<T>(xi);
         hh[o] = static_cast<T>(xh);
-        pre[k] = xi * static_cast<acc_t>(p.gamma_ih[o]) +
-                 (xh * static_cast<acc_t>(p.gamma_hh[o]) +
-                  static_cast<acc_t>(p.bias[o]));
+        pre[k] = layer_norm_gate(xi, static_cast<acc_t>(p.gamma_ih[o]), xh,
+                                 static_cast<acc_t>(p.gamma_hh[o]),
+                                 static_cast<acc_t>(p.bias[o]));
       }
       const auto cell = lstm_cell_state<acc_t>(pre[0], pre[1], pre[2], pre[3],
                                                static_cast<acc_t>(c_state[j]));
-      h_out[j] = static_cast<T>(cell.o);
+      if constexpr (kParkO) h_out[j] = static_cast<T>(cell.o);
       const T c = static_cast<T>(cell.c);
       c_state[j] = c;
-      if (p.cell_save != nullptr) p.cell_save[row * H + j] = c;
+      if constexpr (Training) p.cell_save[row * H + j] = c;
       s[0] += static_cast<acc_t>(c);
     }
 
     // h = o tanh(LN_cell(c_t)); the statistics of c_t, two-pass, from the
     // values this thread stored.
     s[1] = acc_t(0);
-    row_sum(s, scratch);
+    row_sum(s, scratch, place);
     const acc_t mean_c = s[0] / static_cast<acc_t>(H);
     s[0] = acc_t(0);
-    for (int64_t j = begin; j < H; j += blockDim.x) {
+    for (int64_t j = begin; j < H; j += step) {
       const acc_t d = static_cast<acc_t>(c_state[j]) - mean_c;
       s[0] += d * d;
     }
-    row_sum(s, scratch);
+    row_sum(s, scratch, place);
     if (!active) continue;  // no row_sum follows in this iteration
     const acc_t rstd_c = layer_norm_rstd(s[0] / static_cast<acc_t>(H), eps);
-    if (threadIdx.x == 0 && p.stats != nullptr) {
+    if (Training && place.rank == 0 && threadIdx.x == 0) {
       T* st = p.stats + row * kStatsWidth;
       st[kRstdIh] = static_cast<T>(rstd_ih);
       st[kRstdHh] = static_cast<T>(rstd_hh);
       st[kMeanCell] = static_cast<T>(mean_c);
       st[kRstdCell] = static_cast<T>(rstd_c);
     }
-    for (int64_t j = begin; j < H; j += blockDim.x) {
-      const acc_t cn =
-          ((static_cast<acc_t>(c_state[j]) - mean_c) * rstd_c) *
-              static_cast<acc_t>(p.gamma_cell[j]) +
-          static_cast<acc_t>(p.beta_cell[j]);
-      const T h = static_cast<T>(static_cast<acc_t>(h_out[j]) *
-                                 rnnfast::tanh(cn));
-      h_out[j] = h;
-      if (p.h_out2 != nullptr) p.h_out2[row * H + j] = h;
+    for (int64_t j = begin; j < H; j += step) {
+      const acc_t cn = layer_norm_affine(
+          layer_norm_normalize(static_cast<acc_t>(c_state[j]), mean_c, rstd_c),
+          static_cast<acc_t>(p.gamma_cell[j]),
+          static_cast<acc_t>(p.beta_cell[j]));
+      acc_t o;
+      if constexpr (kParkO) {
+        o = static_cast<acc_t>(h_out[j]);
+      } else {  // as computed above, from the normalised products
+        const int64_t k = 3 * H + j;
+        o = rnnfast::sigmoid(layer_norm_gate(
+            static_cast<acc_t>(ih[k]), static_cast<acc_t>(p.gamma_ih[k]),
+            static_cast<acc_t>(hh[k]), static_cast<acc_t>(p.gamma_hh[k]),
+            static_cast<acc_t>(p.bias[k])));
+      }
+      h_out[j] = static_cast<S>(o * rnnfast::tanh(cn));
     }
   }
 }
 
 // The pre-activation of gate element o of a row from the saved normalised
 // products.
-template <typename T, typename acc_t = at::opmath_type<T>>
+template <typename T, typename S, typename acc_t = at::opmath_type<T>>
 __device__ __forceinline__ acc_t saved_pre_activation(
-    const LayerNormBackwardStepParams<T>& p, const T* xi, const T* xh,
+    const LayerNormBackwardStepParams<T, S>& p, const T* xi, const T* xh,
     int64_t o) {
-  return static_cast<acc_t>(xi[o]) * static_cast<acc_t>(p.gamma_ih[o]) +
-         (static_cast<acc_t>(xh[o]) * static_cast<acc_t>(p.gamma_hh[o]) +
-          static_cast<acc_t>(p.bias[o]));
+  return layer_norm_gate(static_cast<acc_t>(xi[o]),
+                         static_cast<acc_t>(p.gamma_ih[o]),
+                         static_cast<acc_t>(xh[o]),
+                         static_cast<acc_t>(p.gamma_hh[o]),
+                         static_cast<acc_t>(p.bias[o]));
 }
 
-template <typename T>
+template <typename T, typename S>
 __global__ void __launch_bounds__(kMaxRowThreads)
-    layer_norm_backward_step_kernel(const LayerNormBackwardStepParams<T> p) {
+    layer_norm_backward_step_kernel(const LayerNormBackwardStepParams<T, S> p) {
   using acc_t = at::opmath_type<T>;
   __shared__ RowSumScratch<acc_t, 4> scratch;
+  const RowPlace place = row_place();
   const int64_t H = p.hidden, G = 4 * p.hidden;
-  for (int64_t first = int64_t(blockIdx.x) * blockDim.y; first < p.rows;
-       first += int64_t(gridDim.x) * blockDim.y) {
+  const int64_t step = place.unit_stride;
+  for (int64_t first = place.first_row; first < p.rows;
+       first += place.row_stride) {
     const int64_t row = first + threadIdx.y;
     const bool active = row < p.rows;  // else this thread touches no memory
-    const int64_t begin = active ? int64_t(threadIdx.x) : H;  // hidden units
+    const int64_t begin = active ? place.first_unit() : H;  // hidden units
     const int64_t rh = active ? row * H : 0, rg = active ? row * G : 0;
     const T* xi = p.normalized_ih + rg;
     const T* xh = p.normalized_hh + rg;
@@ -227,13 +302,15 @@ __global__ void __launch_bounds__(kMaxRowThreads)
     // Output half: gradients w.r.t. o and w.r.t. LN_cell(c_t), and the sums
     // of the LN_cell backward.
     acc_t s[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
-    for (int64_t j = begin; j < H; j += blockDim.x) {
+    for (int64_t j = begin; j < H; j += step) {
       const acc_t o = rnnfast::sigmoid(saved_pre_activation(p, xi, xh, 3 * H + j));
-      const acc_t xhat = (static_cast<acc_t>(cell[j]) - mean_c) * rstd_c;
-      const acc_t cn = xhat * static_cast<acc_t>(p.gamma_cell[j]) +
-                       static_cast<acc_t>(p.beta_cell[j]);
-      acc_t dh = static_cast<acc_t>(p.dh[rh + j]);
-      if (p.dh2 != nullptr) dh += static_cast<acc_t>(p.dh2[rh + j]);
+      const acc_t xhat =
+          layer_norm_normalize(static_cast<acc_t>(cell[j]), mean_c, rstd_c);
+      const acc_t cn = layer_norm_affine(xhat,
+                                         static_cast<acc_t>(p.gamma_cell[j]),
+                                         static_cast<acc_t>(p.beta_cell[j]));
+      const acc_t dh = static_cast<acc_t>(p.grad_hidden[rh + j]) +
+                       static_cast<acc_t>(p.grad_output[rh + j]);
       const auto out = lstm_output_backward<acc_t>(dh, o, rnnfast::tanh(cn));
       dgates[3 * H + j] = static_cast<T>(out.do_);
       const T dy = static_cast<T>(out.dy);
@@ -242,15 +319,16 @@ __global__ void __launch_bounds__(kMaxRowThreads)
       s[0] += dxhat;
       s[1] += dxhat * xhat;
     }
-    row_sum(s, scratch);
+    row_sum(s, scratch, place);
     const acc_t mean_dxhat = s[0] / static_cast<acc_t>(H);
     const acc_t mean_dxhat_xhat = s[1] / static_cast<acc_t>(H);
 
     // LN_cell backward, then the state half; the sums of the LayerNorm
     // backward of both products over the row's 4H gate gradients.
     s[0] = s[1] = s[2] = s[3] = acc_t(0);
-    for (int64_t j = begin; j < H; j += blockDim.x) {
-      const acc_t xhat = (static_cast<acc_t>(cell[j]) - mean_c) * rstd_c;
+    for (int64_t j = begin; j < H; j += step) {
+      const acc_t xhat =
+          layer_norm_normalize(static_cast<acc_t>(cell[j]), mean_c, rstd_c);
       const acc_t dxhat =
           static_cast<acc_t>(dcn[j]) * static_cast<acc_t>(p.gamma_cell[j]);
       const acc_t dc = static_cast<acc_t>(dc_state[j]) +
@@ -277,21 +355,21 @@ __global__ void __launch_bounds__(kMaxRowThreads)
         s[3] += dxhat_ih * static_cast<acc_t>(xi[o]);
       }
     }
-    row_sum(s, scratch);
+    row_sum(s, scratch, place);
     if (!active) continue;  // no row_sum follows in this iteration
     const acc_t width = static_cast<acc_t>(G);
 
     // The LayerNorm backward of both products: gradients w.r.t. W_hh h_{t-1}
     // and W_ih x_t.
-    for (int64_t j = begin; j < H; j += blockDim.x) {
+    for (int64_t j = begin; j < H; j += step) {
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         const int64_t o = k * H + j;
         const acc_t dg = static_cast<acc_t>(dgates[o]);
-        p.dhh[rg + o] = static_cast<T>(layer_norm_input_grad(
+        p.dhh[rg + o] = static_cast<S>(layer_norm_input_grad(
             dg * static_cast<acc_t>(p.gamma_hh[o]), static_cast<acc_t>(xh[o]),
             rstd_hh, s[0] / width, s[1] / width));
-        p.dih[rg + o] = static_cast<T>(layer_norm_input_grad(
+        p.dih[rg + o] = static_cast<S>(layer_norm_input_grad(
             dg * static_cast<acc_t>(p.gamma_ih[o]), static_cast<acc_t>(xi[o]),
             rstd_ih, s[2] / width, s[3] / width));
       }
@@ -331,9 +409,9 @@ __global__ void __launch_bounds__(kWarpSize * kColumnSlices)
       for (int64_t r = threadIdx.y; r < p.rows; r += kColumnSlices) {
         const T* st = p.stats + r * kStatsWidth;
         const acc_t d = static_cast<acc_t>(p.dcell_norm[r * H + k]);
-        const acc_t xhat = (static_cast<acc_t>(p.cell[r * H + k]) -
-                            static_cast<acc_t>(st[kMeanCell])) *
-                           static_cast<acc_t>(st[kRstdCell]);
+        const acc_t xhat = layer_norm_normalize(
+            static_cast<acc_t>(p.cell[r * H + k]),
+            static_cast<acc_t>(st[kMeanCell]), static_cast<acc_t>(st[kRstdCell]));
         sum[0] += d;
         sum[1] += d * xhat;
       }
@@ -367,22 +445,18 @@ __global__ void __launch_bounds__(kWarpSize * kColumnSlices)
 
 // ---- Launchers ----------------------------------------------------------------
 
-template <typename T>
-void layer_norm_forward_step(const LayerNormStepParams<T>& p) {
+template <bool Training, typename T, typename S>
+void layer_norm_forward_step(const LayerNormStepParams<T, S>& p) {
   if (p.rows <= 0 || p.hidden <= 0) return;
-  const LaunchShape s = row_groups(p.rows, p.hidden);
-  layer_norm_forward_step_kernel<T>
-      <<<s.grid, s.block, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_row_groups(&layer_norm_forward_step_kernel<Training, T, S>, p, p.rows,
+                    p.hidden);
 }
 
-template <typename T>
-void layer_norm_backward_step(const LayerNormBackwardStepParams<T>& p) {
+template <typename T, typename S>
+void layer_norm_backward_step(const LayerNormBackwardStepParams<T, S>& p) {
   if (p.rows <= 0 || p.hidden <= 0) return;
-  const LaunchShape s = row_groups(p.rows, p.hidden);
-  layer_norm_backward_step_kernel<T>
-      <<<s.grid, s.block, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_row_groups(&layer_norm_backward_step_kernel<T, S>, p, p.rows,
+                    p.hidden);
 }
 
 template <typename T>

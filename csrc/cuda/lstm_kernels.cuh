@@ -1,5 +1,6 @@
 // The LSTM step kernels: one thread per (row, hidden unit) element, calling
-// the shared cell math of lstm_cell.h in the opmath type. Included by the
+// the shared cell math of lstm_cell.h in T (float or double), reading and
+// writing the GEMM operands in S (T, or half / bfloat16). Included by the
 // .cu files that instantiate them.
 //
 // Layout (lstm_params.h): gates rows are [i | f | g | o], each H wide, so the
@@ -11,13 +12,13 @@
 
 #include "../lstm_cell.h"
 #include "launch.cuh"
-#include "lstm_cuda.h"
+#include "step_kernels.h"
 
 namespace rnnfast::cuda {
 
-template <typename T>
+template <bool Training, typename T, typename S>
 __global__ void __launch_bounds__(kBlockThreads)
-    lstm_forward_step_kernel(const ForwardStepParams<T> p) {
+    lstm_forward_step_kernel(const ForwardStepParams<T, S> p) {
   using acc_t = at::opmath_type<T>;
   const int64_t H = p.hidden;
   const int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -36,15 +37,14 @@ __global__ void __launch_bounds__(kBlockThreads)
     gates[2 * H] = static_cast<T>(out.g);
     gates[3 * H] = static_cast<T>(out.o);
     p.cell_state[e] = static_cast<T>(out.c);
-    if (p.cell_save != nullptr) p.cell_save[e] = static_cast<T>(out.c);
-    p.r_out[e] = static_cast<T>(out.r);
-    if (p.r_out2 != nullptr) p.r_out2[e] = static_cast<T>(out.r);
+    if constexpr (Training) p.cell_save[e] = static_cast<T>(out.c);
+    p.hidden_out[e] = static_cast<S>(out.r);
   }
 }
 
-template <typename T>
+template <bool AddOutputGrad, typename T, typename S>
 __global__ void __launch_bounds__(kBlockThreads)
-    lstm_backward_step_kernel(const BackwardStepParams<T> p) {
+    lstm_backward_step_kernel(const BackwardStepParams<T, S> p) {
   using acc_t = at::opmath_type<T>;
   const int64_t H = p.hidden;
   const int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -59,36 +59,36 @@ __global__ void __launch_bounds__(kBlockThreads)
     // others start this step from the initial state of the same row.
     const T c_prev = row < p.rows_from_previous ? p.cell_prev[e]
                                                 : p.cell_init[e];
-    acc_t dr = static_cast<acc_t>(p.dr[e]);
-    if (p.dr2 != nullptr) dr += static_cast<acc_t>(p.dr2[e]);
+    acc_t dr = static_cast<acc_t>(p.grad_hidden[e]);
+    if constexpr (AddOutputGrad) dr += static_cast<acc_t>(p.grad_output[e]);
     const auto out = lstm_cell_backward<acc_t>(
         static_cast<acc_t>(gates[0]), static_cast<acc_t>(gates[H]),
         static_cast<acc_t>(gates[2 * H]), static_cast<acc_t>(gates[3 * H]),
         static_cast<acc_t>(p.cell[e]), static_cast<acc_t>(c_prev), dr,
         static_cast<acc_t>(p.dcell_state[e]));
-    T* dgates = p.dgates + ge;
-    dgates[0] = static_cast<T>(out.di);
-    dgates[H] = static_cast<T>(out.df);
-    dgates[2 * H] = static_cast<T>(out.dg);
-    dgates[3 * H] = static_cast<T>(out.do_);
+    S* dgates = p.dgates + ge;
+    dgates[0] = static_cast<S>(out.di);
+    dgates[H] = static_cast<S>(out.df);
+    dgates[2 * H] = static_cast<S>(out.dg);
+    dgates[3 * H] = static_cast<S>(out.do_);
     p.dcell_state[e] = static_cast<T>(out.dc_prev);
   }
 }
 
-template <typename T>
-void lstm_forward_step(const ForwardStepParams<T>& p) {
+template <bool Training, typename T, typename S>
+void lstm_forward_step(const ForwardStepParams<T, S>& p) {
   if (p.rows <= 0 || p.hidden <= 0) return;
   const LaunchShape s = rows_by_cols(p.rows, p.hidden);
-  lstm_forward_step_kernel<T>
+  lstm_forward_step_kernel<Training, T, S>
       <<<s.grid, s.block, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T>
-void lstm_backward_step(const BackwardStepParams<T>& p) {
+template <bool AddOutputGrad, typename T, typename S>
+void lstm_backward_step(const BackwardStepParams<T, S>& p) {
   if (p.rows <= 0 || p.hidden <= 0) return;
   const LaunchShape s = rows_by_cols(p.rows, p.hidden);
-  lstm_backward_step_kernel<T>
+  lstm_backward_step_kernel<AddOutputGrad, T, S>
       <<<s.grid, s.block, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

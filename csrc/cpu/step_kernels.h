@@ -11,8 +11,9 @@
 #include <utility>
 
 #include "../layer_norm.h"
+#include "../layer_norm_lstm_cell.h"
 #include "../lstm_cell.h"
-#include "pointwise_kernels.h"
+#include "kernel_table.h"
 
 namespace rnnfast {
 
@@ -29,12 +30,18 @@ struct MathOps<at::vec::Vectorized<S>> {
   using V = at::vec::Vectorized<S>;
   static inline V sigmoid(const V& x) { return V(S(1)) / (V(S(1)) + x.neg().exp()); }
   static inline V tanh(const V& x) { return x.tanh(); }
+  static inline V fmadd(const V& a, const V& b, const V& c) {
+    return at::vec::fmadd(a, b, c);
+  }
 };
 
 template <>
 struct MathOps<at::vec::Vectorized<float>> {
   using V = at::vec::Vectorized<float>;
   // exp_u20 clamps its argument, which would turn NaN into a number.
+  static inline V fmadd(const V& a, const V& b, const V& c) {
+    return at::vec::fmadd(a, b, c);
+  }
   static inline V keep_nan(const V& result, const V& x) {
     return V::blendv(result, x, x != x);
   }
@@ -66,7 +73,7 @@ inline int64_t row_grain(int64_t hidden) {
   return g > 0 ? g : 1;
 }
 
-template <typename T>
+template <typename T, bool Training>
 void forward_step_impl(const ForwardStepParams<T>& p) {
   using V = at::vec::Vectorized<T>;
   const int64_t H = p.hidden;
@@ -85,15 +92,14 @@ void forward_step_impl(const ForwardStepParams<T>& p) {
         out.g.store(gates + 2 * H + j, n);
         out.o.store(gates + 3 * H + j, n);
         out.c.store(c_state + j, n);
-        if (p.cell_save) out.c.store(p.cell_save + row * H + j, n);
-        out.r.store(p.r_out + row * H + j, n);
-        if (p.r_out2) out.r.store(p.r_out2 + row * H + j, n);
+        if constexpr (Training) out.c.store(p.cell_save + row * H + j, n);
+        out.r.store(p.hidden_out + row * H + j, n);
       }
     }
   });
 }
 
-template <typename T>
+template <typename T, bool AddOutputGrad>
 void backward_step_impl(const BackwardStepParams<T>& p) {
   using V = at::vec::Vectorized<T>;
   const int64_t H = p.hidden;
@@ -104,14 +110,14 @@ void backward_step_impl(const BackwardStepParams<T>& p) {
       const T* cell_prev = row < p.rows_from_previous
                                ? p.cell_prev + row * H
                                : p.cell_init + row * H;
-      const T* dr = p.dr + row * H;
-      const T* dr2 = p.dr2 ? p.dr2 + row * H : nullptr;
+      const T* dr = p.grad_hidden + row * H;
+      const T* dy = AddOutputGrad ? p.grad_output + row * H : nullptr;
       T* dc_state = p.dcell_state + row * H;
       T* dgates = p.dgates + row * 4 * H;
       for (int64_t j = 0; j < H; j += V::size()) {
         const int64_t n = std::min<int64_t>(V::size(), H - j);
         V dr_v = V::loadu(dr + j, n);
-        if (dr2) dr_v = dr_v + V::loadu(dr2 + j, n);
+        if constexpr (AddOutputGrad) dr_v = dr_v + V::loadu(dy + j, n);
         const auto out = lstm_cell_backward<V>(
             V::loadu(gates + j, n), V::loadu(gates + H + j, n),
             V::loadu(gates + 2 * H + j, n), V::loadu(gates + 3 * H + j, n),
@@ -202,7 +208,7 @@ inline std::pair<T, T> row_moments(const T* x, int64_t n, T eps) {
   return {mean, layer_norm_rstd(var, eps)};
 }
 
-template <typename T>
+template <typename T, bool Training>
 void layer_norm_forward_step_impl(const LayerNormStepParams<T>& p) {
   using V = at::vec::Vectorized<T>;
   const int64_t H = p.hidden, G = 4 * p.hidden;
@@ -222,24 +228,25 @@ void layer_norm_forward_step_impl(const LayerNormStepParams<T>& p) {
         V pre[4];
         for (int k = 0; k < 4; ++k) {
           const int64_t o = k * H + j;
-          const V xi = (V::loadu(ih + o, n) - V(mean_ih)) * V(rstd_ih);
-          const V xh = (V::loadu(hh + o, n) - V(mean_hh)) * V(rstd_hh);
+          const V xi = layer_norm_normalize(V::loadu(ih + o, n), V(mean_ih),
+                                            V(rstd_ih));
+          const V xh = layer_norm_normalize(V::loadu(hh + o, n), V(mean_hh),
+                                            V(rstd_hh));
           xi.store(ih + o, n);
           xh.store(hh + o, n);
-          pre[k] = at::vec::fmadd(
-              xi, V::loadu(p.gamma_ih + o, n),
-              at::vec::fmadd(xh, V::loadu(p.gamma_hh + o, n),
-                             V::loadu(p.bias + o, n)));
+          pre[k] = layer_norm_gate(xi, V::loadu(p.gamma_ih + o, n), xh,
+                                   V::loadu(p.gamma_hh + o, n),
+                                   V::loadu(p.bias + o, n));
         }
         const auto cell = lstm_cell_state<V>(pre[0], pre[1], pre[2], pre[3],
                                              V::loadu(c_state + j, n));
         cell.o.store(h_out + j, n);
         cell.c.store(c_state + j, n);
-        if (p.cell_save) cell.c.store(p.cell_save + row * H + j, n);
+        if constexpr (Training) cell.c.store(p.cell_save + row * H + j, n);
       }
       // h = o tanh(LN_cell(c)).
       const auto [mean_c, rstd_c] = row_moments<T>(c_state, H, p.eps);
-      if (p.stats) {
+      if constexpr (Training) {
         T* st = p.stats + row * kStatsWidth;
         st[kRstdIh] = rstd_ih;
         st[kRstdHh] = rstd_hh;
@@ -248,12 +255,12 @@ void layer_norm_forward_step_impl(const LayerNormStepParams<T>& p) {
       }
       for (int64_t j = 0; j < H; j += V::size()) {
         const int64_t n = std::min<int64_t>(V::size(), H - j);
-        const V cn = at::vec::fmadd(
-            (V::loadu(c_state + j, n) - V(mean_c)) * V(rstd_c),
+        const V cn = layer_norm_affine(
+            layer_norm_normalize(V::loadu(c_state + j, n), V(mean_c),
+                                 V(rstd_c)),
             V::loadu(p.gamma_cell + j, n), V::loadu(p.beta_cell + j, n));
         const V h = V::loadu(h_out + j, n) * rnnfast::tanh<V>(cn);
         h.store(h_out + j, n);
-        if (p.h_out2) h.store(p.h_out2 + row * H + j, n);
       }
     }
   });
@@ -266,10 +273,9 @@ inline at::vec::Vectorized<T> saved_pre_activation(
     const LayerNormBackwardStepParams<T>& p, const T* xi, const T* xh,
     int64_t o, int64_t n) {
   using V = at::vec::Vectorized<T>;
-  return at::vec::fmadd(V::loadu(xi + o, n), V::loadu(p.gamma_ih + o, n),
-                        at::vec::fmadd(V::loadu(xh + o, n),
-                                       V::loadu(p.gamma_hh + o, n),
-                                       V::loadu(p.bias + o, n)));
+  return layer_norm_gate(V::loadu(xi + o, n), V::loadu(p.gamma_ih + o, n),
+                         V::loadu(xh + o, n), V::loadu(p.gamma_hh + o, n),
+                         V::loadu(p.bias + o, n));
 }
 
 template <typename T>
@@ -286,8 +292,8 @@ void layer_norm_backward_step_impl(const LayerNormBackwardStepParams<T>& p) {
                                : p.cell_init + row * H;
       const T* st = p.stats + row * kStatsWidth;
       const T mean_c = st[kMeanCell], rstd_c = st[kRstdCell];
-      const T* dh = p.dh + row * H;
-      const T* dh2 = p.dh2 ? p.dh2 + row * H : nullptr;
+      const T* dh = p.grad_hidden + row * H;
+      const T* dy = p.grad_output + row * H;
       T* dgates = p.dgates + row * G;
       T* dcn = p.dcell_norm + row * H;
       T* dc_state = p.dcell_state + row * H;
@@ -298,11 +304,11 @@ void layer_norm_backward_step_impl(const LayerNormBackwardStepParams<T>& p) {
         const int64_t n = std::min<int64_t>(V::size(), H - j);
         const V o = rnnfast::sigmoid<V>(
             saved_pre_activation(p, xi, xh, 3 * H + j, n));
-        const V xhat = (V::loadu(cell + j, n) - V(mean_c)) * V(rstd_c);
+        const V xhat =
+            layer_norm_normalize(V::loadu(cell + j, n), V(mean_c), V(rstd_c));
         const V gamma = V::loadu(p.gamma_cell + j, n);
-        const V cn = at::vec::fmadd(xhat, gamma, V::loadu(p.beta_cell + j, n));
-        V dh_v = V::loadu(dh + j, n);
-        if (dh2) dh_v = dh_v + V::loadu(dh2 + j, n);
+        const V cn = layer_norm_affine(xhat, gamma, V::loadu(p.beta_cell + j, n));
+        const V dh_v = V::loadu(dh + j, n) + V::loadu(dy + j, n);
         const auto out = lstm_output_backward<V>(dh_v, o, rnnfast::tanh<V>(cn));
         out.do_.store(dgates + 3 * H + j, n);
         out.dy.store(dcn + j, n);
@@ -317,7 +323,8 @@ void layer_norm_backward_step_impl(const LayerNormBackwardStepParams<T>& p) {
       V sum_hh(T(0)), sum_hh_x(T(0)), sum_ih(T(0)), sum_ih_x(T(0));
       for (int64_t j = 0; j < H; j += V::size()) {
         const int64_t n = std::min<int64_t>(V::size(), H - j);
-        const V xhat = (V::loadu(cell + j, n) - V(mean_c)) * V(rstd_c);
+        const V xhat =
+            layer_norm_normalize(V::loadu(cell + j, n), V(mean_c), V(rstd_c));
         const V dxhat = V::loadu(dcn + j, n) * V::loadu(p.gamma_cell + j, n);
         const V dc = V::loadu(dc_state + j, n) +
                      layer_norm_input_grad<V>(dxhat, xhat, V(rstd_c),
@@ -420,7 +427,8 @@ void layer_norm_param_grads_impl(const LayerNormParamGradsParams<T>& p) {
             const int64_t n = std::min<int64_t>(V::size(), cols - j);
             const V d = V::loadu(dcn + j, n);
             a[k] = a[k] + d;
-            b[k] = at::vec::fmadd(d, (V::loadu(cell + j, n) - mean) * rstd,
+            b[k] = at::vec::fmadd(d, layer_norm_normalize(V::loadu(cell + j, n),
+                                                          mean, rstd),
                                   b[k]);
           }
         }
@@ -437,9 +445,10 @@ void layer_norm_param_grads_impl(const LayerNormParamGradsParams<T>& p) {
 
 template <typename T>
 constexpr TypedKernels<T> typed_kernels() {
-  return {&forward_step_impl<T>,
-          &backward_step_impl<T>,
-          &layer_norm_forward_step_impl<T>,
+  return {{&forward_step_impl<T, false>, &forward_step_impl<T, true>},
+          {&backward_step_impl<T, false>, &backward_step_impl<T, true>},
+          {&layer_norm_forward_step_impl<T, false>,
+           &layer_norm_forward_step_impl<T, true>},
           &layer_norm_backward_step_impl<T>,
           &layer_norm_param_grads_impl<T>};
 }

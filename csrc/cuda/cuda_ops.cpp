@@ -1,11 +1,11 @@
 // CUDA kernels of the rnnfast ops: the host code shared with the CPU
-// (lstm_ops.h, lstm_driver.h, layer_norm_lstm_driver.h) over CudaBackend.
+// (op_impls.h, lstm_driver.h, layer_norm_lstm_driver.h) over CudaBackend.
 // Host code only, so the host compiler builds it and nvcc never parses ATen;
 // the kernels are in the .cu files.
 #include <torch/library.h>
 
-#include "../lstm_ops.h"
-#include "lstm_cuda.h"
+#include "../op_impls.h"
+#include "cuda_backend.h"
 #include "op_guard.h"
 
 TORCH_LIBRARY_IMPL(rnnfast, CUDA, m) {

@@ -1,6 +1,6 @@
-// The CPU pointwise kernels' entry points. Each is compiled once per CPU
+// The dispatch table of the CPU step kernels. Each is compiled once per CPU
 // capability (pointwise_{default,avx2,avx512}.cpp include
-// pointwise_impl.h); kernel_table() picks the best one the CPU supports,
+// step_kernels.h); kernel_table() picks the best one the CPU supports,
 // honouring ATEN_CPU_CAPABILITY as ATen does.
 #pragma once
 
@@ -8,11 +8,13 @@
 
 namespace rnnfast::cpu {
 
+// Each step kernel is compiled once per value of its compile-time flags
+// (lstm_params.h): index [Training] or [AddOutputGrad].
 template <typename T>
 struct TypedKernels {
-  void (*forward_step)(const ForwardStepParams<T>&);
-  void (*backward_step)(const BackwardStepParams<T>&);
-  void (*layer_norm_forward_step)(const LayerNormStepParams<T>&);
+  void (*forward_step[2])(const ForwardStepParams<T>&);
+  void (*backward_step[2])(const BackwardStepParams<T>&);
+  void (*layer_norm_forward_step[2])(const LayerNormStepParams<T>&);
   void (*layer_norm_backward_step)(const LayerNormBackwardStepParams<T>&);
   void (*layer_norm_param_grads)(const LayerNormParamGradsParams<T>&);
 };

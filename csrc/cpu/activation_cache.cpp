@@ -8,7 +8,7 @@
 #include <mutex>
 #include <string>
 
-namespace rnnfast {
+namespace rnnfast::cpu {
 namespace {
 
 int64_t limit_from_environment() {
@@ -88,10 +88,10 @@ BlockCache& cache() {
 
 at::Tensor empty_activation(at::IntArrayRef sizes,
                             const at::TensorOptions& options) {
-  if (options.device().type() != c10::DeviceType::CPU ||
-      !cache().enabled()) {
-    return at::empty(sizes, options);
-  }
+  TORCH_CHECK(options.device().type() == c10::DeviceType::CPU,
+              "rnnfast: internal error: the CPU buffer cache was asked for ",
+              options.device(), " memory");
+  if (!cache().enabled()) return at::empty(sizes, options);
   const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) *
                        options.dtype().itemsize();
   if (bytes < static_cast<size_t>(kMinCachedBytes)) {
@@ -109,4 +109,4 @@ int64_t empty_activation_cache() { return cache().release(); }
 
 int64_t activation_cache_bytes() { return cache().cached(); }
 
-}  // namespace rnnfast
+}  // namespace rnnfast::cpu

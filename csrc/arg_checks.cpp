@@ -1,4 +1,4 @@
-#include "lstm_checks.h"
+#include "arg_checks.h"
 
 namespace rnnfast {
 namespace {

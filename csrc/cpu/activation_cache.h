@@ -14,18 +14,19 @@
 //
 // At most RNNFAST_CPU_CACHE_MB megabytes (default 1024; 0 turns the cache
 // off) of free blocks are kept; rnnfast.empty_cache() releases them.
-// Thread-safe. Other devices get plain at::empty.
+// Thread-safe. Part of the CPU backend (CpuBackend::empty_activation); other
+// backends have their own allocators.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <cstdint>
 
-namespace rnnfast {
+namespace rnnfast::cpu {
 
 constexpr int64_t kMinCachedBytes = int64_t{1} << 20;
 
-// at::empty(sizes, options), from the cache when on the CPU and large.
+// at::empty(sizes, options) for CPU options, from the cache when large.
 at::Tensor empty_activation(at::IntArrayRef sizes,
                             const at::TensorOptions& options);
 
@@ -35,4 +36,4 @@ int64_t empty_activation_cache();
 // Bytes of free blocks held.
 int64_t activation_cache_bytes();
 
-}  // namespace rnnfast
+}  // namespace rnnfast::cpu

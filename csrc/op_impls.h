@@ -7,7 +7,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
-#include "lstm_checks.h"
+#include "arg_checks.h"
 #include "layer_norm_lstm_driver.h"
 #include "lstm_driver.h"
 
@@ -19,9 +19,36 @@ using BackwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor,
                                    at::Tensor, at::Tensor, at::Tensor,
                                    at::Tensor>;
 
-// The dtype the recurrence runs in: float for half types, else the input's.
+// The dtype the recurrence computes in (T of lstm_driver.h): float for half
+// types, else the input's. Gates, cell states and every saved activation are
+// in it.
 inline at::ScalarType compute_dtype(at::ScalarType t) {
   return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
+}
+
+// The dtype the GEMMs read (S of lstm_driver.h): a half type itself on a
+// backend that runs it natively (CUDA: tensor cores, float accumulation),
+// else the compute dtype (the CPU upcasts).
+template <typename Backend>
+at::ScalarType storage_dtype(at::ScalarType t) {
+  return Backend::kNativeHalf ? t : compute_dtype(t);
+}
+
+// Calls f(S{}, T{}) with the storage and compute types of dtype.
+template <typename Backend, typename F>
+void dispatch_types(at::ScalarType dtype, const char* name, const F& f) {
+  if constexpr (Backend::kNativeHalf) {
+    if (dtype == at::kHalf) return f(at::Half{}, float{});
+    if (dtype == at::kBFloat16) return f(at::BFloat16{}, float{});
+  }
+  switch (compute_dtype(dtype)) {
+    case at::kFloat:
+      return f(float{}, float{});
+    case at::kDouble:
+      return f(double{}, double{});
+    default:
+      TORCH_CHECK(false, name, ": unsupported dtype ", dtype);
+  }
 }
 
 inline at::Tensor as_compute(const at::Tensor& t, at::ScalarType dtype) {
@@ -64,6 +91,7 @@ ForwardOutputs lstm_forward_op(const at::Tensor& input, const at::Tensor& hx,
   const SequenceLayout l = make_layout(input, batch_sizes, reverse);
   const at::ScalarType dtype = input.scalar_type();
   const at::ScalarType cdt = compute_dtype(dtype);
+  const at::ScalarType sdt = storage_dtype<Backend>(dtype);
   const auto copts = input.options().dtype(cdt);
 
   if (l.rows == 0) {  // empty batch: nothing to compute
@@ -72,17 +100,19 @@ ForwardOutputs lstm_forward_op(const at::Tensor& input, const at::Tensor& hx,
             at::empty({0, 4 * s.hidden}, copts),
             at::empty({0, s.hidden}, copts)};
   }
-  const at::Tensor x = as_compute(input, cdt).view({l.rows, s.input});
+  const at::Tensor x = as_compute(input, sdt).view({l.rows, s.input});
   at::Tensor bias;
   if (bias_ih.has_value()) {
     bias = as_compute(*bias_ih, cdt) + as_compute(*bias_hh, cdt);
   }
   ForwardResult r;
-  AT_DISPATCH_FLOATING_TYPES(cdt, "rnnfast::lstm_forward", [&] {
-    r = lstm_forward_recurrence<Backend, scalar_t>(
-        l, s, x, as_compute(hx, cdt), as_compute(cx, cdt),
-        as_compute(weight_ih, cdt), as_compute(weight_hh, cdt), bias,
-        as_compute(weight_hr, cdt), training);
+  dispatch_types<Backend>(dtype, "rnnfast::lstm_forward", [&](auto s_, auto t_) {
+    using S = decltype(s_);
+    using T = decltype(t_);
+    r = lstm_forward_recurrence<Backend, S, T>(
+        l, s, x, as_compute(hx, sdt), as_compute(cx, cdt),
+        as_compute(weight_ih, sdt), as_compute(weight_hh, sdt), bias,
+        as_compute(weight_hr, sdt), training);
   });
   if (!training) {
     r.gates = at::empty({0, 4 * s.hidden}, copts);
@@ -108,6 +138,7 @@ BackwardOutputs lstm_backward_op(
   const SequenceLayout l = make_layout(input, batch_sizes, reverse);
   const at::ScalarType dtype = input.scalar_type();
   const at::ScalarType cdt = compute_dtype(dtype);
+  const at::ScalarType sdt = storage_dtype<Backend>(dtype);
   TORCH_CHECK(grad_output.sizes() == output.sizes(),
               "rnnfast.lstm_backward: grad_output has size ",
               grad_output.sizes(), ", expected ", output.sizes());
@@ -126,15 +157,17 @@ BackwardOutputs lstm_backward_op(
                 : at::empty({0}, weight_ih.options())};
   }
   BackwardResult r;
-  AT_DISPATCH_FLOATING_TYPES(cdt, "rnnfast::lstm_backward", [&] {
-    r = lstm_backward_recurrence<Backend, scalar_t>(
-        l, s, as_compute(grad_output, cdt).view({l.rows, s.output}),
+  dispatch_types<Backend>(dtype, "rnnfast::lstm_backward", [&](auto s_, auto t_) {
+    using S = decltype(s_);
+    using T = decltype(t_);
+    r = lstm_backward_recurrence<Backend, S, T>(
+        l, s, as_compute(grad_output, sdt).view({l.rows, s.output}),
         as_compute(grad_hy, cdt), as_compute(grad_cy, cdt),
-        as_compute(input, cdt).view({l.rows, s.input}), as_compute(hx, cdt),
-        as_compute(cx, cdt), as_compute(weight_ih, cdt),
-        as_compute(weight_hh, cdt), as_compute(weight_hr, cdt),
-        as_compute(output, cdt).view({l.rows, s.output}), gates.contiguous(),
-        cells.contiguous());
+        as_compute(input, sdt).view({l.rows, s.input}), as_compute(hx, sdt),
+        as_compute(cx, cdt), as_compute(weight_ih, sdt),
+        as_compute(weight_hh, sdt), as_compute(weight_hr, sdt),
+        as_compute(output, sdt).view({l.rows, s.output}),
+        as_compute(gates, cdt), as_compute(cells, cdt));
   });
   return {reshaped_result(r.grad_input, input.sizes(), dtype),
           r.grad_hx.to(dtype),
@@ -152,15 +185,15 @@ using LayerNormBackwardOutputs =
                at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 inline LayerNormWeights layer_norm_weights(
-    at::ScalarType cdt, const at::Tensor& weight_ih,
+    at::ScalarType sdt, at::ScalarType cdt, const at::Tensor& weight_ih,
     const at::Tensor& weight_hh, const c10::optional<at::Tensor>& bias_ih,
     const c10::optional<at::Tensor>& bias_hh, const at::Tensor& ln_ih_weight,
     const at::Tensor& ln_ih_bias, const at::Tensor& ln_hh_weight,
     const at::Tensor& ln_hh_bias, const at::Tensor& ln_cell_weight,
     const at::Tensor& ln_cell_bias) {
   LayerNormWeights w;
-  w.weight_ih = as_compute(weight_ih, cdt);
-  w.weight_hh = as_compute(weight_hh, cdt);
+  w.weight_ih = as_compute(weight_ih, sdt);
+  w.weight_hh = as_compute(weight_hh, sdt);
   // The four gate biases enter the pre-activations alike: one sum serves.
   w.gate_bias = as_compute(ln_ih_bias, cdt) + as_compute(ln_hh_bias, cdt);
   if (bias_ih.has_value()) {
@@ -194,6 +227,7 @@ LayerNormForwardOutputs layer_norm_lstm_forward_op(
   const SequenceLayout l = make_layout(input, batch_sizes, reverse);
   const at::ScalarType dtype = input.scalar_type();
   const at::ScalarType cdt = compute_dtype(dtype);
+  const at::ScalarType sdt = storage_dtype<Backend>(dtype);
   const auto copts = input.options().dtype(cdt);
   const int64_t H = s.hidden, G = 4 * s.hidden;
   auto empty_workspace = [&] {
@@ -210,14 +244,17 @@ LayerNormForwardOutputs layer_norm_lstm_forward_op(
     return out;
   }
   const LayerNormWeights w = layer_norm_weights(
-      cdt, weight_ih, weight_hh, bias_ih, bias_hh, ln_ih_weight, ln_ih_bias,
-      ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias);
+      sdt, cdt, weight_ih, weight_hh, bias_ih, bias_hh, ln_ih_weight,
+      ln_ih_bias, ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias);
   LayerNormForwardResult r;
-  AT_DISPATCH_FLOATING_TYPES(cdt, "rnnfast::layer_norm_lstm_forward", [&] {
-    r = layer_norm_lstm_forward_recurrence<Backend, scalar_t>(
-        l, s, as_compute(input, cdt).view({l.rows, s.input}),
-        as_compute(hx, cdt), as_compute(cx, cdt), w, eps, training);
-  });
+  dispatch_types<Backend>(
+      dtype, "rnnfast::layer_norm_lstm_forward", [&](auto s_, auto t_) {
+        using S = decltype(s_);
+        using T = decltype(t_);
+        r = layer_norm_lstm_forward_recurrence<Backend, S, T>(
+            l, s, as_compute(input, sdt).view({l.rows, s.input}),
+            as_compute(hx, sdt), as_compute(cx, cdt), w, eps, training);
+      });
   auto out = empty_workspace();
   std::get<0>(out) = reshaped_result(r.output, output_shape(input, H), dtype);
   std::get<1>(out) = r.hy.to(dtype);
@@ -255,6 +292,7 @@ LayerNormBackwardOutputs layer_norm_lstm_backward_op(
   const SequenceLayout l = make_layout(input, batch_sizes, reverse);
   const at::ScalarType dtype = input.scalar_type();
   const at::ScalarType cdt = compute_dtype(dtype);
+  const at::ScalarType sdt = storage_dtype<Backend>(dtype);
   const int64_t H = s.hidden, G = 4 * s.hidden;
   TORCH_CHECK(grad_output.sizes() == output.sizes(),
               "rnnfast.layer_norm_lstm_backward: grad_output has size ",
@@ -276,18 +314,22 @@ LayerNormBackwardOutputs layer_norm_lstm_backward_op(
   }
   // The biases recompute the gates from the saved normalised products.
   const LayerNormWeights w = layer_norm_weights(
-      cdt, weight_ih, weight_hh, bias_ih, bias_hh, ln_ih_weight, ln_ih_bias,
-      ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias);
+      sdt, cdt, weight_ih, weight_hh, bias_ih, bias_hh, ln_ih_weight,
+      ln_ih_bias, ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias);
   LayerNormBackwardResult r;
-  AT_DISPATCH_FLOATING_TYPES(cdt, "rnnfast::layer_norm_lstm_backward", [&] {
-    r = layer_norm_lstm_backward_recurrence<Backend, scalar_t>(
-        l, s, as_compute(grad_output, cdt).view({l.rows, H}),
-        as_compute(grad_hy, cdt), as_compute(grad_cy, cdt),
-        as_compute(input, cdt).view({l.rows, s.input}), as_compute(hx, cdt),
-        as_compute(cx, cdt), w, as_compute(output, cdt).view({l.rows, H}),
-        cells.contiguous(), normalized_ih.contiguous(),
-        normalized_hh.contiguous(), stats.contiguous());
-  });
+  dispatch_types<Backend>(
+      dtype, "rnnfast::layer_norm_lstm_backward", [&](auto s_, auto t_) {
+        using S = decltype(s_);
+        using T = decltype(t_);
+        r = layer_norm_lstm_backward_recurrence<Backend, S, T>(
+            l, s, as_compute(grad_output, sdt).view({l.rows, H}),
+            as_compute(grad_hy, cdt), as_compute(grad_cy, cdt),
+            as_compute(input, sdt).view({l.rows, s.input}),
+            as_compute(hx, sdt), as_compute(cx, cdt), w,
+            as_compute(output, sdt).view({l.rows, H}), as_compute(cells, cdt),
+            as_compute(normalized_ih, cdt), as_compute(normalized_hh, cdt),
+            as_compute(stats, cdt));
+      });
   return {reshaped_result(r.grad_input, input.sizes(), dtype),
           r.grad_hx.to(dtype),
           r.grad_cx.to(dtype),

@@ -1,0 +1,114 @@
+// CPU implementation of the rnnfast ops: the shared recurrence of
+// lstm_driver.h over BLAS GEMMs and the vectorised pointwise kernels.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <string>
+
+#include "../backend_info.h"
+#include "../op_impls.h"
+#include "activation_cache.h"
+#include "blas.h"
+#include "kernel_table.h"
+
+namespace rnnfast::cpu {
+
+const KernelTable& kernel_table() {
+  static const KernelTable& table = []() -> const KernelTable& {
+    // at::get_cpu_capability() honours ATEN_CPU_CAPABILITY and the CPU.
+    const std::string cap = at::get_cpu_capability();
+    if (cap == "AVX512") return kernel_table_avx512();
+    if (cap == "AVX2") return kernel_table_avx2();
+    return kernel_table_default();
+  }();
+  return table;
+}
+
+struct CpuBackend {
+  template <typename T>
+  using StepWeight = cpu::StepWeight<T>;
+  // The CPU's blocks of the LayerNorm-LSTM backward
+  // (layer_norm_lstm_driver.h). Its gradients w.r.t. W_ih x_t and
+  // W_hh h_{t-1} are kept for blocks of consecutive steps of about 1024
+  // rows, which go through the input and weight gradient GEMMs while they
+  // are still in cache (and no [N, 4H] gradient buffer is allocated: fresh
+  // memory costs page faults on every call). The LayerNorm parameter
+  // gradients are summed over groups of at least 64 rows: one step at
+  // larger batches (its rows are in cache), several at small ones.
+  static constexpr int64_t kGradBlockRows = 1024;
+  static constexpr int64_t kParamGradRows = 64;
+  // The storage dtype of the GEMMs for a half-type op: the CPU upcasts.
+  static constexpr bool kNativeHalf = false;
+
+  // Workspaces and saved activations come from the CPU buffer cache.
+  static at::Tensor empty_activation(at::IntArrayRef sizes,
+                                     const at::TensorOptions& options) {
+    return cpu::empty_activation(sizes, options);
+  }
+
+  template <bool Training, typename T>
+  static void forward_step(const ForwardStepParams<T>& p) {
+    kernels<T>().forward_step[Training](p);
+  }
+  template <bool AddOutputGrad, typename T>
+  static void backward_step(const BackwardStepParams<T>& p) {
+    kernels<T>().backward_step[AddOutputGrad](p);
+  }
+  template <bool Training, typename T>
+  static void layer_norm_forward_step(const LayerNormStepParams<T>& p) {
+    kernels<T>().layer_norm_forward_step[Training](p);
+  }
+  template <typename T>
+  static void layer_norm_backward_step(const LayerNormBackwardStepParams<T>& p) {
+    kernels<T>().layer_norm_backward_step(p);
+  }
+  template <typename T>
+  static void layer_norm_param_grads(const LayerNormParamGradsParams<T>& p) {
+    kernels<T>().layer_norm_param_grads(p);
+  }
+  // C[m, n] (+)= op(A) op(B), row-major; beta is 0 or 1.
+  template <typename T>
+  static void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n,
+                   int64_t k, const T* a, int64_t lda, const T* b,
+                   int64_t ldb, T beta, T* c, int64_t ldc) {
+    cpu::gemm(trans_a, trans_b, m, n, k, T(1), a, lda, b, ldb, beta, c, ldc);
+  }
+  template <typename T>
+  static void copy(T* dst, const T* src, int64_t count) {
+    std::memcpy(dst, src, sizeof(T) * count);
+  }
+  template <typename T>
+  static void copy_rows(const RowCopy* copies, int64_t count, int64_t width,
+                        T* dst, const T* src_a, const T* src_b) {
+    for (int64_t i = 0; i < count; ++i) {
+      const RowCopy& c = copies[i];
+      std::memcpy(dst + c.dst_row * width,
+                  (c.from_second ? src_b : src_a) + c.src_row * width,
+                  sizeof(T) * c.rows * width);
+    }
+  }
+  template <typename T, typename S>
+  static void add(S* dst, const T* a, const S* b, int64_t count) {
+    for (int64_t i = 0; i < count; ++i) dst[i] = a[i] + b[i];
+  }
+};
+
+}  // namespace rnnfast::cpu
+
+namespace rnnfast {
+const char* cpu_kernels_in_use() { return cpu::kernel_table().capability; }
+const char* cpu_gemm_in_use() { return cpu::gemm_backend(); }
+int64_t release_cpu_buffer_cache() { return cpu::empty_activation_cache(); }
+int64_t cpu_buffer_cache_bytes() { return cpu::activation_cache_bytes(); }
+}  // namespace rnnfast
+
+TORCH_LIBRARY_IMPL(rnnfast, CPU, m) {
+  m.impl("lstm_forward", &rnnfast::lstm_forward_op<rnnfast::cpu::CpuBackend>);
+  m.impl("lstm_backward",
+         &rnnfast::lstm_backward_op<rnnfast::cpu::CpuBackend>);
+  m.impl("layer_norm_lstm_forward",
+         &rnnfast::layer_norm_lstm_forward_op<rnnfast::cpu::CpuBackend>);
+  m.impl("layer_norm_lstm_backward",
+         &rnnfast::layer_norm_lstm_backward_op<rnnfast::cpu::CpuBackend>);
+}

@@ -1,0 +1,34 @@
+// The step kernels of the CUDA backend (cuda_backend.h), declared for the
+// host code; defined in lstm_kernels.cuh and layer_norm_kernels.cuh and
+// instantiated by the .cu files.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "../lstm_params.h"
+
+namespace rnnfast::cuda {
+
+// One launch each on the current stream, over rows x hidden, computing the
+// cell math of lstm_cell.h in T. Instantiated for (T, S) = (float, float),
+// (double, double), (float, Half), (float, BFloat16) and both values of the
+// flag (lstm_forward_step.cu, lstm_backward_step.cu).
+template <bool Training, typename T, typename S>
+void lstm_forward_step(const ForwardStepParams<T, S>& p);
+template <bool AddOutputGrad, typename T, typename S>
+void lstm_backward_step(const BackwardStepParams<T, S>& p);
+
+// The LayerNorm-LSTM kernels (layer_norm_lstm_driver.h), one launch each on
+// the current stream: one group of threads per row, block reductions for the
+// row statistics, the math of layer_norm.h and lstm_cell.h in T;
+// deterministic (no atomics). Instantiated for the same types
+// (layer_norm_forward_step.cu, layer_norm_backward_step.cu).
+template <bool Training, typename T, typename S>
+void layer_norm_forward_step(const LayerNormStepParams<T, S>& p);
+template <typename T, typename S>
+void layer_norm_backward_step(const LayerNormBackwardStepParams<T, S>& p);
+template <typename T>
+void layer_norm_param_grads(const LayerNormParamGradsParams<T>& p);
+
+}  // namespace rnnfast::cuda
