@@ -1,4 +1,4 @@
-"""The CPU cache of large activation buffers (csrc/activation_cache.h):
+"""The CPU cache of large activation buffers (csrc/cpu/activation_cache.h):
 buffers are reused across training steps, never while in use, and the cache
 can be emptied or turned off."""
 

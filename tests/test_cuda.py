@@ -1,6 +1,6 @@
 """What only CUDA has: parity of the CUDA kernels with the CPU kernels
 (float64) and with cuDNN (float32), reduced precision judged against
-cuDNN's own error, float32 LayerNorm-LSTM under the device build's fast math,
+cuDNN's own error, float32 LayerNorm-LSTM with the device's fast exp,
 streams, devices, host synchronisation, CUDA-graph capture, and float32
 opcheck of the CUDA kernels.
 
@@ -323,8 +323,8 @@ def test_layer_norm_lstm_float32_error_within_twice_reference(cuda_device, confi
     """In float32 every output and gradient is at most twice as far from a
     float64 ground truth as the plain-PyTorch reference's in float32 on the
     same GPU, plus a floor of 32 float32 eps at the ground truth's scale
-    (the device code is built with fast math, whose exp is a few ulps off;
-    an indexing or reduction bug is off by far more)."""
+    (the device sigmoid uses the fast __expf, a few ulps off; an indexing
+    or reduction bug is off by far more)."""
     torch.manual_seed(0)
     ref_model = randomize_layer_norm_(
         LAYER_NORM_LSTM_CELL.reference(I, H, **module_kwargs(config)))
