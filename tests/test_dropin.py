@@ -1,0 +1,216 @@
+"""Drop-in behaviours beyond the forward contract (issue 14): torch.load of
+whole saved models, isinstance, parametrizations and torch.func transforms,
+each checked against torch.nn.LSTM (or, for the LayerNorm-LSTM, the
+plain-PyTorch reference)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jacfwd, jacrev, jvp, vjp, vmap
+
+import rnnfast
+from utils import make_layer_norm_lstm_pair, make_lstm_pair
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CELLS = ["lstm", "layer_norm_lstm"]
+
+
+def make_pair(cell: str, input_size: int = 3, hidden_size: int = 4, **kwargs):
+    """(rnnfast module, ground truth) with identical parameters, float64:
+    nn.LSTM for the LSTM, the plain-PyTorch reference for the LayerNorm-LSTM."""
+    if cell == "lstm":
+        return make_lstm_pair(input_size, hidden_size, **kwargs)
+    return make_layer_norm_lstm_pair(input_size, hidden_size, **kwargs)
+
+
+def assert_trees_close(got, expected, **tol):
+    if isinstance(expected, dict):
+        assert got.keys() == expected.keys()
+        for k in expected:
+            torch.testing.assert_close(got[k], expected[k], msg=lambda m: f"{k}: {m}", **tol)
+    elif isinstance(expected, (tuple, list)):
+        assert len(got) == len(expected)
+        for g, e in zip(got, expected):
+            assert_trees_close(g, e, **tol)
+    else:
+        torch.testing.assert_close(got, expected, **tol)
+
+
+# ---------------------------------------------------------------------------
+# torch.func
+# ---------------------------------------------------------------------------
+def _loss_fn(model):
+    """loss(params, x) over output, h_n and c_n, so every output's gradient
+    path is exercised."""
+    def loss(params, x):
+        out, (h, c) = functional_call(model, params, (x,))
+        return (out * out.cos()).sum() + (h ** 2).sum() + 0.5 * c.sum()
+    return loss
+
+
+def _params(model):
+    return {k: v.detach() for k, v in model.named_parameters()}
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("num_layers,bidirectional", [(1, False), (2, True)])
+def test_func_grad_wrt_parameters_and_input(cell, num_layers, bidirectional):
+    ours, ref = make_pair(cell, num_layers=num_layers, bidirectional=bidirectional)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    for argnums in (0, 1, (0, 1)):
+        got = grad(_loss_fn(ours), argnums=argnums)(_params(ours), x)
+        expected = grad(_loss_fn(ref), argnums=argnums)(_params(ref), x)
+        assert_trees_close(got, expected)
+    # ... and the value itself, through grad_and_value
+    _, value = torch.func.grad_and_value(_loss_fn(ours))(_params(ours), x)
+    torch.testing.assert_close(value, _loss_fn(ref)(_params(ref), x))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_func_jacrev_and_vjp(cell):
+    ours, ref = make_pair(cell, num_layers=2, batch_first=True)
+    x = torch.randn(2, 4, 3, dtype=torch.float64)
+
+    def out_of(model):
+        return lambda x: model(x)[0]
+
+    torch.testing.assert_close(jacrev(out_of(ours))(x), jacrev(out_of(ref))(x))
+    jac = jacrev(lambda p: functional_call(ours, p, (x,))[1][0])(_params(ours))
+    jac_ref = jacrev(lambda p: functional_call(ref, p, (x,))[1][0])(_params(ref))
+    assert_trees_close(jac, jac_ref)
+    (out, vjp_fn), (out_ref, vjp_ref) = vjp(out_of(ours), x), vjp(out_of(ref), x)
+    torch.testing.assert_close(out, out_ref)
+    cotangent = torch.randn_like(out)
+    torch.testing.assert_close(vjp_fn(cotangent), vjp_ref(cotangent))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("batched", [False, True], ids=["unbatched-seqs", "batched-seqs"])
+@pytest.mark.parametrize("in_dim", [0, 1])
+def test_func_vmap_over_sequences(cell, batched, in_dim):
+    """vmap over a batch of sequences (each unbatched [T, I] or batched
+    [T, B, I]) equals the ground truth run on each slice; with and without
+    a vmapped initial state."""
+    ours, ref = make_pair(cell, num_layers=2, bidirectional=True)
+    shape = (5, 2, 3) if batched else (5, 3)
+    xs = torch.randn(4, *shape, dtype=torch.float64).movedim(0, in_dim)
+    got = vmap(lambda x: ours(x), in_dims=in_dim)(xs)
+    for v in range(4):
+        expected = ref(xs.select(in_dim, v))
+        assert_trees_close((got[0][v], got[1][0][v], got[1][1][v]),
+                           (expected[0], *expected[1]))
+    # a vmapped initial state with shared input, and both vmapped
+    state_shape = (4, 4, 2, 4) if batched else (4, 4, 4)
+    h0 = torch.randn(state_shape, dtype=torch.float64)
+    c0 = torch.randn(state_shape, dtype=torch.float64)
+    x0 = xs.select(in_dim, 0)
+    for x, x_dim in ((x0, None), (xs, in_dim)):
+        got = vmap(lambda x, h, c: ours(x, (h, c)), in_dims=(x_dim, 0, 0))(x, h0, c0)
+        for v in range(4):
+            xv = x if x_dim is None else x.select(x_dim, v)
+            expected = ref(xv, (h0[v], c0[v]))
+            assert_trees_close((got[0][v], got[1][0][v], got[1][1][v]),
+                               (expected[0], *expected[1]))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_func_per_sample_gradients(cell):
+    """vmap(grad(loss)) over the samples of a batch: each sample's gradient
+    of every parameter, as the ground truth's gradient of that sample alone
+    (the main use: differential privacy, meta-learning)."""
+    ours, ref = make_pair(cell, num_layers=2, bidirectional=True, batch_first=True)
+    xs = torch.randn(3, 1, 4, 3, dtype=torch.float64)  # 3 samples of [B=1, T=4, I=3]
+
+    per_sample = vmap(grad(_loss_fn(ours)), in_dims=(None, 0))(_params(ours), xs)
+    for v in range(3):
+        expected = grad(_loss_fn(ref))(_params(ref), xs[v])
+        assert_trees_close({k: t[v] for k, t in per_sample.items()}, expected)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_func_vmap_over_parameters(cell):
+    """vmap over stacked parameters (a model ensemble, each member its own
+    weights): the ops loop over the members."""
+    ours, ref = make_pair(cell)
+    members = [make_pair(cell, seed=s)[1] for s in range(3)]
+    stacked = {k: torch.stack([dict(m.named_parameters())[k].detach() for m in members])
+               for k, _ in ref.named_parameters()}
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    got = vmap(lambda p: functional_call(ours, p, (x,))[0])(stacked)
+    for v, member in enumerate(members):
+        torch.testing.assert_close(got[v], member(x)[0])
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_func_vmap_then_autograd_backward(cell):
+    """Ordinary autograd through a vmapped forward reaches the parameters."""
+    ours, ref = make_pair(cell)
+    xs = torch.randn(3, 5, 2, 3, dtype=torch.float64)
+    vmap(lambda x: ours(x)[0])(xs).pow(2).sum().backward()
+    ref(xs.transpose(0, 1).reshape(5, 6, 3))[0].pow(2).sum().backward()
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_forward_mode_ad_is_refused_clearly(cell):
+    """No tangent formula: jvp, jacfwd and forward_ad raise a RuntimeError
+    that names reverse mode, never a silent zero Jacobian."""
+    ours, _ = make_pair(cell)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="forward-mode AD .* not supported.*jacrev"):
+        jacfwd(lambda x: ours(x)[0])(x)
+    with pytest.raises(RuntimeError, match="forward-mode AD .* not supported"):
+        jvp(lambda x: ours(x)[0], (x,), (torch.ones_like(x),))
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="forward-mode AD"):
+        ours(fwAD.make_dual(x, torch.ones_like(x)))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_func_double_grad_is_refused_clearly(cell):
+    ours, _ = make_pair(cell)
+    x = torch.randn(3, 1, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="double backward"):
+        jacrev(jacrev(lambda x: ours(x)[0].sum()))(x)
+    with pytest.raises(RuntimeError, match="double backward"):
+        grad(lambda x: grad(lambda x: ours(x)[0].pow(2).sum())(x).sum())(x)
+    # torch.func.hessian is forward-over-reverse: refused as forward mode
+    with pytest.raises(RuntimeError, match="forward-mode AD"):
+        torch.func.hessian(lambda x: ours(x)[0].sum())(x)
+
+
+class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts calls of each rnnfast op that reach the kernels."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "rnnfast":
+            self.counts[func._opname] = self.counts.get(func._opname, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_func_vmap_folds_into_one_recurrence(cell):
+    """With shared weights, vmap over V sequences runs each layer's forward
+    op once, over V * B rows, not V times; per-sample weights loop."""
+    ours, _ = make_pair(cell, num_layers=2)
+    op = "lstm_forward" if cell == "lstm" else "layer_norm_lstm_forward"
+    with _CountOps() as counter:
+        vmap(lambda x: ours(x)[0])(torch.randn(4, 5, 2, 3, dtype=torch.float64))
+    assert counter.counts == {op: 2}
+    stacked = {k: torch.stack([v.detach()] * 4) for k, v in ours.named_parameters()}
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    with _CountOps() as counter:
+        vmap(lambda p: functional_call(ours, p, (x,)))(stacked)
+    assert counter.counts == {op: 8}
