@@ -214,3 +214,88 @@ def test_func_vmap_folds_into_one_recurrence(cell):
     with _CountOps() as counter:
         vmap(lambda p: functional_call(ours, p, (x,)))(stacked)
     assert counter.counts == {op: 8}
+
+
+# ---------------------------------------------------------------------------
+# torch.save / torch.load of whole models
+# ---------------------------------------------------------------------------
+_MODEL_SOURCE = '''
+import torch
+from torch import nn
+import rnnfast
+
+
+class TinyLM(nn.Module):
+    """Embedding -> rnnfast layer -> Linear, as a user's model would be."""
+
+    def __init__(self, layer_cls, vocab=11, width=6, hidden=8):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.rnn = layer_cls(width, hidden, num_layers=2, dropout=0.25, batch_first=True,
+                             bidirectional=True)
+        self.head = nn.Linear(2 * hidden, vocab)
+
+    def forward(self, tokens, state=None):
+        out, state = self.rnn(self.embed(tokens), state)
+        return self.head(out), state
+'''
+
+_LOAD_SCRIPT = '''
+import sys
+import torch
+from torch import nn
+sys.path.insert(0, sys.argv[1])
+import rnnfast
+from tiny_lm import TinyLM
+
+# What a user allowlists for their own model (as PyTorch's examples do for
+# nn.LSTM models); rnnfast's classes are allowlisted by importing rnnfast.
+torch.serialization.add_safe_globals([TinyLM, nn.Embedding, nn.Linear])
+model = torch.load(sys.argv[2])  # the default: weights_only=True
+tokens, expected_out, expected_h, expected_c = torch.load(sys.argv[3])
+assert type(model.rnn) is getattr(rnnfast, sys.argv[4]), type(model.rnn)
+assert not model.training
+out, (h, c) = model(tokens)
+torch.testing.assert_close(out, expected_out, rtol=0, atol=0)
+torch.testing.assert_close(h, expected_h, rtol=0, atol=0)
+torch.testing.assert_close(c, expected_c, rtol=0, atol=0)
+model.train()
+loss = model(tokens)[0].square().mean()
+loss.backward()
+assert all(p.grad is not None for p in model.parameters())
+print("loaded", sys.argv[4])
+'''
+
+
+@pytest.mark.parametrize("layer", ["LSTM", "LayerNormLSTM"])
+def test_whole_model_saved_with_torch_save_loads_with_default_torch_load(
+        tmp_path, monkeypatch, layer):
+    """Embedding -> rnnfast layer -> Linear saved with torch.save loads in a
+    fresh process with plain torch.load and gives identical outputs."""
+    (tmp_path / "tiny_lm.py").write_text(_MODEL_SOURCE)
+    (tmp_path / "load.py").write_text(_LOAD_SCRIPT)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "tiny_lm", raising=False)
+    from tiny_lm import TinyLM
+    model = TinyLM(getattr(rnnfast, layer)).eval()
+    tokens = torch.randint(0, 11, (3, 7))
+    with torch.no_grad():
+        out, (h, c) = model(tokens)
+    torch.save(model, tmp_path / "model.pt")
+    torch.save((tokens, out, h, c), tmp_path / "expected.pt")
+    # all that is left for the user to allowlist is their own classes and torch's
+    assert set(torch.serialization.get_unsafe_globals_in_checkpoint(tmp_path / "model.pt")) == {
+        "tiny_lm.TinyLM", "torch.nn.modules.sparse.Embedding", "torch.nn.modules.linear.Linear"}
+
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run(
+        [sys.executable, str(tmp_path / "load.py"), str(tmp_path), str(tmp_path / "model.pt"),
+         str(tmp_path / "expected.pt"), layer],
+        capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"loaded {layer}" in result.stdout
+
+
+def test_rnnfast_classes_are_allowlisted_on_import():
+    safe = torch.serialization.get_safe_globals()
+    assert rnnfast.LSTM in safe and rnnfast.LayerNormLSTM in safe
