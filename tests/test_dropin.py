@@ -299,3 +299,131 @@ def test_whole_model_saved_with_torch_save_loads_with_default_torch_load(
 def test_rnnfast_classes_are_allowlisted_on_import():
     safe = torch.serialization.get_safe_globals()
     assert rnnfast.LSTM in safe and rnnfast.LayerNormLSTM in safe
+
+
+# ---------------------------------------------------------------------------
+# isinstance: not an nn.LSTM subclass, so that fullgraph compile keeps working
+# ---------------------------------------------------------------------------
+def test_not_an_nn_lstm_and_the_documented_isinstance_recipe():
+    """rnnfast.LSTM is deliberately not a torch.nn.LSTM (see the next test);
+    the README's recipe, ``isinstance(m, (nn.LSTM, rnnfast.LSTM))``, finds
+    both kinds of layer in a model."""
+    model = nn.ModuleDict({"a": rnnfast.LSTM(3, 4), "b": nn.LSTM(3, 4),
+                           "c": rnnfast.LayerNormLSTM(3, 4), "d": nn.Linear(3, 4)})
+    assert not isinstance(model["a"], nn.LSTM)
+    found = [name for name, m in model.named_children()
+             if isinstance(m, (nn.LSTM, rnnfast.LSTM))]
+    assert found == ["a", "b"]
+    for name in found:  # the typical use: a custom initialisation
+        for pname, p in model[name].named_parameters():
+            if pname.startswith("weight_hh"):
+                nn.init.orthogonal_(p)
+    w = model["a"].weight_hh_l0.detach()
+    torch.testing.assert_close(w.T @ w, torch.eye(4), atol=1e-5, rtol=0)
+
+
+def test_an_nn_lstm_subclass_would_cost_fullgraph_compile():
+    """Why rnnfast.LSTM does not subclass nn.LSTM: Dynamo refuses any
+    nn.LSTM instance (``isinstance(value, nn.LSTM)`` in its module wrapper)
+    unless ``torch._dynamo.config.allow_rnn``, so the same layer as an
+    nn.LSTM subclass fails ``torch.compile(fullgraph=True)``, which
+    rnnfast.LSTM passes. Should torch lift this, this test fails and the
+    decision can be revisited."""
+    layer = rnnfast.LSTM(3, 4, batch_first=True)
+    subclass = type("LSTMSubclass", (rnnfast.LSTM, nn.LSTM), {})
+    as_subclass = subclass.__new__(subclass)  # the same state, nn.LSTM's type
+    as_subclass.__dict__.update(layer.__dict__)
+    assert isinstance(as_subclass, nn.LSTM)
+    x = torch.randn(2, 5, 3)
+    expected = layer(x)[0]
+    torch._dynamo.reset()
+    got = torch.compile(lambda x: layer(x)[0], fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(got, expected)
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="RNN, GRU, or LSTM"):
+        torch.compile(lambda x: as_subclass(x)[0], fullgraph=True, backend="aot_eager")(x)
+    torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------
+# Parametrizations
+# ---------------------------------------------------------------------------
+class _Counting(nn.Module):
+    """A parametrization that counts its evaluations (and scales by 0.9,
+    so its result is really used)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, w):
+        self.calls += 1
+        return 0.9 * w
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_each_parametrized_weight_is_evaluated_once_per_forward(cell):
+    ours, ref = make_pair(cell, num_layers=2, bidirectional=True)
+    names = ["weight_hh_l0", "weight_ih_l1_reverse", "bias_ih_l1"]
+    counters = {}
+    for model in (ours, ref):
+        for name in names:
+            counters[model, name] = _Counting()
+            nn.utils.parametrize.register_parametrization(model, name, counters[model, name])
+            counters[model, name].calls = 0  # registering evaluates it once, as a check
+    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+    out, (h, c) = ours(x)
+    expected_out, (expected_h, expected_c) = ref(x)
+    assert [counters[ours, n].calls for n in names] == [1, 1, 1]
+    torch.testing.assert_close((out, h, c), (expected_out, expected_h, expected_c))
+    out.sum().backward()
+    assert [counters[ours, n].calls for n in names] == [1, 1, 1]  # not again in backward
+    with torch.no_grad():
+        ours(x)
+    assert [counters[ours, n].calls for n in names] == [2, 2, 2]
+    if cell == "lstm":
+        # what the README says of nn.LSTM: one forward (ref(x) above)
+        # evaluates each of them at least twice (torch 2.14: 4, 2, 2)
+        assert all(counters[ref, n].calls >= 2 for n in names)
+
+
+def _parametrized_grads(model, x):
+    out, (h, c) = model(x)
+    loss = (out * out.sin()).sum() + h.sum() + c.square().sum()
+    params = [p for _, p in sorted(model.named_parameters())]
+    return (out, h, c), torch.autograd.grad(loss, [x, *params])
+
+
+@pytest.mark.parametrize("kind", ["spectral_norm-eval", "weight_norm-eval", "weight_norm-train"])
+def test_parametrized_lstm_matches_nn_lstm(kind):
+    """Where evaluating a parametrization twice changes nothing (weight_norm;
+    spectral_norm in eval mode, which does no power iteration) outputs and
+    gradients equal nn.LSTM's, parametrized the same way."""
+    ours, ref = make_lstm_pair(3, 5, num_layers=2, bidirectional=True)
+    parametrize = getattr(nn.utils.parametrizations, kind.split("-")[0])
+    for model in (ours, ref):
+        torch.manual_seed(1)  # spectral_norm's random start vectors
+        for name in ("weight_hh_l0", "weight_ih_l1", "weight_hh_l1_reverse"):
+            parametrize(model, name)
+        model.train(kind.endswith("train"))
+    x = torch.randn(6, 2, 3, dtype=torch.float64, requires_grad=True)
+    got, expected = _parametrized_grads(ours, x), _parametrized_grads(ref, x)
+    torch.testing.assert_close(got, expected)
+
+
+def test_spectral_norm_training_advances_the_power_iteration_once():
+    """In training mode spectral_norm runs one power-iteration step per
+    evaluation: rnnfast's forward advances it once (as for any other
+    layer), nn.LSTM's twice."""
+    ours, ref = make_lstm_pair(3, 5)
+    for model in (ours, ref):
+        torch.manual_seed(1)
+        nn.utils.parametrizations.spectral_norm(model, "weight_hh_l0")
+    sn_ours = ours.parametrizations.weight_hh_l0[0]
+    u0 = sn_ours._u.clone()
+    ours(torch.randn(4, 2, 3, dtype=torch.float64))
+    # one step by hand from the same start: u <- normalize(W v), v <- normalize(W^T u)
+    w = ours.parametrizations.weight_hh_l0.original.detach()
+    v = nn.functional.normalize(w.T @ u0, dim=0, eps=sn_ours.eps)
+    u1 = nn.functional.normalize(w @ v, dim=0, eps=sn_ours.eps)
+    torch.testing.assert_close(sn_ours._u, u1)
