@@ -127,7 +127,7 @@ class CharLM(nn.Module):
     between its layers) -> dropout -> linear layer to next-character logits."""
 
     def __init__(self, rnn: type[nn.Module], vocab: int, embedding: int = 64,
-                 hidden: int = 256, layers: int = 2, dropout: float = 0.2) -> None:
+                 hidden: int = 128, layers: int = 2, dropout: float = 0.2) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, embedding)
         self.drop = nn.Dropout(dropout)
@@ -212,7 +212,7 @@ class Config:
     eval_batch_size: int = 8
     bptt: int = 64
     embedding: int = 64
-    hidden: int = 256
+    hidden: int = 128
     layers: int = 2
     dropout: float = 0.2
     lr: float = 3e-3

@@ -74,6 +74,30 @@ def test_func_grad_wrt_parameters_and_input(cell, num_layers, bidirectional):
 
 
 @pytest.mark.parametrize("cell", CELLS)
+def test_func_grad_packed_sequence_and_projection(cell):
+    """grad w.r.t. the parameters through a PackedSequence input (and, for
+    the LSTM, a projection), against ordinary autograd of the ground truth:
+    torch.func.grad fails there for nn.LSTM itself ("Cannot access data
+    pointer of Tensor that doesn't have storage"), and, for any layer, w.r.t.
+    an input that goes through pack_padded_sequence."""
+    kwargs = dict(proj_size=2) if cell == "lstm" else {}
+    ours, ref = make_pair(cell, num_layers=2, bidirectional=True, **kwargs)
+    x = torch.randn(5, 3, 3, dtype=torch.float64)
+
+    def loss_fn(model):
+        def loss(params, x):
+            packed = nn.utils.rnn.pack_padded_sequence(x, [5, 2, 4], enforce_sorted=False)
+            out, (h, c) = functional_call(model, params, (packed,))
+            return out.data.sin().sum() + (h ** 2).sum() + c.sum()
+        return loss
+
+    got = grad(loss_fn(ours))(_params(ours), x)
+    params = dict(ref.named_parameters())
+    expected = torch.autograd.grad(loss_fn(ref)(params, x), list(params.values()))
+    assert_trees_close(got, dict(zip(params, expected)))
+
+
+@pytest.mark.parametrize("cell", CELLS)
 def test_func_jacrev_and_vjp(cell):
     ours, ref = make_pair(cell, num_layers=2, batch_first=True)
     x = torch.randn(2, 4, 3, dtype=torch.float64)
