@@ -354,18 +354,23 @@ torch.library.register_autograd(
 
 # ---- no double backward ------------------------------------------------------
 
-def _refuse_double_backward(name: str):
-    def setup_context(ctx, inputs, output):
-        pass
+def _no_setup_context(ctx, inputs, output):
+    pass
 
+
+def _double_backward_error(name: str):
+    """The autograd formula of a backward op: a clear refusal."""
     def backward(ctx, *grads):
         raise RuntimeError(
             f"rnnfast: {name} is not differentiable: double backward (a gradient "
             "of a gradient, e.g. a gradient penalty) through rnnfast layers is "
             "not supported")
+    return backward
 
-    torch.library.register_autograd(f"rnnfast::{name}", backward,
-                                    setup_context=setup_context)
+
+def _refuse_double_backward(name: str):
+    torch.library.register_autograd(f"rnnfast::{name}", _double_backward_error(name),
+                                    setup_context=_no_setup_context)
 
 
 for _name in ("lstm_backward", "layer_norm_lstm_backward"):
@@ -422,30 +427,17 @@ def _transformable(op, setup_context, backward) -> type:
     return Function
 
 
-def _no_setup_context(ctx, inputs, output):
-    pass
-
-
-def _refuse_double_backward_fn(name: str):
-    def backward(ctx, *grads):
-        raise RuntimeError(
-            f"rnnfast: {name} is not differentiable: double backward (a gradient "
-            "of a gradient, e.g. a gradient penalty or torch.func.hessian) through "
-            "rnnfast layers is not supported")
-    return backward
-
-
 _LSTMForwardFunction = _transformable(
     torch.ops.rnnfast.lstm_forward.default, _lstm_setup_context, _lstm_backward_autograd)
 _LSTMBackwardFunction = _transformable(
     torch.ops.rnnfast.lstm_backward.default, _no_setup_context,
-    _refuse_double_backward_fn("lstm_backward"))
+    _double_backward_error("lstm_backward"))
 _LayerNormLSTMForwardFunction = _transformable(
     torch.ops.rnnfast.layer_norm_lstm_forward.default, _layer_norm_lstm_setup_context,
     _layer_norm_lstm_backward_autograd)
 _LayerNormLSTMBackwardFunction = _transformable(
     torch.ops.rnnfast.layer_norm_lstm_backward.default, _no_setup_context,
-    _refuse_double_backward_fn("layer_norm_lstm_backward"))
+    _double_backward_error("layer_norm_lstm_backward"))
 
 
 # ---- vmap rules -----------------------------------------------------------------
