@@ -177,7 +177,9 @@ def torch_step(model: nn.Module) -> Step:
 @dataclass
 class Run:
     """One ``--rnn``'s results: per epoch the training and validation
-    perplexity, training time and cumulative training time (seconds); then
+    perplexity, training time (wall clock, and the process's CPU time: on a
+    shared machine the latter is what the model cost) and cumulative
+    training time (seconds); then
     the test perplexity of the trained model, of the model reloaded with
     torch.load, and, over the test chunks of full length, of PyTorch and of
     the ONNX export in onnxruntime (NaN if a stage did not run)."""
@@ -186,6 +188,7 @@ class Run:
     train_ppl: list[float] = field(default_factory=list)
     valid_ppl: list[float] = field(default_factory=list)
     epoch_times: list[float] = field(default_factory=list)
+    epoch_cpu_times: list[float] = field(default_factory=list)
     elapsed: list[float] = field(default_factory=list)
     test_ppl: float = math.nan
     reloaded_test_ppl: float = math.nan
@@ -200,8 +203,17 @@ class Run:
     @property
     def time_per_epoch(self) -> float:
         """Median training time of an epoch, in seconds."""
-        times = sorted(self.epoch_times)
-        return times[len(times) // 2]
+        return _median(self.epoch_times)
+
+    @property
+    def cpu_time_per_epoch(self) -> float:
+        """Median CPU time of an epoch's training, in seconds."""
+        return _median(self.epoch_cpu_times)
+
+
+def _median(values: Sequence[float]) -> float:
+    values = sorted(values)
+    return values[len(values) // 2]
 
 
 @dataclass
@@ -234,7 +246,7 @@ def train(rnn: str, corpus: Corpus, cfg: Config, log: Callable[[str], None] = pr
     elapsed = 0.0
     for epoch in range(1, cfg.epochs + 1):
         model.train()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         total, count, state = 0.0, 0, None
         for inputs, targets in chunks(train_data, cfg.bptt):
             state = detach(state)
@@ -248,14 +260,16 @@ def train(rnn: str, corpus: Corpus, cfg: Config, log: Callable[[str], None] = pr
             total += loss.item() * targets.numel()
             count += targets.numel()
         seconds = time.perf_counter() - start
+        run.epoch_cpu_times.append(time.process_time() - start_cpu)
         elapsed += seconds
         model.eval()
         run.train_ppl.append(math.exp(total / count))
         run.valid_ppl.append(perplexity(torch_step(model), valid_data, cfg.bptt))
         run.epoch_times.append(seconds)
         run.elapsed.append(elapsed)
-        log(f"{run.name:>21} | epoch {epoch} | {seconds:6.1f} s | "
-            f"train ppl {run.train_ppl[-1]:6.3f} | valid ppl {run.valid_ppl[-1]:6.3f}")
+        log(f"{run.name:>21} | epoch {epoch} | {seconds:6.1f} s "
+            f"({run.epoch_cpu_times[-1]:6.1f} s CPU) | train ppl {run.train_ppl[-1]:6.3f} | "
+            f"valid ppl {run.valid_ppl[-1]:6.3f}")
     run.test_ppl = perplexity(torch_step(model), batchify(corpus.test, cfg.eval_batch_size),
                               cfg.bptt)
     return model, run
@@ -360,13 +374,17 @@ def print_table(runs: Sequence[Run], cfg: Config) -> None:
                         f"{cfg.layers}x{cfg.hidden} hidden, {torch.get_num_threads()} "
                         f"CPU thread(s)")
     for col in ("rnn", "valid ppl", "test ppl", "reloaded test ppl",
-                "test ppl, full chunks", "ONNX (onnxruntime)", "time / epoch"):
+                "test ppl, full chunks", "ONNX (onnxruntime)", "time / epoch",
+                "CPU time / epoch"):
         table.add_column(col, justify="left" if col == "rnn" else "right")
+    def fmt(value: float, digits: int = 3) -> str:
+        return "-" if math.isnan(value) else f"{value:.{digits}f}"
+
     for r in runs:
-        table.add_row(r.name, f"{r.valid_ppl[-1]:.3f}", f"{r.test_ppl:.3f}",
-                      f"{r.reloaded_test_ppl:.3f}", f"{r.full_chunks_test_ppl:.4f}",
-                      f"{r.onnx_test_ppl:.4f}" if not r.onnx_error else "export failed",
-                      f"{r.time_per_epoch:.1f} s")
+        table.add_row(r.name, fmt(r.valid_ppl[-1]), fmt(r.test_ppl),
+                      fmt(r.reloaded_test_ppl), fmt(r.full_chunks_test_ppl, 4),
+                      fmt(r.onnx_test_ppl, 4) if not r.onnx_error else "export failed",
+                      f"{r.time_per_epoch:.1f} s", f"{r.cpu_time_per_epoch:.1f} s")
     Console(width=140).print(table)
     for r in runs:
         if r.onnx_error:

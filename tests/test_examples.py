@@ -91,6 +91,7 @@ def test_language_model_learns_and_reloads(language_model_runs, rnn):
     run = runs[rnn]
     vocab = len(_load_example("language_model").load_corpus(30000).vocab)
     assert len(run.valid_ppl) == len(run.train_ppl) == len(run.epoch_times) == 2
+    assert len(run.epoch_cpu_times) == 2 and run.elapsed == sorted(run.elapsed)
     # perplexity falls, from below the vocabulary's (a uniform guess) onwards
     assert run.valid_ppl[1] < run.valid_ppl[0] < vocab, run.valid_ppl
     assert run.train_ppl[1] < run.train_ppl[0], run.train_ppl
