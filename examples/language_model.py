@@ -376,7 +376,10 @@ def print_table(runs: Sequence[Run], cfg: Config) -> None:
     for col in ("rnn", "valid ppl", "test ppl", "reloaded test ppl",
                 "test ppl, full chunks", "ONNX (onnxruntime)", "time / epoch",
                 "CPU time / epoch"):
-        table.add_column(col, justify="left" if col == "rnn" else "right")
+        if col == "rnn":
+            table.add_column(col, no_wrap=True, min_width=21)
+        else:
+            table.add_column(col, justify="right")
     def fmt(value: float, digits: int = 3) -> str:
         return "-" if math.isnan(value) else f"{value:.{digits}f}"
 
