@@ -18,7 +18,7 @@ as a user shipping the model would:
 
 1. saves the whole model with ``torch.save`` and reloads it with
    ``torch.load`` (its default ``weights_only=True``, the user allowlisting
-   only their own classes), and checks the test perplexity is unchanged;
+   only their own classes), and scores the test text with the reloaded model;
 2. exports it with ``torch.onnx.export`` and scores the test text with
    onnxruntime.
 
