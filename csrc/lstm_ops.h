@@ -33,6 +33,21 @@ inline at::Tensor as_compute(const c10::optional<at::Tensor>& t,
   return t.has_value() ? as_compute(*t, dtype) : at::Tensor();
 }
 
+// `flat` (contiguous) reshaped to `sizes` and cast to `dtype`, as a tensor of
+// its own rather than a view: autograd forbids in-place changes to an output
+// of a custom op that is a view, and nn.LSTM allows them (out.relu_()). The
+// result is contiguous, as the fake kernels promise.
+inline at::Tensor reshaped_result(const at::Tensor& flat, at::IntArrayRef sizes,
+                                  at::ScalarType dtype) {
+  return at::_unsafe_view(flat.to(dtype), sizes);
+}
+
+// A copy of `t` in the contiguous layout the fake kernels promise, whatever
+// layout `t` has (a clone would keep a permuted one).
+inline at::Tensor contiguous_copy(const at::Tensor& t) {
+  return t.clone(at::MemoryFormat::Contiguous);
+}
+
 template <typename Backend>
 ForwardOutputs lstm_forward_op(const at::Tensor& input, const at::Tensor& hx,
                                const at::Tensor& cx,
@@ -52,7 +67,7 @@ ForwardOutputs lstm_forward_op(const at::Tensor& input, const at::Tensor& hx,
 
   if (l.rows == 0) {  // empty batch: nothing to compute
     return {at::empty(output_shape(input, s.output), input.options()),
-            hx.clone(), cx.clone(),
+            contiguous_copy(hx), contiguous_copy(cx),
             at::empty({0, 4 * s.hidden}, copts),
             at::empty({0, s.hidden}, copts)};
   }
@@ -72,7 +87,7 @@ ForwardOutputs lstm_forward_op(const at::Tensor& input, const at::Tensor& hx,
     r.gates = at::empty({0, 4 * s.hidden}, copts);
     r.cells = at::empty({0, s.hidden}, copts);
   }
-  return {r.output.view(output_shape(input, s.output)).to(dtype),
+  return {reshaped_result(r.output, output_shape(input, s.output), dtype),
           r.hy.to(dtype), r.cy.to(dtype), r.gates, r.cells};
 }
 
@@ -99,11 +114,14 @@ BackwardOutputs lstm_backward_op(
               "rnnfast.lstm_backward: the forward was run without "
               "training=True, so nothing was saved for the backward");
   if (l.rows == 0) {
-    return {at::zeros_like(input), grad_hy.clone(), grad_cy.clone(),
-            at::zeros_like(weight_ih), at::zeros_like(weight_hh),
+    return {at::zeros(input.sizes(), input.options()),
+            contiguous_copy(grad_hy), contiguous_copy(grad_cy),
+            at::zeros(weight_ih.sizes(), weight_ih.options()),
+            at::zeros(weight_hh.sizes(), weight_hh.options()),
             at::zeros({4 * s.hidden}, weight_ih.options()),
-            weight_hr.has_value() ? at::zeros_like(*weight_hr)
-                                  : at::empty({0}, weight_ih.options())};
+            weight_hr.has_value()
+                ? at::zeros(weight_hr->sizes(), weight_hr->options())
+                : at::empty({0}, weight_ih.options())};
   }
   BackwardResult r;
   AT_DISPATCH_FLOATING_TYPES(cdt, "rnnfast::lstm_backward", [&] {
@@ -116,7 +134,8 @@ BackwardOutputs lstm_backward_op(
         as_compute(output, cdt).view({l.rows, s.output}), gates.contiguous(),
         cells.contiguous());
   });
-  return {r.grad_input.view(input.sizes()).to(dtype), r.grad_hx.to(dtype),
+  return {reshaped_result(r.grad_input, input.sizes(), dtype),
+          r.grad_hx.to(dtype),
           r.grad_cx.to(dtype), r.grad_weight_ih.to(dtype),
           r.grad_weight_hh.to(dtype), r.grad_bias.to(dtype),
           s.has_projection() ? r.grad_weight_hr.to(dtype)
@@ -183,8 +202,8 @@ LayerNormForwardOutputs layer_norm_lstm_forward_op(
   if (l.rows == 0) {
     auto out = empty_workspace();
     std::get<0>(out) = at::empty(output_shape(input, H), input.options());
-    std::get<1>(out) = hx.clone();
-    std::get<2>(out) = cx.clone();
+    std::get<1>(out) = contiguous_copy(hx);
+    std::get<2>(out) = contiguous_copy(cx);
     return out;
   }
   const LayerNormWeights w = layer_norm_weights(
@@ -197,7 +216,7 @@ LayerNormForwardOutputs layer_norm_lstm_forward_op(
         as_compute(hx, cdt), as_compute(cx, cdt), w, eps, training);
   });
   auto out = empty_workspace();
-  std::get<0>(out) = r.output.view(output_shape(input, H)).to(dtype);
+  std::get<0>(out) = reshaped_result(r.output, output_shape(input, H), dtype);
   std::get<1>(out) = r.hy.to(dtype);
   std::get<2>(out) = r.cy.to(dtype);
   if (training) {
@@ -244,8 +263,10 @@ LayerNormBackwardOutputs layer_norm_lstm_backward_op(
               "training=True, so nothing was saved for the backward");
   if (l.rows == 0) {
     const auto zeros_g = at::zeros({G}, weight_ih.options());
-    return {at::zeros_like(input), grad_hy.clone(), grad_cy.clone(),
-            at::zeros_like(weight_ih), at::zeros_like(weight_hh), zeros_g,
+    return {at::zeros(input.sizes(), input.options()),
+            contiguous_copy(grad_hy), contiguous_copy(grad_cy),
+            at::zeros(weight_ih.sizes(), weight_ih.options()),
+            at::zeros(weight_hh.sizes(), weight_hh.options()), zeros_g,
             zeros_g.clone(), zeros_g.clone(), at::zeros({H}, weight_ih.options()),
             at::zeros({H}, weight_ih.options())};
   }
@@ -263,7 +284,7 @@ LayerNormBackwardOutputs layer_norm_lstm_backward_op(
         cells.contiguous(), normalized_ih.contiguous(),
         normalized_hh.contiguous(), stats.contiguous());
   });
-  return {r.grad_input.view(input.sizes()).to(dtype),
+  return {reshaped_result(r.grad_input, input.sizes(), dtype),
           r.grad_hx.to(dtype),
           r.grad_cx.to(dtype),
           r.grad_weight_ih.to(dtype),

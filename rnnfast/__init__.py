@@ -3,6 +3,7 @@ a drop-in torch.nn.LSTM."""
 
 from __future__ import annotations
 
+from . import _export  # noqa: F401  (ONNX export and torch.jit.trace support)
 from . import functional, ops
 from ._C import build_info as _build_info
 from ._C import empty_cache as _empty_cache

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import ops
+from . import _export, ops  # noqa: F401  (ops: what this module composes, via _export)
 
 __all__ = ["lstm", "layer_norm_lstm", "split_weights"]
 
@@ -103,10 +103,9 @@ def lstm(
 
     def run(layer_input, idx, reverse, h0, c0):
         w_ih, w_hh, b_ih, b_hh, w_hr = layers[idx]
-        out, hy, cy, _, _ = ops.lstm_forward(
+        return _export.lstm_forward(
             layer_input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes,
             reverse, save)
-        return out, hy, cy
 
     return _stack(run, input, hx, num_layers=num_layers, dropout=dropout,
                   training=training, bidirectional=bidirectional,
@@ -190,10 +189,9 @@ def layer_norm_lstm(
         w = list(weights[idx * per:(idx + 1) * per])
         b_ih, b_hh = (w[2], w[3]) if bias else (None, None)
         ln = w[-len(_LN_NAMES):]
-        out, hy, cy, *_ = ops.layer_norm_lstm_forward(
+        return _export.layer_norm_lstm_forward(
             layer_input, h0, c0, w[0], w[1], b_ih, b_hh, *ln, batch_sizes, reverse,
             save, eps)
-        return out, hy, cy
 
     return _stack(run, input, hx, num_layers=num_layers, dropout=dropout,
                   training=training, bidirectional=bidirectional,

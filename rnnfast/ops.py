@@ -28,6 +28,14 @@ def _check_same_device(input: Tensor, **tensors: Optional[Tensor]) -> None:
                                  f"({input.device}), got {t.device}")
 
 
+def _contiguous_like(t: Tensor) -> Tensor:
+    """An empty tensor of ``t``'s shape, dtype and device in the contiguous
+    layout, whatever ``t``'s layout: every tensor the real kernels return is
+    contiguous (``torch.empty_like`` would keep a transposed input's strides,
+    e.g. a batch_first input's gradient, and Inductor checks the promise)."""
+    return t.new_empty(t.shape)
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the recurrence keeps its workspace in."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
@@ -115,8 +123,8 @@ def _fake_forward(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor,
     cdt = _compute_dtype(input.dtype)
     return (
         input.new_empty((*input.shape[:-1], out_size)),
-        hx.new_empty(hx.shape),
-        cx.new_empty(cx.shape),
+        _contiguous_like(hx),
+        _contiguous_like(cx),
         *(input.new_empty((saved, width), dtype=cdt) for width in saved_widths),
     )
 
@@ -136,13 +144,13 @@ def _lstm_backward_fake(grad_output, grad_hy, grad_cy, input, hx, cx, weight_ih,
                         weight_hh, weight_hr, batch_sizes, reverse, output, gates,
                         cells):
     return (
-        torch.empty_like(input),
-        torch.empty_like(hx),
-        torch.empty_like(cx),
-        torch.empty_like(weight_ih),
-        torch.empty_like(weight_hh),
+        _contiguous_like(input),
+        _contiguous_like(hx),
+        _contiguous_like(cx),
+        _contiguous_like(weight_ih),
+        _contiguous_like(weight_hh),
         weight_ih.new_empty((weight_ih.shape[0],)),
-        torch.empty_like(weight_hr) if weight_hr is not None else weight_ih.new_empty((0,)),
+        _contiguous_like(weight_hr) if weight_hr is not None else weight_ih.new_empty((0,)),
     )
 
 
@@ -297,16 +305,16 @@ def _layer_norm_lstm_backward_fake(grad_output, grad_hy, grad_cy, input, hx, cx,
                                    output, cells, normalized_ih, normalized_hh,
                                    stats):
     return (
-        torch.empty_like(input),
-        torch.empty_like(hx),
-        torch.empty_like(cx),
-        torch.empty_like(weight_ih),
-        torch.empty_like(weight_hh),
-        torch.empty_like(ln_ih_weight),
-        torch.empty_like(ln_ih_weight),
-        torch.empty_like(ln_hh_weight),
-        torch.empty_like(ln_cell_weight),
-        torch.empty_like(ln_cell_bias),
+        _contiguous_like(input),
+        _contiguous_like(hx),
+        _contiguous_like(cx),
+        _contiguous_like(weight_ih),
+        _contiguous_like(weight_hh),
+        _contiguous_like(ln_ih_weight),
+        _contiguous_like(ln_ih_weight),
+        _contiguous_like(ln_hh_weight),
+        _contiguous_like(ln_cell_weight),
+        _contiguous_like(ln_cell_bias),
     )
 
 

@@ -1,20 +1,25 @@
 """A small forward + backward of every rnnfast layer on CUDA, for
-compute-sanitizer (scripts/gpu_check.sh runs it under memcheck and initcheck).
+compute-sanitizer (scripts/gpu_check.py runs it under memcheck, racecheck,
+synccheck and initcheck).
 
 Covers padded and packed (unsorted) input, batch_first, both directions, two
-layers, a projection and each dtype family, on shapes small enough that the
-sanitizer finishes in seconds, for rnnfast.LSTM and rnnfast.LayerNormLSTM
-(which skips the cases with a projection). The hidden sizes cover both paths
-of the LayerNorm row reductions: 6 (a row within one warp, eight rows to a
-block) and 40 and 70 (rows spanning two or three warps, several rows to a
-block, summed through shared memory; rows of 4H up to nine warps). Exits
-non-zero on any error; the sanitizer adds its own exit code for memory
-errors.
+layers, a projection and each dtype family (bfloat16 with packed input and
+with a projection too), on shapes small enough that the sanitizer finishes
+in seconds, for rnnfast.LSTM and rnnfast.LayerNormLSTM (which skips the
+cases with a projection). The hidden sizes cover every path of the
+LayerNorm row reductions: 6 (a row within one warp, eight rows to a block),
+40 and 70 (rows spanning two or three warps, several rows to a block, summed
+through shared memory; rows of 4H up to nine warps) and 600 (rows of H and
+4H past 480: blocks of the 512-thread maximum, several passes per thread).
+Exits non-zero on any error; the sanitizer adds its own exit code for memory
+errors. ``--device cpu`` runs the same cases on the CPU (a check of the case
+list itself).
 
     PYTHONPATH=. PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
         compute-sanitizer --tool memcheck python scripts/sanitize_case.py
 """
 
+import argparse
 import sys
 
 import torch
@@ -35,6 +40,10 @@ CASES = [
     dict(dtype=torch.float16, packed=True, proj_size=P),
     dict(dtype=torch.float32, packed=True, bidirectional=True, hidden_size=70),
     dict(dtype=torch.float64, batch_first=True, bias=False, num_layers=2, hidden_size=40),
+    # the LayerNorm's 512-thread path (H >= 481): packed, both directions, and bfloat16
+    dict(dtype=torch.float32, packed=True, bidirectional=True, hidden_size=600),
+    dict(dtype=torch.bfloat16, num_layers=2, hidden_size=600),
+    dict(dtype=torch.bfloat16, packed=True, proj_size=P),
 ]
 
 
@@ -50,15 +59,15 @@ def layer_classes():
             yield name, getattr(rnnfast, name)
 
 
-def run_case(cls, case):
+def run_case(cls, case, device="cuda"):
     case = dict(case)
     dtype = case.pop("dtype")
     packed = case.pop("packed", False)
     hidden = case.pop("hidden_size", H)
     torch.manual_seed(0)
-    model = cls(I, hidden, **case).to("cuda", dtype)
+    model = cls(I, hidden, **case).to(device, dtype)
     batch_first = case.get("batch_first", False)
-    x = torch.randn((B, T, I) if batch_first else (T, B, I), device="cuda",
+    x = torch.randn((B, T, I) if batch_first else (T, B, I), device=device,
                     dtype=dtype, requires_grad=True)
     inp = (pack_padded_sequence(x, LENGTHS, batch_first=batch_first, enforce_sorted=False)
            if packed else x)
@@ -68,13 +77,17 @@ def run_case(cls, case):
     with torch.no_grad():  # inference path: nothing saved
         model.eval()
         model(inp)
-    torch.cuda.synchronize()
+    if device == "cuda":
+        torch.cuda.synchronize()
     grads = [x.grad] + [p.grad for p in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
-def main():
-    if not torch.cuda.is_available():
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    device = parser.parse_args(argv).device
+    if device == "cuda" and not torch.cuda.is_available():
         print("sanitize_case: CUDA is not available", file=sys.stderr)
         return 1
     failures = 0
@@ -87,7 +100,7 @@ def main():
                 print(f"skip {label}: {e}")
                 continue
             try:
-                run_case(cls, case)
+                run_case(cls, case, device)
                 print(f"ok   {label}")
             except Exception as e:  # report every case, then fail
                 failures += 1

@@ -6,11 +6,23 @@ the suite never initialises a GPU.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
-import pytest
-import torch
+# Inductor's on-disk caches key a compiled graph by its code, not by the fake
+# kernels of the custom ops in it, so a cache left by an earlier build of
+# rnnfast would replay that build's promised strides. Each test session
+# compiles into a fresh cache of its own (unless one is chosen explicitly).
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    _inductor_cache = tempfile.mkdtemp(prefix="rnnfast-tests-inductor-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _inductor_cache
+    atexit.register(shutil.rmtree, _inductor_cache, ignore_errors=True)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # `from utils import ...` in every test file, whatever pytest's import mode.
 sys.path.insert(0, os.path.dirname(__file__))

@@ -5,6 +5,7 @@ never asserted: the cases are tiny and measured for a few milliseconds."""
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,9 +14,11 @@ import rnnfast
 from rnnfast.bench import cli
 from rnnfast.bench.cases import PRESETS, Case, expand
 from rnnfast.bench.compare import classify, compare
-from rnnfast.bench.impls import discover, floor_gemms
+from rnnfast.bench import impls as impls_module
+from rnnfast.bench.impls import discover, fastest_product, floor_gemms, make_inputs
 from rnnfast.bench.report import markdown, tables, write_readme
-from rnnfast.bench.results import FIELDS, KEY, finalize
+from rnnfast.bench.results import FIELDS, KEY, finalize, load
+from rnnfast.bench.suite import Settings, run_suite, tf32_mode
 from rnnfast.bench.timing import saved_bytes
 from rnnfast.reference import ReferenceLayerNormLSTM
 
@@ -60,7 +63,21 @@ def test_default_preset_has_the_required_cases():
     for mode in ("inference", "training"):
         assert Case(100, 64, 256, 256, mode=mode) in cases
         assert Case(200, 4, 128, 128, mode=mode) in cases
+    # streaming decode: 2 layers, B=1 H=256 and B=8 H=512, one step per call
+    assert Case(1, 1, 256, 256, layers=2, decode=True) in cases
+    assert Case(1, 8, 512, 512, layers=2, decode=True) in cases
+    assert not any(c.decode and c.mode == "training" for c in cases)
     assert len(cases) == len(set(cases))
+    # a decode override keeps one direction only: a reverse direction cannot stream
+    decode = expand(PRESETS["default"], {"decode": [True]}, devices=["cpu"])
+    assert decode and all(c.decode and not c.bidirectional and c.T == 1 for c in decode)
+
+
+def test_old_results_load_with_the_new_axes():
+    doc = load(Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+               / "cpu-xeon-2threads-2026-11-26")
+    assert all(r["tf32"] is False and r["decode"] is False for r in doc["results"])
+    assert tables(doc["results"])
 
 
 def test_overrides_replace_an_axis_and_keep_input_tied():
@@ -89,16 +106,114 @@ def test_impl_selection_keeps_baselines_and_floor():
         cli.plan(cli.parse(TINY + ["--impls", "nope"]))
 
 
-def test_missing_layer_norm_lstm_is_a_note(monkeypatch):
-    monkeypatch.delattr(rnnfast, "LayerNormLSTM", raising=False)
-    impls, notes = discover()
-    assert "rnnfast.LayerNormLSTM" not in {i.name for i in impls}
-    assert any(n.startswith("rnnfast.LayerNormLSTM: skipped") for n in notes)
-    monkeypatch.setattr(rnnfast, "LayerNormLSTM", ReferenceLayerNormLSTM, raising=False)
-    impls, _ = discover(compile=True)
+def test_discover_compile_and_graphs():
+    impls, notes = discover(compile=True)
     names = [i.name for i in impls]
     assert "rnnfast.LayerNormLSTM" in names
     assert "torch.compile(reference.LayerNormLSTM)" in names
+    if not torch.cuda.is_available():
+        assert not any("cuda-graph" in n for n in names)
+        assert any("(cuda-graph): skipped, no CUDA device" in n for n in notes)
+        graphed = impls_module._graphed(impls_module._nn_style(rnnfast.LSTM))
+        with pytest.raises(impls_module.SkipCase, match="CUDA graphs need a CUDA device"):
+            graphed(Case(3, 2, 4, 4), make_inputs(Case(3, 2, 4, 4), 1))
+
+
+def test_gpu_preset_has_the_issues_cases():
+    cases = expand(PRESETS["gpu"], devices=["cuda"])
+    f32 = dict(device="cuda", dtype="float32")
+    for mode in ("inference", "training"):
+        for tf32 in (False, True):  # float32 both ways
+            assert Case(100, 64, 512, 512, **f32, tf32=tf32, mode=mode) in cases
+            assert Case(256, 8, 256, 256, **f32, tf32=tf32, mode=mode) in cases
+        assert Case(100, 64, 512, 512, device="cuda", dtype="bfloat16", mode=mode) in cases
+        assert Case(1024, 16, 768, 768, device="cuda", dtype="bfloat16", mode=mode) in cases
+    decode = [c for c in cases if c.decode]
+    assert {(c.B, c.H, c.layers, c.T) for c in decode} == {(1, 256, 2, 1), (8, 512, 2, 1)}
+    assert all(c.mode == "inference" for c in decode)
+    assert not any(c.tf32 and c.dtype != "float32" for c in cases)
+    assert len(cases) == len(set(cases))
+    # on a CPU the TF32 cases are dropped, not run as something else
+    assert not any(c.tf32 for c in expand(PRESETS["gpu"], devices=["cpu"]))
+
+
+def test_cli_axes_override_the_preset():
+    args = cli.parse(["--grid", "gpu", "--device", "cpu", "--dtype", "float64",
+                      "--decode", "true", "--H", "8", "--max-time", "5"])
+    cases, _, settings, _ = cli.plan(args)
+    assert cases and all(c.decode and c.dtype == "float64" and c.H == 8 and c.T == 1
+                         for c in cases)
+    assert settings.max_time == 5
+
+
+def test_tf32_mode_sets_both_switches_and_restores():
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    for allow in (True, False):
+        with tf32_mode(allow):
+            assert torch.backends.cuda.matmul.allow_tf32 is allow
+            assert torch.backends.cudnn.allow_tf32 is allow
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == saved
+
+
+def test_max_time_stops_before_the_next_case():
+    cases = expand(PRESETS["quick"], {"T": [2], "B": [2], "H": [4]}, modes=["inference"])
+    impls = [i for i in discover()[0] if i.name == "torch.nn.LSTM"]
+    settings = Settings(min_run_time=0.001, warmup=1, inputs=1, max_time=1e-9)
+    records, notes = run_suite(cases, impls, settings)
+    assert records == []
+    assert f"stopped at --max-time 1e-09 s: {len(cases)} of {len(cases)} cases not run" in notes
+
+
+# -- streaming decode ----------------------------------------------------------
+
+def test_decode_runner_carries_the_state():
+    case = Case(1, 2, 3, 4, layers=2, decode=True)
+    inputs = make_inputs(case, 2)
+    model = torch.nn.LSTM(3, 4, num_layers=2)
+    runner = impls_module.decode_runner(model, model, case, inputs)
+    runner.step(0)
+    runner.step(1)
+    with torch.no_grad():
+        _, state = model(inputs.x[0], inputs.hx[0])
+        _, (h, c) = model(inputs.x[1], state)
+    state_tensors = runner.keep[-2:]
+    torch.testing.assert_close(state_tensors[0], h)
+    torch.testing.assert_close(state_tensors[1], c)
+    torch.testing.assert_close(runner.output(0), model(inputs.x[0], inputs.hx[0])[0].detach())
+
+
+def test_decode_run_end_to_end(tmp_path):
+    out = tmp_path / "decode"
+    assert cli.main(["--quick", "--decode", "true", "--layers", "2", "--B", "2", "--H", "4",
+                     "--min-run-time", "0.001", "--warmup", "1", "--inputs", "2",
+                     "--device", "cpu", "--no-plots", "--out", str(out)]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    records = doc["results"]
+    assert records and all(r["decode"] and r["T"] == 1 and r["mode"] == "inference"
+                           for r in records)
+    by = {r["impl"]: r for r in records}
+    assert by["rnnfast.LSTM"]["max_abs_diff"] < 1e-5  # one step, nn.LSTM's weights
+    assert by["rnnfast.LayerNormLSTM"]["max_abs_diff"] < 1e-5
+    assert by["rnnfast.LSTM"]["tokens_per_s"] == pytest.approx(
+        2 / (by["rnnfast.LSTM"]["median_ms"] / 1e3))  # B tokens per step
+    assert " decode" in tables(records)[0].rows[0][0]
+
+
+# -- the GEMM floor's products ---------------------------------------------------
+
+def test_fastest_product_is_measured_and_right():
+    a, w = torch.randn(4, 16), torch.randn(64, 16)
+    out = torch.empty(4, 64)
+    product, prepared, seconds = fastest_product(a, w.t(), out, weight=True, device="cpu")
+    assert {"mm", "linear"} <= set(seconds)
+    if torch._C.has_mkl:
+        assert "mkl-packed" in seconds
+    assert product.name == min(seconds, key=seconds.get)
+    got = product.run(a, prepared, out)
+    torch.testing.assert_close(out if got is None else got, a @ w.t())
+    # an activation operand: only products that pack nothing
+    _, _, seconds = fastest_product(a, w.t(), out, weight=False, device="cpu")
+    assert set(seconds) == {"mm"}
 
 
 # -- GEMM floor and memory accounting -------------------------------------------
@@ -155,8 +270,10 @@ def test_results_json_schema(tiny_run):
     doc = json.loads((tiny_run / "results.json").read_text())
     env = doc["environment"]
     for key in ("device_name", "cpu_model", "threads", "torch_version", "cuda_version",
-                "cudnn_version", "rnnfast_version", "rnnfast_build_info", "date"):
+                "cudnn_version", "cuda_driver", "rnnfast_version", "rnnfast_build_info",
+                "date", "tf32_default"):
         assert key in env
+    assert set(env["tf32_default"]) >= {"cuda.matmul.allow_tf32", "cudnn.allow_tf32"}
     assert env["rnnfast_build_info"]["rnnfast_version"] == rnnfast.__version__
     assert doc["settings"]["preset"] == "quick"
     assert doc["settings"]["argv"][:2] == ["run", "--quick"]
@@ -170,8 +287,8 @@ def test_results_json_schema(tiny_run):
     for r in records:
         assert list(r) == FIELDS
         assert r["mode"] in ("inference", "training")
-        assert (r["T"], r["B"], r["I"], r["H"], r["dtype"], r["device"]) == \
-            (3, 2, 4, 4, "float32", "cpu")
+        assert (r["T"], r["B"], r["I"], r["H"], r["dtype"], r["device"], r["tf32"],
+                r["decode"]) == (3, 2, 4, 4, "float32", "cpu", False, False)
         assert r["median_ms"] > 0 and r["iqr_ms"] >= 0 and r["runs"] >= 5
         assert r["tokens_per_s"] == pytest.approx(6 / (r["median_ms"] / 1e3))
         if r["impl"] != "gemm-floor" and r["mode"] == "training":
@@ -195,7 +312,9 @@ def test_results_json_schema(tiny_run):
             assert ln["ratio"] == pytest.approx(ln_base["median_ms"] / ln["median_ms"])
             assert ln["lstm_ms"] == base["median_ms"]
             assert ln["max_abs_diff"] == 0.0
-            assert floor["backend"] == "eager" and floor["max_abs_diff"] is None
+            assert floor["max_abs_diff"] is None
+            assert floor["backend"].startswith("eager; ")  # and the products that won
+            assert "h_t @ W_hh^T" in floor["backend"] and "x @ W_ih^T" in floor["backend"]
 
 
 def test_results_csv_has_the_same_rows(tiny_run):
@@ -223,7 +342,8 @@ def test_plots_written(tiny_run):
 def _record(impl, family, median, iqr=0.1, mode="inference", H=4, **kw):
     r = {k: None for k in FIELDS}
     r.update(impl=impl, family=family, mode=mode, T=3, B=2, I=4, H=H, layers=1,
-             bidirectional=False, dtype="float32", device="cpu", median_ms=median,
+             bidirectional=False, dtype="float32", device="cpu", tf32=False, decode=False,
+             median_ms=median,
              iqr_ms=iqr, runs=5, tokens_per_s=6e3 / median, saved_bytes_per_token=0.0)
     r.update(kw)
     return r
@@ -252,6 +372,22 @@ def test_tables_per_family_with_floor_and_plain_lstm_time():
     assert lstm.rows[1][lstm.columns.index("x floor")] == "2.00x"
     text = markdown(lstm)
     assert "| case | implementation | median ms |" in text and "|---|---|---:|" in text
+
+
+def test_tf32_and_decode_records_get_their_own_tables():
+    records = finalize([_record("torch.nn.LSTM", "LSTM", 2.0, device="cuda"),
+                        _record("torch.nn.LSTM", "LSTM", 1.0, device="cuda", tf32=True),
+                        _record("rnnfast.LSTM", "LSTM", 0.5, device="cuda", tf32=True),
+                        _record("torch.nn.LSTM", "LSTM", 0.1, device="cuda", T=1,
+                                decode=True)])
+    titles = [t.title for t in tables(records)]
+    assert len(titles) == 2
+    assert titles[0].startswith("LSTM, inference, cuda float32 (")
+    assert titles[1].startswith("LSTM, inference, cuda float32 TF32 (")
+    plain, tf32 = tables(records)
+    assert [row[0] for row in plain.rows if row[0]] == ["T=3 B=2 I=4 H=4",
+                                                       "T=1 B=2 I=4 H=4 decode"]
+    assert tf32.rows[1][tf32.columns.index("speed-up")] == "2.00x"  # TF32 vs TF32 only
 
 
 def test_classify_uses_the_iqrs():

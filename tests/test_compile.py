@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence
 
 import rnnfast
 from utils import make_packed, randomize_layer_norm_
@@ -159,5 +160,79 @@ def test_compile_layer_norm_lstm_fullgraph_aot_eager(device):
     x = torch.randn(B, T, I, device=device)
     try:
         _assert_same(_run(compiled, x), _run(model, x), dict(atol=1e-5, rtol=1e-5))
+    finally:
+        torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------
+# Inductor: the strides the kernels return are the strides the fake kernels
+# promise (Inductor checks them where a kernel's output feeds its own code,
+# aot_eager does not)
+# --------------------------------------------------------------------------
+class _Pipeline(nn.Module):
+    """Trainable layers before, between and after rnnfast layers of every
+    layout, so that each op's input is a view Inductor made (a transposed
+    batch_first input, a permuted output) and each op's gradient feeds
+    Inductor code: batch_first and time-major, uni- and bidirectional, 1 and
+    2 layers, padded and packed, all in one graph (one compile)."""
+
+    def __init__(self, rnn):
+        super().__init__()
+        self.pre = nn.Linear(I, I)
+        self.bf_bi_2 = rnn(I, H, num_layers=2, bidirectional=True, batch_first=True)
+        self.mid = nn.Linear(2 * H, I)
+        self.tm_uni_1 = rnn(I, H)
+        self.bf_uni_2 = rnn(H, H, num_layers=2, batch_first=True)
+        self.packed_bi_1 = rnn(I, H, bidirectional=True, batch_first=True)
+
+    def forward(self, x, packed):  # x: [B, T, I]; packed: of [*, I] rows
+        z = torch.tanh(self.pre(x))
+        y, (h1, c1) = self.bf_bi_2(z)                      # [B, T, 2H]
+        m = self.mid(y)
+        y2, (h2, c2) = self.tm_uni_1(m.transpose(0, 1))    # input: a transposed view
+        y3, (h3, c3) = self.bf_uni_2(y2.transpose(0, 1))   # [B, T, H]
+        # (pack_padded_sequence cannot be traced: the packing comes in)
+        packed = PackedSequence(torch.tanh(self.pre(packed.data)), packed.batch_sizes,
+                                packed.sorted_indices, packed.unsorted_indices)
+        y4, (h4, c4) = self.packed_bi_1(packed)
+        w = torch.linspace(0.5, 1.5, H, dtype=x.dtype, device=x.device)
+        return ((y3 * w).sum() + (y4.data ** 2).sum() + h1.sum() + 2 * c2.sum()
+                + 3 * h3.sum() + c1.sum() + h4.sum() - c3.sum() + (c4 ** 2).sum())
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("rnn", [rnnfast.LSTM, rnnfast.LayerNormLSTM],
+                         ids=["LSTM", "LayerNormLSTM"])
+def test_compile_inductor_strides_every_layout(device, rnn, dynamic):
+    """Inductor (the default backend), fullgraph, forward and backward of
+    every layout equal eager mode; with dynamic shapes a second batch and
+    length run without recompiling."""
+    torch._dynamo.reset()
+    torch.manual_seed(6)
+    model = _Pipeline(rnn).to(device, torch.float64)
+    if rnn is rnnfast.LayerNormLSTM:
+        for name in ("bf_bi_2", "tm_uni_1", "bf_uni_2", "packed_bi_1"):
+            randomize_layer_norm_(getattr(model, name), 6)
+    compiled = torch.compile(model, fullgraph=True, dynamic=dynamic)
+
+    def grads(m, x, lengths):
+        x = x.detach().clone().requires_grad_()
+        rows = make_packed(x.detach().transpose(0, 1), lengths, enforce_sorted=False)
+        rows = rows._replace(data=rows.data.clone().requires_grad_())
+        m.zero_grad(set_to_none=True)
+        loss = m(x, rows)
+        loss.backward()
+        params = getattr(m, "_orig_mod", m).named_parameters()
+        return {"loss": loss.detach(), "grad_x": x.grad, "grad_rows": rows.data.grad,
+                **{f"grad.{n}": p.grad.clone() for n, p in params}}
+
+    tol = dict(atol=1e-9, rtol=1e-9)
+    shapes = [(3, 5, [2, 5, 3])] + ([(4, 7, [7, 1, 4, 6])] if dynamic else [])
+    try:
+        for i, (batch, steps, lengths) in enumerate(shapes):
+            x = torch.randn(batch, steps, I, dtype=torch.float64, device=device)
+            with torch._dynamo.config.patch(error_on_recompile=i > 0):
+                got = grads(compiled, x, lengths)
+            _assert_same(got, grads(model, x, lengths), tol)
     finally:
         torch._dynamo.reset()

@@ -5,9 +5,10 @@
     rnnfast-bench [run] [--quick | --grid {quick,default,full}]
                   [--T N ...] [--B N ...] [--I N ...] [--H N ...] [--layers N ...]
                   [--bidirectional BOOL ...] [--dtype D ...] [--device D ...]
+                  [--tf32 BOOL ...] [--decode BOOL ...]
                   [--mode inference|training ...] [--impls NAME ...] [--compile]
                   [--min-run-time S] [--warmup N] [--inputs N] [--threads N]
-                  [--out DIR] [--list]
+                  [--max-time S] [--out DIR] [--list]
     rnnfast-bench compare OLD.json NEW.json [--threshold X] [--min-change F]
     rnnfast-bench report [RESULTS_DIR ...] [--output benchmarks/README.md]
 """
@@ -61,6 +62,7 @@ def parser() -> argparse.ArgumentParser:
     preset = run.add_mutually_exclusive_group()
     preset.add_argument("--grid", choices=sorted(PRESETS), default="default",
                         help="preset: quick (a smoke test), default (make bench), "
+                             "gpu (the GPU check's cases), "
                              "full (haste's grid + fastrnns, for GPUs)")
     preset.add_argument("--quick", action="store_const", dest="grid", const="quick",
                         help="same as --grid quick")
@@ -69,10 +71,16 @@ def parser() -> argparse.ArgumentParser:
         axes.add_argument(f"--{axis}", type=_positive_int, nargs="+", metavar="N")
     axes.add_argument("--layers", type=_positive_int, nargs="+", metavar="N")
     axes.add_argument("--bidirectional", type=_bool, nargs="+", metavar="BOOL")
-    axes.add_argument("--dtype", choices=sorted(DTYPES), nargs="+")
+    axes.add_argument("--dtype", choices=sorted(DTYPES), nargs="+",
+                      help="default: the preset's (float32 where it names none)")
     axes.add_argument("--device", choices=["cpu", "cuda"], nargs="+",
                       help="default: cpu, plus cuda when a GPU is visible "
                            "(--grid full: cuda when present)")
+    axes.add_argument("--tf32", type=_bool, nargs="+", metavar="BOOL",
+                      help="TF32 matmuls allowed (CUDA float32 cases only; every "
+                           "implementation of a case runs under the same setting)")
+    axes.add_argument("--decode", type=_bool, nargs="+", metavar="BOOL",
+                      help="streaming decode: one step per call, the state carried")
     axes.add_argument("--mode", choices=MODES, nargs="+", default=list(MODES))
     impls = run.add_argument_group("implementations")
     impls.add_argument("--impls", nargs="+", metavar="NAME",
@@ -92,6 +100,9 @@ def parser() -> argparse.ArgumentParser:
     timing.add_argument("--threads", type=_positive_int, metavar="N",
                         help="torch.set_num_threads (default: torch's)")
     timing.add_argument("--seed", type=int, default=0)
+    timing.add_argument("--max-time", type=float, metavar="S",
+                        help="start no case after S seconds (the results so far are "
+                             "written, with a note)")
     output = run.add_argument_group("output")
     output.add_argument("--out", type=Path, metavar="DIR",
                         help="write results.json, results.csv and PNG plots here")
@@ -174,9 +185,9 @@ def plan(args: argparse.Namespace):
     if "cuda" in devices and not torch.cuda.is_available():
         raise SystemExit("rnnfast-bench: --device cuda, but torch sees no CUDA device")
     overrides = dict(T=args.T, B=args.B, I=args.I, H=args.H, layers=args.layers,
-                     bidirectional=args.bidirectional)
-    cases = expand(PRESETS[preset], overrides, modes=args.mode, devices=devices,
-                   dtypes=args.dtype or ["float32"])
+                     bidirectional=args.bidirectional, dtype=args.dtype, tf32=args.tf32,
+                     decode=args.decode)
+    cases = expand(PRESETS[preset], overrides, modes=args.mode, devices=devices)
     impls, notes = discover(compile=args.compile)
     impls, unmatched = _select(impls, args.impls)
     if unmatched:
@@ -187,7 +198,7 @@ def plan(args: argparse.Namespace):
         min_run_time=args.min_run_time if args.min_run_time is not None
         else defaults["min_run_time"],
         warmup=args.warmup if args.warmup is not None else defaults["warmup"],
-        inputs=args.inputs, seed=args.seed, threads=args.threads)
+        inputs=args.inputs, seed=args.seed, threads=args.threads, max_time=args.max_time)
     return cases, impls, settings, notes
 
 
@@ -202,7 +213,8 @@ def _run(args: argparse.Namespace) -> int:
     console = _console()
     if args.list:
         for case in cases:
-            console.print(f"{case.mode:9} {case.device:4} {case.dtype:8} {case.shape_label()}")
+            console.print(f"{case.mode:9} {case.device:4} {case.dtype:8}"
+                          f"{' tf32' if case.tf32 else '     '} {case.shape_label()}")
         console.print("implementations: " + ", ".join(i.name for i in impls))
         for note in notes:
             console.print(f"note: {note}")

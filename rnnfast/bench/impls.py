@@ -13,8 +13,18 @@ over the row's, so above 1 is faster):
   (cuDNN on GPU, oneDNN or the native kernels on CPU).
 * ``LayerNormLSTM``: rnnfast.LayerNormLSTM, its torch.compile'd reference
   and peers against the eager reference.LayerNormLSTM.
-* ``floor``: gemm-floor, the GEMMs of the recurrence alone through torch, the
-  lower bound every implementation is measured against.
+* ``floor``: gemm-floor, the GEMMs of the recurrence alone, each through
+  the fastest product this machine offers for its shape (chosen per GEMM by
+  timing the candidates: torch.mm, F.linear, and on CPUs MKL's packed GEMM
+  and oneDNN's packed linear), the lower bound every implementation is
+  measured against.
+
+``rnnfast.LSTM (cuda-graph)`` and ``rnnfast.LayerNormLSTM (cuda-graph)``
+replay the same calls from CUDA graphs (``torch.cuda.graph``), one per input
+set: rnnfast's ops are capturable, so launch overhead can go.
+
+A ``decode`` case carries the state from call to call: each call is one
+step ``[1, B, I]`` from the previous call's ``(h, c)``.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -32,8 +43,8 @@ from torch import Tensor, nn
 from .. import reference
 from .cases import Case
 
-__all__ = ["Impl", "Runner", "Inputs", "Gemm", "BASELINES", "FAMILIES", "discover",
-           "make_inputs", "floor_gemms", "SkipCase"]
+__all__ = ["Impl", "Runner", "Inputs", "Gemm", "Product", "PRODUCTS", "BASELINES", "FAMILIES",
+           "discover", "make_inputs", "floor_gemms", "fastest_product", "SkipCase"]
 
 BASELINES = {
     "LSTM": "torch.nn.LSTM",
@@ -98,6 +109,9 @@ class Runner:
     module: Optional[nn.Module] = None
     keep: list[Tensor] = field(default_factory=list)
     backend: Optional[str] = None
+    # the same work run eagerly, for the memory accounting of a graphed step
+    # (a replay allocates and saves nothing); None: ``step`` itself
+    eager_step: Optional[Callable[[int], None]] = None
 
 
 @dataclass
@@ -123,12 +137,16 @@ class Impl:
 # Modules
 # ---------------------------------------------------------------------------
 
-Call = Callable[[Tensor, tuple[Tensor, Tensor]], Tensor]
+# call(x, hx) -> (output [T, B, D*H], (h, c)) as nn.LSTM returns them
+Call = Callable[[Tensor, tuple[Tensor, Tensor]], tuple]
 
 
 def module_runner(module: nn.Module, call: Call, case: Case, inputs: Inputs,
                   params_module: Optional[nn.Module] = None) -> Runner:
-    """A runner around ``call(x, hx) -> output`` of a module."""
+    """A runner around ``call(x, hx) -> (output, state)`` of a module (for
+    a decode case, :func:`decode_runner`)."""
+    if case.decode:
+        return decode_runner(module, call, case, inputs, params_module)
     training = case.mode == "training"
     holder = params_module if params_module is not None else module
     holder.train(training)
@@ -140,18 +158,42 @@ def module_runner(module: nn.Module, call: Call, case: Case, inputs: Inputs,
             for p in params:
                 p.grad = None
             x.grad = None
-            call(x, inputs.hx[i]).backward(inputs.grad[i])
+            call(x, inputs.hx[i])[0].backward(inputs.grad[i])
         else:
             with torch.inference_mode():
                 call(x, inputs.hx[i])
 
     def output(i: int) -> Tensor:
         if training:  # the graph that is timed (matters under torch.compile)
-            return call(inputs.x[i], inputs.hx[i]).detach()
+            return call(inputs.x[i], inputs.hx[i])[0].detach()
         with torch.inference_mode():
-            return call(inputs.x[i], inputs.hx[i]).clone()
+            return call(inputs.x[i], inputs.hx[i])[0].clone()
 
     return Runner(step, output, holder, params + inputs.tensors())
+
+
+def decode_runner(module: nn.Module, call: Call, case: Case, inputs: Inputs,
+                  params_module: Optional[nn.Module] = None) -> Runner:
+    """Streaming decode: each call runs one step ``inputs.x[i]`` (``[1, B,
+    I]``) from the state the previous call left, and leaves its own. The
+    state lives in fixed tensors (copied into, so a CUDA graph can replay
+    the step); it starts from ``inputs.hx[0]``."""
+    holder = params_module if params_module is not None else module
+    holder.eval()
+    state = tuple(t.clone() for t in inputs.hx[0])
+
+    def step(i: int) -> None:
+        with torch.inference_mode():
+            _, (h, c) = call(inputs.x[i], state)
+            state[0].copy_(h)
+            state[1].copy_(c)
+
+    def output(i: int) -> Tensor:
+        with torch.inference_mode():
+            return call(inputs.x[i], inputs.hx[i])[0].clone()
+
+    return Runner(step, output, holder, list(holder.parameters()) + inputs.tensors()
+                  + list(state))
 
 
 def _module_kwargs(case: Case) -> dict:
@@ -163,7 +205,7 @@ def _nn_style(cls) -> Callable[[Case, Inputs], Runner]:
     """Builder for a module with nn.LSTM's constructor and forward."""
     def build(case: Case, inputs: Inputs) -> Runner:
         module = cls(case.I, case.H, **_module_kwargs(case))
-        return module_runner(module, lambda x, hx: module(x, hx)[0], case, inputs)
+        return module_runner(module, module, case, inputs)
     return build
 
 
@@ -173,8 +215,7 @@ def _compiled_reference(case: Case, inputs: Inputs) -> Runner:
     torch._dynamo.reset()
     module = reference.ReferenceLayerNormLSTM(case.I, case.H, **_module_kwargs(case))
     compiled = torch.compile(module, dynamic=False)
-    return module_runner(compiled, lambda x, hx: compiled(x, hx)[0], case, inputs,
-                         params_module=module)
+    return module_runner(compiled, compiled, case, inputs, params_module=module)
 
 
 # ---------------------------------------------------------------------------
@@ -186,6 +227,8 @@ def _single_layer_cuda(case: Case, who: str) -> None:
         raise SkipCase(f"{who} runs on CUDA only")
     if case.layers != 1 or case.bidirectional:
         raise SkipCase(f"{who} has one unidirectional layer only")
+    if case.decode:
+        raise SkipCase(f"{who} takes no initial state to carry")
 
 
 def _haste(class_name: str) -> Callable[[Case, Inputs], Runner]:
@@ -194,7 +237,7 @@ def _haste(class_name: str) -> Callable[[Case, Inputs], Runner]:
         haste = importlib.import_module("haste_pytorch")
         module = getattr(haste, class_name)(case.I, case.H).to(case.device, case.torch_dtype)
         # haste's forward takes no initial state: it starts from zeros
-        return module_runner(module, lambda x, hx: module(x)[0], case, inputs)
+        return module_runner(module, lambda x, hx: (module(x)[0], None), case, inputs)
     return build
 
 
@@ -210,7 +253,7 @@ def _flashrnn(case: Case, inputs: Inputs) -> Runner:
     module.b = nn.Parameter(torch.empty(4, 1, H, **opts).uniform_(-k, k))     # [G, N, D]
     backend = ["cuda_fused"]
 
-    def call(x: Tensor, hx: tuple[Tensor, Tensor]) -> Tensor:
+    def call(x: Tensor, hx: tuple[Tensor, Tensor]) -> tuple:
         # Wx: [B, T, G, N, D]; states: [S, B, 1, N, D]; output: [S, B, T(+1), N, D]
         wx = F.linear(x, module.weight_ih).view(T, B, 4, 1, H).transpose(0, 1).contiguous()
         states = torch.stack([hx[0][0], hx[1][0]]).view(2, B, 1, 1, H)
@@ -223,7 +266,7 @@ def _flashrnn(case: Case, inputs: Inputs) -> Runner:
             backend[0] = "cuda"  # the fused kernel limits the hidden size
             h, _ = flashrnn(wx, module.R, module.b, states=states, function="lstm",
                             backend=backend[0], dtype=case.dtype)
-        return h[0, :, -T:].reshape(B, T, H).transpose(0, 1)
+        return h[0, :, -T:].reshape(B, T, H).transpose(0, 1), None
 
     return module_runner(module, call, case, inputs)
 
@@ -280,15 +323,142 @@ def floor_gemms(case: Case) -> list[Gemm]:
     return gemms
 
 
+@dataclass(frozen=True)
+class Product:
+    """One way to compute ``a [m, k] @ b [k, n]``: ``prepare(b, m)`` once
+    (outside the timing: a packed copy of a weight), then ``run(a,
+    prepared, out)`` per call, into ``out`` or returning a new tensor.
+    ``weights_only``: it packs ``b``, so it serves only products with a
+    fixed weight (an activation would have to be packed every call)."""
+
+    name: str
+    prepare: Callable[[Tensor, int], object]
+    run: Callable[[Tensor, object, Tensor], Optional[Tensor]]
+    weights_only: bool
+    available: Callable[[str, torch.dtype], bool]
+
+
+def _mm_run(a: Tensor, b: Tensor, out: Tensor) -> None:
+    torch.mm(a, b, out=out)
+
+
+def _mkl_prepare(b: Tensor, m: int) -> tuple:
+    w = b.t().contiguous()
+    return torch.ops.mkl._mkl_reorder_linear_weight(w, m), w
+
+
+def _mkl_run(a: Tensor, packed: tuple, out: Tensor) -> Tensor:
+    return torch.ops.mkl._mkl_linear(a, packed[0], packed[1], None, a.shape[0])
+
+
+def _onednn_run(a: Tensor, packed: Tensor, out: Tensor) -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+
+
+def _cpu_op(namespace: str, *names: str) -> Callable[[str, torch.dtype], bool]:
+    def available(device: str, dtype: torch.dtype) -> bool:
+        if device != "cpu":
+            return False
+        ns = getattr(torch.ops, namespace)
+        return all(hasattr(ns, n) for n in names)
+    return available
+
+
+PRODUCTS = [
+    Product("mm", lambda b, m: b, _mm_run, False, lambda device, dtype: True),
+    Product("linear", lambda b, m: b.t().contiguous(), lambda a, w, out: F.linear(a, w), True,
+            lambda device, dtype: True),
+    # MKL's packed GEMM (cblas_sgemm_compute), as Inductor uses for float32 linears
+    Product("mkl-packed", _mkl_prepare, _mkl_run, True,
+            lambda device, dtype: (dtype == torch.float32 and torch._C.has_mkl
+                                   and _cpu_op("mkl", "_mkl_reorder_linear_weight",
+                                               "_mkl_linear")(device, dtype))),
+    # oneDNN's inner product on a weight reordered once
+    Product("onednn-packed",
+            lambda b, m: torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), m),
+            _onednn_run, True,
+            lambda device, dtype: (dtype in (torch.float32, torch.bfloat16)
+                                   and torch.backends.mkldnn.is_available()
+                                   and _cpu_op("mkldnn", "_reorder_linear_weight",
+                                               "_linear_pointwise")(device, dtype))),
+]
+
+
+def _seconds_per_call(fn: Callable[[], object], device: str, min_s: float = 2e-3) -> float:
+    """The best of three blocks of calls, each block at least ``min_s``."""
+    from .timing import synchronize
+
+    fn()
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    number = max(1, int(min_s / max(time.perf_counter() - start, 1e-7)))
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(number):
+            fn()
+        synchronize(device)
+        best = min(best, (time.perf_counter() - start) / number)
+    return best
+
+
+def fastest_product(a: Tensor, b: Tensor, out: Tensor, weight: bool,
+                    device: str) -> tuple[Product, object, dict[str, float]]:
+    """The fastest :data:`PRODUCTS` entry for ``a @ b`` on this machine
+    (those that pack only when ``b`` is a ``weight``), measured here, with
+    its prepared operand and every candidate's seconds per call. A
+    candidate that raises or disagrees with torch.mm is left out."""
+    want = torch.mm(a, b)
+    tol = 1e-2 if a.dtype in (torch.float16, torch.bfloat16) else 1e-4
+    scale = want.abs().max().item() + 1.0
+    best: Optional[tuple[float, Product, object]] = None
+    seconds: dict[str, float] = {}
+    for product in PRODUCTS:
+        if (product.weights_only and not weight) or not product.available(device, a.dtype):
+            continue
+        try:
+            prepared = product.prepare(b, a.shape[0])
+            got = product.run(a, prepared, out)
+            got = out if got is None else got
+            if (got.float() - want.float()).abs().max().item() > tol * scale:
+                continue
+            t = _seconds_per_call(lambda: product.run(a, prepared, out), device)
+        except (RuntimeError, TypeError, NotImplementedError):
+            continue
+        seconds[product.name] = t
+        if best is None or t < best[0]:
+            best = (t, product, prepared)
+    assert best is not None  # torch.mm always qualifies
+    return best[1], best[2], seconds
+
+
 def _gemm_floor(case: Case, inputs: Inputs) -> Runner:
-    """Runs exactly :func:`floor_gemms` with torch.mm into preallocated
-    outputs, on random operands (rotated like the inputs). On CUDA the
-    calls are replayed from a CUDA graph (no launch overhead); elsewhere each
-    GEMM pays torch's per-call overhead, as any eager implementation does, so
-    for small shapes a fused implementation can beat this floor."""
+    """Runs exactly :func:`floor_gemms` on random operands (rotated like
+    the inputs), each GEMM through the product that is fastest for its
+    shape here (:func:`fastest_product`, chosen once per shape; the
+    backend field says which won). On CUDA the calls are replayed from a
+    CUDA graph (no launch overhead); elsewhere each GEMM pays torch's
+    per-call overhead, as any eager implementation does, so for small
+    shapes a fused implementation can beat this floor."""
     T, B, H, G = case.T, case.B, case.H, 4 * case.H
     training = case.mode == "training"
     opts = dict(device=case.device, dtype=case.torch_dtype)
+    chosen: dict[tuple, tuple[Product, dict[str, float]]] = {}
+
+    def pick(what: str, a: Tensor, b: Tensor, out: Tensor, weight: bool) -> tuple:
+        """(run, prepared) for ``a @ b`` into ``out``."""
+        key = (what, *a.shape, b.shape[1])
+        with torch.inference_mode():
+            if key not in chosen:
+                product, prepared, seconds = fastest_product(a, b, out, weight, case.device)
+                chosen[key] = (product, seconds)
+            else:
+                product = chosen[key][0]
+                prepared = product.prepare(b, a.shape[0])
+        return product.run, prepared
+
     plans = []  # one per layer and direction
     for layer in range(case.layers):
         size_in = case.I if layer == 0 else case.directions * H
@@ -298,39 +468,57 @@ def _gemm_floor(case: Case, inputs: Inputs) -> Runner:
                      torch.randn(T, B, H, **opts),                   # h_t
                      torch.randn(T, B, G, **opts) if training else None)  # dG
                     for _ in range(len(inputs))]
-            outs = dict(gates=torch.empty(T, B, G, **opts),
-                        dh=torch.empty(B, H, **opts),
-                        dw_hh=torch.empty(G, H, **opts),
-                        dw_ih=torch.empty(G, size_in, **opts),
-                        dx=torch.empty(T * B, size_in, **opts))
-            plans.append((w_ih, w_hh, sets, outs))
+            o = dict(gates=torch.empty(T, B, G, **opts), dh=torch.empty(B, H, **opts),
+                     dw_hh=torch.empty(G, H, **opts), dw_ih=torch.empty(G, size_in, **opts),
+                     dx=torch.empty(T * B, size_in, **opts))
+            x0, h0, dg0 = sets[0]
+            gemms = dict(
+                x_ih=pick("x @ W_ih^T", x0, w_ih.t(), o["gates"].view(T * B, G), True),
+                h_hh=pick("h_t @ W_hh^T", h0[0], w_hh.t(), o["gates"][0], True))
+            if training:
+                dg2 = dg0.view(T * B, G)
+                gemms.update(
+                    dg_hh=pick("dG_t @ W_hh", dg0[0], w_hh, o["dh"], True),
+                    dw_hh=pick("dG^T @ h", dg2.t(), h0.view(T * B, H), o["dw_hh"], False),
+                    dw_ih=pick("dG^T @ x", dg2.t(), x0, o["dw_ih"], False),
+                    dx=pick("dG @ W_ih", dg2, w_ih, o["dx"], True))
+            plans.append((sets, o, gemms))
 
     @torch.inference_mode()
     def step(i: int) -> None:
-        for w_ih, w_hh, sets, o in plans:
+        for sets, o, g in plans:
             x, hs, dg = sets[i]
             gates = o["gates"]
-            torch.mm(x, w_ih.t(), out=gates.view(T * B, G))
+            g["x_ih"][0](x, g["x_ih"][1], gates.view(T * B, G))
+            run, prepared = g["h_hh"]
             for t in range(T):
-                gates[t].addmm_(hs[t], w_hh.t())
+                run(hs[t], prepared, gates[t])
             if training:
+                run, prepared = g["dg_hh"]
                 for t in range(T - 1, -1, -1):
-                    torch.mm(dg[t], w_hh, out=o["dh"])
+                    run(dg[t], prepared, o["dh"])
                 dg2 = dg.view(T * B, G)
-                torch.mm(dg2.t(), hs.view(T * B, H), out=o["dw_hh"])
-                torch.mm(dg2.t(), x, out=o["dw_ih"])
-                torch.mm(dg2, w_ih, out=o["dx"])
+                g["dw_hh"][0](dg2.t(), hs.view(T * B, H), o["dw_hh"])
+                g["dw_ih"][0](dg2.t(), x, o["dw_ih"])
+                g["dx"][0](dg2, g["dx"][1], o["dx"])
 
+    by_product: dict[str, list[str]] = {}
+    for (what, *_), (product, _) in chosen.items():
+        if what not in by_product.setdefault(product.name, []):
+            by_product[product.name].append(what)
+    products = "; ".join(f"{name}: {', '.join(whats)}" for name, whats in by_product.items())
     if case.device.startswith("cuda"):
         graphed = _cuda_graphs(step, len(inputs))
         if graphed is not None:
-            return Runner(graphed, backend="cuda-graph")
-    return Runner(step, backend="eager")
+            return Runner(graphed, backend=f"cuda-graph; {products}")
+    return Runner(step, backend=f"eager; {products}")
 
 
-def _cuda_graphs(step: Callable[[int], None], count: int) -> Optional[Callable[[int], None]]:
-    """``step(i)`` for each input set captured in a CUDA graph, so the floor
-    holds no kernel-launch overhead; None when capture fails."""
+def _cuda_graphs(step: Callable[[int], None], count: int,
+                 strict: bool = False) -> Optional[Callable[[int], None]]:
+    """``step(i)`` for each input set captured in a CUDA graph, so the
+    replay holds no kernel-launch overhead; None when capture fails (or,
+    with ``strict``, the error)."""
     try:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -345,8 +533,24 @@ def _cuda_graphs(step: Callable[[int], None], count: int) -> Optional[Callable[[
                 step(i)
             graphs.append(graph)
     except RuntimeError:
+        if strict:
+            raise
         return None
     return lambda i: graphs[i].replay()
+
+
+def _graphed(build: Callable[[Case, Inputs], Runner]) -> Callable[[Case, Inputs], Runner]:
+    """A builder whose runner replays the built runner's step from CUDA
+    graphs, one per input set (training: forward and backward captured
+    together)."""
+    def build_graphed(case: Case, inputs: Inputs) -> Runner:
+        if not case.device.startswith("cuda"):
+            raise SkipCase("CUDA graphs need a CUDA device")
+        runner = build(case, inputs)
+        graphed = _cuda_graphs(runner.step, len(inputs), strict=True)
+        return Runner(graphed, runner.output, runner.module, runner.keep,
+                      backend="cuda-graph", eager_step=runner.step)
+    return build_graphed
 
 
 # ---------------------------------------------------------------------------
@@ -366,12 +570,15 @@ def discover(compile: bool = False) -> tuple[list[Impl], list[str]]:
         Impl("gemm-floor", "floor", _gemm_floor),
         Impl("rnnfast.LSTM", "LSTM", _nn_style(rnnfast.LSTM)),
         Impl("reference.LSTM", "LSTM", _nn_style(reference.ReferenceLSTM)),
+        Impl("rnnfast.LayerNormLSTM", "LayerNormLSTM", _nn_style(rnnfast.LayerNormLSTM)),
     ]
-    if hasattr(rnnfast, "LayerNormLSTM"):
-        impls.append(Impl("rnnfast.LayerNormLSTM", "LayerNormLSTM",
-                          _nn_style(rnnfast.LayerNormLSTM)))
+    if torch.cuda.is_available():
+        impls += [Impl("rnnfast.LSTM (cuda-graph)", "LSTM", _graphed(_nn_style(rnnfast.LSTM))),
+                  Impl("rnnfast.LayerNormLSTM (cuda-graph)", "LayerNormLSTM",
+                       _graphed(_nn_style(rnnfast.LayerNormLSTM)))]
     else:
-        notes.append("rnnfast.LayerNormLSTM: skipped, this rnnfast has no LayerNormLSTM")
+        notes.append("rnnfast.LSTM and rnnfast.LayerNormLSTM (cuda-graph): skipped, "
+                     "no CUDA device")
     if compile:
         impls.append(Impl("torch.compile(reference.LayerNormLSTM)", "LayerNormLSTM",
                           _compiled_reference, compiled=True))

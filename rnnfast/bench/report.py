@@ -56,7 +56,12 @@ def _impl_order(name: str, family: str) -> tuple:
 
 
 def _group_key(r: dict) -> tuple:
-    return (r["device"], r["dtype"], MODES.index(r["mode"]))
+    return (r["device"], r["dtype"], bool(r.get("tf32")), MODES.index(r["mode"]))
+
+
+def _precision(dtype: str, tf32: bool) -> str:
+    """float32, or float32 with TF32 matmuls allowed."""
+    return f"{dtype} TF32" if tf32 else dtype
 
 
 def tables(records: list[dict]) -> list[Table]:
@@ -67,7 +72,7 @@ def tables(records: list[dict]) -> list[Table]:
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault(_group_key(r), []).append(r)
-    for (device, dtype, mode_index), rows in sorted(groups.items()):
+    for (device, dtype, tf32, mode_index), rows in sorted(groups.items()):
         mode = MODES[mode_index]
         cuda = any(r.get("peak_bytes") is not None for r in rows)
         for family in FAMILIES:
@@ -82,7 +87,8 @@ def tables(records: list[dict]) -> list[Table]:
             if family == "LayerNormLSTM":
                 columns.append("nn.LSTM ms")
             columns.append("notes")
-            table = Table(f"{family}, {mode}, {device} {dtype} (speed-up vs {baseline}; "
+            table = Table(f"{family}, {mode}, {device} {_precision(dtype, tf32)} "
+                          f"(speed-up vs {baseline}; "
                           f"x floor: time over gemm-floor's)", columns)
             cases: list[tuple] = []
             for r in rows:
@@ -123,6 +129,8 @@ def _case_label(r: dict) -> str:
         label += f" L={r['layers']}"
     if r["bidirectional"]:
         label += " bi"
+    if r.get("decode"):
+        label += " decode"
     return label
 
 
@@ -184,17 +192,18 @@ def plot(records: list[dict], out_dir: Path) -> list[Path]:
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault(_group_key(r), []).append(r)
-    for (device, dtype, mode_index), rows in sorted(groups.items()):
+    for (device, dtype, tf32, mode_index), rows in sorted(groups.items()):
         mode = MODES[mode_index]
-        tag = f"{device}_{dtype}_{mode}"
+        tag = f"{device}_{dtype}{'_tf32' if tf32 else ''}_{mode}"
+        precision = _precision(dtype, tf32)
         path = _plot_time_vs_hidden(plt, rows, out_dir / f"time_vs_hidden_{tag}.png",
-                                    f"{mode}, {device} {dtype}")
+                                    f"{mode}, {device} {precision}")
         if path:
             written.append(path)
         for family in FAMILIES:
             path = _plot_speedup(plt, rows, family,
                                  out_dir / f"speedup_{family}_{tag}.png",
-                                 f"{family} {mode}, {device} {dtype}")
+                                 f"{family} {mode}, {device} {precision}")
             if path:
                 written.append(path)
     return written
@@ -203,7 +212,7 @@ def plot(records: list[dict], out_dir: Path) -> list[Path]:
 def _series_key(r: dict) -> tuple:
     """A case without its hidden size (the input size as 'H' when tied)."""
     return (r["T"], r["B"], "H" if r["I"] == r["H"] else r["I"], r["layers"],
-            r["bidirectional"])
+            r["bidirectional"], bool(r.get("decode")))
 
 
 def _plot_time_vs_hidden(plt, rows: list[dict], path: Path, title: str) -> Optional[Path]:
@@ -213,7 +222,7 @@ def _plot_time_vs_hidden(plt, rows: list[dict], path: Path, title: str) -> Optio
     best = max(series, key=lambda k: (len(series[k]), k[1]), default=None)
     if best is None or len(series[best]) < 2:
         return None
-    T, B, I, L, bi = best
+    T, B, I, L, bi, decode = best
     fig, ax = plt.subplots(figsize=(7, 4.5))
     impls = sorted({r["impl"] for r in rows if _series_key(r) == best},
                    key=lambda n: (n == _FLOOR, n))
@@ -228,7 +237,7 @@ def _plot_time_vs_hidden(plt, rows: list[dict], path: Path, title: str) -> Optio
     ax.set_xlabel("hidden size H")
     ax.set_ylabel("median time per call (ms)")
     shape = f"T={T} B={B} I={'H' if I == 'H' else I}" + (f" L={L}" if L != 1 else "") + \
-        (" bi" if bi else "")
+        (" bi" if bi else "") + (" decode" if decode else "")
     ax.set_title(f"{title}: {shape}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
@@ -298,9 +307,18 @@ range. Speed-up is the baseline's median over the row's (above 1 is faster):
 torch.nn.LSTM for LSTM rows, the eager plain-PyTorch reference for
 LayerNorm-LSTM rows (torch.nn.LSTM's time on the same case is shown beside
 it). `x floor` is the row's median over gemm-floor's: the time of the same
-GEMMs alone through torch (CUDA-graph replayed on GPUs; on CPUs each GEMM
-pays torch's per-call overhead, so small cases can beat it). Saved B/token is the activation memory autograd keeps for the
-backward (parameters and inputs left out), per token (T*B).
+GEMMs alone, each through the fastest product the machine offers for its
+shape (torch.mm, F.linear, and on CPUs MKL's packed GEMM and oneDNN's packed
+linear, chosen per GEMM by timing them; gemm-floor's notes name the winners;
+a gemm-floor noted only "eager" or "cuda-graph" ran torch.mm for every GEMM,
+as the harness did before 2026-11-28), CUDA-graph replayed on GPUs; on CPUs
+each GEMM pays torch's per-call overhead, so small cases can beat it. Saved
+B/token is the activation memory autograd keeps for the backward
+(parameters and inputs left out), per token (T*B). "decode" cases are
+streaming decode: one step per call with the state carried from the previous
+call, timed per step. "float32 TF32" tables ran with TF32 matmuls allowed
+(`torch.backends.cuda.matmul.allow_tf32` and `torch.backends.cudnn.allow_tf32`),
+the plain float32 tables with both off, for every implementation alike.
 
 Reproduce with `make bench` (the default preset, into bench-out/) or
 `rnnfast-bench --out benchmarks/results/NAME [--grid full]`, then

@@ -5,8 +5,8 @@ results.json::
 
     {"schema": 1,
      "environment": {device_name, cpu_model, threads, gpu_name, torch_version,
-                     cuda_version, cudnn_version, rnnfast_version,
-                     rnnfast_build_info, date, ...},
+                     cuda_version, cudnn_version, cuda_driver, rnnfast_version,
+                     rnnfast_build_info, tf32_default, date, ...},
      "settings": {preset, min_run_time, warmup, inputs, argv, ...},
      "notes": [what was skipped and why, ...],
      "results": [one record per implementation and case, FIELDS below]}
@@ -21,12 +21,13 @@ import datetime
 import json
 import os
 import platform
+import subprocess
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import torch
 
-from .cases import AXES
+from .cases import AXES, AXIS_DEFAULTS
 from .impls import BASELINES
 
 __all__ = ["FIELDS", "KEY", "environment", "finalize", "write_json", "write_csv",
@@ -47,7 +48,8 @@ FIELDS = [
     "compile_s",        # first call, compilation included (torch.compile rows)
     "wall_s",           # seconds this measurement took, set-up and warm-up included
     "backend",          # how it ran: torch.nn.LSTM's kernels (cudnn, onednn, native),
-                        # gemm-floor's eager or cuda-graph calls
+                        # gemm-floor's calls (cuda-graph or eager) and the GEMM
+                        # product that won for each of its GEMMs
 ]
 # What identifies a case and implementation across runs.
 KEY = ("impl", "mode", *AXES)
@@ -68,8 +70,30 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _driver_version() -> Optional[str]:
+    """The NVIDIA driver's version (nvidia-smi), None without one."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version",
+                              "--format=csv,noheader"], capture_output=True, text=True,
+                             timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = out.stdout.strip().splitlines()
+    return lines[0].strip() if out.returncode == 0 and lines else None
+
+
+def tf32_settings() -> dict[str, Any]:
+    """torch's TF32 switches as they are now."""
+    out: dict[str, Any] = {"cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+                           "cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
+                           "float32_matmul_precision": torch.get_float32_matmul_precision()}
+    return out
+
+
 def environment(devices: Iterable[str]) -> dict[str, Any]:
-    """Where the results were measured."""
+    """Where the results were measured. ``tf32_default`` is torch's TF32
+    setting before the run; each record's ``tf32`` field is the setting it
+    ran under (every implementation of a case runs under the same)."""
     import rnnfast
 
     cuda = any(d.startswith("cuda") for d in devices)
@@ -87,6 +111,8 @@ def environment(devices: Iterable[str]) -> dict[str, Any]:
         "torch_version": torch.__version__,
         "cuda_version": torch.version.cuda,
         "cudnn_version": cudnn,
+        "cuda_driver": _driver_version() if cuda else None,
+        "tf32_default": tf32_settings(),
         "onednn": torch.backends.mkldnn.is_available(),
         "rnnfast_version": rnnfast.__version__,
         "rnnfast_build_info": rnnfast.build_info(),
@@ -136,5 +162,8 @@ def load(path: os.PathLike) -> dict:
     doc = json.loads(path.read_text())
     if not isinstance(doc, dict) or "results" not in doc:
         raise ValueError(f"{path}: not an rnnfast-bench results.json (no 'results')")
+    for r in doc["results"]:  # written before an axis existed
+        for axis, value in AXIS_DEFAULTS.items():
+            r.setdefault(axis, value)
     return doc
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -35,6 +36,7 @@ class Settings:
     inputs: int = 3  # random input sets rotated between calls
     seed: int = 0
     threads: Optional[int] = None  # None: torch's current setting
+    max_time: Optional[float] = None  # seconds: cases not started by then are left out
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -43,42 +45,76 @@ class Settings:
 Progress = Callable[[int, str], None]  # (measurements done, what runs next)
 
 
+@contextlib.contextmanager
+def tf32_mode(allow: bool) -> Iterator[None]:
+    """torch's TF32 switches for cuBLAS and cuDNN both set to ``allow``
+    (rnnfast's CUDA GEMMs follow torch's matmul switch), restored after."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow
+    torch.backends.cudnn.allow_tf32 = allow
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def run_suite(cases: list[Case], impls: list[Impl], settings: Settings,
               progress: Optional[Progress] = None) -> tuple[list[dict], list[str]]:
     """Times every implementation on every case; returns the records (see
     :data:`rnnfast.bench.results.FIELDS`) and notes on what was skipped or
-    failed. Implementations run case by case, baselines first."""
+    failed. Implementations run case by case, baselines first, every one
+    of a case under the case's TF32 setting. Past ``settings.max_time``
+    seconds no further case starts (a note says how many were left out)."""
     order = sorted(impls, key=lambda i: not i.is_baseline)
     records: list[dict] = []
     notes: list[str] = []
     skipped: dict[tuple[str, str], int] = collections.Counter()
     done = 0
-    for case in cases:
-        inputs = make_inputs(case, settings.inputs, settings.seed)
-        baseline_outputs: dict[str, tuple[dict, torch.Tensor]] = {}
-        for impl in order:
-            if progress:
-                progress(done, f"{case.mode} {case.device} {case.dtype} "
-                         f"{case.shape_label()}: {impl.name}")
-            done += 1
-            start = time.perf_counter()
-            try:
-                torch.manual_seed(settings.seed)
-                runner = impl.build(case, inputs)
-                record = _measure(impl, case, runner, inputs, settings,
-                                  baseline_outputs, notes)
-            except SkipCase as e:
-                skipped[(impl.name, str(e))] += 1
-                continue
-            except Exception as e:  # a failure is reported, never a figure
-                notes.append(f"{impl.name} on {case.mode} {case.device} {case.dtype} "
-                             f"{case.shape_label()}: failed: {type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else ''}")
-                continue
-            record["wall_s"] = time.perf_counter() - start
-            records.append(record)
+    began = time.perf_counter()
+    for index, case in enumerate(cases):
+        if settings.max_time is not None and time.perf_counter() - began > settings.max_time:
+            notes.append(f"stopped at --max-time {settings.max_time:g} s: "
+                         f"{len(cases) - index} of {len(cases)} cases not run")
+            break
+        with tf32_mode(case.tf32):
+            done = _run_case(case, order, settings, records, notes, skipped, done, progress)
     notes += [f"{name}: skipped on {n} case(s): {why}" for (name, why), n in skipped.items()]
     return finalize(records), notes
+
+
+def _run_case(case: Case, order: list[Impl], settings: Settings, records: list[dict],
+              notes: list[str], skipped: dict, done: int,
+              progress: Optional[Progress]) -> int:
+    """Every implementation on one case, into ``records``; returns the
+    count of measurements done so far."""
+    inputs = make_inputs(case, settings.inputs, settings.seed)
+    baseline_outputs: dict[str, tuple[dict, torch.Tensor]] = {}
+    for impl in order:
+        if progress:
+            progress(done, f"{case.mode} {case.device} {_dtype_label(case)} "
+                     f"{case.shape_label()}: {impl.name}")
+        done += 1
+        start = time.perf_counter()
+        try:
+            torch.manual_seed(settings.seed)
+            runner = impl.build(case, inputs)
+            record = _measure(impl, case, runner, inputs, settings,
+                              baseline_outputs, notes)
+        except SkipCase as e:
+            skipped[(impl.name, str(e))] += 1
+            continue
+        except Exception as e:  # a failure is reported, never a figure
+            notes.append(f"{impl.name} on {case.mode} {case.device} {_dtype_label(case)} "
+                         f"{case.shape_label()}: failed: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}")
+            continue
+        record["wall_s"] = time.perf_counter() - start
+        records.append(record)
+    return done
+
+
+def _dtype_label(case: Case) -> str:
+    return case.dtype + (" (TF32)" if case.tf32 else "")
 
 
 def _measure(impl: Impl, case: Case, runner: Runner, inputs: Inputs, settings: Settings,
@@ -86,13 +122,16 @@ def _measure(impl: Impl, case: Case, runner: Runner, inputs: Inputs, settings: S
     n = len(inputs)
     first_s, last_s = warm_up(runner.step, n, settings.warmup, case.device)
     max_abs_diff = _agreement(impl, case, runner, baseline_outputs)
-    if max_abs_diff is not None and max_abs_diff > _AGREEMENT[case.dtype]:
-        notes.append(f"{impl.name} on {case.mode} {case.device} {case.dtype} "
+    # TF32 keeps 10 mantissa bits, as float16 does
+    tolerance = _AGREEMENT["float16" if case.tf32 else case.dtype]
+    if max_abs_diff is not None and max_abs_diff > tolerance:
+        notes.append(f"{impl.name} on {case.mode} {case.device} {_dtype_label(case)} "
                      f"{case.shape_label()}: output differs from {impl.baseline}'s by "
                      f"{max_abs_diff:.3g}")
-    saved = saved_bytes(lambda: runner.step(0), runner.keep)
+    eager = runner.eager_step or runner.step  # a graph replay allocates and saves nothing
+    saved = saved_bytes(lambda: eager(0), runner.keep)
     synchronize(case.device)
-    peak = peak_cuda_bytes(lambda: runner.step(0)) if case.device.startswith("cuda") else None
+    peak = peak_cuda_bytes(lambda: eager(0)) if case.device.startswith("cuda") else None
     backend = runner.backend
     if impl.name == "torch.nn.LSTM" and runner.module is not None:
         with torch.set_grad_enabled(case.mode == "training"):

@@ -1,0 +1,352 @@
+"""The GPU check's machinery, on the CPU: scripts/gpu_check.py's stage
+runner (budget, limits, skips, time-outs, parallel groups, the stage table
+and archive), its pytest plugin (per-test results as they finish, Inductor
+tests left out), the ncu summary, the sanitizer case list and the shell
+entry point. Stages here are small Python commands that take a second or
+less."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ROOT / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+
+import gpu_check  # noqa: E402
+from gpu_check import (  # noqa: E402
+    FAILED, PASSED, SKIPPED, TIMED_OUT, Stage, arch_list, ncu_kernel_times, reserve_after,
+    run_stages, stage_limit, units)
+
+PY = sys.executable
+
+
+def py(code: str) -> list[str]:
+    return [PY, "-c", code]
+
+
+def run(stages, budget, tmp_path, **kw):
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir(exist_ok=True)
+    lines: list[str] = []
+    outcomes = run_stages(stages, budget, work, out, say=lines.append, **kw)
+    return {o.name: o for o in outcomes}, out, work, lines
+
+
+# -- budget arithmetic --------------------------------------------------------
+
+def test_units_group_consecutive_stages():
+    s = [Stage("a", None, 1), Stage("b", None, 1, group="g"), Stage("c", None, 1, group="g"),
+         Stage("d", None, 1)]
+    assert [[x.name for x in u] for u in units(s)] == [["a"], ["b", "c"], ["d"]]
+
+
+def test_limit_keeps_the_later_minimums():
+    later = units([Stage("x", ["x"], 100, min_s=30), Stage("y", ["y"], 100, min_s=40, group="g"),
+                   Stage("z", ["z"], 100, min_s=20, group="g"),
+                   Stage("w", ["w"], 100, min_s=50, skip="no tool")])
+    assert reserve_after(later) == 30 + 40  # a group keeps its largest; skipped ones nothing
+    assert reserve_after(later, left_s=35) == 30  # a minimum past what is left: skipped anyway
+    build = Stage("build", ["b"], cap_s=300, min_s=60)
+    assert stage_limit(build, left_s=530, reserved_s=70) == 300
+    assert stage_limit(build, left_s=300, reserved_s=70) == 300 - 70 - gpu_check.MARGIN_S
+    assert stage_limit(build, left_s=50, reserved_s=70) == 0
+
+
+# -- the runner on fake stages ------------------------------------------------
+
+def test_pass_fail_needs_and_table(tmp_path):
+    stages = [Stage("ok", py("print('fine')"), cap_s=30, min_s=1),
+              Stage("bad", py("import sys; print('broken'); sys.exit(3)"), cap_s=30, min_s=1),
+              Stage("after_bad", py("print('never')"), cap_s=30, min_s=1, needs=("bad",)),
+              Stage("after_ok", py("print('runs')"), cap_s=30, min_s=1, needs=("ok",)),
+              Stage("no_tool", None, cap_s=30, min_s=1, skip="tool not found")]
+    o, out, work, lines = run(stages, 60, tmp_path)
+    assert o["ok"].status == PASSED and o["ok"].exit_code == 0
+    assert o["bad"].status == FAILED and o["bad"].exit_code == 3
+    assert o["after_bad"].status == SKIPPED and "needs bad" in o["after_bad"].note
+    assert o["after_ok"].status == PASSED
+    assert o["no_tool"].status == SKIPPED and o["no_tool"].note == "tool not found"
+    assert (work / "ok.log").read_text().strip() == "fine"
+    assert "broken" in (work / "bad.log").read_text()
+    assert any("[bad] broken" in line for line in lines)  # a failed stage's log tail
+    doc = json.loads((out / "stages.json").read_text())
+    assert doc["ok"] is False
+    assert [s["name"] for s in doc["stages"]] == [s.name for s in stages]
+    table = (out / "stages.md").read_text()
+    assert "SOME STAGES FAILED" in table
+    assert "| bad | failed |" in table and "| no_tool | skipped |" in table
+    with tarfile.open(out / "gpu_check.tar.gz") as tar:
+        names = tar.getnames()
+    assert "gpu_check/ok.log" in names and "gpu_check/stages.md" in names
+    assert len(list(out.iterdir())) <= 8  # a device machine returns at most 8 files
+
+
+def test_time_out_and_lack_of_time(tmp_path):
+    stages = [Stage("slow", py("import time; print('started', flush=True); time.sleep(60)"),
+                    cap_s=1.5, min_s=1),
+              Stage("last", py("print('done')"), cap_s=30, min_s=1),
+              Stage("too_big", py("print('x')"), cap_s=30, min_s=1000)]
+    start = time.monotonic()
+    o, out, work, _ = run(stages, 60, tmp_path)
+    assert time.monotonic() - start < 15
+    assert o["slow"].status == TIMED_OUT and "limit" in o["slow"].note
+    assert "started" in (work / "slow.log").read_text()
+    assert o["last"].status == PASSED  # a time-out does not stop the later stages
+    assert o["too_big"].status == SKIPPED and o["too_big"].note.startswith("lack of time")
+    assert not gpu_check.ok(list(o.values()))
+
+
+def test_a_stage_leaves_the_later_minimums(tmp_path):
+    # budget 7 s; the last stage needs 3, and a second goes to the margin:
+    # the first may run 3 s at most
+    stages = [Stage("first", py("import time; time.sleep(30)"), cap_s=100, min_s=1),
+              Stage("second", py("print('kept')"), cap_s=100, min_s=2.5)]
+    o, *_ = run(stages, 6.5, tmp_path)
+    assert o["first"].status == TIMED_OUT and o["first"].limit_s == 3
+    assert o["second"].status == PASSED
+
+
+def test_group_runs_at_once(tmp_path):
+    sleep = py("import time; time.sleep(1.0)")
+    stages = [Stage(f"s{i}", sleep, cap_s=30, min_s=1, group="g") for i in range(3)]
+    start = time.monotonic()
+    o, *_ = run(stages, 60, tmp_path)
+    assert time.monotonic() - start < 2.8
+    assert all(x.status == PASSED for x in o.values())
+
+
+def test_refused_tool_is_skipped_not_failed(tmp_path):
+    stages = [Stage("sanitizer", py("import sys; print('Device not supported'); sys.exit(1)"),
+                    cap_s=30, min_s=1, refused=gpu_check.TOOL_REFUSED),
+              Stage("real_failure", py("import sys; print('an error'); sys.exit(1)"),
+                    cap_s=30, min_s=1, refused=gpu_check.TOOL_REFUSED)]
+    o, *_ = run(stages, 60, tmp_path)
+    assert o["sanitizer"].status == SKIPPED and "cannot run" in o["sanitizer"].note
+    assert o["real_failure"].status == FAILED
+
+
+def test_before_hook_sees_the_limit(tmp_path):
+    seen = {}
+
+    def before(stage, outcomes, limit):
+        seen[stage.name] = limit
+        stage.command = py(f"print({limit:.0f})")
+
+    o, _, work, _ = run([Stage("a", py("0"), cap_s=7, min_s=1)], 60, tmp_path, before=before)
+    assert seen["a"] == 7 and (work / "a.log").read_text().strip() == "7"
+
+
+# -- pytest stages ------------------------------------------------------------
+
+_TESTS = """
+import time
+
+
+class torch:  # the plugin reads the source; nothing needs to compile here
+    compile = staticmethod(lambda f, **kwargs: f)
+
+def test_one():
+    pass
+
+def test_two_fails():
+    assert False
+
+def test_compiled_with_inductor():
+    torch.compile(lambda x: x)
+
+def test_compiled_aot_eager():
+    torch.compile(lambda x: x, backend="aot_eager")
+
+def test_zz_hangs():
+    time.sleep(60)
+"""
+
+
+def test_pytest_stage_interrupted_still_reports(tmp_path):
+    (tmp_path / "test_fake.py").write_text(_TESTS)
+    work = tmp_path / "work"
+    work.mkdir()
+    cmd = gpu_check.pytest_command(PY, [str(tmp_path / "test_fake.py")], str(work / "t"),
+                                   ["--gpu-check-no-inductor"])
+    env = {"PYTHONPATH": os.pathsep.join([str(SCRIPTS), str(ROOT)])}
+    stage = Stage("t", cmd, cap_s=8, min_s=1, interrupt=True, env=env, tests_log="t.jsonl",
+                  junit="t.xml")
+    o, *_ = run([stage], 60, tmp_path)
+    t = o["t"]
+    assert t.status == TIMED_OUT
+    assert t.tests["passed"] == 2 and t.tests["failed"] == 1  # one, aot_eager; two_fails
+    assert t.tests["failed_ids"] == [f"{tmp_path.name}/test_fake.py::test_two_fails"] or \
+        t.tests["failed_ids"][0].endswith("test_fake.py::test_two_fails")
+    log = (work / "t.jsonl").read_text()
+    assert "test_compiled_with_inductor" not in log  # deselected
+    xml = (work / "t.xml").read_text()  # SIGINT: pytest wrote its junit XML
+    assert "test_two_fails" in xml and "test_compiled_aot_eager" in xml
+
+
+@pytest.mark.parametrize("source, inductor", [
+    ("torch.compile(m)", True),
+    ("torch.compile(m, fullgraph=True)", True),
+    ("torch.compile(m, backend='inductor')", True),
+    ("torch.compile(m, mode='reduce-overhead')", True),
+    ("torch.compile(m, backend='aot_eager', fullgraph=True)", False),
+    ("torch.compile(m, backend=my_backend)", False),
+    ("m.compile()", False),
+])
+def test_uses_inductor(source, inductor):
+    assert gpu_check._uses_inductor(source) is inductor
+
+
+def test_inductor_tests_of_the_suite_are_left_out():
+    out = subprocess.run(
+        [PY, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+         "-p", "gpu_check_pytest", "--gpu-check-no-inductor", "-k", "cpu",
+         str(ROOT / "tests" / "test_compile.py")],
+        capture_output=True, text=True, cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(SCRIPTS), str(ROOT)])))
+    assert out.returncode == 0, out.stdout + out.stderr
+    kept = [line for line in out.stdout.splitlines() if "::" in line]
+    assert kept and all("inductor" not in line for line in kept)
+    assert not any("test_compile_fullgraph_matches_eager" in line for line in kept)
+    assert any("aot_eager" in line for line in kept)
+    assert "deselected" in out.stdout
+
+
+# -- helpers ------------------------------------------------------------------
+
+def test_arch_list():
+    assert arch_list("9.0\n") == "9.0"
+    assert arch_list("9.0\n8.0\n9.0\n") == "8.0;9.0"
+    assert arch_list("10.0\n9.0\n") == "9.0;10.0"
+    assert arch_list("[N/A]\n\n") == ""
+
+
+_NCU = '''==PROF== Connected to process 123
+==PROF== Profiling "lstm_forward_step": 0%....50%....100% - 1 pass
+"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"
+"0","123","python3","127.0.0.1","lstm_forward_step<float>","1","7","(256, 1, 1)","(64, 1, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","usecond","3.20"
+"1","123","python3","127.0.0.1","sm90_gemm","1","7","(384, 1, 1)","(8, 1, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","nsecond","5,100"
+"2","123","python3","127.0.0.1","lstm_forward_step<float>","1","7","(256, 1, 1)","(64, 1, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","usecond","2.80"
+'''
+
+
+def test_ncu_kernel_times(tmp_path):
+    rows = ncu_kernel_times(_NCU)
+    assert [r["kernel"] for r in rows] == ["lstm_forward_step<float>", "sm90_gemm"]
+    assert rows[0]["calls"] == 2 and rows[0]["total_us"] == pytest.approx(6.0)
+    assert rows[0]["mean_us"] == pytest.approx(3.0)
+    assert rows[1]["total_us"] == pytest.approx(5.1)
+    assert ncu_kernel_times("no csv here") == []
+    assert gpu_check.after_ncu(None, tmp_path) == "no kernel times in ncu's output"
+    (tmp_path / "ncu.log").write_text(_NCU)  # the CSV in ncu's log when not in --log-file
+    note = gpu_check.after_ncu(None, tmp_path)
+    assert note.startswith("2 kernels, 3 launches")
+    assert (tmp_path / "ncu_kernels.csv").read_text().splitlines()[0] == \
+        "kernel,calls,total_us,mean_us"
+
+
+def test_stage_plan_follows_the_issue():
+    stages = gpu_check.build_stages(PY, Path("/tmp/w"), workers=0)
+    assert [s.name for s in stages] == ["env", "build", "test_cuda", "tests_cuda", "memcheck",
+                                        "racecheck", "synccheck", "initcheck", "bench", "ncu"]
+    quick = gpu_check.build_stages(PY, Path("/tmp/w"), quick=True, workers=0)
+    assert [s.name for s in quick] == ["env", "build", "test_cuda", "bench"]
+    by = {s.name: s for s in stages}
+    assert "--gpu-check-no-inductor" in by["tests_cuda"].command
+    assert str(ROOT / "tests" / "test_cuda.py") in by["tests_cuda"].command  # --ignore'd
+    assert by["bench"].command[by["bench"].command.index("--grid") + 1] == "gpu"
+    assert all(by[t].group == "sanitizers" for t in gpu_check.SANITIZER_TOOLS)
+    # the caps' minimums after the build fit the budget with room for a build
+    after_build = gpu_check.reserve_after(units(stages[2:]))
+    assert after_build + by["build"].min_s + by["env"].cap_s < gpu_check.BUDGET_S
+    assert gpu_check.reserve_after(units(quick[2:])) + 120 < gpu_check.QUICK_BUDGET_S
+    s = by["bench"]
+    gpu_check.before_stage(s, {}, 100.0)
+    assert s.command[-2:] == ["--max-time", "80"]
+
+
+# -- the shell entry point ----------------------------------------------------
+
+def test_shell_script_is_valid():
+    assert subprocess.run(["bash", "-n", str(SCRIPTS / "gpu_check.sh")]).returncode == 0
+    if shutil.which("shellcheck"):
+        r = subprocess.run(["shellcheck", str(SCRIPTS / "gpu_check.sh")], capture_output=True,
+                           text=True)
+        assert r.returncode == 0, r.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_no_gpu_fails_fast_in_env(tmp_path):
+    r = subprocess.run(["bash", str(SCRIPTS / "gpu_check.sh"), str(tmp_path / "out"),
+                        "--work", str(tmp_path / "work"), "--workers", "0"],
+                       capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHON=PY))
+    assert r.returncode == 1, r.stdout + r.stderr
+    doc = json.loads((tmp_path / "out" / "stages.json").read_text())
+    status = {s["name"]: s for s in doc["stages"]}
+    assert status["env"]["status"] == FAILED
+    assert "torch sees no GPU" in status["env"]["note"]
+    assert all(s["status"] == SKIPPED for name, s in status.items() if name != "env")
+    assert doc["seconds"] < 60
+    assert "| env | failed |" in r.stdout
+
+
+def test_dry_run_lists_the_stages(tmp_path):
+    r = subprocess.run(["bash", str(SCRIPTS / "gpu_check.sh"), str(tmp_path / "o"), "--quick",
+                        "--dry-run", "--work", str(tmp_path / "w"), "--workers", "0"],
+                       capture_output=True, text=True, env=dict(os.environ, PYTHON=PY))
+    assert r.returncode == 0, r.stderr
+    names = [line.split("]")[1].split()[0] for line in r.stdout.splitlines()[1:]]
+    assert names == ["env", "build", "test_cuda", "bench"]
+
+
+# -- the sanitizer cases -------------------------------------------------------
+
+def _sanitize_case():
+    spec = importlib.util.spec_from_file_location("sanitize_case", SCRIPTS / "sanitize_case.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sanitizer_cases_cover_the_issue():
+    sc = _sanitize_case()
+    cases = sc.CASES
+    assert any(c.get("hidden_size", 0) >= 600 for c in cases)  # LayerNorm's 512-thread path
+    assert any(c.get("packed") for c in cases)
+    assert any(c.get("proj_size") for c in cases)
+    assert any(c["dtype"] == torch.bfloat16 and c.get("packed") for c in cases)
+    assert any(c["dtype"] == torch.bfloat16 and c.get("hidden_size", 0) >= 600 for c in cases)
+
+
+def test_sanitizer_large_cases_run_on_cpu():
+    import rnnfast
+
+    sc = _sanitize_case()
+    for case in sc.CASES:
+        if case.get("hidden_size", 0) >= 600 and case.get("packed") or case.get("proj_size") \
+                and case["dtype"] == torch.bfloat16:
+            sc.run_case(rnnfast.LSTM, case, device="cpu")
+    sc.run_case(rnnfast.LayerNormLSTM,
+                next(c for c in sc.CASES if c.get("hidden_size", 0) >= 600), device="cpu")
+
+
+def test_decode_overhead_script_runs():
+    r = subprocess.run([PY, str(SCRIPTS / "decode_overhead.py"), "--H", "8", "--no-profile",
+                        "--min-s", "0.01"], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 0, r.stderr
+    for layer in ("module", "forward", "functional", "ops", "dispatcher", "gemm", "nn.LSTM"):
+        assert any(line.startswith(layer + " ") for line in r.stdout.splitlines()), layer
+    assert "b_ih + b_hh" in r.stdout
