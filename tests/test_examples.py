@@ -111,16 +111,7 @@ def test_language_model_rnnfast_trains_as_nn_lstm(language_model_runs):
         assert a == pytest.approx(b, rel=1e-3)
 
 
-_ONNX_PENDING = pytest.mark.xfail(
-    strict=False, reason="ONNX export of rnnfast layers comes with the `export` branch "
-                         "(issue 14 item 2); before it, torch.onnx.export fails for them")
-
-
-@pytest.mark.parametrize("rnn", [
-    "lstm",
-    pytest.param("rnnfast", marks=_ONNX_PENDING),
-    pytest.param("rnnfast-ln", marks=_ONNX_PENDING),
-])
+@pytest.mark.parametrize("rnn", _LM_RNNS)
 def test_language_model_onnx_scores_as_pytorch(language_model_runs, rnn):
     """The model exported with plain torch.onnx.export scores the test text
     in onnxruntime with PyTorch's perplexity."""
