@@ -422,3 +422,11 @@ class LayerNormLSTM(_RecurrentBase):
             dropout=self.dropout, training=self.training,
             bidirectional=self.bidirectional, batch_first=self.batch_first,
             batch_sizes=batch_sizes, eps=self.eps)
+
+
+# torch.load's default since torch 2.6 (weights_only=True) unpickles only
+# allowlisted classes, so a whole model saved with torch.save that holds an
+# rnnfast layer would not load. These classes are plain parameter holders:
+# unpickling one only sets its __dict__ (nn.Module.__setstate__), no code of
+# rnnfast runs, so they are as safe to allowlist as torch.nn.LSTM.
+torch.serialization.add_safe_globals([LSTM, LayerNormLSTM])

@@ -71,10 +71,11 @@ def lstm_forward(
         final states ``[B, P]``, ``[B, H]``, and the saved activations (empty
         unless training).
     """
-    return torch.ops.rnnfast.lstm_forward.default(
-        input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
-        batch_sizes, reverse, training,
-    )
+    args = (input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
+            batch_sizes, reverse, training)
+    if _functorch_active():  # torch.func transforms: see the section at the end
+        return _LSTMForwardFunction.apply(*args)
+    return torch.ops.rnnfast.lstm_forward.default(*args)
 
 
 def lstm_backward(
@@ -99,10 +100,11 @@ def lstm_backward(
     grad_bias, grad_weight_hr)``; ``grad_bias`` is the gradient of each of
     the two biases, ``grad_weight_hr`` is empty without a projection.
     """
-    return torch.ops.rnnfast.lstm_backward.default(
-        grad_output, grad_hy, grad_cy, input, hx, cx, weight_ih, weight_hh,
-        weight_hr, batch_sizes, reverse, output, gates, cells,
-    )
+    args = (grad_output, grad_hy, grad_cy, input, hx, cx, weight_ih, weight_hh,
+            weight_hr, batch_sizes, reverse, output, gates, cells)
+    if _functorch_active():
+        return _LSTMBackwardFunction.apply(*args)
+    return torch.ops.rnnfast.lstm_backward.default(*args)
 
 
 def _fake_forward(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor,
@@ -232,11 +234,12 @@ def layer_norm_lstm_forward(
     The backward recomputes the gates from ``normalized_ih`` and
     ``normalized_hh``.
     """
-    return torch.ops.rnnfast.layer_norm_lstm_forward.default(
-        input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, ln_ih_weight,
-        ln_ih_bias, ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias,
-        batch_sizes, reverse, training, eps,
-    )
+    args = (input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, ln_ih_weight,
+            ln_ih_bias, ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias,
+            batch_sizes, reverse, training, eps)
+    if _functorch_active():  # torch.func transforms: see the section at the end
+        return _LayerNormLSTMForwardFunction.apply(*args)
+    return torch.ops.rnnfast.layer_norm_lstm_forward.default(*args)
 
 
 def layer_norm_lstm_backward(
@@ -271,12 +274,13 @@ def layer_norm_lstm_backward(
     grad_ln_cell_bias)``; ``grad_bias`` is the gradient of each of
     ``bias_ih``, ``bias_hh``, ``ln_ih_bias`` and ``ln_hh_bias``.
     """
-    return torch.ops.rnnfast.layer_norm_lstm_backward.default(
-        grad_output, grad_hy, grad_cy, input, hx, cx, weight_ih, weight_hh,
-        bias_ih, bias_hh, ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias,
-        ln_cell_weight, ln_cell_bias, batch_sizes, reverse, output, cells,
-        normalized_ih, normalized_hh, stats,
-    )
+    args = (grad_output, grad_hy, grad_cy, input, hx, cx, weight_ih, weight_hh,
+            bias_ih, bias_hh, ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias,
+            ln_cell_weight, ln_cell_bias, batch_sizes, reverse, output, cells,
+            normalized_ih, normalized_hh, stats)
+    if _functorch_active():
+        return _LayerNormLSTMBackwardFunction.apply(*args)
+    return torch.ops.rnnfast.layer_norm_lstm_backward.default(*args)
 
 
 @torch.library.register_fake("rnnfast::layer_norm_lstm_forward")
@@ -358,19 +362,166 @@ torch.library.register_autograd(
 
 # ---- no double backward ------------------------------------------------------
 
-def _refuse_double_backward(name: str):
-    def setup_context(ctx, inputs, output):
-        pass
+def _no_setup_context(ctx, inputs, output):
+    pass
 
+
+def _double_backward_error(name: str):
+    """The autograd formula of a backward op: a clear refusal."""
     def backward(ctx, *grads):
         raise RuntimeError(
             f"rnnfast: {name} is not differentiable: double backward (a gradient "
             "of a gradient, e.g. a gradient penalty) through rnnfast layers is "
             "not supported")
+    return backward
 
-    torch.library.register_autograd(f"rnnfast::{name}", backward,
-                                    setup_context=setup_context)
+
+def _refuse_double_backward(name: str):
+    torch.library.register_autograd(f"rnnfast::{name}", _double_backward_error(name),
+                                    setup_context=_no_setup_context)
 
 
 for _name in ("lstm_backward", "layer_norm_lstm_backward"):
     _refuse_double_backward(_name)
+
+
+# ---- torch.func (functorch) transforms ----------------------------------------
+#
+# ``torch.library.register_autograd`` makes an old-style autograd.Function
+# (its forward takes ``ctx``), which torch.func's transforms refuse. While a
+# transform is active (``torch.func.grad``, ``vjp``, ``jacrev``, ``vmap``,
+# ``jvp``, ``jacfwd``), the wrappers above route the ops through the
+# new-style Functions below instead: the same setup_context and backward, the
+# op itself as the forward, ``vmap`` from the ops' batching rules (the last
+# section) and a clear refusal of forward-mode AD. Without a transform (eager,
+# torch.compile, torch.export) the ops are called directly, as before.
+
+_FORWARD_MODE_ERROR = (
+    "rnnfast: forward-mode AD (torch.func.jvp, torch.func.jacfwd, "
+    "torch.autograd.forward_ad) through rnnfast layers is not supported: the "
+    "kernels have no tangent (JVP) formula. Use reverse mode instead: "
+    "torch.func.jacrev, torch.func.vjp or torch.func.grad give the same "
+    "Jacobians and gradients")
+
+
+def _functorch_active() -> bool:
+    """Whether a torch.func transform (or a forward-mode AD level, which only
+    the Functions below refuse with a clear message) is active. Never under
+    torch.compile, whose trace calls the ops themselves."""
+    if torch.compiler.is_compiling():
+        return False
+    return (torch._C._functorch.peek_interpreter_stack() is not None
+            or torch.autograd.forward_ad._current_level >= 0)
+
+
+def _transformable(op, setup_context, backward) -> type:
+    """A new-style autograd.Function computing ``op`` with the given
+    setup_context and backward, for use under torch.func transforms."""
+
+    class Function(torch.autograd.Function):
+        generate_vmap_rule = True  # runs forward under vmap: the op's batching rule
+
+        @staticmethod
+        def forward(*args):
+            return op(*args)
+
+        @staticmethod
+        def jvp(ctx, *tangents):
+            raise RuntimeError(_FORWARD_MODE_ERROR)
+
+    Function.setup_context = staticmethod(setup_context)
+    Function.backward = staticmethod(backward)
+    Function.__name__ = Function.__qualname__ = f"{op._opname}_function"
+    return Function
+
+
+_LSTMForwardFunction = _transformable(
+    torch.ops.rnnfast.lstm_forward.default, _lstm_setup_context, _lstm_backward_autograd)
+_LSTMBackwardFunction = _transformable(
+    torch.ops.rnnfast.lstm_backward.default, _no_setup_context,
+    _double_backward_error("lstm_backward"))
+_LayerNormLSTMForwardFunction = _transformable(
+    torch.ops.rnnfast.layer_norm_lstm_forward.default, _layer_norm_lstm_setup_context,
+    _layer_norm_lstm_backward_autograd)
+_LayerNormLSTMBackwardFunction = _transformable(
+    torch.ops.rnnfast.layer_norm_lstm_backward.default, _no_setup_context,
+    _double_backward_error("layer_norm_lstm_backward"))
+
+
+# ---- vmap rules -----------------------------------------------------------------
+#
+# A forward over a vmapped batch of sequences with shared weights is one call
+# with the vmapped dimension folded into the op's batch dimension (one
+# recurrence over V*B rows instead of V recurrences). Everything else loops
+# over the vmapped dimension, one op call per slice: packed input (its rows
+# interleave the sequences), per-sample weights (model ensembles), and the
+# backward ops, whose weight gradients must stay per sample (per-sample
+# gradients, ``vmap(grad(...))``), where folding would sum them.
+
+def _vmap_loop(op, info, in_dims, args):
+    """The batched op as one call per slice of the vmapped dimension."""
+    results = []
+    for v in range(info.batch_size):
+        sliced = [a.select(d, v) if d is not None else a for a, d in zip(args, in_dims)]
+        results.append(op(*sliced))
+    outputs = tuple(torch.stack(parts) for parts in zip(*results))
+    return outputs, (0,) * len(outputs)
+
+
+def _fold_into_batch(t: Tensor, dim: Optional[int], size: int, batch_dim: int) -> Tensor:
+    """``t`` with its vmapped dimension ``dim`` (or, if None, a broadcast one)
+    merged into its batch dimension ``batch_dim`` (of the unbatched shape),
+    vmapped index major."""
+    t = t.movedim(dim, batch_dim) if dim is not None else \
+        t.unsqueeze(batch_dim).expand(*t.shape[:batch_dim], size, *t.shape[batch_dim:])
+    return t.flatten(batch_dim, batch_dim + 1)
+
+
+def _forward_vmap(op, info, in_dims, args, num_weights: int):
+    """A forward op's batching rule: ``args`` are ``(input, hx, cx,
+    <num_weights weights>, batch_sizes, ...)``; its outputs ``(output, hy, cy,
+    *saved)``, each saved activation ``[T * B, width]`` (rows time-major)."""
+    input, hx, cx = args[:3]
+    weight_dims = in_dims[3:3 + num_weights + 1]  # the weights and batch_sizes
+    if args[3 + num_weights] is not None or any(d is not None for d in weight_dims):
+        return _vmap_loop(op, info, in_dims, args)
+    size = info.batch_size
+    steps = input.shape[1 if in_dims[0] == 0 else 0]
+    folded = (_fold_into_batch(input, in_dims[0], size, 1),
+              _fold_into_batch(hx, in_dims[1], size, 0),
+              _fold_into_batch(cx, in_dims[2], size, 0))
+    output, hy, cy, *saved = op(*folded, *args[3:])
+    batch = hy.shape[0] // size
+    unfolded = [output.unflatten(1, (size, batch)), hy.unflatten(0, (size, batch)),
+                cy.unflatten(0, (size, batch))]
+    for s in saved:  # [T * V * B, w] -> [V, T * B, w] (empty unless training)
+        if s.shape[0] == 0:
+            unfolded.append(s.unsqueeze(0).expand(size, *s.shape))
+        else:
+            unfolded.append(s.unflatten(0, (steps, size, batch)).transpose(0, 1)
+                            .flatten(1, 2))
+    return tuple(unfolded), (1, 0, 0) + (0,) * len(saved)
+
+
+@torch.library.register_vmap("rnnfast::lstm_forward")
+def _lstm_forward_vmap(info, in_dims, *args):
+    # weight_ih, weight_hh, bias_ih, bias_hh, weight_hr
+    return _forward_vmap(torch.ops.rnnfast.lstm_forward.default, info, in_dims, args, 5)
+
+
+@torch.library.register_vmap("rnnfast::layer_norm_lstm_forward")
+def _layer_norm_lstm_forward_vmap(info, in_dims, *args):
+    # weight_ih, weight_hh, bias_ih, bias_hh and the six LayerNorm parameters
+    return _forward_vmap(torch.ops.rnnfast.layer_norm_lstm_forward.default, info,
+                         in_dims, args, 10)
+
+
+@torch.library.register_vmap("rnnfast::lstm_backward")
+def _lstm_backward_vmap(info, in_dims, *args):
+    return _vmap_loop(torch.ops.rnnfast.lstm_backward.default, info, in_dims, args)
+
+
+@torch.library.register_vmap("rnnfast::layer_norm_lstm_backward")
+def _layer_norm_lstm_backward_vmap(info, in_dims, *args):
+    return _vmap_loop(torch.ops.rnnfast.layer_norm_lstm_backward.default, info,
+                      in_dims, args)

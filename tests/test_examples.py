@@ -4,10 +4,13 @@ accuracy with both rnnfast layers and saves its plot."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import os
 import sys
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,3 +57,64 @@ def test_digits_data_is_rows_of_pixels():
     assert len(data.train_y) + len(data.test_y) == 1797
     assert 0 <= data.train_x.min() and data.train_x.max() <= 1
     assert set(data.train_y.tolist()) == set(data.test_y.tolist()) == set(range(10))
+
+
+# examples/language_model.py: a character-level LM trained with truncated BPTT
+# on Python's standard-library source, tiny (a few seconds per layer).
+_LM_ARGS = ["--chars", "30000", "--epochs", "2", "--hidden", "32", "--embedding", "16",
+            "--batch-size", "8", "--eval-batch-size", "4", "--bptt", "24", "--lr", "1e-2",
+            "--threads", "1"]
+_LM_RNNS = ["lstm", "rnnfast", "rnnfast-ln"]
+
+
+@pytest.fixture(scope="module")
+def language_model_runs(tmp_path_factory):
+    """One short run of the script's main() for the three layers, with the
+    plot; returns ``(runs by --rnn, printed output, plot path)``."""
+    lm = _load_example("language_model")
+    out = tmp_path_factory.mktemp("language_model")
+    plot = out / "valid_ppl.png"
+    threads = torch.get_num_threads()
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            runs = lm.main([*_LM_ARGS, "--rnn", *_LM_RNNS, "--plot", str(plot),
+                            "--workdir", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    return {r.rnn: r for r in runs}, buffer.getvalue(), plot
+
+
+@pytest.mark.parametrize("rnn", _LM_RNNS)
+def test_language_model_learns_and_reloads(language_model_runs, rnn):
+    runs, printed, plot = language_model_runs
+    run = runs[rnn]
+    vocab = len(_load_example("language_model").load_corpus(30000).vocab)
+    assert len(run.valid_ppl) == len(run.train_ppl) == len(run.epoch_times) == 2
+    assert len(run.epoch_cpu_times) == 2 and run.elapsed == sorted(run.elapsed)
+    # perplexity falls, from below the vocabulary's (a uniform guess) onwards
+    assert run.valid_ppl[1] < run.valid_ppl[0] < vocab, run.valid_ppl
+    assert run.train_ppl[1] < run.train_ppl[0], run.train_ppl
+    assert run.test_ppl < vocab / 2
+    # torch.save / torch.load (weights_only=True) gives back the same model
+    assert run.reloaded_test_ppl == run.test_ppl
+    assert f"{run.name:>21} | epoch 2 |" in printed
+    with open(plot, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_language_model_rnnfast_trains_as_nn_lstm(language_model_runs):
+    """Same seed, data and dropout stream: rnnfast.LSTM's run is nn.LSTM's
+    up to float32 rounding."""
+    runs, _, _ = language_model_runs
+    for a, b in zip(runs["rnnfast"].valid_ppl, runs["lstm"].valid_ppl):
+        assert a == pytest.approx(b, rel=1e-3)
+
+
+@pytest.mark.parametrize("rnn", _LM_RNNS)
+def test_language_model_onnx_scores_as_pytorch(language_model_runs, rnn):
+    """The model exported with plain torch.onnx.export scores the test text
+    in onnxruntime with PyTorch's perplexity."""
+    run = language_model_runs[0][rnn]
+    assert not run.onnx_error, run.onnx_error
+    assert run.onnx_test_ppl == pytest.approx(run.full_chunks_test_ppl, rel=1e-4)
