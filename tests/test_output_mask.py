@@ -205,3 +205,17 @@ def test_autograd_asks_only_what_is_needed(cell):
 
     assert backward_gemms(freeze=False) >= 3
     assert backward_gemms(freeze=True) == 0
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=repr)
+def test_empty_batch_mask(cell):
+    """An empty batch (nothing to compute) honours the mask too: the outputs
+    asked for as without a mask (zeros), empty [0] tensors for the others."""
+    args = backward_args_from(cell.op_sample(batch=0, proj=2 if cell.has_projection else 0))
+    full = cell.backward(*args)
+    mask = [i % 2 == 0 for i in range(len(full))]
+    for asked, g, f in zip(mask, cell.backward(*args, mask), full):
+        if asked:
+            assert torch.equal(g, f) and not g.any()
+        else:
+            assert g.shape == (0,)
