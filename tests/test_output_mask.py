@@ -219,3 +219,24 @@ def test_empty_batch_mask(cell):
             assert torch.equal(g, f) and not g.any()
         else:
             assert g.shape == (0,)
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=repr)
+def test_compiled_frozen_weights(cell):
+    """torch.compile (fullgraph) traces the masked backward: frozen weights
+    get no gradient, the biases the same as eager with every gradient."""
+    model = cell.module(I, H, **cell.kwargs(proj_size=3))
+    x = torch.randn(6, 2, I)
+    out, _ = model(x)
+    out.sum().backward()
+    eager = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    for n, p in model.named_parameters():
+        p.requires_grad_(not n.startswith("weight_"))
+    out, _ = torch.compile(model, fullgraph=True)(x)
+    out.sum().backward()
+    for n, p in model.named_parameters():
+        if n.startswith("weight_"):
+            assert p.grad is None, n
+        else:
+            torch.testing.assert_close(p.grad, eager[n], atol=1e-6, rtol=1e-5, msg=n)
