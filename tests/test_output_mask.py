@@ -27,16 +27,20 @@ def _frozen(pattern: str):
     return lambda name: re.fullmatch(pattern, name) is not None
 
 
+def NOTHING_FROZEN(name: str) -> bool:
+    return False
+
+
 # name -> (parameters frozen, input needs grad, h_0 needs grad, c_0 needs grad)
 SCENARIOS = {
     "frozen-weights": (_frozen(r"weight_(ih|hh|hr)_l\d+"), True, True, True),
-    "input-without-grad": (_frozen(r"$^"), False, True, True),
+    "input-without-grad": (NOTHING_FROZEN, False, True, True),
     "frozen-first-layer-over-frozen-input": (_frozen(r".*_l0"), False, False, False),
     "only-biases": (_frozen(r"(?!bias_).*"), False, False, False),
     "frozen-layer-norm": (_frozen(r"ln_.*"), True, True, True),
     "frozen-ln-gains": (_frozen(r"ln_.*_weight_l\d+"), True, True, True),
-    "states-without-grad": (_frozen(r"$^"), True, False, False),
-    "c0-without-grad": (_frozen(r"$^"), True, True, False),
+    "states-without-grad": (NOTHING_FROZEN, True, False, False),
+    "c0-without-grad": (NOTHING_FROZEN, True, True, False),
     "frozen-input-and-weights": (_frozen(r"(?!bias_|ln_).*"), False, True, True),
 }
 
@@ -85,7 +89,7 @@ def test_asked_gradients_unchanged_others_none(device, cell, scenario, packed):
     if "layer-norm" in scenario or "ln-" in scenario:
         if not cell.layer_norm:
             pytest.skip("the LSTM has no LayerNorm parameters")
-    everything = _run(*_leaves(cell, device, _frozen(r"$^"), True, True, True), packed)
+    everything = _run(*_leaves(cell, device, NOTHING_FROZEN, True, True, True), packed)
     model, x, h0, c0 = _leaves(cell, device, frozen, input_grad, h0_grad, c0_grad)
     got = _run(model, x, h0, c0, packed)
     wanted = {"input": input_grad, "h0": h0_grad, "c0": c0_grad}
