@@ -64,6 +64,21 @@ struct LayerNormBackwardResult {
   at::Tensor grad_ln_cell_weight, grad_ln_cell_bias;
 };
 
+// Which gradients a LayerNorm-LSTM backward is asked for, one flag per output
+// in the order of LayerNormBackwardResult (see LstmGradMask). The bias and
+// the four LayerNorm parameter gradients come from one reduction per group
+// of steps (Backend::layer_norm_param_grads): it runs when any of them is
+// asked for, and none of it otherwise.
+struct LayerNormGradMask {
+  bool input = true, hx = true, cx = true, weight_ih = true, weight_hh = true,
+       bias = true, ln_ih_weight = true, ln_hh_weight = true,
+       ln_cell_weight = true, ln_cell_bias = true;
+  bool param_grads() const {
+    return bias || ln_ih_weight || ln_hh_weight || ln_cell_weight ||
+           ln_cell_bias;
+  }
+};
+
 template <typename Backend, typename S, typename T>
 LayerNormForwardResult layer_norm_lstm_forward_recurrence(
     const SequenceLayout& l, const LstmSizes& s,
@@ -275,10 +290,11 @@ void add_layer_norm_param_grads(LayerNormBackwardBuffers<T, S>& b,
   Backend::layer_norm_param_grads(q);
 }
 
-// A block's share of the input and weight gradients, from its gradients
-// w.r.t. the two products.
+// A block's share of the input and weight gradients asked for, from its
+// gradients w.r.t. the two products.
 template <typename Backend, typename T, typename S>
 void add_block_input_and_weight_grads(LayerNormBackwardBuffers<T, S>& b,
+                                      const LayerNormGradMask& mask,
                                       const StepBlock& block,
                                       const at::Tensor& x,       // [N, I]
                                       const at::Tensor& hx,      // [B, H]
@@ -288,14 +304,20 @@ void add_block_input_and_weight_grads(LayerNormBackwardBuffers<T, S>& b,
   const int64_t n = b.l.offsets[block.last + 1] - lo;
   const at::Tensor dih = b.dih.narrow(0, 0, n);
   const at::Tensor dhh = b.dhh.narrow(0, 0, n);
-  at::Tensor grad_input = b.r.grad_input.narrow(0, lo, n);
-  matmul_into<Backend, S, S>(grad_input, dih, b.w.weight_ih, false);
-  matmul_into<Backend, S, T>(b.r.grad_weight_ih, dih.t(), x.narrow(0, lo, n),
-                             true);
-  add_recurrent_weight_grad<Backend, S, T>(b.l, b.r.grad_weight_hh, dhh,
-                                           output, hx, block.first,
-                                           block.last, h_prev,
-                                           /*accumulate=*/true);
+  if (mask.input) {
+    at::Tensor grad_input = b.r.grad_input.narrow(0, lo, n);
+    matmul_into<Backend, S, S>(grad_input, dih, b.w.weight_ih, false);
+  }
+  if (mask.weight_ih) {
+    matmul_into<Backend, S, T>(b.r.grad_weight_ih, dih.t(),
+                               x.narrow(0, lo, n), true);
+  }
+  if (mask.weight_hh) {
+    add_recurrent_weight_grad<Backend, S, T>(b.l, b.r.grad_weight_hh, dhh,
+                                             output, hx, block.first,
+                                             block.last, h_prev,
+                                             /*accumulate=*/true);
+  }
 }
 
 template <typename Backend, typename S, typename T>
@@ -312,7 +334,8 @@ LayerNormBackwardResult layer_norm_lstm_backward_recurrence(
     const at::Tensor& cells,          // [N, H]
     const at::Tensor& normalized_ih,  // [N, 4H]
     const at::Tensor& normalized_hh,  // [N, 4H]
-    const at::Tensor& stats) {        // [N, kStatsWidth]
+    const at::Tensor& stats,          // [N, kStatsWidth]
+    const LayerNormGradMask& mask) {
   const int64_t H = s.hidden, G = 4 * s.hidden;
   const auto sopts = x.options();
   const auto topts = sopts.dtype(compute_scalar_type<T>());
@@ -333,18 +356,23 @@ LayerNormBackwardResult layer_norm_lstm_backward_recurrence(
   b.dih = Backend::empty_activation({max_block_rows, G}, sopts);
   b.dhh = Backend::empty_activation({max_block_rows, G}, sopts);
   at::Tensor h_prev;  // one block's h_{t-1}, for a packed layout
-  if (!l.uniform()) h_prev = Backend::empty_activation({max_block_rows, H}, sopts);
+  if (!l.uniform() && mask.weight_hh) {
+    h_prev = Backend::empty_activation({max_block_rows, H}, sopts);
+  }
   b.dh_state = grad_hy.clone();
   b.dc_state = grad_cy.clone();
   LayerNormBackwardResult& r = b.r;
-  r.grad_input = at::empty({l.rows, s.input}, sopts);
-  r.grad_weight_ih = at::zeros({G, s.input}, topts);
-  r.grad_weight_hh = at::zeros({G, H}, topts);
-  r.grad_bias = at::zeros({G}, topts);
-  r.grad_ln_ih_weight = at::zeros({G}, topts);
-  r.grad_ln_hh_weight = at::zeros({G}, topts);
-  r.grad_ln_cell_weight = at::zeros({H}, topts);
-  r.grad_ln_cell_bias = at::zeros({H}, topts);
+  if (mask.input) r.grad_input = at::empty({l.rows, s.input}, sopts);
+  if (mask.weight_ih) r.grad_weight_ih = at::zeros({G, s.input}, topts);
+  if (mask.weight_hh) r.grad_weight_hh = at::zeros({G, H}, topts);
+  const bool param_grads = mask.param_grads();
+  if (param_grads) {  // one reduction writes all five
+    r.grad_bias = at::zeros({G}, topts);
+    r.grad_ln_ih_weight = at::zeros({G}, topts);
+    r.grad_ln_hh_weight = at::zeros({G}, topts);
+    r.grad_ln_cell_weight = at::zeros({H}, topts);
+    r.grad_ln_cell_bias = at::zeros({H}, topts);
+  }
 
   using Weight = typename Backend::template StepWeight<S>;
   const Weight whh(false, l.batch, H, G, w.weight_hh.data_ptr<S>(), H);
@@ -362,11 +390,11 @@ LayerNormBackwardResult layer_norm_lstm_backward_recurrence(
       // (while the steps' rows are still in cache).
       if (group.rows() >= Backend::kParamGradRows ||
           k == block.last - block.first) {
-        add_layer_norm_param_grads<Backend>(b, group);
+        if (param_grads) add_layer_norm_param_grads<Backend>(b, group);
         group.clear();
       }
     }
-    add_block_input_and_weight_grads<Backend>(b, block, x, hx, output,
+    add_block_input_and_weight_grads<Backend>(b, mask, block, x, hx, output,
                                               h_prev);
   }
   r.grad_hx = b.dh_state;

@@ -63,6 +63,16 @@ struct BackwardResult {
   at::Tensor grad_weight_hr;  // [P, H], or empty without a projection
 };
 
+// Which gradients a backward is asked for: its op's output_mask, one flag per
+// output in the order of BackwardResult (as ATen's _cudnn_rnn_backward).
+// The reverse time loop runs whatever is asked (every gradient needs its
+// dgates; grad_hx and grad_cx are its by-products); a gradient not asked for
+// is left undefined and its bulk GEMM or reduction after the loop skipped.
+struct LstmGradMask {
+  bool input = true, hx = true, cx = true, weight_ih = true, weight_hh = true,
+       bias = true, weight_hr = true;
+};
+
 // ---- Products and row copies shared by both cells' drivers ----------------
 
 // How a 2-D tensor lies in memory as a row-major GEMM operand: a row-major
@@ -308,7 +318,8 @@ BackwardResult lstm_backward_recurrence(
     const at::Tensor& weight_hr,    // [P, H] contiguous (S), or undefined
     const at::Tensor& output,       // [N, P] contiguous (S)
     const at::Tensor& gates,        // [N, 4H] activated gates (T)
-    const at::Tensor& cells) {      // [N, H] (T)
+    const at::Tensor& cells,        // [N, H] (T)
+    const LstmGradMask& mask) {
   const int64_t H = s.hidden, P = s.output, G = 4 * s.hidden;
   const auto sopts = x.options();
   const auto topts = sopts.dtype(compute_scalar_type<T>());
@@ -370,20 +381,28 @@ BackwardResult lstm_backward_recurrence(
   }
   r.grad_hx = dh_state;
   r.grad_cx = dc_state;
-  r.grad_input = at::empty({l.rows, s.input}, sopts);
-  matmul_into<Backend, S, S>(r.grad_input, dgates, weight_ih, false);
-  r.grad_weight_ih = at::empty({G, s.input}, topts);
-  matmul_into<Backend, S, T>(r.grad_weight_ih, dgates.t(), x, false);
-  r.grad_weight_hh = at::empty({G, P}, topts);
-  at::Tensor scratch;  // h_{t-1} of a packed layout
-  if (!l.uniform()) scratch = Backend::empty_activation({l.rows, P}, sopts);
-  add_recurrent_weight_grad<Backend, S, T>(l, r.grad_weight_hh, dgates, output,
-                                           hx, 0, l.steps - 1, scratch,
-                                           /*accumulate=*/false);
-  r.grad_bias = std::is_same_v<S, T>
-                    ? dgates.sum(0)
-                    : at::sum(dgates, {0}, false, compute_scalar_type<T>());
-  if (s.has_projection()) {
+  if (mask.input) {
+    r.grad_input = at::empty({l.rows, s.input}, sopts);
+    matmul_into<Backend, S, S>(r.grad_input, dgates, weight_ih, false);
+  }
+  if (mask.weight_ih) {
+    r.grad_weight_ih = at::empty({G, s.input}, topts);
+    matmul_into<Backend, S, T>(r.grad_weight_ih, dgates.t(), x, false);
+  }
+  if (mask.weight_hh) {
+    r.grad_weight_hh = at::empty({G, P}, topts);
+    at::Tensor scratch;  // h_{t-1} of a packed layout
+    if (!l.uniform()) scratch = Backend::empty_activation({l.rows, P}, sopts);
+    add_recurrent_weight_grad<Backend, S, T>(l, r.grad_weight_hh, dgates,
+                                             output, hx, 0, l.steps - 1,
+                                             scratch, /*accumulate=*/false);
+  }
+  if (mask.bias) {
+    r.grad_bias = std::is_same_v<S, T>
+                      ? dgates.sum(0)
+                      : at::sum(dgates, {0}, false, compute_scalar_type<T>());
+  }
+  if (s.has_projection() && mask.weight_hr) {
     const at::Tensor rr =
         (gates.narrow(1, 3 * H, H) * cells.tanh()).to(sopts.dtype());
     r.grad_weight_hr = at::empty({P, H}, topts);

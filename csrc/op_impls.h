@@ -7,6 +7,9 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
+#include <array>
+#include <functional>
+
 #include "arg_checks.h"
 #include "layer_norm_lstm_driver.h"
 #include "lstm_driver.h"
@@ -75,6 +78,19 @@ inline at::Tensor contiguous_copy(const at::Tensor& t) {
   return t.clone(at::MemoryFormat::Contiguous);
 }
 
+// An output a backward's output_mask does not ask for: an empty [0] tensor
+// with the options of the argument it would be the gradient of (the fake
+// kernels in rnnfast/ops.py promise the same).
+inline at::Tensor not_asked_for(const at::Tensor& like) {
+  return at::empty({0}, like.options());
+}
+
+// `grad` when `asked`, else not_asked_for(like).
+inline at::Tensor if_asked(bool asked, const at::Tensor& like,
+                           const std::function<at::Tensor()>& grad) {
+  return asked ? grad() : not_asked_for(like);
+}
+
 template <typename Backend>
 ForwardOutputs lstm_forward_op(const at::Tensor& input, const at::Tensor& hx,
                                const at::Tensor& cx,
@@ -130,7 +146,7 @@ BackwardOutputs lstm_backward_op(
     const at::Tensor& weight_hh, const c10::optional<at::Tensor>& weight_hr,
     const c10::optional<at::Tensor>& batch_sizes, bool reverse,
     const at::Tensor& output, const at::Tensor& gates,
-    const at::Tensor& cells) {
+    const at::Tensor& cells, std::array<bool, 7> output_mask) {
   const LstmSizes s =
       check_lstm_args("rnnfast.lstm_backward", input, hx, cx, weight_ih,
                       weight_hh, c10::nullopt, c10::nullopt, weight_hr,
@@ -146,15 +162,31 @@ BackwardOutputs lstm_backward_op(
                               cells.size(0) == l.rows),
               "rnnfast.lstm_backward: the forward was run without "
               "training=True, so nothing was saved for the backward");
-  if (l.rows == 0) {
-    return {at::zeros(input.sizes(), input.options()),
-            contiguous_copy(grad_hy), contiguous_copy(grad_cy),
-            at::zeros(weight_ih.sizes(), weight_ih.options()),
-            at::zeros(weight_hh.sizes(), weight_hh.options()),
-            at::zeros({4 * s.hidden}, weight_ih.options()),
-            weight_hr.has_value()
-                ? at::zeros(weight_hr->sizes(), weight_hr->options())
-                : at::empty({0}, weight_ih.options())};
+  const LstmGradMask mask{output_mask[0], output_mask[1], output_mask[2],
+                          output_mask[3], output_mask[4], output_mask[5],
+                          output_mask[6]};
+  const at::Tensor& hr_like = weight_hr.has_value() ? *weight_hr : weight_ih;
+  const bool any = mask.input || mask.hx || mask.cx || mask.weight_ih ||
+                   mask.weight_hh || mask.bias ||
+                   (s.has_projection() && mask.weight_hr);
+  if (l.rows == 0 || !any) {  // nothing to compute
+    const bool empty = l.rows == 0;
+    auto zeros = [&](const at::Tensor& like, at::IntArrayRef sizes) {
+      return [&like, sizes = sizes.vec()] {
+        return at::zeros(sizes, like.options());
+      };
+    };
+    return {if_asked(empty && mask.input, input, zeros(input, input.sizes())),
+            if_asked(empty && mask.hx, hx, [&] { return contiguous_copy(grad_hy); }),
+            if_asked(empty && mask.cx, cx, [&] { return contiguous_copy(grad_cy); }),
+            if_asked(empty && mask.weight_ih, weight_ih,
+                     zeros(weight_ih, weight_ih.sizes())),
+            if_asked(empty && mask.weight_hh, weight_hh,
+                     zeros(weight_hh, weight_hh.sizes())),
+            if_asked(empty && mask.bias, weight_ih,
+                     zeros(weight_ih, {4 * s.hidden})),
+            if_asked(empty && mask.weight_hr && s.has_projection(), hr_like,
+                     zeros(hr_like, hr_like.sizes()))};
   }
   BackwardResult r;
   dispatch_types<Backend>(dtype, "rnnfast::lstm_backward", [&](auto s_, auto t_) {
@@ -167,14 +199,20 @@ BackwardOutputs lstm_backward_op(
         as_compute(cx, cdt), as_compute(weight_ih, sdt),
         as_compute(weight_hh, sdt), as_compute(weight_hr, sdt),
         as_compute(output, sdt).view({l.rows, s.output}),
-        as_compute(gates, cdt), as_compute(cells, cdt));
+        as_compute(gates, cdt), as_compute(cells, cdt), mask);
   });
-  return {reshaped_result(r.grad_input, input.sizes(), dtype),
-          r.grad_hx.to(dtype),
-          r.grad_cx.to(dtype), r.grad_weight_ih.to(dtype),
-          r.grad_weight_hh.to(dtype), r.grad_bias.to(dtype),
-          s.has_projection() ? r.grad_weight_hr.to(dtype)
-                             : at::empty({0}, weight_ih.options())};
+  return {
+      if_asked(mask.input, input,
+               [&] { return reshaped_result(r.grad_input, input.sizes(), dtype); }),
+      if_asked(mask.hx, hx, [&] { return r.grad_hx.to(dtype); }),
+      if_asked(mask.cx, cx, [&] { return r.grad_cx.to(dtype); }),
+      if_asked(mask.weight_ih, weight_ih,
+               [&] { return r.grad_weight_ih.to(dtype); }),
+      if_asked(mask.weight_hh, weight_hh,
+               [&] { return r.grad_weight_hh.to(dtype); }),
+      if_asked(mask.bias, weight_ih, [&] { return r.grad_bias.to(dtype); }),
+      if_asked(mask.weight_hr && s.has_projection(), hr_like,
+               [&] { return r.grad_weight_hr.to(dtype); })};
 }
 
 using LayerNormForwardOutputs =
@@ -281,7 +319,7 @@ LayerNormBackwardOutputs layer_norm_lstm_backward_op(
     const c10::optional<at::Tensor>& batch_sizes, bool reverse,
     const at::Tensor& output, const at::Tensor& cells,
     const at::Tensor& normalized_ih, const at::Tensor& normalized_hh,
-    const at::Tensor& stats) {
+    const at::Tensor& stats, std::array<bool, 10> output_mask) {
   const LstmSizes s =
       check_lstm_args("rnnfast.layer_norm_lstm_backward", input, hx, cx,
                       weight_ih, weight_hh, bias_ih, bias_hh, c10::nullopt,
@@ -293,7 +331,7 @@ LayerNormBackwardOutputs layer_norm_lstm_backward_op(
   const at::ScalarType dtype = input.scalar_type();
   const at::ScalarType cdt = compute_dtype(dtype);
   const at::ScalarType sdt = storage_dtype<Backend>(dtype);
-  const int64_t H = s.hidden, G = 4 * s.hidden;
+  const int64_t H = s.hidden;
   TORCH_CHECK(grad_output.sizes() == output.sizes(),
               "rnnfast.layer_norm_lstm_backward: grad_output has size ",
               grad_output.sizes(), ", expected ", output.sizes());
@@ -303,14 +341,28 @@ LayerNormBackwardOutputs layer_norm_lstm_backward_op(
                               stats.size(0) == l.rows),
               "rnnfast.layer_norm_lstm_backward: the forward was run without "
               "training=True, so nothing was saved for the backward");
-  if (l.rows == 0) {
-    const auto zeros_g = at::zeros({G}, weight_ih.options());
-    return {at::zeros(input.sizes(), input.options()),
-            contiguous_copy(grad_hy), contiguous_copy(grad_cy),
-            at::zeros(weight_ih.sizes(), weight_ih.options()),
-            at::zeros(weight_hh.sizes(), weight_hh.options()), zeros_g,
-            zeros_g.clone(), zeros_g.clone(), at::zeros({H}, weight_ih.options()),
-            at::zeros({H}, weight_ih.options())};
+  const LayerNormGradMask mask{
+      output_mask[0], output_mask[1], output_mask[2], output_mask[3],
+      output_mask[4], output_mask[5], output_mask[6], output_mask[7],
+      output_mask[8], output_mask[9]};
+  const bool any = mask.input || mask.hx || mask.cx || mask.weight_ih ||
+                   mask.weight_hh || mask.param_grads();
+  if (l.rows == 0 || !any) {  // nothing to compute
+    const bool empty = l.rows == 0;
+    auto zeros = [](const at::Tensor& like) {
+      return [&like] { return at::zeros(like.sizes(), like.options()); };
+    };
+    return {if_asked(empty && mask.input, input, zeros(input)),
+            if_asked(empty && mask.hx, hx, [&] { return contiguous_copy(grad_hy); }),
+            if_asked(empty && mask.cx, cx, [&] { return contiguous_copy(grad_cy); }),
+            if_asked(empty && mask.weight_ih, weight_ih, zeros(weight_ih)),
+            if_asked(empty && mask.weight_hh, weight_hh, zeros(weight_hh)),
+            if_asked(empty && mask.bias, ln_ih_bias, zeros(ln_ih_bias)),
+            if_asked(empty && mask.ln_ih_weight, ln_ih_weight, zeros(ln_ih_weight)),
+            if_asked(empty && mask.ln_hh_weight, ln_hh_weight, zeros(ln_hh_weight)),
+            if_asked(empty && mask.ln_cell_weight, ln_cell_weight,
+                     zeros(ln_cell_weight)),
+            if_asked(empty && mask.ln_cell_bias, ln_cell_bias, zeros(ln_cell_bias))};
   }
   // The biases recompute the gates from the saved normalised products.
   const LayerNormWeights w = layer_norm_weights(
@@ -328,18 +380,23 @@ LayerNormBackwardOutputs layer_norm_lstm_backward_op(
             as_compute(hx, sdt), as_compute(cx, cdt), w,
             as_compute(output, sdt).view({l.rows, H}), as_compute(cells, cdt),
             as_compute(normalized_ih, cdt), as_compute(normalized_hh, cdt),
-            as_compute(stats, cdt));
+            as_compute(stats, cdt), mask);
       });
-  return {reshaped_result(r.grad_input, input.sizes(), dtype),
-          r.grad_hx.to(dtype),
-          r.grad_cx.to(dtype),
-          r.grad_weight_ih.to(dtype),
-          r.grad_weight_hh.to(dtype),
-          r.grad_bias.to(dtype),
-          r.grad_ln_ih_weight.to(dtype),
-          r.grad_ln_hh_weight.to(dtype),
-          r.grad_ln_cell_weight.to(dtype),
-          r.grad_ln_cell_bias.to(dtype)};
+  auto cast = [dtype](const at::Tensor& t) {
+    return [&t, dtype] { return t.to(dtype); };
+  };
+  return {
+      if_asked(mask.input, input,
+               [&] { return reshaped_result(r.grad_input, input.sizes(), dtype); }),
+      if_asked(mask.hx, hx, cast(r.grad_hx)),
+      if_asked(mask.cx, cx, cast(r.grad_cx)),
+      if_asked(mask.weight_ih, weight_ih, cast(r.grad_weight_ih)),
+      if_asked(mask.weight_hh, weight_hh, cast(r.grad_weight_hh)),
+      if_asked(mask.bias, ln_ih_bias, cast(r.grad_bias)),
+      if_asked(mask.ln_ih_weight, ln_ih_weight, cast(r.grad_ln_ih_weight)),
+      if_asked(mask.ln_hh_weight, ln_hh_weight, cast(r.grad_ln_hh_weight)),
+      if_asked(mask.ln_cell_weight, ln_cell_weight, cast(r.grad_ln_cell_weight)),
+      if_asked(mask.ln_cell_bias, ln_cell_bias, cast(r.grad_ln_cell_bias))};
 }
 
 }  // namespace rnnfast

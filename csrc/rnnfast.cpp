@@ -27,12 +27,15 @@ TORCH_LIBRARY(rnnfast, m) {
       "Tensor? batch_sizes, bool reverse, bool training) -> "
       "(Tensor output, Tensor hy, Tensor cy, Tensor gates, Tensor cells)");
   // Gradients of lstm_forward. grad_bias is the gradient of each bias;
-  // grad_weight_hr is empty without a projection.
+  // grad_weight_hr is empty without a projection. output_mask says which of
+  // the seven outputs to compute (as ATen's _cudnn_rnn_backward): one not
+  // asked for is an empty [0] tensor and its GEMM or reduction is skipped.
   m.def(
       "lstm_backward(Tensor grad_output, Tensor grad_hy, Tensor grad_cy, "
       "Tensor input, Tensor hx, Tensor cx, Tensor weight_ih, Tensor weight_hh, "
       "Tensor? weight_hr, Tensor? batch_sizes, bool reverse, Tensor output, "
-      "Tensor gates, Tensor cells) -> (Tensor grad_input, Tensor grad_hx, "
+      "Tensor gates, Tensor cells, bool[7] output_mask=[True, True, True, "
+      "True, True, True, True]) -> (Tensor grad_input, Tensor grad_hx, "
       "Tensor grad_cx, Tensor grad_weight_ih, Tensor grad_weight_hh, "
       "Tensor grad_bias, Tensor grad_weight_hr)");
   // One LayerNorm-LSTM layer (Ba et al. 2016, section 3.1) in one direction:
@@ -54,6 +57,7 @@ TORCH_LIBRARY(rnnfast, m) {
       "Tensor normalized_ih, Tensor normalized_hh, Tensor stats)");
   // Gradients of layer_norm_lstm_forward. grad_bias is the gradient of each
   // of bias_ih, bias_hh, ln_ih_bias and ln_hh_bias (they enter alike).
+  // output_mask as lstm_backward's, one flag for each of the ten outputs.
   m.def(
       "layer_norm_lstm_backward(Tensor grad_output, Tensor grad_hy, "
       "Tensor grad_cy, Tensor input, Tensor hx, Tensor cx, Tensor weight_ih, "
@@ -61,8 +65,9 @@ TORCH_LIBRARY(rnnfast, m) {
       "Tensor ln_ih_weight, Tensor ln_ih_bias, Tensor ln_hh_weight, "
       "Tensor ln_hh_bias, Tensor ln_cell_weight, Tensor ln_cell_bias, "
       "Tensor? batch_sizes, bool reverse, Tensor output, Tensor cells, "
-      "Tensor normalized_ih, Tensor normalized_hh, Tensor stats) -> "
-      "(Tensor grad_input, Tensor grad_hx, Tensor grad_cx, "
+      "Tensor normalized_ih, Tensor normalized_hh, Tensor stats, "
+      "bool[10] output_mask=[True, True, True, True, True, True, True, True, "
+      "True, True]) -> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, "
       "Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias, "
       "Tensor grad_ln_ih_weight, Tensor grad_ln_hh_weight, "
       "Tensor grad_ln_cell_weight, Tensor grad_ln_cell_bias)");

@@ -8,7 +8,7 @@ autograd formulas, whose backward is itself an op.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -93,15 +93,23 @@ def lstm_backward(
     output: Tensor,
     gates: Tensor,
     cells: Tensor,
+    output_mask: Sequence[bool] = (True,) * 7,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of :func:`lstm_forward` from its saved activations.
 
     Returns ``(grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh,
     grad_bias, grad_weight_hr)``; ``grad_bias`` is the gradient of each of
     the two biases, ``grad_weight_hr`` is empty without a projection.
+
+    ``output_mask`` (seven bools, one per output, as ATen's
+    ``_cudnn_rnn_backward``) says which gradients to compute: the reverse
+    time loop always runs, but the GEMM or reduction of an output not asked
+    for is skipped and that output is an empty ``[0]`` tensor of the dtype
+    and device of the argument it is the gradient of (``weight_ih`` for
+    ``grad_bias``).
     """
     args = (grad_output, grad_hy, grad_cy, input, hx, cx, weight_ih, weight_hh,
-            weight_hr, batch_sizes, reverse, output, gates, cells)
+            weight_hr, batch_sizes, reverse, output, gates, cells, list(output_mask))
     if _functorch_active():
         return _LSTMBackwardFunction.apply(*args)
     return torch.ops.rnnfast.lstm_backward.default(*args)
@@ -139,19 +147,32 @@ def _lstm_forward_fake(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh,
                          bias_hh=bias_hh, weight_hr=weight_hr)
 
 
+def _masked(output_mask, grads):
+    """The fake kernels' outputs under ``output_mask``: each entry of
+    ``grads`` is ``(like, make)``; an output asked for is ``make()``, one not
+    asked for an empty ``[0]`` tensor like ``like`` (what the real kernels
+    return)."""
+    torch._check(len(output_mask) == len(grads),
+                 lambda: f"rnnfast: output_mask must have {len(grads)} entries")
+    return tuple(make() if asked else like.new_empty((0,))
+                 for asked, (like, make) in zip(output_mask, grads))
+
+
 @torch.library.register_fake("rnnfast::lstm_backward")
 def _lstm_backward_fake(grad_output, grad_hy, grad_cy, input, hx, cx, weight_ih,
                         weight_hh, weight_hr, batch_sizes, reverse, output, gates,
-                        cells):
-    return (
-        _contiguous_like(input),
-        _contiguous_like(hx),
-        _contiguous_like(cx),
-        _contiguous_like(weight_ih),
-        _contiguous_like(weight_hh),
-        weight_ih.new_empty((weight_ih.shape[0],)),
-        _contiguous_like(weight_hr) if weight_hr is not None else weight_ih.new_empty((0,)),
-    )
+                        cells, output_mask=(True,) * 7):
+    hr_like = weight_hr if weight_hr is not None else weight_ih
+    return _masked(output_mask, (
+        (input, lambda: _contiguous_like(input)),
+        (hx, lambda: _contiguous_like(hx)),
+        (cx, lambda: _contiguous_like(cx)),
+        (weight_ih, lambda: _contiguous_like(weight_ih)),
+        (weight_hh, lambda: _contiguous_like(weight_hh)),
+        (weight_ih, lambda: weight_ih.new_empty((weight_ih.shape[0],))),
+        (hr_like, lambda: _contiguous_like(hr_like) if weight_hr is not None
+         else weight_ih.new_empty((0,))),
+    ))
 
 
 def _lstm_setup_context(ctx, inputs, output):
@@ -180,14 +201,22 @@ def _lstm_backward_autograd(ctx, grad_output, grad_hy, grad_cy, _grad_gates, _gr
      cells) = ctx.saved_tensors
     if not ctx.training:  # outputs were marked non-differentiable
         return (None,) * 11
-    (grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias,
-     grad_w_hr) = lstm_backward(
+    # Only the gradients autograd asks for (frozen weights, an input without
+    # requires_grad): the others' GEMMs are skipped and they are None.
+    (need_input, need_hx, need_cx, need_w_ih, need_w_hh, need_b_ih, need_b_hh,
+     need_w_hr) = ctx.needs_input_grad[:8]
+    mask = [need_input, need_hx, need_cx, need_w_ih, need_w_hh,
+            ctx.has_bias and (need_b_ih or need_b_hh),
+            weight_hr is not None and need_w_hr]
+    grads = lstm_backward(
         _zeros_if_none(grad_output, out), _zeros_if_none(grad_hy, hx),
         _zeros_if_none(grad_cy, cx), input, hx, cx, weight_ih, weight_hh,
-        weight_hr, batch_sizes, ctx.reverse, out, gates, cells)
-    grad_b = grad_bias if ctx.has_bias else None
-    return (grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_b, grad_b,
-            grad_w_hr if weight_hr is not None else None, None, None, None)
+        weight_hr, batch_sizes, ctx.reverse, out, gates, cells, mask)
+    (grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias,
+     grad_w_hr) = (g if asked else None for g, asked in zip(grads, mask))
+    return (grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh,
+            grad_bias if need_b_ih else None, grad_bias if need_b_hh else None,
+            grad_w_hr, None, None, None)
 
 
 torch.library.register_autograd(
@@ -266,6 +295,7 @@ def layer_norm_lstm_backward(
     normalized_ih: Tensor,
     normalized_hh: Tensor,
     stats: Tensor,
+    output_mask: Sequence[bool] = (True,) * 10,
 ) -> tuple[Tensor, ...]:
     """Gradients of :func:`layer_norm_lstm_forward`.
 
@@ -273,11 +303,16 @@ def layer_norm_lstm_backward(
     grad_bias, grad_ln_ih_weight, grad_ln_hh_weight, grad_ln_cell_weight,
     grad_ln_cell_bias)``; ``grad_bias`` is the gradient of each of
     ``bias_ih``, ``bias_hh``, ``ln_ih_bias`` and ``ln_hh_bias``.
+
+    ``output_mask`` (ten bools, one per output) as in :func:`lstm_backward`;
+    an output not asked for is an empty ``[0]`` tensor like its argument
+    (``ln_ih_bias`` for ``grad_bias``). The bias and LayerNorm parameter
+    gradients share one reduction, which runs when any of them is asked for.
     """
     args = (grad_output, grad_hy, grad_cy, input, hx, cx, weight_ih, weight_hh,
             bias_ih, bias_hh, ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias,
             ln_cell_weight, ln_cell_bias, batch_sizes, reverse, output, cells,
-            normalized_ih, normalized_hh, stats)
+            normalized_ih, normalized_hh, stats, list(output_mask))
     if _functorch_active():
         return _LayerNormLSTMBackwardFunction.apply(*args)
     return torch.ops.rnnfast.layer_norm_lstm_backward.default(*args)
@@ -303,19 +338,11 @@ def _layer_norm_lstm_backward_fake(grad_output, grad_hy, grad_cy, input, hx, cx,
                                    ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias,
                                    ln_cell_weight, ln_cell_bias, batch_sizes, reverse,
                                    output, cells, normalized_ih, normalized_hh,
-                                   stats):
-    return (
-        _contiguous_like(input),
-        _contiguous_like(hx),
-        _contiguous_like(cx),
-        _contiguous_like(weight_ih),
-        _contiguous_like(weight_hh),
-        _contiguous_like(ln_ih_weight),
-        _contiguous_like(ln_ih_weight),
-        _contiguous_like(ln_hh_weight),
-        _contiguous_like(ln_cell_weight),
-        _contiguous_like(ln_cell_bias),
-    )
+                                   stats, output_mask=(True,) * 10):
+    return _masked(output_mask, tuple(
+        (t, lambda t=t: _contiguous_like(t))
+        for t in (input, hx, cx, weight_ih, weight_hh, ln_ih_bias, ln_ih_weight,
+                  ln_hh_weight, ln_cell_weight, ln_cell_bias)))
 
 
 def _layer_norm_lstm_setup_context(ctx, inputs, output):
@@ -342,17 +369,32 @@ def _layer_norm_lstm_backward_autograd(ctx, grad_output, grad_hy, grad_cy, *_unu
      normalized_ih, normalized_hh, stats) = ctx.saved_tensors
     if not ctx.training:  # outputs were marked non-differentiable
         return (None,) * 17
-    (grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias, grad_ln_ih_w,
-     grad_ln_hh_w, grad_ln_cell_w, grad_ln_cell_b) = layer_norm_lstm_backward(
+    # Only the gradients autograd asks for, as in _lstm_backward_autograd.
+    need = ctx.needs_input_grad
+    (need_input, need_hx, need_cx, need_w_ih, need_w_hh, need_b_ih, need_b_hh,
+     need_ln_ih_w, need_ln_ih_b, need_ln_hh_w, need_ln_hh_b, need_ln_cell_w,
+     need_ln_cell_b) = need[:13]
+    need_bias = ctx.has_bias and (need_b_ih or need_b_hh)
+    mask = [need_input, need_hx, need_cx, need_w_ih, need_w_hh,
+            need_bias or need_ln_ih_b or need_ln_hh_b, need_ln_ih_w, need_ln_hh_w,
+            need_ln_cell_w, need_ln_cell_b]
+    grads = layer_norm_lstm_backward(
         _zeros_if_none(grad_output, out), _zeros_if_none(grad_hy, hx),
         _zeros_if_none(grad_cy, cx), input, hx, cx, weight_ih, weight_hh, bias_ih,
         bias_hh, ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias, ln_cell_weight,
         ln_cell_bias, batch_sizes, ctx.reverse, out, cells, normalized_ih,
-        normalized_hh, stats)
-    grad_b = grad_bias if ctx.has_bias else None
-    return (grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_b, grad_b,
-            grad_ln_ih_w, grad_bias, grad_ln_hh_w, grad_bias, grad_ln_cell_w,
-            grad_ln_cell_b, None, None, None, None)
+        normalized_hh, stats, mask)
+    (grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias, grad_ln_ih_w,
+     grad_ln_hh_w, grad_ln_cell_w, grad_ln_cell_b) = (
+        g if asked else None for g, asked in zip(grads, mask))
+
+    def bias_grad(needed):
+        return grad_bias if needed else None
+
+    return (grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh,
+            bias_grad(ctx.has_bias and need_b_ih), bias_grad(ctx.has_bias and need_b_hh),
+            grad_ln_ih_w, bias_grad(need_ln_ih_b), grad_ln_hh_w, bias_grad(need_ln_hh_b),
+            grad_ln_cell_w, grad_ln_cell_b, None, None, None, None)
 
 
 torch.library.register_autograd(
@@ -462,7 +504,8 @@ def _vmap_loop(op, info, in_dims, args):
     """The batched op as one call per slice of the vmapped dimension."""
     results = []
     for v in range(info.batch_size):
-        sliced = [a.select(d, v) if d is not None else a for a, d in zip(args, in_dims)]
+        sliced = [a.select(d, v) if isinstance(a, Tensor) and d is not None else a
+                  for a, d in zip(args, in_dims)]
         results.append(op(*sliced))
     outputs = tuple(torch.stack(parts) for parts in zip(*results))
     return outputs, (0,) * len(outputs)
