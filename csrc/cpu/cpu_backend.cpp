@@ -7,6 +7,7 @@
 #include <string>
 
 #include "../backend_info.h"
+#include "../lstm_cell.h"
 #include "../op_impls.h"
 #include "activation_cache.h"
 #include "blas.h"
@@ -47,21 +48,48 @@ struct CpuBackend {
     return cpu::empty_activation(sizes, options);
   }
 
-  template <bool Training, typename T>
+  template <bool Training, bool ZoneoutCell, typename T>
   static void forward_step(const ForwardStepParams<T>& p) {
-    kernels<T>().forward_step[Training](p);
+    kernels<T>().forward_step[Training][ZoneoutCell](p);
   }
-  template <bool AddOutputGrad, typename T>
+  template <bool AddOutputGrad, bool ZoneoutCell, typename T>
   static void backward_step(const BackwardStepParams<T>& p) {
-    kernels<T>().backward_step[AddOutputGrad](p);
+    kernels<T>().backward_step[AddOutputGrad][ZoneoutCell](p);
   }
-  template <bool Training, typename T>
+  template <bool Training, bool ZoneoutCell, typename T>
   static void layer_norm_forward_step(const LayerNormStepParams<T>& p) {
-    kernels<T>().layer_norm_forward_step[Training](p);
+    kernels<T>().layer_norm_forward_step[Training][ZoneoutCell](p);
   }
-  template <typename T>
+  template <bool AddOutputGrad, bool ZoneoutCell, typename T>
   static void layer_norm_backward_step(const LayerNormBackwardStepParams<T>& p) {
-    kernels<T>().layer_norm_backward_step(p);
+    kernels<T>().layer_norm_backward_step[AddOutputGrad][ZoneoutCell](p);
+  }
+  // Zoneout on the hidden state (lstm_params.h): one pass over a step's
+  // rows, which are in cache (B x P values), with the math of lstm_cell.h.
+  template <typename T>
+  static void zoneout_hidden(const HiddenZoneoutParams<T>& p) {
+    const int64_t P = p.width;
+    for (int64_t row = 0; row < p.rows; ++row) {
+      const T* prev = row < p.rows_from_previous ? p.hidden_prev + row * P
+                                                 : p.hidden_init + row * P;
+      T* h = p.hidden + row * P;
+      const bool* m = p.mask ? p.mask + row * P : nullptr;
+      for (int64_t j = 0; j < P; ++j) {
+        const T a = m ? (m[j] ? T(1) : T(0)) : p.rate;
+        h[j] = zoneout(a, prev[j], h[j]);
+      }
+    }
+  }
+  template <typename T, typename C>
+  static void zoneout_hidden_backward(
+      const HiddenZoneoutBackwardParams<T, T, C>& p) {
+    const int64_t n = p.rows * p.width;
+    for (int64_t e = 0; e < n; ++e) {
+      const T a = p.mask ? (p.mask[e] ? T(1) : T(0)) : p.rate;
+      const auto z = zoneout_backward(a, p.grad_hidden[e] + p.grad_output[e]);
+      p.grad_candidate[e] = z.dcand;
+      p.grad_hidden[e] = z.dprev;
+    }
   }
   template <typename T>
   static void layer_norm_param_grads(const LayerNormParamGradsParams<T>& p) {
