@@ -95,10 +95,13 @@ def _check_regularisers(op: str, zoneout_hidden, zoneout_cell, weight_dropout,
     return rates
 
 
-def _bernoulli_mask(shape: Sequence[int], p: float, device: torch.device) -> Tensor:
+def _bernoulli_mask(shape: Sequence[int], p: float, device: torch.device,
+                    kind: str) -> Tensor:
     """A bool mask, True with probability ``p``, from torch's default
     generator for ``device`` (so ``torch.manual_seed`` reproduces it): one
-    byte per element."""
+    byte per element. ``kind`` names what it is for ("zoneout_hidden",
+    "zoneout_cell", "weight_hh", "dropout"): every regulariser draws its
+    masks here, which lets a test see them."""
     return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(p)
 
 
@@ -110,10 +113,10 @@ def _zoneout_args(layer_input: Tensor, out_size: int, hidden: int, zoneout_hidde
     if not training:
         return None, None, zoneout_hidden, zoneout_cell
     rows = layer_input.shape[:-1]
-    mask_h = (_bernoulli_mask((*rows, out_size), zoneout_hidden, layer_input.device)
-              if zoneout_hidden > 0 else None)
-    mask_c = (_bernoulli_mask((*rows, hidden), zoneout_cell, layer_input.device)
-              if zoneout_cell > 0 else None)
+    mask_h = (_bernoulli_mask((*rows, out_size), zoneout_hidden, layer_input.device,
+                              "zoneout_hidden") if zoneout_hidden > 0 else None)
+    mask_c = (_bernoulli_mask((*rows, hidden), zoneout_cell, layer_input.device,
+                              "zoneout_cell") if zoneout_cell > 0 else None)
     return mask_h, mask_c, 0.0, 0.0
 
 
@@ -123,7 +126,9 @@ def _drop_weight(weight_hh: Tensor, weight_dropout: float, training: bool) -> Te
     whole forward call (every step and row); autograd takes its gradient
     back to the parameter, which is never modified."""
     if training and weight_dropout > 0:
-        return F.dropout(weight_hh, p=weight_dropout, training=True)
+        keep = _bernoulli_mask(weight_hh.shape, 1 - weight_dropout, weight_hh.device,
+                               "weight_hh")
+        return weight_hh * keep / (1 - weight_dropout)
     return weight_hh
 
 
@@ -138,8 +143,8 @@ def _variational_dropout(layer_output: Tensor, p: float,
         batch = layer_output.shape[1]
     else:
         batch = int(batch_sizes[0])
-    keep = torch.empty((batch, features), dtype=layer_output.dtype,
-                       device=layer_output.device).bernoulli_(1 - p).div_(1 - p)
+    keep = _bernoulli_mask((batch, features), 1 - p, layer_output.device,
+                           "dropout").to(layer_output.dtype) / (1 - p)
     if batch_sizes is None:
         return layer_output * keep
     starts = torch.cumsum(batch_sizes, 0) - batch_sizes
