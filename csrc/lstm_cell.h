@@ -14,6 +14,7 @@
 
 #include <c10/macros/Macros.h>
 #include <cmath>
+#include <cstdint>
 
 namespace rnnfast {
 
@@ -177,6 +178,14 @@ C10_HOST_DEVICE inline LstmCellBackward<T> lstm_cell_backward(
 template <typename T>
 C10_HOST_DEVICE inline T zoneout(const T& a, const T& prev, const T& cand) {
   return a * prev + (T(1) - a) * cand;
+}
+
+// The coefficient a of element e of a step: its mask byte as 0 / 1, or
+// the rate without a mask (training / evaluation).
+template <typename T, typename R>
+C10_HOST_DEVICE inline T zoneout_coefficient_at(const bool* mask, int64_t e,
+                                                R rate) {
+  return mask != nullptr ? (mask[e] ? T(1) : T(0)) : static_cast<T>(rate);
 }
 
 // The backward of zoneout: from d = dL/dx_t, the gradient w.r.t. the

@@ -75,7 +75,7 @@ struct CpuBackend {
       T* h = p.hidden + row * P;
       const bool* m = p.mask ? p.mask + row * P : nullptr;
       for (int64_t j = 0; j < P; ++j) {
-        const T a = m ? (m[j] ? T(1) : T(0)) : p.rate;
+        const T a = zoneout_coefficient_at<T>(m, j, p.rate);
         h[j] = zoneout(a, prev[j], h[j]);
       }
     }
@@ -85,7 +85,7 @@ struct CpuBackend {
       const HiddenZoneoutBackwardParams<T, T, C>& p) {
     const int64_t n = p.rows * p.width;
     for (int64_t e = 0; e < n; ++e) {
-      const T a = p.mask ? (p.mask[e] ? T(1) : T(0)) : p.rate;
+      const T a = zoneout_coefficient_at<T>(p.mask, e, p.rate);
       const auto z = zoneout_backward(a, p.grad_hidden[e] + p.grad_output[e]);
       p.grad_candidate[e] = z.dcand;
       p.grad_hidden[e] = z.dprev;
