@@ -104,9 +104,11 @@ class _RecurrentBase(nn.Module):
         self.variational_dropout = variational_dropout
 
     def _regulariser_kwargs(self) -> dict:
-        return dict(zoneout_hidden=self.zoneout_hidden, zoneout_cell=self.zoneout_cell,
-                    weight_dropout=self.weight_dropout,
-                    variational_dropout=self.variational_dropout)
+        # getattr: a module pickled before the regularisers existed has none
+        return dict(zoneout_hidden=getattr(self, "zoneout_hidden", 0.0),
+                    zoneout_cell=getattr(self, "zoneout_cell", 0.0),
+                    weight_dropout=getattr(self, "weight_dropout", 0.0),
+                    variational_dropout=getattr(self, "variational_dropout", False))
 
     def _register_parameters(self, per_direction, factory) -> None:
         """Registers, for each layer then direction, the parameters that

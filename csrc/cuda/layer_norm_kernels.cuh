@@ -213,9 +213,10 @@ __global__ void __launch_bounds__(kMaxRowThreads)
       const T c = static_cast<T>(cell.c);
       if constexpr (ZoneoutCell) {
         p.cell_save[row * H + j] = c;
-        const T carried = static_cast<T>(zoneout(
-            zoneout_coefficient_at<acc_t>(p.zoneout.mask, row * H + j, p.zoneout.rate), c_prev,
-            static_cast<acc_t>(c)));
+        const acc_t a = zoneout_coefficient_at<acc_t>(
+            p.zoneout.mask, row * H + j, p.zoneout.rate);
+        const T carried =
+            static_cast<T>(zoneout(a, c_prev, static_cast<acc_t>(c)));
         c_state[j] = carried;
         if constexpr (Training) p.cell_state_save[row * H + j] = carried;
       } else {
@@ -349,8 +350,9 @@ __global__ void __launch_bounds__(kMaxRowThreads)
       acc_t dc_carried = static_cast<acc_t>(dc_state[j]);
       acc_t dc_prev_share = acc_t(0);
       if constexpr (ZoneoutCell) {
-        const auto z = zoneout_backward(
-            zoneout_coefficient_at<acc_t>(p.zoneout.mask, rh + j, p.zoneout.rate), dc_carried);
+        const acc_t a =
+            zoneout_coefficient_at<acc_t>(p.zoneout.mask, rh + j, p.zoneout.rate);
+        const auto z = zoneout_backward(a, dc_carried);
         dc_carried = z.dcand;
         dc_prev_share = z.dprev;
       }

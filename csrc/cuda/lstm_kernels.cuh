@@ -38,8 +38,9 @@ __global__ void __launch_bounds__(kBlockThreads)
     gates[2 * H] = static_cast<T>(out.g);
     gates[3 * H] = static_cast<T>(out.o);
     if constexpr (ZoneoutCell) {
-      const T c = static_cast<T>(
-          zoneout(zoneout_coefficient_at<acc_t>(p.zoneout.mask, e, p.zoneout.rate), c_prev, out.c));
+      const acc_t a =
+          zoneout_coefficient_at<acc_t>(p.zoneout.mask, e, p.zoneout.rate);
+      const T c = static_cast<T>(zoneout(a, c_prev, out.c));
       p.cell_state[e] = c;
       if constexpr (Training) p.cell_state_save[e] = c;
     } else {
@@ -76,7 +77,8 @@ __global__ void __launch_bounds__(kBlockThreads)
           static_cast<acc_t>(gates[2 * H]), static_cast<acc_t>(gates[3 * H]),
           static_cast<acc_t>(p.cell[e]), static_cast<acc_t>(c_prev), dr,
           static_cast<acc_t>(p.dcell_state[e]),
-          zoneout_coefficient_at<acc_t>(p.zoneout.mask, e, p.zoneout.rate));
+          zoneout_coefficient_at<acc_t>(p.zoneout.mask, e,
+                                        p.zoneout.rate));
     } else {
       out = lstm_cell_backward<acc_t>(
           static_cast<acc_t>(gates[0]), static_cast<acc_t>(gates[H]),
