@@ -7,12 +7,13 @@ so that a shared machine's load hits both alike; medians and their ratios.
 Then the alternative users write today, a Python loop over nn.LSTMCell with
 zoneout, against rnnfast.LSTM with the same zoneout, at B=64 and B=4.
 
-    python scripts/regulariser_overhead.py [--threads 2] [--repeats 15]
+    python scripts/regulariser_overhead.py [--threads 2] [--repeats 15] [--cpu-time]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -41,17 +42,23 @@ def lstm_cell_zoneout_loop(cell: nn.LSTMCell, x: torch.Tensor, z_h: float,
     return torch.stack(outputs)
 
 
+CPU_TIME = False  # --cpu-time: the process's CPU time instead of wall clock
+
+
 def interleaved(fns: dict, repeats: int) -> dict:
     """Median seconds of each of ``fns``, called in turn ``repeats`` times
-    (after one warm-up call each)."""
+    (after one warm-up call each): wall clock, or with --cpu-time the
+    process's CPU time (all its threads; on a machine shared with other
+    jobs, what the call itself cost)."""
+    clock = time.process_time if CPU_TIME else time.perf_counter
     for fn in fns.values():
         fn()
     times = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(clock() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -67,11 +74,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time with the process's CPU time rather than wall clock")
     args = parser.parse_args()
+    global CPU_TIME
+    CPU_TIME = args.cpu_time
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{args.threads} threads, rnnfast kernels {rnnfast.build_info()['cpu_kernels']}")
+          f"{args.threads} threads, rnnfast kernels {rnnfast.build_info()['cpu_kernels']}, "
+          f"{'process CPU time' if CPU_TIME else 'wall clock'}, load average "
+          f"{os.getloadavg()[0]:.1f}")
 
     T, B, H = 100, 64, 256
     x = torch.randn(T, B, H)
