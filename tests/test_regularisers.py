@@ -277,14 +277,15 @@ class _Recorder:
 
     def __init__(self, monkeypatch):
         self.masks: dict[str, list] = {}
-        original = RF._bernoulli_mask
+        original = RF._bernoulli_masks
 
-        def record(shape, p, device, kind):
-            m = original(shape, p, device, kind)
-            self.masks.setdefault(kind, []).append(m)
-            return m
+        def record(shape, rates, device, kinds):
+            masks = original(shape, rates, device, kinds)
+            for kind, m in zip(kinds, masks):
+                self.masks.setdefault(kind, []).append(m)
+            return masks
 
-        monkeypatch.setattr(RF, "_bernoulli_mask", record)
+        monkeypatch.setattr(RF, "_bernoulli_masks", record)
 
 
 def _reference_of(cell, module, x, hx, lengths, masks):
@@ -349,29 +350,22 @@ def test_module_every_option_matches_reference(cell, monkeypatch, packed, bidire
                                    msg=lambda msg, k=key: f"{k}: {msg}")
 
 
-def test_variational_dropout_shares_one_mask_over_time(cell):
+def test_variational_dropout_shares_one_mask_over_time(cell, monkeypatch):
     """The inter-layer dropout mask is one per sequence and feature: an
     element dropped at one step is dropped at every step (seen as a zero
     gradient of the second layer's input weights for every step)."""
     torch.manual_seed(3)
     m = cell.module(4, 8, num_layers=2, dropout=0.5, variational_dropout=True)
-    masks = {}
-    original = RF._bernoulli_mask
-
-    def record(shape, p, device, kind):
-        out = original(shape, p, device, kind)
-        masks[kind] = out
-        return out
-
-    RF._bernoulli_mask, saved = record, RF._bernoulli_mask
-    try:
-        x = torch.randn(6, 3, 4)
-        m(x)
-    finally:
-        RF._bernoulli_mask = saved
-    assert masks["dropout"].shape == (3, 8)
-    frac = masks["dropout"].double().mean().item()
-    assert 0.2 < frac < 0.8
+    recorder = _Recorder(monkeypatch)
+    x = torch.randn(6, 3, 4, requires_grad=True)
+    out, _ = m(x)
+    (mask,) = recorder.masks["dropout"]
+    assert mask.shape == (3, 8)  # one per sequence and feature, none per step
+    assert 0.2 < mask.double().mean().item() < 0.8
+    y = torch.ones(6, 3, 8, dtype=torch.float64)
+    dropped = RF._variational_dropout(y, 0.5, None)
+    assert set(dropped.unique().tolist()) == {0.0, 2.0}
+    assert (dropped == dropped[:1]).all()  # the same at every step
 
 
 def test_variational_dropout_packed_follows_each_row_sequence():
@@ -380,7 +374,7 @@ def test_variational_dropout_packed_follows_each_row_sequence():
     torch.manual_seed(0)
     got = RF._variational_dropout(y, 0.5, batch_sizes)
     torch.manual_seed(0)
-    keep = (torch.empty(3, 2, dtype=torch.bool).bernoulli_(0.5)).double() / 0.5
+    keep = RF._bernoulli_mask((3, 2), 0.5, y.device, "dropout").double() / 0.5
     rows = torch.tensor([0, 1, 2, 0, 1, 2, 0, 0])
     torch.testing.assert_close(got, y * keep[rows].to(y.dtype))
 

@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 #include <string>
 
@@ -65,31 +66,42 @@ struct CpuBackend {
     kernels<T>().layer_norm_backward_step[AddOutputGrad][ZoneoutCell](p);
   }
   // Zoneout on the hidden state (lstm_params.h): one pass over a step's
-  // rows, which are in cache (B x P values), with the math of lstm_cell.h.
+  // rows, which are in cache (B x P values), with the math of lstm_cell.h;
+  // rows split between the threads as the step kernels split them.
+  static int64_t zoneout_grain(int64_t width) {
+    return std::max<int64_t>(1, (int64_t{1} << 12) / std::max<int64_t>(1, width));
+  }
   template <typename T>
   static void zoneout_hidden(const HiddenZoneoutParams<T>& p) {
     const int64_t P = p.width;
-    for (int64_t row = 0; row < p.rows; ++row) {
-      const T* prev = row < p.rows_from_previous ? p.hidden_prev + row * P
-                                                 : p.hidden_init + row * P;
-      T* h = p.hidden + row * P;
-      const bool* m = p.mask ? p.mask + row * P : nullptr;
-      for (int64_t j = 0; j < P; ++j) {
-        const T a = zoneout_coefficient_at<T>(m, j, p.rate);
-        h[j] = zoneout(a, prev[j], h[j]);
+    at::parallel_for(0, p.rows, zoneout_grain(P), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const T* prev = row < p.rows_from_previous ? p.hidden_prev + row * P
+                                                   : p.hidden_init + row * P;
+        T* h = p.hidden + row * P;
+        if (p.mask == nullptr) {
+          for (int64_t j = 0; j < P; ++j) h[j] = zoneout(p.rate, prev[j], h[j]);
+        } else {
+          const bool* m = p.mask + row * P;
+          for (int64_t j = 0; j < P; ++j) {
+            h[j] = zoneout(static_cast<T>(m[j]), prev[j], h[j]);
+          }
+        }
       }
-    }
+    });
   }
   template <typename T, typename C>
   static void zoneout_hidden_backward(
       const HiddenZoneoutBackwardParams<T, T, C>& p) {
-    const int64_t n = p.rows * p.width;
-    for (int64_t e = 0; e < n; ++e) {
-      const T a = zoneout_coefficient_at<T>(p.mask, e, p.rate);
-      const auto z = zoneout_backward(a, p.grad_hidden[e] + p.grad_output[e]);
-      p.grad_candidate[e] = z.dcand;
-      p.grad_hidden[e] = z.dprev;
-    }
+    const int64_t P = p.width;
+    at::parallel_for(0, p.rows, zoneout_grain(P), [&](int64_t begin, int64_t end) {
+      for (int64_t e = begin * P; e < end * P; ++e) {
+        const T a = p.mask ? static_cast<T>(p.mask[e]) : p.rate;
+        const auto z = zoneout_backward(a, p.grad_hidden[e] + p.grad_output[e]);
+        p.grad_candidate[e] = z.dcand;
+        p.grad_hidden[e] = z.dprev;
+      }
+    });
   }
   template <typename T>
   static void layer_norm_param_grads(const LayerNormParamGradsParams<T>& p) {
