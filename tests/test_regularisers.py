@@ -531,3 +531,22 @@ def test_extra_repr_names_the_regularisers(cell):
     assert "zoneout_hidden=0.1" in text and "weight_dropout=0.5" in text
     assert "variational_dropout=True" in text and "zoneout_cell" not in text
     assert set(m.state_dict()) == set(cell.module(3, 4).state_dict())
+
+
+def test_torch_func_grad_matches_autograd(cell):
+    """torch.func.grad through a module with every regulariser in training
+    draws the same masks (same seed) and gives autograd's gradients."""
+    from torch.func import functional_call, grad
+    m = cell.module(3, 4, zoneout_hidden=0.3, zoneout_cell=0.3, weight_dropout=0.2)
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    x = torch.randn(5, 2, 3)
+
+    def loss(p):
+        return functional_call(m, p, (x,))[0].sum()
+
+    torch.manual_seed(0)
+    got = grad(loss)(params)
+    torch.manual_seed(0)
+    m(x)[0].sum().backward()
+    for name, p in m.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, atol=1e-6, rtol=1e-6)
