@@ -120,6 +120,26 @@ void check_layer_norm_args(const char* op, const at::Tensor& input,
   }
 }
 
+void check_zoneout_args(const char* op, const at::Tensor& input,
+                        const char* what,
+                        const c10::optional<at::Tensor>& mask,
+                        at::IntArrayRef mask_shape, double rate) {
+  TORCH_CHECK_VALUE(rate >= 0.0 && rate < 1.0, op, ": zoneout_", what,
+                    " must be in [0, 1), got ", rate);
+  if (!mask.has_value()) return;
+  const at::Tensor& m = *mask;
+  TORCH_CHECK(rate == 0.0, op, ": give zoneout_", what,
+              "_mask (training) or a zoneout_", what,
+              " rate (evaluation), not both; got the rate ", rate);
+  TORCH_CHECK(m.scalar_type() == at::kBool, op, ": zoneout_", what,
+              "_mask must be a bool tensor, got ", m.scalar_type());
+  TORCH_CHECK(m.device() == input.device(), op, ": zoneout_", what,
+              "_mask must be on the device of input (", input.device(),
+              "), got ", m.device());
+  TORCH_CHECK(m.sizes() == mask_shape, op, ": expected zoneout_", what,
+              "_mask of size ", mask_shape, ", got ", m.sizes());
+}
+
 SequenceLayout make_layout(const at::Tensor& input,
                            const c10::optional<at::Tensor>& batch_sizes,
                            bool reverse) {

@@ -29,6 +29,16 @@ void check_layer_norm_args(const char* op, const at::Tensor& input,
                            const LstmSizes& sizes, at::TensorList ln_gates,
                            at::TensorList ln_cell);
 
+// Checks the zoneout arguments of op `op` for one state (`what` is
+// "hidden" or "cell"): the rate in [0, 1) (a ValueError naming
+// zoneout_<what>), and the mask, if given, a bool tensor of `mask_shape` on
+// input's device, given with a zero rate (a mask is training's coefficient,
+// the rate evaluation's).
+void check_zoneout_args(const char* op, const at::Tensor& input,
+                        const char* what,
+                        const c10::optional<at::Tensor>& mask,
+                        at::IntArrayRef mask_shape, double rate);
+
 // The packed-row layout of input (see lstm_params.h).
 SequenceLayout make_layout(const at::Tensor& input,
                            const c10::optional<at::Tensor>& batch_sizes,

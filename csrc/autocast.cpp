@@ -42,15 +42,18 @@ Ret cast_and_redispatch(const c10::TypedOperatorHandle<Ret(OpArgs...)>& op,
 using Tensor = at::Tensor;
 using OptionalTensor = c10::optional<at::Tensor>;
 
-using LstmForwardSignature = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
-    const Tensor& input, const Tensor& hx, const Tensor& cx,
-    const Tensor& weight_ih, const Tensor& weight_hh,
-    const OptionalTensor& bias_ih, const OptionalTensor& bias_hh,
-    const OptionalTensor& weight_hr, const OptionalTensor& batch_sizes,
-    bool reverse, bool training);
+using LstmForwardSignature =
+    std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
+        const Tensor& input, const Tensor& hx, const Tensor& cx,
+        const Tensor& weight_ih, const Tensor& weight_hh,
+        const OptionalTensor& bias_ih, const OptionalTensor& bias_hh,
+        const OptionalTensor& weight_hr, const OptionalTensor& batch_sizes,
+        bool reverse, bool training, const OptionalTensor& zoneout_hidden_mask,
+        const OptionalTensor& zoneout_cell_mask, double zoneout_hidden,
+        double zoneout_cell);
 
 using LayerNormLstmForwardSignature =
-    std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
+    std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
         const Tensor& input, const Tensor& hx, const Tensor& cx,
         const Tensor& weight_ih, const Tensor& weight_hh,
         const OptionalTensor& bias_ih, const OptionalTensor& bias_hh,
@@ -58,26 +61,33 @@ using LayerNormLstmForwardSignature =
         const Tensor& ln_hh_weight, const Tensor& ln_hh_bias,
         const Tensor& ln_cell_weight, const Tensor& ln_cell_bias,
         const OptionalTensor& batch_sizes, bool reverse, bool training,
-        double eps);
+        double eps, const OptionalTensor& zoneout_hidden_mask,
+        const OptionalTensor& zoneout_cell_mask, double zoneout_hidden,
+        double zoneout_cell);
 
 template <c10::DeviceType device>
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_autocast(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
+lstm_forward_autocast(
     const Tensor& input, const Tensor& hx, const Tensor& cx,
     const Tensor& weight_ih, const Tensor& weight_hh,
     const OptionalTensor& bias_ih, const OptionalTensor& bias_hh,
     const OptionalTensor& weight_hr, const OptionalTensor& batch_sizes,
-    bool reverse, bool training) {
+    bool reverse, bool training, const OptionalTensor& zoneout_hidden_mask,
+    const OptionalTensor& zoneout_cell_mask, double zoneout_hidden,
+    double zoneout_cell) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("rnnfast::lstm_forward", "")
                              .typed<LstmForwardSignature>();
-  // batch_sizes is an int64 tensor, which cached_cast leaves as it is.
-  return cast_and_redispatch<device>(op, input, hx, cx, weight_ih, weight_hh,
-                                     bias_ih, bias_hh, weight_hr, batch_sizes,
-                                     reverse, training);
+  // batch_sizes (int64) and the zoneout masks (bool) are left as they are
+  // by cached_cast, which casts floating-point tensors only.
+  return cast_and_redispatch<device>(
+      op, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
+      batch_sizes, reverse, training, zoneout_hidden_mask, zoneout_cell_mask,
+      zoneout_hidden, zoneout_cell);
 }
 
 template <c10::DeviceType device>
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
 layer_norm_lstm_forward_autocast(
     const Tensor& input, const Tensor& hx, const Tensor& cx,
     const Tensor& weight_ih, const Tensor& weight_hh,
@@ -86,7 +96,9 @@ layer_norm_lstm_forward_autocast(
     const Tensor& ln_hh_weight, const Tensor& ln_hh_bias,
     const Tensor& ln_cell_weight, const Tensor& ln_cell_bias,
     const OptionalTensor& batch_sizes, bool reverse, bool training,
-    double eps) {
+    double eps, const OptionalTensor& zoneout_hidden_mask,
+    const OptionalTensor& zoneout_cell_mask, double zoneout_hidden,
+    double zoneout_cell) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("rnnfast::layer_norm_lstm_forward", "")
@@ -94,7 +106,8 @@ layer_norm_lstm_forward_autocast(
   return cast_and_redispatch<device>(
       op, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, ln_ih_weight,
       ln_ih_bias, ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias,
-      batch_sizes, reverse, training, eps);
+      batch_sizes, reverse, training, eps, zoneout_hidden_mask,
+      zoneout_cell_mask, zoneout_hidden, zoneout_cell);
 }
 
 }  // namespace

@@ -1,8 +1,9 @@
 // The recurrence of one LayerNorm-LSTM layer in one direction, forward and
 // backward, over the same Backend as lstm_driver.h plus three LayerNorm-LSTM
 // kernels:
-//   layer_norm_forward_step(LayerNormStepParams<T>)
-//   layer_norm_backward_step(LayerNormBackwardStepParams<T>)
+//   layer_norm_forward_step<Training, ZoneoutCell>(LayerNormStepParams<T>)
+//   layer_norm_backward_step<AddOutputGrad, ZoneoutCell>(
+//       LayerNormBackwardStepParams<T>)
 //   layer_norm_param_grads(LayerNormParamGradsParams<T>)
 //
 // The cell (Ba, Kiros & Hinton 2016, section 3.1):
@@ -50,10 +51,12 @@ struct LayerNormForwardResult {
   at::Tensor output;         // [N, H] (S)
   at::Tensor hy;             // [B, H] (S)
   at::Tensor cy;             // [B, H] (T)
-  at::Tensor cells;          // [N, H] c_t (training)
+  at::Tensor cells;          // [N, H] c~_t (training)
   at::Tensor normalized_ih;  // [N, 4H] xhat of W_ih x (training)
   at::Tensor normalized_hh;  // [N, 4H] xhat of W_hh h (training)
   at::Tensor stats;          // [N, kStatsWidth] (training)
+  at::Tensor cell_states;    // [N, H] carried c_t (training with zoneout on
+                             // c), else undefined
 };
 
 // grad_input in S, the others in T.
@@ -85,8 +88,10 @@ LayerNormForwardResult layer_norm_lstm_forward_recurrence(
     const at::Tensor& x,   // [N, I] contiguous (S)
     const at::Tensor& hx,  // [B, H] contiguous (S)
     const at::Tensor& cx,  // [B, H] (T)
-    const LayerNormWeights& w, double eps, bool training) {
+    const LayerNormWeights& w, double eps, bool training,
+    const ZoneoutArgs& z) {
   const int64_t H = s.hidden, G = 4 * s.hidden;
+  const bool zoneout_cell = z.on_cell(), zoneout_h = z.on_hidden();
   const auto sopts = x.options();
   const auto topts = sopts.dtype(compute_scalar_type<T>());
   LayerNormForwardResult r;
@@ -100,7 +105,10 @@ LayerNormForwardResult layer_norm_lstm_forward_recurrence(
   if (training) {
     r.cells = Backend::empty_activation({l.rows, H}, topts);
     r.stats = Backend::empty_activation({l.rows, kStatsWidth}, topts);
+    if (zoneout_cell) r.cell_states = Backend::empty_activation({l.rows, H}, topts);
   }
+  at::Tensor cand_buf;  // c~_t of a step, evaluating with zoneout on c
+  if (!training && zoneout_cell) cand_buf = at::empty({l.batch, H}, topts);
 
   using Weight = typename Backend::template StepWeight<S>;
   const Weight whh(true, l.batch, G, H, w.weight_hh.data_ptr<S>(), H);
@@ -129,10 +137,20 @@ LayerNormForwardResult layer_norm_lstm_forward_recurrence(
     if (training) {
       p.cell_save = r.cells.data_ptr<T>() + off * H;
       p.stats = r.stats.data_ptr<T>() + off * kStatsWidth;
-      Backend::template layer_norm_forward_step<true>(p);
-    } else {
-      Backend::template layer_norm_forward_step<false>(p);
     }
+    if (zoneout_cell) {
+      p.zoneout = cell_zoneout<T>(z, off, H);
+      if (training) {
+        p.cell_state_save = r.cell_states.data_ptr<T>() + off * H;
+      } else {
+        p.cell_save = cand_buf.data_ptr<T>();
+      }
+    }
+    with_flags(training, zoneout_cell, [&](auto tr, auto zc) {
+      Backend::template layer_norm_forward_step<decltype(tr)::value,
+                                                decltype(zc)::value>(p);
+    });
+    if (zoneout_h) zoneout_hidden_step<Backend, S, T>(l, t, z, out, h0, H);
   }
   r.hy = at::empty({l.batch, H}, sopts);
   copy_final_hidden<Backend>(l, out, H, r.hy.data_ptr<S>());
@@ -224,7 +242,10 @@ struct LayerNormBackwardBuffers {
   const at::Tensor& normalized_ih;  // [N, 4H]
   const at::Tensor& normalized_hh;  // [N, 4H]
   const at::Tensor& stats;          // [N, kStatsWidth]
+  const at::Tensor& cell_states;    // [N, H] carried c_t (zoneout on c)
+  const ZoneoutArgs& z;
   at::Tensor dh_state, dc_state;    // [B, H] dL/dh_t, dL/dc_t of the rows
+  at::Tensor dh_cand;               // [B, H] dL/dh~_t (zoneout on h)
   at::Tensor dgates, dcell_norm;    // the group's, [capacity, 4H] / [.., H]
   at::Tensor dih, dhh;              // the block's, [rows, 4H] (S)
   LayerNormBackwardResult r;
@@ -241,6 +262,10 @@ void run_layer_norm_backward_step(LayerNormBackwardBuffers<T, S>& b, int64_t t,
   const int64_t off = l.offsets[t];
   const int64_t prev = l.previous(t);
   const T* c = b.cells.template data_ptr<T>();
+  const bool zoneout_cell = b.z.on_cell(), zoneout_h = b.z.on_hidden();
+  // c_{t-1} as carried: the zoned-out states, or c~ itself without zoneout
+  const T* c_carried =
+      zoneout_cell ? b.cell_states.template data_ptr<T>() : c;
   LayerNormBackwardStepParams<T, S> p;
   p.rows = l.batch_sizes[t];
   p.hidden = H;
@@ -254,16 +279,28 @@ void run_layer_norm_backward_step(LayerNormBackwardBuffers<T, S>& b, int64_t t,
   p.gamma_cell = b.w.ln_cell_weight.template data_ptr<T>();
   p.beta_cell = b.w.ln_cell_bias.template data_ptr<T>();
   p.cell = c + off * H;
-  p.cell_prev = prev >= 0 ? c + l.offsets[prev] * H : nullptr;
+  p.cell_prev = prev >= 0 ? c_carried + l.offsets[prev] * H : nullptr;
   p.cell_init = b.cx.template data_ptr<T>();
-  p.grad_hidden = b.dh_state.template data_ptr<T>();
-  p.grad_output = b.grad_output.template data_ptr<S>() + off * H;
+  if (zoneout_h) {  // dL/dh~_t; dh_state keeps the share of dL/dh_{t-1}
+    zoneout_hidden_step_backward<Backend>(
+        l, t, b.z, b.dh_state.template data_ptr<T>(),
+        b.grad_output.template data_ptr<S>(),
+        b.dh_cand.template data_ptr<T>(), H);
+    p.grad_hidden = b.dh_cand.template data_ptr<T>();
+  } else {
+    p.grad_hidden = b.dh_state.template data_ptr<T>();
+    p.grad_output = b.grad_output.template data_ptr<S>() + off * H;
+  }
+  if (zoneout_cell) p.zoneout = cell_zoneout<T>(b.z, off, H);
   p.dcell_state = b.dc_state.template data_ptr<T>();
   p.dgates = b.dgates.template data_ptr<T>() + group_row * G;
   p.dcell_norm = b.dcell_norm.template data_ptr<T>() + group_row * H;
   p.dih = b.dih.template data_ptr<S>() + block_row * G;
   p.dhh = b.dhh.template data_ptr<S>() + block_row * G;
-  Backend::layer_norm_backward_step(p);
+  with_flags(!zoneout_h, zoneout_cell, [&](auto add, auto zc) {
+    Backend::template layer_norm_backward_step<decltype(add)::value,
+                                               decltype(zc)::value>(p);
+  });
 }
 
 // Adds the LayerNorm parameter gradients of a group of steps.
@@ -335,7 +372,8 @@ LayerNormBackwardResult layer_norm_lstm_backward_recurrence(
     const at::Tensor& normalized_ih,  // [N, 4H]
     const at::Tensor& normalized_hh,  // [N, 4H]
     const at::Tensor& stats,          // [N, kStatsWidth]
-    const LayerNormGradMask& mask) {
+    const at::Tensor& cell_states,    // [N, H] carried c_t (zoneout on c)
+    const ZoneoutArgs& z, const LayerNormGradMask& mask) {
   const int64_t H = s.hidden, G = 4 * s.hidden;
   const auto sopts = x.options();
   const auto topts = sopts.dtype(compute_scalar_type<T>());
@@ -346,8 +384,11 @@ LayerNormBackwardResult layer_norm_lstm_backward_recurrence(
     max_block_rows = std::max(
         max_block_rows, l.offsets[b.last + 1] - l.offsets[b.first]);
   }
-  LayerNormBackwardBuffers<T, S> b{l, s, w, cx, grad_output, cells,
-                                   normalized_ih, normalized_hh, stats};
+  LayerNormBackwardBuffers<T, S> b{l,     s,     w,
+                                   cx,    grad_output, cells,
+                                   normalized_ih, normalized_hh, stats,
+                                   cell_states,   z};
+  if (z.on_hidden()) b.dh_cand = at::empty({l.batch, H}, topts);
   // A group never spans blocks and stops once it has kParamGradRows rows.
   ParamGradGroup group(
       l, std::min(max_block_rows, Backend::kParamGradRows + l.batch));
@@ -384,8 +425,9 @@ LayerNormBackwardResult layer_norm_lstm_backward_recurrence(
       run_layer_norm_backward_step<Backend>(b, t, block_row, group.add(t));
       // dh_{t-1} = dhh W_hh
       whh.multiply(l.batch_sizes[t],
-                   b.dhh.template data_ptr<S>() + block_row * G, G, T(0),
-                   b.dh_state.template data_ptr<T>(), H);
+                   b.dhh.template data_ptr<S>() + block_row * G, G,
+                   T(z.on_hidden() ? 1 : 0), b.dh_state.template data_ptr<T>(),
+                   H);
       // The LayerNorm parameter gradients, every kParamGradRows rows or so
       // (while the steps' rows are still in cache).
       if (group.rows() >= Backend::kParamGradRows ||

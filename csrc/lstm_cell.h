@@ -14,6 +14,7 @@
 
 #include <c10/macros/Macros.h>
 #include <cmath>
+#include <cstdint>
 
 namespace rnnfast {
 
@@ -164,6 +165,57 @@ C10_HOST_DEVICE inline LstmCellBackward<T> lstm_cell_backward(
   out.dg = state.dg;
   out.do_ = out_grad.do_;
   out.dc_prev = state.dc_prev;
+  return out;
+}
+
+// ---- Zoneout (Krueger et al. 2016) ---------------------------------------
+// A zoned-out state keeps its previous value with coefficient a:
+//   x_t = a * x_{t-1} + (1 - a) * x~_t
+// where x~_t is the cell's candidate (c~_t = f c_{t-1} + i g, or
+// h~_t = o tanh(c~_t)). In training a is the unit's Bernoulli mask (0 or 1:
+// the candidate or the previous value exactly), in evaluation the rate
+// itself (the expectation). One formula serves both, forward and backward.
+template <typename T>
+C10_HOST_DEVICE inline T zoneout(const T& a, const T& prev, const T& cand) {
+  return a * prev + (T(1) - a) * cand;
+}
+
+// The coefficient a of element e of a step: its mask byte as 0 / 1, or
+// the rate without a mask (training / evaluation).
+template <typename T, typename R>
+C10_HOST_DEVICE inline T zoneout_coefficient_at(const bool* mask, int64_t e,
+                                                R rate) {
+  return mask != nullptr ? (mask[e] ? T(1) : T(0)) : static_cast<T>(rate);
+}
+
+// The backward of zoneout: from d = dL/dx_t, the gradient w.r.t. the
+// candidate x~_t and the share of dL/dx_{t-1} that flows straight back.
+template <typename T>
+struct ZoneoutBackward {
+  T dcand;  // (1 - a) d
+  T dprev;  // a d
+};
+
+template <typename T>
+C10_HOST_DEVICE inline ZoneoutBackward<T> zoneout_backward(const T& a,
+                                                           const T& d) {
+  ZoneoutBackward<T> out;
+  out.dcand = (T(1) - a) * d;
+  out.dprev = a * d;
+  return out;
+}
+
+// The LSTM cell backward with zoneout on c: c_t = a c_{t-1} + (1 - a) c~_t,
+// the output computed from c~_t.
+//   c_cand:  c~_t of the forward
+//   dc_next: gradient w.r.t. the carried c_t
+template <typename T>
+C10_HOST_DEVICE inline LstmCellBackward<T> lstm_cell_backward_zoneout(
+    T i, T f, T g, T o, T c_cand, T c_prev, T dr, T dc_next, T a) {
+  const auto z = zoneout_backward(a, dc_next);
+  LstmCellBackward<T> out =
+      lstm_cell_backward(i, f, g, o, c_cand, c_prev, dr, z.dcand);
+  out.dc_prev = out.dc_prev + z.dprev;
   return out;
 }
 

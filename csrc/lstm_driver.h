@@ -20,8 +20,13 @@
 //     computes C[m, n] = A[m, k] op(B) + beta C (beta 0 or 1; C is S or T).
 //   gemm(trans_a, trans_b, m, n, k, const S* a, lda, const S* b, ldb,
 //        C beta, C* c, ldc): a one-off product, C = op(A) op(B) + beta C.
-//   template <bool Training> forward_step(const ForwardStepParams<T, S>&);
-//   template <bool AddOutputGrad> backward_step(const BackwardStepParams<T, S>&);
+//   template <bool Training, bool ZoneoutCell>
+//     forward_step(const ForwardStepParams<T, S>&);
+//   template <bool AddOutputGrad, bool ZoneoutCell>
+//     backward_step(const BackwardStepParams<T, S>&);
+//   zoneout_hidden(const HiddenZoneoutParams<T, S>&) and
+//     zoneout_hidden_backward(const HiddenZoneoutBackwardParams<T, S, C>&):
+//     zoneout on the hidden state, one pass over a step's rows.
 //   copy(S* dst, const S* src, int64_t count);
 //   copy_rows(const RowCopy*, int64_t n, int64_t width, S* dst,
 //             const S* first, const S* second): runs of rows, one pass.
@@ -49,8 +54,86 @@ struct ForwardResult {
   at::Tensor hy;      // [B, P] (S)
   at::Tensor cy;      // [B, H] (T)
   at::Tensor gates;   // [N, 4H] activated gates (training), else empty (T)
-  at::Tensor cells;   // [N, H] cell states (training), else empty (T)
+  at::Tensor cells;   // [N, H] c~_t, from which the output was computed
+                      // (training), else empty (T)
+  at::Tensor cell_states;  // [N, H] carried c_t (training with zoneout on
+                           // c), else undefined (T)
 };
+
+// Zoneout (Krueger et al. 2016) of one layer and direction, as the ops take
+// it: per state, a bool mask of the output's rows (training: 1 keeps the
+// previous value) or, without one, a rate (evaluation: the expectation).
+struct ZoneoutArgs {
+  at::Tensor hidden_mask;  // [N, P] bool contiguous, or undefined
+  at::Tensor cell_mask;    // [N, H] bool contiguous, or undefined
+  double hidden_rate = 0.0, cell_rate = 0.0;
+  bool on_hidden() const { return hidden_mask.defined() || hidden_rate != 0.0; }
+  bool on_cell() const { return cell_mask.defined() || cell_rate != 0.0; }
+};
+
+// The cell zoneout of the rows from packed row `row` on.
+template <typename T>
+CellZoneout<T> cell_zoneout(const ZoneoutArgs& z, int64_t row, int64_t H) {
+  CellZoneout<T> c;
+  c.mask = z.cell_mask.defined() ? z.cell_mask.data_ptr<bool>() + row * H
+                                 : nullptr;
+  c.rate = static_cast<T>(z.cell_rate);
+  return c;
+}
+
+// f(std::bool_constant<a>{}, std::bool_constant<b>{}): two run-time flags
+// as the compile-time flags of a step kernel.
+template <typename F>
+void with_flags(bool a, bool b, const F& f) {
+  if (a) {
+    if (b) return f(std::true_type{}, std::true_type{});
+    return f(std::true_type{}, std::false_type{});
+  }
+  if (b) return f(std::false_type{}, std::true_type{});
+  return f(std::false_type{}, std::false_type{});
+}
+
+// Zoneout on the hidden state of step t, whose output rows (h~_t) are
+// complete: h_t = a h_{t-1} + (1 - a) h~_t, h_{t-1} read where it lies.
+template <typename Backend, typename S, typename T>
+void zoneout_hidden_step(const SequenceLayout& l, int64_t t,
+                         const ZoneoutArgs& z, S* output, const S* h0,
+                         int64_t P) {
+  const int64_t prev = l.previous(t);
+  HiddenZoneoutParams<T, S> q;
+  q.rows = l.batch_sizes[t];
+  q.width = P;
+  q.rows_from_previous = l.rows_from_previous(t);
+  q.hidden = output + l.offsets[t] * P;
+  q.hidden_prev = prev >= 0 ? output + l.offsets[prev] * P : nullptr;
+  q.hidden_init = h0;
+  q.mask = z.hidden_mask.defined()
+               ? z.hidden_mask.data_ptr<bool>() + l.offsets[t] * P
+               : nullptr;
+  q.rate = static_cast<T>(z.hidden_rate);
+  Backend::zoneout_hidden(q);
+}
+
+// Its backward at step t: from dL/dh_t = grad_hidden + grad_output (the
+// step's rows), the gradient w.r.t. h~_t into grad_candidate and the share
+// of dL/dh_{t-1} into grad_hidden.
+template <typename Backend, typename S, typename T, typename C>
+void zoneout_hidden_step_backward(const SequenceLayout& l, int64_t t,
+                                  const ZoneoutArgs& z, T* grad_hidden,
+                                  const S* grad_output, C* grad_candidate,
+                                  int64_t P) {
+  HiddenZoneoutBackwardParams<T, S, C> q;
+  q.rows = l.batch_sizes[t];
+  q.width = P;
+  q.grad_hidden = grad_hidden;
+  q.grad_output = grad_output + l.offsets[t] * P;
+  q.grad_candidate = grad_candidate;
+  q.mask = z.hidden_mask.defined()
+               ? z.hidden_mask.data_ptr<bool>() + l.offsets[t] * P
+               : nullptr;
+  q.rate = static_cast<T>(z.hidden_rate);
+  Backend::zoneout_hidden_backward(q);
+}
 
 // grad_input is in S, the others in T.
 struct BackwardResult {
@@ -246,7 +329,7 @@ ForwardResult lstm_forward_recurrence(
     const at::Tensor& weight_hh,  // [4H, P] contiguous (S)
     const at::Tensor& bias,       // [4H] b_ih + b_hh (T), or undefined
     const at::Tensor& weight_hr,  // [P, H] contiguous (S), or undefined
-    bool training) {
+    bool training, const ZoneoutArgs& z) {
   const int64_t H = s.hidden, P = s.output, G = 4 * s.hidden;
   const auto sopts = x.options();
   const auto topts = sopts.dtype(compute_scalar_type<T>());
@@ -257,6 +340,10 @@ ForwardResult lstm_forward_recurrence(
   r.output = at::empty({l.rows, P}, sopts);
   at::Tensor c_state = cx.contiguous().clone();
   if (training) r.cells = Backend::empty_activation({l.rows, H}, topts);
+  const bool zoneout_cell = z.on_cell(), zoneout_h = z.on_hidden();
+  if (training && zoneout_cell) {
+    r.cell_states = Backend::empty_activation({l.rows, H}, topts);
+  }
   at::Tensor r_buf;
   if (s.has_projection()) r_buf = at::empty({l.batch, H}, sopts);
 
@@ -287,15 +374,19 @@ ForwardResult lstm_forward_recurrence(
     p.cell_state = cs;
     p.cell_save = training ? cells + off * H : nullptr;
     p.hidden_out = s.has_projection() ? r_buf.data_ptr<S>() : out + off * P;
-    if (training) {
-      Backend::template forward_step<true>(p);
-    } else {
-      Backend::template forward_step<false>(p);
+    if (zoneout_cell) {
+      p.zoneout = cell_zoneout<T>(z, off, H);
+      if (training) p.cell_state_save = r.cell_states.data_ptr<T>() + off * H;
     }
+    with_flags(training, zoneout_cell, [&](auto tr, auto zc) {
+      Backend::template forward_step<decltype(tr)::value, decltype(zc)::value>(p);
+    });
     // h_t = r_t W_hr^T
     if (s.has_projection()) {
       whr->multiply(rows, p.hidden_out, H, S(0), out + off * P, P);
     }
+    // zoneout on h (the projected h with a projection)
+    if (zoneout_h) zoneout_hidden_step<Backend, S, T>(l, t, z, out, h0, P);
   }
   r.hy = at::empty({l.batch, P}, sopts);
   copy_final_hidden<Backend>(l, out, P, r.hy.data_ptr<S>());
@@ -318,24 +409,30 @@ BackwardResult lstm_backward_recurrence(
     const at::Tensor& weight_hr,    // [P, H] contiguous (S), or undefined
     const at::Tensor& output,       // [N, P] contiguous (S)
     const at::Tensor& gates,        // [N, 4H] activated gates (T)
-    const at::Tensor& cells,        // [N, H] (T)
-    const LstmGradMask& mask) {
+    const at::Tensor& cells,        // [N, H] c~_t (T)
+    const at::Tensor& cell_states,  // [N, H] carried c_t (T), with zoneout
+                                    // on c only
+    const ZoneoutArgs& z, const LstmGradMask& mask) {
   const int64_t H = s.hidden, P = s.output, G = 4 * s.hidden;
   const auto sopts = x.options();
   const auto topts = sopts.dtype(compute_scalar_type<T>());
+  const bool zoneout_cell = z.on_cell(), zoneout_h = z.on_hidden();
   BackwardResult r;
   at::Tensor dgates = Backend::empty_activation({l.rows, G}, sopts);
   at::Tensor dh_state = grad_hy.clone();  // dL/dh of the rows' current step
   at::Tensor dc_state = grad_cy.clone();
-  at::Tensor dh_total, dr_buf;  // only with a projection
+  at::Tensor dh_total, dr_buf;  // with a projection, or zoneout on h
   if (s.has_projection()) {
+    // dL/dh~_t (= dL/dh_t without zoneout), kept for grad_weight_hr
     dh_total = Backend::empty_activation({l.rows, P}, sopts);
-    dr_buf = at::empty({l.batch, H}, topts);
   }
+  if (s.has_projection() || zoneout_h) dr_buf = at::empty({l.batch, H}, topts);
 
   const S* dy = grad_output.data_ptr<S>();
   const T* g = gates.data_ptr<T>();
   const T* c = cells.data_ptr<T>();
+  // c_{t-1} as carried: the zoned-out states, or c~ itself without zoneout
+  const T* c_carried = zoneout_cell ? cell_states.data_ptr<T>() : c;
   const T* c0 = cx.data_ptr<T>();
   using Weight = typename Backend::template StepWeight<S>;
   // dh = dgates W_hh; dr = dh W_hr
@@ -360,24 +457,38 @@ BackwardResult lstm_backward_recurrence(
     p.rows_from_previous = l.rows_from_previous(t);
     p.gates = g + off * G;
     p.cell = c + off * H;
-    p.cell_prev = prev >= 0 ? c + l.offsets[prev] * H : nullptr;
+    p.cell_prev = prev >= 0 ? c_carried + l.offsets[prev] * H : nullptr;
     p.cell_init = c0;
     p.dcell_state = dcs;
     p.dgates = dg + off * G;
+    if (zoneout_cell) p.zoneout = cell_zoneout<T>(z, off, H);
+    bool add_output_grad = false;
     if (s.has_projection()) {
-      // dL/dh_t, kept for grad_weight_hr; dr = dh W_hr
+      // dL/dh~_t, kept for grad_weight_hr; dr = dh~ W_hr. With zoneout on
+      // h, dhs keeps the share of dL/dh_{t-1}.
       S* dht = dh_total.data_ptr<S>() + off * P;
-      Backend::add(dht, dhs, dy + off * P, rows * P);
+      if (zoneout_h) {
+        zoneout_hidden_step_backward<Backend>(l, t, z, dhs, dy, dht, P);
+      } else {
+        Backend::add(dht, dhs, dy + off * P, rows * P);
+      }
       whr->multiply(rows, dht, P, T(0), dr_buf.data_ptr<T>(), H);
       p.grad_hidden = dr_buf.data_ptr<T>();
-      Backend::template backward_step<false>(p);
+    } else if (zoneout_h) {
+      zoneout_hidden_step_backward<Backend>(l, t, z, dhs, dy,
+                                            dr_buf.data_ptr<T>(), P);
+      p.grad_hidden = dr_buf.data_ptr<T>();
     } else {
       p.grad_hidden = dhs;
       p.grad_output = dy + off * P;
-      Backend::template backward_step<true>(p);
+      add_output_grad = true;
     }
-    // dh_{t-1} = dgates W_hh
-    whh.multiply(rows, dg + off * G, G, T(0), dhs, P);
+    with_flags(add_output_grad, zoneout_cell, [&](auto add, auto zc) {
+      Backend::template backward_step<decltype(add)::value,
+                                      decltype(zc)::value>(p);
+    });
+    // dh_{t-1} = dgates W_hh (+ the zoneout share already in dhs)
+    whh.multiply(rows, dg + off * G, G, T(zoneout_h ? 1 : 0), dhs, P);
   }
   r.grad_hx = dh_state;
   r.grad_cx = dc_state;

@@ -66,17 +66,33 @@ struct LstmSizes {
 // output): T itself, or on CUDA half / bfloat16 for a half-type op, whose
 // GEMMs then run in that type with float accumulation.
 
+// Zoneout on the cell state (the step kernels' compile-time flag
+// ZoneoutCell): c_t = a c_{t-1} + (1 - a) c~_t, where c~_t = f c_{t-1} + i g
+// is what the step's output is computed from and a is the unit's mask
+// (training: 0 or 1) or, without a mask, the rate (evaluation).
+template <typename T>
+struct CellZoneout {
+  const bool* mask = nullptr;  // [rows, H] of the step, or null: use rate
+  T rate = T(0);
+};
+
 // Pointers for the pointwise part of one forward step over `rows` rows.
-// The kernel's compile-time flag Training says whether it saves c_t.
+// The kernel's compile-time flag Training says whether it saves c_t, and
+// ZoneoutCell whether c is zoned out (then cell_save holds c~_t and
+// cell_state_save the carried c_t).
 template <typename T, typename S = T>
 struct ForwardStepParams {
   int64_t rows = 0;
   int64_t hidden = 0;        // H
   T* gates = nullptr;        // [rows, 4H] pre-activations in, activated gates out
   T* cell_state = nullptr;   // [rows, H] c_{t-1} in, c_t out
-  T* cell_save = nullptr;    // [rows, H] c_t for the backward (Training only)
-  S* hidden_out = nullptr;   // [rows, H] r = o * tanh(c_t): the step's
+  T* cell_save = nullptr;    // [rows, H] c~_t (= c_t without zoneout), for
+                             // the backward (Training only)
+  T* cell_state_save = nullptr;  // [rows, H] carried c_t (Training and
+                                 // ZoneoutCell only)
+  S* hidden_out = nullptr;   // [rows, H] r = o * tanh(c~_t): the step's
                              // output, or the projection's input
+  CellZoneout<T> zoneout;    // ZoneoutCell only
 };
 
 // Pointers for the pointwise part of one backward step over `rows` rows.
@@ -89,8 +105,8 @@ struct BackwardStepParams {
   int64_t hidden = 0;             // H
   int64_t rows_from_previous = 0; // rows [0, this) read c_prev from cell_prev
   const T* gates = nullptr;       // [rows, 4H] activated gates of the step
-  const T* cell = nullptr;        // [rows, H] c_t
-  const T* cell_prev = nullptr;   // [rows_from_previous, H] c_{t-1}
+  const T* cell = nullptr;        // [rows, H] c~_t (= c_t without zoneout)
+  const T* cell_prev = nullptr;   // [rows_from_previous, H] carried c_{t-1}
   const T* cell_init = nullptr;   // [B, H] c_0, indexed by row
   const T* grad_hidden = nullptr; // [rows, H] from the later steps (or the
                                   // whole gradient w.r.t. r, see above)
@@ -98,6 +114,41 @@ struct BackwardStepParams {
                                   // (AddOutputGrad only)
   T* dcell_state = nullptr;       // [rows, H] dc_t in, dc_{t-1} out
   S* dgates = nullptr;            // [rows, 4H] gradient w.r.t. pre-activations
+  CellZoneout<T> zoneout;         // ZoneoutCell only
+};
+
+// Zoneout on the hidden state, applied by the driver after the step's
+// output is complete (after the projection, if any): over `rows` rows of
+// `width` (P) units,
+//   h_t = a h_{t-1} + (1 - a) h~_t,
+// with h_{t-1} read where it lies, as multiply_previous_hidden reads it.
+template <typename T, typename S = T>
+struct HiddenZoneoutParams {
+  int64_t rows = 0;
+  int64_t width = 0;               // P
+  int64_t rows_from_previous = 0;  // rows [0, this) read h_{t-1} from
+                                   // hidden_prev, the others hidden_init
+  S* hidden = nullptr;             // [rows, P] h~_t in, h_t out
+  const S* hidden_prev = nullptr;  // [rows_from_previous, P] h_{t-1}
+  const S* hidden_init = nullptr;  // [B, P] h_0, by row
+  const bool* mask = nullptr;      // [rows, P] or null: use rate
+  T rate = T(0);
+};
+
+// Its backward, before the step's pointwise backward: with d = dL/dh_t =
+// grad_hidden + grad_output,
+//   grad_candidate = (1 - a) d   (w.r.t. h~_t; C is S or T)
+//   grad_hidden    = a d         (the share of dL/dh_{t-1}, to which the
+//                                 step's recurrent product is then added)
+template <typename T, typename S = T, typename C = T>
+struct HiddenZoneoutBackwardParams {
+  int64_t rows = 0;
+  int64_t width = 0;
+  T* grad_hidden = nullptr;        // [rows, P] in and out, see above
+  const S* grad_output = nullptr;  // [rows, P]
+  C* grad_candidate = nullptr;     // [rows, P]
+  const bool* mask = nullptr;      // [rows, P] or null: use rate
+  T rate = T(0);
 };
 
 // ---- LayerNorm-LSTM ------------------------------------------------------
@@ -131,9 +182,14 @@ struct LayerNormStepParams {
   const T* gamma_cell = nullptr;  // [H]
   const T* beta_cell = nullptr;   // [H]
   T* cell_state = nullptr;  // [rows, H] c_{t-1} in, c_t out
-  T* cell_save = nullptr;   // [rows, H] copy of c_t (Training only)
-  T* stats = nullptr;       // [rows, kStatsWidth] (Training only)
-  S* h_out = nullptr;       // [rows, H] h_t, the step's output
+  T* cell_save = nullptr;   // [rows, H] c~_t (= c_t without zoneout):
+                            // Training, or ZoneoutCell (then also a
+                            // workspace in evaluation)
+  T* cell_state_save = nullptr;  // [rows, H] carried c_t (Training and
+                                 // ZoneoutCell only)
+  T* stats = nullptr;       // [rows, kStatsWidth] (Training only), of c~_t
+  S* h_out = nullptr;       // [rows, H] h~_t = o tanh(LN_cell(c~_t))
+  CellZoneout<T> zoneout;   // ZoneoutCell only
 };
 
 // One backward step of the LayerNorm-LSTM over `rows` rows, from what the
@@ -151,11 +207,13 @@ struct LayerNormBackwardStepParams {
   const T* bias = nullptr;          // [4H] sum of the gate biases
   const T* gamma_cell = nullptr;    // [H]
   const T* beta_cell = nullptr;     // [H]
-  const T* cell = nullptr;          // [rows, H] c_t
-  const T* cell_prev = nullptr;     // [rows_from_previous, H]
+  const T* cell = nullptr;          // [rows, H] c~_t (= c_t without zoneout)
+  const T* cell_prev = nullptr;     // [rows_from_previous, H] carried c_{t-1}
   const T* cell_init = nullptr;     // [B, H] c_0
   const T* grad_hidden = nullptr;   // [rows, H] dL/dh_t from later steps ...
   const S* grad_output = nullptr;   // ... plus dL/dh_t of the step's output
+                                    // (AddOutputGrad only)
+  CellZoneout<T> zoneout;           // ZoneoutCell only
   T* dcell_state = nullptr;         // [rows, H] dc_t in, dc_{t-1} out
   T* dgates = nullptr;              // [rows, 4H] w.r.t. the pre-activations
   T* dcell_norm = nullptr;          // [rows, H] w.r.t. LN_cell(c_t)

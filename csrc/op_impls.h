@@ -16,8 +16,8 @@
 
 namespace rnnfast {
 
-using ForwardOutputs =
-    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor,
+                                  at::Tensor, at::Tensor, at::Tensor>;
 using BackwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor,
                                    at::Tensor, at::Tensor, at::Tensor,
                                    at::Tensor>;
@@ -91,6 +91,41 @@ inline at::Tensor if_asked(bool asked, const at::Tensor& like,
   return asked ? grad() : not_asked_for(like);
 }
 
+// The checked zoneout arguments of an op (see ZoneoutArgs): masks of the
+// output's rows, [T, B, P] / [T, B, H] or [N, P] / [N, H] packed, viewed as
+// [N, *].
+inline ZoneoutArgs zoneout_args(const char* op, const at::Tensor& input,
+                                const LstmSizes& s,
+                                const c10::optional<at::Tensor>& hidden_mask,
+                                const c10::optional<at::Tensor>& cell_mask,
+                                double hidden_rate, double cell_rate) {
+  check_zoneout_args(op, input, "hidden", hidden_mask,
+                     output_shape(input, s.output), hidden_rate);
+  check_zoneout_args(op, input, "cell", cell_mask,
+                     output_shape(input, s.hidden), cell_rate);
+  ZoneoutArgs z;
+  if (hidden_mask.has_value()) {
+    z.hidden_mask = hidden_mask->contiguous().view({-1, s.output});
+  }
+  if (cell_mask.has_value()) {
+    z.cell_mask = cell_mask->contiguous().view({-1, s.hidden});
+  }
+  z.hidden_rate = hidden_rate;
+  z.cell_rate = cell_rate;
+  return z;
+}
+
+// The carried cell states a backward with zoneout on c needs, checked.
+inline void check_cell_states(const char* op, const ZoneoutArgs& z,
+                              const SequenceLayout& l,
+                              const c10::optional<at::Tensor>& cell_states) {
+  if (!z.on_cell() || l.rows == 0) return;
+  TORCH_CHECK(cell_states.has_value() && cell_states->dim() == 2 &&
+                  cell_states->size(0) == l.rows,
+              op, ": zoneout on the cell state needs the forward's "
+              "cell_states (run with training=True and the same zoneout)");
+}
+
 template <typename Backend>
 ForwardOutputs lstm_forward_op(const at::Tensor& input, const at::Tensor& hx,
                                const at::Tensor& cx,
@@ -100,10 +135,16 @@ ForwardOutputs lstm_forward_op(const at::Tensor& input, const at::Tensor& hx,
                                const c10::optional<at::Tensor>& bias_hh,
                                const c10::optional<at::Tensor>& weight_hr,
                                const c10::optional<at::Tensor>& batch_sizes,
-                               bool reverse, bool training) {
+                               bool reverse, bool training,
+                               const c10::optional<at::Tensor>& zoneout_hidden_mask,
+                               const c10::optional<at::Tensor>& zoneout_cell_mask,
+                               double zoneout_hidden, double zoneout_cell) {
   const LstmSizes s =
       check_lstm_args("rnnfast.lstm_forward", input, hx, cx, weight_ih,
                       weight_hh, bias_ih, bias_hh, weight_hr, batch_sizes);
+  const ZoneoutArgs z =
+      zoneout_args("rnnfast.lstm_forward", input, s, zoneout_hidden_mask,
+                   zoneout_cell_mask, zoneout_hidden, zoneout_cell);
   const SequenceLayout l = make_layout(input, batch_sizes, reverse);
   const at::ScalarType dtype = input.scalar_type();
   const at::ScalarType cdt = compute_dtype(dtype);
@@ -114,7 +155,7 @@ ForwardOutputs lstm_forward_op(const at::Tensor& input, const at::Tensor& hx,
     return {at::empty(output_shape(input, s.output), input.options()),
             contiguous_copy(hx), contiguous_copy(cx),
             at::empty({0, 4 * s.hidden}, copts),
-            at::empty({0, s.hidden}, copts)};
+            at::empty({0, s.hidden}, copts), at::empty({0, s.hidden}, copts)};
   }
   const at::Tensor x = as_compute(input, sdt).view({l.rows, s.input});
   at::Tensor bias;
@@ -128,14 +169,15 @@ ForwardOutputs lstm_forward_op(const at::Tensor& input, const at::Tensor& hx,
     r = lstm_forward_recurrence<Backend, S, T>(
         l, s, x, as_compute(hx, sdt), as_compute(cx, cdt),
         as_compute(weight_ih, sdt), as_compute(weight_hh, sdt), bias,
-        as_compute(weight_hr, sdt), training);
+        as_compute(weight_hr, sdt), training, z);
   });
   if (!training) {
     r.gates = at::empty({0, 4 * s.hidden}, copts);
     r.cells = at::empty({0, s.hidden}, copts);
   }
+  if (!r.cell_states.defined()) r.cell_states = at::empty({0, s.hidden}, copts);
   return {reshaped_result(r.output, output_shape(input, s.output), dtype),
-          r.hy.to(dtype), r.cy.to(dtype), r.gates, r.cells};
+          r.hy.to(dtype), r.cy.to(dtype), r.gates, r.cells, r.cell_states};
 }
 
 template <typename Backend>
@@ -146,12 +188,20 @@ BackwardOutputs lstm_backward_op(
     const at::Tensor& weight_hh, const c10::optional<at::Tensor>& weight_hr,
     const c10::optional<at::Tensor>& batch_sizes, bool reverse,
     const at::Tensor& output, const at::Tensor& gates,
-    const at::Tensor& cells, std::array<bool, 7> output_mask) {
+    const at::Tensor& cells, std::array<bool, 7> output_mask,
+    const c10::optional<at::Tensor>& cell_states,
+    const c10::optional<at::Tensor>& zoneout_hidden_mask,
+    const c10::optional<at::Tensor>& zoneout_cell_mask, double zoneout_hidden,
+    double zoneout_cell) {
   const LstmSizes s =
       check_lstm_args("rnnfast.lstm_backward", input, hx, cx, weight_ih,
                       weight_hh, c10::nullopt, c10::nullopt, weight_hr,
                       batch_sizes);
+  const ZoneoutArgs z =
+      zoneout_args("rnnfast.lstm_backward", input, s, zoneout_hidden_mask,
+                   zoneout_cell_mask, zoneout_hidden, zoneout_cell);
   const SequenceLayout l = make_layout(input, batch_sizes, reverse);
+  check_cell_states("rnnfast.lstm_backward", z, l, cell_states);
   const at::ScalarType dtype = input.scalar_type();
   const at::ScalarType cdt = compute_dtype(dtype);
   const at::ScalarType sdt = storage_dtype<Backend>(dtype);
@@ -199,7 +249,8 @@ BackwardOutputs lstm_backward_op(
         as_compute(cx, cdt), as_compute(weight_ih, sdt),
         as_compute(weight_hh, sdt), as_compute(weight_hr, sdt),
         as_compute(output, sdt).view({l.rows, s.output}),
-        as_compute(gates, cdt), as_compute(cells, cdt), mask);
+        as_compute(gates, cdt), as_compute(cells, cdt),
+        z.on_cell() ? as_compute(*cell_states, cdt) : at::Tensor(), z, mask);
   });
   return {
       if_asked(mask.input, input,
@@ -217,7 +268,7 @@ BackwardOutputs lstm_backward_op(
 
 using LayerNormForwardOutputs =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-               at::Tensor, at::Tensor>;
+               at::Tensor, at::Tensor, at::Tensor>;
 using LayerNormBackwardOutputs =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -254,7 +305,9 @@ LayerNormForwardOutputs layer_norm_lstm_forward_op(
     const at::Tensor& ln_hh_bias, const at::Tensor& ln_cell_weight,
     const at::Tensor& ln_cell_bias,
     const c10::optional<at::Tensor>& batch_sizes, bool reverse, bool training,
-    double eps) {
+    double eps, const c10::optional<at::Tensor>& zoneout_hidden_mask,
+    const c10::optional<at::Tensor>& zoneout_cell_mask, double zoneout_hidden,
+    double zoneout_cell) {
   const LstmSizes s =
       check_lstm_args("rnnfast.layer_norm_lstm_forward", input, hx, cx,
                       weight_ih, weight_hh, bias_ih, bias_hh, c10::nullopt,
@@ -262,6 +315,9 @@ LayerNormForwardOutputs layer_norm_lstm_forward_op(
   check_layer_norm_args("rnnfast.layer_norm_lstm_forward", input, s,
                         {ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias},
                         {ln_cell_weight, ln_cell_bias});
+  const ZoneoutArgs z = zoneout_args(
+      "rnnfast.layer_norm_lstm_forward", input, s, zoneout_hidden_mask,
+      zoneout_cell_mask, zoneout_hidden, zoneout_cell);
   const SequenceLayout l = make_layout(input, batch_sizes, reverse);
   const at::ScalarType dtype = input.scalar_type();
   const at::ScalarType cdt = compute_dtype(dtype);
@@ -272,7 +328,7 @@ LayerNormForwardOutputs layer_norm_lstm_forward_op(
     return LayerNormForwardOutputs{
         at::Tensor(), at::Tensor(), at::Tensor(), at::empty({0, H}, copts),
         at::empty({0, G}, copts), at::empty({0, G}, copts),
-        at::empty({0, kStatsWidth}, copts)};
+        at::empty({0, kStatsWidth}, copts), at::empty({0, H}, copts)};
   };
   if (l.rows == 0) {
     auto out = empty_workspace();
@@ -291,7 +347,7 @@ LayerNormForwardOutputs layer_norm_lstm_forward_op(
         using T = decltype(t_);
         r = layer_norm_lstm_forward_recurrence<Backend, S, T>(
             l, s, as_compute(input, sdt).view({l.rows, s.input}),
-            as_compute(hx, sdt), as_compute(cx, cdt), w, eps, training);
+            as_compute(hx, sdt), as_compute(cx, cdt), w, eps, training, z);
       });
   auto out = empty_workspace();
   std::get<0>(out) = reshaped_result(r.output, output_shape(input, H), dtype);
@@ -302,6 +358,7 @@ LayerNormForwardOutputs layer_norm_lstm_forward_op(
     std::get<4>(out) = r.normalized_ih;
     std::get<5>(out) = r.normalized_hh;
     std::get<6>(out) = r.stats;
+    if (r.cell_states.defined()) std::get<7>(out) = r.cell_states;
   }
   return out;
 }
@@ -319,7 +376,11 @@ LayerNormBackwardOutputs layer_norm_lstm_backward_op(
     const c10::optional<at::Tensor>& batch_sizes, bool reverse,
     const at::Tensor& output, const at::Tensor& cells,
     const at::Tensor& normalized_ih, const at::Tensor& normalized_hh,
-    const at::Tensor& stats, std::array<bool, 10> output_mask) {
+    const at::Tensor& stats, std::array<bool, 10> output_mask,
+    const c10::optional<at::Tensor>& cell_states,
+    const c10::optional<at::Tensor>& zoneout_hidden_mask,
+    const c10::optional<at::Tensor>& zoneout_cell_mask, double zoneout_hidden,
+    double zoneout_cell) {
   const LstmSizes s =
       check_lstm_args("rnnfast.layer_norm_lstm_backward", input, hx, cx,
                       weight_ih, weight_hh, bias_ih, bias_hh, c10::nullopt,
@@ -327,7 +388,11 @@ LayerNormBackwardOutputs layer_norm_lstm_backward_op(
   check_layer_norm_args("rnnfast.layer_norm_lstm_backward", input, s,
                         {ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias},
                         {ln_cell_weight, ln_cell_bias});
+  const ZoneoutArgs z = zoneout_args(
+      "rnnfast.layer_norm_lstm_backward", input, s, zoneout_hidden_mask,
+      zoneout_cell_mask, zoneout_hidden, zoneout_cell);
   const SequenceLayout l = make_layout(input, batch_sizes, reverse);
+  check_cell_states("rnnfast.layer_norm_lstm_backward", z, l, cell_states);
   const at::ScalarType dtype = input.scalar_type();
   const at::ScalarType cdt = compute_dtype(dtype);
   const at::ScalarType sdt = storage_dtype<Backend>(dtype);
@@ -380,7 +445,9 @@ LayerNormBackwardOutputs layer_norm_lstm_backward_op(
             as_compute(hx, sdt), as_compute(cx, cdt), w,
             as_compute(output, sdt).view({l.rows, H}), as_compute(cells, cdt),
             as_compute(normalized_ih, cdt), as_compute(normalized_hh, cdt),
-            as_compute(stats, cdt), mask);
+            as_compute(stats, cdt),
+            z.on_cell() ? as_compute(*cell_states, cdt) : at::Tensor(), z,
+            mask);
       });
   auto cast = [dtype](const at::Tensor& t) {
     return [&t, dtype] { return t.to(dtype); };

@@ -18,26 +18,40 @@ TORCH_LIBRARY(rnnfast, m) {
   //   hx, cx       [B, P], [B, H] initial states
   //   weight_ih    [4H, I], weight_hh [4H, P], biases [4H], weight_hr [P, H]
   //   batch_sizes  int64 CPU tensor [T] (PackedSequence), or None
+  //   zoneout (Krueger et al. 2016), per state s in {hidden, cell}:
+  //     s_t = a s_{t-1} + (1 - a) s~_t (h after the projection), where a is
+  //     zoneout_<s>_mask (bool, the output's rows: [T, B, P] / [T, B, H] or
+  //     [N, *]; training) or, without a mask, the rate zoneout_<s> in
+  //     [0, 1) (evaluation's expectation). All absent: no zoneout.
   // Returns output ([T, B, P] or [N, P]), hy [B, P], cy [B, H], and what the
-  // backward needs when training: the activated gates [N, 4H] and the cell
-  // states [N, H] (in float for half types), else two empty tensors.
+  // backward needs when training: the activated gates [N, 4H], the cell
+  // states c~_t the outputs were computed from [N, H] and, with zoneout on
+  // c, the carried (zoned-out) cell states [N, H] (in float for half
+  // types), else empty tensors.
   m.def(
       "lstm_forward(Tensor input, Tensor hx, Tensor cx, Tensor weight_ih, "
       "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, Tensor? weight_hr, "
-      "Tensor? batch_sizes, bool reverse, bool training) -> "
-      "(Tensor output, Tensor hy, Tensor cy, Tensor gates, Tensor cells)");
+      "Tensor? batch_sizes, bool reverse, bool training, "
+      "Tensor? zoneout_hidden_mask=None, Tensor? zoneout_cell_mask=None, "
+      "float zoneout_hidden=0., float zoneout_cell=0.) -> "
+      "(Tensor output, Tensor hy, Tensor cy, Tensor gates, Tensor cells, "
+      "Tensor cell_states)");
   // Gradients of lstm_forward. grad_bias is the gradient of each bias;
   // grad_weight_hr is empty without a projection. output_mask says which of
   // the seven outputs to compute (as ATen's _cudnn_rnn_backward): one not
   // asked for is an empty [0] tensor and its GEMM or reduction is skipped.
+  // The zoneout arguments are the forward's; cell_states its output of that
+  // name (needed with zoneout on c).
   m.def(
       "lstm_backward(Tensor grad_output, Tensor grad_hy, Tensor grad_cy, "
       "Tensor input, Tensor hx, Tensor cx, Tensor weight_ih, Tensor weight_hh, "
       "Tensor? weight_hr, Tensor? batch_sizes, bool reverse, Tensor output, "
       "Tensor gates, Tensor cells, bool[7] output_mask=[True, True, True, "
-      "True, True, True, True]) -> (Tensor grad_input, Tensor grad_hx, "
-      "Tensor grad_cx, Tensor grad_weight_ih, Tensor grad_weight_hh, "
-      "Tensor grad_bias, Tensor grad_weight_hr)");
+      "True, True, True, True], Tensor? cell_states=None, "
+      "Tensor? zoneout_hidden_mask=None, Tensor? zoneout_cell_mask=None, "
+      "float zoneout_hidden=0., float zoneout_cell=0.) -> (Tensor grad_input, "
+      "Tensor grad_hx, Tensor grad_cx, Tensor grad_weight_ih, "
+      "Tensor grad_weight_hh, Tensor grad_bias, Tensor grad_weight_hr)");
   // One LayerNorm-LSTM layer (Ba et al. 2016, section 3.1) in one direction:
   //   gates = LN_ih(W_ih x) + LN_hh(W_hh h) + b_ih + b_hh, LN over 4H
   //   c = f c_prev + i g,  h = o tanh(LN_cell(c)), LN over H.
@@ -46,18 +60,23 @@ TORCH_LIBRARY(rnnfast, m) {
   // cells [N, H], normalized_ih and normalized_hh [N, 4H] (the LayerNorm
   // inputs after normalisation, from which the backward recomputes the
   // gates) and stats [N, 4] (1/std of W_ih x and W_hh h, mean and 1/std of
-  // c), else empty tensors.
+  // c~), and with zoneout (as lstm_forward's, h~ = o tanh(LN_cell(c~))) on
+  // c the carried cell states [N, H], else empty tensors.
   m.def(
       "layer_norm_lstm_forward(Tensor input, Tensor hx, Tensor cx, "
       "Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, "
       "Tensor ln_ih_weight, Tensor ln_ih_bias, Tensor ln_hh_weight, "
       "Tensor ln_hh_bias, Tensor ln_cell_weight, Tensor ln_cell_bias, "
-      "Tensor? batch_sizes, bool reverse, bool training, float eps) -> "
+      "Tensor? batch_sizes, bool reverse, bool training, float eps, "
+      "Tensor? zoneout_hidden_mask=None, Tensor? zoneout_cell_mask=None, "
+      "float zoneout_hidden=0., float zoneout_cell=0.) -> "
       "(Tensor output, Tensor hy, Tensor cy, Tensor cells, "
-      "Tensor normalized_ih, Tensor normalized_hh, Tensor stats)");
+      "Tensor normalized_ih, Tensor normalized_hh, Tensor stats, "
+      "Tensor cell_states)");
   // Gradients of layer_norm_lstm_forward. grad_bias is the gradient of each
   // of bias_ih, bias_hh, ln_ih_bias and ln_hh_bias (they enter alike).
-  // output_mask as lstm_backward's, one flag for each of the ten outputs.
+  // output_mask and the zoneout arguments as lstm_backward's, one flag for
+  // each of the ten outputs.
   m.def(
       "layer_norm_lstm_backward(Tensor grad_output, Tensor grad_hy, "
       "Tensor grad_cy, Tensor input, Tensor hx, Tensor cx, Tensor weight_ih, "
@@ -67,7 +86,10 @@ TORCH_LIBRARY(rnnfast, m) {
       "Tensor? batch_sizes, bool reverse, Tensor output, Tensor cells, "
       "Tensor normalized_ih, Tensor normalized_hh, Tensor stats, "
       "bool[10] output_mask=[True, True, True, True, True, True, True, True, "
-      "True, True]) -> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, "
+      "True, True], Tensor? cell_states=None, "
+      "Tensor? zoneout_hidden_mask=None, Tensor? zoneout_cell_mask=None, "
+      "float zoneout_hidden=0., float zoneout_cell=0.) -> "
+      "(Tensor grad_input, Tensor grad_hx, Tensor grad_cx, "
       "Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias, "
       "Tensor grad_ln_ih_weight, Tensor grad_ln_hh_weight, "
       "Tensor grad_ln_cell_weight, Tensor grad_ln_cell_bias)");

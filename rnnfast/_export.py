@@ -81,38 +81,68 @@ def _refuse_packed(batch_sizes: Optional[Tensor], what: str) -> None:
             "projection by torch.onnx.export(..., dynamo=False))")
 
 
+def _check_zoneout_export(zoneout_hidden_mask: Optional[Tensor],
+                          zoneout_cell_mask: Optional[Tensor]) -> None:
+    """Zoneout exports in evaluation mode (its rates, a fixed formula); the
+    random masks of training mode have no exported form."""
+    if torch.onnx.is_in_onnx_export() and (zoneout_hidden_mask is not None
+                                           or zoneout_cell_mask is not None):
+        raise RuntimeError(
+            "rnnfast: ONNX export of a layer with zoneout in training mode (random "
+            "masks) is not supported; call model.eval() before exporting (zoneout "
+            "then exports as its evaluation formula)")
+
+
+def _zoneout_rates(zoneout_hidden: float, zoneout_cell: float) -> list[float]:
+    """The rates as the export loops take them: nothing when both are zero
+    (the list's length is a constant of the trace)."""
+    return [] if zoneout_hidden == 0 and zoneout_cell == 0 else [zoneout_hidden,
+                                                                zoneout_cell]
+
+
 # ---- the LSTM ------------------------------------------------------------------
 
 def lstm_forward(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor,
                  weight_hh: Tensor, bias_ih: Optional[Tensor], bias_hh: Optional[Tensor],
                  weight_hr: Optional[Tensor], batch_sizes: Optional[Tensor],
-                 reverse: bool, training: bool) -> _State:
+                 reverse: bool, training: bool,
+                 zoneout_hidden_mask: Optional[Tensor] = None,
+                 zoneout_cell_mask: Optional[Tensor] = None,
+                 zoneout_hidden: float = 0.0, zoneout_cell: float = 0.0) -> _State:
     """``ops.lstm_forward``'s ``(output, hy, cy)``, in the form the current
-    capture understands (see the module's doc)."""
+    capture understands (see the module's doc). Zoneout in evaluation (the
+    rates) exports as a Scan or Loop over time, ONNX's LSTM having none."""
+    _check_zoneout_export(zoneout_hidden_mask, zoneout_cell_mask)
+    zoneout = _zoneout_rates(zoneout_hidden, zoneout_cell)
     if _in_dynamo_onnx_export():
         _check_dynamo_onnx_export(batch_sizes, "rnnfast.LSTM")
-        if weight_hr is None:
+        if weight_hr is None and not zoneout:
             return _onnx_lstm(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh,
                               reverse)
         return _scan_layer(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh,
-                           weight_hr, None, reverse, 0.0)
+                           weight_hr, None, reverse, 0.0, zoneout)
     if _in_torchscript_onnx_export():
         if reverse:
             # The exporter's packing pass wants the packed input used once, by
             # one LSTM node for both directions; rnnfast's ops are per direction.
             _refuse_packed(batch_sizes, "a bidirectional rnnfast.LSTM by the "
                            "TorchScript-based exporter")
-        if weight_hr is not None:
-            _refuse_packed(batch_sizes, "rnnfast.LSTM with proj_size")
+        if weight_hr is not None or zoneout:
+            _refuse_packed(batch_sizes, "rnnfast.LSTM with proj_size or zoneout")
             return _loop_layer()(input, hx, cx, weight_ih, weight_hh,
-                                 _present(bias_ih, bias_hh), [weight_hr], [], reverse, 0.0)
+                                 _present(bias_ih, bias_hh),
+                                 [] if weight_hr is None else [weight_hr], [], reverse,
+                                 0.0, zoneout)
         # translated to ONNX's LSTM by _lstm_symbolic below
     if torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export():
         return _traced_lstm_forward()(input, hx, cx, weight_ih, weight_hh, bias_ih,
-                                      bias_hh, weight_hr, batch_sizes, reverse)
-    out, hy, cy, _, _ = ops.lstm_forward(input, hx, cx, weight_ih, weight_hh, bias_ih,
-                                         bias_hh, weight_hr, batch_sizes, reverse,
-                                         training)
+                                      bias_hh, weight_hr, batch_sizes, reverse,
+                                      zoneout_hidden_mask, zoneout_cell_mask,
+                                      zoneout_hidden, zoneout_cell)
+    out, hy, cy, *_ = ops.lstm_forward(input, hx, cx, weight_ih, weight_hh, bias_ih,
+                                       bias_hh, weight_hr, batch_sizes, reverse,
+                                       training, zoneout_hidden_mask, zoneout_cell_mask,
+                                       zoneout_hidden, zoneout_cell)
     return out, hy, cy
 
 
@@ -158,26 +188,34 @@ def layer_norm_lstm_forward(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Te
                             ln_ih_bias: Tensor, ln_hh_weight: Tensor, ln_hh_bias: Tensor,
                             ln_cell_weight: Tensor, ln_cell_bias: Tensor,
                             batch_sizes: Optional[Tensor], reverse: bool, training: bool,
-                            eps: float) -> _State:
+                            eps: float, zoneout_hidden_mask: Optional[Tensor] = None,
+                            zoneout_cell_mask: Optional[Tensor] = None,
+                            zoneout_hidden: float = 0.0,
+                            zoneout_cell: float = 0.0) -> _State:
     """``ops.layer_norm_lstm_forward``'s ``(output, hy, cy)``, in the form
     the current capture understands (see the module's doc)."""
     ln = (ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias, ln_cell_weight,
           ln_cell_bias)
+    _check_zoneout_export(zoneout_hidden_mask, zoneout_cell_mask)
+    zoneout = _zoneout_rates(zoneout_hidden, zoneout_cell)
     if _in_dynamo_onnx_export():
         _check_dynamo_onnx_export(batch_sizes, "rnnfast.LayerNormLSTM")
         return _scan_layer(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, None,
-                           ln, reverse, eps)
+                           ln, reverse, eps, zoneout)
     if _in_torchscript_onnx_export():
         _refuse_packed(batch_sizes, "rnnfast.LayerNormLSTM")
         return _loop_layer()(input, hx, cx, weight_ih, weight_hh,
-                             _present(bias_ih, bias_hh), [], list(ln), reverse, eps)
+                             _present(bias_ih, bias_hh), [], list(ln), reverse, eps,
+                             zoneout)
     if torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export():
         return _traced_layer_norm_lstm_forward()(
             input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, *ln, batch_sizes,
-            reverse, eps)
+            reverse, eps, zoneout_hidden_mask, zoneout_cell_mask, zoneout_hidden,
+            zoneout_cell)
     out, hy, cy, *_ = ops.layer_norm_lstm_forward(
         input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, *ln, batch_sizes, reverse,
-        training, eps)
+        training, eps, zoneout_hidden_mask, zoneout_cell_mask, zoneout_hidden,
+        zoneout_cell)
     return out, hy, cy
 
 
@@ -186,12 +224,13 @@ def layer_norm_lstm_forward(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Te
 def _scan_layer(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor,
                 weight_hh: Tensor, bias_ih: Optional[Tensor], bias_hh: Optional[Tensor],
                 weight_hr: Optional[Tensor], ln: Optional[tuple[Tensor, ...]],
-                reverse: bool, eps: float) -> _State:
+                reverse: bool, eps: float, zoneout: list[float] = ()) -> _State:
     """One layer and direction as ``torch.scan`` over time, which the ONNX
     exporter writes as an ONNX ``Scan``: the input product (and its
     LayerNorm) for all steps before it, one step of the recurrence in its
     body. ``ln`` holds the six LayerNorm parameters of a LayerNorm-LSTM, or
-    is None for a plain LSTM (``weight_hr``: its projection or None)."""
+    is None for a plain LSTM (``weight_hr``: its projection or None);
+    ``zoneout`` the evaluation rates ``[z_h, z_c]`` or nothing."""
     from torch._higher_order_ops.scan import scan
 
     hidden = weight_hh.shape[0] // 4
@@ -207,11 +246,18 @@ def _scan_layer(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor,
         if ln is not None:
             gates_h = F.layer_norm(gates_h, (4 * hidden,), ln[2], ln[3], eps)
         i, f, g, o = (gx + gates_h).chunk(4, -1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        cn = F.layer_norm(c, (hidden,), ln[4], ln[5], eps) if ln is not None else c
-        h = torch.sigmoid(o) * torch.tanh(cn)
+        c_cand = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        cn = (F.layer_norm(c_cand, (hidden,), ln[4], ln[5], eps) if ln is not None
+              else c_cand)
+        h_cand = torch.sigmoid(o) * torch.tanh(cn)
         if weight_hr is not None:
-            h = F.linear(h, weight_hr)
+            h_cand = F.linear(h_cand, weight_hr)
+        if zoneout:  # evaluation's zoneout: s = z s_prev + (1 - z) s~
+            z_h, z_c = zoneout
+            h = z_h * h + (1 - z_h) * h_cand
+            c = z_c * c + (1 - z_c) * c_cand
+        else:
+            h, c = h_cand, c_cand
         return (h, c), h.clone()  # a scan output may not alias its carry
 
     (hy, cy), output = scan(step, (hx, cx), gates_x, reverse=reverse)
@@ -240,7 +286,10 @@ def _traced_lstm_forward():
         def rnnfast_lstm_layer(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor,
                                weight_hh: Tensor, bias_ih: Optional[Tensor],
                                bias_hh: Optional[Tensor], weight_hr: Optional[Tensor],
-                               batch_sizes: Optional[Tensor], reverse: bool
+                               batch_sizes: Optional[Tensor], reverse: bool,
+                               zoneout_hidden_mask: Optional[Tensor],
+                               zoneout_cell_mask: Optional[Tensor],
+                               zoneout_hidden: float, zoneout_cell: float
                                ) -> tuple[Tensor, Tensor, Tensor]:
             save = torch.is_grad_enabled() and (
                 input.requires_grad or hx.requires_grad or cx.requires_grad
@@ -248,9 +297,10 @@ def _traced_lstm_forward():
                 or (bias_ih is not None and bias_ih.requires_grad)
                 or (bias_hh is not None and bias_hh.requires_grad)
                 or (weight_hr is not None and weight_hr.requires_grad))
-            out, hy, cy, gates, cells = torch.ops.rnnfast.lstm_forward(
+            out, hy, cy, gates, cells, cell_states = torch.ops.rnnfast.lstm_forward(
                 input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
-                batch_sizes, reverse, save)
+                batch_sizes, reverse, save, zoneout_hidden_mask, zoneout_cell_mask,
+                zoneout_hidden, zoneout_cell)
             return out, hy, cy
 
         fn = _traced_fns["lstm"] = _script(rnnfast_lstm_layer)
@@ -266,7 +316,9 @@ def _traced_layer_norm_lstm_forward():
                 weight_hh: Tensor, bias_ih: Optional[Tensor], bias_hh: Optional[Tensor],
                 ln_ih_weight: Tensor, ln_ih_bias: Tensor, ln_hh_weight: Tensor,
                 ln_hh_bias: Tensor, ln_cell_weight: Tensor, ln_cell_bias: Tensor,
-                batch_sizes: Optional[Tensor], reverse: bool, eps: float
+                batch_sizes: Optional[Tensor], reverse: bool, eps: float,
+                zoneout_hidden_mask: Optional[Tensor], zoneout_cell_mask: Optional[Tensor],
+                zoneout_hidden: float, zoneout_cell: float
         ) -> tuple[Tensor, Tensor, Tensor]:
             save = torch.is_grad_enabled() and (
                 input.requires_grad or hx.requires_grad or cx.requires_grad
@@ -276,10 +328,12 @@ def _traced_layer_norm_lstm_forward():
                 or ln_ih_weight.requires_grad or ln_ih_bias.requires_grad
                 or ln_hh_weight.requires_grad or ln_hh_bias.requires_grad
                 or ln_cell_weight.requires_grad or ln_cell_bias.requires_grad)
-            out, hy, cy, cells, n_ih, n_hh, stats = torch.ops.rnnfast.layer_norm_lstm_forward(
-                input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, ln_ih_weight,
-                ln_ih_bias, ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias,
-                batch_sizes, reverse, save, eps)
+            out, hy, cy, cells, n_ih, n_hh, stats, cell_states = (
+                torch.ops.rnnfast.layer_norm_lstm_forward(
+                    input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, ln_ih_weight,
+                    ln_ih_bias, ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias,
+                    batch_sizes, reverse, save, eps, zoneout_hidden_mask,
+                    zoneout_cell_mask, zoneout_hidden, zoneout_cell))
             return out, hy, cy
 
         fn = _traced_fns["layer_norm_lstm"] = _script(rnnfast_layer_norm_lstm_layer)
@@ -301,13 +355,15 @@ def _loop_layer():
     where an Optional tensor would leave an ONNX ``If`` in the loop):
     ``biases`` holds ``bias_ih, bias_hh`` or nothing, ``projection``
     ``weight_hr`` or nothing, ``ln`` the six LayerNorm parameters of a
-    LayerNorm-LSTM or nothing."""
+    LayerNorm-LSTM or nothing, ``zoneout`` the evaluation zoneout rates
+    ``[z_h, z_c]`` or nothing."""
     fn = _traced_fns.get("loop")
     if fn is None:
         def rnnfast_loop_layer(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor,
                                weight_hh: Tensor, biases: list[Tensor],
                                projection: list[Tensor], ln: list[Tensor], reverse: bool,
-                               eps: float) -> tuple[Tensor, Tensor, Tensor]:
+                               eps: float, zoneout: list[float]
+                               ) -> tuple[Tensor, Tensor, Tensor]:
             hidden = weight_hh.size(0) // 4
             gates_x = torch.matmul(input, weight_ih.t())           # [T, B, 4H]
             if len(ln) == 6:
@@ -325,14 +381,20 @@ def _loop_layer():
                     gates_h = F.layer_norm(gates_h, [4 * hidden], ln[2], ln[3], eps)
                 gates = gates_x[t] + gates_h
                 i, f, g, o = gates.chunk(4, 1)
-                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                c_cand = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
                 if len(ln) == 6:
-                    h = torch.sigmoid(o) * torch.tanh(
-                        F.layer_norm(c, [hidden], ln[4], ln[5], eps))
+                    h_cand = torch.sigmoid(o) * torch.tanh(
+                        F.layer_norm(c_cand, [hidden], ln[4], ln[5], eps))
                 else:
-                    h = torch.sigmoid(o) * torch.tanh(c)
+                    h_cand = torch.sigmoid(o) * torch.tanh(c_cand)
                 if len(projection) == 1:
-                    h = torch.matmul(h, projection[0].t())
+                    h_cand = torch.matmul(h_cand, projection[0].t())
+                if len(zoneout) == 2:
+                    h = zoneout[0] * h + (1.0 - zoneout[0]) * h_cand
+                    c = zoneout[1] * c + (1.0 - zoneout[1]) * c_cand
+                else:
+                    h = h_cand
+                    c = c_cand
                 outputs.append(h)
             output = torch.stack(outputs)
             if reverse:
@@ -344,11 +406,12 @@ def _loop_layer():
 
 
 def _lstm_symbolic(g, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
-                   batch_sizes, reverse, training):
+                   batch_sizes, reverse, training, zoneout_hidden_mask=None,
+                   zoneout_cell_mask=None, zoneout_hidden=None, zoneout_cell=None):
     """``rnnfast::lstm_forward`` (without projection) as ONNX's ``LSTM``,
     for the TorchScript-based exporter: the weights gathered
     into ONNX's gate order, the two biases concatenated, the states given a
-    direction axis. The last two outputs (saved activations) are unused in
+    direction axis. The last three outputs (saved activations) are unused in
     an exported graph and come out empty."""
     from torch.onnx import symbolic_helper as sh
 
@@ -374,6 +437,7 @@ def _lstm_symbolic(g, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, wei
         b = sh._unsqueeze_helper(
             g, g.op("Concat", g.op("Gather", bias_ih, perm, axis_i=0),
                     g.op("Gather", bias_hh, perm, axis_i=0), axis_i=0), [0])
+    # (zoneout never reaches here: lstm_forward above exports it as a Loop)
     direction = "reverse" if sh._maybe_get_const(reverse, "b") else "forward"
     y, y_h, y_c = g.op(
         "LSTM", input, onnx_layout(weight_ih), onnx_layout(weight_hh), b, lengths,
@@ -381,7 +445,7 @@ def _lstm_symbolic(g, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, wei
         hidden_size_i=hidden, direction_s=direction, outputs=3)
     unused = g.op("Constant", value_t=torch.empty(0))
     return (sh._squeeze_helper(g, y, [1]), sh._squeeze_helper(g, y_h, [0]),
-            sh._squeeze_helper(g, y_c, [0]), unused, unused)
+            sh._squeeze_helper(g, y_c, [0]), unused, unused, unused)
 
 
 _ONNX_MIN_OPSET = 7  # ONNX's LSTM exists from opset 7 (torch's lowest)

@@ -8,6 +8,8 @@ user can call it with an ``nn.LSTM``'s ``_flat_weights``.
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional, Sequence
 
 import torch
@@ -70,6 +72,116 @@ def _check_arguments(op: str, hx, num_layers, bidirectional) -> None:
         raise RuntimeError(f"{op}: lstm expects two hidden states (h_0, c_0), got {len(hx)}")
 
 
+# ---- recurrent regularisers ---------------------------------------------------
+
+def _check_rate(op: str, name: str, value) -> float:
+    """A regularisation rate in [0, 1), else nn.LSTM's kind of ValueError
+    naming the argument (1 is refused: nothing would be learned through
+    it)."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Number)
+            or not 0 <= value < 1):
+        raise ValueError(
+            f"{op}: {name} should be a number in range [0, 1), got {value!r}")
+    return float(value)
+
+
+def _check_regularisers(op: str, zoneout_hidden, zoneout_cell, weight_dropout,
+                        variational_dropout) -> tuple[float, float, float]:
+    rates = tuple(_check_rate(op, name, value) for name, value in (
+        ("zoneout_hidden", zoneout_hidden), ("zoneout_cell", zoneout_cell),
+        ("weight_dropout", weight_dropout)))
+    if not isinstance(variational_dropout, bool):
+        raise TypeError(f"{op}: variational_dropout should be of type bool, got: "
+                        f"{type(variational_dropout).__name__}")
+    return rates
+
+
+# Mask bits per element: each element compares 16 random bits with the rate,
+# so a mask is Bernoulli(p rounded to a multiple of 2^-16) (torch's own
+# bernoulli_ and rand() < p resolve 2^-24). Two elements per 32-bit draw:
+# on the CPU this is about 2x faster than Tensor.bernoulli_, whose cost
+# (5 ns per element, one thread) was most of zoneout's.
+_MASK_LEVELS = 1 << 16
+
+
+def _bernoulli_masks(shape: Sequence[int], rates: Sequence[float], device: torch.device,
+                     kinds: Sequence[str]) -> list[Tensor]:
+    """Bool masks of ``shape``, one per rate, True with that probability (to
+    2^-16), from torch's default generator for ``device`` (so
+    ``torch.manual_seed`` reproduces them): one byte per element, from one
+    bulk draw of 16 bits per element and mask. ``kinds`` name what they are
+    for ("zoneout_hidden", "zoneout_cell", "weight_hh", "dropout"): every
+    regulariser draws its masks here, which lets a test see them."""
+    n, k = math.prod(shape), len(rates)
+    # 32 random bits each (out of place: torch.compile traces randint)
+    words = torch.randint(-(1 << 31), (1 << 31) - 1, ((n * k + 1) // 2,),
+                          dtype=torch.int32, device=device)
+    halves = words.view(torch.int16)[:n * k].view(n, k)  # an element's draws side by side
+    masks = []
+    for j, p in enumerate(rates):
+        threshold = min(round(p * _MASK_LEVELS), _MASK_LEVELS - 1) - _MASK_LEVELS // 2
+        masks.append((halves[:, j] < threshold).view(tuple(shape)))
+    return masks
+
+
+def _bernoulli_mask(shape: Sequence[int], p: float, device: torch.device,
+                    kind: str) -> Tensor:
+    """One mask of :func:`_bernoulli_masks`."""
+    return _bernoulli_masks(shape, [p], device, [kind])[0]
+
+
+def _zoneout_args(layer_input: Tensor, out_size: int, hidden: int, zoneout_hidden: float,
+                  zoneout_cell: float, training: bool) -> tuple:
+    """The zoneout arguments of one layer-direction op: in training fresh
+    masks of the output's rows (``[T, B, P]`` / ``[N, P]`` for h, ``H``
+    wide for c), in evaluation the rates."""
+    if not training:
+        return None, None, zoneout_hidden, zoneout_cell
+    rows, device = layer_input.shape[:-1], layer_input.device
+    if zoneout_hidden > 0 and zoneout_cell > 0 and out_size == hidden:
+        # both from one draw of 32 bits per unit and step
+        mask_h, mask_c = _bernoulli_masks((*rows, hidden), [zoneout_hidden, zoneout_cell],
+                                          device, ["zoneout_hidden", "zoneout_cell"])
+        return mask_h, mask_c, 0.0, 0.0
+    mask_h = (_bernoulli_mask((*rows, out_size), zoneout_hidden, device, "zoneout_hidden")
+              if zoneout_hidden > 0 else None)
+    mask_c = (_bernoulli_mask((*rows, hidden), zoneout_cell, device, "zoneout_cell")
+              if zoneout_cell > 0 else None)
+    return mask_h, mask_c, 0.0, 0.0
+
+
+def _drop_weight(weight_hh: Tensor, weight_dropout: float, training: bool) -> Tensor:
+    """DropConnect on W_hh (Wan et al. 2013; AWD-LSTM's WeightDrop): in
+    training one masked copy, kept entries scaled by 1 / (1 - p), for the
+    whole forward call (every step and row); autograd takes its gradient
+    back to the parameter, which is never modified."""
+    if training and weight_dropout > 0:
+        keep = _bernoulli_mask(weight_hh.shape, 1 - weight_dropout, weight_hh.device,
+                               "weight_hh")
+        return weight_hh * keep / (1 - weight_dropout)
+    return weight_hh
+
+
+def _variational_dropout(layer_output: Tensor, p: float,
+                         batch_sizes: Optional[Tensor]) -> Tensor:
+    """Dropout with one mask per sequence and feature, shared by every step
+    (Gal & Ghahramani 2016): ``[B, F]``, broadcast over time for a padded
+    ``[T, B, F]`` output and gathered by each packed row's sequence (its
+    index in its step) for a packed ``[N, F]`` one."""
+    features = layer_output.shape[-1]
+    if batch_sizes is None:
+        batch = layer_output.shape[1]
+    else:
+        batch = int(batch_sizes[0])
+    keep = _bernoulli_mask((batch, features), 1 - p, layer_output.device,
+                           "dropout").to(layer_output.dtype) / (1 - p)
+    if batch_sizes is None:
+        return layer_output * keep
+    starts = torch.cumsum(batch_sizes, 0) - batch_sizes
+    rows = torch.arange(layer_output.shape[0]) - torch.repeat_interleave(starts, batch_sizes)
+    return layer_output * keep[rows.to(layer_output.device)]
+
+
 def _needs_grad(input: Tensor, hx: Sequence[Tensor], weights: Sequence[Tensor]) -> bool:
     if not torch.is_grad_enabled():
         return False
@@ -89,6 +201,10 @@ def lstm(
     bidirectional: bool = False,
     batch_first: bool = False,
     batch_sizes: Optional[Tensor] = None,
+    zoneout_hidden: float = 0.0,
+    zoneout_cell: float = 0.0,
+    weight_dropout: float = 0.0,
+    variational_dropout: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """A multi-layer LSTM over a whole sequence, as ``torch._VF.lstm``.
 
@@ -112,6 +228,20 @@ def lstm(
         batch_first: ``input`` and output are ``[B, T, *]`` (ignored for
             packed input).
         batch_sizes: int64 CPU tensor ``[T]`` of a PackedSequence.
+        zoneout_hidden, zoneout_cell: zoneout rates in ``[0, 1)`` (Krueger
+            et al. 2016), every layer and direction: with the candidate
+            states ``c~_t = f c_{t-1} + i g`` and ``h~_t = o tanh(c~_t)``,
+            ``c_t = m_c c_{t-1} + (1 - m_c) c~_t`` and
+            ``h_t = m_h h_{t-1} + (1 - m_h) h~_t`` (h after the projection),
+            with masks ``m ~ Bernoulli(rate)`` per unit, step and sequence
+            when ``training``, the rate itself (the expectation) otherwise.
+        weight_dropout: DropConnect rate on every ``weight_hh`` when
+            ``training``: one mask per call, layer and direction, kept
+            weights scaled by ``1 / (1 - p)``.
+        variational_dropout: ``dropout`` uses one mask per sequence and
+            feature, shared by all steps (Gal & Ghahramani 2016).
+
+    Masks come from torch's default generator of the input's device.
 
     Returns:
         ``(output, h_n, c_n)``: output ``[T, B, D * P]`` (or ``[N, D * P]``
@@ -121,28 +251,38 @@ def lstm(
         TypeError: ``hx`` is not a tuple or list, ``num_layers`` not an int
             or ``bidirectional`` not a bool (as ``torch._VF.lstm``).
         RuntimeError: ``hx`` does not hold two tensors (as ``torch._VF.lstm``).
+        ValueError: a regularisation rate outside ``[0, 1)``.
     """
-    _check_arguments("rnnfast.functional.lstm", hx, num_layers, bidirectional)
+    op = "rnnfast.functional.lstm"
+    _check_arguments(op, hx, num_layers, bidirectional)
+    z_h, z_c, w_drop = _check_regularisers(op, zoneout_hidden, zoneout_cell,
+                                           weight_dropout, variational_dropout)
     layers = split_weights(weights, num_layers, bidirectional, bias)
     save = _needs_grad(input, hx, weights)
 
     def run(layer_input, idx, reverse, h0, c0):
         w_ih, w_hh, b_ih, b_hh, w_hr = layers[idx]
+        hidden = w_hh.shape[0] // 4
+        zoneout = _zoneout_args(layer_input, w_hh.shape[1], hidden, z_h, z_c, training)
         return _export.lstm_forward(
-            layer_input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes,
-            reverse, save)
+            layer_input, h0, c0, w_ih, _drop_weight(w_hh, w_drop, training), b_ih, b_hh,
+            w_hr, batch_sizes, reverse, save, *zoneout)
 
     return _stack(run, input, hx, num_layers=num_layers, dropout=dropout,
                   training=training, bidirectional=bidirectional,
-                  batch_first=batch_first, packed=batch_sizes is not None)
+                  batch_first=batch_first, batch_sizes=batch_sizes,
+                  variational_dropout=variational_dropout)
 
 
 def _stack(run, input: Tensor, hx: tuple[Tensor, Tensor], *, num_layers: int,
            dropout: float, training: bool, bidirectional: bool, batch_first: bool,
-           packed: bool) -> tuple[Tensor, Tensor, Tensor]:
+           batch_sizes: Optional[Tensor], variational_dropout: bool
+           ) -> tuple[Tensor, Tensor, Tensor]:
     """Composes one-layer, one-direction runs into a stacked, optionally
-    bidirectional network with dropout between layers.
+    bidirectional network with dropout (per element, or variational)
+    between layers.
     ``run(layer_input, index, reverse, h0, c0) -> (output, h_n, c_n)``."""
+    packed = batch_sizes is not None
     h0, c0 = hx
     directions = 2 if bidirectional else 1
     if batch_first and not packed:
@@ -160,7 +300,10 @@ def _stack(run, input: Tensor, hx: tuple[Tensor, Tensor], *, num_layers: int,
             c_n.append(cy)
         layer_output = outputs[0] if directions == 1 else torch.cat(outputs, -1)
         if dropout > 0 and training and layer < num_layers - 1:
-            layer_output = F.dropout(layer_output, p=dropout, training=True)
+            if variational_dropout:
+                layer_output = _variational_dropout(layer_output, dropout, batch_sizes)
+            else:
+                layer_output = F.dropout(layer_output, p=dropout, training=True)
         layer_input = layer_output
     output = layer_input
     if batch_first and not packed:
@@ -185,6 +328,10 @@ def layer_norm_lstm(
     batch_first: bool = False,
     batch_sizes: Optional[Tensor] = None,
     eps: float = 1e-5,
+    zoneout_hidden: float = 0.0,
+    zoneout_cell: float = 0.0,
+    weight_dropout: float = 0.0,
+    variational_dropout: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """A multi-layer LayerNorm-LSTM (Ba, Kiros & Hinton 2016, section 3.1)::
 
@@ -199,10 +346,15 @@ def layer_norm_lstm(
     ``[4H, H]``, ``bias_ih``, ``bias_hh`` ``[4H]`` when ``bias``, then
     ``ln_ih_weight``, ``ln_ih_bias``, ``ln_hh_weight``, ``ln_hh_bias``
     ``[4H]`` and ``ln_cell_weight``, ``ln_cell_bias`` ``[H]``; and ``eps``,
-    the LayerNorm epsilon (biased variance, as ``F.layer_norm``). Raises as
-    :func:`lstm` for a bad ``hx``, ``num_layers`` or ``bidirectional``.
+    the LayerNorm epsilon (biased variance, as ``F.layer_norm``). The
+    regularisers as :func:`lstm`'s, with ``h~_t = o tanh(LN_cell(c~_t))``.
+    Raises as :func:`lstm` for a bad ``hx``, ``num_layers``,
+    ``bidirectional`` or rate.
     """
-    _check_arguments("rnnfast.functional.layer_norm_lstm", hx, num_layers, bidirectional)
+    op = "rnnfast.functional.layer_norm_lstm"
+    _check_arguments(op, hx, num_layers, bidirectional)
+    z_h, z_c, w_drop = _check_regularisers(op, zoneout_hidden, zoneout_cell,
+                                           weight_dropout, variational_dropout)
     directions = 2 if bidirectional else 1
     groups = num_layers * directions
     per = (4 if bias else 2) + len(_LN_NAMES)
@@ -216,10 +368,13 @@ def layer_norm_lstm(
         w = list(weights[idx * per:(idx + 1) * per])
         b_ih, b_hh = (w[2], w[3]) if bias else (None, None)
         ln = w[-len(_LN_NAMES):]
+        hidden = w[1].shape[1]
+        zoneout = _zoneout_args(layer_input, hidden, hidden, z_h, z_c, training)
         return _export.layer_norm_lstm_forward(
-            layer_input, h0, c0, w[0], w[1], b_ih, b_hh, *ln, batch_sizes, reverse,
-            save, eps)
+            layer_input, h0, c0, w[0], _drop_weight(w[1], w_drop, training), b_ih, b_hh,
+            *ln, batch_sizes, reverse, save, eps, *zoneout)
 
     return _stack(run, input, hx, num_layers=num_layers, dropout=dropout,
                   training=training, bidirectional=bidirectional,
-                  batch_first=batch_first, packed=batch_sizes is not None)
+                  batch_first=batch_first, batch_sizes=batch_sizes,
+                  variational_dropout=variational_dropout)

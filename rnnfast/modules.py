@@ -93,6 +93,23 @@ class _RecurrentBase(nn.Module):
         self.bidirectional = bidirectional
         self.proj_size = proj_size
 
+    def _set_regularisers(self, zoneout_hidden, zoneout_cell, weight_dropout,
+                          variational_dropout) -> None:
+        """The recurrent regularisers (rnnfast's, keyword-only; all off by
+        default): checked as rnnfast.functional checks them."""
+        (self.zoneout_hidden, self.zoneout_cell,
+         self.weight_dropout) = RF._check_regularisers(
+            self._name, zoneout_hidden, zoneout_cell, weight_dropout,
+            variational_dropout)
+        self.variational_dropout = variational_dropout
+
+    def _regulariser_kwargs(self) -> dict:
+        # getattr: a module pickled before the regularisers existed has none
+        return dict(zoneout_hidden=getattr(self, "zoneout_hidden", 0.0),
+                    zoneout_cell=getattr(self, "zoneout_cell", 0.0),
+                    weight_dropout=getattr(self, "weight_dropout", 0.0),
+                    variational_dropout=getattr(self, "variational_dropout", False))
+
     def _register_parameters(self, per_direction, factory) -> None:
         """Registers, for each layer then direction, the parameters that
         ``per_direction(layer, suffix)`` lists as ``(name, shape)`` pairs,
@@ -266,6 +283,11 @@ class _RecurrentBase(nn.Module):
             s += ", dropout={dropout}"
         if self.bidirectional is not False:
             s += ", bidirectional={bidirectional}"
+        for name in ("zoneout_hidden", "zoneout_cell", "weight_dropout"):
+            if getattr(self, name, 0.0) != 0:
+                s += f", {name}={{{name}}}"
+        if getattr(self, "variational_dropout", False):
+            s += ", variational_dropout=True"
         return s.format(**self.__dict__)
 
 
@@ -292,14 +314,33 @@ class LSTM(_RecurrentBase):
         bidirectional: add a reverse direction. Default False.
         proj_size: size of ``h`` through a learned projection (0: none).
         device, dtype: of the parameters.
+
+    Recurrent regularisers (keyword-only, rnnfast's own; all off by default,
+    and off computes exactly what nn.LSTM computes), inside the fused
+    kernels:
+
+        zoneout_hidden, zoneout_cell: zoneout rates in ``[0, 1)`` (Krueger
+            et al. 2016): in training each unit of ``h`` (after the
+            projection) / ``c`` keeps its previous value with that
+            probability at each step, ``s_t = m s_{t-1} + (1 - m) s~_t``; in
+            evaluation ``s_t = z s_{t-1} + (1 - z) s~_t``.
+        weight_dropout: DropConnect on every ``weight_hh`` in training (one
+            mask per forward call, layer and direction, kept weights scaled
+            by ``1 / (1 - p)``; the parameter is not modified).
+        variational_dropout: ``dropout`` uses one mask per sequence and
+            feature, shared over time (Gal & Ghahramani 2016).
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
                  bidirectional: bool = False, proj_size: int = 0,
-                 device: _Device = None, dtype: Optional[torch.dtype] = None) -> None:
+                 device: _Device = None, dtype: Optional[torch.dtype] = None, *,
+                 zoneout_hidden: float = 0.0, zoneout_cell: float = 0.0,
+                 weight_dropout: float = 0.0, variational_dropout: bool = False) -> None:
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first,
                          dropout, bidirectional, proj_size)
+        self._set_regularisers(zoneout_hidden, zoneout_cell, weight_dropout,
+                               variational_dropout)
         gates = 4 * hidden_size
 
         def per_direction(layer, sfx):
@@ -328,7 +369,7 @@ class LSTM(_RecurrentBase):
             input, hx, self._flat_weights, bias=self.bias, num_layers=self.num_layers,
             dropout=self.dropout, training=self.training,
             bidirectional=self.bidirectional, batch_first=self.batch_first,
-            batch_sizes=batch_sizes)
+            batch_sizes=batch_sizes, **self._regulariser_kwargs())
 
 
 class LayerNormLSTM(_RecurrentBase):
@@ -361,6 +402,9 @@ class LayerNormLSTM(_RecurrentBase):
         input_size, hidden_size, num_layers, bias, batch_first, dropout,
         bidirectional, device, dtype: as :class:`torch.nn.LSTM`.
         eps: the LayerNorm epsilon. Default 1e-5.
+        zoneout_hidden, zoneout_cell, weight_dropout, variational_dropout:
+            keyword-only, as :class:`LSTM`'s (the candidate output is
+            ``o tanh(LN_cell(c~_t))``).
 
     ``forward(input, hx=None) -> (output, (h_n, c_n))`` exactly as
     nn.LSTM's: padded, batch_first, unbatched or PackedSequence input.
@@ -371,9 +415,13 @@ class LayerNormLSTM(_RecurrentBase):
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
                  bidirectional: bool = False, eps: float = 1e-5,
-                 device: _Device = None, dtype: Optional[torch.dtype] = None) -> None:
+                 device: _Device = None, dtype: Optional[torch.dtype] = None, *,
+                 zoneout_hidden: float = 0.0, zoneout_cell: float = 0.0,
+                 weight_dropout: float = 0.0, variational_dropout: bool = False) -> None:
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first,
                          dropout, bidirectional, 0)
+        self._set_regularisers(zoneout_hidden, zoneout_cell, weight_dropout,
+                               variational_dropout)
         if not eps > 0:
             raise ValueError(f"eps must be positive, got {eps}")
         self.eps = float(eps)
@@ -421,7 +469,7 @@ class LayerNormLSTM(_RecurrentBase):
             input, hx, self._flat_weights, bias=self.bias, num_layers=self.num_layers,
             dropout=self.dropout, training=self.training,
             bidirectional=self.bidirectional, batch_first=self.batch_first,
-            batch_sizes=batch_sizes, eps=self.eps)
+            batch_sizes=batch_sizes, eps=self.eps, **self._regulariser_kwargs())
 
 
 # torch.load's default since torch 2.6 (weights_only=True) unpickles only

@@ -53,7 +53,11 @@ def lstm_forward(
     batch_sizes: Optional[Tensor],
     reverse: bool,
     training: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    zoneout_hidden_mask: Optional[Tensor] = None,
+    zoneout_cell_mask: Optional[Tensor] = None,
+    zoneout_hidden: float = 0.0,
+    zoneout_cell: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One LSTM layer in one direction over a whole time-major sequence.
 
     Args:
@@ -65,14 +69,26 @@ def lstm_forward(
             i, f, g, o, as torch.nn.LSTM.
         reverse: run from the last step to the first.
         training: keep what the backward needs.
+        zoneout_hidden_mask, zoneout_cell_mask: zoneout (Krueger et al.
+            2016) in training: bool masks shaped like the output (``P``
+            wide) and like the cell states (``H`` wide); where True the
+            state keeps its previous value,
+            ``s_t = m s_{t-1} + (1 - m) s~_t`` (``h`` after the projection).
+        zoneout_hidden, zoneout_cell: zoneout in evaluation, without a mask:
+            ``s_t = z s_{t-1} + (1 - z) s~_t`` with the rate ``z`` in
+            ``[0, 1)``. A mask and a nonzero rate of the same state are
+            refused.
 
     Returns:
-        ``(output, hy, cy, gates, cells)``: output ``[T, B, P]`` or ``[N, P]``,
-        final states ``[B, P]``, ``[B, H]``, and the saved activations (empty
-        unless training).
+        ``(output, hy, cy, gates, cells, cell_states)``: output
+        ``[T, B, P]`` or ``[N, P]``, final states ``[B, P]``, ``[B, H]``,
+        and the saved activations (empty unless training; ``cells`` are the
+        ``c~_t`` the outputs were computed from, ``cell_states`` the carried
+        ``c_t``, empty without zoneout on ``c``).
     """
     args = (input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
-            batch_sizes, reverse, training)
+            batch_sizes, reverse, training, zoneout_hidden_mask, zoneout_cell_mask,
+            zoneout_hidden, zoneout_cell)
     if _functorch_active():  # torch.func transforms: see the section at the end
         return _LSTMForwardFunction.apply(*args)
     return torch.ops.rnnfast.lstm_forward.default(*args)
@@ -94,6 +110,11 @@ def lstm_backward(
     gates: Tensor,
     cells: Tensor,
     output_mask: Sequence[bool] = (True,) * 7,
+    cell_states: Optional[Tensor] = None,
+    zoneout_hidden_mask: Optional[Tensor] = None,
+    zoneout_cell_mask: Optional[Tensor] = None,
+    zoneout_hidden: float = 0.0,
+    zoneout_cell: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of :func:`lstm_forward` from its saved activations.
 
@@ -107,20 +128,31 @@ def lstm_backward(
     for is skipped and that output is an empty ``[0]`` tensor of the dtype
     and device of the argument it is the gradient of (``weight_ih`` for
     ``grad_bias``).
+
+    The zoneout arguments are the forward's, and ``cell_states`` its output
+    of that name (needed with zoneout on ``c``).
     """
     args = (grad_output, grad_hy, grad_cy, input, hx, cx, weight_ih, weight_hh,
-            weight_hr, batch_sizes, reverse, output, gates, cells, list(output_mask))
+            weight_hr, batch_sizes, reverse, output, gates, cells, list(output_mask),
+            cell_states, zoneout_hidden_mask, zoneout_cell_mask, zoneout_hidden,
+            zoneout_cell)
     if _functorch_active():
         return _LSTMBackwardFunction.apply(*args)
     return torch.ops.rnnfast.lstm_backward.default(*args)
 
 
+def _zoneout_on_cell(zoneout_cell_mask: Optional[Tensor], zoneout_cell: float) -> bool:
+    return zoneout_cell_mask is not None or zoneout_cell != 0
+
+
 def _fake_forward(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor,
                   batch_sizes: Optional[Tensor], training: bool, out_size: int,
-                  saved_widths: tuple[int, ...], **weights: Optional[Tensor]):
+                  saved_widths: tuple[int, ...], zoneout_cell: bool,
+                  **weights: Optional[Tensor]):
     """Shapes of a forward op's outputs: output, hy, cy, then one
     ``[rows, width]`` saved activation per entry of ``saved_widths`` (no rows
-    unless training), in the compute dtype."""
+    unless training), then the carried cell states ``[rows, H]`` (no rows
+    unless training with zoneout on c), in the compute dtype."""
     torch._check(input.dim() == (2 if batch_sizes is not None else 3),
                  lambda: f"rnnfast: unexpected input of {input.dim()} dimensions")
     _check_same_device(input, hx=hx, cx=cx, weight_ih=weight_ih, **weights)
@@ -129,22 +161,29 @@ def _fake_forward(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor,
     rows = input.shape[0] if batch_sizes is not None else input.shape[0] * input.shape[1]
     saved = rows if training else 0
     cdt = _compute_dtype(input.dtype)
+    hidden = weight_ih.shape[0] // 4
     return (
         input.new_empty((*input.shape[:-1], out_size)),
         _contiguous_like(hx),
         _contiguous_like(cx),
         *(input.new_empty((saved, width), dtype=cdt) for width in saved_widths),
+        input.new_empty((saved if zoneout_cell else 0, hidden), dtype=cdt),
     )
 
 
 @torch.library.register_fake("rnnfast::lstm_forward")
 def _lstm_forward_fake(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh,
-                       weight_hr, batch_sizes, reverse, training):
+                       weight_hr, batch_sizes, reverse, training,
+                       zoneout_hidden_mask=None, zoneout_cell_mask=None,
+                       zoneout_hidden=0.0, zoneout_cell=0.0):
     hidden = weight_ih.shape[0] // 4
     out_size = weight_hr.shape[0] if weight_hr is not None else hidden
     return _fake_forward(input, hx, cx, weight_ih, batch_sizes, training, out_size,
-                         (4 * hidden, hidden), weight_hh=weight_hh, bias_ih=bias_ih,
-                         bias_hh=bias_hh, weight_hr=weight_hr)
+                         (4 * hidden, hidden),
+                         _zoneout_on_cell(zoneout_cell_mask, zoneout_cell),
+                         weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh,
+                         weight_hr=weight_hr, zoneout_hidden_mask=zoneout_hidden_mask,
+                         zoneout_cell_mask=zoneout_cell_mask)
 
 
 def _masked(output_mask, grads):
@@ -161,7 +200,9 @@ def _masked(output_mask, grads):
 @torch.library.register_fake("rnnfast::lstm_backward")
 def _lstm_backward_fake(grad_output, grad_hy, grad_cy, input, hx, cx, weight_ih,
                         weight_hh, weight_hr, batch_sizes, reverse, output, gates,
-                        cells, output_mask=(True,) * 7):
+                        cells, output_mask=(True,) * 7, cell_states=None,
+                        zoneout_hidden_mask=None, zoneout_cell_mask=None,
+                        zoneout_hidden=0.0, zoneout_cell=0.0):
     hr_like = weight_hr if weight_hr is not None else weight_ih
     return _masked(output_mask, (
         (input, lambda: _contiguous_like(input)),
@@ -175,11 +216,26 @@ def _lstm_backward_fake(grad_output, grad_hy, grad_cy, input, hx, cx, weight_ih,
     ))
 
 
+def _save_zoneout(ctx, zoneout_hidden_mask, zoneout_cell_mask, zoneout_hidden,
+                  zoneout_cell, cell_states):
+    """What a backward needs of a forward's zoneout: its masks (in
+    ``ctx.saved_tensors``' tail, with the carried cell states) and rates."""
+    ctx.zoneout_rates = (zoneout_hidden, zoneout_cell)
+    return (zoneout_hidden_mask, zoneout_cell_mask, cell_states)
+
+
+def _zoneout_kwargs(ctx, zoneout_hidden_mask, zoneout_cell_mask, cell_states):
+    return dict(cell_states=cell_states, zoneout_hidden_mask=zoneout_hidden_mask,
+                zoneout_cell_mask=zoneout_cell_mask,
+                zoneout_hidden=ctx.zoneout_rates[0], zoneout_cell=ctx.zoneout_rates[1])
+
+
 def _lstm_setup_context(ctx, inputs, output):
     (input, hx, cx, weight_ih, weight_hh, bias_ih, _bias_hh, weight_hr,
-     batch_sizes, reverse, training) = inputs
-    out, hy, cy, gates, cells = output
-    ctx.mark_non_differentiable(gates, cells)
+     batch_sizes, reverse, training, zoneout_hidden_mask, zoneout_cell_mask,
+     zoneout_hidden, zoneout_cell) = inputs
+    out, hy, cy, gates, cells, cell_states = output
+    ctx.mark_non_differentiable(gates, cells, cell_states)
     # No zero-filled [N, 4H] gradients for the saved activations: a missing
     # gradient arrives as None.
     ctx.set_materialize_grads(False)
@@ -189,18 +245,20 @@ def _lstm_setup_context(ctx, inputs, output):
     ctx.training = training
     ctx.has_bias = bias_ih is not None
     ctx.save_for_backward(input, hx, cx, weight_ih, weight_hh, weight_hr,
-                          batch_sizes, out, gates, cells)
+                          batch_sizes, out, gates, cells,
+                          *_save_zoneout(ctx, zoneout_hidden_mask, zoneout_cell_mask,
+                                         zoneout_hidden, zoneout_cell, cell_states))
 
 
 def _zeros_if_none(grad: Optional[Tensor], like: Tensor) -> Tensor:
     return torch.zeros_like(like) if grad is None else grad
 
 
-def _lstm_backward_autograd(ctx, grad_output, grad_hy, grad_cy, _grad_gates, _grad_cells):
+def _lstm_backward_autograd(ctx, grad_output, grad_hy, grad_cy, *_saved_grads):
     (input, hx, cx, weight_ih, weight_hh, weight_hr, batch_sizes, out, gates,
-     cells) = ctx.saved_tensors
+     cells, *zoneout) = ctx.saved_tensors
     if not ctx.training:  # outputs were marked non-differentiable
-        return (None,) * 11
+        return (None,) * 15
     # Only the gradients autograd asks for (frozen weights, an input without
     # requires_grad): the others' GEMMs are skipped and they are None.
     (need_input, need_hx, need_cx, need_w_ih, need_w_hh, need_b_ih, need_b_hh,
@@ -211,12 +269,13 @@ def _lstm_backward_autograd(ctx, grad_output, grad_hy, grad_cy, _grad_gates, _gr
     grads = lstm_backward(
         _zeros_if_none(grad_output, out), _zeros_if_none(grad_hy, hx),
         _zeros_if_none(grad_cy, cx), input, hx, cx, weight_ih, weight_hh,
-        weight_hr, batch_sizes, ctx.reverse, out, gates, cells, mask)
+        weight_hr, batch_sizes, ctx.reverse, out, gates, cells, mask,
+        **_zoneout_kwargs(ctx, *zoneout))
     (grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias,
      grad_w_hr) = (g if asked else None for g, asked in zip(grads, mask))
     return (grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh,
             grad_bias if need_b_ih else None, grad_bias if need_b_hh else None,
-            grad_w_hr, None, None, None)
+            grad_w_hr) + (None,) * 7
 
 
 torch.library.register_autograd(
@@ -246,7 +305,11 @@ def layer_norm_lstm_forward(
     reverse: bool,
     training: bool,
     eps: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    zoneout_hidden_mask: Optional[Tensor] = None,
+    zoneout_cell_mask: Optional[Tensor] = None,
+    zoneout_hidden: float = 0.0,
+    zoneout_cell: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One LayerNorm-LSTM layer in one direction over a whole sequence.
 
     The cell (Ba, Kiros & Hinton 2016, section 3.1)::
@@ -258,14 +321,17 @@ def layer_norm_lstm_forward(
     Sizes as :func:`lstm_forward` (no projection, so ``P == H``);
     ``ln_ih_*`` and ``ln_hh_*`` are ``[4H]``, ``ln_cell_*`` ``[H]``.
 
+    Zoneout as :func:`lstm_forward`'s, with ``h~_t = o tanh(LN_cell(c~_t))``.
+
     Returns ``(output, hy, cy, cells, normalized_ih, normalized_hh,
-    stats)``; the last four are saved activations, empty unless training.
-    The backward recomputes the gates from ``normalized_ih`` and
-    ``normalized_hh``.
+    stats, cell_states)``; the last five are saved activations, empty unless
+    training (``cell_states`` also without zoneout on ``c``). The backward
+    recomputes the gates from ``normalized_ih`` and ``normalized_hh``.
     """
     args = (input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, ln_ih_weight,
             ln_ih_bias, ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias,
-            batch_sizes, reverse, training, eps)
+            batch_sizes, reverse, training, eps, zoneout_hidden_mask, zoneout_cell_mask,
+            zoneout_hidden, zoneout_cell)
     if _functorch_active():  # torch.func transforms: see the section at the end
         return _LayerNormLSTMForwardFunction.apply(*args)
     return torch.ops.rnnfast.layer_norm_lstm_forward.default(*args)
@@ -296,6 +362,11 @@ def layer_norm_lstm_backward(
     normalized_hh: Tensor,
     stats: Tensor,
     output_mask: Sequence[bool] = (True,) * 10,
+    cell_states: Optional[Tensor] = None,
+    zoneout_hidden_mask: Optional[Tensor] = None,
+    zoneout_cell_mask: Optional[Tensor] = None,
+    zoneout_hidden: float = 0.0,
+    zoneout_cell: float = 0.0,
 ) -> tuple[Tensor, ...]:
     """Gradients of :func:`layer_norm_lstm_forward`.
 
@@ -308,11 +379,13 @@ def layer_norm_lstm_backward(
     an output not asked for is an empty ``[0]`` tensor like its argument
     (``ln_ih_bias`` for ``grad_bias``). The bias and LayerNorm parameter
     gradients share one reduction, which runs when any of them is asked for.
+    ``cell_states`` and the zoneout arguments as :func:`lstm_backward`'s.
     """
     args = (grad_output, grad_hy, grad_cy, input, hx, cx, weight_ih, weight_hh,
             bias_ih, bias_hh, ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias,
             ln_cell_weight, ln_cell_bias, batch_sizes, reverse, output, cells,
-            normalized_ih, normalized_hh, stats, list(output_mask))
+            normalized_ih, normalized_hh, stats, list(output_mask), cell_states,
+            zoneout_hidden_mask, zoneout_cell_mask, zoneout_hidden, zoneout_cell)
     if _functorch_active():
         return _LayerNormLSTMBackwardFunction.apply(*args)
     return torch.ops.rnnfast.layer_norm_lstm_backward.default(*args)
@@ -322,14 +395,18 @@ def layer_norm_lstm_backward(
 def _layer_norm_lstm_forward_fake(input, hx, cx, weight_ih, weight_hh, bias_ih,
                                   bias_hh, ln_ih_weight, ln_ih_bias, ln_hh_weight,
                                   ln_hh_bias, ln_cell_weight, ln_cell_bias,
-                                  batch_sizes, reverse, training, eps):
+                                  batch_sizes, reverse, training, eps,
+                                  zoneout_hidden_mask=None, zoneout_cell_mask=None,
+                                  zoneout_hidden=0.0, zoneout_cell=0.0):
     hidden = weight_ih.shape[0] // 4
     return _fake_forward(
         input, hx, cx, weight_ih, batch_sizes, training, hidden,
         (hidden, 4 * hidden, 4 * hidden, _STATS_WIDTH),
+        _zoneout_on_cell(zoneout_cell_mask, zoneout_cell),
         weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh,
         ln_ih_weight=ln_ih_weight, ln_ih_bias=ln_ih_bias, ln_hh_weight=ln_hh_weight,
-        ln_hh_bias=ln_hh_bias, ln_cell_weight=ln_cell_weight, ln_cell_bias=ln_cell_bias)
+        ln_hh_bias=ln_hh_bias, ln_cell_weight=ln_cell_weight, ln_cell_bias=ln_cell_bias,
+        zoneout_hidden_mask=zoneout_hidden_mask, zoneout_cell_mask=zoneout_cell_mask)
 
 
 @torch.library.register_fake("rnnfast::layer_norm_lstm_backward")
@@ -338,7 +415,9 @@ def _layer_norm_lstm_backward_fake(grad_output, grad_hy, grad_cy, input, hx, cx,
                                    ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias,
                                    ln_cell_weight, ln_cell_bias, batch_sizes, reverse,
                                    output, cells, normalized_ih, normalized_hh,
-                                   stats, output_mask=(True,) * 10):
+                                   stats, output_mask=(True,) * 10, cell_states=None,
+                                   zoneout_hidden_mask=None, zoneout_cell_mask=None,
+                                   zoneout_hidden=0.0, zoneout_cell=0.0):
     return _masked(output_mask, tuple(
         (t, lambda t=t: _contiguous_like(t))
         for t in (input, hx, cx, weight_ih, weight_hh, ln_ih_bias, ln_ih_weight,
@@ -348,9 +427,10 @@ def _layer_norm_lstm_backward_fake(grad_output, grad_hy, grad_cy, input, hx, cx,
 def _layer_norm_lstm_setup_context(ctx, inputs, output):
     (input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, ln_ih_weight, ln_ih_bias,
      ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias, batch_sizes, reverse,
-     training, _eps) = inputs
-    out, hy, cy, cells, normalized_ih, normalized_hh, stats = output
-    ctx.mark_non_differentiable(cells, normalized_ih, normalized_hh, stats)
+     training, _eps, zoneout_hidden_mask, zoneout_cell_mask, zoneout_hidden,
+     zoneout_cell) = inputs
+    out, hy, cy, cells, normalized_ih, normalized_hh, stats, cell_states = output
+    ctx.mark_non_differentiable(cells, normalized_ih, normalized_hh, stats, cell_states)
     ctx.set_materialize_grads(False)  # as in _lstm_setup_context
     if not training:  # nothing was saved: these outputs have no gradient
         ctx.mark_non_differentiable(out, hy, cy)
@@ -360,15 +440,17 @@ def _layer_norm_lstm_setup_context(ctx, inputs, output):
     ctx.save_for_backward(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh,
                           ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias,
                           ln_cell_weight, ln_cell_bias, batch_sizes, out, cells,
-                          normalized_ih, normalized_hh, stats)
+                          normalized_ih, normalized_hh, stats,
+                          *_save_zoneout(ctx, zoneout_hidden_mask, zoneout_cell_mask,
+                                         zoneout_hidden, zoneout_cell, cell_states))
 
 
 def _layer_norm_lstm_backward_autograd(ctx, grad_output, grad_hy, grad_cy, *_unused):
     (input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, ln_ih_weight, ln_ih_bias,
      ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias, batch_sizes, out, cells,
-     normalized_ih, normalized_hh, stats) = ctx.saved_tensors
+     normalized_ih, normalized_hh, stats, *zoneout) = ctx.saved_tensors
     if not ctx.training:  # outputs were marked non-differentiable
-        return (None,) * 17
+        return (None,) * 21
     # Only the gradients autograd asks for, as in _lstm_backward_autograd.
     need = ctx.needs_input_grad
     (need_input, need_hx, need_cx, need_w_ih, need_w_hh, need_b_ih, need_b_hh,
@@ -383,7 +465,7 @@ def _layer_norm_lstm_backward_autograd(ctx, grad_output, grad_hy, grad_cy, *_unu
         _zeros_if_none(grad_cy, cx), input, hx, cx, weight_ih, weight_hh, bias_ih,
         bias_hh, ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias, ln_cell_weight,
         ln_cell_bias, batch_sizes, ctx.reverse, out, cells, normalized_ih,
-        normalized_hh, stats, mask)
+        normalized_hh, stats, mask, **_zoneout_kwargs(ctx, *zoneout))
     (grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias, grad_ln_ih_w,
      grad_ln_hh_w, grad_ln_cell_w, grad_ln_cell_b) = (
         g if asked else None for g, asked in zip(grads, mask))
@@ -394,7 +476,7 @@ def _layer_norm_lstm_backward_autograd(ctx, grad_output, grad_hy, grad_cy, *_unu
     return (grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh,
             bias_grad(ctx.has_bias and need_b_ih), bias_grad(ctx.has_bias and need_b_hh),
             grad_ln_ih_w, bias_grad(need_ln_ih_b), grad_ln_hh_w, bias_grad(need_ln_hh_b),
-            grad_ln_cell_w, grad_ln_cell_b, None, None, None, None)
+            grad_ln_cell_w, grad_ln_cell_b) + (None,) * 8
 
 
 torch.library.register_autograd(
@@ -526,7 +608,12 @@ def _forward_vmap(op, info, in_dims, args, num_weights: int):
     *saved)``, each saved activation ``[T * B, width]`` (rows time-major)."""
     input, hx, cx = args[:3]
     weight_dims = in_dims[3:3 + num_weights + 1]  # the weights and batch_sizes
-    if args[3 + num_weights] is not None or any(d is not None for d in weight_dims):
+    # Zoneout masks are per row of the unbatched op: loop rather than fold
+    # them. (They follow batch_sizes and the op's 2 or 3 flags.)
+    flags = 3 if num_weights == 10 else 2
+    masks = args[4 + num_weights + flags:6 + num_weights + flags]
+    if (args[3 + num_weights] is not None or any(d is not None for d in weight_dims)
+            or any(m is not None for m in masks)):
         return _vmap_loop(op, info, in_dims, args)
     size = info.batch_size
     steps = input.shape[1 if in_dims[0] == 0 else 0]

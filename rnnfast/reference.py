@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 __all__ = [
+    "Regularisers",
     "lstm_reference",
     "layer_norm_lstm_reference",
     "ReferenceLSTM",
@@ -39,8 +40,14 @@ __all__ = [
 _Cell = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
+# A zoneout coefficient per step: a [b_t, width] 0/1 tensor (training's
+# mask) or a float (evaluation's rate); None for no zoneout.
+_Zoneout = Optional[Union[Sequence[Tensor], float]]
+
+
 def _recurrence(steps: Sequence[Tensor], h0: Tensor, c0: Tensor, cell: _Cell,
-                reverse: bool) -> tuple[list[Tensor], Tensor, Tensor]:
+                reverse: bool, zoneout_h: _Zoneout = None,
+                zoneout_c: _Zoneout = None) -> tuple[list[Tensor], Tensor, Tensor]:
     """Runs ``cell`` over time for one layer and one direction.
 
     ``steps[t]`` is the input part of the gates at step t, ``[b_t, 4H]``,
@@ -49,15 +56,28 @@ def _recurrence(steps: Sequence[Tensor], h0: Tensor, c0: Tensor, cell: _Cell,
     direction ends each sequence with its own last step and the reverse one
     starts each sequence from ``h0`` at its own last step.
 
+    Zoneout (Krueger et al. 2016): the cell's ``h``, ``c`` are candidates,
+    and the carried states ``s_t = a s_{t-1} + (1 - a) s~_t`` with ``a``
+    from ``zoneout_h`` / ``zoneout_c`` (step t's mask rows, or a rate).
+
     Returns the per-step outputs ``[b_t, P]`` and the final ``h`` ``[B, P]``,
     ``c`` ``[B, H]``.
     """
+    def coefficient(z, t):
+        return z if isinstance(z, float) else z[t].to(h0.dtype)
+
     h, c = h0, c0
     outputs: list[Tensor] = [h0] * len(steps)
     order = range(len(steps) - 1, -1, -1) if reverse else range(len(steps))
     for t in order:
         rows = steps[t].shape[0]
         h_t, c_t = cell(steps[t], h[:rows], c[:rows])
+        if zoneout_h is not None:
+            a = coefficient(zoneout_h, t)
+            h_t = a * h[:rows] + (1 - a) * h_t
+        if zoneout_c is not None:
+            a = coefficient(zoneout_c, t)
+            c_t = a * c[:rows] + (1 - a) * c_t
         outputs[t] = h_t
         if rows == h.shape[0]:
             h, c = h_t, c_t
@@ -80,11 +100,13 @@ def _stack_layers(
     bidirectional: bool,
     batch_first: bool,
     batch_sizes: Optional[Tensor],
+    regularisers: "Regularisers",
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Layers, directions, dropout, batch_first and packing around one
-    layer's math: ``layer_fn(weights, layer_input)`` gives the
-    input part of the gates for all steps (``[T, B, 4H]`` or ``[N, 4H]``),
-    ``make_cell(weights)`` the per-step cell."""
+    """Layers, directions, dropout, batch_first, packing and the recurrent
+    regularisers around one layer's math: ``layer_fn(weights, layer_input)``
+    gives the input part of the gates for all steps (``[T, B, 4H]`` or
+    ``[N, 4H]``), ``make_cell(weights)`` the per-step cell."""
+    reg = regularisers
     directions = 2 if bidirectional else 1
     packed = batch_sizes is not None
     if batch_first and not packed:
@@ -99,27 +121,83 @@ def _stack_layers(
     h_n: list[Tensor] = []
     c_n: list[Tensor] = []
     layer_input = input
+    def per_step(t: Tensor) -> list[Tensor]:
+        return list(t.split(batch_sizes.tolist())) if packed else list(t.unbind(0))
+
+    def zoneout(rate: float, kind: str, idx: int, shape) -> _Zoneout:
+        if rate == 0:
+            return None
+        if not training:
+            return float(rate)
+        return per_step(reg.mask(kind, idx, shape, rate, input.device))
+
     for layer in range(num_layers):
         outputs = []
         for direction in range(directions):
             idx = layer * directions + direction
-            gates_x = layer_fn(groups[idx], layer_input)
-            if packed:
-                steps = list(gates_x.split(batch_sizes.tolist()))
-            else:
-                steps = list(gates_x.unbind(0))
-            outs, h, c = _recurrence(steps, h0[idx], c0[idx], make_cell(groups[idx]),
-                                     reverse=direction == 1)
+            weights = list(groups[idx])
+            w_hh = weights[1]
+            rows = (input.shape[0],) if packed else tuple(input.shape[:2])
+            z_h = zoneout(reg.zoneout_hidden, "zoneout_hidden", idx,
+                          (*rows, w_hh.shape[1]))
+            z_c = zoneout(reg.zoneout_cell, "zoneout_cell", idx,
+                          (*rows, w_hh.shape[0] // 4))
+            if training and reg.weight_dropout > 0:  # DropConnect
+                keep = reg.mask("weight_hh", idx, w_hh.shape, 1 - reg.weight_dropout,
+                                input.device)
+                weights[1] = w_hh * keep.to(w_hh.dtype) / (1 - reg.weight_dropout)
+            gates_x = layer_fn(weights, layer_input)
+            outs, h, c = _recurrence(per_step(gates_x), h0[idx], c0[idx],
+                                     make_cell(weights), reverse=direction == 1,
+                                     zoneout_h=z_h, zoneout_c=z_c)
             outputs.append(torch.cat(outs) if packed else torch.stack(outs))
             h_n.append(h)
             c_n.append(c)
         layer_input = outputs[0] if directions == 1 else torch.cat(outputs, -1)
         if dropout > 0 and training and layer < num_layers - 1:
-            layer_input = F.dropout(layer_input, p=dropout, training=True)
+            if reg.variational_dropout:  # one mask per sequence and feature
+                keep = reg.mask("dropout", layer, (batch, layer_input.shape[-1]),
+                                1 - dropout, input.device)
+                keep = keep.to(layer_input.dtype) / (1 - dropout)
+                if packed:  # each packed row's sequence is its index in its step
+                    keep = torch.cat([keep[:n] for n in batch_sizes.tolist()])
+                layer_input = layer_input * keep
+            else:
+                layer_input = F.dropout(layer_input, p=dropout, training=True)
     output = layer_input
     if batch_first and not packed:
         output = output.transpose(0, 1)
     return output, torch.stack(h_n), torch.stack(c_n)
+
+
+class Regularisers:
+    """The recurrent regularisers of a reference call, and their masks.
+
+    ``masks`` maps a kind ("zoneout_hidden", "zoneout_cell" per layer and
+    direction, "weight_hh" per layer and direction, "dropout" per layer with
+    ``variational_dropout``) to a list of bool masks (True: keep the
+    previous state for zoneout, keep the weight / feature for the dropouts),
+    as :func:`rnnfast.functional.lstm` draws them, so a test can feed both
+    the same masks. A kind not given is drawn here, from the default
+    generator.
+    """
+
+    def __init__(self, zoneout_hidden: float = 0.0, zoneout_cell: float = 0.0,
+                 weight_dropout: float = 0.0, variational_dropout: bool = False,
+                 masks: Optional[dict[str, Sequence[Tensor]]] = None) -> None:
+        self.zoneout_hidden = zoneout_hidden
+        self.zoneout_cell = zoneout_cell
+        self.weight_dropout = weight_dropout
+        self.variational_dropout = variational_dropout
+        self.masks = masks or {}
+
+    def mask(self, kind: str, index: int, shape, p: float, device) -> Tensor:
+        given = self.masks.get(kind)
+        if given is not None:
+            m = given[index]
+            assert tuple(m.shape) == tuple(shape), (kind, index, m.shape, shape)
+            return m
+        return torch.rand(tuple(shape), device=device) < p
 
 
 def _group(weights: Sequence[Tensor], num_layers: int, bidirectional: bool,
@@ -146,6 +224,11 @@ def lstm_reference(
     bidirectional: bool = False,
     batch_first: bool = False,
     batch_sizes: Optional[Tensor] = None,
+    zoneout_hidden: float = 0.0,
+    zoneout_cell: float = 0.0,
+    weight_dropout: float = 0.0,
+    variational_dropout: bool = False,
+    masks: Optional[dict[str, Sequence[Tensor]]] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """A multi-layer LSTM as a Python loop over time; the signature and
     semantics of :func:`rnnfast.functional.lstm` (and ``torch._VF.lstm``).
@@ -163,6 +246,9 @@ def lstm_reference(
         dropout, training: dropout on the outputs of all layers but the last,
             applied when ``training``.
         batch_sizes: int64 CPU tensor ``[T]`` of a PackedSequence.
+        zoneout_hidden, zoneout_cell, weight_dropout, variational_dropout:
+            the recurrent regularisers of :func:`rnnfast.functional.lstm`.
+        masks: their training masks (see :class:`Regularisers`).
 
     Returns:
         ``(output, h_n, c_n)``: ``[T, B, D * P]`` (or ``[N, D * P]``) and the
@@ -200,7 +286,9 @@ def lstm_reference(
     return _stack_layers(
         input, hx, groups, layer_fn, make_cell, out_size, num_layers=num_layers,
         dropout=dropout, training=training, bidirectional=bidirectional,
-        batch_first=batch_first, batch_sizes=batch_sizes)
+        batch_first=batch_first, batch_sizes=batch_sizes,
+        regularisers=Regularisers(zoneout_hidden, zoneout_cell, weight_dropout,
+                                  variational_dropout, masks))
 
 
 def layer_norm_lstm_reference(
@@ -216,6 +304,11 @@ def layer_norm_lstm_reference(
     batch_first: bool = False,
     batch_sizes: Optional[Tensor] = None,
     eps: float = 1e-5,
+    zoneout_hidden: float = 0.0,
+    zoneout_cell: float = 0.0,
+    weight_dropout: float = 0.0,
+    variational_dropout: bool = False,
+    masks: Optional[dict[str, Sequence[Tensor]]] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     r"""A multi-layer LayerNorm-LSTM (Ba, Kiros & Hinton 2016, section 3.1)
     as a Python loop over time::
@@ -234,7 +327,8 @@ def layer_norm_lstm_reference(
         [``bias_ih`` ``[4H]``, ``bias_hh`` ``[4H]`` when ``bias``],
         ``ln_ih_weight`` ``[4H]``, ``ln_ih_bias`` ``[4H]``,
         ``ln_hh_weight`` ``[4H]``, ``ln_hh_bias`` ``[4H]``,
-        ``ln_cell_weight`` ``[H]``, ``ln_cell_bias`` ``[H]``.
+        ``ln_cell_weight`` ``[H]``, ``ln_cell_bias`` ``[H]``. The
+        regularisers and ``masks`` as :func:`lstm_reference`'s.
 
     Returns:
         ``(output, h_n, c_n)``: ``[T, B, D * H]`` (or ``[N, D * H]``) and the
@@ -275,7 +369,9 @@ def layer_norm_lstm_reference(
     return _stack_layers(
         input, hx, groups, layer_fn, make_cell, out_size, num_layers=num_layers,
         dropout=dropout, training=training, bidirectional=bidirectional,
-        batch_first=batch_first, batch_sizes=batch_sizes)
+        batch_first=batch_first, batch_sizes=batch_sizes,
+        regularisers=Regularisers(zoneout_hidden, zoneout_cell, weight_dropout,
+                                  variational_dropout, masks))
 
 
 # ---------------------------------------------------------------------------

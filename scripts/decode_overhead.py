@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     def op_wrappers():
         inp, hs, cs = x, [], []
         for i, (w_ih, w_hh, b_ih, b_hh, w_hr) in enumerate(per_layer):
-            inp, h, c, _, _ = ops.lstm_forward(inp, state[0][i], state[1][i], w_ih, w_hh,
+            inp, h, c, *_ = ops.lstm_forward(inp, state[0][i], state[1][i], w_ih, w_hh,
                                                b_ih, b_hh, w_hr, None, False, False)
             hs.append(h)
             cs.append(c)

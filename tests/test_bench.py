@@ -122,6 +122,36 @@ def test_discover_compile_and_graphs():
             graphed(Case(3, 2, 4, 4), make_inputs(Case(3, 2, 4, 4), 1))
 
 
+def test_regularisers_add_the_zoneout_family():
+    """--regularisers adds a Python loop over nn.LSTMCell with zoneout and
+    rnnfast.LSTM with the same zoneout; both run a training case and skip
+    what the loop does not cover; off by default."""
+    assert not any(i.family == "Zoneout" for i in discover()[0])
+    impls = [i for i in discover(regularisers=True)[0] if i.family == "Zoneout"]
+    assert [i.name for i in impls] == ["nn.LSTMCell zoneout loop", "rnnfast.LSTM (zoneout)"]
+    assert impls[0].is_baseline
+    case = Case(4, 2, 3, 5, mode="training")
+    inputs = make_inputs(case, 1)
+    for impl in impls:
+        runner = impl.build(case, inputs)
+        assert runner.output is None  # random masks: no agreement check
+        runner.step(0)
+        assert all(p.grad is not None for p in runner.module.parameters())
+        with pytest.raises(impls_module.SkipCase, match="one unidirectional layer"):
+            impl.build(Case(4, 2, 3, 5, layers=2), make_inputs(Case(4, 2, 3, 5, layers=2), 1))
+    # the loop's zoneout: evaluation is the expectation of training's formula
+    loop = impls_module.LSTMCellZoneout(3, 5, 0.5).eval()
+    x = torch.randn(1, 2, 3)
+    hx = (torch.randn(1, 2, 5), torch.randn(1, 2, 5))
+    out, (h, c) = loop(x, hx)
+    h_new, c_new = loop.cell(x[0], (hx[0][0], hx[1][0]))
+    torch.testing.assert_close(h[0], 0.5 * hx[0][0] + 0.5 * h_new)
+    torch.testing.assert_close(c[0], 0.5 * hx[1][0] + 0.5 * c_new)
+    args = cli.parse(TINY + ["--regularisers"])
+    assert {"nn.LSTMCell zoneout loop", "rnnfast.LSTM (zoneout)"} <= {
+        i.name for i in cli.plan(args)[1]}
+
+
 def test_gpu_preset_has_the_issues_cases():
     cases = expand(PRESETS["gpu"], devices=["cuda"])
     f32 = dict(device="cuda", dtype="float32")

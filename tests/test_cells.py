@@ -172,13 +172,15 @@ def test_forward_outputs_shapes_and_workspaces(device, cell):
         rows = x.shape[0] if x.dim() == 2 else x.shape[0] * x.shape[1]
         n = rows if sample.training else 0
         if cell.layer_norm:
-            cells, n_ih, n_hh, stats = saved
+            cells, n_ih, n_hh, stats, cell_states = saved
             assert cells.shape == (n, hidden), sample
             assert n_ih.shape == n_hh.shape == (n, 4 * hidden), sample
             assert stats.shape[0] == n, sample
         else:
-            gates, cells = saved
+            gates, cells, cell_states = saved
             assert gates.shape == (n, 4 * hidden) and cells.shape == (n, hidden), sample
+        # the carried cell states are only kept with zoneout on c
+        assert cell_states.shape == (0, hidden), sample
         assert not any(t.requires_grad for t in saved)
         train = sample.with_arg("training", True)
         for a, b in zip((out, hy, cy), cell.forward(*train)[:3]):

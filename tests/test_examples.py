@@ -85,6 +85,26 @@ def language_model_runs(tmp_path_factory):
     return {r.rnn: r for r in runs}, buffer.getvalue(), plot
 
 
+def test_language_model_with_regularisers_trains_and_ships(tmp_path):
+    """--rnn rnnfast-reg (zoneout, DropConnect, variational dropout): learns,
+    reloads, and exports to ONNX (zoneout's evaluation formula in a Scan),
+    which onnxruntime scores as PyTorch does."""
+    lm = _load_example("language_model")
+    threads = torch.get_num_threads()
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            (run,) = lm.main([*_LM_ARGS, "--epochs", "1", "--rnn", "rnnfast-reg",
+                              "--workdir", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    vocab = len(lm.load_corpus(30000).vocab)
+    assert run.valid_ppl[-1] < vocab / 2, run.valid_ppl
+    assert run.reloaded_test_ppl == run.test_ppl
+    assert run.onnx_error == "", run.onnx_error
+    assert run.onnx_test_ppl == pytest.approx(run.full_chunks_test_ppl, rel=1e-4)
+
+
 @pytest.mark.parametrize("rnn", _LM_RNNS)
 def test_language_model_learns_and_reloads(language_model_runs, rnn):
     runs, printed, plot = language_model_runs

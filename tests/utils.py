@@ -280,10 +280,10 @@ def backward_args_from(sample: OpSample, seed: int = 100) -> tuple:
         return (rand_like(out), rand_like(hy), rand_like(cy),
                 *detach(x, hx, cx, w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_ih_b, ln_hh_w,
                         ln_hh_b, ln_cell_w, ln_cell_b),
-                batch_sizes, reverse, *saved[:1], *saved[3:])
+                batch_sizes, reverse, *saved[:1], *saved[3:7])
 
     (x, hx, cx, w_ih, w_hh, _b_ih, _b_hh, w_hr, batch_sizes, reverse, training) = sample.args
-    out, hy, cy, gates, cells = saved
+    out, hy, cy, gates, cells, _cell_states = saved  # (no zoneout: empty)
     x, hx, cx, w_ih, w_hh, w_hr = detach(x, hx, cx, w_ih, w_hh, w_hr)
     return (rand_like(out), rand_like(hy), rand_like(cy), x, hx, cx, w_ih, w_hh, w_hr,
             batch_sizes, reverse, out, gates, cells)
@@ -554,7 +554,7 @@ def activation_probe(dtype=torch.float32, device="cpu", hidden: int = 19
     ]).to(device=device, dtype=dtype)
     rows = values.numel()
     opts = dict(dtype=dtype, device=device)
-    _, _, _, gates, _ = torch.ops.rnnfast.lstm_forward.default(
+    _, _, _, gates, *_ = torch.ops.rnnfast.lstm_forward.default(
         values.view(1, rows, 1), torch.zeros(rows, hidden, **opts),
         torch.zeros(rows, hidden, **opts), torch.ones(4 * hidden, 1, **opts),
         torch.zeros(4 * hidden, hidden, **opts), None, None, None, None, False, True)

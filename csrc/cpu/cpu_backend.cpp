@@ -3,10 +3,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 #include <string>
 
 #include "../backend_info.h"
+#include "../lstm_cell.h"
 #include "../op_impls.h"
 #include "activation_cache.h"
 #include "blas.h"
@@ -47,21 +49,59 @@ struct CpuBackend {
     return cpu::empty_activation(sizes, options);
   }
 
-  template <bool Training, typename T>
+  template <bool Training, bool ZoneoutCell, typename T>
   static void forward_step(const ForwardStepParams<T>& p) {
-    kernels<T>().forward_step[Training](p);
+    kernels<T>().forward_step[Training][ZoneoutCell](p);
   }
-  template <bool AddOutputGrad, typename T>
+  template <bool AddOutputGrad, bool ZoneoutCell, typename T>
   static void backward_step(const BackwardStepParams<T>& p) {
-    kernels<T>().backward_step[AddOutputGrad](p);
+    kernels<T>().backward_step[AddOutputGrad][ZoneoutCell](p);
   }
-  template <bool Training, typename T>
+  template <bool Training, bool ZoneoutCell, typename T>
   static void layer_norm_forward_step(const LayerNormStepParams<T>& p) {
-    kernels<T>().layer_norm_forward_step[Training](p);
+    kernels<T>().layer_norm_forward_step[Training][ZoneoutCell](p);
+  }
+  template <bool AddOutputGrad, bool ZoneoutCell, typename T>
+  static void layer_norm_backward_step(const LayerNormBackwardStepParams<T>& p) {
+    kernels<T>().layer_norm_backward_step[AddOutputGrad][ZoneoutCell](p);
+  }
+  // Zoneout on the hidden state (lstm_params.h): one pass over a step's
+  // rows, which are in cache (B x P values), with the math of lstm_cell.h;
+  // rows split between the threads as the step kernels split them.
+  static int64_t zoneout_grain(int64_t width) {
+    return std::max<int64_t>(1, (int64_t{1} << 12) / std::max<int64_t>(1, width));
   }
   template <typename T>
-  static void layer_norm_backward_step(const LayerNormBackwardStepParams<T>& p) {
-    kernels<T>().layer_norm_backward_step(p);
+  static void zoneout_hidden(const HiddenZoneoutParams<T>& p) {
+    const int64_t P = p.width;
+    at::parallel_for(0, p.rows, zoneout_grain(P), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const T* prev = row < p.rows_from_previous ? p.hidden_prev + row * P
+                                                   : p.hidden_init + row * P;
+        T* h = p.hidden + row * P;
+        if (p.mask == nullptr) {
+          for (int64_t j = 0; j < P; ++j) h[j] = zoneout(p.rate, prev[j], h[j]);
+        } else {
+          const bool* m = p.mask + row * P;
+          for (int64_t j = 0; j < P; ++j) {
+            h[j] = zoneout(static_cast<T>(m[j]), prev[j], h[j]);
+          }
+        }
+      }
+    });
+  }
+  template <typename T, typename C>
+  static void zoneout_hidden_backward(
+      const HiddenZoneoutBackwardParams<T, T, C>& p) {
+    const int64_t P = p.width;
+    at::parallel_for(0, p.rows, zoneout_grain(P), [&](int64_t begin, int64_t end) {
+      for (int64_t e = begin * P; e < end * P; ++e) {
+        const T a = p.mask ? static_cast<T>(p.mask[e]) : p.rate;
+        const auto z = zoneout_backward(a, p.grad_hidden[e] + p.grad_output[e]);
+        p.grad_candidate[e] = z.dcand;
+        p.grad_hidden[e] = z.dprev;
+      }
+    });
   }
   template <typename T>
   static void layer_norm_param_grads(const LayerNormParamGradsParams<T>& p) {

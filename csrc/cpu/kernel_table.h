@@ -9,13 +9,14 @@
 namespace rnnfast::cpu {
 
 // Each step kernel is compiled once per value of its compile-time flags
-// (lstm_params.h): index [Training] or [AddOutputGrad].
+// (lstm_params.h): index [Training][ZoneoutCell] or
+// [AddOutputGrad][ZoneoutCell].
 template <typename T>
 struct TypedKernels {
-  void (*forward_step[2])(const ForwardStepParams<T>&);
-  void (*backward_step[2])(const BackwardStepParams<T>&);
-  void (*layer_norm_forward_step[2])(const LayerNormStepParams<T>&);
-  void (*layer_norm_backward_step)(const LayerNormBackwardStepParams<T>&);
+  void (*forward_step[2][2])(const ForwardStepParams<T>&);
+  void (*backward_step[2][2])(const BackwardStepParams<T>&);
+  void (*layer_norm_forward_step[2][2])(const LayerNormStepParams<T>&);
+  void (*layer_norm_backward_step[2][2])(const LayerNormBackwardStepParams<T>&);
   void (*layer_norm_param_grads)(const LayerNormParamGradsParams<T>&);
 };
 

@@ -73,7 +73,19 @@ inline int64_t row_grain(int64_t hidden) {
   return g > 0 ? g : 1;
 }
 
-template <typename T, bool Training>
+// The zoneout coefficients of elements [offset, offset + n) of a step: the
+// mask's bytes as 0 / 1, or the rate in every lane without a mask.
+template <typename T>
+inline at::vec::Vectorized<T> zoneout_coefficient(const CellZoneout<T>& z,
+                                                  int64_t offset, int64_t n) {
+  using V = at::vec::Vectorized<T>;
+  if (z.mask == nullptr) return V(z.rate);
+  T a[V::size()];
+  for (int64_t k = 0; k < n; ++k) a[k] = z.mask[offset + k] ? T(1) : T(0);
+  return V::loadu(a, n);
+}
+
+template <typename T, bool Training, bool ZoneoutCell>
 void forward_step_impl(const ForwardStepParams<T>& p) {
   using V = at::vec::Vectorized<T>;
   const int64_t H = p.hidden;
@@ -83,15 +95,23 @@ void forward_step_impl(const ForwardStepParams<T>& p) {
       T* c_state = p.cell_state + row * H;
       for (int64_t j = 0; j < H; j += V::size()) {
         const int64_t n = std::min<int64_t>(V::size(), H - j);
+        const V c_prev = V::loadu(c_state + j, n);
         const auto out = lstm_cell_forward<V>(
             V::loadu(gates + j, n), V::loadu(gates + H + j, n),
             V::loadu(gates + 2 * H + j, n), V::loadu(gates + 3 * H + j, n),
-            V::loadu(c_state + j, n));
+            c_prev);
         out.i.store(gates + j, n);
         out.f.store(gates + H + j, n);
         out.g.store(gates + 2 * H + j, n);
         out.o.store(gates + 3 * H + j, n);
-        out.c.store(c_state + j, n);
+        if constexpr (ZoneoutCell) {
+          const V c = zoneout<V>(
+              zoneout_coefficient(p.zoneout, row * H + j, n), c_prev, out.c);
+          c.store(c_state + j, n);
+          if constexpr (Training) c.store(p.cell_state_save + row * H + j, n);
+        } else {
+          out.c.store(c_state + j, n);
+        }
         if constexpr (Training) out.c.store(p.cell_save + row * H + j, n);
         out.r.store(p.hidden_out + row * H + j, n);
       }
@@ -99,7 +119,7 @@ void forward_step_impl(const ForwardStepParams<T>& p) {
   });
 }
 
-template <typename T, bool AddOutputGrad>
+template <typename T, bool AddOutputGrad, bool ZoneoutCell>
 void backward_step_impl(const BackwardStepParams<T>& p) {
   using V = at::vec::Vectorized<T>;
   const int64_t H = p.hidden;
@@ -118,11 +138,21 @@ void backward_step_impl(const BackwardStepParams<T>& p) {
         const int64_t n = std::min<int64_t>(V::size(), H - j);
         V dr_v = V::loadu(dr + j, n);
         if constexpr (AddOutputGrad) dr_v = dr_v + V::loadu(dy + j, n);
-        const auto out = lstm_cell_backward<V>(
-            V::loadu(gates + j, n), V::loadu(gates + H + j, n),
-            V::loadu(gates + 2 * H + j, n), V::loadu(gates + 3 * H + j, n),
-            V::loadu(cell + j, n), V::loadu(cell_prev + j, n), dr_v,
-            V::loadu(dc_state + j, n));
+        LstmCellBackward<V> out;
+        if constexpr (ZoneoutCell) {
+          out = lstm_cell_backward_zoneout<V>(
+              V::loadu(gates + j, n), V::loadu(gates + H + j, n),
+              V::loadu(gates + 2 * H + j, n), V::loadu(gates + 3 * H + j, n),
+              V::loadu(cell + j, n), V::loadu(cell_prev + j, n), dr_v,
+              V::loadu(dc_state + j, n),
+              zoneout_coefficient(p.zoneout, row * H + j, n));
+        } else {
+          out = lstm_cell_backward<V>(
+              V::loadu(gates + j, n), V::loadu(gates + H + j, n),
+              V::loadu(gates + 2 * H + j, n), V::loadu(gates + 3 * H + j, n),
+              V::loadu(cell + j, n), V::loadu(cell_prev + j, n), dr_v,
+              V::loadu(dc_state + j, n));
+        }
         out.di.store(dgates + j, n);
         out.df.store(dgates + H + j, n);
         out.dg.store(dgates + 2 * H + j, n);
@@ -208,7 +238,7 @@ inline std::pair<T, T> row_moments(const T* x, int64_t n, T eps) {
   return {mean, layer_norm_rstd(var, eps)};
 }
 
-template <typename T, bool Training>
+template <typename T, bool Training, bool ZoneoutCell>
 void layer_norm_forward_step_impl(const LayerNormStepParams<T>& p) {
   using V = at::vec::Vectorized<T>;
   const int64_t H = p.hidden, G = 4 * p.hidden;
@@ -238,14 +268,24 @@ void layer_norm_forward_step_impl(const LayerNormStepParams<T>& p) {
                                    V::loadu(p.gamma_hh + o, n),
                                    V::loadu(p.bias + o, n));
         }
-        const auto cell = lstm_cell_state<V>(pre[0], pre[1], pre[2], pre[3],
-                                             V::loadu(c_state + j, n));
+        const V c_prev = V::loadu(c_state + j, n);
+        const auto cell =
+            lstm_cell_state<V>(pre[0], pre[1], pre[2], pre[3], c_prev);
         cell.o.store(h_out + j, n);
-        cell.c.store(c_state + j, n);
-        if constexpr (Training) cell.c.store(p.cell_save + row * H + j, n);
+        if constexpr (ZoneoutCell) {  // c~ kept in cell_save for the output
+          cell.c.store(p.cell_save + row * H + j, n);
+          const V c = zoneout<V>(
+              zoneout_coefficient(p.zoneout, row * H + j, n), c_prev, cell.c);
+          c.store(c_state + j, n);
+          if constexpr (Training) c.store(p.cell_state_save + row * H + j, n);
+        } else {
+          cell.c.store(c_state + j, n);
+          if constexpr (Training) cell.c.store(p.cell_save + row * H + j, n);
+        }
       }
-      // h = o tanh(LN_cell(c)).
-      const auto [mean_c, rstd_c] = row_moments<T>(c_state, H, p.eps);
+      // h = o tanh(LN_cell(c~)).
+      const T* c_cand = ZoneoutCell ? p.cell_save + row * H : c_state;
+      const auto [mean_c, rstd_c] = row_moments<T>(c_cand, H, p.eps);
       if constexpr (Training) {
         T* st = p.stats + row * kStatsWidth;
         st[kRstdIh] = rstd_ih;
@@ -256,7 +296,7 @@ void layer_norm_forward_step_impl(const LayerNormStepParams<T>& p) {
       for (int64_t j = 0; j < H; j += V::size()) {
         const int64_t n = std::min<int64_t>(V::size(), H - j);
         const V cn = layer_norm_affine(
-            layer_norm_normalize(V::loadu(c_state + j, n), V(mean_c),
+            layer_norm_normalize(V::loadu(c_cand + j, n), V(mean_c),
                                  V(rstd_c)),
             V::loadu(p.gamma_cell + j, n), V::loadu(p.beta_cell + j, n));
         const V h = V::loadu(h_out + j, n) * rnnfast::tanh<V>(cn);
@@ -278,7 +318,7 @@ inline at::vec::Vectorized<T> saved_pre_activation(
                          V::loadu(p.bias + o, n));
 }
 
-template <typename T>
+template <typename T, bool AddOutputGrad, bool ZoneoutCell>
 void layer_norm_backward_step_impl(const LayerNormBackwardStepParams<T>& p) {
   using V = at::vec::Vectorized<T>;
   const int64_t H = p.hidden, G = 4 * p.hidden;
@@ -293,7 +333,7 @@ void layer_norm_backward_step_impl(const LayerNormBackwardStepParams<T>& p) {
       const T* st = p.stats + row * kStatsWidth;
       const T mean_c = st[kMeanCell], rstd_c = st[kRstdCell];
       const T* dh = p.grad_hidden + row * H;
-      const T* dy = p.grad_output + row * H;
+      const T* dy = AddOutputGrad ? p.grad_output + row * H : nullptr;
       T* dgates = p.dgates + row * G;
       T* dcn = p.dcell_norm + row * H;
       T* dc_state = p.dcell_state + row * H;
@@ -308,7 +348,8 @@ void layer_norm_backward_step_impl(const LayerNormBackwardStepParams<T>& p) {
             layer_norm_normalize(V::loadu(cell + j, n), V(mean_c), V(rstd_c));
         const V gamma = V::loadu(p.gamma_cell + j, n);
         const V cn = layer_norm_affine(xhat, gamma, V::loadu(p.beta_cell + j, n));
-        const V dh_v = V::loadu(dh + j, n) + V::loadu(dy + j, n);
+        V dh_v = V::loadu(dh + j, n);
+        if constexpr (AddOutputGrad) dh_v = dh_v + V::loadu(dy + j, n);
         const auto out = lstm_output_backward<V>(dh_v, o, rnnfast::tanh<V>(cn));
         out.do_.store(dgates + 3 * H + j, n);
         out.dy.store(dcn + j, n);
@@ -326,7 +367,17 @@ void layer_norm_backward_step_impl(const LayerNormBackwardStepParams<T>& p) {
         const V xhat =
             layer_norm_normalize(V::loadu(cell + j, n), V(mean_c), V(rstd_c));
         const V dxhat = V::loadu(dcn + j, n) * V::loadu(p.gamma_cell + j, n);
-        const V dc = V::loadu(dc_state + j, n) +
+        // dL/dc~_t: from the output, and from the carried c_t (all of it
+        // without zoneout, its share (1 - a) with).
+        V dc_carried = V::loadu(dc_state + j, n);
+        V dc_prev_share(T(0));
+        if constexpr (ZoneoutCell) {
+          const auto z = zoneout_backward<V>(
+              zoneout_coefficient(p.zoneout, row * H + j, n), dc_carried);
+          dc_carried = z.dcand;
+          dc_prev_share = z.dprev;
+        }
+        const V dc = dc_carried +
                      layer_norm_input_grad<V>(dxhat, xhat, V(rstd_c),
                                               mean_dxhat, mean_dxhat_xhat);
         const V i = rnnfast::sigmoid<V>(saved_pre_activation(p, xi, xh, j, n));
@@ -339,7 +390,11 @@ void layer_norm_backward_step_impl(const LayerNormBackwardStepParams<T>& p) {
         state.di.store(dgates + j, n);
         state.df.store(dgates + H + j, n);
         state.dg.store(dgates + 2 * H + j, n);
-        state.dc_prev.store(dc_state + j, n);
+        if constexpr (ZoneoutCell) {
+          (state.dc_prev + dc_prev_share).store(dc_state + j, n);
+        } else {
+          state.dc_prev.store(dc_state + j, n);
+        }
         const V dg[4] = {state.di, state.df, state.dg,
                          V::loadu(dgates + 3 * H + j, n)};
         for (int k = 0; k < 4; ++k) {
@@ -445,11 +500,22 @@ void layer_norm_param_grads_impl(const LayerNormParamGradsParams<T>& p) {
 
 template <typename T>
 constexpr TypedKernels<T> typed_kernels() {
-  return {{&forward_step_impl<T, false>, &forward_step_impl<T, true>},
-          {&backward_step_impl<T, false>, &backward_step_impl<T, true>},
-          {&layer_norm_forward_step_impl<T, false>,
-           &layer_norm_forward_step_impl<T, true>},
-          &layer_norm_backward_step_impl<T>,
+  return {{{&forward_step_impl<T, false, false>,
+            &forward_step_impl<T, false, true>},
+           {&forward_step_impl<T, true, false>,
+            &forward_step_impl<T, true, true>}},
+          {{&backward_step_impl<T, false, false>,
+            &backward_step_impl<T, false, true>},
+           {&backward_step_impl<T, true, false>,
+            &backward_step_impl<T, true, true>}},
+          {{&layer_norm_forward_step_impl<T, false, false>,
+            &layer_norm_forward_step_impl<T, false, true>},
+           {&layer_norm_forward_step_impl<T, true, false>,
+            &layer_norm_forward_step_impl<T, true, true>}},
+          {{&layer_norm_backward_step_impl<T, false, false>,
+            &layer_norm_backward_step_impl<T, false, true>},
+           {&layer_norm_backward_step_impl<T, true, false>,
+            &layer_norm_backward_step_impl<T, true, true>}},
           &layer_norm_param_grads_impl<T>};
 }
 

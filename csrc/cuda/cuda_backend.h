@@ -59,22 +59,32 @@ struct CudaBackend {
     cuda::add(dst, a, b, count);
   }
 
-  template <bool Training, typename T, typename S>
-  static void forward_step(const ForwardStepParams<T, S>& p) {
-    lstm_forward_step<Training>(p);
-  }
-  template <bool AddOutputGrad, typename T, typename S>
-  static void backward_step(const BackwardStepParams<T, S>& p) {
-    lstm_backward_step<AddOutputGrad>(p);
-  }
-  template <bool Training, typename T, typename S>
-  static void layer_norm_forward_step(const LayerNormStepParams<T, S>& p) {
-    cuda::layer_norm_forward_step<Training>(p);
-  }
   template <typename T, typename S>
+  static void zoneout_hidden(const HiddenZoneoutParams<T, S>& p) {
+    cuda::zoneout_hidden(p);
+  }
+  template <typename T, typename S, typename C>
+  static void zoneout_hidden_backward(
+      const HiddenZoneoutBackwardParams<T, S, C>& p) {
+    cuda::zoneout_hidden_backward(p);
+  }
+
+  template <bool Training, bool ZoneoutCell, typename T, typename S>
+  static void forward_step(const ForwardStepParams<T, S>& p) {
+    lstm_forward_step<Training, ZoneoutCell>(p);
+  }
+  template <bool AddOutputGrad, bool ZoneoutCell, typename T, typename S>
+  static void backward_step(const BackwardStepParams<T, S>& p) {
+    lstm_backward_step<AddOutputGrad, ZoneoutCell>(p);
+  }
+  template <bool Training, bool ZoneoutCell, typename T, typename S>
+  static void layer_norm_forward_step(const LayerNormStepParams<T, S>& p) {
+    cuda::layer_norm_forward_step<Training, ZoneoutCell>(p);
+  }
+  template <bool AddOutputGrad, bool ZoneoutCell, typename T, typename S>
   static void layer_norm_backward_step(
       const LayerNormBackwardStepParams<T, S>& p) {
-    cuda::layer_norm_backward_step(p);
+    cuda::layer_norm_backward_step<AddOutputGrad, ZoneoutCell>(p);
   }
   template <typename T>
   static void layer_norm_param_grads(const LayerNormParamGradsParams<T>& p) {

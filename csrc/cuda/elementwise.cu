@@ -1,4 +1,6 @@
-// The elementwise kernels of CudaBackend (gemm_and_copy.h): add and copy_rows.
+// The elementwise kernels of CudaBackend (gemm_and_copy.h): add, copy_rows
+// and zoneout on the hidden state.
+#include "../lstm_cell.h"
 #include "gemm_and_copy.h"
 #include "launch.cuh"
 
@@ -39,7 +41,74 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
+// One thread per element of the step's [rows, P] rows; h_{t-1} of element
+// e lies at e of the previous step's rows or of h_0 (same row layout).
+template <typename T, typename S>
+__global__ void __launch_bounds__(kBlockThreads)
+    zoneout_hidden_kernel(const HiddenZoneoutParams<T, S> p) {
+  const int64_t n = p.rows * p.width;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
+       e += stride) {
+    const int64_t row = e / p.width;
+    const S prev = row < p.rows_from_previous ? p.hidden_prev[e]
+                                              : p.hidden_init[e];
+    const T a = zoneout_coefficient_at<T>(p.mask, e, p.rate);
+    p.hidden[e] = static_cast<S>(
+        zoneout(a, static_cast<T>(prev), static_cast<T>(p.hidden[e])));
+  }
+}
+
+template <typename T, typename S, typename C>
+__global__ void __launch_bounds__(kBlockThreads)
+    zoneout_hidden_backward_kernel(const HiddenZoneoutBackwardParams<T, S, C> p) {
+  const int64_t n = p.rows * p.width;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
+       e += stride) {
+    const T a = zoneout_coefficient_at<T>(p.mask, e, p.rate);
+    const auto z = zoneout_backward(
+        a, p.grad_hidden[e] + static_cast<T>(p.grad_output[e]));
+    p.grad_candidate[e] = static_cast<C>(z.dcand);
+    p.grad_hidden[e] = z.dprev;
+  }
+}
+
 }  // namespace
+
+template <typename T, typename S>
+void zoneout_hidden(const HiddenZoneoutParams<T, S>& p) {
+  const int64_t count = p.rows * p.width;
+  if (count <= 0) return;
+  const LaunchShape s = flat(count);
+  zoneout_hidden_kernel<T, S>
+      <<<s.grid, s.block, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, typename S, typename C>
+void zoneout_hidden_backward(const HiddenZoneoutBackwardParams<T, S, C>& p) {
+  const int64_t count = p.rows * p.width;
+  if (count <= 0) return;
+  const LaunchShape s = flat(count);
+  zoneout_hidden_backward_kernel<T, S, C>
+      <<<s.grid, s.block, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+#define RNNFAST_ZONEOUT_HIDDEN(T, S)                                        \
+  template void zoneout_hidden<T, S>(const HiddenZoneoutParams<T, S>&);    \
+  template void zoneout_hidden_backward<T, S, S>(                          \
+      const HiddenZoneoutBackwardParams<T, S, S>&);
+RNNFAST_ZONEOUT_HIDDEN(float, float)
+RNNFAST_ZONEOUT_HIDDEN(double, double)
+RNNFAST_ZONEOUT_HIDDEN(float, c10::Half)
+RNNFAST_ZONEOUT_HIDDEN(float, c10::BFloat16)
+#undef RNNFAST_ZONEOUT_HIDDEN
+template void zoneout_hidden_backward<float, c10::Half, float>(
+    const HiddenZoneoutBackwardParams<float, c10::Half, float>&);
+template void zoneout_hidden_backward<float, c10::BFloat16, float>(
+    const HiddenZoneoutBackwardParams<float, c10::BFloat16, float>&);
 
 template <typename T, typename S>
 void add(S* dst, const T* a, const S* b, int64_t count) {

@@ -82,4 +82,12 @@ class StepWeight {
   const S* b_;
 };
 
+// Zoneout on the hidden state of a step and its backward (lstm_params.h),
+// one launch each, computed in T. Instantiated for (T, S) as add, and C = S
+// (or float for a half-type S).
+template <typename T, typename S>
+void zoneout_hidden(const HiddenZoneoutParams<T, S>& p);
+template <typename T, typename S, typename C>
+void zoneout_hidden_backward(const HiddenZoneoutBackwardParams<T, S, C>& p);
+
 }  // namespace rnnfast::cuda

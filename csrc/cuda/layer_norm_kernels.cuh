@@ -136,7 +136,7 @@ __device__ __forceinline__ void row_sum(T (&v)[N], RowSumScratch<T, N>& s,
 
 // ---- One step of the recurrence ---------------------------------------------
 
-template <bool Training, typename T, typename S>
+template <bool Training, bool ZoneoutCell, typename T, typename S>
 __global__ void __launch_bounds__(kMaxRowThreads)
     layer_norm_forward_step_kernel(const LayerNormStepParams<T, S> p) {
   using acc_t = at::opmath_type<T>;
@@ -157,6 +157,9 @@ __global__ void __launch_bounds__(kMaxRowThreads)
     T* hh = p.hh + (active ? row * G : 0);
     T* c_state = p.cell_state + (active ? row * H : 0);
     S* h_out = p.h_out + (active ? row * H : 0);
+    // c~_t, from which h is computed: the new c_t itself without zoneout
+    const T* c_cand = ZoneoutCell ? p.cell_save + (active ? row * H : 0)
+                                  : c_state;
 
     // Statistics of W_ih x_t and W_hh h_{t-1} over their 4H values,
     // two-pass, both rows in the same sums.
@@ -203,12 +206,23 @@ __global__ void __launch_bounds__(kMaxRowThreads)
                                  static_cast<acc_t>(p.gamma_hh[o]),
                                  static_cast<acc_t>(p.bias[o]));
       }
-      const auto cell = lstm_cell_state<acc_t>(pre[0], pre[1], pre[2], pre[3],
-                                               static_cast<acc_t>(c_state[j]));
+      const acc_t c_prev = static_cast<acc_t>(c_state[j]);
+      const auto cell =
+          lstm_cell_state<acc_t>(pre[0], pre[1], pre[2], pre[3], c_prev);
       if constexpr (kParkO) h_out[j] = static_cast<T>(cell.o);
       const T c = static_cast<T>(cell.c);
-      c_state[j] = c;
-      if constexpr (Training) p.cell_save[row * H + j] = c;
+      if constexpr (ZoneoutCell) {
+        p.cell_save[row * H + j] = c;
+        const acc_t a = zoneout_coefficient_at<acc_t>(
+            p.zoneout.mask, row * H + j, p.zoneout.rate);
+        const T carried =
+            static_cast<T>(zoneout(a, c_prev, static_cast<acc_t>(c)));
+        c_state[j] = carried;
+        if constexpr (Training) p.cell_state_save[row * H + j] = carried;
+      } else {
+        c_state[j] = c;
+        if constexpr (Training) p.cell_save[row * H + j] = c;
+      }
       s[0] += static_cast<acc_t>(c);
     }
 
@@ -219,7 +233,7 @@ __global__ void __launch_bounds__(kMaxRowThreads)
     const acc_t mean_c = s[0] / static_cast<acc_t>(H);
     s[0] = acc_t(0);
     for (int64_t j = begin; j < H; j += step) {
-      const acc_t d = static_cast<acc_t>(c_state[j]) - mean_c;
+      const acc_t d = static_cast<acc_t>(c_cand[j]) - mean_c;
       s[0] += d * d;
     }
     row_sum(s, scratch, place);
@@ -234,7 +248,7 @@ __global__ void __launch_bounds__(kMaxRowThreads)
     }
     for (int64_t j = begin; j < H; j += step) {
       const acc_t cn = layer_norm_affine(
-          layer_norm_normalize(static_cast<acc_t>(c_state[j]), mean_c, rstd_c),
+          layer_norm_normalize(static_cast<acc_t>(c_cand[j]), mean_c, rstd_c),
           static_cast<acc_t>(p.gamma_cell[j]),
           static_cast<acc_t>(p.beta_cell[j]));
       acc_t o;
@@ -265,7 +279,7 @@ __device__ __forceinline__ acc_t saved_pre_activation(
                          static_cast<acc_t>(p.bias[o]));
 }
 
-template <typename T, typename S>
+template <bool AddOutputGrad, bool ZoneoutCell, typename T, typename S>
 __global__ void __launch_bounds__(kMaxRowThreads)
     layer_norm_backward_step_kernel(const LayerNormBackwardStepParams<T, S> p) {
   using acc_t = at::opmath_type<T>;
@@ -309,8 +323,8 @@ __global__ void __launch_bounds__(kMaxRowThreads)
       const acc_t cn = layer_norm_affine(xhat,
                                          static_cast<acc_t>(p.gamma_cell[j]),
                                          static_cast<acc_t>(p.beta_cell[j]));
-      const acc_t dh = static_cast<acc_t>(p.grad_hidden[rh + j]) +
-                       static_cast<acc_t>(p.grad_output[rh + j]);
+      acc_t dh = static_cast<acc_t>(p.grad_hidden[rh + j]);
+      if constexpr (AddOutputGrad) dh += static_cast<acc_t>(p.grad_output[rh + j]);
       const auto out = lstm_output_backward<acc_t>(dh, o, rnnfast::tanh(cn));
       dgates[3 * H + j] = static_cast<T>(out.do_);
       const T dy = static_cast<T>(out.dy);
@@ -331,7 +345,18 @@ __global__ void __launch_bounds__(kMaxRowThreads)
           layer_norm_normalize(static_cast<acc_t>(cell[j]), mean_c, rstd_c);
       const acc_t dxhat =
           static_cast<acc_t>(dcn[j]) * static_cast<acc_t>(p.gamma_cell[j]);
-      const acc_t dc = static_cast<acc_t>(dc_state[j]) +
+      // dL/dc~_t: from the output, and from the carried c_t (all of it
+      // without zoneout, its share (1 - a) with).
+      acc_t dc_carried = static_cast<acc_t>(dc_state[j]);
+      acc_t dc_prev_share = acc_t(0);
+      if constexpr (ZoneoutCell) {
+        const acc_t a =
+            zoneout_coefficient_at<acc_t>(p.zoneout.mask, rh + j, p.zoneout.rate);
+        const auto z = zoneout_backward(a, dc_carried);
+        dc_carried = z.dcand;
+        dc_prev_share = z.dprev;
+      }
+      const acc_t dc = dc_carried +
                        layer_norm_input_grad(dxhat, xhat, rstd_c, mean_dxhat,
                                              mean_dxhat_xhat);
       const auto state = lstm_state_backward<acc_t>(
@@ -342,7 +367,11 @@ __global__ void __launch_bounds__(kMaxRowThreads)
       dgates[j] = static_cast<T>(state.di);
       dgates[H + j] = static_cast<T>(state.df);
       dgates[2 * H + j] = static_cast<T>(state.dg);
-      dc_state[j] = static_cast<T>(state.dc_prev);
+      if constexpr (ZoneoutCell) {
+        dc_state[j] = static_cast<T>(state.dc_prev + dc_prev_share);
+      } else {
+        dc_state[j] = static_cast<T>(state.dc_prev);
+      }
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         const int64_t o = k * H + j;
@@ -445,18 +474,19 @@ __global__ void __launch_bounds__(kWarpSize * kColumnSlices)
 
 // ---- Launchers ----------------------------------------------------------------
 
-template <bool Training, typename T, typename S>
+template <bool Training, bool ZoneoutCell, typename T, typename S>
 void layer_norm_forward_step(const LayerNormStepParams<T, S>& p) {
   if (p.rows <= 0 || p.hidden <= 0) return;
-  launch_row_groups(&layer_norm_forward_step_kernel<Training, T, S>, p, p.rows,
-                    p.hidden);
+  launch_row_groups(&layer_norm_forward_step_kernel<Training, ZoneoutCell, T, S>,
+                    p, p.rows, p.hidden);
 }
 
-template <typename T, typename S>
+template <bool AddOutputGrad, bool ZoneoutCell, typename T, typename S>
 void layer_norm_backward_step(const LayerNormBackwardStepParams<T, S>& p) {
   if (p.rows <= 0 || p.hidden <= 0) return;
-  launch_row_groups(&layer_norm_backward_step_kernel<T, S>, p, p.rows,
-                    p.hidden);
+  launch_row_groups(
+      &layer_norm_backward_step_kernel<AddOutputGrad, ZoneoutCell, T, S>, p,
+      p.rows, p.hidden);
 }
 
 template <typename T>

@@ -16,7 +16,7 @@
 
 namespace rnnfast::cuda {
 
-template <bool Training, typename T, typename S>
+template <bool Training, bool ZoneoutCell, typename T, typename S>
 __global__ void __launch_bounds__(kBlockThreads)
     lstm_forward_step_kernel(const ForwardStepParams<T, S> p) {
   using acc_t = at::opmath_type<T>;
@@ -28,21 +28,30 @@ __global__ void __launch_bounds__(kBlockThreads)
        row < p.rows; row += row_stride) {
     const int64_t e = row * H + j;
     T* gates = p.gates + row * 4 * H + j;
+    const acc_t c_prev = static_cast<acc_t>(p.cell_state[e]);
     const auto out = lstm_cell_forward<acc_t>(
         static_cast<acc_t>(gates[0]), static_cast<acc_t>(gates[H]),
         static_cast<acc_t>(gates[2 * H]), static_cast<acc_t>(gates[3 * H]),
-        static_cast<acc_t>(p.cell_state[e]));
+        c_prev);
     gates[0] = static_cast<T>(out.i);
     gates[H] = static_cast<T>(out.f);
     gates[2 * H] = static_cast<T>(out.g);
     gates[3 * H] = static_cast<T>(out.o);
-    p.cell_state[e] = static_cast<T>(out.c);
+    if constexpr (ZoneoutCell) {
+      const acc_t a =
+          zoneout_coefficient_at<acc_t>(p.zoneout.mask, e, p.zoneout.rate);
+      const T c = static_cast<T>(zoneout(a, c_prev, out.c));
+      p.cell_state[e] = c;
+      if constexpr (Training) p.cell_state_save[e] = c;
+    } else {
+      p.cell_state[e] = static_cast<T>(out.c);
+    }
     if constexpr (Training) p.cell_save[e] = static_cast<T>(out.c);
     p.hidden_out[e] = static_cast<S>(out.r);
   }
 }
 
-template <bool AddOutputGrad, typename T, typename S>
+template <bool AddOutputGrad, bool ZoneoutCell, typename T, typename S>
 __global__ void __launch_bounds__(kBlockThreads)
     lstm_backward_step_kernel(const BackwardStepParams<T, S> p) {
   using acc_t = at::opmath_type<T>;
@@ -61,11 +70,22 @@ __global__ void __launch_bounds__(kBlockThreads)
                                                 : p.cell_init[e];
     acc_t dr = static_cast<acc_t>(p.grad_hidden[e]);
     if constexpr (AddOutputGrad) dr += static_cast<acc_t>(p.grad_output[e]);
-    const auto out = lstm_cell_backward<acc_t>(
-        static_cast<acc_t>(gates[0]), static_cast<acc_t>(gates[H]),
-        static_cast<acc_t>(gates[2 * H]), static_cast<acc_t>(gates[3 * H]),
-        static_cast<acc_t>(p.cell[e]), static_cast<acc_t>(c_prev), dr,
-        static_cast<acc_t>(p.dcell_state[e]));
+    LstmCellBackward<acc_t> out;
+    if constexpr (ZoneoutCell) {
+      out = lstm_cell_backward_zoneout<acc_t>(
+          static_cast<acc_t>(gates[0]), static_cast<acc_t>(gates[H]),
+          static_cast<acc_t>(gates[2 * H]), static_cast<acc_t>(gates[3 * H]),
+          static_cast<acc_t>(p.cell[e]), static_cast<acc_t>(c_prev), dr,
+          static_cast<acc_t>(p.dcell_state[e]),
+          zoneout_coefficient_at<acc_t>(p.zoneout.mask, e,
+                                        p.zoneout.rate));
+    } else {
+      out = lstm_cell_backward<acc_t>(
+          static_cast<acc_t>(gates[0]), static_cast<acc_t>(gates[H]),
+          static_cast<acc_t>(gates[2 * H]), static_cast<acc_t>(gates[3 * H]),
+          static_cast<acc_t>(p.cell[e]), static_cast<acc_t>(c_prev), dr,
+          static_cast<acc_t>(p.dcell_state[e]));
+    }
     S* dgates = p.dgates + ge;
     dgates[0] = static_cast<S>(out.di);
     dgates[H] = static_cast<S>(out.df);
@@ -75,20 +95,20 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
-template <bool Training, typename T, typename S>
+template <bool Training, bool ZoneoutCell, typename T, typename S>
 void lstm_forward_step(const ForwardStepParams<T, S>& p) {
   if (p.rows <= 0 || p.hidden <= 0) return;
   const LaunchShape s = rows_by_cols(p.rows, p.hidden);
-  lstm_forward_step_kernel<Training, T, S>
+  lstm_forward_step_kernel<Training, ZoneoutCell, T, S>
       <<<s.grid, s.block, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <bool AddOutputGrad, typename T, typename S>
+template <bool AddOutputGrad, bool ZoneoutCell, typename T, typename S>
 void lstm_backward_step(const BackwardStepParams<T, S>& p) {
   if (p.rows <= 0 || p.hidden <= 0) return;
   const LaunchShape s = rows_by_cols(p.rows, p.hidden);
-  lstm_backward_step_kernel<AddOutputGrad, T, S>
+  lstm_backward_step_kernel<AddOutputGrad, ZoneoutCell, T, S>
       <<<s.grid, s.block, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -89,6 +89,10 @@ def parser() -> argparse.ArgumentParser:
     impls.add_argument("--compile", action="store_true",
                        help="add torch.compile(reference.LayerNormLSTM); its compile time "
                             "is reported apart")
+    impls.add_argument("--regularisers", action="store_true",
+                       help="add the Zoneout family: a Python loop over nn.LSTMCell with "
+                            "zoneout 0.1 on h and c against rnnfast.LSTM's (one "
+                            "unidirectional layer)")
     timing = run.add_argument_group("timing")
     timing.add_argument("--min-run-time", type=float, metavar="S",
                         help="seconds of measurement per implementation and case "
@@ -188,11 +192,11 @@ def plan(args: argparse.Namespace):
                      bidirectional=args.bidirectional, dtype=args.dtype, tf32=args.tf32,
                      decode=args.decode)
     cases = expand(PRESETS[preset], overrides, modes=args.mode, devices=devices)
-    impls, notes = discover(compile=args.compile)
+    impls, notes = discover(compile=args.compile, regularisers=args.regularisers)
     impls, unmatched = _select(impls, args.impls)
     if unmatched:
         raise SystemExit(f"rnnfast-bench: --impls {' '.join(unmatched)} matches none of: "
-                         + ", ".join(i.name for i in discover(compile=True)[0]))
+                         + ", ".join(i.name for i in discover(compile=True, regularisers=True)[0]))
     defaults = PRESET_SETTINGS[preset]
     settings = Settings(
         min_run_time=args.min_run_time if args.min_run_time is not None

@@ -49,9 +49,12 @@ __all__ = ["Impl", "Runner", "Inputs", "Gemm", "Product", "PRODUCTS", "BASELINES
 BASELINES = {
     "LSTM": "torch.nn.LSTM",
     "LayerNormLSTM": "reference.LayerNormLSTM",
+    "Zoneout": "nn.LSTMCell zoneout loop",
     "floor": "torch.nn.LSTM",
 }
-FAMILIES = ("LSTM", "LayerNormLSTM")
+FAMILIES = ("LSTM", "LayerNormLSTM", "Zoneout")
+# The zoneout rates of the "Zoneout" family (--regularisers), on h and c.
+ZONEOUT_RATE = 0.1
 
 
 class SkipCase(Exception):
@@ -216,6 +219,59 @@ def _compiled_reference(case: Case, inputs: Inputs) -> Runner:
     module = reference.ReferenceLayerNormLSTM(case.I, case.H, **_module_kwargs(case))
     compiled = torch.compile(module, dynamic=False)
     return module_runner(compiled, compiled, case, inputs, params_module=module)
+
+
+# ---------------------------------------------------------------------------
+# Zoneout (issue 15, --regularisers): what users write today against rnnfast
+# ---------------------------------------------------------------------------
+
+class LSTMCellZoneout(nn.Module):
+    """Zoneout (Krueger et al. 2016) on h and c around nn.LSTMCell, as one
+    writes it without rnnfast: a Python loop over time, a mask per step."""
+
+    def __init__(self, input_size: int, hidden_size: int, rate: float, **factory) -> None:
+        super().__init__()
+        self.cell = nn.LSTMCell(input_size, hidden_size, **factory)
+        self.rate = rate
+
+    def forward(self, x: Tensor, hx: tuple[Tensor, Tensor]) -> tuple:
+        h, c = hx[0][0], hx[1][0]
+        outputs = []
+        for t in range(x.shape[0]):
+            h_new, c_new = self.cell(x[t], (h, c))
+            if self.training:
+                m_h = torch.empty_like(h).bernoulli_(self.rate)
+                m_c = torch.empty_like(c).bernoulli_(self.rate)
+            else:
+                m_h = m_c = self.rate
+            h = m_h * h + (1 - m_h) * h_new
+            c = m_c * c + (1 - m_c) * c_new
+            outputs.append(h)
+        return torch.stack(outputs), (h[None], c[None])
+
+
+def _zoneout(build_module: Callable[[Case], nn.Module]) -> Callable[[Case, Inputs], Runner]:
+    """A member of the Zoneout family: one unidirectional layer, zoneout
+    ZONEOUT_RATE on h and c; no agreement check (random masks)."""
+    def build(case: Case, inputs: Inputs) -> Runner:
+        if case.layers != 1 or case.bidirectional or case.decode:
+            raise SkipCase("the zoneout cases are one unidirectional layer over a sequence")
+        module = build_module(case)
+        runner = module_runner(module, module, case, inputs)
+        runner.output = None
+        return runner
+    return build
+
+
+def _lstm_cell_zoneout(case: Case) -> nn.Module:
+    return LSTMCellZoneout(case.I, case.H, ZONEOUT_RATE, device=case.device,
+                           dtype=case.torch_dtype)
+
+
+def _rnnfast_zoneout(case: Case) -> nn.Module:
+    import rnnfast
+    return rnnfast.LSTM(case.I, case.H, device=case.device, dtype=case.torch_dtype,
+                        zoneout_hidden=ZONEOUT_RATE, zoneout_cell=ZONEOUT_RATE)
 
 
 # ---------------------------------------------------------------------------
@@ -557,9 +613,11 @@ def _graphed(build: Callable[[Case, Inputs], Runner]) -> Callable[[Case, Inputs]
 # Discovery
 # ---------------------------------------------------------------------------
 
-def discover(compile: bool = False) -> tuple[list[Impl], list[str]]:
+def discover(compile: bool = False, regularisers: bool = False
+             ) -> tuple[list[Impl], list[str]]:
     """Every implementation available here, baselines first, and notes on
-    what was left out and why."""
+    what was left out and why. ``regularisers`` adds the Zoneout family: a
+    Python loop over nn.LSTMCell with zoneout against rnnfast.LSTM's."""
     import rnnfast
 
     notes: list[str] = []
@@ -582,6 +640,9 @@ def discover(compile: bool = False) -> tuple[list[Impl], list[str]]:
     if compile:
         impls.append(Impl("torch.compile(reference.LayerNormLSTM)", "LayerNormLSTM",
                           _compiled_reference, compiled=True))
+    if regularisers:
+        impls += [Impl("nn.LSTMCell zoneout loop", "Zoneout", _zoneout(_lstm_cell_zoneout)),
+                  Impl("rnnfast.LSTM (zoneout)", "Zoneout", _zoneout(_rnnfast_zoneout))]
     for package, name, family, build in _PEERS:
         if importlib.util.find_spec(package) is None:
             notes.append(f"{name}: skipped, {package} is not installed")
