@@ -77,6 +77,8 @@ struct ForwardStepParams {
   T* cell_save = nullptr;    // [rows, H] c_t for the backward (Training only)
   S* hidden_out = nullptr;   // [rows, H] r = o * tanh(c_t): the step's
                              // output, or the projection's input
+  const T* bias = nullptr;   // [4H] added to every row's pre-activations, or
+                             // null (Backend::kBiasInStep, lstm_driver.h)
 };
 
 // Pointers for the pointwise part of one backward step over `rows` rows.
