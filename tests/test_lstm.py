@@ -42,9 +42,8 @@ def test_parity_large_batch_parallel_rows(device, dtype):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("proj", [0, 180], ids=["no_proj", "proj"])
 def test_parity_recurrent_weight_split_by_unit_blocks(dtype, proj):
-    """On 2 threads and at a batch of 16 or more the CPU splits a recurrent
-    weight of 512 KiB or more (here H=200: 640 KiB in float32) by blocks of
-    hidden units, each thread
+    """On 2 threads the CPU splits a recurrent weight of 512 KiB or more
+    (here H=200: 640 KiB in float32) by blocks of hidden units, each thread
     multiplying its units' gate columns and applying the cell to them. 200
     units are 13 vectors of 16: blocks of 112 and 88 units, so the last one
     has a tail. A reverse layer over a packed input reads part of h_{t-1}
@@ -54,10 +53,10 @@ def test_parity_recurrent_weight_split_by_unit_blocks(dtype, proj):
     torch.set_num_threads(2)
     try:
         ours, ref = make_lstm_pair(7, 200, bidirectional=True, proj_size=proj, dtype=dtype)
-        x = torch.randn(5, 16, 7, dtype=dtype)
+        x = torch.randn(5, 4, 7, dtype=dtype)
         out = proj or 200
-        hx = (torch.randn(2, 16, out, dtype=dtype), torch.randn(2, 16, 200, dtype=dtype))
-        lengths = [5] * 6 + [4] * 6 + [2] * 4
+        hx = (torch.randn(2, 4, out, dtype=dtype), torch.randn(2, 4, 200, dtype=dtype))
+        lengths = [5, 4, 4, 2]
         got = forward_backward(ours, x, hx, lengths=lengths)
         assert_results_close(got, forward_backward(ref, x, hx, lengths=lengths),
                              **TOLERANCES[dtype])

@@ -207,21 +207,12 @@ void StepWeight<T>::multiply(int64_t m, const T* a, int64_t lda, T beta, T* c,
 // Hidden units per block: a multiple of a whole AVX-512 vector of floats, so
 // that only the last block has a tail.
 constexpr int64_t kUnitAlign = 16;
-// Fewer rows than this keep MKL's own multithreaded product: at a batch of
-// 1-8 (streaming decode) four narrow single-threaded products per thread
-// were slower than one product split by MKL (measured on the 2-core Xeon:
-// a 2-layer decode step at B=1 H=256 0.23 -> 0.33 ms, at B=8 H=512 1.28 ->
-// 1.43 ms).
-constexpr int64_t kMinBlockRows = 16;
 
 template <typename T>
 int64_t StepWeight<T>::unit_blocks(int64_t hidden) const {
   // Only a product that would run multithreaded is split: a serial one is
   // too small to share.
-  if (serial_ || !trans_b_ || hidden <= 0 || n_ != 4 * hidden ||
-      max_m_ < kMinBlockRows) {
-    return 1;
-  }
+  if (serial_ || !trans_b_ || hidden <= 0 || n_ != 4 * hidden) return 1;
   const int64_t threads = at::get_num_threads();
   if (threads <= 1 || at::in_parallel_region()) return 1;
   const int64_t vectors = (hidden + kUnitAlign - 1) / kUnitAlign;
