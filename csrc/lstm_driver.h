@@ -21,10 +21,6 @@
 //   gemm(trans_a, trans_b, m, n, k, const S* a, lda, const S* b, ldb,
 //        C beta, C* c, ldc): a one-off product, C = op(A) op(B) + beta C.
 //   template <bool Training> forward_step(const ForwardStepParams<T, S>&);
-//   template <bool Training> recurrent_forward_step(const StepWeight<S>& whh,
-//     const PreviousHidden<S>& h, const ForwardStepParams<T, S>& p): the
-//     LSTM's step, p.gates += h W_hh^T (multiply_hidden) then forward_step,
-//     in whatever order and threading the backend finds fastest.
 //   template <bool AddOutputGrad> backward_step(const BackwardStepParams<T, S>&);
 //   copy(S* dst, const S* src, int64_t count);
 //   copy_rows(const RowCopy*, int64_t n, int64_t width, S* dst,
@@ -136,29 +132,24 @@ void input_projection(at::Tensor& out, const at::Tensor& x,
   }
 }
 
-// Where step t's h_{t-1} lies: the previous step's output rows (P wide) for
-// the rows that continue, the initial state's for those that start at t.
-template <typename S>
-PreviousHidden<S> previous_hidden(const SequenceLayout& l, int64_t t,
-                                  const S* output, const S* h0, int64_t P) {
-  PreviousHidden<S> h;
-  h.continuing_rows = l.rows_from_previous(t);
-  if (h.continuing_rows > 0) {
-    h.continuing = output + l.offsets[l.previous(t)] * P;
-  }
-  h.starting_rows = l.batch_sizes[t] - h.continuing_rows;
-  h.starting = h0 + h.continuing_rows * P;
-  h.ld = P;
-  return h;
-}
-
 // C[rows of step t, n] = h_{t-1} op(W) + beta C, with h_{t-1} read where it
-// lies (previous_hidden).
+// lies: the previous step's output rows (P wide) for the rows that continue,
+// the initial state's for those that start at t (a reverse packed sequence
+// gains rows as it goes), so no step copies a hidden state.
 template <typename Weight, typename S, typename C>
 void multiply_previous_hidden(const SequenceLayout& l, int64_t t,
                               const Weight& w, const S* output, const S* h0,
                               int64_t P, C beta, C* c, int64_t ldc) {
-  multiply_hidden(previous_hidden(l, t, output, h0, P), w, beta, c, ldc);
+  const int64_t rows = l.batch_sizes[t];
+  const int64_t from_prev = l.rows_from_previous(t);
+  if (from_prev > 0) {
+    w.multiply(from_prev, output + l.offsets[l.previous(t)] * P, P, beta, c,
+               ldc);
+  }
+  if (rows > from_prev) {
+    w.multiply(rows - from_prev, h0 + from_prev * P, P, beta,
+               c + from_prev * ldc, ldc);
+  }
 }
 
 // hy [B, P] = the output of every sequence's last step: step 0 of a
@@ -292,6 +283,8 @@ ForwardResult lstm_forward_recurrence(
     const int64_t t = l.step_at(step);
     const int64_t rows = l.batch_sizes[t];
     const int64_t off = l.offsets[t];
+    // gates[t] += h_{t-1} W_hh^T
+    multiply_previous_hidden(l, t, whh, out, h0, P, T(1), g + off * G, G);
     ForwardStepParams<T, S> p;
     p.rows = rows;
     p.hidden = H;
@@ -300,12 +293,10 @@ ForwardResult lstm_forward_recurrence(
     p.cell_save = training ? cells + off * H : nullptr;
     p.hidden_out = s.has_projection() ? r_buf.data_ptr<S>() : out + off * P;
     p.bias = bias_in_step ? bias.data_ptr<T>() : nullptr;
-    // gates[t] += h_{t-1} W_hh^T, then the cell
-    const PreviousHidden<S> h = previous_hidden(l, t, out, h0, P);
     if (training) {
-      Backend::template recurrent_forward_step<true>(whh, h, p);
+      Backend::template forward_step<true>(p);
     } else {
-      Backend::template recurrent_forward_step<false>(whh, h, p);
+      Backend::template forward_step<false>(p);
     }
     // h_t = r_t W_hr^T
     if (s.has_projection()) {

@@ -60,33 +60,6 @@ struct LstmSizes {
   bool has_projection() const { return output != hidden; }
 };
 
-// Where the hidden states h_{t-1} of step t's rows lie (S, ld wide rows):
-// the first continuing_rows in the previous step's output, the next
-// starting_rows in the initial state (a reverse packed sequence gains rows
-// as it goes), so that no step copies a hidden state.
-template <typename S>
-struct PreviousHidden {
-  const S* continuing = nullptr;
-  int64_t continuing_rows = 0;
-  const S* starting = nullptr;
-  int64_t starting_rows = 0;
-  int64_t ld = 0;
-};
-
-// C[rows of the step, n] = h_{t-1} op(W) + beta C, through a backend's
-// StepWeight (its multiply(m, a, lda, beta, c, ldc)).
-template <typename Weight, typename S, typename C>
-void multiply_hidden(const PreviousHidden<S>& h, const Weight& w, C beta, C* c,
-                     int64_t ldc) {
-  if (h.continuing_rows > 0) {
-    w.multiply(h.continuing_rows, h.continuing, h.ld, beta, c, ldc);
-  }
-  if (h.starting_rows > 0) {
-    w.multiply(h.starting_rows, h.starting, h.ld, beta,
-               c + h.continuing_rows * ldc, ldc);
-  }
-}
-
 // Types. T is the compute type of a step kernel (float or double): the
 // gates, the cell state and every saved activation are held in it. S is the
 // storage type of the tensors the GEMMs read (input, weights, hidden states,

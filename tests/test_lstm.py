@@ -39,39 +39,6 @@ def test_parity_large_batch_parallel_rows(device, dtype):
         assert value is None or torch.equal(value, again[key]), key
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("proj", [0, 180], ids=["no_proj", "proj"])
-def test_parity_recurrent_weight_split_by_unit_blocks(dtype, proj):
-    """On 2 threads the CPU splits a recurrent weight of 512 KiB or more
-    (here H=200: 640 KiB in float32) by blocks of hidden units, each thread
-    multiplying its units' gate columns and applying the cell to them. 200
-    units are 13 vectors of 16: blocks of 112 and 88 units, so the last one
-    has a tail. A reverse layer over a packed input reads part of h_{t-1}
-    from the initial state. Training and inference agree with nn.LSTM; a
-    second run is bitwise equal."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        ours, ref = make_lstm_pair(7, 200, bidirectional=True, proj_size=proj, dtype=dtype)
-        x = torch.randn(5, 4, 7, dtype=dtype)
-        out = proj or 200
-        hx = (torch.randn(2, 4, out, dtype=dtype), torch.randn(2, 4, 200, dtype=dtype))
-        lengths = [5, 4, 4, 2]
-        got = forward_backward(ours, x, hx, lengths=lengths)
-        assert_results_close(got, forward_backward(ref, x, hx, lengths=lengths),
-                             **TOLERANCES[dtype])
-        again = forward_backward(ours, x, hx, lengths=lengths)
-        for key, value in got.items():
-            assert value is None or torch.equal(value, again[key]), key
-        with torch.no_grad():
-            y, (h, c) = ours(x, hx)
-            y_ref, (h_ref, c_ref) = ref(x, hx)
-        for a, b in ((y, y_ref), (h, h_ref), (c, c_ref)):
-            torch.testing.assert_close(a, b, **TOLERANCES[dtype])
-    finally:
-        torch.set_num_threads(threads)
-
-
 # --------------------------------------------------------------------------
 # 2. initialisation, names, state_dict, repr
 # --------------------------------------------------------------------------

@@ -1,7 +1,6 @@
 #include "blas.h"
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
 #include <cstdlib>
@@ -202,53 +201,6 @@ void StepWeight<T>::multiply(int64_t m, const T* a, int64_t lda, T beta, T* c,
     }
   }
   gemm(false, trans_b_, m, n_, k_, T(1), a, lda, b_, ldb_, beta, c, ldc);
-}
-
-// Hidden units per block: a multiple of a whole AVX-512 vector of floats, so
-// that only the last block has a tail.
-constexpr int64_t kUnitAlign = 16;
-
-template <typename T>
-int64_t StepWeight<T>::unit_blocks(int64_t hidden) const {
-  // Only a product that would run multithreaded is split: a serial one is
-  // too small to share.
-  if (serial_ || !trans_b_ || hidden <= 0 || n_ != 4 * hidden) return 1;
-  const int64_t threads = at::get_num_threads();
-  if (threads <= 1 || at::in_parallel_region()) return 1;
-  const int64_t vectors = (hidden + kUnitAlign - 1) / kUnitAlign;
-  const int64_t blocks = std::min(threads, vectors);
-  if (blocks <= 1) return 1;
-  if (hidden_ != hidden || gate_parts_.empty()) {
-    hidden_ = hidden;
-    block_units_ = (vectors + blocks - 1) / blocks * kUnitAlign;
-    gate_parts_.clear();
-    for (int64_t u0 = 0; u0 < hidden; u0 += block_units_) {
-      const int64_t units = std::min(block_units_, hidden - u0);
-      for (int64_t gate = 0; gate < 4; ++gate) {
-        auto part = std::make_unique<StepWeight>(
-            true, max_m_, units, k_, b_ + (gate * hidden + u0) * ldb_, ldb_);
-        part->serial_ = true;  // each runs inside the step's parallel region
-        gate_parts_.push_back(std::move(part));
-      }
-    }
-  }
-  return static_cast<int64_t>(gate_parts_.size()) / 4;
-}
-
-template <typename T>
-int64_t StepWeight<T>::unit_begin(int64_t block) const {
-  return std::min(block * block_units_, hidden_);
-}
-
-template <typename T>
-void StepWeight<T>::multiply_unit_block(int64_t block, int64_t m, const T* a,
-                                        int64_t lda, T beta, T* c,
-                                        int64_t ldc) const {
-  const int64_t u0 = unit_begin(block);
-  for (int64_t gate = 0; gate < 4; ++gate) {
-    gate_parts_[block * 4 + gate]->multiply(m, a, lda, beta,
-                                            c + gate * hidden_ + u0, ldc);
-  }
 }
 
 template class StepWeight<float>;

@@ -9,8 +9,6 @@
 #pragma once
 
 #include <cstdint>
-#include <memory>
-#include <vector>
 
 namespace rnnfast::cpu {
 
@@ -42,22 +40,6 @@ class StepWeight {
   void multiply(int64_t m, const T* a, int64_t lda, T beta, T* c,
                 int64_t ldc) const;
 
-  // An LSTM's recurrent weight (n = 4H: the rows of gates i, f, g, o) split
-  // by blocks of hidden units, so that each thread multiplies the columns of
-  // its units in all four gates and applies the cell to them while they are
-  // in its cache, one parallel region per step instead of a multithreaded
-  // GEMM and then a pointwise pass over the other thread's results.
-  // unit_blocks(hidden): how many blocks (1: run whole, on one thread or as
-  // a multithreaded GEMM); call it on the calling thread before the parallel
-  // region (it prepares the blocks). Block b holds units
-  // [unit_begin(b), unit_begin(b + 1)).
-  int64_t unit_blocks(int64_t hidden) const;
-  int64_t unit_begin(int64_t block) const;
-  // C[m, columns of the block's units in every gate] = A[m, k] W_b^T + beta C,
-  // on the calling thread; ldc is C's row stride (4H or more).
-  void multiply_unit_block(int64_t block, int64_t m, const T* a, int64_t lda,
-                           T beta, T* c, int64_t ldc) const;
-
  private:
   void pack() const;
 
@@ -68,9 +50,6 @@ class StepWeight {
   bool packable_ = false;   // the BLAS can pack this operand
   mutable int64_t uses_ = 0;        // products computed so far
   mutable void* packed_ = nullptr;  // owned, in the BLAS's own layout
-  // The unit blocks: [block * 4 + gate], each packed on its own second use.
-  mutable int64_t hidden_ = 0, block_units_ = 0;
-  mutable std::vector<std::unique_ptr<StepWeight>> gate_parts_;
 };
 
 // Which implementation gemm uses ("mkl-packed", "blas" or "aten").

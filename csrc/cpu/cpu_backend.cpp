@@ -56,36 +56,6 @@ struct CpuBackend {
   static void forward_step(const ForwardStepParams<T>& p) {
     kernels<T>().forward_step[Training](p);
   }
-  // With a recurrent weight split by blocks of hidden units
-  // (StepWeight::unit_blocks), each thread multiplies its units' gate
-  // columns and applies the cell to them in one parallel region; otherwise
-  // the (possibly multithreaded) product, then the pointwise pass.
-  template <bool Training, typename T>
-  static void recurrent_forward_step(const StepWeight<T>& whh,
-                                     const PreviousHidden<T>& h,
-                                     const ForwardStepParams<T>& p) {
-    const int64_t G = 4 * p.hidden;
-    const int64_t blocks = whh.unit_blocks(p.hidden);
-    if (blocks <= 1) {
-      multiply_hidden(h, whh, T(1), p.gates, G);
-      forward_step<Training>(p);
-      return;
-    }
-    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        if (h.continuing_rows > 0) {
-          whh.multiply_unit_block(b, h.continuing_rows, h.continuing, h.ld,
-                                  T(1), p.gates, G);
-        }
-        if (h.starting_rows > 0) {
-          whh.multiply_unit_block(b, h.starting_rows, h.starting, h.ld, T(1),
-                                  p.gates + h.continuing_rows * G, G);
-        }
-        kernels<T>().forward_units[Training](p, whh.unit_begin(b),
-                                             whh.unit_begin(b + 1));
-      }
-    });
-  }
   template <bool AddOutputGrad, typename T>
   static void backward_step(const BackwardStepParams<T>& p) {
     kernels<T>().backward_step[AddOutputGrad](p);

@@ -13,8 +13,6 @@ namespace rnnfast::cpu {
 template <typename T>
 struct TypedKernels {
   void (*forward_step[2])(const ForwardStepParams<T>&);
-  // forward_step over hidden units [begin, end) only, on the calling thread.
-  void (*forward_units[2])(const ForwardStepParams<T>&, int64_t, int64_t);
   void (*backward_step[2])(const BackwardStepParams<T>&);
   void (*layer_norm_forward_step[2])(const LayerNormStepParams<T>&);
   void (*layer_norm_backward_step)(const LayerNormBackwardStepParams<T>&);

@@ -73,19 +73,16 @@ inline int64_t row_grain(int64_t hidden) {
   return g > 0 ? g : 1;
 }
 
-// The cell over rows [begin, end) and hidden units [unit_begin, unit_end)
-// of a step, on the calling thread.
 template <typename T, bool Training>
-void forward_cells(const ForwardStepParams<T>& p, int64_t begin, int64_t end,
-                   int64_t unit_begin, int64_t unit_end) {
+void forward_step_impl(const ForwardStepParams<T>& p) {
   using V = at::vec::Vectorized<T>;
   const int64_t H = p.hidden;
-  {
+  at::parallel_for(0, p.rows, row_grain(H), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       T* gates = p.gates + row * 4 * H;
       T* c_state = p.cell_state + row * H;
-      for (int64_t j = unit_begin; j < unit_end; j += V::size()) {
-        const int64_t n = std::min<int64_t>(V::size(), unit_end - j);
+      for (int64_t j = 0; j < H; j += V::size()) {
+        const int64_t n = std::min<int64_t>(V::size(), H - j);
         // Pre-activation of gate k (plus the bias where the step adds it).
         const auto pre = [&](int64_t k) {
           const V v = V::loadu(gates + k * H + j, n);
@@ -102,23 +99,7 @@ void forward_cells(const ForwardStepParams<T>& p, int64_t begin, int64_t end,
         out.r.store(p.hidden_out + row * H + j, n);
       }
     }
-  }
-}
-
-template <typename T, bool Training>
-void forward_step_impl(const ForwardStepParams<T>& p) {
-  at::parallel_for(0, p.rows, row_grain(p.hidden), [&](int64_t begin,
-                                                       int64_t end) {
-    forward_cells<T, Training>(p, begin, end, 0, p.hidden);
   });
-}
-
-// Every row of a step, hidden units [unit_begin, unit_end) only, on the
-// calling thread (the thread that computed their gates).
-template <typename T, bool Training>
-void forward_units_impl(const ForwardStepParams<T>& p, int64_t unit_begin,
-                        int64_t unit_end) {
-  forward_cells<T, Training>(p, 0, p.rows, unit_begin, unit_end);
 }
 
 template <typename T, bool AddOutputGrad>
@@ -468,7 +449,6 @@ void layer_norm_param_grads_impl(const LayerNormParamGradsParams<T>& p) {
 template <typename T>
 constexpr TypedKernels<T> typed_kernels() {
   return {{&forward_step_impl<T, false>, &forward_step_impl<T, true>},
-          {&forward_units_impl<T, false>, &forward_units_impl<T, true>},
           {&backward_step_impl<T, false>, &backward_step_impl<T, true>},
           {&layer_norm_forward_step_impl<T, false>,
            &layer_norm_forward_step_impl<T, true>},

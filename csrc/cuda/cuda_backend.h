@@ -66,13 +66,6 @@ struct CudaBackend {
   static void forward_step(const ForwardStepParams<T, S>& p) {
     lstm_forward_step<Training>(p);
   }
-  template <bool Training, typename T, typename S>
-  static void recurrent_forward_step(const StepWeight<S>& whh,
-                                     const PreviousHidden<S>& h,
-                                     const ForwardStepParams<T, S>& p) {
-    multiply_hidden(h, whh, T(1), p.gates, 4 * p.hidden);
-    forward_step<Training>(p);
-  }
   template <bool AddOutputGrad, typename T, typename S>
   static void backward_step(const BackwardStepParams<T, S>& p) {
     lstm_backward_step<AddOutputGrad>(p);
