@@ -35,7 +35,9 @@
 //     (the CPU reuses freed blocks, cpu/activation_cache.h).
 //   kGradBlockRows, kParamGradRows: block sizes of the LayerNorm-LSTM
 //     backward (layer_norm_lstm_driver.h); kNativeHalf: whether S may be a
-//     half type (op_impls.h).
+//     half type (op_impls.h); kBiasInStep: whether the LSTM's forward_step
+//     adds the bias (ForwardStepParams::bias) instead of the input
+//     projection.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -334,9 +336,12 @@ ForwardResult lstm_forward_recurrence(
   const auto sopts = x.options();
   const auto topts = sopts.dtype(compute_scalar_type<T>());
   ForwardResult r;
-  // Input projection for every step at once: gates = x W_ih^T + b.
+  // Input projection for every step at once: gates = x W_ih^T (+ b, unless
+  // each step adds it).
+  const bool bias_in_step = Backend::kBiasInStep && bias.defined();
   at::Tensor gates = Backend::empty_activation({l.rows, G}, topts);
-  input_projection<Backend, S, T>(gates, x, weight_ih, bias);
+  input_projection<Backend, S, T>(gates, x, weight_ih,
+                                  bias_in_step ? at::Tensor() : bias);
   r.output = at::empty({l.rows, P}, sopts);
   at::Tensor c_state = cx.contiguous().clone();
   if (training) r.cells = Backend::empty_activation({l.rows, H}, topts);
@@ -374,6 +379,7 @@ ForwardResult lstm_forward_recurrence(
     p.cell_state = cs;
     p.cell_save = training ? cells + off * H : nullptr;
     p.hidden_out = s.has_projection() ? r_buf.data_ptr<S>() : out + off * P;
+    p.bias = bias_in_step ? bias.data_ptr<T>() : nullptr;
     if (zoneout_cell) {
       p.zoneout = cell_zoneout<T>(z, off, H);
       if (training) p.cell_state_save = r.cell_states.data_ptr<T>() + off * H;

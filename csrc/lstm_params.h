@@ -93,6 +93,8 @@ struct ForwardStepParams {
   S* hidden_out = nullptr;   // [rows, H] r = o * tanh(c~_t): the step's
                              // output, or the projection's input
   CellZoneout<T> zoneout;    // ZoneoutCell only
+  const T* bias = nullptr;   // [4H] added to every row's pre-activations, or
+                             // null (Backend::kBiasInStep, lstm_driver.h)
 };
 
 // Pointers for the pointwise part of one backward step over `rows` rows.

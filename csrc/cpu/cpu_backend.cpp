@@ -42,6 +42,11 @@ struct CpuBackend {
   static constexpr int64_t kParamGradRows = 64;
   // The storage dtype of the GEMMs for a half-type op: the CPU upcasts.
   static constexpr bool kNativeHalf = false;
+  // The LSTM's step kernel adds the bias to the pre-activations it loads:
+  // the input projection as addmm first copied it into every row of the
+  // [N, 4H] gates (a pass over memory as large as the product's output)
+  // and made the GEMM read them back.
+  static constexpr bool kBiasInStep = true;
 
   // Workspaces and saved activations come from the CPU buffer cache.
   static at::Tensor empty_activation(at::IntArrayRef sizes,

@@ -95,11 +95,13 @@ void forward_step_impl(const ForwardStepParams<T>& p) {
       T* c_state = p.cell_state + row * H;
       for (int64_t j = 0; j < H; j += V::size()) {
         const int64_t n = std::min<int64_t>(V::size(), H - j);
+        // Pre-activation of gate k (plus the bias where the step adds it).
+        const auto pre = [&](int64_t k) {
+          const V v = V::loadu(gates + k * H + j, n);
+          return p.bias != nullptr ? v + V::loadu(p.bias + k * H + j, n) : v;
+        };
         const V c_prev = V::loadu(c_state + j, n);
-        const auto out = lstm_cell_forward<V>(
-            V::loadu(gates + j, n), V::loadu(gates + H + j, n),
-            V::loadu(gates + 2 * H + j, n), V::loadu(gates + 3 * H + j, n),
-            c_prev);
+        const auto out = lstm_cell_forward<V>(pre(0), pre(1), pre(2), pre(3), c_prev);
         out.i.store(gates + j, n);
         out.f.store(gates + H + j, n);
         out.g.store(gates + 2 * H + j, n);

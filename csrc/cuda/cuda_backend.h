@@ -31,6 +31,9 @@ struct CudaBackend {
   static constexpr int64_t kParamGradRows = std::numeric_limits<int64_t>::max() / 4;
   // Half-type ops keep their GEMM operands in half / bfloat16.
   static constexpr bool kNativeHalf = true;
+  // The input projection adds the bias (addmm; ATen can fuse it into the
+  // cuBLASLt GEMM as an epilogue).
+  static constexpr bool kBiasInStep = false;
 
   // Workspaces come from torch's caching allocator.
   static at::Tensor empty_activation(at::IntArrayRef sizes,
