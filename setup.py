@@ -128,9 +128,10 @@ if with_cuda:
 
 cpu_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
 cpu_sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-# cpu_backend.cpp, built without ISA flags, comes before the pointwise_avx*.cpp
-# units so that the linker keeps its copies of any inline function both emit.
-cpu_sources.sort(key=lambda p: ("pointwise_avx" in p, p))
+# cpu_backend.cpp, built without ISA flags, comes before the *_avx*.cpp units
+# (pointwise_avx2.cpp, int8_gemm_avx512.cpp, ...) so that the linker keeps
+# its copies of any inline function both emit.
+cpu_sources.sort(key=lambda p: ("_avx" in os.path.basename(p), p))
 
 define_macros = [
     ("RNNFAST_TORCH_VERSION", f'"{torch.__version__}"'),
