@@ -443,3 +443,25 @@ def test_torch_compile_fullgraph_inference():
     compiled = torch.compile(q, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(x)[0], q(x)[0], rtol=0, atol=0)
+
+
+# ---- the int8 benchmark -------------------------------------------------------
+
+def test_int8_benchmark_rows():
+    """The harness's int8 comparison on tiny cases: every implementation
+    timed on the same weights, ratios against torch.ao and float32, the
+    weights about 4x smaller."""
+    from rnnfast.bench.int8 import BASELINE, Int8Case, run_int8
+
+    cases = [Int8Case(3, 2, 32), Int8Case(1, 1, 32, 2, decode=True)]
+    rows = run_int8(cases, rounds=1, min_run_time=0.01, threads=1)
+    assert len(rows) == 2 * 5
+    for case in ("T=3 B=2 I=H=32", "T=1 B=1 I=H=32 L=2 decode"):
+        by = {r.impl: r for r in rows if r.case == case}
+        assert by[BASELINE].speedup_vs_torch_ao == 1.0
+        assert by["rnnfast.LSTM float32"].rel_error == 0.0
+        for name in ("rnnfast.quantized.LSTM int8", "rnnfast.quantized.LayerNormLSTM int8"):
+            assert by[name].median_ms > 0 and 0 < by[name].rel_error < 0.1
+        ratio = by["rnnfast.LSTM float32"].state_dict_bytes / by[
+            "rnnfast.quantized.LSTM int8"].state_dict_bytes
+        assert ratio > 2.5  # 4x for large layers; headers and biases weigh at 32
