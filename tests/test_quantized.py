@@ -234,7 +234,7 @@ def test_layer_norm_lstm_error_within_twice_the_lstm(steps):
     assert ln_err <= 2 * torch_err, (ln_err, torch_err)
 
 
-# ---- the portable kernels ------------------------------------------------------
+# ---- the AVX2 and portable kernels ------------------------------------------------------
 
 _PORTABLE_SCRIPT = r"""
 import sys, torch, rnnfast
@@ -247,10 +247,15 @@ torch.save({"outs": outs, "info": rnnfast.build_info()}, sys.argv[2])
 """
 
 
-def test_portable_kernels_match_the_fast_ones(tmp_path):
+@pytest.mark.parametrize("capability,kernels", [("default", "portable"), ("avx2", "AVX2")])
+def test_other_kernels_match_the_fast_ones(tmp_path, capability, kernels):
     """ATEN_CPU_CAPABILITY=default selects the portable kernels (what a CPU
-    without AVX-512 VNNI runs): same integers, so the same results up to
-    float32 rounding (and the rare activation whose rounding that flips)."""
+    without AVX2 runs), =avx2 the AVX2 ones (a CPU without AVX-512 VNNI):
+    same integers, so the same results up to float32 rounding (and the rare
+    activation whose rounding that flips)."""
+    if capability == "avx2" and torch.backends.cpu.get_cpu_capability() not in ("AVX2",
+                                                                                "AVX512"):
+        pytest.skip("this CPU has no AVX2")
     cases = [(Q.quantize_dynamic(rnnfast.LSTM(37, 48, 2, proj_size=20)), torch.randn(5, 7, 37)),
              (Q.quantize_dynamic(make_float("LayerNormLSTM", 24, 33)), torch.randn(1, 9, 24)),
              (Q.quantize_dynamic(rnnfast.LSTM(64, 64)), torch.randn(1, 70, 64))]
@@ -258,13 +263,13 @@ def test_portable_kernels_match_the_fast_ones(tmp_path):
     torch.save(cases, path)
     script = tmp_path / "portable.py"
     script.write_text(_PORTABLE_SCRIPT)
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="default",
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability,
                PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
     proc = subprocess.run([sys.executable, str(script), str(path), str(tmp_path / "out.pt")],
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = torch.load(tmp_path / "out.pt", weights_only=False)
-    assert result["info"]["cpu_int8_kernels"] == "portable"
+    assert result["info"]["cpu_int8_kernels"] == kernels
     with torch.inference_mode():
         for (model, x), (out, (h, c)) in zip(cases, result["outs"]):
             ref_out, (ref_h, ref_c) = model(x)
@@ -274,7 +279,7 @@ def test_portable_kernels_match_the_fast_ones(tmp_path):
 
 def test_build_info_names_the_int8_kernels():
     info = rnnfast.build_info()
-    assert info["cpu_int8_kernels"] in ("AVX512-VNNI", "portable")
+    assert info["cpu_int8_kernels"] in ("AVX512-VNNI", "AVX2", "portable")
     if os.environ.get("ATEN_CPU_CAPABILITY", "").lower() == "default":
         assert info["cpu_int8_kernels"] == "portable"
 

@@ -17,12 +17,21 @@
 namespace rnnfast::cpu::int8 {
 namespace {
 
-bool use_avx512_vnni() {
-  // ATEN_CPU_CAPABILITY=default (or avx2) selects the portable kernels, as
-  // it selects ATen's and rnnfast's float kernels of that level.
-  static const bool use = at::get_cpu_capability() == "AVX512" && avx512_vnni_supported();
-  return use;
+enum class Kernels { kAvx512Vnni, kAvx2, kPortable };
+
+Kernels kernels() {
+  // ATEN_CPU_CAPABILITY (default, avx2) caps the level, as it does for
+  // ATen's and rnnfast's float kernels.
+  static const Kernels chosen = [] {
+    const std::string cap = at::get_cpu_capability();
+    if (cap == "AVX512" && avx512_vnni_supported()) return Kernels::kAvx512Vnni;
+    if ((cap == "AVX512" || cap == "AVX2") && avx2_supported()) return Kernels::kAvx2;
+    return Kernels::kPortable;
+  }();
+  return chosen;
 }
+
+bool use_avx512_vnni() { return kernels() == Kernels::kAvx512Vnni; }
 
 const int32_t* column_sums(const int8_t* packed, int64_t n, int64_t kp) {
   return reinterpret_cast<const int32_t*>(packed + column_blocks(n) * kBlockCols * kp);
@@ -97,7 +106,11 @@ void quantize_rows_portable(int64_t m, int64_t k, const float* a, int64_t lda,
 }  // namespace
 
 const char* kernels_in_use() {
-  return use_avx512_vnni() ? "AVX512-VNNI" : "portable";
+  switch (kernels()) {
+    case Kernels::kAvx512Vnni: return "AVX512-VNNI";
+    case Kernels::kAvx2: return "AVX2";
+    default: return "portable";
+  }
 }
 
 void pack_weight(const int8_t* w, int64_t n, int64_t k, int8_t* packed) {
@@ -139,7 +152,9 @@ void gemm(int64_t m, int64_t n, int64_t k, const uint8_t* q, int64_t ldq,
           const float* a_scale, const int8_t* packed, const float* w_scale,
           const float* bias, float beta, float* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
-  const auto tile = use_avx512_vnni() ? &gemm_tile_avx512_vnni : &gemm_tile_portable;
+  const auto tile = kernels() == Kernels::kAvx512Vnni ? &gemm_tile_avx512_vnni
+                    : kernels() == Kernels::kAvx2     ? &gemm_tile_avx2
+                                                      : &gemm_tile_portable;
   // Tasks: chunks of up to kChunkRows rows x groups of 4 column blocks (64
   // columns), columns fastest, so a small batch (a time step) still splits
   // over its columns. A task of a few hundred thousand multiplies outweighs

@@ -18,7 +18,8 @@
 // The activations are stored as unsigned bytes a_q + 128, the form the x86
 // instruction vpdpbusd (u8 x s8 -> s32, AVX-512 VNNI) multiplies; the
 // offset's share, 128 * sum_k W_q[j, k], is subtracted with the column sums
-// stored in the packed weight. Every path computes the same integers.
+// stored in the packed weight (the AVX2 kernel takes them back to signed
+// bytes instead). Every path computes the same integers.
 //
 // Packed weight layout, for W_q [n, k] (row-major, n output rows): the n
 // outputs in blocks of kBlockCols = 16 (one 512-bit vector of int32 lanes),
@@ -69,7 +70,9 @@ void gemm(int64_t m, int64_t n, int64_t k, const uint8_t* q, int64_t ldq,
           const float* a_scale, const int8_t* packed, const float* w_scale,
           const float* bias, float beta, float* c, int64_t ldc);
 
-// Which kernels gemm and quantize_rows use: "AVX512-VNNI" or "portable".
+// Which kernels gemm uses: "AVX512-VNNI", "AVX2" or "portable" (by the CPU,
+// and ATEN_CPU_CAPABILITY as for ATen's kernels: "default" gives portable,
+// "avx2" at most AVX2).
 const char* kernels_in_use();
 
 // ---- Per-ISA kernels (int8_gemm_avx512.cpp), called by int8_gemm.cpp ----
@@ -84,5 +87,13 @@ void gemm_tile_avx512_vnni(int64_t m, int64_t n, int64_t k, int64_t block0,
                            float beta, float* c, int64_t ldc);
 void quantize_rows_avx512(int64_t m, int64_t k, const float* a, int64_t lda,
                           uint8_t* q, int64_t ldq, float* scale);
+// The same for AVX2 (int8_gemm_avx2.cpp); the rows are quantized by the
+// portable code.
+bool avx2_supported();
+void gemm_tile_avx2(int64_t m, int64_t n, int64_t k, int64_t block0,
+                    int64_t blocks, const uint8_t* q, int64_t ldq,
+                    const float* a_scale, const int8_t* packed,
+                    const float* w_scale, const float* bias, float beta,
+                    float* c, int64_t ldc);
 
 }  // namespace rnnfast::cpu::int8
