@@ -470,3 +470,9 @@ def test_int8_benchmark_rows():
         ratio = by["rnnfast.LSTM float32"].state_dict_bytes / by[
             "rnnfast.quantized.LSTM int8"].state_dict_bytes
         assert ratio > 2.5  # 4x for large layers; headers and biases weigh at 32
+
+
+def test_packing_refuses_a_depth_whose_sums_would_overflow():
+    rnnfast._quantized_ops.quantized_pack_weight(torch.ones(1, 65536, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match="at most 65536 inputs"):
+        rnnfast._quantized_ops.quantized_pack_weight(torch.ones(1, 65537, dtype=torch.int8))

@@ -10,7 +10,7 @@
 //     a_scale[b] = max_k |a[b, k]| / 127 (float32),
 //     a_q[b, k] = round_half_even(a[b, k] * (127 / max_k |a[b, k]|))
 //   C[b, j] = float(sum_k a_q[b, k] W_q[j, k]) * (a_scale[b] * w_scale[j])
-// with the sum exact in int32 (|sum| <= 127^2 K < 2^31 for K < 133,000).
+// with the sum exact in int32 (see kMaxDepth).
 //
 // A row of zeros has scale 0 (its products are 0); a row holding an infinity
 // or NaN has scale NaN, so its products are NaN as in float arithmetic.
@@ -37,6 +37,8 @@ namespace rnnfast::cpu::int8 {
 constexpr int64_t kBlockCols = 16;
 constexpr int64_t kGroupDepth = 4;
 constexpr int32_t kActivationOffset = 128;
+// The most inputs (k) whose int32 sum of (a_q + 128) * W_q cannot overflow.
+constexpr int64_t kMaxDepth = 65536;
 
 inline int64_t padded_depth(int64_t k) {
   return (k + kGroupDepth - 1) / kGroupDepth * kGroupDepth;

@@ -363,6 +363,9 @@ at::Tensor quantized_pack_weight(const at::Tensor& weight) {
               "rnnfast.quantized_pack_weight: expected a 2-D int8 CPU weight, got a ",
               weight.dim(), "-D ", weight.scalar_type(), " tensor on ", weight.device());
   const int64_t n = weight.size(0), k = weight.size(1);
+  // The int32 sums hold (q + 128) w, |.| <= 255 * 127 per input.
+  TORCH_CHECK(k <= q8::kMaxDepth, "rnnfast.quantized_pack_weight: at most ",
+              q8::kMaxDepth, " inputs per output (the int32 sums would overflow), got ", k);
   at::Tensor packed = at::empty({q8::packed_bytes(n, k)}, weight.options());
   q8::pack_weight(weight.contiguous().data_ptr<int8_t>(), n, k, packed.data_ptr<int8_t>());
   return packed;
