@@ -146,7 +146,7 @@ class _QuantizedRecurrent(_RecurrentBase):
         data = input.data if isinstance(input, PackedSequence) else input
         tensors = [data] + ([t for t in hx if isinstance(t, Tensor)]
                             if isinstance(hx, (tuple, list)) else [])
-        tensors += list(self.buffers())
+        tensors += list(self._buffers.values())  # a leaf module: its own buffers
         if any(isinstance(t, Tensor) and t.requires_grad for t in tensors):
             raise RuntimeError(
                 f"rnnfast.quantized.{type(self).__name__} is for inference only: its int8 "
