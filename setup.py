@@ -128,15 +128,21 @@ if with_cuda:
 
 cpu_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
 cpu_sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-# cpu_backend.cpp, built without ISA flags, comes before the pointwise_avx*.cpp
-# units so that the linker keeps its copies of any inline function both emit.
-cpu_sources.sort(key=lambda p: ("pointwise_avx" in p, p))
+# cpu_backend.cpp, built without ISA flags, comes before the *_avx*.cpp units
+# (pointwise_avx2.cpp, int8_gemm_avx512.cpp, ...) so that the linker keeps
+# its copies of any inline function both emit.
+cpu_sources.sort(key=lambda p: ("_avx" in os.path.basename(p), p))
 
 define_macros = [
     ("RNNFAST_TORCH_VERSION", f'"{torch.__version__}"'),
     ("RNNFAST_CUDA_ARCHS", f'"{cuda_archs}"'),
 ]
 cxx_flags = ["-O3", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas"]
+# at::parallel_for is a header template: without OpenMP in rnnfast's own
+# units (torch's libgomp, as torch's wheels use) it runs every loop on the
+# calling thread, whatever torch.set_num_threads says.
+omp_flags = ["-fopenmp"] if sys.platform.startswith("linux") else []
+cxx_flags += omp_flags
 include_dirs = [os.path.join(HERE, "csrc")]
 
 if with_cuda:
@@ -158,7 +164,7 @@ if with_cuda:
         include_dirs=include_dirs,
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-        extra_link_args=_cublas_link_args(cuda_home),
+        extra_link_args=_cublas_link_args(cuda_home) + omp_flags,
     )
 else:
     ext = CppExtension(
@@ -167,6 +173,7 @@ else:
         include_dirs=include_dirs,
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=omp_flags,
     )
 
 setup(

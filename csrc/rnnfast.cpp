@@ -110,6 +110,7 @@ PYBIND11_MODULE(_C, m) {
         info["torch_version"] = std::string(RNNFAST_TORCH_VERSION);
         info["cpu_kernels"] = std::string(rnnfast::cpu_kernels_in_use());
         info["cpu_gemm"] = std::string(rnnfast::cpu_gemm_in_use());
+        info["cpu_int8_kernels"] = std::string(rnnfast::cpu_int8_kernels_in_use());
         return info;
       },
       "How this rnnfast extension was built, and the CPU kernels in use.");

@@ -192,8 +192,8 @@ class Run:
     perplexity, training time (wall clock, and the process's CPU time: on a
     shared machine the latter is what the model cost) and cumulative
     training time (seconds); then
-    the test perplexity of the trained model, of the model reloaded with
-    torch.load, and, over the test chunks of full length, of PyTorch and of
+    the test perplexity of the trained model, of its int8-quantized copy
+    (rnnfast.quantize_dynamic), of the model reloaded with torch.load, and, over the test chunks of full length, of PyTorch and of
     the ONNX export in onnxruntime (NaN if a stage did not run)."""
 
     rnn: str
@@ -203,6 +203,7 @@ class Run:
     epoch_cpu_times: list[float] = field(default_factory=list)
     elapsed: list[float] = field(default_factory=list)
     test_ppl: float = math.nan
+    int8_test_ppl: float = math.nan
     reloaded_test_ppl: float = math.nan
     full_chunks_test_ppl: float = math.nan
     onnx_test_ppl: float = math.nan
@@ -282,8 +283,10 @@ def train(rnn: str, corpus: Corpus, cfg: Config, log: Callable[[str], None] = pr
         log(f"{run.name:>21} | epoch {epoch} | {seconds:6.1f} s "
             f"({run.epoch_cpu_times[-1]:6.1f} s CPU) | train ppl {run.train_ppl[-1]:6.3f} | "
             f"valid ppl {run.valid_ppl[-1]:6.3f}")
-    run.test_ppl = perplexity(torch_step(model), batchify(corpus.test, cfg.eval_batch_size),
-                              cfg.bptt)
+    test_data = batchify(corpus.test, cfg.eval_batch_size)
+    run.test_ppl = perplexity(torch_step(model), test_data, cfg.bptt)
+    run.int8_test_ppl = perplexity(torch_step(rnnfast.quantize_dynamic(model).eval()),
+                                   test_data, cfg.bptt)
     return model, run
 
 
@@ -385,7 +388,7 @@ def print_table(runs: Sequence[Run], cfg: Config) -> None:
     table = Table(title=f"Char LM, {cfg.chars} characters, {cfg.epochs} epoch(s), "
                         f"{cfg.layers}x{cfg.hidden} hidden, {torch.get_num_threads()} "
                         f"CPU thread(s)")
-    for col in ("rnn", "valid ppl", "test ppl", "reloaded test ppl",
+    for col in ("rnn", "valid ppl", "test ppl", "int8 test ppl", "reloaded test ppl",
                 "test ppl, full chunks", "ONNX (onnxruntime)", "time / epoch",
                 "CPU time / epoch"):
         if col == "rnn":
@@ -396,7 +399,7 @@ def print_table(runs: Sequence[Run], cfg: Config) -> None:
         return "-" if math.isnan(value) else f"{value:.{digits}f}"
 
     for r in runs:
-        table.add_row(r.name, fmt(r.valid_ppl[-1]), fmt(r.test_ppl),
+        table.add_row(r.name, fmt(r.valid_ppl[-1]), fmt(r.test_ppl), fmt(r.int8_test_ppl),
                       fmt(r.reloaded_test_ppl), fmt(r.full_chunks_test_ppl, 4),
                       fmt(r.onnx_test_ppl, 4) if not r.onnx_error else "export failed",
                       f"{r.time_per_epoch:.1f} s", f"{r.cpu_time_per_epoch:.1f} s")

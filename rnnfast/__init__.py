@@ -8,15 +8,19 @@ from . import functional, ops
 from ._C import build_info as _build_info
 from ._C import empty_cache as _empty_cache
 from .modules import LSTM, LayerNormLSTM
+from . import quantized  # noqa: E402  (after modules: it builds on them)
+from .quantized import quantize_dynamic
 
 __version__ = "0.1.0"
-__all__ = ["LSTM", "LayerNormLSTM", "functional", "ops", "build_info", "empty_cache",
-           "__version__"]
+__all__ = ["LSTM", "LayerNormLSTM", "functional", "ops", "quantized", "quantize_dynamic",
+           "build_info", "empty_cache", "__version__"]
 
 
 def build_info() -> dict:
     """How the extension was built: ``with_cuda``, ``cuda_archs``,
-    ``torch_version`` (built against), and the CPU kernels and GEMM in use."""
+    ``torch_version`` (built against), and the CPU kernels and GEMM in use
+    (``cpu_int8_kernels``: ``"AVX512-VNNI"``, ``"AVX2"`` or ``"portable"``, those of
+    :mod:`rnnfast.quantized`)."""
     info = dict(_build_info())
     info["rnnfast_version"] = __version__
     return info

@@ -42,6 +42,8 @@ def test_digits_short_run_accuracy(tmp_path, capsys):
         assert len(r.losses) == len(r.accuracies) == len(r.epoch_times) == 10
         assert r.accuracy >= 0.90, f"{r.name}: test accuracy {r.accuracy:.3f}"
         assert r.losses[-1] < r.losses[0] / 5, f"{r.name}: loss {r.losses}"
+        # the trained model quantized to int8 (rnnfast.quantize_dynamic)
+        assert abs(r.int8_accuracy - r.accuracy) <= 0.005, (r.name, r.int8_accuracy, r.accuracy)
     printed = capsys.readouterr().out
     assert "rnnfast.LayerNormLSTM" in printed and "%" in printed
     with open(out, "rb") as f:
@@ -116,6 +118,8 @@ def test_language_model_learns_and_reloads(language_model_runs, rnn):
     assert run.valid_ppl[1] < run.valid_ppl[0] < vocab, run.valid_ppl
     assert run.train_ppl[1] < run.train_ppl[0], run.train_ppl
     assert run.test_ppl < vocab / 2
+    # the trained model quantized to int8 (rnnfast.quantize_dynamic)
+    assert abs(run.int8_test_ppl / run.test_ppl - 1) <= 0.02, (run.int8_test_ppl, run.test_ppl)
     # torch.save / torch.load (weights_only=True) gives back the same model
     assert run.reloaded_test_ppl == run.test_ppl
     assert f"{run.name:>21} | epoch 2 |" in printed

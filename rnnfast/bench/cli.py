@@ -26,7 +26,7 @@ from .cases import DTYPES, MODES, PRESET_SETTINGS, PRESETS, default_devices, exp
 
 __all__ = ["main", "parser"]
 
-_COMMANDS = ("run", "compare", "report")
+_COMMANDS = ("run", "compare", "report", "int8")
 _RESULTS_ROOT = Path("benchmarks") / "results"
 
 
@@ -53,7 +53,7 @@ def parser() -> argparse.ArgumentParser:
                     "plain-PyTorch references, peers and the GEMM floor. "
                     "'run' is the default command.",
         epilog="'rnnfast-bench run --help' lists the axes, presets and timing options.")
-    commands = top.add_subparsers(dest="command", metavar="{run,compare,report}")
+    commands = top.add_subparsers(dest="command", metavar="{run,compare,report,int8}")
 
     run = commands.add_parser(
         "run", help="run a benchmark (the default command)",
@@ -127,6 +127,19 @@ def parser() -> argparse.ArgumentParser:
     cmp.add_argument("--only-changes", action="store_true",
                      help="list only regressions and improvements")
 
+    int8 = commands.add_parser(
+        "int8", help="int8 inference: rnnfast.quantized against torch.ao's quantized LSTM",
+        description="rnnfast's int8 LSTM and LayerNorm-LSTM against torch.ao's "
+                    "dynamic-quantized nn.LSTM and rnnfast's float32 inference, on the "
+                    "same weights (CPU; T=100 B=64 I=H=512 2 layers, T=200 B=4 I=H=256, "
+                    "decode B=1 I=H=512 2 layers), interleaved over rounds.")
+    int8.add_argument("--rounds", type=_positive_int, default=3)
+    int8.add_argument("--min-run-time", type=float, default=0.5, metavar="S",
+                      help="seconds of measurement per implementation and round")
+    int8.add_argument("--threads", type=_positive_int, default=2, metavar="N",
+                      help="torch.set_num_threads (default 2)")
+    int8.add_argument("--out", type=Path, metavar="DIR", help="write int8.json here")
+
     rep = commands.add_parser("report", help="regenerate benchmarks/README.md",
                               description="Regenerates the README with the tables and plot "
                                           "links of committed results.")
@@ -161,7 +174,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _compare(args)
     if args.command == "report":
         return _report(args)
+    if args.command == "int8":
+        return _int8(args)
     return _run(args)
+
+
+def _int8(args: argparse.Namespace) -> int:
+    import json
+
+    from .int8 import as_records, environment, print_int8, run_int8
+
+    console = _console()
+    env = environment()
+    start = time.perf_counter()
+    rows = run_int8(rounds=args.rounds, min_run_time=args.min_run_time, threads=args.threads,
+                    progress=lambda what: console.print(f"[dim]{what}[/dim]"))
+    env["threads"] = args.threads
+    print_int8(rows, title=f"int8 inference on {env['cpu']}, {args.threads} threads, "
+                           f"load average before the run {env['load_average']}")
+    console.print(f"{time.perf_counter() - start:.0f} s")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "int8.json").write_text(json.dumps(
+            dict(environment=env, rows=as_records(rows),
+                 settings=dict(rounds=args.rounds, min_run_time=args.min_run_time)), indent=1))
+    return 0
 
 
 # ---------------------------------------------------------------------------

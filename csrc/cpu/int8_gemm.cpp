@@ -1,0 +1,179 @@
+// Packing, the portable kernels and the threading of int8_gemm.h. The
+// portable kernels are plain C++ (any CPU); they compute the same integer
+// products as the AVX-512 VNNI ones, and the same float rounding of each
+// step (up to the contraction of a multiply and an add into one FMA).
+#include "int8_gemm.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <string>
+
+namespace rnnfast::cpu::int8 {
+namespace {
+
+enum class Kernels { kAvx512Vnni, kAvx2, kPortable };
+
+Kernels kernels() {
+  // ATEN_CPU_CAPABILITY (default, avx2) caps the level, as it does for
+  // ATen's and rnnfast's float kernels.
+  static const Kernels chosen = [] {
+    const std::string cap = at::get_cpu_capability();
+    if (cap == "AVX512" && avx512_vnni_supported()) return Kernels::kAvx512Vnni;
+    if ((cap == "AVX512" || cap == "AVX2") && avx2_supported()) return Kernels::kAvx2;
+    return Kernels::kPortable;
+  }();
+  return chosen;
+}
+
+bool use_avx512_vnni() { return kernels() == Kernels::kAvx512Vnni; }
+
+const int32_t* column_sums(const int8_t* packed, int64_t n, int64_t kp) {
+  return reinterpret_cast<const int32_t*>(packed + column_blocks(n) * kBlockCols * kp);
+}
+
+void gemm_tile_portable(int64_t m, int64_t n, int64_t k, int64_t block0,
+                        int64_t blocks, const uint8_t* q, int64_t ldq,
+                        const float* a_scale, const int8_t* packed,
+                        const float* w_scale, const float* bias, float beta,
+                        float* c, int64_t ldc) {
+  const int64_t kp = padded_depth(k);
+  const int32_t* sums = column_sums(packed, n, kp);
+  int32_t acc[kBlockCols];
+  for (int64_t b = block0; b < block0 + blocks; ++b) {
+    const int8_t* w = packed + b * kBlockCols * kp;
+    const int64_t cols = std::min<int64_t>(kBlockCols, n - b * kBlockCols);
+    for (int64_t r = 0; r < m; ++r) {
+      const uint8_t* a = q + r * ldq;
+      std::fill(acc, acc + kBlockCols, 0);
+      for (int64_t g = 0; g < kp / kGroupDepth; ++g) {
+        const int8_t* wg = w + g * kBlockCols * kGroupDepth;
+        const uint8_t* ag = a + g * kGroupDepth;
+        for (int64_t col = 0; col < kBlockCols; ++col) {
+          int32_t s = 0;
+          for (int64_t d = 0; d < kGroupDepth; ++d) {
+            s += int32_t(ag[d]) * int32_t(wg[col * kGroupDepth + d]);
+          }
+          acc[col] += s;
+        }
+      }
+      for (int64_t col = 0; col < cols; ++col) {
+        const int64_t j = b * kBlockCols + col;
+        const float s = a_scale[r] * w_scale[j];
+        float v = float(acc[col] - kActivationOffset * sums[j]) * s;
+        if (bias) v = v + bias[j];
+        float* out = c + r * ldc + j;
+        if (beta != 0.0f) v = *out + v;
+        *out = v;
+      }
+    }
+  }
+}
+
+void quantize_rows_portable(int64_t m, int64_t k, const float* a, int64_t lda,
+                            uint8_t* q, int64_t ldq, float* scale) {
+  const int64_t kp = padded_depth(k);
+  for (int64_t r = 0; r < m; ++r) {
+    const float* x = a + r * lda;
+    uint8_t* out = q + r * ldq;
+    float absmax = 0.0f;
+    bool finite = true;
+    for (int64_t j = 0; j < k; ++j) {
+      finite = finite && std::isfinite(x[j]);
+      absmax = std::max(absmax, std::fabs(x[j]));
+    }
+    if (!finite) {
+      scale[r] = std::numeric_limits<float>::quiet_NaN();
+      std::memset(out, kActivationOffset, kp);
+      continue;
+    }
+    scale[r] = absmax / 127.0f;
+    const float inv = absmax > 0.0f ? 127.0f / absmax : 0.0f;
+    for (int64_t j = 0; j < k; ++j) {
+      // Round half to even, as the vector conversion in the default mode.
+      const long v = std::lrint(x[j] * inv);
+      out[j] = static_cast<uint8_t>(std::clamp<long>(v, -127, 127) + kActivationOffset);
+    }
+    for (int64_t j = k; j < kp; ++j) out[j] = kActivationOffset;
+  }
+}
+
+}  // namespace
+
+const char* kernels_in_use() {
+  switch (kernels()) {
+    case Kernels::kAvx512Vnni: return "AVX512-VNNI";
+    case Kernels::kAvx2: return "AVX2";
+    default: return "portable";
+  }
+}
+
+void pack_weight(const int8_t* w, int64_t n, int64_t k, int8_t* packed) {
+  const int64_t kp = padded_depth(k);
+  const int64_t blocks = column_blocks(n);
+  std::memset(packed, 0, packed_bytes(n, k));
+  int32_t* sums = reinterpret_cast<int32_t*>(packed + blocks * kBlockCols * kp);
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t b = j / kBlockCols, col = j % kBlockCols;
+    int32_t sum = 0;
+    for (int64_t i = 0; i < k; ++i) {
+      const int64_t g = i / kGroupDepth, d = i % kGroupDepth;
+      packed[b * kBlockCols * kp + g * kBlockCols * kGroupDepth + col * kGroupDepth + d] =
+          w[j * k + i];
+      sum += w[j * k + i];
+    }
+    sums[j] = sum;
+  }
+}
+
+void quantize_rows(int64_t m, int64_t k, const float* a, int64_t lda,
+                   uint8_t* q, int64_t ldq, float* scale) {
+  if (use_avx512_vnni()) {
+    quantize_rows_avx512(m, k, a, lda, q, ldq, scale);
+  } else {
+    quantize_rows_portable(m, k, a, lda, q, ldq, scale);
+  }
+}
+
+void quantize_rows_parallel(int64_t m, int64_t k, const float* a, int64_t lda,
+                            uint8_t* q, int64_t ldq, float* scale) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, k));
+  at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
+    quantize_rows(end - begin, k, a + begin * lda, lda, q + begin * ldq, ldq, scale + begin);
+  });
+}
+
+void gemm(int64_t m, int64_t n, int64_t k, const uint8_t* q, int64_t ldq,
+          const float* a_scale, const int8_t* packed, const float* w_scale,
+          const float* bias, float beta, float* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  const auto tile = kernels() == Kernels::kAvx512Vnni ? &gemm_tile_avx512_vnni
+                    : kernels() == Kernels::kAvx2     ? &gemm_tile_avx2
+                                                      : &gemm_tile_portable;
+  // Tasks: chunks of up to kChunkRows rows x groups of 4 column blocks (64
+  // columns), columns fastest, so a small batch (a time step) still splits
+  // over its columns. A task of a few hundred thousand multiplies outweighs
+  // handing it to a thread.
+  constexpr int64_t kChunkRows = 96, kGroupBlocks = 4;
+  const int64_t blocks = column_blocks(n);
+  const int64_t col_groups = (blocks + kGroupBlocks - 1) / kGroupBlocks;
+  const int64_t row_chunks = (m + kChunkRows - 1) / kChunkRows;
+  const int64_t task_macs = std::min(m, kChunkRows) * kGroupBlocks * kBlockCols * k;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, task_macs));
+  at::parallel_for(0, row_chunks * col_groups, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t rc = i / col_groups, cg = i % col_groups;
+      const int64_t r0 = rc * kChunkRows, rows = std::min(kChunkRows, m - r0);
+      const int64_t b0 = cg * kGroupBlocks, nb = std::min(kGroupBlocks, blocks - b0);
+      tile(rows, n, k, b0, nb, q + r0 * ldq, ldq, a_scale + r0, packed, w_scale,
+           bias, beta, c + r0 * ldc, ldc);
+    }
+  });
+}
+
+}  // namespace rnnfast::cpu::int8

@@ -1,0 +1,101 @@
+// Int8 products of the quantized (inference-only) LSTM and LayerNorm-LSTM:
+// dynamic per-row quantization of float activations and the product of the
+// quantized rows with a prepacked int8 weight, dequantized to float.
+//
+// Quantization (symmetric; both as rnnfast.quantized and the test reference,
+// tests/test_quantized.py, do it):
+//   weight row j (an output row, one of the 4H gate rows):
+//     w_scale[j] = max_k |W[j, k]| / 127, W_q[j, k] = round(W[j, k] / w_scale[j])
+//   activation row b (a row of x_t, h_{t-1} or r_t, at each use):
+//     a_scale[b] = max_k |a[b, k]| / 127 (float32),
+//     a_q[b, k] = round_half_even(a[b, k] * (127 / max_k |a[b, k]|))
+//   C[b, j] = float(sum_k a_q[b, k] W_q[j, k]) * (a_scale[b] * w_scale[j])
+// with the sum exact in int32 (see kMaxDepth).
+//
+// A row of zeros has scale 0 (its products are 0); a row holding an infinity
+// or NaN has scale NaN, so its products are NaN as in float arithmetic.
+//
+// The activations are stored as unsigned bytes a_q + 128, the form the x86
+// instruction vpdpbusd (u8 x s8 -> s32, AVX-512 VNNI) multiplies; the
+// offset's share, 128 * sum_k W_q[j, k], is subtracted with the column sums
+// stored in the packed weight (the AVX2 kernel takes them back to signed
+// bytes instead). Every path computes the same integers.
+//
+// Packed weight layout, for W_q [n, k] (row-major, n output rows): the n
+// outputs in blocks of kBlockCols = 16 (one 512-bit vector of int32 lanes),
+// k in groups of kGroupDepth = 4 (the 4 bytes one int32 lane of vpdpbusd
+// sums), zero padded to whole blocks and groups:
+//   byte (block b, group g, column c, depth d) at
+//     b * 16 * Kp + g * 64 + c * 4 + d          (Kp = k rounded up to 4)
+// followed by the int32 column sums sum_k W_q[j, k] of the padded columns.
+#pragma once
+
+#include <cstdint>
+
+namespace rnnfast::cpu::int8 {
+
+constexpr int64_t kBlockCols = 16;
+constexpr int64_t kGroupDepth = 4;
+constexpr int32_t kActivationOffset = 128;
+// The most inputs (k) whose int32 sum of (a_q + 128) * W_q cannot overflow.
+constexpr int64_t kMaxDepth = 65536;
+
+inline int64_t padded_depth(int64_t k) {
+  return (k + kGroupDepth - 1) / kGroupDepth * kGroupDepth;
+}
+inline int64_t column_blocks(int64_t n) {
+  return (n + kBlockCols - 1) / kBlockCols;
+}
+// Bytes of the packed form of an [n, k] weight, column sums included.
+inline int64_t packed_bytes(int64_t n, int64_t k) {
+  const int64_t cols = column_blocks(n) * kBlockCols;
+  return cols * padded_depth(k) + cols * int64_t(sizeof(int32_t));
+}
+
+// packed [packed_bytes(n, k)] from w [n, k] row-major int8.
+void pack_weight(const int8_t* w, int64_t n, int64_t k, int8_t* packed);
+
+// Quantizes rows [0, m) of a [m, k] (row stride lda) into q [m, Kp] (row
+// stride ldq >= Kp, bytes a_q + 128, padding 128) and scale [m]. Runs on
+// the calling thread.
+void quantize_rows(int64_t m, int64_t k, const float* a, int64_t lda,
+                   uint8_t* q, int64_t ldq, float* scale);
+// The same, the rows split over threads (for the hoisted input product).
+void quantize_rows_parallel(int64_t m, int64_t k, const float* a, int64_t lda,
+                            uint8_t* q, int64_t ldq, float* scale);
+
+// C[m, n] = beta C + dequantized(A_q W_q^T) + bias, row-major, where A_q
+// [m, k] is q (row stride ldq) with scales a_scale [m], W_q is packed (see
+// above) with scales w_scale [n], bias [n] or null, beta 0 or 1 (C is not
+// read when 0). Threads over blocks of rows and columns.
+void gemm(int64_t m, int64_t n, int64_t k, const uint8_t* q, int64_t ldq,
+          const float* a_scale, const int8_t* packed, const float* w_scale,
+          const float* bias, float beta, float* c, int64_t ldc);
+
+// Which kernels gemm uses: "AVX512-VNNI", "AVX2" or "portable" (by the CPU,
+// and ATEN_CPU_CAPABILITY as for ATen's kernels: "default" gives portable,
+// "avx2" at most AVX2).
+const char* kernels_in_use();
+
+// ---- Per-ISA kernels (int8_gemm_avx512.cpp), called by int8_gemm.cpp ----
+// Whether this CPU runs the AVX-512 VNNI kernels.
+bool avx512_vnni_supported();
+// The tile of C: rows [0, m) x column blocks [block0, block0 + blocks) of a
+// product as gemm's (q, a_scale, c already offset to the tile's first row).
+void gemm_tile_avx512_vnni(int64_t m, int64_t n, int64_t k, int64_t block0,
+                           int64_t blocks, const uint8_t* q, int64_t ldq,
+                           const float* a_scale, const int8_t* packed,
+                           const float* w_scale, const float* bias,
+                           float beta, float* c, int64_t ldc);
+void quantize_rows_avx512(int64_t m, int64_t k, const float* a, int64_t lda,
+                          uint8_t* q, int64_t ldq, float* scale);
+// The same for AVX2 (int8_gemm_avx2.cpp); the rows are quantized by the
+// portable code.
+bool avx2_supported();
+void gemm_tile_avx2(int64_t m, int64_t n, int64_t k, int64_t block0,
+                    int64_t blocks, const uint8_t* q, int64_t ldq,
+                    const float* a_scale, const int8_t* packed,
+                    const float* w_scale, const float* bias, float beta,
+                    float* c, int64_t ldc);
+
+}  // namespace rnnfast::cpu::int8

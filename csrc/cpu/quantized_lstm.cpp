@@ -1,0 +1,388 @@
+// The int8 (dynamic-quantized, inference-only) LSTM and LayerNorm-LSTM ops on
+// the CPU: schemas, checks and their time loops.
+//
+// Each layer runs as the float inference path does (lstm_driver.h,
+// layer_norm_lstm_driver.h): the input product for every step hoisted before
+// the loop, then per step the recurrent product and the float step kernel of
+// the cell (cpu/step_kernels.h, the cell math of lstm_cell.h and
+// layer_norm_lstm_cell.h). Only the products differ: int8 ones (int8_gemm.h)
+// whose activations are quantized per row at each use, dequantized into the
+// float gates. The loops are written here, not as a Backend of the float
+// drivers, because those read the weights as tensors of the activations'
+// type (a float StepWeight, at::addmm for the input product); they reuse the
+// drivers' helpers for reading h_{t-1} in place and gathering h_n.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "../arg_checks.h"
+#include "../lstm_driver.h"
+#include "activation_cache.h"
+#include "int8_gemm.h"
+#include "kernel_table.h"
+
+TORCH_LIBRARY_FRAGMENT(rnnfast, m) {
+  // The packed form of an int8 weight [n, k] (rows: outputs) for the
+  // quantized ops: a 1-D int8 tensor of opaque layout (cpu/int8_gemm.h)
+  // holding the weight and its column sums.
+  m.def("quantized_pack_weight(Tensor weight) -> Tensor");
+  // One int8 LSTM layer in one direction over a whole time-major sequence,
+  // inference only. input [T, B, I] or packed rows [N, I] with batch_sizes,
+  // float32; hx [B, P], cx [B, H]; packed_* from quantized_pack_weight of
+  // the int8 weight_ih [4H, I], weight_hh [4H, P], weight_hr [P, H], each
+  // with its per-row float32 scale_* ([4H], [4H], [P]); float32 biases [4H].
+  // Returns output ([T, B, P] or [N, P]), hy [B, P], cy [B, H].
+  m.def(
+      "quantized_lstm_forward(Tensor input, Tensor hx, Tensor cx, "
+      "Tensor packed_ih, Tensor scale_ih, Tensor packed_hh, Tensor scale_hh, "
+      "Tensor? bias_ih, Tensor? bias_hh, Tensor? packed_hr, Tensor? scale_hr, "
+      "Tensor? batch_sizes, bool reverse) -> "
+      "(Tensor output, Tensor hy, Tensor cy)");
+  // One int8 LayerNorm-LSTM layer (the cell of layer_norm_lstm_forward),
+  // inference only; weights as quantized_lstm_forward's (P = H), LayerNorm
+  // parameters float32 as layer_norm_lstm_forward's.
+  m.def(
+      "quantized_layer_norm_lstm_forward(Tensor input, Tensor hx, Tensor cx, "
+      "Tensor packed_ih, Tensor scale_ih, Tensor packed_hh, Tensor scale_hh, "
+      "Tensor? bias_ih, Tensor? bias_hh, Tensor ln_ih_weight, "
+      "Tensor ln_ih_bias, Tensor ln_hh_weight, Tensor ln_hh_bias, "
+      "Tensor ln_cell_weight, Tensor ln_cell_bias, Tensor? batch_sizes, "
+      "bool reverse, float eps) -> (Tensor output, Tensor hy, Tensor cy)");
+}
+
+namespace rnnfast::cpu {
+namespace {
+
+namespace q8 = int8;
+
+// A prepacked int8 weight [n, k] and its per-row scales, multiplied at every
+// step by float rows that it quantizes first (the interface of
+// multiply_previous_hidden in lstm_driver.h).
+class QuantizedStepWeight {
+ public:
+  QuantizedStepWeight(int64_t max_m, int64_t n, int64_t k, const int8_t* packed,
+                      const float* scale)
+      : n_(n), k_(k), kp_(q8::padded_depth(k)), packed_(packed), scale_(scale),
+        rows_(max_m * kp_), row_scale_(max_m) {}
+
+  // C[m, n] = dequantized(quantized(A[m, k]) W^T) + beta C
+  void multiply(int64_t m, const float* a, int64_t lda, float beta, float* c,
+                int64_t ldc) const {
+    q8::quantize_rows(m, k_, a, lda, rows_.data(), kp_, row_scale_.data());
+    q8::gemm(m, n_, k_, rows_.data(), kp_, row_scale_.data(), packed_, scale_,
+             nullptr, beta, c, ldc);
+  }
+
+ private:
+  int64_t n_, k_, kp_;
+  const int8_t* packed_;
+  const float* scale_;
+  mutable std::vector<uint8_t> rows_;   // [max_m, Kp] quantized rows
+  mutable std::vector<float> row_scale_;  // [max_m]
+};
+
+// out [N, n] = dequantized(quantized(x) W^T) + bias: the hoisted input
+// product of every step.
+void quantized_input_projection(at::Tensor& out, const at::Tensor& x,
+                                const at::Tensor& packed, const at::Tensor& scale,
+                                const at::Tensor& bias) {
+  const int64_t rows = x.size(0), k = x.size(1), n = out.size(1);
+  const int64_t kp = q8::padded_depth(k);
+  at::Tensor qx = at::empty({rows, kp}, x.options().dtype(at::kByte));
+  at::Tensor qs = at::empty({rows}, x.options());
+  q8::quantize_rows_parallel(rows, k, x.data_ptr<float>(), k, qx.data_ptr<uint8_t>(),
+                             kp, qs.data_ptr<float>());
+  q8::gemm(rows, n, k, qx.data_ptr<uint8_t>(), kp, qs.data_ptr<float>(),
+           packed.data_ptr<int8_t>(), scale.data_ptr<float>(),
+           bias.defined() ? bias.data_ptr<float>() : nullptr, 0.0f,
+           out.data_ptr<float>(), n);
+}
+
+struct RowCopier {  // the Backend::copy that copy_final_hidden needs
+  static void copy(float* dst, const float* src, int64_t count) {
+    std::memcpy(dst, src, sizeof(float) * count);
+  }
+};
+
+void check_float(const char* op, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name,
+              " must be a CPU tensor (the int8 kernels run on the CPU), got ",
+              t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name,
+              " must be float32, got ", t.scalar_type());
+}
+
+void check_size(const char* op, const at::Tensor& t, const char* name,
+                at::IntArrayRef expected) {
+  TORCH_CHECK(t.sizes() == expected, op, ": expected ", name, " of size ",
+              expected, ", got ", t.sizes());
+}
+
+// Checks a packed weight of n outputs and depth k and its scale [n].
+void check_packed(const char* op, const at::Tensor& packed, const char* name,
+                  const at::Tensor& scale, const char* scale_name, int64_t n,
+                  int64_t k) {
+  check_float(op, scale, scale_name);
+  check_size(op, scale, scale_name, {n});
+  TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kChar &&
+                  packed.dim() == 1 && packed.numel() == q8::packed_bytes(n, k),
+              op, ": ", name, " must be the packed int8 CPU weight of ", n,
+              " outputs and ", k, " inputs (", q8::packed_bytes(n, k),
+              " bytes, from quantized_pack_weight), got a ", packed.scalar_type(),
+              " tensor of size ", packed.sizes(), " on ", packed.device());
+}
+
+struct QuantizedSizes {
+  LstmSizes s;
+  SequenceLayout l;
+};
+
+QuantizedSizes check_common(const char* op, const at::Tensor& input,
+                            const at::Tensor& hx, const at::Tensor& cx,
+                            const at::Tensor& packed_ih, const at::Tensor& scale_ih,
+                            const at::Tensor& packed_hh, const at::Tensor& scale_hh,
+                            const c10::optional<at::Tensor>& bias_ih,
+                            const c10::optional<at::Tensor>& bias_hh,
+                            const c10::optional<at::Tensor>& scale_hr,
+                            const c10::optional<at::Tensor>& batch_sizes,
+                            bool reverse) {
+  check_float(op, input, "input");
+  const bool packed = batch_sizes.has_value();
+  TORCH_CHECK(input.dim() == (packed ? 2 : 3), op, ": expected ",
+              packed ? "packed input of 2 dimensions [N, input_size]"
+                     : "input of 3 dimensions [T, B, input_size]",
+              ", got ", input.dim(), " dimensions");
+  TORCH_CHECK(!packed || (batch_sizes->device().is_cpu() &&
+                          batch_sizes->scalar_type() == at::kLong &&
+                          batch_sizes->dim() == 1),
+              op, ": batch_sizes must be a 1-D int64 CPU tensor");
+  TORCH_CHECK(scale_ih.dim() == 1 && scale_ih.numel() % 4 == 0 && scale_ih.numel() > 0,
+              op, ": scale_ih must have 4 * hidden_size entries, got size ",
+              scale_ih.sizes());
+  QuantizedSizes r;
+  r.s.input = input.size(-1);
+  r.s.hidden = scale_ih.numel() / 4;
+  r.s.output = scale_hr.has_value() ? scale_hr->numel() : r.s.hidden;
+  const int64_t G = 4 * r.s.hidden;
+  check_packed(op, packed_ih, "packed_ih", scale_ih, "scale_ih", G, r.s.input);
+  check_packed(op, packed_hh, "packed_hh", scale_hh, "scale_hh", G, r.s.output);
+  TORCH_CHECK(bias_ih.has_value() == bias_hh.has_value(), op,
+              ": bias_ih and bias_hh must both be given or both be None");
+  if (bias_ih.has_value()) {
+    check_float(op, *bias_ih, "bias_ih");
+    check_size(op, *bias_ih, "bias_ih", {G});
+    check_float(op, *bias_hh, "bias_hh");
+    check_size(op, *bias_hh, "bias_hh", {G});
+  }
+  if (packed) {
+    const auto bs = batch_sizes->contiguous();
+    const int64_t* b = bs.data_ptr<int64_t>();
+    int64_t total = 0;
+    for (int64_t t = 0; t < bs.numel(); ++t) {
+      TORCH_CHECK(b[t] > 0 && (t == 0 || b[t] <= b[t - 1]), op,
+                  ": batch_sizes must be positive and non-increasing");
+      total += b[t];
+    }
+    TORCH_CHECK(total == input.size(0), op, ": batch_sizes sum to ", total,
+                " but input has ", input.size(0), " rows");
+  }
+  r.l = make_layout(input, batch_sizes, reverse);
+  check_float(op, hx, "hx");
+  check_size(op, hx, "hx", {r.l.batch, r.s.output});
+  check_float(op, cx, "cx");
+  check_size(op, cx, "cx", {r.l.batch, r.s.hidden});
+  return r;
+}
+
+at::Tensor sum_of(const c10::optional<at::Tensor>& a,
+                  const c10::optional<at::Tensor>& b) {
+  return a.has_value() ? (*a + *b).contiguous() : at::Tensor();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantized_lstm_forward(
+    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
+    const at::Tensor& packed_ih, const at::Tensor& scale_ih,
+    const at::Tensor& packed_hh, const at::Tensor& scale_hh,
+    const c10::optional<at::Tensor>& bias_ih,
+    const c10::optional<at::Tensor>& bias_hh,
+    const c10::optional<at::Tensor>& packed_hr,
+    const c10::optional<at::Tensor>& scale_hr,
+    const c10::optional<at::Tensor>& batch_sizes, bool reverse) {
+  constexpr const char* op = "rnnfast.quantized_lstm_forward";
+  TORCH_CHECK(packed_hr.has_value() == scale_hr.has_value(), op,
+              ": packed_hr and scale_hr must both be given or both be None");
+  const QuantizedSizes qs =
+      check_common(op, input, hx, cx, packed_ih, scale_ih, packed_hh, scale_hh,
+                   bias_ih, bias_hh, scale_hr, batch_sizes, reverse);
+  const LstmSizes& s = qs.s;
+  const SequenceLayout& l = qs.l;
+  const int64_t H = s.hidden, P = s.output, G = 4 * H;
+  if (s.has_projection()) {
+    TORCH_CHECK(P < H, op, ": the projection must be smaller than the hidden size");
+    check_packed(op, *packed_hr, "packed_hr", *scale_hr, "scale_hr", P, H);
+  }
+  const auto opts = input.options();
+  if (l.rows == 0) {
+    return {at::empty(output_shape(input, P), opts), hx.clone(at::MemoryFormat::Contiguous),
+            cx.clone(at::MemoryFormat::Contiguous)};
+  }
+  const at::Tensor x = input.contiguous().view({l.rows, s.input});
+  const at::Tensor w_ih = packed_ih.contiguous(), s_ih = scale_ih.contiguous(),
+                   w_hh = packed_hh.contiguous(), s_hh = scale_hh.contiguous();
+  at::Tensor w_hr, s_hr;
+  if (s.has_projection()) {
+    w_hr = packed_hr->contiguous();
+    s_hr = scale_hr->contiguous();
+  }
+  at::Tensor gates = empty_activation({l.rows, G}, opts);
+  quantized_input_projection(gates, x, w_ih, s_ih, sum_of(bias_ih, bias_hh));
+  at::Tensor output = at::empty({l.rows, P}, opts);
+  at::Tensor c_state = cx.contiguous().clone();
+  const at::Tensor h0 = hx.contiguous();
+  at::Tensor r_buf;
+  if (s.has_projection()) r_buf = at::empty({l.batch, H}, opts);
+
+  const QuantizedStepWeight whh(l.batch, G, P, w_hh.data_ptr<int8_t>(),
+                                s_hh.data_ptr<float>());
+  std::unique_ptr<QuantizedStepWeight> whr;
+  if (s.has_projection()) {
+    whr = std::make_unique<QuantizedStepWeight>(l.batch, P, H, w_hr.data_ptr<int8_t>(),
+                                                s_hr.data_ptr<float>());
+  }
+  float* g = gates.data_ptr<float>();
+  float* out = output.data_ptr<float>();
+  const auto& step_kernel = kernels<float>().forward_step[false][false];
+  for (int64_t step = 0; step < l.steps; ++step) {
+    const int64_t t = l.step_at(step);
+    const int64_t rows = l.batch_sizes[t];
+    const int64_t off = l.offsets[t];
+    // gates[t] += h_{t-1} W_hh^T, h_{t-1} quantized where it lies
+    multiply_previous_hidden(l, t, whh, out, h0.data_ptr<float>(), P, 1.0f,
+                             g + off * G, G);
+    ForwardStepParams<float> p;
+    p.rows = rows;
+    p.hidden = H;
+    p.gates = g + off * G;
+    p.cell_state = c_state.data_ptr<float>();
+    p.hidden_out = s.has_projection() ? r_buf.data_ptr<float>() : out + off * P;
+    step_kernel(p);
+    // h_t = r_t W_hr^T
+    if (s.has_projection()) whr->multiply(rows, p.hidden_out, H, 0.0f, out + off * P, P);
+  }
+  at::Tensor hy = at::empty({l.batch, P}, opts);
+  copy_final_hidden<RowCopier>(l, out, P, hy.data_ptr<float>());
+  return {at::_unsafe_view(output, output_shape(input, P)), hy, c_state};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantized_layer_norm_lstm_forward(
+    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
+    const at::Tensor& packed_ih, const at::Tensor& scale_ih,
+    const at::Tensor& packed_hh, const at::Tensor& scale_hh,
+    const c10::optional<at::Tensor>& bias_ih,
+    const c10::optional<at::Tensor>& bias_hh, const at::Tensor& ln_ih_weight,
+    const at::Tensor& ln_ih_bias, const at::Tensor& ln_hh_weight,
+    const at::Tensor& ln_hh_bias, const at::Tensor& ln_cell_weight,
+    const at::Tensor& ln_cell_bias, const c10::optional<at::Tensor>& batch_sizes,
+    bool reverse, double eps) {
+  constexpr const char* op = "rnnfast.quantized_layer_norm_lstm_forward";
+  const QuantizedSizes qs =
+      check_common(op, input, hx, cx, packed_ih, scale_ih, packed_hh, scale_hh,
+                   bias_ih, bias_hh, c10::nullopt, batch_sizes, reverse);
+  const LstmSizes& s = qs.s;
+  const SequenceLayout& l = qs.l;
+  const int64_t H = s.hidden, G = 4 * H;
+  const std::pair<const at::Tensor*, const char*> gate_params[] = {
+      {&ln_ih_weight, "ln_ih_weight"}, {&ln_ih_bias, "ln_ih_bias"},
+      {&ln_hh_weight, "ln_hh_weight"}, {&ln_hh_bias, "ln_hh_bias"}};
+  for (const auto& [t, name] : gate_params) {
+    check_float(op, *t, name);
+    check_size(op, *t, name, {G});
+  }
+  check_float(op, ln_cell_weight, "ln_cell_weight");
+  check_size(op, ln_cell_weight, "ln_cell_weight", {H});
+  check_float(op, ln_cell_bias, "ln_cell_bias");
+  check_size(op, ln_cell_bias, "ln_cell_bias", {H});
+  TORCH_CHECK(eps > 0, op, ": eps must be positive, got ", eps);
+  const auto opts = input.options();
+  if (l.rows == 0) {
+    return {at::empty(output_shape(input, H), opts), hx.clone(at::MemoryFormat::Contiguous),
+            cx.clone(at::MemoryFormat::Contiguous)};
+  }
+  const at::Tensor x = input.contiguous().view({l.rows, s.input});
+  const at::Tensor w_hh = packed_hh.contiguous(), s_hh = scale_hh.contiguous();
+  // W_ih x for every step; each step normalises its rows in place.
+  at::Tensor ih = empty_activation({l.rows, G}, opts);
+  quantized_input_projection(ih, x, packed_ih.contiguous(), scale_ih.contiguous(),
+                             at::Tensor());
+  at::Tensor hh = at::empty({l.batch, G}, opts);
+  // The four gate biases enter the pre-activations alike: one sum serves.
+  at::Tensor gate_bias = ln_ih_bias + ln_hh_bias;
+  if (bias_ih.has_value()) gate_bias += *bias_ih + *bias_hh;
+  gate_bias = gate_bias.contiguous();
+  const at::Tensor gamma_ih = ln_ih_weight.contiguous(), gamma_hh = ln_hh_weight.contiguous(),
+                   gamma_cell = ln_cell_weight.contiguous(),
+                   beta_cell = ln_cell_bias.contiguous();
+  at::Tensor output = at::empty({l.rows, H}, opts);
+  at::Tensor c_state = cx.contiguous().clone();
+  const at::Tensor h0 = hx.contiguous();
+  const QuantizedStepWeight whh(l.batch, G, H, w_hh.data_ptr<int8_t>(),
+                                s_hh.data_ptr<float>());
+  float* out = output.data_ptr<float>();
+  const auto& step_kernel = kernels<float>().layer_norm_forward_step[false][false];
+  for (int64_t step = 0; step < l.steps; ++step) {
+    const int64_t t = l.step_at(step);
+    const int64_t off = l.offsets[t];
+    multiply_previous_hidden(l, t, whh, out, h0.data_ptr<float>(), H, 0.0f,
+                             hh.data_ptr<float>(), G);
+    LayerNormStepParams<float> p;
+    p.rows = l.batch_sizes[t];
+    p.hidden = H;
+    p.eps = static_cast<float>(eps);
+    p.ih = ih.data_ptr<float>() + off * G;
+    p.hh = hh.data_ptr<float>();
+    p.gamma_ih = gamma_ih.data_ptr<float>();
+    p.gamma_hh = gamma_hh.data_ptr<float>();
+    p.bias = gate_bias.data_ptr<float>();
+    p.gamma_cell = gamma_cell.data_ptr<float>();
+    p.beta_cell = beta_cell.data_ptr<float>();
+    p.cell_state = c_state.data_ptr<float>();
+    p.h_out = out + off * H;
+    step_kernel(p);
+  }
+  at::Tensor hy = at::empty({l.batch, H}, opts);
+  copy_final_hidden<RowCopier>(l, out, H, hy.data_ptr<float>());
+  return {at::_unsafe_view(output, output_shape(input, H)), hy, c_state};
+}
+
+at::Tensor quantized_pack_weight(const at::Tensor& weight) {
+  TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kChar &&
+                  weight.dim() == 2,
+              "rnnfast.quantized_pack_weight: expected a 2-D int8 CPU weight, got a ",
+              weight.dim(), "-D ", weight.scalar_type(), " tensor on ", weight.device());
+  const int64_t n = weight.size(0), k = weight.size(1);
+  // The int32 sums hold (q + 128) w, |.| <= 255 * 127 per input.
+  TORCH_CHECK(k <= q8::kMaxDepth, "rnnfast.quantized_pack_weight: at most ",
+              q8::kMaxDepth, " inputs per output (the int32 sums would overflow), got ", k);
+  at::Tensor packed = at::empty({q8::packed_bytes(n, k)}, weight.options());
+  q8::pack_weight(weight.contiguous().data_ptr<int8_t>(), n, k, packed.data_ptr<int8_t>());
+  return packed;
+}
+
+}  // namespace
+}  // namespace rnnfast::cpu
+
+namespace rnnfast {
+const char* cpu_int8_kernels_in_use() { return cpu::int8::kernels_in_use(); }
+}  // namespace rnnfast
+
+// The CPU only, and no autograd formula: the int8 modules refuse training
+// before they call these (rnnfast/quantized.py).
+TORCH_LIBRARY_IMPL(rnnfast, CPU, m) {
+  m.impl("quantized_pack_weight", &rnnfast::cpu::quantized_pack_weight);
+  m.impl("quantized_lstm_forward", &rnnfast::cpu::quantized_lstm_forward);
+  m.impl("quantized_layer_norm_lstm_forward",
+         &rnnfast::cpu::quantized_layer_norm_lstm_forward);
+}
