@@ -97,6 +97,19 @@ class _QuantizedRecurrent(_RecurrentBase):
 
     @classmethod
     def _copy_from(cls, qmod: "_QuantizedRecurrent", mod: nn.Module) -> "_QuantizedRecurrent":
+        # Zoneout changes the evaluation-mode output (the expectation
+        # z * s_{t-1} + (1 - z) * s~_t), which the int8 kernels do not
+        # compute: refuse rather than silently drop it. DropConnect and
+        # variational dropout act only in training, so they have no int8
+        # counterpart to lose.
+        zoned = {n: getattr(mod, n, 0.0) for n in ("zoneout_hidden", "zoneout_cell")}
+        zoned = {n: v for n, v in zoned.items() if v}
+        if zoned:
+            settings = ", ".join(f"{n}={v}" for n, v in zoned.items())
+            raise NotImplementedError(
+                f"rnnfast.quantized.{type(qmod).__name__}.from_float: the int8 kernels have no "
+                f"zoneout, and this module's evaluation output depends on it ({settings}); "
+                f"keep this module in float32")
         for names in qmod._all_weights:
             for name in names:
                 source = getattr(mod, name)
@@ -161,6 +174,12 @@ class _QuantizedRecurrent(_RecurrentBase):
         batch_first, unbatched or PackedSequence input; float32 on the CPU),
         never with dropout. Refuses inputs that require grad in grad mode."""
         self._refuse_training(input, hx)
+        data = input.data if isinstance(input, PackedSequence) else input
+        if isinstance(data, Tensor) and data.device.type != "cpu":
+            raise RuntimeError(
+                f"rnnfast.quantized.{type(self).__name__} runs on the CPU only (its int8 "
+                f"kernels are CPU kernels); got an input on {data.device}. Move the input "
+                f"to the CPU, or use the float module on {data.device}")
         return super().forward(input, hx)
 
     def extra_repr(self) -> str:
@@ -228,7 +247,8 @@ class LSTM(_QuantizedRecurrent):
 
         return RF._stack(run, input, hx, num_layers=self.num_layers, dropout=0.0,
                          training=False, bidirectional=self.bidirectional,
-                         batch_first=self.batch_first, packed=batch_sizes is not None)
+                         batch_first=self.batch_first, batch_sizes=batch_sizes,
+                         variational_dropout=False)
 
 
 class LayerNormLSTM(_QuantizedRecurrent):
@@ -295,7 +315,8 @@ class LayerNormLSTM(_QuantizedRecurrent):
 
         return RF._stack(run, input, hx, num_layers=self.num_layers, dropout=0.0,
                          training=False, bidirectional=self.bidirectional,
-                         batch_first=self.batch_first, packed=batch_sizes is not None)
+                         batch_first=self.batch_first, batch_sizes=batch_sizes,
+                         variational_dropout=False)
 
 
 def _quantized_copy(mod: nn.Module) -> Optional[nn.Module]:

@@ -348,6 +348,24 @@ def test_a_float_state_dict_is_refused():
         Q.LSTM(5, 6).load_state_dict(lstm.state_dict(), strict=False)
 
 
+@pytest.mark.parametrize("cls", ["LSTM", "LayerNormLSTM"])
+def test_zoneout_is_refused_and_training_only_regularisers_are_not(cls):
+    """Zoneout changes the evaluation output, which the int8 kernels do not
+    compute: quantizing such a module must fail, not drop it silently.
+    DropConnect and variational dropout act only in training."""
+    zoned = getattr(rnnfast, cls)(5, 6, num_layers=2, zoneout_cell=0.1)
+    with pytest.raises(NotImplementedError, match="zoneout_cell=0.1"):
+        Q.quantize_dynamic(zoned)
+    regularised = getattr(rnnfast, cls)(5, 6, num_layers=2, dropout=0.2, weight_dropout=0.3,
+                                        variational_dropout=True).eval()
+    plain = getattr(rnnfast, cls)(5, 6, num_layers=2).eval()
+    plain.load_state_dict(regularised.state_dict())
+    x = torch.randn(4, 3, 5)
+    with torch.no_grad():
+        assert torch.equal(Q.quantize_dynamic(regularised)(x)[0],
+                           Q.quantize_dynamic(plain)(x)[0])
+
+
 def test_whole_model_torch_save_load_weights_only():
     q = Q.quantize_dynamic(make_float("LayerNormLSTM", num_layers=2))
     x = torch.randn(3, 2, 13)
@@ -476,3 +494,11 @@ def test_packing_refuses_a_depth_whose_sums_would_overflow():
     rnnfast._quantized_ops.quantized_pack_weight(torch.ones(1, 65536, dtype=torch.int8))
     with pytest.raises(RuntimeError, match="at most 65536 inputs"):
         rnnfast._quantized_ops.quantized_pack_weight(torch.ones(1, 65537, dtype=torch.int8))
+
+
+def test_an_input_off_the_cpu_is_refused_clearly():
+    """The int8 kernels are CPU kernels: any other device (a CUDA tensor, or
+    here a meta tensor, which takes the same path) gets an error that says so."""
+    q = Q.quantize_dynamic(nn.LSTM(5, 6))
+    with pytest.raises(RuntimeError, match="runs on the CPU only"):
+        q(torch.empty(4, 3, 5, device="meta"))
