@@ -47,6 +47,7 @@ def quantized_lstm_forward(
     bias_ih: Optional[Tensor], bias_hh: Optional[Tensor],
     packed_hr: Optional[Tensor], scale_hr: Optional[Tensor],
     batch_sizes: Optional[Tensor], reverse: bool,
+    zoneout_hidden: float = 0.0, zoneout_cell: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One int8 LSTM layer in one direction over a whole time-major sequence
     (inference only, CPU).
@@ -62,13 +63,16 @@ def quantized_lstm_forward(
             ``[4H]``, ``[P]``: row j of a weight is ``scale[j] * int8 row``.
         bias_ih, bias_hh: float32 ``[4H]`` or None.
         reverse: run from the last step to the first.
+        zoneout_hidden, zoneout_cell: the zoneout rates of a module trained
+            with zoneout, applied as its evaluation formula
+            ``s_t = z s_{t-1} + (1 - z) s~_t`` (0: none).
 
     Returns ``(output, hy, cy)``: ``[T, B, P]`` (or ``[N, P]``), ``[B, P]``,
     ``[B, H]``.
     """
     return torch.ops.rnnfast.quantized_lstm_forward.default(
         input, hx, cx, packed_ih, scale_ih, packed_hh, scale_hh, bias_ih, bias_hh,
-        packed_hr, scale_hr, batch_sizes, reverse)
+        packed_hr, scale_hr, batch_sizes, reverse, zoneout_hidden, zoneout_cell)
 
 
 def quantized_layer_norm_lstm_forward(
@@ -78,18 +82,20 @@ def quantized_layer_norm_lstm_forward(
     ln_ih_weight: Tensor, ln_ih_bias: Tensor, ln_hh_weight: Tensor,
     ln_hh_bias: Tensor, ln_cell_weight: Tensor, ln_cell_bias: Tensor,
     batch_sizes: Optional[Tensor], reverse: bool, eps: float,
+    zoneout_hidden: float = 0.0, zoneout_cell: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One int8 LayerNorm-LSTM layer in one direction (inference only, CPU):
     the cell of :func:`rnnfast.ops.layer_norm_lstm_forward` with the weights
     of :func:`quantized_lstm_forward` (P = H) and float32 LayerNorm
-    parameters (``[4H]`` for the gates, ``[H]`` for the cell).
+    parameters (``[4H]`` for the gates, ``[H]`` for the cell); zoneout as
+    :func:`quantized_lstm_forward`'s.
 
     Returns ``(output, hy, cy)``.
     """
     return torch.ops.rnnfast.quantized_layer_norm_lstm_forward.default(
         input, hx, cx, packed_ih, scale_ih, packed_hh, scale_hh, bias_ih, bias_hh,
         ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias, ln_cell_weight,
-        ln_cell_bias, batch_sizes, reverse, eps)
+        ln_cell_bias, batch_sizes, reverse, eps, zoneout_hidden, zoneout_cell)
 
 
 @torch.library.register_fake("rnnfast::quantized_pack_weight")
@@ -109,7 +115,7 @@ def _fake_outputs(input: Tensor, hx: Tensor, cx: Tensor, out_size) -> tuple[Tens
 @torch.library.register_fake("rnnfast::quantized_lstm_forward")
 def _quantized_lstm_forward_fake(input, hx, cx, packed_ih, scale_ih, packed_hh, scale_hh,
                                  bias_ih, bias_hh, packed_hr, scale_hr, batch_sizes,
-                                 reverse):
+                                 reverse, zoneout_hidden=0.0, zoneout_cell=0.0):
     hidden = scale_ih.size(0) // 4
     out_size = scale_hr.size(0) if scale_hr is not None else hidden
     return _fake_outputs(input, hx, cx, out_size)

@@ -53,6 +53,15 @@ def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
     return q, scale
 
 
+def _zoneout_of(mod: nn.Module) -> dict:
+    """The zoneout rates of a float module (none for nn.LSTM). Zoneout
+    changes the evaluation output (s_t = z s_{t-1} + (1 - z) s~_t), so the
+    int8 module keeps it; DropConnect and variational dropout act only in
+    training and have nothing to carry over."""
+    return dict(zoneout_hidden=float(getattr(mod, "zoneout_hidden", 0.0)),
+                zoneout_cell=float(getattr(mod, "zoneout_cell", 0.0)))
+
+
 class _QuantizedRecurrent(_RecurrentBase):
     """Buffers, packing, loading and the refusal of training shared by the
     int8 modules; forward-argument handling is the float modules'."""
@@ -97,19 +106,6 @@ class _QuantizedRecurrent(_RecurrentBase):
 
     @classmethod
     def _copy_from(cls, qmod: "_QuantizedRecurrent", mod: nn.Module) -> "_QuantizedRecurrent":
-        # Zoneout changes the evaluation-mode output (the expectation
-        # z * s_{t-1} + (1 - z) * s~_t), which the int8 kernels do not
-        # compute: refuse rather than silently drop it. DropConnect and
-        # variational dropout act only in training, so they have no int8
-        # counterpart to lose.
-        zoned = {n: getattr(mod, n, 0.0) for n in ("zoneout_hidden", "zoneout_cell")}
-        zoned = {n: v for n, v in zoned.items() if v}
-        if zoned:
-            settings = ", ".join(f"{n}={v}" for n, v in zoned.items())
-            raise NotImplementedError(
-                f"rnnfast.quantized.{type(qmod).__name__}.from_float: the int8 kernels have no "
-                f"zoneout, and this module's evaluation output depends on it ({settings}); "
-                f"keep this module in float32")
         for names in qmod._all_weights:
             for name in names:
                 source = getattr(mod, name)
@@ -204,9 +200,11 @@ class LSTM(_QuantizedRecurrent):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
-                 bidirectional: bool = False, proj_size: int = 0) -> None:
+                 bidirectional: bool = False, proj_size: int = 0, *,
+                 zoneout_hidden: float = 0.0, zoneout_cell: float = 0.0) -> None:
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first,
                          dropout, bidirectional, proj_size)
+        self._set_regularisers(zoneout_hidden, zoneout_cell, 0.0, False)
         gates = 4 * int(hidden_size)
 
         def per_direction(layer, sfx):
@@ -229,7 +227,8 @@ class LSTM(_QuantizedRecurrent):
             raise TypeError("rnnfast.quantized.LSTM.from_float: expected a torch.nn.LSTM "
                             f"or rnnfast.LSTM, got {type(mod).__name__}")
         qmod = cls(mod.input_size, mod.hidden_size, mod.num_layers, mod.bias,
-                   mod.batch_first, float(mod.dropout), mod.bidirectional, mod.proj_size)
+                   mod.batch_first, float(mod.dropout), mod.bidirectional, mod.proj_size,
+                   **_zoneout_of(mod))
         return cls._copy_from(qmod, mod)
 
     def _run(self, input: Tensor, hx: tuple[Tensor, Tensor],
@@ -243,7 +242,7 @@ class LSTM(_QuantizedRecurrent):
             w_hr, s_hr = self._weight(names[-1] if self.proj_size > 0 else None)
             return qops.quantized_lstm_forward(
                 layer_input, h0, c0, w_ih, s_ih, w_hh, s_hh, b_ih, b_hh, w_hr, s_hr,
-                batch_sizes, reverse)
+                batch_sizes, reverse, self.zoneout_hidden, self.zoneout_cell)
 
         return RF._stack(run, input, hx, num_layers=self.num_layers, dropout=0.0,
                          training=False, bidirectional=self.bidirectional,
@@ -265,9 +264,11 @@ class LayerNormLSTM(_QuantizedRecurrent):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
-                 bidirectional: bool = False, eps: float = 1e-5) -> None:
+                 bidirectional: bool = False, eps: float = 1e-5, *,
+                 zoneout_hidden: float = 0.0, zoneout_cell: float = 0.0) -> None:
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first,
                          dropout, bidirectional, 0)
+        self._set_regularisers(zoneout_hidden, zoneout_cell, 0.0, False)
         if not eps > 0:
             raise ValueError(f"eps must be positive, got {eps}")
         self.eps = float(eps)
@@ -293,7 +294,8 @@ class LayerNormLSTM(_QuantizedRecurrent):
             raise TypeError("rnnfast.quantized.LayerNormLSTM.from_float: expected a "
                             f"rnnfast.LayerNormLSTM, got {type(mod).__name__}")
         qmod = cls(mod.input_size, mod.hidden_size, mod.num_layers, mod.bias,
-                   mod.batch_first, float(mod.dropout), mod.bidirectional, mod.eps)
+                   mod.batch_first, float(mod.dropout), mod.bidirectional, mod.eps,
+                   **_zoneout_of(mod))
         return cls._copy_from(qmod, mod)
 
     def extra_repr(self) -> str:
@@ -311,7 +313,7 @@ class LayerNormLSTM(_QuantizedRecurrent):
             ln = [self._buffers[n] for n in names[-len(RF._LN_NAMES):]]
             return qops.quantized_layer_norm_lstm_forward(
                 layer_input, h0, c0, w_ih, s_ih, w_hh, s_hh, b_ih, b_hh, *ln,
-                batch_sizes, reverse, self.eps)
+                batch_sizes, reverse, self.eps, self.zoneout_hidden, self.zoneout_cell)
 
         return RF._stack(run, input, hx, num_layers=self.num_layers, dropout=0.0,
                          training=False, bidirectional=self.bidirectional,

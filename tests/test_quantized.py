@@ -51,6 +51,7 @@ def ref_layer(qmod, idx, x, h0, c0, reverse, layer_norm):
     buf = qmod._buffers
     w = {n.split("_l")[0]: (buf[n], buf.get(n + "_scale")) for n in names}
     H = qmod.hidden_size
+    z_h, z_c = qmod.zoneout_hidden, qmod.zoneout_cell  # evaluation formula
     bias = ((w["bias_ih"][0] + w["bias_hh"][0]).double() if qmod.bias
             else torch.zeros(4 * H, dtype=torch.float64))
     h, c = h0.double(), c0.double()
@@ -65,11 +66,13 @@ def ref_layer(qmod, idx, x, h0, c0, reverse, layer_norm):
         else:
             gates = ih + hh + bias
         i, f, g, o = gates.chunk(4, 1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        y = ln(c, "ln_cell") if layer_norm else c
-        h = torch.sigmoid(o) * torch.tanh(y)
+        c_cand = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        y = ln(c_cand, "ln_cell") if layer_norm else c_cand
+        h_cand = torch.sigmoid(o) * torch.tanh(y)
         if "weight_hr" in w:
-            h = ref_qmm(h.float(), *w["weight_hr"])
+            h_cand = ref_qmm(h_cand.float(), *w["weight_hr"])
+        c = z_c * c + (1 - z_c) * c_cand
+        h = z_h * h + (1 - z_h) * h_cand
         outs[t] = h
     return torch.stack(outs), h, c
 
@@ -107,9 +110,12 @@ def make_float(kind, input_size=13, hidden_size=20, **kw):
     return m
 
 
+ZONEOUT = dict(zoneout_hidden=0.2, zoneout_cell=0.3)  # kept: it changes eval output
 LSTM_CONFIGS = [dict(), dict(num_layers=2, bidirectional=True),
-                dict(num_layers=2, proj_size=7), dict(bidirectional=True, proj_size=5, bias=False)]
-LN_CONFIGS = [dict(), dict(num_layers=2, bidirectional=True), dict(bias=False, eps=1e-3)]
+                dict(num_layers=2, proj_size=7), dict(bidirectional=True, proj_size=5, bias=False),
+                dict(num_layers=2, bidirectional=True, proj_size=7, **ZONEOUT)]
+LN_CONFIGS = [dict(), dict(num_layers=2, bidirectional=True), dict(bias=False, eps=1e-3),
+              dict(num_layers=2, bidirectional=True, **ZONEOUT)]
 CONFIGS = ([("LSTM", c) for c in LSTM_CONFIGS] + [("LayerNormLSTM", c) for c in LN_CONFIGS])
 
 
@@ -349,21 +355,37 @@ def test_a_float_state_dict_is_refused():
 
 
 @pytest.mark.parametrize("cls", ["LSTM", "LayerNormLSTM"])
-def test_zoneout_is_refused_and_training_only_regularisers_are_not(cls):
-    """Zoneout changes the evaluation output, which the int8 kernels do not
-    compute: quantizing such a module must fail, not drop it silently.
+def test_zoneout_is_kept_and_training_only_regularisers_are_dropped(cls):
+    """Zoneout changes the evaluation output (s_t = z s_{t-1} + (1 - z) s~_t):
+    the int8 module keeps its rates and follows the float module in eval.
     DropConnect and variational dropout act only in training."""
-    zoned = getattr(rnnfast, cls)(5, 6, num_layers=2, zoneout_cell=0.1)
-    with pytest.raises(NotImplementedError, match="zoneout_cell=0.1"):
-        Q.quantize_dynamic(zoned)
-    regularised = getattr(rnnfast, cls)(5, 6, num_layers=2, dropout=0.2, weight_dropout=0.3,
-                                        variational_dropout=True).eval()
-    plain = getattr(rnnfast, cls)(5, 6, num_layers=2).eval()
+    zoned = make_float(cls, num_layers=2, zoneout_hidden=0.4, zoneout_cell=0.5).eval()
+    q = Q.quantize_dynamic(zoned)
+    assert (q.zoneout_hidden, q.zoneout_cell) == (0.4, 0.5)
+    assert "zoneout_hidden=0.4" in repr(q)
+    unzoned = Q.quantize_dynamic(make_float(cls, num_layers=2).eval())
+    unzoned.load_state_dict(q.state_dict())
+    x = torch.randn(8, 3, 13)
+    with torch.no_grad():
+        expected, out, other = zoned(x)[0], q(x)[0], unzoned(x)[0]
+    # int8 error against the float module, far below what dropping zoneout costs
+    err = (out - expected).norm() / expected.norm()
+    assert err < 0.05 and err < 0.25 * (other - expected).norm() / expected.norm()
+    regularised = make_float(cls, num_layers=2, dropout=0.2, weight_dropout=0.3,
+                             variational_dropout=True).eval()
+    plain = make_float(cls, num_layers=2).eval()
     plain.load_state_dict(regularised.state_dict())
-    x = torch.randn(4, 3, 5)
     with torch.no_grad():
         assert torch.equal(Q.quantize_dynamic(regularised)(x)[0],
                            Q.quantize_dynamic(plain)(x)[0])
+
+
+def test_quantized_ops_refuse_a_zoneout_rate_out_of_range():
+    q = Q.quantize_dynamic(nn.LSTM(5, 6))
+    q.zoneout_cell = 1.0
+    with pytest.raises(RuntimeError, match=r"zoneout_cell must be in \[0, 1\), got 1"):
+        with torch.no_grad():
+            q(torch.randn(3, 2, 5))
 
 
 def test_whole_model_torch_save_load_weights_only():

@@ -139,6 +139,10 @@ struct CpuBackend {
   }
 };
 
+void zoneout_hidden_rows(const HiddenZoneoutParams<float>& p) {
+  CpuBackend::zoneout_hidden(p);
+}
+
 }  // namespace rnnfast::cpu
 
 namespace rnnfast {

@@ -30,6 +30,10 @@ const KernelTable& kernel_table_default();
 const KernelTable& kernel_table_avx2();
 const KernelTable& kernel_table_avx512();
 
+// Zoneout on a step's hidden rows, h_t = a h_{t-1} + (1 - a) h~_t, as the
+// CPU backend runs it (cpu_backend.cpp), for the int8 driver to reuse.
+void zoneout_hidden_rows(const HiddenZoneoutParams<float>& p);
+
 // The table for this process's CPU (chosen once).
 const KernelTable& kernel_table();
 

@@ -34,13 +34,15 @@ TORCH_LIBRARY_FRAGMENT(rnnfast, m) {
   // float32; hx [B, P], cx [B, H]; packed_* from quantized_pack_weight of
   // the int8 weight_ih [4H, I], weight_hh [4H, P], weight_hr [P, H], each
   // with its per-row float32 scale_* ([4H], [4H], [P]); float32 biases [4H].
+  // zoneout_hidden, zoneout_cell: the rates of a module trained with zoneout,
+  // applied as its evaluation formula s_t = z s_{t-1} + (1 - z) s~_t.
   // Returns output ([T, B, P] or [N, P]), hy [B, P], cy [B, H].
   m.def(
       "quantized_lstm_forward(Tensor input, Tensor hx, Tensor cx, "
       "Tensor packed_ih, Tensor scale_ih, Tensor packed_hh, Tensor scale_hh, "
       "Tensor? bias_ih, Tensor? bias_hh, Tensor? packed_hr, Tensor? scale_hr, "
-      "Tensor? batch_sizes, bool reverse) -> "
-      "(Tensor output, Tensor hy, Tensor cy)");
+      "Tensor? batch_sizes, bool reverse, float zoneout_hidden=0., "
+      "float zoneout_cell=0.) -> (Tensor output, Tensor hy, Tensor cy)");
   // One int8 LayerNorm-LSTM layer (the cell of layer_norm_lstm_forward),
   // inference only; weights as quantized_lstm_forward's (P = H), LayerNorm
   // parameters float32 as layer_norm_lstm_forward's.
@@ -50,7 +52,8 @@ TORCH_LIBRARY_FRAGMENT(rnnfast, m) {
       "Tensor? bias_ih, Tensor? bias_hh, Tensor ln_ih_weight, "
       "Tensor ln_ih_bias, Tensor ln_hh_weight, Tensor ln_hh_bias, "
       "Tensor ln_cell_weight, Tensor ln_cell_bias, Tensor? batch_sizes, "
-      "bool reverse, float eps) -> (Tensor output, Tensor hy, Tensor cy)");
+      "bool reverse, float eps, float zoneout_hidden=0., float zoneout_cell=0.) "
+      "-> (Tensor output, Tensor hy, Tensor cy)");
 }
 
 namespace rnnfast::cpu {
@@ -101,11 +104,28 @@ void quantized_input_projection(at::Tensor& out, const at::Tensor& x,
            out.data_ptr<float>(), n);
 }
 
-struct RowCopier {  // the Backend::copy that copy_final_hidden needs
+// What the shared driver helpers (copy_final_hidden, zoneout_hidden_step)
+// need of a backend.
+struct QuantizedBackend {
   static void copy(float* dst, const float* src, int64_t count) {
     std::memcpy(dst, src, sizeof(float) * count);
   }
+  static void zoneout_hidden(const HiddenZoneoutParams<float>& p) {
+    zoneout_hidden_rows(p);
+  }
 };
+
+// The evaluation-mode zoneout of a quantized op (rates only: no masks).
+ZoneoutArgs zoneout_rates(const char* op, double hidden, double cell) {
+  TORCH_CHECK(hidden >= 0.0 && hidden < 1.0, op,
+              ": zoneout_hidden must be in [0, 1), got ", hidden);
+  TORCH_CHECK(cell >= 0.0 && cell < 1.0, op,
+              ": zoneout_cell must be in [0, 1), got ", cell);
+  ZoneoutArgs z;
+  z.hidden_rate = hidden;
+  z.cell_rate = cell;
+  return z;
+}
 
 void check_float(const char* op, const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name,
@@ -210,8 +230,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantized_lstm_forward(
     const c10::optional<at::Tensor>& bias_hh,
     const c10::optional<at::Tensor>& packed_hr,
     const c10::optional<at::Tensor>& scale_hr,
-    const c10::optional<at::Tensor>& batch_sizes, bool reverse) {
+    const c10::optional<at::Tensor>& batch_sizes, bool reverse,
+    double zoneout_hidden, double zoneout_cell) {
   constexpr const char* op = "rnnfast.quantized_lstm_forward";
+  const ZoneoutArgs z = zoneout_rates(op, zoneout_hidden, zoneout_cell);
   TORCH_CHECK(packed_hr.has_value() == scale_hr.has_value(), op,
               ": packed_hr and scale_hr must both be given or both be None");
   const QuantizedSizes qs =
@@ -254,7 +276,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantized_lstm_forward(
   }
   float* g = gates.data_ptr<float>();
   float* out = output.data_ptr<float>();
-  const auto& step_kernel = kernels<float>().forward_step[false][false];
+  const auto& step_kernel = kernels<float>().forward_step[false][z.on_cell()];
   for (int64_t step = 0; step < l.steps; ++step) {
     const int64_t t = l.step_at(step);
     const int64_t rows = l.batch_sizes[t];
@@ -268,12 +290,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantized_lstm_forward(
     p.gates = g + off * G;
     p.cell_state = c_state.data_ptr<float>();
     p.hidden_out = s.has_projection() ? r_buf.data_ptr<float>() : out + off * P;
+    if (z.on_cell()) p.zoneout = cell_zoneout<float>(z, off, H);
     step_kernel(p);
     // h_t = r_t W_hr^T
     if (s.has_projection()) whr->multiply(rows, p.hidden_out, H, 0.0f, out + off * P, P);
+    // zoneout on h (the projected h with a projection)
+    if (z.on_hidden()) {
+      zoneout_hidden_step<QuantizedBackend, float, float>(l, t, z, out,
+                                                          h0.data_ptr<float>(), P);
+    }
   }
   at::Tensor hy = at::empty({l.batch, P}, opts);
-  copy_final_hidden<RowCopier>(l, out, P, hy.data_ptr<float>());
+  copy_final_hidden<QuantizedBackend>(l, out, P, hy.data_ptr<float>());
   return {at::_unsafe_view(output, output_shape(input, P)), hy, c_state};
 }
 
@@ -286,8 +314,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantized_layer_norm_lstm_forward
     const at::Tensor& ln_ih_bias, const at::Tensor& ln_hh_weight,
     const at::Tensor& ln_hh_bias, const at::Tensor& ln_cell_weight,
     const at::Tensor& ln_cell_bias, const c10::optional<at::Tensor>& batch_sizes,
-    bool reverse, double eps) {
+    bool reverse, double eps, double zoneout_hidden, double zoneout_cell) {
   constexpr const char* op = "rnnfast.quantized_layer_norm_lstm_forward";
+  const ZoneoutArgs z = zoneout_rates(op, zoneout_hidden, zoneout_cell);
   const QuantizedSizes qs =
       check_common(op, input, hx, cx, packed_ih, scale_ih, packed_hh, scale_hh,
                    bias_ih, bias_hh, c10::nullopt, batch_sizes, reverse);
@@ -331,7 +360,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantized_layer_norm_lstm_forward
   const QuantizedStepWeight whh(l.batch, G, H, w_hh.data_ptr<int8_t>(),
                                 s_hh.data_ptr<float>());
   float* out = output.data_ptr<float>();
-  const auto& step_kernel = kernels<float>().layer_norm_forward_step[false][false];
+  const auto& step_kernel = kernels<float>().layer_norm_forward_step[false][z.on_cell()];
+  at::Tensor cand_buf;  // c~_t of a step, with zoneout on c (the kernel's scratch)
+  if (z.on_cell()) cand_buf = at::empty({l.batch, H}, opts);
   for (int64_t step = 0; step < l.steps; ++step) {
     const int64_t t = l.step_at(step);
     const int64_t off = l.offsets[t];
@@ -350,10 +381,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantized_layer_norm_lstm_forward
     p.beta_cell = beta_cell.data_ptr<float>();
     p.cell_state = c_state.data_ptr<float>();
     p.h_out = out + off * H;
+    if (z.on_cell()) {
+      p.zoneout = cell_zoneout<float>(z, off, H);
+      p.cell_save = cand_buf.data_ptr<float>();
+    }
     step_kernel(p);
+    if (z.on_hidden()) {
+      zoneout_hidden_step<QuantizedBackend, float, float>(l, t, z, out,
+                                                          h0.data_ptr<float>(), H);
+    }
   }
   at::Tensor hy = at::empty({l.batch, H}, opts);
-  copy_final_hidden<RowCopier>(l, out, H, hy.data_ptr<float>());
+  copy_final_hidden<QuantizedBackend>(l, out, H, hy.data_ptr<float>());
   return {at::_unsafe_view(output, output_shape(input, H)), hy, c_state};
 }
 
