@@ -98,9 +98,7 @@ def _check_regularisers(op: str, zoneout_hidden, zoneout_cell, weight_dropout,
 
 # Mask bits per element: each element compares 16 random bits with the rate,
 # so a mask is Bernoulli(p rounded to a multiple of 2^-16) (torch's own
-# bernoulli_ and rand() < p resolve 2^-24). Two elements per 32-bit draw:
-# on the CPU this is about 2x faster than Tensor.bernoulli_, whose cost
-# (5 ns per element, one thread) was most of zoneout's.
+# bernoulli_ and rand() < p resolve 2^-24).
 _MASK_LEVELS = 1 << 16
 
 
@@ -108,10 +106,21 @@ def _bernoulli_masks(shape: Sequence[int], rates: Sequence[float], device: torch
                      kinds: Sequence[str]) -> list[Tensor]:
     """Bool masks of ``shape``, one per rate, True with that probability (to
     2^-16), from torch's default generator for ``device`` (so
-    ``torch.manual_seed`` reproduces them): one byte per element, from one
-    bulk draw of 16 bits per element and mask. ``kinds`` name what they are
-    for ("zoneout_hidden", "zoneout_cell", "weight_hh", "dropout"): every
-    regulariser draws its masks here, which lets a test see them."""
+    ``torch.manual_seed`` reproduces them): one byte per element. ``kinds``
+    name what they are for ("zoneout_hidden", "zoneout_cell", "weight_hh",
+    "dropout"): every regulariser draws its masks here, which lets a test see
+    them.
+
+    On the CPU one 64-bit seed comes from the generator and the op
+    ``rnnfast::bernoulli_masks`` expands it with a counter-based hash on all
+    threads (torch's CPU generator draws one number after another on one
+    thread: 6 ns per 32 bits, which was most of zoneout's cost). Elsewhere,
+    one bulk ``torch.randint`` of 16 bits per element and mask."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        seed = torch.randint(-(1 << 63), (1 << 63) - 1, (1,), dtype=torch.int64)
+        masks = ops.bernoulli_masks(seed, tuple(shape), [float(p) for p in rates])
+        return list(masks.unbind(0))
     n, k = math.prod(shape), len(rates)
     # 32 random bits each (out of place: torch.compile traces randint)
     words = torch.randint(-(1 << 31), (1 << 31) - 1, ((n * k + 1) // 2,),

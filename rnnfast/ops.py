@@ -484,6 +484,21 @@ torch.library.register_autograd(
     setup_context=_layer_norm_lstm_setup_context)
 
 
+# ---- regulariser masks ----------------------------------------------------------
+
+def bernoulli_masks(seed: Tensor, shape: Sequence[int], rates: Sequence[float]) -> Tensor:
+    """Bool masks ``[len(rates), *shape]`` on the CPU, row ``j`` true with
+    probability ``rates[j]`` (to 2^-16), from a counter-based generator keyed
+    by ``seed`` (an int64 CPU tensor of one element): the same seed gives the
+    same masks whatever the number of threads. No gradient."""
+    return torch.ops.rnnfast.bernoulli_masks.default(seed, list(shape), list(rates))
+
+
+@torch.library.register_fake("rnnfast::bernoulli_masks")
+def _bernoulli_masks_fake(seed, shape, rates):
+    return seed.new_empty((len(rates), *shape), dtype=torch.bool)
+
+
 # ---- no double backward ------------------------------------------------------
 
 def _no_setup_context(ctx, inputs, output):

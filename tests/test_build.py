@@ -11,9 +11,10 @@ import rnnfast
 
 KNOWN_OPS = {"rnnfast::lstm_forward", "rnnfast::lstm_backward",
              "rnnfast::layer_norm_lstm_forward", "rnnfast::layer_norm_lstm_backward"}
-# The int8 inference ops (rnnfast.quantized) are CPU kernels by design.
+# The int8 inference ops (rnnfast.quantized) are CPU kernels by design, and
+# the CPU's mask generator (CUDA draws its masks with torch.randint).
 CPU_ONLY_OPS = {"rnnfast::quantized_pack_weight", "rnnfast::quantized_lstm_forward",
-                "rnnfast::quantized_layer_norm_lstm_forward"}
+                "rnnfast::quantized_layer_norm_lstm_forward", "rnnfast::bernoulli_masks"}
 
 
 def _rnnfast_ops() -> list[str]:

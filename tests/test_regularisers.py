@@ -550,3 +550,55 @@ def test_torch_func_grad_matches_autograd(cell):
     m(x)[0].sum().backward()
     for name, p in m.named_parameters():
         torch.testing.assert_close(got[name], p.grad, atol=1e-6, rtol=1e-6)
+
+
+# ---- the CPU's mask generator (rnnfast::bernoulli_masks) ---------------------------
+
+def test_cpu_masks_depend_on_the_seed_only():
+    """Counter-based: the same seed gives the same masks whatever the number
+    of threads, another seed other masks; rows follow their own rates."""
+    seed = torch.tensor([12345])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = rnnfast.ops.bernoulli_masks(seed, (300, 257), [0.1, 0.5, 0.9])
+        torch.set_num_threads(2)
+        two = rnnfast.ops.bernoulli_masks(seed, (300, 257), [0.1, 0.5, 0.9])
+    finally:
+        torch.set_num_threads(threads)
+    assert one.shape == (3, 300, 257) and one.dtype == torch.bool
+    assert torch.equal(one, two)
+    other = rnnfast.ops.bernoulli_masks(torch.tensor([12346]), (300, 257), [0.1, 0.5, 0.9])
+    assert not torch.equal(one, other)
+    n = 300 * 257
+    for row, p in zip(one, [0.1, 0.5, 0.9]):
+        sigma = (p * (1 - p) / n) ** 0.5
+        assert abs(row.float().mean().item() - p) < 5 * sigma
+    # neighbours (the four draws of one 64-bit word) are uncorrelated
+    x = one[1].flatten().float()
+    for lag in (1, 2, 3, 4):
+        assert abs(torch.corrcoef(torch.stack([x[:-lag], x[lag:]]))[0, 1].item()) < 0.03
+
+
+def test_cpu_masks_edge_cases_and_errors():
+    seed = torch.tensor([7])
+    assert not rnnfast.ops.bernoulli_masks(seed, (5, 3), [0.0]).any()
+    assert rnnfast.ops.bernoulli_masks(seed, (0, 3), [0.5]).shape == (1, 0, 3)
+    odd = rnnfast.ops.bernoulli_masks(seed, (7,), [0.5, 0.5])  # a partial last word
+    assert odd.shape == (2, 7)
+    with pytest.raises(RuntimeError, match=r"every rate must be in \[0, 1\)"):
+        rnnfast.ops.bernoulli_masks(seed, (3,), [1.0])
+    with pytest.raises(RuntimeError, match="seed must be an int64 CPU tensor of one element"):
+        rnnfast.ops.bernoulli_masks(torch.tensor([1.0]), (3,), [0.5])
+    torch.library.opcheck(torch.ops.rnnfast.bernoulli_masks.default, (seed, [4, 5], [0.2, 0.7]))
+
+
+def test_manual_seed_reproduces_a_zoneout_step():
+    m = rnnfast.LSTM(6, 8, num_layers=2, zoneout_hidden=0.3, zoneout_cell=0.3)
+    x = torch.randn(5, 3, 6)
+    torch.manual_seed(3)
+    a = m(x)[0]
+    torch.manual_seed(3)
+    b = m(x)[0]
+    c = m(x)[0]
+    assert torch.equal(a, b) and not torch.equal(b, c)
