@@ -81,7 +81,12 @@ inline at::vec::Vectorized<T> zoneout_coefficient(const CellZoneout<T>& z,
   using V = at::vec::Vectorized<T>;
   if (z.mask == nullptr) return V(z.rate);
   T a[V::size()];
-  for (int64_t k = 0; k < n; ++k) a[k] = z.mask[offset + k] ? T(1) : T(0);
+  const bool* m = z.mask + offset;
+  if (n == V::size()) {  // a whole vector: a fixed trip count, vectorised
+    for (int64_t k = 0; k < V::size(); ++k) a[k] = static_cast<T>(m[k]);
+    return V::loadu(a);
+  }
+  for (int64_t k = 0; k < n; ++k) a[k] = static_cast<T>(m[k]);
   return V::loadu(a, n);
 }
 
