@@ -97,6 +97,14 @@ void with_flags(bool a, bool b, const F& f) {
 
 // Zoneout on the hidden state of step t, whose output rows (h~_t) are
 // complete: h_t = a h_{t-1} + (1 - a) h~_t, h_{t-1} read where it lies.
+// The hidden-state zoneout mask of step t's rows, or null (use the rate).
+inline const bool* hidden_mask_at(const SequenceLayout& l, int64_t t,
+                                  const ZoneoutArgs& z, int64_t P) {
+  return z.hidden_mask.defined()
+             ? z.hidden_mask.data_ptr<bool>() + l.offsets[t] * P
+             : nullptr;
+}
+
 template <typename Backend, typename S, typename T>
 void zoneout_hidden_step(const SequenceLayout& l, int64_t t,
                          const ZoneoutArgs& z, S* output, const S* h0,
@@ -109,9 +117,7 @@ void zoneout_hidden_step(const SequenceLayout& l, int64_t t,
   q.hidden = output + l.offsets[t] * P;
   q.hidden_prev = prev >= 0 ? output + l.offsets[prev] * P : nullptr;
   q.hidden_init = h0;
-  q.mask = z.hidden_mask.defined()
-               ? z.hidden_mask.data_ptr<bool>() + l.offsets[t] * P
-               : nullptr;
+  q.mask = hidden_mask_at(l, t, z, P);
   q.rate = static_cast<T>(z.hidden_rate);
   Backend::zoneout_hidden(q);
 }
@@ -130,9 +136,7 @@ void zoneout_hidden_step_backward(const SequenceLayout& l, int64_t t,
   q.grad_hidden = grad_hidden;
   q.grad_output = grad_output + l.offsets[t] * P;
   q.grad_candidate = grad_candidate;
-  q.mask = z.hidden_mask.defined()
-               ? z.hidden_mask.data_ptr<bool>() + l.offsets[t] * P
-               : nullptr;
+  q.mask = hidden_mask_at(l, t, z, P);
   q.rate = static_cast<T>(z.hidden_rate);
   Backend::zoneout_hidden_backward(q);
 }

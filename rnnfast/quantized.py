@@ -148,11 +148,9 @@ class _QuantizedRecurrent(_RecurrentBase):
         super().__setstate__(state)
         self._repack()
 
-    def _refuse_training(self, input: Union[Tensor, PackedSequence],
-                         hx: Optional[tuple[Tensor, Tensor]]) -> None:
+    def _refuse_training(self, data: Tensor, hx: Optional[tuple[Tensor, Tensor]]) -> None:
         if not torch.is_grad_enabled():
             return
-        data = input.data if isinstance(input, PackedSequence) else input
         tensors = [data] + ([t for t in hx if isinstance(t, Tensor)]
                             if isinstance(hx, (tuple, list)) else [])
         tensors += list(self._buffers.values())  # a leaf module: its own buffers
@@ -169,8 +167,8 @@ class _QuantizedRecurrent(_RecurrentBase):
         """``(output, (h_n, c_n))``, as the float module's forward (padded,
         batch_first, unbatched or PackedSequence input; float32 on the CPU),
         never with dropout. Refuses inputs that require grad in grad mode."""
-        self._refuse_training(input, hx)
         data = input.data if isinstance(input, PackedSequence) else input
+        self._refuse_training(data, hx)
         if isinstance(data, Tensor) and data.device.type != "cpu":
             raise RuntimeError(
                 f"rnnfast.quantized.{type(self).__name__} runs on the CPU only (its int8 "
@@ -180,6 +178,28 @@ class _QuantizedRecurrent(_RecurrentBase):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", dtype=torch.qint8"
+
+    def _layer(self, layer_input: Tensor, names: list[str], h0: Tensor, c0: Tensor,
+               weights: tuple, batch_sizes: Optional[Tensor], reverse: bool
+               ) -> tuple[Tensor, Tensor, Tensor]:
+        """One layer and direction through the cell's int8 op; ``weights`` are
+        ``(w_ih, s_ih, w_hh, s_hh, b_ih, b_hh)`` (packed weights, scales,
+        biases or None)."""
+        raise NotImplementedError
+
+    def _run(self, input: Tensor, hx: tuple[Tensor, Tensor],
+             batch_sizes: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        def run(layer_input, idx, reverse, h0, c0):
+            names = self._all_weights[idx]
+            biases = ((self._buffers[names[2]], self._buffers[names[3]])
+                      if self.bias else (None, None))
+            weights = (*self._weight(names[0]), *self._weight(names[1]), *biases)
+            return self._layer(layer_input, names, h0, c0, weights, batch_sizes, reverse)
+
+        return RF._stack(run, input, hx, num_layers=self.num_layers, dropout=0.0,
+                         training=False, bidirectional=self.bidirectional,
+                         batch_first=self.batch_first, batch_sizes=batch_sizes,
+                         variational_dropout=False)
 
 
 class LSTM(_QuantizedRecurrent):
@@ -231,23 +251,11 @@ class LSTM(_QuantizedRecurrent):
                    **_zoneout_of(mod))
         return cls._copy_from(qmod, mod)
 
-    def _run(self, input: Tensor, hx: tuple[Tensor, Tensor],
-             batch_sizes: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        def run(layer_input, idx, reverse, h0, c0):
-            names = self._all_weights[idx]
-            w_ih, s_ih = self._weight(names[0])
-            w_hh, s_hh = self._weight(names[1])
-            b_ih, b_hh = ((self._buffers[names[2]], self._buffers[names[3]])
-                          if self.bias else (None, None))
-            w_hr, s_hr = self._weight(names[-1] if self.proj_size > 0 else None)
-            return qops.quantized_lstm_forward(
-                layer_input, h0, c0, w_ih, s_ih, w_hh, s_hh, b_ih, b_hh, w_hr, s_hr,
-                batch_sizes, reverse, self.zoneout_hidden, self.zoneout_cell)
-
-        return RF._stack(run, input, hx, num_layers=self.num_layers, dropout=0.0,
-                         training=False, bidirectional=self.bidirectional,
-                         batch_first=self.batch_first, batch_sizes=batch_sizes,
-                         variational_dropout=False)
+    def _layer(self, layer_input, names, h0, c0, weights, batch_sizes, reverse):
+        w_hr, s_hr = self._weight(names[-1] if self.proj_size > 0 else None)
+        return qops.quantized_lstm_forward(
+            layer_input, h0, c0, *weights, w_hr, s_hr, batch_sizes, reverse,
+            self.zoneout_hidden, self.zoneout_cell)
 
 
 class LayerNormLSTM(_QuantizedRecurrent):
@@ -302,23 +310,11 @@ class LayerNormLSTM(_QuantizedRecurrent):
         s = super().extra_repr()
         return s + (f", eps={self.eps}" if self.eps != 1e-5 else "")
 
-    def _run(self, input: Tensor, hx: tuple[Tensor, Tensor],
-             batch_sizes: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        def run(layer_input, idx, reverse, h0, c0):
-            names = self._all_weights[idx]
-            w_ih, s_ih = self._weight(names[0])
-            w_hh, s_hh = self._weight(names[1])
-            b_ih, b_hh = ((self._buffers[names[2]], self._buffers[names[3]])
-                          if self.bias else (None, None))
-            ln = [self._buffers[n] for n in names[-len(RF._LN_NAMES):]]
-            return qops.quantized_layer_norm_lstm_forward(
-                layer_input, h0, c0, w_ih, s_ih, w_hh, s_hh, b_ih, b_hh, *ln,
-                batch_sizes, reverse, self.eps, self.zoneout_hidden, self.zoneout_cell)
-
-        return RF._stack(run, input, hx, num_layers=self.num_layers, dropout=0.0,
-                         training=False, bidirectional=self.bidirectional,
-                         batch_first=self.batch_first, batch_sizes=batch_sizes,
-                         variational_dropout=False)
+    def _layer(self, layer_input, names, h0, c0, weights, batch_sizes, reverse):
+        ln = [self._buffers[n] for n in names[-len(RF._LN_NAMES):]]
+        return qops.quantized_layer_norm_lstm_forward(
+            layer_input, h0, c0, *weights, *ln, batch_sizes, reverse, self.eps,
+            self.zoneout_hidden, self.zoneout_cell)
 
 
 def _quantized_copy(mod: nn.Module) -> Optional[nn.Module]:

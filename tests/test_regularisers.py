@@ -65,6 +65,17 @@ def _reference_layer(cell, sample, training, z_h, z_c, mask_h, mask_c):
     return out, hy[0], cy[0]
 
 
+def _backward_args(cell, sample, grads, saved):
+    """The backward op's positional arguments for a forward of the sample
+    (``saved``: the forward op's outputs), from the output gradients."""
+    x, hx, cx, *rest = sample.args
+    if cell.layer_norm:
+        return (*grads, x, hx, cx, *rest[:10], sample.batch_sizes, sample.reverse,
+                saved[0], *saved[3:7])
+    return (*grads, x, hx, cx, rest[0], rest[1], rest[4], sample.batch_sizes,
+            sample.reverse, saved[0], saved[3], saved[4])
+
+
 def _op_zoneout(mode, z_h, z_c, mask_h, mask_c):
     """The op's zoneout arguments: masks in training, rates in evaluation."""
     if mode == "mask":
@@ -132,13 +143,7 @@ def test_backward_op_opcheck_with_zoneout(cell):
     saved = cell.forward(*sample.args, **zo)
     g = torch.Generator().manual_seed(8)
     grads = [torch.randn(t.shape, generator=g, dtype=t.dtype) for t in saved[:3]]
-    x, hx, cx, *rest = sample.args
-    if cell.layer_norm:
-        args = (*grads, x, hx, cx, *rest[:10], sample.batch_sizes, sample.reverse,
-                saved[0], *saved[3:7])
-    else:
-        args = (*grads, x, hx, cx, rest[0], rest[1], rest[4], sample.batch_sizes,
-                sample.reverse, saved[0], saved[3], saved[4])
+    args = _backward_args(cell, sample, grads, saved)
     kwargs = dict(cell_states=saved[-1], **zo)
     torch.library.opcheck(cell.backward, args, kwargs)
 
@@ -416,14 +421,8 @@ def test_backward_without_cell_states_is_refused(cell):
     sample = _op_sample(cell, seed=13, requires_grad=False)
     _, mask_c = _masks(sample, 0.0, 0.5)
     saved = cell.forward(*sample.args)
-    x, hx, cx, *rest = sample.args
     grads = [torch.ones_like(t) for t in saved[:3]]
-    if cell.layer_norm:
-        args = (*grads, x, hx, cx, *rest[:10], sample.batch_sizes, sample.reverse,
-                saved[0], *saved[3:7])
-    else:
-        args = (*grads, x, hx, cx, rest[0], rest[1], rest[4], sample.batch_sizes,
-                sample.reverse, saved[0], saved[3], saved[4])
+    args = _backward_args(cell, sample, grads, saved)
     with pytest.raises(RuntimeError, match="needs the forward's cell_states"):
         cell.backward(*args, zoneout_cell_mask=mask_c)
 
