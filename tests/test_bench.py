@@ -15,7 +15,8 @@ from rnnfast.bench import cli
 from rnnfast.bench.cases import PRESETS, Case, expand
 from rnnfast.bench.compare import classify, compare
 from rnnfast.bench import impls as impls_module
-from rnnfast.bench.impls import discover, fastest_product, floor_gemms, make_inputs
+from rnnfast.bench.impls import (PRODUCTS, arithmetic_bound, discover, fastest_product,
+                                 floor_gemms, make_inputs)
 from rnnfast.bench.report import markdown, tables, write_readme
 from rnnfast.bench.results import FIELDS, KEY, finalize, load
 from rnnfast.bench.suite import Settings, run_suite, tf32_mode
@@ -267,6 +268,21 @@ def test_floor_gemms():
                          + 16 * 21 * 5 + 21 * 16 * 5)        # dW_ih, dx
 
 
+def test_arithmetic_bound_uses_the_best_rate_of_the_timed_products():
+    case = Case(T=7, B=3, I=5, H=4, mode="training")
+    mm, linear = PRODUCTS[0], PRODUCTS[1]
+    # the recurrent product at 2*3*4*16 flops in 1 us, the input one at
+    # 2*21*5*16 flops in 2 us: the latter's 1.68 GFLOP/s is the best rate
+    chosen = {("h_t @ W_hh^T", 3, 4, 16): (mm, {"mm": 1e-6, "linear": 5e-7}),
+              ("x @ W_ih^T", 21, 5, 16): (linear, {"mm": 9e-6, "linear": 2e-6})}
+    flops = sum(g.flops for g in floor_gemms(case))
+    rate = 2 * 21 * 5 * 16 / 2e-6
+    got = arithmetic_bound(case, chosen)
+    assert got == (f"arithmetic bound {flops / rate * 1e3:.3g} ms ({flops / 1e9:.3g} GFLOP "
+                   f"at {rate / 1e9:.0f} GFLOP/s, the best rate of these products here)")
+    assert arithmetic_bound(case, {}) is None
+
+
 def test_saved_bytes_counts_unique_storages_and_leaves_out_kept():
     x = torch.randn(10, 8, requires_grad=True)
     holder = {}
@@ -348,6 +364,7 @@ def test_results_json_schema(tiny_run):
             assert floor["max_abs_diff"] is None
             assert floor["backend"].startswith("eager; ")  # and the products that won
             assert "h_t @ W_hh^T" in floor["backend"] and "x @ W_ih^T" in floor["backend"]
+            assert "arithmetic bound" in floor["backend"]
 
 
 def test_results_csv_has_the_same_rows(tiny_run):

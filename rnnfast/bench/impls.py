@@ -44,7 +44,7 @@ from .. import reference
 from .cases import Case
 
 __all__ = ["Impl", "Runner", "Inputs", "Gemm", "Product", "PRODUCTS", "BASELINES", "FAMILIES",
-           "discover", "make_inputs", "floor_gemms", "fastest_product", "SkipCase"]
+           "discover", "make_inputs", "floor_gemms", "fastest_product", "arithmetic_bound", "SkipCase"]
 
 BASELINES = {
     "LSTM": "torch.nn.LSTM",
@@ -563,11 +563,32 @@ def _gemm_floor(case: Case, inputs: Inputs) -> Runner:
         if what not in by_product.setdefault(product.name, []):
             by_product[product.name].append(what)
     products = "; ".join(f"{name}: {', '.join(whats)}" for name, whats in by_product.items())
+    bound = arithmetic_bound(case, chosen)
+    if bound is not None:
+        products += "; " + bound
     if case.device.startswith("cuda"):
         graphed = _cuda_graphs(step, len(inputs))
         if graphed is not None:
             return Runner(graphed, backend=f"cuda-graph; {products}")
     return Runner(step, backend=f"eager; {products}")
+
+
+def arithmetic_bound(case: Case, chosen: dict) -> Optional[str]:
+    """The case's multiply-adds at the best rate any of its products
+    reached here (``chosen`` maps ``(what, m, k, n)`` to the winning
+    product and every candidate's seconds per call): a time no
+    implementation doing these GEMMs in this dtype can beat on this machine,
+    whatever its overheads. None when no product was timed."""
+    rate = 0.0  # FLOP/s
+    for (what, m, k, n), (product, seconds) in chosen.items():
+        if seconds.get(product.name):
+            rate = max(rate, 2 * m * k * n / seconds[product.name])
+    if rate == 0.0:
+        return None
+    flops = sum(g.flops for g in floor_gemms(case))
+    return (f"arithmetic bound {flops / rate * 1e3:.3g} ms "
+            f"({flops / 1e9:.3g} GFLOP at {rate / 1e9:.0f} GFLOP/s, "
+            f"the best rate of these products here)")
 
 
 def _cuda_graphs(step: Callable[[int], None], count: int,
