@@ -543,13 +543,16 @@ def test_packed_and_projected_training_step_under_cuda_graph_capture(cuda_device
                                        msg=lambda m, name=name: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("hidden,batch", [(600, 64), (481, 3), (2100, 5)],
-                         ids=["H600-B64", "H481-B3", "H2100-B5"])
+@pytest.mark.parametrize("hidden,batch", [(600, 64), (481, 3), (2100, 5), (600, 150),
+                                          (300, 4)],
+                         ids=["H600-B64", "H481-B3", "H2100-B5", "H600-B150", "H300-B4"])
 def test_large_hidden_layer_norm_lstm_matches_cpu(cuda_device, hidden, batch):
     """The LayerNorm kernels' large-row paths: H >= 481 fills a 512-thread
     row group; with fewer rows than SMs (B = 64 on an H100 / H200) a row is
-    spread over a thread-block cluster on Hopper; H = 2100 makes each thread
-    of a row loop over several hidden units. Every output and gradient, in
+    spread over a thread-block cluster on Hopper (four blocks; two at
+    H = 300); with more (B = 150 padded) each row has its block of 512
+    threads, as on every GPU before Hopper; H = 2100 makes each thread of a
+    row loop over several hidden units. Every output and gradient, in
     float64, equals the CPU kernels', padded and packed."""
     torch.manual_seed(0)
     cpu_model = shared.randomize_layer_norm_(

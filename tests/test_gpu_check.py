@@ -328,6 +328,11 @@ def test_sanitizer_cases_cover_the_issue():
     assert any(c.get("proj_size") for c in cases)
     assert any(c["dtype"] == torch.bfloat16 and c.get("packed") for c in cases)
     assert any(c["dtype"] == torch.bfloat16 and c.get("hidden_size", 0) >= 600 for c in cases)
+    # Both large-row LayerNorm paths on a 132-SM Hopper: fewer rows than SMs
+    # (a row over a thread-block cluster) and more (a 512-thread block a row)
+    assert any(c.get("hidden_size", 0) >= 481 and c.get("batch", sc.B) < 132 for c in cases)
+    assert any(c.get("hidden_size", 0) >= 481 and c.get("batch", sc.B) >= 132
+               and not c.get("packed") for c in cases)
 
 
 def test_sanitizer_large_cases_run_on_cpu():
@@ -340,6 +345,8 @@ def test_sanitizer_large_cases_run_on_cpu():
             sc.run_case(rnnfast.LSTM, case, device="cpu")
     sc.run_case(rnnfast.LayerNormLSTM,
                 next(c for c in sc.CASES if c.get("hidden_size", 0) >= 600), device="cpu")
+    sc.run_case(rnnfast.LayerNormLSTM,
+                next(c for c in sc.CASES if c.get("batch", sc.B) >= 132), device="cpu")
 
 
 def test_decode_overhead_script_runs():
