@@ -80,6 +80,10 @@ TOOL_REFUSED = ("Device not supported", "LibraryNotLoaded", "ERR_NVGPUCTRPERM",
 
 SANITIZER_TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
 
+# The skip reason that scripts/gpu_check_pytest.py gives a test
+# not run because an earlier test of its process broke the CUDA context.
+NOT_RUN = "not run: the CUDA context of this process was broken by"
+
 
 @dataclass
 class Stage:
@@ -160,7 +164,7 @@ def summarize_tests(path: Path) -> Optional[dict]:
     """Counts and failed test ids from a gpu_check_pytest JSON-lines log."""
     if not path.exists():
         return None
-    counts = {"passed": 0, "failed": 0, "skipped": 0, "error": 0}
+    counts = {"passed": 0, "failed": 0, "skipped": 0, "error": 0, "not_run": 0}
     failed: list[str] = []
     for line in path.read_text().splitlines():
         try:
@@ -168,6 +172,8 @@ def summarize_tests(path: Path) -> Optional[dict]:
         except json.JSONDecodeError:  # a line cut by a kill
             continue
         outcome = rec.get("outcome")
+        if outcome == "skipped" and NOT_RUN in str(rec.get("reason", "")):
+            outcome = "not_run"  # after a test that broke the CUDA context
         if outcome in counts:
             counts[outcome] += 1
         if outcome in ("failed", "error"):
@@ -320,6 +326,8 @@ def _tests_cell(o: Outcome) -> str:
     cell = f"{t['passed']} passed, {t['failed']} failed, {t['skipped']} skipped"
     if t["error"]:
         cell += f", {t['error']} errors"
+    if t.get("not_run"):
+        cell += f", {t['not_run']} not run after a test broke the CUDA context"
     return cell
 
 

@@ -195,6 +195,64 @@ def test_pytest_stage_interrupted_still_reports(tmp_path):
     assert "test_two_fails" in xml and "test_compiled_aot_eager" in xml
 
 
+_BREAKS_CUDA = """
+def test_a_passes():
+    pass
+
+
+def test_b_breaks_the_context(request):
+    # as after an illegal address: every later CUDA call of the process fails
+    guard = request.config.pluginmanager.get_plugin("gpu_check_cuda_context")
+    guard.probe = lambda: "AcceleratorError: CUDA error: an illegal memory access"
+    assert False, "CUDA error: an illegal memory access was encountered"
+
+
+def test_c_after():
+    pass
+
+
+def test_d_after():
+    pass
+"""
+
+
+def test_tests_after_a_broken_cuda_context_are_not_run(tmp_path):
+    """After a test leaves the CUDA context broken (the plugin's probe says
+    so), the process's later tests are skipped as "not run", naming the test
+    that broke it, instead of failing one after the other."""
+    (tmp_path / "test_fake.py").write_text(_BREAKS_CUDA)
+    work = tmp_path / "work"
+    work.mkdir()
+    cmd = gpu_check.pytest_command(PY, [str(tmp_path / "test_fake.py")], str(work / "t"))
+    env = {"PYTHONPATH": os.pathsep.join([str(SCRIPTS), str(ROOT)])}
+    stage = Stage("t", cmd, cap_s=60, min_s=1, interrupt=True, env=env, tests_log="t.jsonl")
+    o, out, *_ = run([stage], 90, tmp_path)
+    t = o["t"]
+    assert t.status == FAILED
+    assert (t.tests["passed"], t.tests["failed"], t.tests["not_run"], t.tests["skipped"]) \
+        == (1, 1, 2, 0)
+    assert t.tests["failed_ids"][0].endswith("test_b_breaks_the_context")
+    records = [json.loads(line) for line in (work / "t.jsonl").read_text().splitlines()]
+    after = [r for r in records if r["nodeid"].endswith(("test_c_after", "test_d_after"))]
+    assert len(after) == 2
+    assert all(r["outcome"] == "skipped" and "test_b_breaks_the_context" in r["reason"]
+               and "illegal memory access" in r["reason"] for r in after)
+    assert "2 not run after a test broke the CUDA context" in (out / "stages.md").read_text()
+
+
+def test_a_failure_that_leaves_cuda_working_stops_nothing(tmp_path):
+    """Without a broken context (the probe of a process that never made one
+    says None), a failure is just a failure."""
+    (tmp_path / "test_fake.py").write_text(_TESTS.replace("def test_zz_hangs", "def _unused"))
+    work = tmp_path / "work"
+    work.mkdir()
+    cmd = gpu_check.pytest_command(PY, [str(tmp_path / "test_fake.py")], str(work / "t"))
+    env = {"PYTHONPATH": os.pathsep.join([str(SCRIPTS), str(ROOT)])}
+    stage = Stage("t", cmd, cap_s=60, min_s=1, env=env, tests_log="t.jsonl")
+    o, *_ = run([stage], 90, tmp_path)
+    assert (o["t"].tests["passed"], o["t"].tests["failed"], o["t"].tests["not_run"]) == (3, 1, 0)
+
+
 @pytest.mark.parametrize("source, inductor", [
     ("torch.compile(m)", True),
     ("torch.compile(m, fullgraph=True)", True),
