@@ -446,7 +446,12 @@ def pytest_command(py: str, targets: list[str], name: str, extra: Sequence[str] 
     if workers > 1:
         cmd += ["-n", str(workers)]
     if per_test_timeout:
-        cmd += [f"--timeout={per_test_timeout}"]
+        # The thread method: a test blocked in a CUDA call (a hung kernel)
+        # never returns to Python, so the signal method could not stop it;
+        # the thread method ends the process (under pytest-xdist a fresh
+        # worker takes the remaining tests, and the test is reported as
+        # crashed). -o: the ini name, which every pytest-timeout knows.
+        cmd += [f"--timeout={per_test_timeout}", "-o", "timeout_method=thread"]
     return cmd
 
 

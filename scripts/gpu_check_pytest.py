@@ -125,11 +125,18 @@ class _Log:
             outcome = "skipped" if report.skipped else "error"
         elif report.when == "teardown" and report.failed:
             outcome = "error"
+        elif report.when not in ("setup", "call", "teardown") and report.failed:
+            # pytest-xdist's report of a test whose worker died under it
+            # (a segfault, or pytest-timeout's thread method ending a hung
+            # test): when is "???"
+            outcome = "failed"
         if outcome is not None:
             record = dict(nodeid=report.nodeid, outcome=outcome, when=report.when,
                           seconds=round(report.duration, 3))
             if outcome == "skipped" and isinstance(report.longrepr, tuple):
                 record["reason"] = str(report.longrepr[2])[:300]
+            elif report.when not in ("setup", "call", "teardown"):
+                record["reason"] = str(report.longrepr)[:300]
             self.write(**record)
 
 

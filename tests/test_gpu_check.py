@@ -253,6 +253,71 @@ def test_a_failure_that_leaves_cuda_working_stops_nothing(tmp_path):
     assert (o["t"].tests["passed"], o["t"].tests["failed"], o["t"].tests["not_run"]) == (3, 1, 0)
 
 
+def test_a_test_whose_worker_died_is_logged_as_failed(tmp_path):
+    """pytest-xdist reports a test whose worker died under it (a segfault,
+    or pytest-timeout's thread method ending a hung CUDA call) with when
+    "???": the log keeps it as failed, with xdist's words."""
+    import gpu_check_pytest
+
+    log = gpu_check_pytest._Log(str(tmp_path / "t.jsonl"))
+    crash = pytest.TestReport(nodeid="tests/test_x.py::test_segfault", location=("x", None, "x"),
+                              keywords={}, outcome="failed", when="???",
+                              longrepr="worker 'gw1' crashed while running "
+                                       "'tests/test_x.py::test_segfault'")
+    log.pytest_runtest_logreport(crash)
+    log.file.close()
+    summary = gpu_check.summarize_tests(tmp_path / "t.jsonl")
+    assert (summary["failed"], summary["failed_ids"]) == (1, ["tests/test_x.py::test_segfault"])
+    record = json.loads((tmp_path / "t.jsonl").read_text())
+    assert "crashed while running" in record["reason"]
+
+
+def test_per_test_time_limit_uses_the_thread_method():
+    """A test blocked in a CUDA call never returns to Python, where the
+    signal method's exception would be raised."""
+    cmd = gpu_check.pytest_command(PY, ["t.py"], "t", per_test_timeout=120)
+    assert "--timeout=120" in cmd
+    assert cmd[cmd.index("-o") + 1] == "timeout_method=thread"
+    assert not any(a.startswith("--timeout") for a in
+                   gpu_check.pytest_command(PY, ["t.py"], "t"))
+
+
+_SEGFAULT = """
+import ctypes
+
+
+def test_a_passes():
+    pass
+
+
+def test_b_segfaults():
+    ctypes.string_at(0)
+
+
+def test_c_passes():
+    pass
+"""
+
+
+def test_a_segfault_under_xdist_keeps_every_other_result(tmp_path):
+    """The GPU check's pytest stages run under pytest-xdist where it is
+    installed (the GPU machine has it): a test that kills its worker is
+    logged as failed and the others still run and are logged."""
+    pytest.importorskip("xdist")
+    (tmp_path / "test_fake.py").write_text(_SEGFAULT)
+    work = tmp_path / "work"
+    work.mkdir()
+    cmd = gpu_check.pytest_command(PY, [str(tmp_path / "test_fake.py")], str(work / "t"),
+                                   workers=2)
+    env = {"PYTHONPATH": os.pathsep.join([str(SCRIPTS), str(ROOT)])}
+    stage = Stage("t", cmd, cap_s=120, min_s=1, env=env, tests_log="t.jsonl")
+    o, *_ = run([stage], 150, tmp_path)
+    t = o["t"].tests
+    assert o["t"].status == FAILED
+    assert (t["passed"], t["failed"]) == (2, 1)
+    assert t["failed_ids"][0].endswith("test_b_segfaults")
+
+
 @pytest.mark.parametrize("source, inductor", [
     ("torch.compile(m)", True),
     ("torch.compile(m, fullgraph=True)", True),
