@@ -51,6 +51,7 @@ import argparse
 import ast
 import csv
 import dataclasses
+import io
 import json
 import os
 import shutil
@@ -375,10 +376,48 @@ def write_report(outcomes: Sequence[Outcome], outdir: Path, work: Path,
         if src.exists():
             shutil.copy(src, outdir / rel.replace("/", "_"))
     if work.resolve() != outdir.resolve():
-        tmp = outdir / "gpu_check.tar.gz.part"
+        write_archive(work, outdir / "gpu_check.tar.gz")
+
+
+# A device machine returns no file over 16 MiB: the archive must stay under
+# this, or every log in it is lost (a sanitizer reporting an error in every
+# thread of every launch can write hundreds of megabytes).
+ARCHIVE_LIMIT_BYTES = 15 * 2**20
+# What is kept of each file over this size when the archive must shrink:
+# its end, where the summaries and the last errors are.
+KEEP_BYTES = 2 * 2**20
+
+
+def write_archive(work: Path, dest: Path, limit_bytes: int = ARCHIVE_LIMIT_BYTES,
+                  keep_bytes: int = KEEP_BYTES) -> None:
+    """``work`` as ``dest`` (tar.gz, under the folder name gpu_check); if
+    that is over ``limit_bytes``, again with each file over ``keep_bytes``
+    cut to its last ``keep_bytes``, marked at its start."""
+    tmp = dest.with_name(dest.name + ".part")
+
+    def write(cut: bool) -> None:
         with tarfile.open(tmp, "w:gz") as tar:
-            tar.add(work, arcname="gpu_check")
-        tmp.replace(outdir / "gpu_check.tar.gz")
+            for path in sorted(work.rglob("*")):
+                if not path.is_file():
+                    continue
+                name = f"gpu_check/{path.relative_to(work).as_posix()}"
+                size = path.stat().st_size
+                if not cut or size <= keep_bytes:
+                    tar.add(path, arcname=name, recursive=False)
+                    continue
+                with path.open("rb") as f:
+                    f.seek(size - keep_bytes)
+                    data = (f"[gpu_check: the first {size - keep_bytes} of {size} bytes were "
+                            f"cut to keep the archive under {limit_bytes} bytes]\n"
+                            ).encode() + f.read()
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime = len(data), int(path.stat().st_mtime)
+                tar.addfile(info, io.BytesIO(data))
+
+    write(cut=False)
+    if tmp.stat().st_size > limit_bytes:
+        write(cut=True)
+    tmp.replace(dest)
 
 
 # ---------------------------------------------------------------------------

@@ -253,6 +253,27 @@ def test_a_failure_that_leaves_cuda_working_stops_nothing(tmp_path):
     assert (o["t"].tests["passed"], o["t"].tests["failed"], o["t"].tests["not_run"]) == (3, 1, 0)
 
 
+def test_archive_stays_under_the_device_file_limit(tmp_path):
+    """An archive over the limit (a device machine returns no file over 16
+    MiB) is written again with each large file cut to its end."""
+    work = tmp_path / "work"
+    (work / "bench").mkdir(parents=True)
+    (work / "memcheck.log").write_bytes(os.urandom(600_000) + b"ERROR SUMMARY: 7 errors\n")
+    (work / "bench" / "results.json").write_text('{"ok": true}')
+    small = tmp_path / "small.tar.gz"
+    gpu_check.write_archive(work, small, limit_bytes=10**7, keep_bytes=50_000)
+    with tarfile.open(small) as tar:  # under the limit: whole
+        assert tar.getmember("gpu_check/memcheck.log").size == 600_024
+    cut = tmp_path / "cut.tar.gz"
+    gpu_check.write_archive(work, cut, limit_bytes=200_000, keep_bytes=50_000)
+    assert cut.stat().st_size <= 200_000 and not (tmp_path / "cut.tar.gz.part").exists()
+    with tarfile.open(cut) as tar:
+        log = tar.extractfile("gpu_check/memcheck.log").read()
+        assert log.startswith(b"[gpu_check: the first 550024 of 600024 bytes were cut")
+        assert log.endswith(b"ERROR SUMMARY: 7 errors\n")
+        assert tar.extractfile("gpu_check/bench/results.json").read() == b'{"ok": true}'
+
+
 def test_a_test_whose_worker_died_is_logged_as_failed(tmp_path):
     """pytest-xdist reports a test whose worker died under it (a segfault,
     or pytest-timeout's thread method ending a hung CUDA call) with when
