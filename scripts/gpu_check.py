@@ -697,11 +697,19 @@ def env_stage(out_json: Path) -> int:
     return 1 if problems else 0
 
 
+def pip_install_command(py: str) -> list[str]:
+    """The build's pip command: the editable install with the machine's own
+    torch and setuptools. --no-index (and no version check): the GPU machine
+    has no internet, where pip's check for a newer pip could wait out its
+    connection time-outs and retries before the build starts."""
+    return [py, "-m", "pip", "install", "--no-index", "--disable-pip-version-check",
+            "--no-build-isolation", "--no-deps", "-v", "-e", "."]
+
+
 def build_stage(out_json: Path) -> int:
     print(f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '<setup.py default>')} "
           f"MAX_JOBS={os.environ.get('MAX_JOBS')}", flush=True)
-    rc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-build-isolation",
-                         "--no-deps", "-v", "-e", "."], cwd=ROOT).returncode
+    rc = subprocess.run(pip_install_command(sys.executable), cwd=ROOT).returncode
     if rc != 0:
         print("pip install -e . failed; building in place with setup.py instead", flush=True)
         rc = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"],

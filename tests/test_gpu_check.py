@@ -293,6 +293,13 @@ def test_a_test_whose_worker_died_is_logged_as_failed(tmp_path):
     assert "crashed while running" in record["reason"]
 
 
+def test_build_never_reaches_for_the_network():
+    cmd = gpu_check.pip_install_command(PY)
+    for flag in ("--no-index", "--disable-pip-version-check", "--no-build-isolation",
+                 "--no-deps", "-e"):
+        assert flag in cmd
+
+
 def test_per_test_time_limit_uses_the_thread_method():
     """A test blocked in a CUDA call never returns to Python, where the
     signal method's exception would be raised."""
