@@ -514,6 +514,27 @@ def after_env(outcome: Outcome, work: Path) -> Optional[str]:
     return "; ".join(notes) or None
 
 
+def after_sanitizer(outcome: Outcome, work: Path) -> Optional[str]:
+    """What a sanitizer stage's log says: how many of sanitize_case.py's
+    cases ran (so a stage stopped at its limit still tells how far it got)
+    and the tool's own summary line."""
+    try:
+        text = (work / f"{outcome.name}.log").read_text(errors="replace")
+    except OSError:
+        return None
+    lines = text.splitlines()
+    ok_cases = sum(line.startswith("ok ") for line in lines)
+    failed = [line for line in lines if line.startswith("FAIL ")]
+    summary = [line.strip("= ").strip() for line in lines
+               if "ERROR SUMMARY:" in line or "RACECHECK SUMMARY:" in line]
+    notes = [f"{ok_cases} cases ok, {len(failed)} failed"]
+    if failed:
+        notes.append("first failure: " + failed[0][5:][:200])
+    if summary:
+        notes.append(summary[-1])
+    return "; ".join(notes)
+
+
 def after_ncu(outcome: Optional[Outcome], work: Path) -> Optional[str]:
     """ncu_kernels.csv from ncu's CSV (its --log-file, else its log)."""
     rows: list[dict] = []
@@ -606,7 +627,8 @@ def build_stages(py: str, work: Path, quick: bool = False,
             stages.append(Stage(
                 tool, cmd, cap_s=150, min_s=45, needs=("build",), group="sanitizers",
                 env=dict(pyenv, PYTORCH_NO_CUDA_MEMORY_CACHING="1"), refused=TOOL_REFUSED,
-                skip=None if sanitizer else "compute-sanitizer not found"))
+                skip=None if sanitizer else "compute-sanitizer not found",
+                after=after_sanitizer))
     stages.append(Stage(
         "bench", [py, "-m", "rnnfast.bench", "--grid", "gpu", "--impls", "rnnfast.*",
                   "--out", str(work / "bench")],

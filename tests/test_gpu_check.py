@@ -293,6 +293,20 @@ def test_a_test_whose_worker_died_is_logged_as_failed(tmp_path):
     assert "crashed while running" in record["reason"]
 
 
+def test_sanitizer_note_says_how_far_the_cases_got(tmp_path):
+    (tmp_path / "racecheck.log").write_text(
+        "ok   LSTM {'dtype': torch.float32}\n"
+        "FAIL LSTM {'dtype': torch.float16}: RuntimeError: CUDA error\n"
+        "ok   LayerNormLSTM {'dtype': torch.float32}\n"
+        "========= RACECHECK SUMMARY: 2 hazards displayed (2 errors, 0 warnings)\n")
+    note = gpu_check.after_sanitizer(gpu_check.Outcome("racecheck", FAILED), tmp_path)
+    assert note.startswith("2 cases ok, 1 failed; first failure: LSTM {'dtype': torch.float16}")
+    assert note.endswith("RACECHECK SUMMARY: 2 hazards displayed (2 errors, 0 warnings)")
+    assert gpu_check.after_sanitizer(gpu_check.Outcome("memcheck", FAILED), tmp_path) is None
+    stages = {s.name: s for s in gpu_check.build_stages(PY, tmp_path, workers=0)}
+    assert all(stages[t].after is gpu_check.after_sanitizer for t in gpu_check.SANITIZER_TOOLS)
+
+
 def test_build_never_reaches_for_the_network():
     cmd = gpu_check.pip_install_command(PY)
     for flag in ("--no-index", "--disable-pip-version-check", "--no-build-isolation",
