@@ -517,7 +517,9 @@ def after_env(outcome: Outcome, work: Path) -> Optional[str]:
 def after_sanitizer(outcome: Outcome, work: Path) -> Optional[str]:
     """What a sanitizer stage's log says: how many of sanitize_case.py's
     cases ran (so a stage stopped at its limit still tells how far it got)
-    and the tool's own summary line."""
+    and the tool's own summary line. Nothing for a tool that could not run."""
+    if outcome.status == SKIPPED:
+        return None
     try:
         text = (work / f"{outcome.name}.log").read_text(errors="replace")
     except OSError:

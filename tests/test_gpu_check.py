@@ -303,6 +303,7 @@ def test_sanitizer_note_says_how_far_the_cases_got(tmp_path):
     assert note.startswith("2 cases ok, 1 failed; first failure: LSTM {'dtype': torch.float16}")
     assert note.endswith("RACECHECK SUMMARY: 2 hazards displayed (2 errors, 0 warnings)")
     assert gpu_check.after_sanitizer(gpu_check.Outcome("memcheck", FAILED), tmp_path) is None
+    assert gpu_check.after_sanitizer(gpu_check.Outcome("racecheck", SKIPPED), tmp_path) is None
     stages = {s.name: s for s in gpu_check.build_stages(PY, tmp_path, workers=0)}
     assert all(stages[t].after is gpu_check.after_sanitizer for t in gpu_check.SANITIZER_TOOLS)
 
