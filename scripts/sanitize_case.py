@@ -4,7 +4,7 @@ synccheck and initcheck).
 
 Covers padded and packed (unsorted) input, batch_first, both directions, two
 layers, a projection and each dtype family (bfloat16 with packed input and
-with a projection too), on shapes small enough that the sanitizer finishes
+with a projection too), zoneout, DropConnect and variational dropout, on shapes small enough that the sanitizer finishes
 in seconds, for rnnfast.LSTM and rnnfast.LayerNormLSTM (which skips the
 cases with a projection). The hidden sizes cover every path of the
 LayerNorm row reductions: 6 (a row within one warp, eight rows to a block),
@@ -51,6 +51,15 @@ CASES = [
     # row, no cluster (the path of every GPU before Hopper)
     dict(dtype=torch.float32, hidden_size=600, batch=160, steps=2),
     dict(dtype=torch.bfloat16, packed=True, proj_size=P),
+    # the regularisers: zoneout's step kernels (ZoneoutCell) and hidden-state
+    # kernels, with masks in training and rates in evaluation, DropConnect
+    # and variational dropout; half types with a projection and packed rows
+    dict(dtype=torch.float32, packed=True, bidirectional=True, num_layers=2, dropout=0.3,
+         zoneout_hidden=0.2, zoneout_cell=0.3, weight_dropout=0.2, variational_dropout=True),
+    dict(dtype=torch.bfloat16, packed=True, proj_size=P, zoneout_hidden=0.2,
+         zoneout_cell=0.3),
+    dict(dtype=torch.float16, bidirectional=True, hidden_size=40, zoneout_hidden=0.2,
+         zoneout_cell=0.3),
 ]
 
 

@@ -589,3 +589,58 @@ def test_grid_stride_loops_match_cpu(cuda_device, layer):
     got = shared.forward_backward(gpu_model, x.to(cuda_device))
     got = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in got.items()}
     shared.assert_results_close(got, expected, scaled=True, atol=1e-10, rtol=1e-9)
+
+
+# ---- Zoneout: the ZoneoutCell step kernels and the hidden-state kernels ----------
+#
+# test_regularisers.py checks zoneout against the reference on the CPU only;
+# here the CUDA ops give what the CPU ops give, with the same masks (or
+# rates), in float64, for both cells, padded and reverse packed (rows that
+# start from the initial state part-way), a projection for the LSTM.
+
+ZONEOUT_RATES = {"h": (0.3, 0.0), "c": (0.0, 0.4), "hc": (0.3, 0.4)}
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=repr)
+@pytest.mark.parametrize("kind", ZONEOUT_RATES.keys())
+@pytest.mark.parametrize("mode", ["mask", "rate"])
+@pytest.mark.parametrize("layout", ["padded", "packed_reverse"])
+def test_zoneout_matches_cpu(cuda_device, cell, kind, mode, layout):
+    z_h, z_c = ZONEOUT_RATES[kind]
+    packed = layout == "packed_reverse"
+    sample = cell.op_sample(steps=5, batch=4, input_size=3, hidden=40,
+                            proj=0 if cell.layer_norm else 6,
+                            lengths=[5, 4, 2, 1] if packed else None, reverse=packed,
+                            requires_grad=True, seed=3)
+    x, hx, cx = sample.args[:3]
+    g = torch.Generator().manual_seed(1)
+    rows = x.shape[:-1]
+    mask_h = (torch.rand((*rows, hx.shape[-1]), generator=g) < z_h) if z_h else None
+    mask_c = (torch.rand((*rows, cx.shape[-1]), generator=g) < z_c) if z_c else None
+
+    def zoneout(device):
+        if mode == "rate":
+            return dict(zoneout_hidden=z_h, zoneout_cell=z_c)
+        return dict(zoneout_hidden_mask=None if mask_h is None else mask_h.to(device),
+                    zoneout_cell_mask=None if mask_c is None else mask_c.to(device))
+
+    def on(device):
+        return tuple(a.detach().to(device).requires_grad_(a.requires_grad)
+                     if isinstance(a, torch.Tensor) and a is not sample.batch_sizes else a
+                     for a in sample.args)
+
+    cuda_args = on(cuda_device)
+    expected = cell.forward(*sample.args, **zoneout("cpu"))[:3]
+    got = cell.forward(*cuda_args, **zoneout(cuda_device))[:3]
+    for name, a, e in zip(("output", "hy", "cy"), got, expected):
+        assert a.device.type == torch.device(cuda_device).type, name
+        torch.testing.assert_close(a.cpu(), e, **F64_DEVICE_TOL,
+                                   msg=lambda m, k=name: f"{k}: {m}")
+    gen = torch.Generator().manual_seed(5)
+    upstream = [torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in expected]
+    exp_grads = torch.autograd.grad(expected, sample.diff_args, upstream)
+    got_grads = torch.autograd.grad(got, [cuda_args[i] for i in sample.diff_positions],
+                                    [u.to(cuda_device) for u in upstream])
+    for name, a, e in zip(sample.diff_names, got_grads, exp_grads):
+        torch.testing.assert_close(a.cpu(), e, **F64_DEVICE_TOL,
+                                   msg=lambda m, k=name: f"grad {k}: {m}")

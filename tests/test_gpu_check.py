@@ -499,6 +499,11 @@ def test_sanitizer_cases_cover_the_issue():
     assert any(c.get("hidden_size", 0) >= 481 and c.get("batch", sc.B) < 132 for c in cases)
     assert any(c.get("hidden_size", 0) >= 481 and c.get("batch", sc.B) >= 132
                and not c.get("packed") for c in cases)
+    # zoneout's kernels on both states, in a half type with a projection too
+    assert any(c.get("zoneout_hidden") and c.get("zoneout_cell") and c.get("proj_size")
+               and c["dtype"] in (torch.bfloat16, torch.float16) for c in cases)
+    assert any(c.get("weight_dropout") and c.get("variational_dropout") and c.get("packed")
+               for c in cases)
 
 
 def test_sanitizer_large_cases_run_on_cpu():
