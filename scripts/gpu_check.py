@@ -51,6 +51,7 @@ import argparse
 import ast
 import csv
 import dataclasses
+import io
 import json
 import os
 import shutil
@@ -79,6 +80,10 @@ TOOL_REFUSED = ("Device not supported", "LibraryNotLoaded", "ERR_NVGPUCTRPERM",
                 "Failed to initialize the profiler")
 
 SANITIZER_TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
+
+# The skip reason that scripts/gpu_check_pytest.py gives a test
+# not run because an earlier test of its process broke the CUDA context.
+NOT_RUN = "not run: the CUDA context of this process was broken by"
 
 
 @dataclass
@@ -160,7 +165,7 @@ def summarize_tests(path: Path) -> Optional[dict]:
     """Counts and failed test ids from a gpu_check_pytest JSON-lines log."""
     if not path.exists():
         return None
-    counts = {"passed": 0, "failed": 0, "skipped": 0, "error": 0}
+    counts = {"passed": 0, "failed": 0, "skipped": 0, "error": 0, "not_run": 0}
     failed: list[str] = []
     for line in path.read_text().splitlines():
         try:
@@ -168,6 +173,8 @@ def summarize_tests(path: Path) -> Optional[dict]:
         except json.JSONDecodeError:  # a line cut by a kill
             continue
         outcome = rec.get("outcome")
+        if outcome == "skipped" and NOT_RUN in str(rec.get("reason", "")):
+            outcome = "not_run"  # after a test that broke the CUDA context
         if outcome in counts:
             counts[outcome] += 1
         if outcome in ("failed", "error"):
@@ -320,6 +327,8 @@ def _tests_cell(o: Outcome) -> str:
     cell = f"{t['passed']} passed, {t['failed']} failed, {t['skipped']} skipped"
     if t["error"]:
         cell += f", {t['error']} errors"
+    if t.get("not_run"):
+        cell += f", {t['not_run']} not run after a test broke the CUDA context"
     return cell
 
 
@@ -367,10 +376,48 @@ def write_report(outcomes: Sequence[Outcome], outdir: Path, work: Path,
         if src.exists():
             shutil.copy(src, outdir / rel.replace("/", "_"))
     if work.resolve() != outdir.resolve():
-        tmp = outdir / "gpu_check.tar.gz.part"
+        write_archive(work, outdir / "gpu_check.tar.gz")
+
+
+# A device machine returns no file over 16 MiB: the archive must stay under
+# this, or every log in it is lost (a sanitizer reporting an error in every
+# thread of every launch can write hundreds of megabytes).
+ARCHIVE_LIMIT_BYTES = 15 * 2**20
+# What is kept of each file over this size when the archive must shrink:
+# its end, where the summaries and the last errors are.
+KEEP_BYTES = 2 * 2**20
+
+
+def write_archive(work: Path, dest: Path, limit_bytes: int = ARCHIVE_LIMIT_BYTES,
+                  keep_bytes: int = KEEP_BYTES) -> None:
+    """``work`` as ``dest`` (tar.gz, under the folder name gpu_check); if
+    that is over ``limit_bytes``, again with each file over ``keep_bytes``
+    cut to its last ``keep_bytes``, marked at its start."""
+    tmp = dest.with_name(dest.name + ".part")
+
+    def write(cut: bool) -> None:
         with tarfile.open(tmp, "w:gz") as tar:
-            tar.add(work, arcname="gpu_check")
-        tmp.replace(outdir / "gpu_check.tar.gz")
+            for path in sorted(work.rglob("*")):
+                if not path.is_file():
+                    continue
+                name = f"gpu_check/{path.relative_to(work).as_posix()}"
+                size = path.stat().st_size
+                if not cut or size <= keep_bytes:
+                    tar.add(path, arcname=name, recursive=False)
+                    continue
+                with path.open("rb") as f:
+                    f.seek(size - keep_bytes)
+                    data = (f"[gpu_check: the first {size - keep_bytes} of {size} bytes were "
+                            f"cut to keep the archive under {limit_bytes} bytes]\n"
+                            ).encode() + f.read()
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime = len(data), int(path.stat().st_mtime)
+                tar.addfile(info, io.BytesIO(data))
+
+    write(cut=False)
+    if tmp.stat().st_size > limit_bytes:
+        write(cut=True)
+    tmp.replace(dest)
 
 
 # ---------------------------------------------------------------------------
@@ -438,7 +485,12 @@ def pytest_command(py: str, targets: list[str], name: str, extra: Sequence[str] 
     if workers > 1:
         cmd += ["-n", str(workers)]
     if per_test_timeout:
-        cmd += [f"--timeout={per_test_timeout}"]
+        # The thread method: a test blocked in a CUDA call (a hung kernel)
+        # never returns to Python, so the signal method could not stop it;
+        # the thread method ends the process (under pytest-xdist a fresh
+        # worker takes the remaining tests, and the test is reported as
+        # crashed). -o: the ini name, which every pytest-timeout knows.
+        cmd += [f"--timeout={per_test_timeout}", "-o", "timeout_method=thread"]
     return cmd
 
 
@@ -460,6 +512,29 @@ def after_env(outcome: Outcome, work: Path) -> Optional[str]:
     if missing:
         notes.append("not installed: " + ", ".join(missing))
     return "; ".join(notes) or None
+
+
+def after_sanitizer(outcome: Outcome, work: Path) -> Optional[str]:
+    """What a sanitizer stage's log says: how many of sanitize_case.py's
+    cases ran (so a stage stopped at its limit still tells how far it got)
+    and the tool's own summary line. Nothing for a tool that could not run."""
+    if outcome.status == SKIPPED:
+        return None
+    try:
+        text = (work / f"{outcome.name}.log").read_text(errors="replace")
+    except OSError:
+        return None
+    lines = text.splitlines()
+    ok_cases = sum(line.startswith("ok ") for line in lines)
+    failed = [line for line in lines if line.startswith("FAIL ")]
+    summary = [line.strip("= ").strip() for line in lines
+               if "ERROR SUMMARY:" in line or "RACECHECK SUMMARY:" in line]
+    notes = [f"{ok_cases} cases ok, {len(failed)} failed"]
+    if failed:
+        notes.append("first failure: " + failed[0][5:][:200])
+    if summary:
+        notes.append(summary[-1])
+    return "; ".join(notes)
 
 
 def after_ncu(outcome: Optional[Outcome], work: Path) -> Optional[str]:
@@ -554,7 +629,8 @@ def build_stages(py: str, work: Path, quick: bool = False,
             stages.append(Stage(
                 tool, cmd, cap_s=150, min_s=45, needs=("build",), group="sanitizers",
                 env=dict(pyenv, PYTORCH_NO_CUDA_MEMORY_CACHING="1"), refused=TOOL_REFUSED,
-                skip=None if sanitizer else "compute-sanitizer not found"))
+                skip=None if sanitizer else "compute-sanitizer not found",
+                after=after_sanitizer))
     stages.append(Stage(
         "bench", [py, "-m", "rnnfast.bench", "--grid", "gpu", "--impls", "rnnfast.*",
                   "--out", str(work / "bench")],
@@ -645,11 +721,19 @@ def env_stage(out_json: Path) -> int:
     return 1 if problems else 0
 
 
+def pip_install_command(py: str) -> list[str]:
+    """The build's pip command: the editable install with the machine's own
+    torch and setuptools. --no-index (and no version check): the GPU machine
+    has no internet, where pip's check for a newer pip could wait out its
+    connection time-outs and retries before the build starts."""
+    return [py, "-m", "pip", "install", "--no-index", "--disable-pip-version-check",
+            "--no-build-isolation", "--no-deps", "-v", "-e", "."]
+
+
 def build_stage(out_json: Path) -> int:
     print(f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '<setup.py default>')} "
           f"MAX_JOBS={os.environ.get('MAX_JOBS')}", flush=True)
-    rc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-build-isolation",
-                         "--no-deps", "-v", "-e", "."], cwd=ROOT).returncode
+    rc = subprocess.run(pip_install_command(sys.executable), cwd=ROOT).returncode
     if rc != 0:
         print("pip install -e . failed; building in place with setup.py instead", flush=True)
         rc = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"],

@@ -4,13 +4,17 @@ synccheck and initcheck).
 
 Covers padded and packed (unsorted) input, batch_first, both directions, two
 layers, a projection and each dtype family (bfloat16 with packed input and
-with a projection too), on shapes small enough that the sanitizer finishes
+with a projection too), zoneout, DropConnect and variational dropout, on shapes small enough that the sanitizer finishes
 in seconds, for rnnfast.LSTM and rnnfast.LayerNormLSTM (which skips the
 cases with a projection). The hidden sizes cover every path of the
 LayerNorm row reductions: 6 (a row within one warp, eight rows to a block),
 40 and 70 (rows spanning two or three warps, several rows to a block, summed
 through shared memory; rows of 4H up to nine warps) and 600 (rows of H and
-4H past 480: blocks of the 512-thread maximum, several passes per thread).
+4H past 480, several passes per thread). On a Hopper (132 SMs) a step of
+fewer rows than SMs spreads each row over a thread-block cluster (launch.cuh,
+row_groups): B = 3 at H = 600 runs clusters of four blocks summed through
+distributed shared memory, and the case of B = 160 padded rows runs the
+other large-row path, one block of the 512-thread maximum per row.
 Exits non-zero on any error; the sanitizer adds its own exit code for memory
 errors. ``--device cpu`` runs the same cases on the CPU (a check of the case
 list itself).
@@ -43,13 +47,26 @@ CASES = [
     # the LayerNorm's 512-thread path (H >= 481): packed, both directions, and bfloat16
     dict(dtype=torch.float32, packed=True, bidirectional=True, hidden_size=600),
     dict(dtype=torch.bfloat16, num_layers=2, hidden_size=600),
+    # ... and with more rows than a Hopper has SMs: one 512-thread block per
+    # row, no cluster (the path of every GPU before Hopper)
+    dict(dtype=torch.float32, hidden_size=600, batch=160, steps=2),
     dict(dtype=torch.bfloat16, packed=True, proj_size=P),
+    # the regularisers: zoneout's step kernels (ZoneoutCell) and hidden-state
+    # kernels, with masks in training and rates in evaluation, DropConnect
+    # and variational dropout; half types with a projection and packed rows
+    dict(dtype=torch.float32, packed=True, bidirectional=True, num_layers=2, dropout=0.3,
+         zoneout_hidden=0.2, zoneout_cell=0.3, weight_dropout=0.2, variational_dropout=True),
+    dict(dtype=torch.bfloat16, packed=True, proj_size=P, zoneout_hidden=0.2,
+         zoneout_cell=0.3),
+    dict(dtype=torch.float16, bidirectional=True, hidden_size=40, zoneout_hidden=0.2,
+         zoneout_cell=0.3),
 ]
 
 
 def constructor_kwargs(case):
     """The keyword arguments of the layer's constructor in a case."""
-    return {k: v for k, v in case.items() if k not in ("dtype", "packed", "hidden_size")}
+    return {k: v for k, v in case.items()
+            if k not in ("dtype", "packed", "hidden_size", "batch", "steps")}
 
 
 def layer_classes():
@@ -64,10 +81,13 @@ def run_case(cls, case, device="cuda"):
     dtype = case.pop("dtype")
     packed = case.pop("packed", False)
     hidden = case.pop("hidden_size", H)
+    batch = case.pop("batch", B)
+    steps = case.pop("steps", T)
+    assert not packed or (batch, steps) == (B, T), "LENGTHS are for B x T"
     torch.manual_seed(0)
     model = cls(I, hidden, **case).to(device, dtype)
     batch_first = case.get("batch_first", False)
-    x = torch.randn((B, T, I) if batch_first else (T, B, I), device=device,
+    x = torch.randn((batch, steps, I) if batch_first else (steps, batch, I), device=device,
                     dtype=dtype, requires_grad=True)
     inp = (pack_padded_sequence(x, LENGTHS, batch_first=batch_first, enforce_sorted=False)
            if packed else x)

@@ -543,13 +543,16 @@ def test_packed_and_projected_training_step_under_cuda_graph_capture(cuda_device
                                        msg=lambda m, name=name: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("hidden,batch", [(600, 64), (481, 3), (2100, 5)],
-                         ids=["H600-B64", "H481-B3", "H2100-B5"])
+@pytest.mark.parametrize("hidden,batch", [(600, 64), (481, 3), (2100, 5), (600, 150),
+                                          (300, 4)],
+                         ids=["H600-B64", "H481-B3", "H2100-B5", "H600-B150", "H300-B4"])
 def test_large_hidden_layer_norm_lstm_matches_cpu(cuda_device, hidden, batch):
     """The LayerNorm kernels' large-row paths: H >= 481 fills a 512-thread
     row group; with fewer rows than SMs (B = 64 on an H100 / H200) a row is
-    spread over a thread-block cluster on Hopper; H = 2100 makes each thread
-    of a row loop over several hidden units. Every output and gradient, in
+    spread over a thread-block cluster on Hopper (four blocks; two at
+    H = 300); with more (B = 150 padded) each row has its block of 512
+    threads, as on every GPU before Hopper; H = 2100 makes each thread of a
+    row loop over several hidden units. Every output and gradient, in
     float64, equals the CPU kernels', padded and packed."""
     torch.manual_seed(0)
     cpu_model = shared.randomize_layer_norm_(
@@ -586,3 +589,105 @@ def test_grid_stride_loops_match_cpu(cuda_device, layer):
     got = shared.forward_backward(gpu_model, x.to(cuda_device))
     got = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in got.items()}
     shared.assert_results_close(got, expected, scaled=True, atol=1e-10, rtol=1e-9)
+
+
+# ---- Zoneout: the ZoneoutCell step kernels and the hidden-state kernels ----------
+#
+# test_regularisers.py checks zoneout against the reference on the CPU only;
+# here the CUDA ops give what the CPU ops give, with the same masks (or
+# rates), in float64, for both cells, padded and reverse packed (rows that
+# start from the initial state part-way), a projection for the LSTM.
+
+ZONEOUT_RATES = {"h": (0.3, 0.0), "c": (0.0, 0.4), "hc": (0.3, 0.4)}
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=repr)
+@pytest.mark.parametrize("kind", ZONEOUT_RATES.keys())
+@pytest.mark.parametrize("mode", ["mask", "rate"])
+@pytest.mark.parametrize("layout", ["padded", "packed_reverse"])
+def test_zoneout_matches_cpu(cuda_device, cell, kind, mode, layout):
+    z_h, z_c = ZONEOUT_RATES[kind]
+    packed = layout == "packed_reverse"
+    sample = cell.op_sample(steps=5, batch=4, input_size=3, hidden=40,
+                            proj=0 if cell.layer_norm else 6,
+                            lengths=[5, 4, 2, 1] if packed else None, reverse=packed,
+                            requires_grad=True, seed=3)
+    x, hx, cx = sample.args[:3]
+    g = torch.Generator().manual_seed(1)
+    rows = x.shape[:-1]
+    mask_h = (torch.rand((*rows, hx.shape[-1]), generator=g) < z_h) if z_h else None
+    mask_c = (torch.rand((*rows, cx.shape[-1]), generator=g) < z_c) if z_c else None
+
+    def zoneout(device):
+        if mode == "rate":
+            return dict(zoneout_hidden=z_h, zoneout_cell=z_c)
+        return dict(zoneout_hidden_mask=None if mask_h is None else mask_h.to(device),
+                    zoneout_cell_mask=None if mask_c is None else mask_c.to(device))
+
+    def on(device):
+        return tuple(a.detach().to(device).requires_grad_(a.requires_grad)
+                     if isinstance(a, torch.Tensor) and a is not sample.batch_sizes else a
+                     for a in sample.args)
+
+    cuda_args = on(cuda_device)
+    expected = cell.forward(*sample.args, **zoneout("cpu"))[:3]
+    got = cell.forward(*cuda_args, **zoneout(cuda_device))[:3]
+    for name, a, e in zip(("output", "hy", "cy"), got, expected):
+        assert a.device.type == torch.device(cuda_device).type, name
+        torch.testing.assert_close(a.cpu(), e, **F64_DEVICE_TOL,
+                                   msg=lambda m, k=name: f"{k}: {m}")
+    gen = torch.Generator().manual_seed(5)
+    upstream = [torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in expected]
+    exp_grads = torch.autograd.grad(expected, sample.diff_args, upstream)
+    got_grads = torch.autograd.grad(got, [cuda_args[i] for i in sample.diff_positions],
+                                    [u.to(cuda_device) for u in upstream])
+    for name, a, e in zip(sample.diff_names, got_grads, exp_grads):
+        torch.testing.assert_close(a.cpu(), e, **F64_DEVICE_TOL,
+                                   msg=lambda m, k=name: f"grad {k}: {m}")
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=repr)
+def test_zoneout_in_bfloat16_within_twice_the_reference(cuda_device, cell):
+    """Zoneout on h and c in bfloat16 (the half-type instantiations of the
+    zoneout kernels, with the projection's bfloat16 h~_t for the LSTM),
+    packed rows: every output and gradient is at most twice as far from a
+    float64 run of the reference (same rounded arguments, same masks) as the
+    reference's own bfloat16 run on the GPU, plus one bfloat16 ulp."""
+    from dataclasses import replace
+
+    from test_regularisers import _reference_layer  # the reference with masks
+
+    z_h, z_c = 0.3, 0.4
+    base = cell.op_sample(steps=6, batch=4, input_size=3, hidden=40,
+                          proj=0 if cell.layer_norm else 6, lengths=[6, 5, 3, 1], seed=3)
+
+    def copy(device, dtype):
+        return replace(base, args=tuple(
+            a.detach().to(torch.bfloat16).to(device=device, dtype=dtype).requires_grad_()
+            if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+            for a in base.args))
+
+    low, exact = copy(cuda_device, torch.bfloat16), copy("cpu", torch.float64)
+    x, hx, cx = base.args[:3]
+    g = torch.Generator().manual_seed(1)
+    mask_h = torch.rand((*x.shape[:-1], hx.shape[-1]), generator=g) < z_h
+    mask_c = torch.rand((*x.shape[:-1], cx.shape[-1]), generator=g) < z_c
+    up = [t.to(torch.bfloat16) for t in (torch.randn(x.shape[0], hx.shape[-1], generator=g),
+                                          torch.randn(hx.shape, generator=g),
+                                          torch.randn(cx.shape, generator=g))]
+
+    def results(sample, outputs):
+        device = outputs[0].device
+        grads = torch.autograd.grad(outputs, sample.diff_args,
+                                    [u.to(device=device, dtype=outputs[0].dtype) for u in up])
+        named = dict(zip(("output", "hy", "cy"), outputs))
+        named.update({f"grad.{n}": t for n, t in zip(sample.diff_names, grads)})
+        return named
+
+    ours = results(low, cell.forward(*low.args, zoneout_hidden_mask=mask_h.to(cuda_device),
+                                     zoneout_cell_mask=mask_c.to(cuda_device))[:3])
+    reference = results(low, _reference_layer(cell, low, True, z_h, z_c,
+                                              mask_h.to(cuda_device), mask_c.to(cuda_device)))
+    truth = results(exact, _reference_layer(cell, exact, True, z_h, z_c, mask_h, mask_c))
+    assert ours["output"].dtype == torch.bfloat16
+    assert_error_within_twice(ours, reference, truth, torch.bfloat16)

@@ -195,6 +195,172 @@ def test_pytest_stage_interrupted_still_reports(tmp_path):
     assert "test_two_fails" in xml and "test_compiled_aot_eager" in xml
 
 
+_BREAKS_CUDA = """
+def test_a_passes():
+    pass
+
+
+def test_b_breaks_the_context(request):
+    # as after an illegal address: every later CUDA call of the process fails
+    guard = request.config.pluginmanager.get_plugin("gpu_check_cuda_context")
+    guard.probe = lambda: "AcceleratorError: CUDA error: an illegal memory access"
+    assert False, "CUDA error: an illegal memory access was encountered"
+
+
+def test_c_after():
+    pass
+
+
+def test_d_after():
+    pass
+"""
+
+
+def test_tests_after_a_broken_cuda_context_are_not_run(tmp_path):
+    """After a test leaves the CUDA context broken (the plugin's probe says
+    so), the process's later tests are skipped as "not run", naming the test
+    that broke it, instead of failing one after the other."""
+    (tmp_path / "test_fake.py").write_text(_BREAKS_CUDA)
+    work = tmp_path / "work"
+    work.mkdir()
+    cmd = gpu_check.pytest_command(PY, [str(tmp_path / "test_fake.py")], str(work / "t"))
+    env = {"PYTHONPATH": os.pathsep.join([str(SCRIPTS), str(ROOT)])}
+    stage = Stage("t", cmd, cap_s=60, min_s=1, interrupt=True, env=env, tests_log="t.jsonl")
+    o, out, *_ = run([stage], 90, tmp_path)
+    t = o["t"]
+    assert t.status == FAILED
+    assert (t.tests["passed"], t.tests["failed"], t.tests["not_run"], t.tests["skipped"]) \
+        == (1, 1, 2, 0)
+    assert t.tests["failed_ids"][0].endswith("test_b_breaks_the_context")
+    records = [json.loads(line) for line in (work / "t.jsonl").read_text().splitlines()]
+    after = [r for r in records if r["nodeid"].endswith(("test_c_after", "test_d_after"))]
+    assert len(after) == 2
+    assert all(r["outcome"] == "skipped" and "test_b_breaks_the_context" in r["reason"]
+               and "illegal memory access" in r["reason"] for r in after)
+    assert "2 not run after a test broke the CUDA context" in (out / "stages.md").read_text()
+
+
+def test_a_failure_that_leaves_cuda_working_stops_nothing(tmp_path):
+    """Without a broken context (the probe of a process that never made one
+    says None), a failure is just a failure."""
+    (tmp_path / "test_fake.py").write_text(_TESTS.replace("def test_zz_hangs", "def _unused"))
+    work = tmp_path / "work"
+    work.mkdir()
+    cmd = gpu_check.pytest_command(PY, [str(tmp_path / "test_fake.py")], str(work / "t"))
+    env = {"PYTHONPATH": os.pathsep.join([str(SCRIPTS), str(ROOT)])}
+    stage = Stage("t", cmd, cap_s=60, min_s=1, env=env, tests_log="t.jsonl")
+    o, *_ = run([stage], 90, tmp_path)
+    assert (o["t"].tests["passed"], o["t"].tests["failed"], o["t"].tests["not_run"]) == (3, 1, 0)
+
+
+def test_archive_stays_under_the_device_file_limit(tmp_path):
+    """An archive over the limit (a device machine returns no file over 16
+    MiB) is written again with each large file cut to its end."""
+    work = tmp_path / "work"
+    (work / "bench").mkdir(parents=True)
+    (work / "memcheck.log").write_bytes(os.urandom(600_000) + b"ERROR SUMMARY: 7 errors\n")
+    (work / "bench" / "results.json").write_text('{"ok": true}')
+    small = tmp_path / "small.tar.gz"
+    gpu_check.write_archive(work, small, limit_bytes=10**7, keep_bytes=50_000)
+    with tarfile.open(small) as tar:  # under the limit: whole
+        assert tar.getmember("gpu_check/memcheck.log").size == 600_024
+    cut = tmp_path / "cut.tar.gz"
+    gpu_check.write_archive(work, cut, limit_bytes=200_000, keep_bytes=50_000)
+    assert cut.stat().st_size <= 200_000 and not (tmp_path / "cut.tar.gz.part").exists()
+    with tarfile.open(cut) as tar:
+        log = tar.extractfile("gpu_check/memcheck.log").read()
+        assert log.startswith(b"[gpu_check: the first 550024 of 600024 bytes were cut")
+        assert log.endswith(b"ERROR SUMMARY: 7 errors\n")
+        assert tar.extractfile("gpu_check/bench/results.json").read() == b'{"ok": true}'
+
+
+def test_a_test_whose_worker_died_is_logged_as_failed(tmp_path):
+    """pytest-xdist reports a test whose worker died under it (a segfault,
+    or pytest-timeout's thread method ending a hung CUDA call) with when
+    "???": the log keeps it as failed, with xdist's words."""
+    import gpu_check_pytest
+
+    log = gpu_check_pytest._Log(str(tmp_path / "t.jsonl"))
+    crash = pytest.TestReport(nodeid="tests/test_x.py::test_segfault", location=("x", None, "x"),
+                              keywords={}, outcome="failed", when="???",
+                              longrepr="worker 'gw1' crashed while running "
+                                       "'tests/test_x.py::test_segfault'")
+    log.pytest_runtest_logreport(crash)
+    log.file.close()
+    summary = gpu_check.summarize_tests(tmp_path / "t.jsonl")
+    assert (summary["failed"], summary["failed_ids"]) == (1, ["tests/test_x.py::test_segfault"])
+    record = json.loads((tmp_path / "t.jsonl").read_text())
+    assert "crashed while running" in record["reason"]
+
+
+def test_sanitizer_note_says_how_far_the_cases_got(tmp_path):
+    (tmp_path / "racecheck.log").write_text(
+        "ok   LSTM {'dtype': torch.float32}\n"
+        "FAIL LSTM {'dtype': torch.float16}: RuntimeError: CUDA error\n"
+        "ok   LayerNormLSTM {'dtype': torch.float32}\n"
+        "========= RACECHECK SUMMARY: 2 hazards displayed (2 errors, 0 warnings)\n")
+    note = gpu_check.after_sanitizer(gpu_check.Outcome("racecheck", FAILED), tmp_path)
+    assert note.startswith("2 cases ok, 1 failed; first failure: LSTM {'dtype': torch.float16}")
+    assert note.endswith("RACECHECK SUMMARY: 2 hazards displayed (2 errors, 0 warnings)")
+    assert gpu_check.after_sanitizer(gpu_check.Outcome("memcheck", FAILED), tmp_path) is None
+    assert gpu_check.after_sanitizer(gpu_check.Outcome("racecheck", SKIPPED), tmp_path) is None
+    stages = {s.name: s for s in gpu_check.build_stages(PY, tmp_path, workers=0)}
+    assert all(stages[t].after is gpu_check.after_sanitizer for t in gpu_check.SANITIZER_TOOLS)
+
+
+def test_build_never_reaches_for_the_network():
+    cmd = gpu_check.pip_install_command(PY)
+    for flag in ("--no-index", "--disable-pip-version-check", "--no-build-isolation",
+                 "--no-deps", "-e"):
+        assert flag in cmd
+
+
+def test_per_test_time_limit_uses_the_thread_method():
+    """A test blocked in a CUDA call never returns to Python, where the
+    signal method's exception would be raised."""
+    cmd = gpu_check.pytest_command(PY, ["t.py"], "t", per_test_timeout=120)
+    assert "--timeout=120" in cmd
+    assert cmd[cmd.index("-o") + 1] == "timeout_method=thread"
+    assert not any(a.startswith("--timeout") for a in
+                   gpu_check.pytest_command(PY, ["t.py"], "t"))
+
+
+_SEGFAULT = """
+import ctypes
+
+
+def test_a_passes():
+    pass
+
+
+def test_b_segfaults():
+    ctypes.string_at(0)
+
+
+def test_c_passes():
+    pass
+"""
+
+
+def test_a_segfault_under_xdist_keeps_every_other_result(tmp_path):
+    """The GPU check's pytest stages run under pytest-xdist where it is
+    installed (the GPU machine has it): a test that kills its worker is
+    logged as failed and the others still run and are logged."""
+    pytest.importorskip("xdist")
+    (tmp_path / "test_fake.py").write_text(_SEGFAULT)
+    work = tmp_path / "work"
+    work.mkdir()
+    cmd = gpu_check.pytest_command(PY, [str(tmp_path / "test_fake.py")], str(work / "t"),
+                                   workers=2)
+    env = {"PYTHONPATH": os.pathsep.join([str(SCRIPTS), str(ROOT)])}
+    stage = Stage("t", cmd, cap_s=120, min_s=1, env=env, tests_log="t.jsonl")
+    o, *_ = run([stage], 150, tmp_path)
+    t = o["t"].tests
+    assert o["t"].status == FAILED
+    assert (t["passed"], t["failed"]) == (2, 1)
+    assert t["failed_ids"][0].endswith("test_b_segfaults")
+
+
 @pytest.mark.parametrize("source, inductor", [
     ("torch.compile(m)", True),
     ("torch.compile(m, fullgraph=True)", True),
@@ -328,6 +494,16 @@ def test_sanitizer_cases_cover_the_issue():
     assert any(c.get("proj_size") for c in cases)
     assert any(c["dtype"] == torch.bfloat16 and c.get("packed") for c in cases)
     assert any(c["dtype"] == torch.bfloat16 and c.get("hidden_size", 0) >= 600 for c in cases)
+    # Both large-row LayerNorm paths on a 132-SM Hopper: fewer rows than SMs
+    # (a row over a thread-block cluster) and more (a 512-thread block a row)
+    assert any(c.get("hidden_size", 0) >= 481 and c.get("batch", sc.B) < 132 for c in cases)
+    assert any(c.get("hidden_size", 0) >= 481 and c.get("batch", sc.B) >= 132
+               and not c.get("packed") for c in cases)
+    # zoneout's kernels on both states, in a half type with a projection too
+    assert any(c.get("zoneout_hidden") and c.get("zoneout_cell") and c.get("proj_size")
+               and c["dtype"] in (torch.bfloat16, torch.float16) for c in cases)
+    assert any(c.get("weight_dropout") and c.get("variational_dropout") and c.get("packed")
+               for c in cases)
 
 
 def test_sanitizer_large_cases_run_on_cpu():
@@ -340,6 +516,8 @@ def test_sanitizer_large_cases_run_on_cpu():
             sc.run_case(rnnfast.LSTM, case, device="cpu")
     sc.run_case(rnnfast.LayerNormLSTM,
                 next(c for c in sc.CASES if c.get("hidden_size", 0) >= 600), device="cpu")
+    sc.run_case(rnnfast.LayerNormLSTM,
+                next(c for c in sc.CASES if c.get("batch", sc.B) >= 132), device="cpu")
 
 
 def test_decode_overhead_script_runs():

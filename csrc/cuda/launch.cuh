@@ -82,9 +82,30 @@ inline RowGroupLaunch row_groups(int64_t rows, int64_t n, int sms,
   return l;
 }
 
+// The largest cluster row_groups may use for a kernel: 4 where the device
+// and the code the kernel was compiled to are Hopper or newer, else 1.
+// `ptx_version` (cudaFuncAttributes::ptxVersion, e.g. 90) is the virtual
+// architecture the kernel's code was compiled for, the __CUDA_ARCH__ it
+// saw: only code compiled for 9.0 or newer holds the cluster reductions of
+// layer_norm_kernels.cuh. `binary_version` alone is not enough: a build for
+// 8.0+PTX runs on a Hopper as PTX compiled by the driver (binaryVersion 90,
+// ptxVersion 80), whose blocks would each sum only their share of a row if
+// launched as a cluster.
+constexpr int max_cluster_for(int device_major, int binary_version,
+                              int ptx_version) {
+  return (device_major >= 9 && binary_version >= 90 && ptx_version >= 90) ? 4
+                                                                          : 1;
+}
+static_assert(max_cluster_for(9, 90, 90) == 4, "sm_90 code on a Hopper");
+static_assert(max_cluster_for(10, 100, 90) == 4, "sm_90 PTX on a newer GPU");
+static_assert(max_cluster_for(9, 90, 80) == 1,
+              "compute_80 PTX compiled by the driver for a Hopper");
+static_assert(max_cluster_for(9, 80, 80) == 1, "sm_80 code on a Hopper");
+static_assert(max_cluster_for(8, 80, 80) == 1, "before Hopper");
+
 // The current device's SM count and the largest cluster row_groups may use
-// for `kernel` on it (4 where the device and the kernel's loaded binary are
-// Hopper or newer, else 1); looked up once per device and kernel.
+// for `kernel` on it (max_cluster_for); looked up once per device and
+// kernel type (the kernels of one build share their architectures).
 template <typename Kernel>
 inline void machine_for(Kernel kernel, int* sms, int* max_cluster) {
   constexpr int kMaxDevices = 64;
@@ -104,7 +125,8 @@ inline void machine_for(Kernel kernel, int* sms, int* max_cluster) {
       &major, cudaDevAttrComputeCapabilityMajor, device));
   cudaFuncAttributes attr{};
   C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-  const int cluster = (major >= 9 && attr.binaryVersion >= 90) ? 4 : 1;
+  const int cluster =
+      max_cluster_for(major, attr.binaryVersion, attr.ptxVersion);
   if (device < kMaxDevices) {
     cached_cluster[device].store(cluster);
     cached_sms[device].store(count);
