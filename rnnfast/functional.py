@@ -8,6 +8,7 @@ user can call it with an ``nn.LSTM``'s ``_flat_weights``.
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 from typing import Optional, Sequence
@@ -186,9 +187,14 @@ def _variational_dropout(layer_output: Tensor, p: float,
                            "dropout").to(layer_output.dtype) / (1 - p)
     if batch_sizes is None:
         return layer_output * keep
-    starts = torch.cumsum(batch_sizes, 0) - batch_sizes
-    rows = torch.arange(layer_output.shape[0]) - torch.repeat_interleave(starts, batch_sizes)
-    return layer_output * keep[rows.to(layer_output.device)]
+    # A packed step of b rows holds sequences 0..b-1: the mask is keep[:b]
+    # per step, built from the runs of equal batch sizes (at most B pieces)
+    # on the output's device, with no index copied from the host (which on
+    # CUDA would be a copy per layer and call, and no CUDA graph could hold).
+    pieces = []
+    for b, run in itertools.groupby(batch_sizes.tolist()):
+        pieces.append(keep[:b].repeat(sum(1 for _ in run), 1))
+    return layer_output * torch.cat(pieces)
 
 
 def _needs_grad(input: Tensor, hx: Sequence[Tensor], weights: Sequence[Tensor]) -> bool:
