@@ -23,6 +23,9 @@ Stages, in this order, each with its own log, exit code and time:
   ncu          Nsight Compute of one training step of each layer
                (scripts/profile_step.py at T=50 B=64 I=H=512, a few hundred
                kernels each): time per kernel, in ncu_kernels.csv
+  bench_zoneout  rnnfast.LSTM with zoneout against a Python loop over
+               nn.LSTMCell (the bench's --regularisers), T=100 B=64 and B=4
+               I=H=256, training
 
 ``--quick`` runs build, test_cuda and bench only (under 5 minutes).
 
@@ -644,6 +647,16 @@ def build_stages(py: str, work: Path, quick: bool = False,
                 "--T", "50"],
             cap_s=90, min_s=30, needs=("build",), env=pyenv, refused=TOOL_REFUSED,
             skip=None if ncu else "ncu not found", after=after_ncu))
+        # issue 15's comparison on the GPU, where a Python loop pays a launch
+        # per op: rnnfast.LSTM with zoneout against a loop over nn.LSTMCell
+        stages.append(Stage(
+            "bench_zoneout", [py, "-m", "rnnfast.bench", "--device", "cuda", "--T", "100",
+                              "--B", "64", "4", "--H", "256", "--layers", "1",
+                              "--bidirectional", "false", "--decode", "false",
+                              "--mode", "training", "--regularisers",
+                              "--impls", "rnnfast.LSTM (zoneout)", "--no-plots",
+                              "--out", str(work / "bench_zoneout")],
+            cap_s=60, min_s=25, needs=("build",), env=pyenv))
     return stages
 
 
@@ -651,7 +664,7 @@ def before_stage(stage: Stage, outcomes: dict[str, Outcome], limit_s: float) -> 
     """Fills what is known only when a stage starts: the build targets the
     visible GPUs' arch; the bench stops itself inside its limit (and writes
     its results) rather than being killed."""
-    if stage.name == "bench" and stage.command and "--max-time" not in stage.command:
+    if stage.name.startswith("bench") and stage.command and "--max-time" not in stage.command:
         stage.command += ["--max-time", f"{max(limit_s - 20, 10):.0f}"]
     if stage.name == "build" and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         archs = visible_arch_list()

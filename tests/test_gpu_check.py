@@ -425,7 +425,8 @@ def test_ncu_kernel_times(tmp_path):
 def test_stage_plan_follows_the_issue():
     stages = gpu_check.build_stages(PY, Path("/tmp/w"), workers=0)
     assert [s.name for s in stages] == ["env", "build", "test_cuda", "tests_cuda", "memcheck",
-                                        "racecheck", "synccheck", "initcheck", "bench", "ncu"]
+                                        "racecheck", "synccheck", "initcheck", "bench", "ncu",
+                                        "bench_zoneout"]
     quick = gpu_check.build_stages(PY, Path("/tmp/w"), quick=True, workers=0)
     assert [s.name for s in quick] == ["env", "build", "test_cuda", "bench"]
     by = {s.name: s for s in stages}
