@@ -17,20 +17,21 @@ from torch import Tensor
 
 from . import _C  # noqa: F401  (loads the library and registers the ops)
 
-__all__ = ["quantized_pack_weight", "quantized_lstm_forward",
+__all__ = ["quantized_pack_weight", "quantized_linear", "quantized_lstm_forward",
            "quantized_layer_norm_lstm_forward", "packed_bytes"]
 
 # The packed layout's blocks (csrc/cpu/int8_gemm.h): outputs in blocks of
-# 16, inputs in groups of 4, then one int32 column sum per padded output.
+# 16, inputs padded to whole 64-byte rows (an AMX tile's), then one int32
+# column sum per padded output.
 _BLOCK_COLS = 16
-_GROUP_DEPTH = 4
+_DEPTH_ALIGN = 64
 
 
 def packed_bytes(n: int, k: int) -> int:
     """Bytes of the packed form of an int8 weight of ``n`` outputs and
     ``k`` inputs (the size :func:`quantized_pack_weight` returns)."""
     cols = -(-n // _BLOCK_COLS) * _BLOCK_COLS
-    depth = -(-k // _GROUP_DEPTH) * _GROUP_DEPTH
+    depth = -(-k // _DEPTH_ALIGN) * _DEPTH_ALIGN
     return cols * depth + cols * 4
 
 
@@ -39,6 +40,22 @@ def quantized_pack_weight(weight: Tensor) -> Tensor:
     the quantized forward ops read: a 1-D int8 tensor of
     :func:`packed_bytes` bytes, of a layout private to the kernels."""
     return torch.ops.rnnfast.quantized_pack_weight.default(weight)
+
+
+def quantized_linear(input: Tensor, packed: Tensor, scale: Tensor,
+                     bias: Optional[Tensor] = None, kernels: str = "auto") -> Tensor:
+    """The int8 product alone (for tests and measurements): float32
+    ``input`` ``[M, k]`` quantized per row (as the layers quantize their
+    activations), times the packed int8 weight (:func:`quantized_pack_weight`)
+    with its per-row ``scale`` ``[n]``, dequantized, plus ``bias`` ``[n]``:
+    returns ``[M, n]`` float32.
+
+    ``kernels``: ``"auto"`` (what the layers pick for ``M`` rows) or one
+    family by its ``build_info()["cpu_int8_kernels"]`` name (``"AMX-INT8"``,
+    ``"AVX512-VNNI"``, ``"AVX2"``, ``"portable"``); a family this CPU does not
+    run is refused. All give the same integer products.
+    """
+    return torch.ops.rnnfast.quantized_linear.default(input, packed, scale, bias, kernels)
 
 
 def quantized_lstm_forward(
@@ -103,6 +120,13 @@ def _quantized_pack_weight_fake(weight):
     torch._check(weight.dim() == 2 and weight.dtype == torch.int8,
                  lambda: "rnnfast.quantized_pack_weight: expected a 2-D int8 weight")
     return weight.new_empty((packed_bytes(weight.size(0), weight.size(1)),))
+
+
+@torch.library.register_fake("rnnfast::quantized_linear")
+def _quantized_linear_fake(input, packed, scale, bias=None, kernels="auto"):
+    torch._check(input.dim() == 2 and input.dtype == torch.float32,
+                 lambda: "rnnfast.quantized_linear: expected a 2-D float32 input")
+    return input.new_empty((input.size(0), scale.size(0)))
 
 
 def _fake_outputs(input: Tensor, hx: Tensor, cx: Tensor, out_size) -> tuple[Tensor, Tensor, Tensor]:

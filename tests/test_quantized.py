@@ -253,18 +253,28 @@ torch.save({"outs": outs, "info": rnnfast.build_info()}, sys.argv[2])
 """
 
 
-@pytest.mark.parametrize("capability,kernels", [("default", "portable"), ("avx2", "AVX2")])
+@pytest.mark.parametrize("capability,kernels", [("default", "portable"), ("avx2", "AVX2"),
+                                               ("avx512", "AVX512-VNNI")])
 def test_other_kernels_match_the_fast_ones(tmp_path, capability, kernels):
     """ATEN_CPU_CAPABILITY=default selects the portable kernels (what a CPU
-    without AVX2 runs), =avx2 the AVX2 ones (a CPU without AVX-512 VNNI):
-    same integers, so the same results up to float32 rounding (and the rare
-    activation whose rounding that flips)."""
+    without AVX2 runs), =avx2 the AVX2 ones (a CPU without AVX-512 VNNI),
+    =avx512 the VNNI ones alone (a CPU without AMX): the same integers,
+    rounded alike, so the same results up to the float step kernels'
+    rounding (the rare activation whose rounding that flips); with the same
+    step kernels (avx512 on an AMX CPU, VNNI for AMX's products) bitwise."""
     if capability == "avx2" and torch.backends.cpu.get_cpu_capability() not in ("AVX2",
                                                                                 "AVX512"):
         pytest.skip("this CPU has no AVX2")
+    if capability == "avx512" and not rnnfast.build_info()["cpu_int8_kernels"].startswith(
+            ("AMX-INT8", "AVX512-VNNI")):
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    # batches of 7, 19, 70 rows: the recurrent products on either side of
+    # AMX's threshold, the input products (T * B rows) above it
     cases = [(Q.quantize_dynamic(rnnfast.LSTM(37, 48, 2, proj_size=20)), torch.randn(5, 7, 37)),
              (Q.quantize_dynamic(make_float("LayerNormLSTM", 24, 33)), torch.randn(1, 9, 24)),
-             (Q.quantize_dynamic(rnnfast.LSTM(64, 64)), torch.randn(1, 70, 64))]
+             (Q.quantize_dynamic(rnnfast.LSTM(64, 64)), torch.randn(1, 70, 64)),
+             (Q.quantize_dynamic(rnnfast.LSTM(70, 40, proj_size=21)), torch.randn(3, 19, 70)),
+             (Q.quantize_dynamic(make_float("LayerNormLSTM", 24, 33)), torch.randn(2, 35, 24))]
     path = tmp_path / "cases.pt"
     torch.save(cases, path)
     script = tmp_path / "portable.py"
@@ -276,16 +286,79 @@ def test_other_kernels_match_the_fast_ones(tmp_path, capability, kernels):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = torch.load(tmp_path / "out.pt", weights_only=False)
     assert result["info"]["cpu_int8_kernels"] == kernels
+    same_step_kernels = result["info"]["cpu_kernels"] == rnnfast.build_info()["cpu_kernels"]
+    atol = 0 if same_step_kernels and kernels != "portable" else 1e-5
     with torch.inference_mode():
         for (model, x), (out, (h, c)) in zip(cases, result["outs"]):
             ref_out, (ref_h, ref_c) = model(x)
-            torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-5)
-            torch.testing.assert_close((h, c), (ref_h, ref_c), rtol=0, atol=1e-5)
+            torch.testing.assert_close(out, ref_out, rtol=0, atol=atol)
+            torch.testing.assert_close((h, c), (ref_h, ref_c), rtol=0, atol=atol)
+
+
+INT8_FAMILIES = ["portable", "AVX2", "AVX512-VNNI", "AMX-INT8"]
+
+
+def _runs_here(family):
+    """Whether the int8 kernels `family` run on this CPU (those below the
+    best one all do)."""
+    best = rnnfast.build_info()["cpu_int8_kernels"].split("+")[0]
+    return INT8_FAMILIES.index(family) <= INT8_FAMILIES.index(best)
+
+
+# (M, N, K): M = 1..3 and around the 16-row tiles, N around the 16-column
+# blocks, K around the 4-byte groups and 64-byte tile rows
+PRODUCT_SHAPES = [(1, 1, 1), (2, 17, 5), (3, 33, 63), (16, 16, 64), (17, 48, 65),
+                  (31, 20, 130), (33, 70, 200), (100, 40, 37), (250, 100, 300)]
+
+
+@pytest.mark.parametrize("family", INT8_FAMILIES)
+def test_every_int8_kernel_computes_the_exact_integers(family):
+    """Each kernel family forced on the same product (quantized_linear):
+    rows of integers whose largest magnitude is 127 quantize to themselves
+    (scale 1), so with unit weight scales the output is the integer
+    product, exact; with real scales and a bias, C = fma(acc, s, bias) in
+    every family, so the floats equal the portable kernels' bitwise."""
+    if not _runs_here(family):
+        pytest.skip(f"this CPU does not run the {family} int8 kernels (best here: "
+                    f"{rnnfast.build_info()['cpu_int8_kernels']})")
+    ops = rnnfast._quantized_ops
+    g = torch.Generator().manual_seed(1)
+    for m, n, k in PRODUCT_SHAPES:
+        a = torch.randint(-127, 128, (m, k), generator=g).float()
+        a[:, 0] = torch.where(torch.arange(m) % 2 == 0, 127.0, -127.0)
+        w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+        packed = ops.quantized_pack_weight(w)
+        exact = (a.long() @ w.long().t()).double()
+        got = ops.quantized_linear(a, packed, torch.ones(n), None, family)
+        assert torch.equal(got.double(), exact), (family, m, n, k)
+        x = torch.randn(m, k, generator=g)
+        scale, bias = torch.rand(n, generator=g) + 0.01, torch.randn(n, generator=g)
+        for b in (None, bias):
+            assert torch.equal(ops.quantized_linear(x, packed, scale, b, family),
+                               ops.quantized_linear(x, packed, scale, b, "portable")), \
+                (family, m, n, k)
+
+
+def test_quantized_linear_refuses_an_unknown_or_absent_kernel():
+    ops = rnnfast._quantized_ops
+    w = ops.quantized_pack_weight(torch.ones(4, 8, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match='kernels must be "auto".*got "avx9"'):
+        ops.quantized_linear(torch.randn(2, 8), w, torch.ones(4), None, "avx9")
+    absent = [f for f in INT8_FAMILIES if not _runs_here(f)]
+    if absent:
+        with pytest.raises(RuntimeError, match=f"the {absent[0]} kernels do not run here"):
+            ops.quantized_linear(torch.randn(2, 8), w, torch.ones(4), None, absent[0])
+    # "auto" is what the layers use: the same floats as the portable kernels
+    x = torch.randn(40, 8)
+    torch.testing.assert_close(ops.quantized_linear(x, w, torch.ones(4)),
+                               ops.quantized_linear(x, w, torch.ones(4), None, "portable"),
+                               rtol=0, atol=0)
 
 
 def test_build_info_names_the_int8_kernels():
     info = rnnfast.build_info()
-    assert info["cpu_int8_kernels"] in ("AVX512-VNNI", "AVX2", "portable")
+    assert info["cpu_int8_kernels"] in ("AMX-INT8+AVX512-VNNI", "AVX512-VNNI", "AVX2",
+                                        "portable")
     if os.environ.get("ATEN_CPU_CAPABILITY", "").lower() == "default":
         assert info["cpu_int8_kernels"] == "portable"
 
@@ -451,9 +524,9 @@ def test_bad_input_raises_as_nn_lstm(bad):
 
 
 def test_the_op_refuses_a_weight_that_is_not_packed():
-    q = Q.quantize_dynamic(rnnfast.LSTM(4, 5))
+    q = Q.quantize_dynamic(rnnfast.LSTM(70, 5))
     b = q._buffers
-    args = [torch.randn(2, 1, 4), torch.zeros(1, 5), torch.zeros(1, 5),
+    args = [torch.randn(2, 1, 70), torch.zeros(1, 5), torch.zeros(1, 5),
             b["weight_hh_l0_packed"], b["weight_ih_l0_scale"],  # wrong weight: depth 5
             b["weight_hh_l0_packed"], b["weight_hh_l0_scale"], None, None, None, None, None,
             False]
@@ -473,6 +546,9 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.rnnfast.quantized_lstm_forward.default, args)
     torch.library.opcheck(torch.ops.rnnfast.quantized_pack_weight.default,
                           (torch.randint(-127, 128, (9, 5), dtype=torch.int8),))
+    torch.library.opcheck(torch.ops.rnnfast.quantized_linear.default,
+                          (torch.randn(20, 6), b["weight_ih_l0_packed"], b["weight_ih_l0_scale"],
+                           b["bias_ih_l0"]))
     ln = Q.quantize_dynamic(make_float("LayerNormLSTM", 6, 8))
     b = ln._buffers
     args = (torch.randn(3, 2, 6), torch.zeros(2, 8), torch.randn(2, 8),

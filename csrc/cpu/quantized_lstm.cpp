@@ -29,6 +29,15 @@ TORCH_LIBRARY_FRAGMENT(rnnfast, m) {
   // quantized ops: a 1-D int8 tensor of opaque layout (cpu/int8_gemm.h)
   // holding the weight and its column sums.
   m.def("quantized_pack_weight(Tensor weight) -> Tensor");
+  // The int8 product alone (for tests and measurements): float32 input
+  // [M, k] quantized per row, times the packed int8 weight of n outputs
+  // with its scale [n], dequantized, plus bias [n]: returns [M, n]. kernels:
+  // "auto" (as the layers choose) or one family by its build_info name
+  // ("AMX-INT8", "AVX512-VNNI", "AVX2", "portable"), refused where it does
+  // not run.
+  m.def(
+      "quantized_linear(Tensor input, Tensor packed, Tensor scale, Tensor? bias, "
+      "str kernels=\"auto\") -> Tensor");
   // One int8 LSTM layer in one direction over a whole time-major sequence,
   // inference only. input [T, B, I] or packed rows [N, I] with batch_sizes,
   // float32; hx [B, P], cx [B, H]; packed_* from quantized_pack_weight of
@@ -88,19 +97,28 @@ class QuantizedStepWeight {
 };
 
 // out [N, n] = dequantized(quantized(x) W^T) + bias: the hoisted input
-// product of every step.
+// product of every step, on the kernels gemm picks or on `forced`.
 void quantized_input_projection(at::Tensor& out, const at::Tensor& x,
                                 const at::Tensor& packed, const at::Tensor& scale,
-                                const at::Tensor& bias) {
+                                const at::Tensor& bias,
+                                const q8::Kernels* forced = nullptr) {
   const int64_t rows = x.size(0), k = x.size(1), n = out.size(1);
   const int64_t kp = q8::padded_depth(k);
   at::Tensor qx = at::empty({rows, kp}, x.options().dtype(at::kByte));
   at::Tensor qs = at::empty({rows}, x.options());
+  const float* b = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  if (forced) {
+    q8::quantize_rows_with(*forced, rows, k, x.data_ptr<float>(), k,
+                           qx.data_ptr<uint8_t>(), kp, qs.data_ptr<float>());
+    q8::gemm_with(*forced, rows, n, k, qx.data_ptr<uint8_t>(), kp, qs.data_ptr<float>(),
+                  packed.data_ptr<int8_t>(), scale.data_ptr<float>(), b, 0.0f,
+                  out.data_ptr<float>(), n);
+    return;
+  }
   q8::quantize_rows_parallel(rows, k, x.data_ptr<float>(), k, qx.data_ptr<uint8_t>(),
                              kp, qs.data_ptr<float>());
   q8::gemm(rows, n, k, qx.data_ptr<uint8_t>(), kp, qs.data_ptr<float>(),
-           packed.data_ptr<int8_t>(), scale.data_ptr<float>(),
-           bias.defined() ? bias.data_ptr<float>() : nullptr, 0.0f,
+           packed.data_ptr<int8_t>(), scale.data_ptr<float>(), b, 0.0f,
            out.data_ptr<float>(), n);
 }
 
@@ -396,6 +414,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantized_layer_norm_lstm_forward
   return {at::_unsafe_view(output, output_shape(input, H)), hy, c_state};
 }
 
+at::Tensor quantized_linear(const at::Tensor& input, const at::Tensor& packed,
+                            const at::Tensor& scale, const c10::optional<at::Tensor>& bias,
+                            c10::string_view kernels) {
+  constexpr const char* op = "rnnfast.quantized_linear";
+  check_float(op, input, "input");
+  TORCH_CHECK(input.dim() == 2, op, ": expected input of 2 dimensions [M, k], got ",
+              input.dim());
+  TORCH_CHECK(scale.dim() == 1, op, ": expected scale of 1 dimension [n], got ",
+              scale.dim());
+  const int64_t n = scale.size(0), k = input.size(1);
+  check_packed(op, packed, "packed", scale, "scale", n, k);
+  if (bias.has_value()) {
+    check_float(op, *bias, "bias");
+    check_size(op, *bias, "bias", {n});
+  }
+  q8::Kernels which = q8::Kernels::kPortable;
+  const bool forced = kernels != "auto";
+  if (forced) {
+    bool known = false;
+    for (q8::Kernels k8 : {q8::Kernels::kPortable, q8::Kernels::kAvx2,
+                           q8::Kernels::kAvx512Vnni, q8::Kernels::kAmxInt8}) {
+      if (kernels == q8::kernels_name(k8)) {
+        which = k8;
+        known = true;
+      }
+    }
+    TORCH_CHECK(known, op, ": kernels must be \"auto\", \"AMX-INT8\", \"AVX512-VNNI\", "
+                "\"AVX2\" or \"portable\", got \"", kernels, "\"");
+    TORCH_CHECK(q8::kernels_available(which), op, ": the ", kernels,
+                " kernels do not run here (the best here: ",
+                q8::kernels_name(q8::best_kernels()), ")");
+  }
+  at::Tensor out = at::empty({input.size(0), n}, input.options());
+  quantized_input_projection(out, input.contiguous(), packed.contiguous(), scale.contiguous(),
+                             bias.has_value() ? bias->contiguous() : at::Tensor(),
+                             forced ? &which : nullptr);
+  return out;
+}
+
 at::Tensor quantized_pack_weight(const at::Tensor& weight) {
   TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kChar &&
                   weight.dim() == 2,
@@ -421,6 +478,7 @@ const char* cpu_int8_kernels_in_use() { return cpu::int8::kernels_in_use(); }
 // before they call these (rnnfast/quantized.py).
 TORCH_LIBRARY_IMPL(rnnfast, CPU, m) {
   m.impl("quantized_pack_weight", &rnnfast::cpu::quantized_pack_weight);
+  m.impl("quantized_linear", &rnnfast::cpu::quantized_linear);
   m.impl("quantized_lstm_forward", &rnnfast::cpu::quantized_lstm_forward);
   m.impl("quantized_layer_norm_lstm_forward",
          &rnnfast::cpu::quantized_layer_norm_lstm_forward);
