@@ -421,6 +421,28 @@ def test_state_dict_round_trip(kind):
     assert not any(k.endswith("_packed") for k in q.state_dict())
 
 
+def test_the_kept_op_arguments_follow_the_buffers():
+    """The modules gather their ops' weight arguments once; a buffer
+    assigned, loaded, or replaced by Module._apply (.to(), ...) is used from
+    then on, and an in-place change of a float buffer is seen at once."""
+    q = Q.quantize_dynamic(make_float("LSTM", num_layers=2))
+    x = torch.randn(3, 2, 13)
+    with torch.no_grad():
+        first = q(x)[0]
+        q.bias_ih_l1 = q.bias_ih_l1 + 1  # assigned
+        second = q(x)[0]
+        assert not torch.equal(first, second)
+        q.bias_ih_l1.sub_(1)  # in place
+        torch.testing.assert_close(q(x)[0], first, rtol=0, atol=1e-6)
+        old = q.bias_hh_l0
+        q._apply(lambda t: t.clone())  # replaced: the old tensor no longer counts
+        old.add_(5)
+        torch.testing.assert_close(q(x)[0], first, rtol=0, atol=1e-6)
+        other = Q.quantize_dynamic(make_float("LSTM", num_layers=2))
+        q.load_state_dict(other.state_dict())  # loaded (and repacked)
+        assert torch.equal(q(x)[0], other(x)[0])
+
+
 def test_a_float_state_dict_is_refused():
     lstm = rnnfast.LSTM(5, 6)
     with pytest.raises(RuntimeError, match="must be an int8 weight.*quantize_dynamic"):

@@ -235,9 +235,24 @@ QuantizedSizes check_common(const char* op, const at::Tensor& input,
   return r;
 }
 
+// The elementwise sum of float32 vectors of one size (the checks have
+// made them so), by a plain loop: at::add's dispatch costs as much as the
+// sum, and a one-step decode call sums biases once per layer.
+at::Tensor sum_of(std::initializer_list<const at::Tensor*> terms) {
+  const at::Tensor& first = **terms.begin();
+  at::Tensor out = at::zeros({first.numel()}, first.options());
+  float* o = out.data_ptr<float>();
+  for (const at::Tensor* t : terms) {
+    const at::Tensor c = t->contiguous();
+    const float* v = c.data_ptr<float>();
+    for (int64_t i = 0; i < c.numel(); ++i) o[i] += v[i];
+  }
+  return out;
+}
+
 at::Tensor sum_of(const c10::optional<at::Tensor>& a,
                   const c10::optional<at::Tensor>& b) {
-  return a.has_value() ? (*a + *b).contiguous() : at::Tensor();
+  return a.has_value() ? sum_of({&*a, &*b}) : at::Tensor();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantized_lstm_forward(
@@ -366,9 +381,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantized_layer_norm_lstm_forward
                              at::Tensor());
   at::Tensor hh = at::empty({l.batch, G}, opts);
   // The four gate biases enter the pre-activations alike: one sum serves.
-  at::Tensor gate_bias = ln_ih_bias + ln_hh_bias;
-  if (bias_ih.has_value()) gate_bias += *bias_ih + *bias_hh;
-  gate_bias = gate_bias.contiguous();
+  const at::Tensor gate_bias = bias_ih.has_value()
+                                  ? sum_of({&ln_ih_bias, &ln_hh_bias, &*bias_ih, &*bias_hh})
+                                  : sum_of({&ln_ih_bias, &ln_hh_bias});
   const at::Tensor gamma_ih = ln_ih_weight.contiguous(), gamma_hh = ln_hh_weight.contiguous(),
                    gamma_cell = ln_cell_weight.contiguous(),
                    beta_cell = ln_cell_bias.contiguous();
