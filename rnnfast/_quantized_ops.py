@@ -18,7 +18,8 @@ from torch import Tensor
 from . import _C  # noqa: F401  (loads the library and registers the ops)
 
 __all__ = ["quantized_pack_weight", "quantized_linear", "quantized_lstm_forward",
-           "quantized_layer_norm_lstm_forward", "packed_bytes"]
+           "quantized_layer_norm_lstm_forward", "quantized_lstm_stack",
+           "quantized_layer_norm_lstm_stack", "packed_bytes"]
 
 # The packed layout's blocks (csrc/cpu/int8_gemm.h): outputs in blocks of
 # 16, inputs padded to whole 64-byte rows (an AMX tile's), then one int32
@@ -115,6 +116,37 @@ def quantized_layer_norm_lstm_forward(
         ln_cell_bias, batch_sizes, reverse, eps, zoneout_hidden, zoneout_cell)
 
 
+def quantized_lstm_stack(
+    input: Tensor, hx: Tensor, cx: Tensor, weights: list[Optional[Tensor]],
+    num_layers: int, bidirectional: bool, batch_sizes: Optional[Tensor],
+    zoneout_hidden: float = 0.0, zoneout_cell: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``num_layers`` layers (each both ways when ``bidirectional``) of
+    :func:`quantized_lstm_forward` in one call, composed as
+    :mod:`rnnfast.functional` composes the float layers (a layer's input is
+    the previous layer's output, directions concatenated). ``weights``: per
+    layer, then direction, that op's 8 weight arguments in its order
+    (``packed_ih`` ... ``scale_hr``). ``hx`` ``[L*D, B, P]``, ``cx``
+    ``[L*D, B, H]``. Returns ``(output, h_n, c_n)``, ``h_n`` and ``c_n``
+    stacked as ``hx`` and ``cx``."""
+    return torch.ops.rnnfast.quantized_lstm_stack.default(
+        input, hx, cx, weights, num_layers, bidirectional, batch_sizes, zoneout_hidden,
+        zoneout_cell)
+
+
+def quantized_layer_norm_lstm_stack(
+    input: Tensor, hx: Tensor, cx: Tensor, weights: list[Optional[Tensor]],
+    num_layers: int, bidirectional: bool, batch_sizes: Optional[Tensor], eps: float,
+    zoneout_hidden: float = 0.0, zoneout_cell: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`quantized_lstm_stack` for :func:`quantized_layer_norm_lstm_forward`
+    (12 weight arguments per layer and direction, ``packed_ih`` ...
+    ``ln_cell_bias``)."""
+    return torch.ops.rnnfast.quantized_layer_norm_lstm_stack.default(
+        input, hx, cx, weights, num_layers, bidirectional, batch_sizes, eps, zoneout_hidden,
+        zoneout_cell)
+
+
 @torch.library.register_fake("rnnfast::quantized_pack_weight")
 def _quantized_pack_weight_fake(weight):
     torch._check(weight.dim() == 2 and weight.dtype == torch.int8,
@@ -149,3 +181,24 @@ def _quantized_lstm_forward_fake(input, hx, cx, packed_ih, scale_ih, packed_hh, 
 def _quantized_layer_norm_lstm_forward_fake(input, hx, cx, packed_ih, scale_ih, packed_hh,
                                             scale_hh, bias_ih, bias_hh, *rest):
     return _fake_outputs(input, hx, cx, scale_ih.size(0) // 4)
+
+
+def _fake_stack(input, hx, cx, num_layers, bidirectional, out_size):
+    directions = 2 if bidirectional else 1
+    torch._check(hx.dim() == 3 and hx.size(0) == num_layers * directions,
+                 lambda: "rnnfast: the stacked int8 ops take hx [num_layers * directions, B, P]")
+    return (input.new_empty((*input.shape[:-1], directions * out_size)),
+            hx.new_empty(hx.shape), cx.new_empty(cx.shape))
+
+
+@torch.library.register_fake("rnnfast::quantized_lstm_stack")
+def _quantized_lstm_stack_fake(input, hx, cx, weights, num_layers, bidirectional,
+                               batch_sizes, zoneout_hidden=0.0, zoneout_cell=0.0):
+    return _fake_stack(input, hx, cx, num_layers, bidirectional, hx.size(-1))
+
+
+@torch.library.register_fake("rnnfast::quantized_layer_norm_lstm_stack")
+def _quantized_layer_norm_lstm_stack_fake(input, hx, cx, weights, num_layers, bidirectional,
+                                          batch_sizes, eps, zoneout_hidden=0.0,
+                                          zoneout_cell=0.0):
+    return _fake_stack(input, hx, cx, num_layers, bidirectional, hx.size(-1))

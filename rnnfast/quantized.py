@@ -99,15 +99,15 @@ class _QuantizedRecurrent(_RecurrentBase):
                 self.register_buffer(name + _PACKED, packed, persistent=False)
         self._forget_op_arguments()
 
-    # The ops' weight arguments per layer and direction, gathered once and
-    # kept (a one-step decode call would otherwise spend as long looking
-    # them up as the kernels take); forgotten whenever a buffer may have
-    # been replaced: repacking (building, loading), assigning a buffer,
-    # and Module._apply (.to(), .float(), ...).
-    def _op_arguments(self) -> list[tuple]:
+    # The stacked op's weights (every layer's and direction's, in order),
+    # gathered once and kept (a one-step decode call would otherwise spend
+    # as long looking them up as the kernels take); forgotten whenever a
+    # buffer may have been replaced: repacking (building, loading),
+    # assigning a buffer, and Module._apply (.to(), .float(), ...).
+    def _op_arguments(self) -> list[Optional[Tensor]]:
         args = self.__dict__.get("_op_args")
         if args is None:
-            args = [self._cell_arguments(names) for names in self._all_weights]
+            args = [t for names in self._all_weights for t in self._cell_arguments(names)]
             self.__dict__["_op_args"] = args
         return args
 
@@ -210,17 +210,19 @@ class _QuantizedRecurrent(_RecurrentBase):
         cx``) for the layer and direction whose buffers are ``names``."""
         raise NotImplementedError
 
-    def _layer_function(self, batch_sizes: Optional[Tensor]):
-        """``run(layer_input, idx, reverse, h0, c0) -> (output, h_n, c_n)``
-        of one layer and direction through the cell's int8 op."""
+    def _stack(self, input: Tensor, hx: tuple[Tensor, Tensor],
+               batch_sizes: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """Every layer and direction through the cell's stacked int8 op."""
         raise NotImplementedError
 
     def _run(self, input: Tensor, hx: tuple[Tensor, Tensor],
              batch_sizes: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        return RF._stack(self._layer_function(batch_sizes), input, hx,
-                         num_layers=self.num_layers, dropout=0.0, training=False,
-                         bidirectional=self.bidirectional, batch_first=self.batch_first,
-                         batch_sizes=batch_sizes, variational_dropout=False)
+        # The layers composed in C++ (one call per forward), time-major as
+        # rnnfast.functional composes the float ones.
+        transpose = self.batch_first and batch_sizes is None
+        output, h_n, c_n = self._stack(input.transpose(0, 1) if transpose else input, hx,
+                                       batch_sizes)
+        return (output.transpose(0, 1) if transpose else output), h_n, c_n
 
 
 class LSTM(_QuantizedRecurrent):
@@ -278,13 +280,10 @@ class LSTM(_QuantizedRecurrent):
         return (*self._weight(names[0]), *self._weight(names[1]), *biases,
                 *self._weight(names[-1] if self.proj_size > 0 else None))
 
-    def _layer_function(self, batch_sizes):
-        op, args = qops.quantized_lstm_forward, self._op_arguments()
-        z_h, z_c = self.zoneout_hidden, self.zoneout_cell
-
-        def run(layer_input, idx, reverse, h0, c0):
-            return op(layer_input, h0, c0, *args[idx], batch_sizes, reverse, z_h, z_c)
-        return run
+    def _stack(self, input, hx, batch_sizes):
+        return qops.quantized_lstm_stack(
+            input, hx[0], hx[1], self._op_arguments(), self.num_layers, self.bidirectional,
+            batch_sizes, self.zoneout_hidden, self.zoneout_cell)
 
 
 class LayerNormLSTM(_QuantizedRecurrent):
@@ -345,13 +344,10 @@ class LayerNormLSTM(_QuantizedRecurrent):
         return (*self._weight(names[0]), *self._weight(names[1]), *biases,
                 *(self._buffers[n] for n in names[-len(RF._LN_NAMES):]))
 
-    def _layer_function(self, batch_sizes):
-        op, args = qops.quantized_layer_norm_lstm_forward, self._op_arguments()
-        eps, z_h, z_c = self.eps, self.zoneout_hidden, self.zoneout_cell
-
-        def run(layer_input, idx, reverse, h0, c0):
-            return op(layer_input, h0, c0, *args[idx], batch_sizes, reverse, eps, z_h, z_c)
-        return run
+    def _stack(self, input, hx, batch_sizes):
+        return qops.quantized_layer_norm_lstm_stack(
+            input, hx[0], hx[1], self._op_arguments(), self.num_layers, self.bidirectional,
+            batch_sizes, self.eps, self.zoneout_hidden, self.zoneout_cell)
 
 
 def _quantized_copy(mod: nn.Module) -> Optional[nn.Module]:

@@ -580,6 +580,33 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.rnnfast.quantized_layer_norm_lstm_forward.default, args)
 
 
+def test_opcheck_stacked_ops():
+    for kind, cfg in [("LSTM", dict(num_layers=2, bidirectional=True, proj_size=5)),
+                      ("LayerNormLSTM", dict(num_layers=2, bidirectional=True))]:
+        q = Q.quantize_dynamic(make_float(kind, 6, 8, **cfg))
+        P = q.proj_size or 8
+        args = (torch.randn(3, 2, 6), torch.randn(4, 2, P), torch.randn(4, 2, 8),
+                q._op_arguments(), 2, True, None)
+        if kind == "LSTM":
+            torch.library.opcheck(torch.ops.rnnfast.quantized_lstm_stack.default, args)
+        else:
+            torch.library.opcheck(torch.ops.rnnfast.quantized_layer_norm_lstm_stack.default,
+                                  args + (1e-5,))
+
+
+def test_stacked_op_refuses_a_wrong_number_of_weights_or_states():
+    q = Q.quantize_dynamic(rnnfast.LSTM(6, 8, 2))
+    args = q._op_arguments()
+    x, h = torch.randn(3, 2, 6), torch.zeros(2, 2, 8)
+    with pytest.raises(RuntimeError, match=r"expected 16 weights \(8 per layer and direction\), "
+                                           r"got 15"):
+        rnnfast._quantized_ops.quantized_lstm_stack(x, h, h, args[:-1], 2, False, None)
+    with pytest.raises(RuntimeError, match="with 4 states"):
+        rnnfast._quantized_ops.quantized_lstm_stack(x, h, h, args + args, 2, True, None)
+    with pytest.raises(RuntimeError, match="packed_ih must be a tensor, got None"):
+        rnnfast._quantized_ops.quantized_lstm_stack(x, h, h, [None] + args[1:], 2, False, None)
+
+
 def test_torch_compile_fullgraph_inference():
     q = Q.quantize_dynamic(make_float("LayerNormLSTM", num_layers=2, bidirectional=True))
     x = torch.randn(5, 3, 13)

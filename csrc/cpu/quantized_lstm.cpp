@@ -63,6 +63,25 @@ TORCH_LIBRARY_FRAGMENT(rnnfast, m) {
       "Tensor ln_cell_weight, Tensor ln_cell_bias, Tensor? batch_sizes, "
       "bool reverse, float eps, float zoneout_hidden=0., float zoneout_cell=0.) "
       "-> (Tensor output, Tensor hy, Tensor cy)");
+  // The stacked forms: num_layers layers (x 2 directions when
+  // bidirectional) of the ops above in one call, as rnnfast.functional
+  // composes the float layers (a direction's input is the previous layer's
+  // outputs, both directions concatenated); one call, so a one-step decode
+  // call does not pay a Python round trip per layer. weights: per layer,
+  // then direction, the op's weight arguments in its order (8 for the LSTM:
+  // packed_ih ... scale_hr; 12 for the LayerNorm-LSTM: packed_ih ...
+  // ln_cell_bias). hx [L*D, B, P], cx [L*D, B, H]; returns (output, h_n
+  // [L*D, B, P], c_n [L*D, B, H]).
+  m.def(
+      "quantized_lstm_stack(Tensor input, Tensor hx, Tensor cx, Tensor?[] weights, "
+      "int num_layers, bool bidirectional, Tensor? batch_sizes, "
+      "float zoneout_hidden=0., float zoneout_cell=0.) -> (Tensor output, Tensor hy, "
+      "Tensor cy)");
+  m.def(
+      "quantized_layer_norm_lstm_stack(Tensor input, Tensor hx, Tensor cx, "
+      "Tensor?[] weights, int num_layers, bool bidirectional, Tensor? batch_sizes, "
+      "float eps, float zoneout_hidden=0., float zoneout_cell=0.) -> (Tensor output, "
+      "Tensor hy, Tensor cy)");
 }
 
 namespace rnnfast::cpu {
@@ -429,6 +448,86 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantized_layer_norm_lstm_forward
   return {at::_unsafe_view(output, output_shape(input, H)), hy, c_state};
 }
 
+using OptionalTensors = c10::List<c10::optional<at::Tensor>>;
+
+// Runs `layer(input, h0, c0, weights of that layer and direction)` over the
+// layers and directions of a stacked op; see the schema.
+template <typename Layer>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_stack(
+    const char* op, const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
+    const OptionalTensors& weights, int64_t per_direction, int64_t num_layers,
+    bool bidirectional, const Layer& layer) {
+  const int64_t D = bidirectional ? 2 : 1;
+  TORCH_CHECK(num_layers > 0, op, ": num_layers must be positive, got ", num_layers);
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == num_layers * D * per_direction, op,
+              ": expected ", num_layers * D * per_direction, " weights (", per_direction,
+              " per layer and direction), got ", weights.size());
+  TORCH_CHECK(hx.dim() == 3 && cx.dim() == 3 && hx.size(0) == num_layers * D &&
+                  cx.size(0) == num_layers * D,
+              op, ": expected hx and cx of 3 dimensions [num_layers * directions, B, *] "
+              "with ", num_layers * D, " states, got sizes ", hx.sizes(), " and ", cx.sizes());
+  std::vector<c10::optional<at::Tensor>> w(weights.begin(), weights.end());
+  at::Tensor layer_input = input;
+  std::vector<at::Tensor> hs, cs, outs;
+  for (int64_t l = 0; l < num_layers; ++l) {
+    outs.clear();
+    for (int64_t d = 0; d < D; ++d) {
+      const int64_t idx = l * D + d;
+      auto [out, h, c] = layer(layer_input, hx[idx], cx[idx], &w[idx * per_direction], d == 1);
+      outs.push_back(std::move(out));
+      hs.push_back(std::move(h));
+      cs.push_back(std::move(c));
+    }
+    layer_input = D == 1 ? outs[0] : at::cat(outs, -1);
+  }
+  return {layer_input, at::stack(hs), at::stack(cs)};
+}
+
+const at::Tensor& required(const c10::optional<at::Tensor>& t, const char* op,
+                           const char* name) {
+  TORCH_CHECK(t.has_value(), op, ": ", name, " must be a tensor, got None");
+  return *t;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantized_lstm_stack(
+    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
+    const OptionalTensors& weights, int64_t num_layers, bool bidirectional,
+    const c10::optional<at::Tensor>& batch_sizes, double zoneout_hidden,
+    double zoneout_cell) {
+  constexpr const char* op = "rnnfast.quantized_lstm_stack";
+  return run_stack(op, input, hx, cx, weights, 8, num_layers, bidirectional,
+                   [&](const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+                       const c10::optional<at::Tensor>* w, bool reverse) {
+                     return quantized_lstm_forward(
+                         x, h0, c0, required(w[0], op, "packed_ih"),
+                         required(w[1], op, "scale_ih"), required(w[2], op, "packed_hh"),
+                         required(w[3], op, "scale_hh"), w[4], w[5], w[6], w[7],
+                         batch_sizes, reverse, zoneout_hidden, zoneout_cell);
+                   });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantized_layer_norm_lstm_stack(
+    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
+    const OptionalTensors& weights, int64_t num_layers, bool bidirectional,
+    const c10::optional<at::Tensor>& batch_sizes, double eps, double zoneout_hidden,
+    double zoneout_cell) {
+  constexpr const char* op = "rnnfast.quantized_layer_norm_lstm_stack";
+  static const char* const ln_names[] = {"ln_ih_weight", "ln_ih_bias", "ln_hh_weight",
+                                         "ln_hh_bias", "ln_cell_weight", "ln_cell_bias"};
+  return run_stack(op, input, hx, cx, weights, 12, num_layers, bidirectional,
+                   [&](const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+                       const c10::optional<at::Tensor>* w, bool reverse) {
+                     return quantized_layer_norm_lstm_forward(
+                         x, h0, c0, required(w[0], op, "packed_ih"),
+                         required(w[1], op, "scale_ih"), required(w[2], op, "packed_hh"),
+                         required(w[3], op, "scale_hh"), w[4], w[5],
+                         required(w[6], op, ln_names[0]), required(w[7], op, ln_names[1]),
+                         required(w[8], op, ln_names[2]), required(w[9], op, ln_names[3]),
+                         required(w[10], op, ln_names[4]), required(w[11], op, ln_names[5]),
+                         batch_sizes, reverse, eps, zoneout_hidden, zoneout_cell);
+                   });
+}
+
 at::Tensor quantized_linear(const at::Tensor& input, const at::Tensor& packed,
                             const at::Tensor& scale, const c10::optional<at::Tensor>& bias,
                             c10::string_view kernels) {
@@ -494,6 +593,8 @@ const char* cpu_int8_kernels_in_use() { return cpu::int8::kernels_in_use(); }
 TORCH_LIBRARY_IMPL(rnnfast, CPU, m) {
   m.impl("quantized_pack_weight", &rnnfast::cpu::quantized_pack_weight);
   m.impl("quantized_linear", &rnnfast::cpu::quantized_linear);
+  m.impl("quantized_lstm_stack", &rnnfast::cpu::quantized_lstm_stack);
+  m.impl("quantized_layer_norm_lstm_stack", &rnnfast::cpu::quantized_layer_norm_lstm_stack);
   m.impl("quantized_lstm_forward", &rnnfast::cpu::quantized_lstm_forward);
   m.impl("quantized_layer_norm_lstm_forward",
          &rnnfast::cpu::quantized_layer_norm_lstm_forward);
