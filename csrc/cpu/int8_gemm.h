@@ -22,9 +22,10 @@
 // bytes instead). Every path computes the same integers.
 //
 // Kernels, fastest first: AMX-INT8 (tdpbusd on 16-row tiles, for products
-// of many rows: the hoisted input product, a large batch's recurrent one),
-// AVX-512 VNNI (register tiles; every product on CPUs without AMX, and the
-// products of few rows on CPUs with it), AVX2, portable C++.
+// of kAmxMinRows = 4 rows or more: the hoisted input product, the recurrent
+// one of a batch of 4 or more), AVX-512 VNNI (register tiles; every
+// product on CPUs without AMX, and those of fewer rows on CPUs with it),
+// AVX2, portable C++.
 //
 // Packed weight layout, for W_q [n, k] (row-major, n output rows): the n
 // outputs in blocks of kBlockCols = 16 (one 512-bit vector of int32 lanes),
@@ -94,9 +95,13 @@ bool kernels_available(Kernels which);
 const char* kernels_name(Kernels which);
 
 // Products of at least this many rows run on AMX where best_kernels() is
-// AMX; fewer on AVX-512 VNNI, which wins there (measured on a Sapphire
-// Rapids Xeon, 2 threads, n = 2048, k = 512; see quantized_linear).
-constexpr int64_t kAmxMinRows = 16;
+// AMX; fewer on AVX-512 VNNI. Measured with quantized_linear (Xeon with
+// AMX, 2 threads, best of interleaved rounds): AMX / VNNI time at n = 2048,
+// k = 512 for 1, 2, 3, 4, 8, 16 rows 1.12, 0.94, 0.82, 0.71, 0.42, 0.31;
+// at n = 1024, k = 256 1.19, 1.04, 0.98, 0.92, 0.69, 0.53. A row's
+// product streams the whole weight either way; AMX pays off once a few
+// rows share it.
+constexpr int64_t kAmxMinRows = 4;
 
 // Quantizes as quantize_rows with the quantizer of the family `which`
 // (AVX-512 for AMX and VNNI, else portable; all give the same bytes).
