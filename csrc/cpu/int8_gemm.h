@@ -113,14 +113,18 @@ void quantize_rows_with(Kernels which, int64_t m, int64_t k, const float* a,
 // scales a_scale [m], W_q is packed (see above) with scales w_scale [n],
 // bias [n] or null, beta 0 or 1 (C is not read when 0). Threads over blocks
 // of rows and columns. gemm picks the kernels (AMX from kAmxMinRows rows);
-// gemm_with runs the family `which` (kernels_available) on any m.
+// gemm_with runs the family `which` (kernels_available) on any m. With q2
+// (rows of stride ldq, scales a_scale2 [m]), the product of those rows is
+// then added too (C += dequantized(Q2 W_q^T), no bias), block by block.
 void gemm(int64_t m, int64_t n, int64_t k, const uint8_t* q, int64_t ldq,
           const float* a_scale, const int8_t* packed, const float* w_scale,
-          const float* bias, float beta, float* c, int64_t ldc);
+          const float* bias, float beta, float* c, int64_t ldc,
+          const uint8_t* q2 = nullptr, const float* a_scale2 = nullptr);
 void gemm_with(Kernels which, int64_t m, int64_t n, int64_t k, const uint8_t* q,
                int64_t ldq, const float* a_scale, const int8_t* packed,
                const float* w_scale, const float* bias, float beta, float* c,
-               int64_t ldc);
+               int64_t ldc, const uint8_t* q2 = nullptr,
+               const float* a_scale2 = nullptr);
 
 // Which kernels gemm uses: "AMX-INT8+AVX512-VNNI" (AMX for products of
 // kAmxMinRows rows or more, VNNI for fewer), "AVX512-VNNI", "AVX2" or

@@ -12,8 +12,10 @@
 // type (a float StepWeight, at::addmm for the input product); they reuse the
 // drivers' helpers for reading h_{t-1} in place and gathering h_n.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -139,6 +141,45 @@ void quantized_input_projection(at::Tensor& out, const at::Tensor& x,
   q8::gemm(rows, n, k, qx.data_ptr<uint8_t>(), kp, qs.data_ptr<float>(),
            packed.data_ptr<int8_t>(), scale.data_ptr<float>(), b, 0.0f,
            out.data_ptr<float>(), n);
+}
+
+// out [N, n] = dequantized(q1 W^T) + dequantized(q2 W^T), where q1 is x's
+// per-row int8 quantization (scale s1) and q2 that of what it leaves,
+// r = x - s1 q1 (in double, where s1 q1 is exact, rounded once to float):
+// two int8 products that carry x to about 15 bits. The LayerNorm-LSTM's
+// input product: LN_ih normalises W_ih x to unit variance, so the
+// rounding of x, a small share of the LSTM's gates, becomes a large one of
+// the LayerNorm-LSTM's (the second layer's input h is small). The weight
+// stays int8 and both products exact in int32.
+void quantized_input_projection_two_terms(at::Tensor& out, const at::Tensor& x,
+                                          const at::Tensor& packed,
+                                          const at::Tensor& scale) {
+  const int64_t rows = x.size(0), k = x.size(1), n = out.size(1);
+  const int64_t kp = q8::padded_depth(k);
+  at::Tensor qx = at::empty({2, rows, kp}, x.options().dtype(at::kByte));
+  at::Tensor qs = at::empty({2, rows}, x.options());
+  at::Tensor residual = at::empty({rows, k}, x.options());
+  uint8_t* q1 = qx.data_ptr<uint8_t>();
+  uint8_t* q2 = q1 + rows * kp;
+  float* s1 = qs.data_ptr<float>();
+  float* s2 = s1 + rows;
+  const float* xp = x.data_ptr<float>();
+  float* rp = residual.data_ptr<float>();
+  q8::quantize_rows_parallel(rows, k, xp, k, q1, kp, s1);
+  at::parallel_for(0, rows, std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, k)),
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t r = begin; r < end; ++r) {
+                       const double sr = s1[r];
+                       for (int64_t j = 0; j < k; ++j) {
+                         const double q = int32_t(q1[r * kp + j]) - q8::kActivationOffset;
+                         rp[r * k + j] = static_cast<float>(double(xp[r * k + j]) - sr * q);
+                       }
+                     }
+                   });
+  q8::quantize_rows_parallel(rows, k, rp, k, q2, kp, s2);
+  const int8_t* w = packed.data_ptr<int8_t>();
+  const float* ws = scale.data_ptr<float>();
+  q8::gemm(rows, n, k, q1, kp, s1, w, ws, nullptr, 0.0f, out.data_ptr<float>(), n, q2, s2);
 }
 
 // What the shared driver helpers (copy_final_hidden, zoneout_hidden_step)
@@ -396,8 +437,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantized_layer_norm_lstm_forward
   const at::Tensor w_hh = packed_hh.contiguous(), s_hh = scale_hh.contiguous();
   // W_ih x for every step; each step normalises its rows in place.
   at::Tensor ih = empty_activation({l.rows, G}, opts);
-  quantized_input_projection(ih, x, packed_ih.contiguous(), scale_ih.contiguous(),
-                             at::Tensor());
+  quantized_input_projection_two_terms(ih, x, packed_ih.contiguous(),
+                                       scale_ih.contiguous());
   at::Tensor hh = at::empty({l.batch, G}, opts);
   // The four gate biases enter the pre-activations alike: one sum serves.
   const at::Tensor gate_bias = bias_ih.has_value()
