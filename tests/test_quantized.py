@@ -143,8 +143,9 @@ def case(request):
 
 # ---- parity with the reference -------------------------------------------------
 
-def test_matches_int8_reference(case):
-    T, B = 6, 3
+@pytest.mark.parametrize("T", [6, 1])  # 1: a decode call, h_0's product fused
+def test_matches_int8_reference(case, T):
+    B = 3
     x = torch.randn(T, B, case.input_size)
     D, L = (2 if case.bidirectional else 1), case.num_layers
     P = case.proj_size or case.hidden_size

@@ -177,7 +177,7 @@ void quantize_rows_parallel(int64_t m, int64_t k, const float* a, int64_t lda,
 void gemm_with(Kernels which, int64_t m, int64_t n, int64_t k, const uint8_t* q,
                int64_t ldq, const float* a_scale, const int8_t* packed,
                const float* w_scale, const float* bias, float beta, float* c,
-               int64_t ldc, const uint8_t* q2, const float* a_scale2) {
+               int64_t ldc, const SecondTerm* second) {
   TORCH_CHECK(kernels_available(which), "rnnfast: the int8 kernels ",
               kernels_name(which), " do not run on this CPU (the best here: ",
               kernels_name(best_kernels()), ")");
@@ -205,9 +205,10 @@ void gemm_with(Kernels which, int64_t m, int64_t n, int64_t k, const uint8_t* q,
       tile(rows, n, k, b0, nb, q + r0 * ldq, ldq, a_scale + r0, packed, w_scale,
            bias, beta, c + r0 * ldc, ldc);
       // The second term added to the task's C block while it is in cache.
-      if (q2) {
-        tile(rows, n, k, b0, nb, q2 + r0 * ldq, ldq, a_scale2 + r0, packed, w_scale,
-             nullptr, 1.0f, c + r0 * ldc, ldc);
+      if (second) {
+        tile(rows, n, second->k, b0, nb, second->q + r0 * second->ldq, second->ldq,
+             second->a_scale + r0, second->packed, second->w_scale, nullptr, 1.0f,
+             c + r0 * ldc, ldc);
       }
     }
     // The tiles stay configured over a thread's tasks, handed back here.
@@ -217,12 +218,10 @@ void gemm_with(Kernels which, int64_t m, int64_t n, int64_t k, const uint8_t* q,
 
 void gemm(int64_t m, int64_t n, int64_t k, const uint8_t* q, int64_t ldq,
           const float* a_scale, const int8_t* packed, const float* w_scale,
-          const float* bias, float beta, float* c, int64_t ldc, const uint8_t* q2,
-          const float* a_scale2) {
+          const float* bias, float beta, float* c, int64_t ldc, const SecondTerm* second) {
   Kernels which = best_kernels();
   if (which == Kernels::kAmxInt8 && m < kAmxMinRows) which = Kernels::kAvx512Vnni;
-  gemm_with(which, m, n, k, q, ldq, a_scale, packed, w_scale, bias, beta, c, ldc, q2,
-            a_scale2);
+  gemm_with(which, m, n, k, q, ldq, a_scale, packed, w_scale, bias, beta, c, ldc, second);
 }
 
 }  // namespace rnnfast::cpu::int8

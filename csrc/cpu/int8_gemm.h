@@ -113,18 +113,26 @@ void quantize_rows_with(Kernels which, int64_t m, int64_t k, const float* a,
 // scales a_scale [m], W_q is packed (see above) with scales w_scale [n],
 // bias [n] or null, beta 0 or 1 (C is not read when 0). Threads over blocks
 // of rows and columns. gemm picks the kernels (AMX from kAmxMinRows rows);
-// gemm_with runs the family `which` (kernels_available) on any m. With q2
-// (rows of stride ldq, scales a_scale2 [m]), the product of those rows is
-// then added too (C += dequantized(Q2 W_q^T), no bias), block by block.
+// gemm_with runs the family `which` (kernels_available) on any m. With a
+// second term, its product is then added too, block by block while C's
+// block is in cache: C += dequantized(A2_q W2_q^T) (no bias), its own rows
+// (m of them), depth and weight, rounded as a second gemm with beta 1.
+struct SecondTerm {
+  const uint8_t* q;      // [m, Kp2], row stride ldq
+  int64_t ldq;
+  const float* a_scale;  // [m]
+  int64_t k;             // depth
+  const int8_t* packed;  // packed [n, k]
+  const float* w_scale;  // [n]
+};
 void gemm(int64_t m, int64_t n, int64_t k, const uint8_t* q, int64_t ldq,
           const float* a_scale, const int8_t* packed, const float* w_scale,
           const float* bias, float beta, float* c, int64_t ldc,
-          const uint8_t* q2 = nullptr, const float* a_scale2 = nullptr);
+          const SecondTerm* second = nullptr);
 void gemm_with(Kernels which, int64_t m, int64_t n, int64_t k, const uint8_t* q,
                int64_t ldq, const float* a_scale, const int8_t* packed,
                const float* w_scale, const float* bias, float beta, float* c,
-               int64_t ldc, const uint8_t* q2 = nullptr,
-               const float* a_scale2 = nullptr);
+               int64_t ldc, const SecondTerm* second = nullptr);
 
 // Which kernels gemm uses: "AMX-INT8+AVX512-VNNI" (AMX for products of
 // kAmxMinRows rows or more, VNNI for fewer), "AVX512-VNNI", "AVX2" or

@@ -109,6 +109,13 @@ class QuantizedStepWeight {
              nullptr, beta, c, ldc);
   }
 
+  // A[m, k] quantized, as a second term of another product (a one-step
+  // call adds h_0 W_hh^T to the input product, one pass over the gates).
+  q8::SecondTerm as_second_term(int64_t m, const float* a, int64_t lda) const {
+    q8::quantize_rows(m, k_, a, lda, rows_.data(), kp_, row_scale_.data());
+    return {rows_.data(), kp_, row_scale_.data(), k_, packed_, scale_};
+  }
+
  private:
   int64_t n_, k_, kp_;
   const int8_t* packed_;
@@ -122,7 +129,8 @@ class QuantizedStepWeight {
 void quantized_input_projection(at::Tensor& out, const at::Tensor& x,
                                 const at::Tensor& packed, const at::Tensor& scale,
                                 const at::Tensor& bias,
-                                const q8::Kernels* forced = nullptr) {
+                                const q8::Kernels* forced = nullptr,
+                                const q8::SecondTerm* second = nullptr) {
   const int64_t rows = x.size(0), k = x.size(1), n = out.size(1);
   const int64_t kp = q8::padded_depth(k);
   at::Tensor qx = at::empty({rows, kp}, x.options().dtype(at::kByte));
@@ -140,7 +148,7 @@ void quantized_input_projection(at::Tensor& out, const at::Tensor& x,
                              kp, qs.data_ptr<float>());
   q8::gemm(rows, n, k, qx.data_ptr<uint8_t>(), kp, qs.data_ptr<float>(),
            packed.data_ptr<int8_t>(), scale.data_ptr<float>(), b, 0.0f,
-           out.data_ptr<float>(), n);
+           out.data_ptr<float>(), n, second);
 }
 
 // out [N, n] = dequantized(q1 W^T) + dequantized(q2 W^T), where q1 is x's
@@ -179,7 +187,9 @@ void quantized_input_projection_two_terms(at::Tensor& out, const at::Tensor& x,
   q8::quantize_rows_parallel(rows, k, rp, k, q2, kp, s2);
   const int8_t* w = packed.data_ptr<int8_t>();
   const float* ws = scale.data_ptr<float>();
-  q8::gemm(rows, n, k, q1, kp, s1, w, ws, nullptr, 0.0f, out.data_ptr<float>(), n, q2, s2);
+  const q8::SecondTerm residual_term{q2, kp, s2, k, w, ws};
+  q8::gemm(rows, n, k, q1, kp, s1, w, ws, nullptr, 0.0f, out.data_ptr<float>(), n,
+           &residual_term);
 }
 
 // What the shared driver helpers (copy_final_hidden, zoneout_hidden_step)
@@ -353,15 +363,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantized_lstm_forward(
     s_hr = scale_hr->contiguous();
   }
   at::Tensor gates = empty_activation({l.rows, G}, opts);
-  quantized_input_projection(gates, x, w_ih, s_ih, sum_of(bias_ih, bias_hh));
+  const at::Tensor h0 = hx.contiguous();
+  const QuantizedStepWeight whh(l.batch, G, P, w_hh.data_ptr<int8_t>(),
+                                s_hh.data_ptr<float>());
+  // One step (a decode call): h_0 W_hh^T joins the input product's pass
+  // (the same roundings as the step's own product after it).
+  const bool one_step = l.steps == 1;
+  q8::SecondTerm h0_term;
+  if (one_step) h0_term = whh.as_second_term(l.rows, h0.data_ptr<float>(), P);
+  quantized_input_projection(gates, x, w_ih, s_ih, sum_of(bias_ih, bias_hh), nullptr,
+                             one_step ? &h0_term : nullptr);
   at::Tensor output = at::empty({l.rows, P}, opts);
   at::Tensor c_state = cx.contiguous().clone();
-  const at::Tensor h0 = hx.contiguous();
   at::Tensor r_buf;
   if (s.has_projection()) r_buf = at::empty({l.batch, H}, opts);
 
-  const QuantizedStepWeight whh(l.batch, G, P, w_hh.data_ptr<int8_t>(),
-                                s_hh.data_ptr<float>());
   std::unique_ptr<QuantizedStepWeight> whr;
   if (s.has_projection()) {
     whr = std::make_unique<QuantizedStepWeight>(l.batch, P, H, w_hr.data_ptr<int8_t>(),
@@ -375,8 +391,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantized_lstm_forward(
     const int64_t rows = l.batch_sizes[t];
     const int64_t off = l.offsets[t];
     // gates[t] += h_{t-1} W_hh^T, h_{t-1} quantized where it lies
-    multiply_previous_hidden(l, t, whh, out, h0.data_ptr<float>(), P, 1.0f,
-                             g + off * G, G);
+    if (!one_step) {
+      multiply_previous_hidden(l, t, whh, out, h0.data_ptr<float>(), P, 1.0f,
+                               g + off * G, G);
+    }
     ForwardStepParams<float> p;
     p.rows = rows;
     p.hidden = H;
