@@ -128,10 +128,11 @@ if with_cuda:
 
 cpu_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
 cpu_sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-# cpu_backend.cpp, built without ISA flags, comes before the *_avx*.cpp units
-# (pointwise_avx2.cpp, int8_gemm_avx512.cpp, ...) so that the linker keeps
-# its copies of any inline function both emit.
-cpu_sources.sort(key=lambda p: ("_avx" in os.path.basename(p), p))
+# cpu_backend.cpp, built without ISA flags, comes before the *_avx*.cpp and
+# *_amx.cpp units (pointwise_avx2.cpp, int8_gemm_avx512.cpp, ...; each sets
+# its ISA with #pragma GCC target) so that the linker keeps its copies of
+# any inline function both emit.
+cpu_sources.sort(key=lambda p: (any(s in os.path.basename(p) for s in ("_avx", "_amx")), p))
 
 define_macros = [
     ("RNNFAST_TORCH_VERSION", f'"{torch.__version__}"'),

@@ -11,7 +11,8 @@ namespace rnnfast {
 const char* cpu_kernels_in_use();
 // The CPU GEMM in use ("mkl-packed", "blas" or "aten").
 const char* cpu_gemm_in_use();
-// The CPU int8 kernels in use ("AVX512-VNNI", "AVX2" or "portable").
+// The CPU int8 kernels in use ("AMX-INT8+AVX512-VNNI", "AVX512-VNNI",
+// "AVX2" or "portable").
 const char* cpu_int8_kernels_in_use();
 // Frees the CPU buffer cache's free blocks; returns their bytes.
 int64_t release_cpu_buffer_cache();

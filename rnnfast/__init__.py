@@ -19,8 +19,9 @@ __all__ = ["LSTM", "LayerNormLSTM", "functional", "ops", "quantized", "quantize_
 def build_info() -> dict:
     """How the extension was built: ``with_cuda``, ``cuda_archs``,
     ``torch_version`` (built against), and the CPU kernels and GEMM in use
-    (``cpu_int8_kernels``: ``"AVX512-VNNI"``, ``"AVX2"`` or ``"portable"``, those of
-    :mod:`rnnfast.quantized`)."""
+    (``cpu_int8_kernels``: ``"AMX-INT8+AVX512-VNNI"`` (AMX for products of 4
+    rows or more, VNNI for fewer), ``"AVX512-VNNI"``, ``"AVX2"`` or
+    ``"portable"``, those of :mod:`rnnfast.quantized`)."""
     info = dict(_build_info())
     info["rnnfast_version"] = __version__
     return info

@@ -17,20 +17,22 @@ from torch import Tensor
 
 from . import _C  # noqa: F401  (loads the library and registers the ops)
 
-__all__ = ["quantized_pack_weight", "quantized_lstm_forward",
-           "quantized_layer_norm_lstm_forward", "packed_bytes"]
+__all__ = ["quantized_pack_weight", "quantized_linear", "quantized_lstm_forward",
+           "quantized_layer_norm_lstm_forward", "quantized_lstm_stack",
+           "quantized_layer_norm_lstm_stack", "packed_bytes"]
 
 # The packed layout's blocks (csrc/cpu/int8_gemm.h): outputs in blocks of
-# 16, inputs in groups of 4, then one int32 column sum per padded output.
+# 16, inputs padded to whole 64-byte rows (an AMX tile's), then one int32
+# column sum per padded output.
 _BLOCK_COLS = 16
-_GROUP_DEPTH = 4
+_DEPTH_ALIGN = 64
 
 
 def packed_bytes(n: int, k: int) -> int:
     """Bytes of the packed form of an int8 weight of ``n`` outputs and
     ``k`` inputs (the size :func:`quantized_pack_weight` returns)."""
     cols = -(-n // _BLOCK_COLS) * _BLOCK_COLS
-    depth = -(-k // _GROUP_DEPTH) * _GROUP_DEPTH
+    depth = -(-k // _DEPTH_ALIGN) * _DEPTH_ALIGN
     return cols * depth + cols * 4
 
 
@@ -39,6 +41,22 @@ def quantized_pack_weight(weight: Tensor) -> Tensor:
     the quantized forward ops read: a 1-D int8 tensor of
     :func:`packed_bytes` bytes, of a layout private to the kernels."""
     return torch.ops.rnnfast.quantized_pack_weight.default(weight)
+
+
+def quantized_linear(input: Tensor, packed: Tensor, scale: Tensor,
+                     bias: Optional[Tensor] = None, kernels: str = "auto") -> Tensor:
+    """The int8 product alone (for tests and measurements): float32
+    ``input`` ``[M, k]`` quantized per row (as the layers quantize their
+    activations), times the packed int8 weight (:func:`quantized_pack_weight`)
+    with its per-row ``scale`` ``[n]``, dequantized, plus ``bias`` ``[n]``:
+    returns ``[M, n]`` float32.
+
+    ``kernels``: ``"auto"`` (what the layers pick for ``M`` rows) or one
+    family by its ``build_info()["cpu_int8_kernels"]`` name (``"AMX-INT8"``,
+    ``"AVX512-VNNI"``, ``"AVX2"``, ``"portable"``); a family this CPU does not
+    run is refused. All give the same integer products.
+    """
+    return torch.ops.rnnfast.quantized_linear.default(input, packed, scale, bias, kernels)
 
 
 def quantized_lstm_forward(
@@ -98,11 +116,49 @@ def quantized_layer_norm_lstm_forward(
         ln_cell_bias, batch_sizes, reverse, eps, zoneout_hidden, zoneout_cell)
 
 
+def quantized_lstm_stack(
+    input: Tensor, hx: Tensor, cx: Tensor, weights: list[Optional[Tensor]],
+    num_layers: int, bidirectional: bool, batch_sizes: Optional[Tensor],
+    zoneout_hidden: float = 0.0, zoneout_cell: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``num_layers`` layers (each both ways when ``bidirectional``) of
+    :func:`quantized_lstm_forward` in one call, composed as
+    :mod:`rnnfast.functional` composes the float layers (a layer's input is
+    the previous layer's output, directions concatenated). ``weights``: per
+    layer, then direction, that op's 8 weight arguments in its order
+    (``packed_ih`` ... ``scale_hr``). ``hx`` ``[L*D, B, P]``, ``cx``
+    ``[L*D, B, H]``. Returns ``(output, h_n, c_n)``, ``h_n`` and ``c_n``
+    stacked as ``hx`` and ``cx``."""
+    return torch.ops.rnnfast.quantized_lstm_stack.default(
+        input, hx, cx, weights, num_layers, bidirectional, batch_sizes, zoneout_hidden,
+        zoneout_cell)
+
+
+def quantized_layer_norm_lstm_stack(
+    input: Tensor, hx: Tensor, cx: Tensor, weights: list[Optional[Tensor]],
+    num_layers: int, bidirectional: bool, batch_sizes: Optional[Tensor], eps: float,
+    zoneout_hidden: float = 0.0, zoneout_cell: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`quantized_lstm_stack` for :func:`quantized_layer_norm_lstm_forward`
+    (12 weight arguments per layer and direction, ``packed_ih`` ...
+    ``ln_cell_bias``)."""
+    return torch.ops.rnnfast.quantized_layer_norm_lstm_stack.default(
+        input, hx, cx, weights, num_layers, bidirectional, batch_sizes, eps, zoneout_hidden,
+        zoneout_cell)
+
+
 @torch.library.register_fake("rnnfast::quantized_pack_weight")
 def _quantized_pack_weight_fake(weight):
     torch._check(weight.dim() == 2 and weight.dtype == torch.int8,
                  lambda: "rnnfast.quantized_pack_weight: expected a 2-D int8 weight")
     return weight.new_empty((packed_bytes(weight.size(0), weight.size(1)),))
+
+
+@torch.library.register_fake("rnnfast::quantized_linear")
+def _quantized_linear_fake(input, packed, scale, bias=None, kernels="auto"):
+    torch._check(input.dim() == 2 and input.dtype == torch.float32,
+                 lambda: "rnnfast.quantized_linear: expected a 2-D float32 input")
+    return input.new_empty((input.size(0), scale.size(0)))
 
 
 def _fake_outputs(input: Tensor, hx: Tensor, cx: Tensor, out_size) -> tuple[Tensor, Tensor, Tensor]:
@@ -125,3 +181,24 @@ def _quantized_lstm_forward_fake(input, hx, cx, packed_ih, scale_ih, packed_hh, 
 def _quantized_layer_norm_lstm_forward_fake(input, hx, cx, packed_ih, scale_ih, packed_hh,
                                             scale_hh, bias_ih, bias_hh, *rest):
     return _fake_outputs(input, hx, cx, scale_ih.size(0) // 4)
+
+
+def _fake_stack(input, hx, cx, num_layers, bidirectional, out_size):
+    directions = 2 if bidirectional else 1
+    torch._check(hx.dim() == 3 and hx.size(0) == num_layers * directions,
+                 lambda: "rnnfast: the stacked int8 ops take hx [num_layers * directions, B, P]")
+    return (input.new_empty((*input.shape[:-1], directions * out_size)),
+            hx.new_empty(hx.shape), cx.new_empty(cx.shape))
+
+
+@torch.library.register_fake("rnnfast::quantized_lstm_stack")
+def _quantized_lstm_stack_fake(input, hx, cx, weights, num_layers, bidirectional,
+                               batch_sizes, zoneout_hidden=0.0, zoneout_cell=0.0):
+    return _fake_stack(input, hx, cx, num_layers, bidirectional, hx.size(-1))
+
+
+@torch.library.register_fake("rnnfast::quantized_layer_norm_lstm_stack")
+def _quantized_layer_norm_lstm_stack_fake(input, hx, cx, weights, num_layers, bidirectional,
+                                          batch_sizes, eps, zoneout_hidden=0.0,
+                                          zoneout_cell=0.0):
+    return _fake_stack(input, hx, cx, num_layers, bidirectional, hx.size(-1))

@@ -97,6 +97,31 @@ class _QuantizedRecurrent(_RecurrentBase):
                 self._buffers[name + _PACKED] = packed
             else:
                 self.register_buffer(name + _PACKED, packed, persistent=False)
+        self._forget_op_arguments()
+
+    # The stacked op's weights (every layer's and direction's, in order),
+    # gathered once and kept (a one-step decode call would otherwise spend
+    # as long looking them up as the kernels take); forgotten whenever a
+    # buffer may have been replaced: repacking (building, loading),
+    # assigning a buffer, and Module._apply (.to(), .float(), ...).
+    def _op_arguments(self) -> list[Optional[Tensor]]:
+        args = self.__dict__.get("_op_args")
+        if args is None:
+            args = [t for names in self._all_weights for t in self._cell_arguments(names)]
+            self.__dict__["_op_args"] = args
+        return args
+
+    def _forget_op_arguments(self) -> None:
+        self.__dict__["_op_args"] = None
+
+    def __setattr__(self, name, value) -> None:
+        if name in self.__dict__.get("_buffers", ()):
+            self._forget_op_arguments()
+        super().__setattr__(name, value)
+
+    def _apply(self, fn, recurse=True):
+        self._forget_op_arguments()
+        return super()._apply(fn, recurse)
 
     def _weight(self, name: Optional[str]) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """(packed weight, scale) of an int8 weight, (None, None) for None."""
@@ -142,6 +167,7 @@ class _QuantizedRecurrent(_RecurrentBase):
         state = self.__dict__.copy()
         state["_buffers"] = {k: v for k, v in self._buffers.items()
                              if not k.endswith(_PACKED)}
+        state["_op_args"] = None
         return state
 
     def __setstate__(self, state) -> None:
@@ -179,27 +205,24 @@ class _QuantizedRecurrent(_RecurrentBase):
     def extra_repr(self) -> str:
         return super().extra_repr() + ", dtype=torch.qint8"
 
-    def _layer(self, layer_input: Tensor, names: list[str], h0: Tensor, c0: Tensor,
-               weights: tuple, batch_sizes: Optional[Tensor], reverse: bool
-               ) -> tuple[Tensor, Tensor, Tensor]:
-        """One layer and direction through the cell's int8 op; ``weights`` are
-        ``(w_ih, s_ih, w_hh, s_hh, b_ih, b_hh)`` (packed weights, scales,
-        biases or None)."""
+    def _cell_arguments(self, names: list[str]) -> tuple:
+        """The weight arguments of the cell's op (those after ``input, hx,
+        cx``) for the layer and direction whose buffers are ``names``."""
+        raise NotImplementedError
+
+    def _stack(self, input: Tensor, hx: tuple[Tensor, Tensor],
+               batch_sizes: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """Every layer and direction through the cell's stacked int8 op."""
         raise NotImplementedError
 
     def _run(self, input: Tensor, hx: tuple[Tensor, Tensor],
              batch_sizes: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        def run(layer_input, idx, reverse, h0, c0):
-            names = self._all_weights[idx]
-            biases = ((self._buffers[names[2]], self._buffers[names[3]])
-                      if self.bias else (None, None))
-            weights = (*self._weight(names[0]), *self._weight(names[1]), *biases)
-            return self._layer(layer_input, names, h0, c0, weights, batch_sizes, reverse)
-
-        return RF._stack(run, input, hx, num_layers=self.num_layers, dropout=0.0,
-                         training=False, bidirectional=self.bidirectional,
-                         batch_first=self.batch_first, batch_sizes=batch_sizes,
-                         variational_dropout=False)
+        # The layers composed in C++ (one call per forward), time-major as
+        # rnnfast.functional composes the float ones.
+        transpose = self.batch_first and batch_sizes is None
+        output, h_n, c_n = self._stack(input.transpose(0, 1) if transpose else input, hx,
+                                       batch_sizes)
+        return (output.transpose(0, 1) if transpose else output), h_n, c_n
 
 
 class LSTM(_QuantizedRecurrent):
@@ -251,11 +274,16 @@ class LSTM(_QuantizedRecurrent):
                    **_zoneout_of(mod))
         return cls._copy_from(qmod, mod)
 
-    def _layer(self, layer_input, names, h0, c0, weights, batch_sizes, reverse):
-        w_hr, s_hr = self._weight(names[-1] if self.proj_size > 0 else None)
-        return qops.quantized_lstm_forward(
-            layer_input, h0, c0, *weights, w_hr, s_hr, batch_sizes, reverse,
-            self.zoneout_hidden, self.zoneout_cell)
+    def _cell_arguments(self, names):
+        biases = ((self._buffers[names[2]], self._buffers[names[3]]) if self.bias
+                  else (None, None))
+        return (*self._weight(names[0]), *self._weight(names[1]), *biases,
+                *self._weight(names[-1] if self.proj_size > 0 else None))
+
+    def _stack(self, input, hx, batch_sizes):
+        return qops.quantized_lstm_stack(
+            input, hx[0], hx[1], self._op_arguments(), self.num_layers, self.bidirectional,
+            batch_sizes, self.zoneout_hidden, self.zoneout_cell)
 
 
 class LayerNormLSTM(_QuantizedRecurrent):
@@ -310,11 +338,16 @@ class LayerNormLSTM(_QuantizedRecurrent):
         s = super().extra_repr()
         return s + (f", eps={self.eps}" if self.eps != 1e-5 else "")
 
-    def _layer(self, layer_input, names, h0, c0, weights, batch_sizes, reverse):
-        ln = [self._buffers[n] for n in names[-len(RF._LN_NAMES):]]
-        return qops.quantized_layer_norm_lstm_forward(
-            layer_input, h0, c0, *weights, *ln, batch_sizes, reverse, self.eps,
-            self.zoneout_hidden, self.zoneout_cell)
+    def _cell_arguments(self, names):
+        biases = ((self._buffers[names[2]], self._buffers[names[3]]) if self.bias
+                  else (None, None))
+        return (*self._weight(names[0]), *self._weight(names[1]), *biases,
+                *(self._buffers[n] for n in names[-len(RF._LN_NAMES):]))
+
+    def _stack(self, input, hx, batch_sizes):
+        return qops.quantized_layer_norm_lstm_stack(
+            input, hx[0], hx[1], self._op_arguments(), self.num_layers, self.bidirectional,
+            batch_sizes, self.eps, self.zoneout_hidden, self.zoneout_cell)
 
 
 def _quantized_copy(mod: nn.Module) -> Optional[nn.Module]:

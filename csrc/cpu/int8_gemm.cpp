@@ -1,7 +1,7 @@
 // Packing, the portable kernels and the threading of int8_gemm.h. The
 // portable kernels are plain C++ (any CPU); they compute the same integer
-// products as the AVX-512 VNNI ones, and the same float rounding of each
-// step (up to the contraction of a multiply and an add into one FMA).
+// products as the vector ones and round them alike (explicit fused
+// multiply-adds), so every family gives the same floats.
 #include "int8_gemm.h"
 
 #include <ATen/Parallel.h>
@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <string>
@@ -17,21 +18,21 @@
 namespace rnnfast::cpu::int8 {
 namespace {
 
-enum class Kernels { kAvx512Vnni, kAvx2, kPortable };
-
-Kernels kernels() {
-  // ATEN_CPU_CAPABILITY (default, avx2) caps the level, as it does for
-  // ATen's and rnnfast's float kernels.
-  static const Kernels chosen = [] {
-    const std::string cap = at::get_cpu_capability();
-    if (cap == "AVX512" && avx512_vnni_supported()) return Kernels::kAvx512Vnni;
-    if ((cap == "AVX512" || cap == "AVX2") && avx2_supported()) return Kernels::kAvx2;
-    return Kernels::kPortable;
-  }();
-  return chosen;
+Kernels choose_kernels() {
+  // ATEN_CPU_CAPABILITY (default, avx2, avx512) caps the level, as it does
+  // for ATen's and rnnfast's float kernels; ATen's AVX512 level has no AMX,
+  // so naming it keeps the VNNI kernels.
+  const std::string cap = at::get_cpu_capability();
+  const char* asked = std::getenv("ATEN_CPU_CAPABILITY");
+  const bool capped_at_avx512 = asked != nullptr && std::string(asked) == "avx512";
+  if (cap == "AVX512" && avx512_vnni_supported()) {
+    // amx_int8_supported() asks Linux for the tile state: only asked here.
+    return !capped_at_avx512 && amx_int8_supported() ? Kernels::kAmxInt8
+                                                      : Kernels::kAvx512Vnni;
+  }
+  if ((cap == "AVX512" || cap == "AVX2") && avx2_supported()) return Kernels::kAvx2;
+  return Kernels::kPortable;
 }
-
-bool use_avx512_vnni() { return kernels() == Kernels::kAvx512Vnni; }
 
 const int32_t* column_sums(const int8_t* packed, int64_t n, int64_t kp) {
   return reinterpret_cast<const int32_t*>(packed + column_blocks(n) * kBlockCols * kp);
@@ -51,7 +52,7 @@ void gemm_tile_portable(int64_t m, int64_t n, int64_t k, int64_t block0,
     for (int64_t r = 0; r < m; ++r) {
       const uint8_t* a = q + r * ldq;
       std::fill(acc, acc + kBlockCols, 0);
-      for (int64_t g = 0; g < kp / kGroupDepth; ++g) {
+      for (int64_t g = 0; g < depth_groups(k); ++g) {
         const int8_t* wg = w + g * kBlockCols * kGroupDepth;
         const uint8_t* ag = a + g * kGroupDepth;
         for (int64_t col = 0; col < kBlockCols; ++col) {
@@ -65,10 +66,17 @@ void gemm_tile_portable(int64_t m, int64_t n, int64_t k, int64_t block0,
       for (int64_t col = 0; col < cols; ++col) {
         const int64_t j = b * kBlockCols + col;
         const float s = a_scale[r] * w_scale[j];
-        float v = float(acc[col] - kActivationOffset * sums[j]) * s;
-        if (bias) v = v + bias[j];
+        const float x = float(acc[col] - kActivationOffset * sums[j]);
         float* out = c + r * ldc + j;
-        if (beta != 0.0f) v = *out + v;
+        // The roundings of the vector kernels (int8_gemm_avx512.cpp's
+        // dequantized()): fma(x, s, bias) + C, or fma(x, s, C).
+        float v;
+        if (bias) {
+          v = std::fma(x, s, bias[j]);
+          if (beta != 0.0f) v = *out + v;
+        } else {
+          v = beta != 0.0f ? std::fma(x, s, *out) : x * s;
+        }
         *out = v;
       }
     }
@@ -105,12 +113,25 @@ void quantize_rows_portable(int64_t m, int64_t k, const float* a, int64_t lda,
 
 }  // namespace
 
-const char* kernels_in_use() {
-  switch (kernels()) {
+Kernels best_kernels() {
+  static const Kernels chosen = choose_kernels();
+  return chosen;
+}
+
+bool kernels_available(Kernels which) { return which <= best_kernels(); }
+
+const char* kernels_name(Kernels which) {
+  switch (which) {
+    case Kernels::kAmxInt8: return "AMX-INT8";
     case Kernels::kAvx512Vnni: return "AVX512-VNNI";
     case Kernels::kAvx2: return "AVX2";
     default: return "portable";
   }
+}
+
+const char* kernels_in_use() {
+  return best_kernels() == Kernels::kAmxInt8 ? "AMX-INT8+AVX512-VNNI"
+                                              : kernels_name(best_kernels());
 }
 
 void pack_weight(const int8_t* w, int64_t n, int64_t k, int8_t* packed) {
@@ -131,13 +152,18 @@ void pack_weight(const int8_t* w, int64_t n, int64_t k, int8_t* packed) {
   }
 }
 
-void quantize_rows(int64_t m, int64_t k, const float* a, int64_t lda,
-                   uint8_t* q, int64_t ldq, float* scale) {
-  if (use_avx512_vnni()) {
+void quantize_rows_with(Kernels which, int64_t m, int64_t k, const float* a,
+                        int64_t lda, uint8_t* q, int64_t ldq, float* scale) {
+  if (which >= Kernels::kAvx512Vnni) {
     quantize_rows_avx512(m, k, a, lda, q, ldq, scale);
   } else {
     quantize_rows_portable(m, k, a, lda, q, ldq, scale);
   }
+}
+
+void quantize_rows(int64_t m, int64_t k, const float* a, int64_t lda,
+                   uint8_t* q, int64_t ldq, float* scale) {
+  quantize_rows_with(best_kernels(), m, k, a, lda, q, ldq, scale);
 }
 
 void quantize_rows_parallel(int64_t m, int64_t k, const float* a, int64_t lda,
@@ -148,13 +174,19 @@ void quantize_rows_parallel(int64_t m, int64_t k, const float* a, int64_t lda,
   });
 }
 
-void gemm(int64_t m, int64_t n, int64_t k, const uint8_t* q, int64_t ldq,
-          const float* a_scale, const int8_t* packed, const float* w_scale,
-          const float* bias, float beta, float* c, int64_t ldc) {
+void gemm_with(Kernels which, int64_t m, int64_t n, int64_t k, const uint8_t* q,
+               int64_t ldq, const float* a_scale, const int8_t* packed,
+               const float* w_scale, const float* bias, float beta, float* c,
+               int64_t ldc, const SecondTerm* second) {
+  TORCH_CHECK(kernels_available(which), "rnnfast: the int8 kernels ",
+              kernels_name(which), " do not run on this CPU (the best here: ",
+              kernels_name(best_kernels()), ")");
   if (m == 0 || n == 0) return;
-  const auto tile = kernels() == Kernels::kAvx512Vnni ? &gemm_tile_avx512_vnni
-                    : kernels() == Kernels::kAvx2     ? &gemm_tile_avx2
-                                                      : &gemm_tile_portable;
+  const bool amx = which == Kernels::kAmxInt8;
+  const auto tile = amx                              ? &gemm_tile_amx_int8
+                    : which == Kernels::kAvx512Vnni ? &gemm_tile_avx512_vnni
+                    : which == Kernels::kAvx2       ? &gemm_tile_avx2
+                                                    : &gemm_tile_portable;
   // Tasks: chunks of up to kChunkRows rows x groups of 4 column blocks (64
   // columns), columns fastest, so a small batch (a time step) still splits
   // over its columns. A task of a few hundred thousand multiplies outweighs
@@ -172,8 +204,24 @@ void gemm(int64_t m, int64_t n, int64_t k, const uint8_t* q, int64_t ldq,
       const int64_t b0 = cg * kGroupBlocks, nb = std::min(kGroupBlocks, blocks - b0);
       tile(rows, n, k, b0, nb, q + r0 * ldq, ldq, a_scale + r0, packed, w_scale,
            bias, beta, c + r0 * ldc, ldc);
+      // The second term added to the task's C block while it is in cache.
+      if (second) {
+        tile(rows, n, second->k, b0, nb, second->q + r0 * second->ldq, second->ldq,
+             second->a_scale + r0, second->packed, second->w_scale, nullptr, 1.0f,
+             c + r0 * ldc, ldc);
+      }
     }
+    // The tiles stay configured over a thread's tasks, handed back here.
+    if (amx) amx_release();
   });
+}
+
+void gemm(int64_t m, int64_t n, int64_t k, const uint8_t* q, int64_t ldq,
+          const float* a_scale, const int8_t* packed, const float* w_scale,
+          const float* bias, float beta, float* c, int64_t ldc, const SecondTerm* second) {
+  Kernels which = best_kernels();
+  if (which == Kernels::kAmxInt8 && m < kAmxMinRows) which = Kernels::kAvx512Vnni;
+  gemm_with(which, m, n, k, q, ldq, a_scale, packed, w_scale, bias, beta, c, ldc, second);
 }
 
 }  // namespace rnnfast::cpu::int8

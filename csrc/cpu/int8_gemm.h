@@ -21,13 +21,24 @@
 // stored in the packed weight (the AVX2 kernel takes them back to signed
 // bytes instead). Every path computes the same integers.
 //
+// Kernels, fastest first: AMX-INT8 (tdpbusd on 16-row tiles, for products
+// of kAmxMinRows = 4 rows or more: the hoisted input product, the recurrent
+// one of a batch of 4 or more), AVX-512 VNNI (register tiles; every
+// product on CPUs without AMX, and those of fewer rows on CPUs with it),
+// AVX2, portable C++.
+//
 // Packed weight layout, for W_q [n, k] (row-major, n output rows): the n
 // outputs in blocks of kBlockCols = 16 (one 512-bit vector of int32 lanes),
 // k in groups of kGroupDepth = 4 (the 4 bytes one int32 lane of vpdpbusd
-// sums), zero padded to whole blocks and groups:
+// sums), zero padded to whole blocks and to a depth Kp of whole 64-byte
+// rows (kDepthAlign):
 //   byte (block b, group g, column c, depth d) at
-//     b * 16 * Kp + g * 64 + c * 4 + d          (Kp = k rounded up to 4)
+//     b * 16 * Kp + g * 64 + c * 4 + d          (Kp = k rounded up to 64)
 // followed by the int32 column sums sum_k W_q[j, k] of the padded columns.
+// 16 groups of one block are thus an AMX B tile as it is loaded (16 rows of
+// 64 bytes, stride 64), and a quantized activation row padded to Kp (bytes
+// 128, whose products with the zero padding vanish) is 16-row A tiles' row.
+// The register-tile kernels multiply only the groups that hold k.
 #pragma once
 
 #include <cstdint>
@@ -36,12 +47,19 @@ namespace rnnfast::cpu::int8 {
 
 constexpr int64_t kBlockCols = 16;
 constexpr int64_t kGroupDepth = 4;
+// The packed depth and the quantized rows' length are whole multiples of
+// this: the bytes of one row of an AMX tile.
+constexpr int64_t kDepthAlign = 64;
 constexpr int32_t kActivationOffset = 128;
 // The most inputs (k) whose int32 sum of (a_q + 128) * W_q cannot overflow.
 constexpr int64_t kMaxDepth = 65536;
 
 inline int64_t padded_depth(int64_t k) {
-  return (k + kGroupDepth - 1) / kGroupDepth * kGroupDepth;
+  return (k + kDepthAlign - 1) / kDepthAlign * kDepthAlign;
+}
+// The groups of 4 that hold the k inputs (the rest of Kp is zeros).
+inline int64_t depth_groups(int64_t k) {
+  return (k + kGroupDepth - 1) / kGroupDepth;
 }
 inline int64_t column_blocks(int64_t n) {
   return (n + kBlockCols - 1) / kBlockCols;
@@ -64,17 +82,61 @@ void quantize_rows(int64_t m, int64_t k, const float* a, int64_t lda,
 void quantize_rows_parallel(int64_t m, int64_t k, const float* a, int64_t lda,
                             uint8_t* q, int64_t ldq, float* scale);
 
+// The kernel families, slowest first.
+enum class Kernels { kPortable, kAvx2, kAvx512Vnni, kAmxInt8 };
+
+// The best kernels of this CPU (and ATEN_CPU_CAPABILITY, as for ATen's
+// kernels: "default" gives portable, "avx2" at most AVX2, "avx512" at most
+// AVX-512 VNNI, since ATen's AVX512 level has no AMX).
+Kernels best_kernels();
+// Whether `which` runs here (every family below best_kernels() does).
+bool kernels_available(Kernels which);
+// Its name in build_info: "AMX-INT8", "AVX512-VNNI", "AVX2", "portable".
+const char* kernels_name(Kernels which);
+
+// Products of at least this many rows run on AMX where best_kernels() is
+// AMX; fewer on AVX-512 VNNI. Measured with quantized_linear (Xeon with
+// AMX, 2 threads, best of interleaved rounds): AMX / VNNI time at n = 2048,
+// k = 512 for 1, 2, 3, 4, 8, 16 rows 1.12, 0.94, 0.82, 0.71, 0.42, 0.31;
+// at n = 1024, k = 256 1.19, 1.04, 0.98, 0.92, 0.69, 0.53. A row's
+// product streams the whole weight either way; AMX pays off once a few
+// rows share it.
+constexpr int64_t kAmxMinRows = 4;
+
+// Quantizes as quantize_rows with the quantizer of the family `which`
+// (AVX-512 for AMX and VNNI, else portable; all give the same bytes).
+void quantize_rows_with(Kernels which, int64_t m, int64_t k, const float* a,
+                        int64_t lda, uint8_t* q, int64_t ldq, float* scale);
+
 // C[m, n] = beta C + dequantized(A_q W_q^T) + bias, row-major, where A_q
-// [m, k] is q (row stride ldq) with scales a_scale [m], W_q is packed (see
-// above) with scales w_scale [n], bias [n] or null, beta 0 or 1 (C is not
-// read when 0). Threads over blocks of rows and columns.
+// [m, k] is q (row stride ldq >= Kp, padded as quantize_rows pads) with
+// scales a_scale [m], W_q is packed (see above) with scales w_scale [n],
+// bias [n] or null, beta 0 or 1 (C is not read when 0). Threads over blocks
+// of rows and columns. gemm picks the kernels (AMX from kAmxMinRows rows);
+// gemm_with runs the family `which` (kernels_available) on any m. With a
+// second term, its product is then added too, block by block while C's
+// block is in cache: C += dequantized(A2_q W2_q^T) (no bias), its own rows
+// (m of them), depth and weight, rounded as a second gemm with beta 1.
+struct SecondTerm {
+  const uint8_t* q;      // [m, Kp2], row stride ldq
+  int64_t ldq;
+  const float* a_scale;  // [m]
+  int64_t k;             // depth
+  const int8_t* packed;  // packed [n, k]
+  const float* w_scale;  // [n]
+};
 void gemm(int64_t m, int64_t n, int64_t k, const uint8_t* q, int64_t ldq,
           const float* a_scale, const int8_t* packed, const float* w_scale,
-          const float* bias, float beta, float* c, int64_t ldc);
+          const float* bias, float beta, float* c, int64_t ldc,
+          const SecondTerm* second = nullptr);
+void gemm_with(Kernels which, int64_t m, int64_t n, int64_t k, const uint8_t* q,
+               int64_t ldq, const float* a_scale, const int8_t* packed,
+               const float* w_scale, const float* bias, float beta, float* c,
+               int64_t ldc, const SecondTerm* second = nullptr);
 
-// Which kernels gemm uses: "AVX512-VNNI", "AVX2" or "portable" (by the CPU,
-// and ATEN_CPU_CAPABILITY as for ATen's kernels: "default" gives portable,
-// "avx2" at most AVX2).
+// Which kernels gemm uses: "AMX-INT8+AVX512-VNNI" (AMX for products of
+// kAmxMinRows rows or more, VNNI for fewer), "AVX512-VNNI", "AVX2" or
+// "portable".
 const char* kernels_in_use();
 
 // ---- Per-ISA kernels (int8_gemm_avx512.cpp), called by int8_gemm.cpp ----
@@ -89,6 +151,19 @@ void gemm_tile_avx512_vnni(int64_t m, int64_t n, int64_t k, int64_t block0,
                            float beta, float* c, int64_t ldc);
 void quantize_rows_avx512(int64_t m, int64_t k, const float* a, int64_t lda,
                           uint8_t* q, int64_t ldq, float* scale);
+// ---- AMX-INT8 (int8_gemm_amx.cpp) ----
+// Whether this CPU has AMX-TILE and AMX-INT8, the OS enables their state
+// and Linux granted this process the tile data (asked once, here).
+bool amx_int8_supported();
+// A tile of C as gemm_tile_avx512_vnni's, on AMX tiles (q's rows padded to
+// Kp). Configures the calling thread's tiles as it needs; amx_release
+// hands them back (call it before the thread leaves the product).
+void gemm_tile_amx_int8(int64_t m, int64_t n, int64_t k, int64_t block0,
+                        int64_t blocks, const uint8_t* q, int64_t ldq,
+                        const float* a_scale, const int8_t* packed,
+                        const float* w_scale, const float* bias, float beta,
+                        float* c, int64_t ldc);
+void amx_release();
 // The same for AVX2 (int8_gemm_avx2.cpp); the rows are quantized by the
 // portable code.
 bool avx2_supported();

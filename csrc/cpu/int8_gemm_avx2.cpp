@@ -70,10 +70,16 @@ void tile(int64_t groups, int64_t n, int64_t block, int64_t kp, const uint8_t* q
     const __m256 bv = bias ? _mm256_maskload_ps(bias + col, m) : _mm256_setzero_ps();
     for (int r = 0; r < MR; ++r) {
       const __m256 s = _mm256_mul_ps(_mm256_set1_ps(a_scale[r]), ws);
-      __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][h]), s);
-      if (bias) v = _mm256_add_ps(v, bv);
+      const __m256 x = _mm256_cvtepi32_ps(acc[r][h]);
       float* out = c + r * ldc + col;
-      if (beta != 0.0f) v = _mm256_add_ps(_mm256_maskload_ps(out, m), v);
+      __m256 v;  // the roundings of int8_gemm_avx512.cpp's dequantized()
+      if (bias) {
+        v = _mm256_fmadd_ps(x, s, bv);
+        if (beta != 0.0f) v = _mm256_add_ps(_mm256_maskload_ps(out, m), v);
+      } else {
+        v = beta != 0.0f ? _mm256_fmadd_ps(x, s, _mm256_maskload_ps(out, m))
+                         : _mm256_mul_ps(x, s);
+      }
       _mm256_maskstore_ps(out, m, v);
     }
   }
@@ -102,7 +108,7 @@ void gemm_tile_avx2(int64_t m, int64_t n, int64_t k, int64_t block0, int64_t blo
   for (int64_t b = block0; b < block0 + blocks; ++b) {
     for (int64_t r = 0; r < m; r += kMaxRows) {
       const int mr = static_cast<int>(smaller(kMaxRows, m - r));
-      tile_fn(mr)(kp / kGroupDepth, n, b, kp, q + r * ldq, ldq, a_scale + r, packed,
+      tile_fn(mr)(depth_groups(k), n, b, kp, q + r * ldq, ldq, a_scale + r, packed,
                   w_scale, bias, beta, c + r * ldc, ldc);
     }
   }

@@ -40,6 +40,20 @@ inline __mmask16 lanes(int64_t n) {
   return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u);
 }
 
+// x * s, plus bias (bv) when has_bias, plus C (out) when beta is 1: the
+// fused multiply-adds written out (fma(x, s, bias) + C, or fma(x, s, C)),
+// not left to the compiler's contraction, so that every kernel (these, the
+// AMX one, the AVX2 and portable ones) rounds alike and they agree bitwise.
+inline __m512 dequantized(__m512 x, __m512 s, bool has_bias, __m512 bv, float beta,
+                          __mmask16 m, const float* out) {
+  if (has_bias) {
+    const __m512 v = _mm512_fmadd_ps(x, s, bv);
+    return beta != 0.0f ? _mm512_add_ps(_mm512_maskz_loadu_ps(m, out), v) : v;
+  }
+  return beta != 0.0f ? _mm512_fmadd_ps(x, s, _mm512_maskz_loadu_ps(m, out))
+                      : _mm512_mul_ps(x, s);
+}
+
 // One register tile: MR rows x NB column blocks, all k.
 template <int MR, int NB>
 void tile(int64_t groups, int64_t n, int64_t block0, int64_t kp,
@@ -73,11 +87,9 @@ void tile(int64_t groups, int64_t n, int64_t block0, int64_t kp,
     const __m512 bv = bias ? _mm512_maskz_loadu_ps(m, bias + col) : _mm512_setzero_ps();
     for (int r = 0; r < MR; ++r) {
       const __m512 s = _mm512_mul_ps(_mm512_set1_ps(a_scale[r]), ws);
-      __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][b], offset)), s);
-      if (bias) v = _mm512_add_ps(v, bv);
+      const __m512 x = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][b], offset));
       float* out = c + r * ldc + col;
-      if (beta != 0.0f) v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, out), v);
-      _mm512_mask_storeu_ps(out, m, v);
+      _mm512_mask_storeu_ps(out, m, dequantized(x, s, bias != nullptr, bv, beta, m, out));
     }
   }
 }
@@ -110,7 +122,7 @@ void gemm_tile_avx512_vnni(int64_t m, int64_t n, int64_t k, int64_t block0,
                            const float* w_scale, const float* bias,
                            float beta, float* c, int64_t ldc) {
   const int64_t kp = padded_depth(k);
-  const int64_t groups = kp / kGroupDepth;
+  const int64_t groups = depth_groups(k);
   const int32_t* col_sums = reinterpret_cast<const int32_t*>(
       packed + column_blocks(n) * kBlockCols * kp);
   // Column groups outermost: a group's weights (4 blocks x Kp bytes, 32 KiB

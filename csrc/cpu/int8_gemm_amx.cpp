@@ -1,0 +1,230 @@
+// The AMX-INT8 kernel of int8_gemm.h: tdpbusd (u8 x s8 -> s32, the integers
+// of vpdpbusd) on tiles of 16 rows x 64 bytes, 16x16x64 multiplies per
+// instruction. Tile registers: four int32 accumulators C[r][b] (2 row tiles
+// of 16 rows x 2 column blocks of 16), two A tiles (16 quantized rows x 64
+// depth bytes, straight from q) and two B tiles (16 groups of one column
+// block: the packed weight as it lies, stride 64). The accumulators are
+// stored to a small buffer and dequantized there with AVX-512, by the same
+// float operations as the VNNI kernel's, so both give identical floats.
+//
+// Only called where amx_int8_supported() and the AVX-512 VNNI kernels are
+// (int8_gemm.cpp checks). Like int8_gemm_avx512.cpp this unit includes no
+// ATen header.
+#include "int8_gemm.h"
+
+#if defined(__x86_64__) && defined(__linux__)
+#pragma GCC target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
+// As in int8_gemm_avx512.cpp: GCC 12's intrinsics leave vectors undefined
+// on purpose and then report them as used uninitialized.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cstring>
+
+namespace rnnfast::cpu::int8 {
+namespace {
+
+// Linux keeps AMX's 8 KiB of tile data out of a process's saved state until
+// the process asks for it (arch_prctl, Linux 5.16+).
+constexpr int kArchReqXcompPerm = 0x1023;
+constexpr int kXfeatureXtiledata = 18;
+
+constexpr int kTileRows = 16;   // rows of an A or C tile, groups of a B tile
+constexpr int kTileBytes = 64;  // bytes per tile row
+
+// The 64-byte operand of ldtilecfg (palette 1).
+struct alignas(64) TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];  // bytes per row of each tile register
+  uint8_t rows[16];
+};
+static_assert(sizeof(TileConfig) == 64, "ldtilecfg reads 64 bytes");
+
+// Tile registers (GCC's tile intrinsics paste their register numbers into
+// the assembly text, so the calls below spell them as literals):
+// C[r][b] = tmm(2r + b), A[r] = tmm(4 + r), B[b] = tmm(6 + b).
+constexpr int kC00 = 0, kC01 = 1, kC10 = 2, kC11 = 3, kA0 = 4, kA1 = 5, kB0 = 6, kB1 = 7;
+
+// The rows of the calling thread's two row tiles as configured (-1: none).
+thread_local int configured_rows = -1;
+
+// Configures row tile 0 with rows0 rows and row tile 1 with rows1 (0: left
+// unconfigured, never touched); loading a configuration zeroes the tiles.
+void configure(int rows0, int rows1) {
+  const int key = rows0 * (kTileRows + 1) + rows1;
+  if (configured_rows == key) return;
+  TileConfig cfg;
+  std::memset(&cfg, 0, sizeof cfg);
+  cfg.palette_id = 1;
+  auto set = [&](int tile, int rows) {
+    cfg.rows[tile] = static_cast<uint8_t>(rows);
+    cfg.colsb[tile] = rows > 0 ? kTileBytes : 0;
+  };
+  set(kC00, rows0);
+  set(kC01, rows0);
+  set(kA0, rows0);
+  set(kC10, rows1);
+  set(kC11, rows1);
+  set(kA1, rows1);
+  set(kB0, kTileRows);
+  set(kB1, kTileRows);
+  _tile_loadconfig(&cfg);
+  configured_rows = key;
+}
+
+inline __mmask16 lanes(int64_t n) {
+  return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u);
+}
+
+// Accumulators of one (row tile pair x column block pair): [32 rows][32].
+struct alignas(64) Accumulators {
+  int32_t v[2 * kTileRows][2 * 16];
+};
+constexpr int kAccStride = 2 * 16 * sizeof(int32_t);
+
+// RT row tiles (of rows0, rows1 rows) x NB column blocks from block `block`,
+// all of Kp; leaves the integers in acc.
+template <int RT, int NB>
+void multiply(int64_t kp, const uint8_t* q, int64_t ldq, const int8_t* w,
+              int64_t wstride, Accumulators& acc) {
+  _tile_zero(0);
+  if constexpr (NB == 2) _tile_zero(1);
+  if constexpr (RT == 2) {
+    _tile_zero(2);
+    if constexpr (NB == 2) _tile_zero(3);
+  }
+  const uint8_t* q1 = q + kTileRows * ldq;
+  for (int64_t d = 0; d < kp; d += kTileBytes) {
+    // B: groups d/4 .. d/4 + 15 of the block, 64 bytes each.
+    _tile_loadd(6, w + d * 16, kTileBytes);
+    _tile_loadd(4, q + d, ldq);
+    _tile_dpbusd(0, 4, 6);
+    if constexpr (RT == 2) {
+      _tile_loadd(5, q1 + d, ldq);
+      _tile_dpbusd(2, 5, 6);
+    }
+    if constexpr (NB == 2) {
+      _tile_loadd(7, w + wstride + d * 16, kTileBytes);
+      _tile_dpbusd(1, 4, 7);
+      if constexpr (RT == 2) _tile_dpbusd(3, 5, 7);
+    }
+  }
+  _tile_stored(0, &acc.v[0][0], kAccStride);
+  if constexpr (NB == 2) _tile_stored(1, &acc.v[0][16], kAccStride);
+  if constexpr (RT == 2) {
+    _tile_stored(2, &acc.v[kTileRows][0], kAccStride);
+    if constexpr (NB == 2) _tile_stored(3, &acc.v[kTileRows][16], kAccStride);
+  }
+}
+
+using MultiplyFn = void (*)(int64_t, const uint8_t*, int64_t, const int8_t*, int64_t,
+                            Accumulators&);
+
+MultiplyFn multiply_fn(int rt, int nb) {
+  if (rt == 2) return nb == 2 ? &multiply<2, 2> : &multiply<2, 1>;
+  return nb == 2 ? &multiply<1, 2> : &multiply<1, 1>;
+}
+
+// C rows [0, rows) x blocks [block, block + nb) from acc: (acc - 128
+// colsum) * (a_scale * w_scale) (+ bias) (+ C), as the VNNI kernel.
+void dequantize(const Accumulators& acc, int64_t rows, int64_t nb, int64_t n,
+                int64_t block, const float* a_scale, const int32_t* col_sums,
+                const float* w_scale, const float* bias, float beta, float* c,
+                int64_t ldc) {
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t col = (block + b) * kBlockCols;
+    const __mmask16 m = lanes(n - col);
+    const __m512i offset = _mm512_slli_epi32(_mm512_loadu_si512(col_sums + col), 7);
+    const __m512 ws = _mm512_maskz_loadu_ps(m, w_scale + col);
+    const __m512 bv = bias ? _mm512_maskz_loadu_ps(m, bias + col) : _mm512_setzero_ps();
+    for (int64_t r = 0; r < rows; ++r) {
+      const __m512i a = _mm512_load_si512(&acc.v[r][b * 16]);
+      const __m512 s = _mm512_mul_ps(_mm512_set1_ps(a_scale[r]), ws);
+      const __m512 x = _mm512_cvtepi32_ps(_mm512_sub_epi32(a, offset));
+      float* out = c + r * ldc + col;
+      __m512 v;  // the roundings of int8_gemm_avx512.cpp's dequantized()
+      if (bias) {
+        v = _mm512_fmadd_ps(x, s, bv);
+        if (beta != 0.0f) v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, out), v);
+      } else {
+        v = beta != 0.0f ? _mm512_fmadd_ps(x, s, _mm512_maskz_loadu_ps(m, out))
+                         : _mm512_mul_ps(x, s);
+      }
+      _mm512_mask_storeu_ps(out, m, v);
+    }
+  }
+}
+
+bool cpu_and_os_have_amx_int8() {
+  unsigned eax, ebx, ecx, edx;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  const bool amx_tile = (edx >> 24) & 1u, amx_int8 = (edx >> 25) & 1u;
+  if (!amx_tile || !amx_int8) return false;
+  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx) || !((ecx >> 27) & 1u)) return false;  // OSXSAVE
+  unsigned lo, hi;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  return ((lo >> 17) & 1u) && ((lo >> 18) & 1u);  // XTILECFG, XTILEDATA enabled
+}
+
+}  // namespace
+
+bool amx_int8_supported() {
+  static const bool supported = cpu_and_os_have_amx_int8() &&
+                                syscall(SYS_arch_prctl, kArchReqXcompPerm,
+                                        kXfeatureXtiledata) == 0;
+  return supported;
+}
+
+void amx_release() {
+  if (configured_rows >= 0) {
+    _tile_release();
+    configured_rows = -1;
+  }
+}
+
+void gemm_tile_amx_int8(int64_t m, int64_t n, int64_t k, int64_t block0,
+                        int64_t blocks, const uint8_t* q, int64_t ldq,
+                        const float* a_scale, const int8_t* packed,
+                        const float* w_scale, const float* bias, float beta,
+                        float* c, int64_t ldc) {
+  const int64_t kp = padded_depth(k);
+  const int64_t wstride = kBlockCols * kp;
+  const int32_t* col_sums =
+      reinterpret_cast<const int32_t*>(packed + column_blocks(n) * wstride);
+  Accumulators acc;
+  // Pairs of row tiles outermost: their A rows (32 x Kp bytes, 16 KiB at
+  // k = 512) stay in L1 while the task's column blocks pass.
+  for (int64_t r = 0; r < m; r += 2 * kTileRows) {
+    const int rows0 = static_cast<int>(m - r < kTileRows ? m - r : kTileRows);
+    const int64_t rest = m - r - kTileRows;
+    const int rows1 = static_cast<int>(rest <= 0 ? 0 : rest < kTileRows ? rest : kTileRows);
+    configure(rows0, rows1);
+    for (int64_t b = 0; b < blocks; b += 2) {
+      const int nb = blocks - b >= 2 ? 2 : 1;
+      multiply_fn(rows1 > 0 ? 2 : 1, nb)(kp, q + r * ldq, ldq,
+                                         packed + (block0 + b) * wstride, wstride, acc);
+      dequantize(acc, rows0 + rows1, nb, n, block0 + b, a_scale + r, col_sums, w_scale,
+                 bias, beta, c + r * ldc, ldc);
+    }
+  }
+}
+
+}  // namespace rnnfast::cpu::int8
+
+#else  // not x86-64 Linux: no AMX
+
+namespace rnnfast::cpu::int8 {
+bool amx_int8_supported() { return false; }
+void amx_release() {}
+void gemm_tile_amx_int8(int64_t, int64_t, int64_t, int64_t, int64_t, const uint8_t*,
+                        int64_t, const float*, const int8_t*, const float*,
+                        const float*, float, float*, int64_t) {}
+}  // namespace rnnfast::cpu::int8
+
+#endif
