@@ -22,6 +22,12 @@
 //        C beta, C* c, ldc): a one-off product, C = op(A) op(B) + beta C.
 //   template <bool Training, bool ZoneoutCell>
 //     forward_step(const ForwardStepParams<T, S>&);
+//   template <bool Training, bool ZoneoutCell>
+//     recurrent_forward_step(const StepWeight<S>& whh,
+//                            const PreviousHidden<S>& h,
+//                            const ForwardStepParams<T, S>& p):
+//     the LSTM's step, p.gates += h W_hh^T then forward_step, in whatever
+//     order and threading the backend finds fastest.
 //   template <bool AddOutputGrad, bool ZoneoutCell>
 //     backward_step(const BackwardStepParams<T, S>&);
 //   zoneout_hidden(const HiddenZoneoutParams<T, S>&) and
@@ -219,24 +225,30 @@ void input_projection(at::Tensor& out, const at::Tensor& x,
   }
 }
 
+// Where step t's h_{t-1} lies: the previous step's output rows (P wide) for
+// the rows that continue, the initial state's for those that start at t.
+template <typename S>
+PreviousHidden<S> previous_hidden(const SequenceLayout& l, int64_t t,
+                                  const S* output, const S* h0, int64_t P) {
+  PreviousHidden<S> h;
+  h.continuing_rows = l.rows_from_previous(t);
+  if (h.continuing_rows > 0) {
+    h.continuing = output + l.offsets[l.previous(t)] * P;
+  }
+  h.starting_rows = l.batch_sizes[t] - h.continuing_rows;
+  h.starting = h0 + h.continuing_rows * P;
+  h.ld = P;
+  return h;
+}
+
 // C[rows of step t, n] = h_{t-1} op(W) + beta C, with h_{t-1} read where it
-// lies: the previous step's output rows (P wide) for the rows that continue,
-// the initial state's for those that start at t (a reverse packed sequence
-// gains rows as it goes), so no step copies a hidden state.
+// lies (previous_hidden), so no step copies a hidden state.
 template <typename Weight, typename S, typename C>
 void multiply_previous_hidden(const SequenceLayout& l, int64_t t,
                               const Weight& w, const S* output, const S* h0,
                               int64_t P, C beta, C* c, int64_t ldc) {
-  const int64_t rows = l.batch_sizes[t];
-  const int64_t from_prev = l.rows_from_previous(t);
-  if (from_prev > 0) {
-    w.multiply(from_prev, output + l.offsets[l.previous(t)] * P, P, beta, c,
-               ldc);
-  }
-  if (rows > from_prev) {
-    w.multiply(rows - from_prev, h0 + from_prev * P, P, beta,
-               c + from_prev * ldc, ldc);
-  }
+  multiply_hidden_rows(previous_hidden(l, t, output, h0, P), 0,
+                       l.batch_sizes[t], w, beta, c, ldc);
 }
 
 // hy [B, P] = the output of every sequence's last step: step 0 of a
@@ -374,8 +386,6 @@ ForwardResult lstm_forward_recurrence(
     const int64_t t = l.step_at(step);
     const int64_t rows = l.batch_sizes[t];
     const int64_t off = l.offsets[t];
-    // gates[t] += h_{t-1} W_hh^T
-    multiply_previous_hidden(l, t, whh, out, h0, P, T(1), g + off * G, G);
     ForwardStepParams<T, S> p;
     p.rows = rows;
     p.hidden = H;
@@ -388,8 +398,11 @@ ForwardResult lstm_forward_recurrence(
       p.zoneout = cell_zoneout<T>(z, off, H);
       if (training) p.cell_state_save = r.cell_states.data_ptr<T>() + off * H;
     }
+    // gates[t] += h_{t-1} W_hh^T, then the cell
+    const PreviousHidden<S> h = previous_hidden(l, t, out, h0, P);
     with_flags(training, zoneout_cell, [&](auto tr, auto zc) {
-      Backend::template forward_step<decltype(tr)::value, decltype(zc)::value>(p);
+      Backend::template recurrent_forward_step<decltype(tr)::value,
+                                               decltype(zc)::value>(whh, h, p);
     });
     // h_t = r_t W_hr^T
     if (s.has_projection()) {

@@ -13,6 +13,7 @@
 #include "activation_cache.h"
 #include "blas.h"
 #include "kernel_table.h"
+#include "step_gemm.h"
 
 namespace rnnfast::cpu {
 
@@ -58,6 +59,51 @@ struct CpuBackend {
   static void forward_step(const ForwardStepParams<T>& p) {
     kernels<T>().forward_step[Training][ZoneoutCell](p);
   }
+  // The LSTM's step. With enough rows for every thread, one parallel region
+  // split by batch rows: each thread multiplies its rows of h_{t-1} by the
+  // whole (packed) W_hh on its own and runs the cell on those rows while
+  // their gates are in its cache: one fork/join per step instead of two
+  // (the multithreaded GEMM's and the pointwise pass's), and no gate read
+  // back by the other core. Otherwise the product (multithreaded when
+  // large), then the row-parallel pointwise pass.
+  template <bool Training, bool ZoneoutCell, typename T>
+  static void recurrent_forward_step(const StepWeight<T>& whh,
+                                     const PreviousHidden<T>& h,
+                                     const ForwardStepParams<T>& p) {
+    const int64_t G = 4 * p.hidden;
+    const int64_t grain = whh.row_split_rows();
+    if (grain <= 0 || p.rows < 2 * grain || at::get_num_threads() < 2 ||
+        at::in_parallel_region()) {
+      multiply_hidden_rows(h, 0, h.rows(), whh, T(1), p.gates, G);
+      forward_step<Training, ZoneoutCell>(p);
+      return;
+    }
+    whh.prepare_use();
+    const auto& step = kernels<T>().forward_step[Training][ZoneoutCell];
+    at::parallel_for(0, p.rows, grain, [&](int64_t begin, int64_t end) {
+      ForwardStepParams<T> q = p;
+      const int64_t H = p.hidden;
+      q.rows = end - begin;
+      q.gates = p.gates + begin * G;
+      multiply_hidden_rows(h, begin, end, OnThisThread<T>{whh}, T(1),
+                           q.gates, G);
+      q.cell_state = p.cell_state + begin * H;
+      if (q.cell_save != nullptr) q.cell_save += begin * H;
+      if (q.cell_state_save != nullptr) q.cell_state_save += begin * H;
+      q.hidden_out = p.hidden_out + begin * H;
+      if (q.zoneout.mask != nullptr) q.zoneout.mask += begin * H;
+      step(q);  // on this thread: a parallel_for inside a region runs inline
+    });
+  }
+  // StepWeight::multiply_on_this_thread as multiply_hidden_rows calls it.
+  template <typename T>
+  struct OnThisThread {
+    const StepWeight<T>& w;
+    void multiply(int64_t m, const T* a, int64_t lda, T beta, T* c,
+                  int64_t ldc) const {
+      w.multiply_on_this_thread(m, a, lda, beta, c, ldc);
+    }
+  };
   template <bool AddOutputGrad, bool ZoneoutCell, typename T>
   static void backward_step(const BackwardStepParams<T>& p) {
     kernels<T>().backward_step[AddOutputGrad][ZoneoutCell](p);
@@ -148,6 +194,35 @@ void zoneout_hidden_rows(const HiddenZoneoutParams<float>& p) {
 namespace rnnfast {
 const char* cpu_kernels_in_use() { return cpu::kernel_table().capability; }
 const char* cpu_gemm_in_use() { return cpu::gemm_backend(); }
+std::vector<StepGemmChoice> cpu_step_gemm_choices() {
+  return cpu::step_gemm_choices();
+}
+const char* cpu_step_gemm_kernels() {
+  const char* k = cpu::step_gemm::kernels_in_use();
+  return k != nullptr ? k : "none";
+}
+std::string cpu_step_product_for_test(const std::string& path, bool threaded,
+                                      int64_t m, int64_t n, int64_t k,
+                                      intptr_t a, int64_t lda, intptr_t b,
+                                      int64_t ldb, bool trans_b, float beta,
+                                      intptr_t c, int64_t ldc) {
+  TORCH_CHECK(path == "blas" || path == "rnnfast",
+              "path must be 'blas' or 'rnnfast', got '", path, "'");
+  TORCH_CHECK(path == "blas" || cpu::step_gemm::kernels_in_use() != nullptr,
+              "rnnfast's step product needs AVX2 or AVX-512");
+  TORCH_CHECK(path == "blas" || m <= cpu::step_gemm::kMaxRows,
+              "rnnfast's step product takes at most ",
+              cpu::step_gemm::kMaxRows, " rows, got ", m);
+  const cpu::StepWeight<float> w(trans_b, m, n, k,
+                                 reinterpret_cast<const float*>(b), ldb,
+                                 path.c_str());
+  TORCH_CHECK(w.threaded() == threaded, "a product of ", m, "x", n, "x", k,
+              " runs ", w.threaded() ? "threaded" : "on one thread");
+  w.prepare_use();  // the second use packs, as in a time loop
+  w.multiply(m, reinterpret_cast<const float*>(a), lda, beta,
+             reinterpret_cast<float*>(c), ldc);
+  return w.packed_path();
+}
 int64_t release_cpu_buffer_cache() { return cpu::empty_activation_cache(); }
 int64_t cpu_buffer_cache_bytes() { return cpu::activation_cache_bytes(); }
 }  // namespace rnnfast

@@ -76,6 +76,14 @@ struct CudaBackend {
   static void forward_step(const ForwardStepParams<T, S>& p) {
     lstm_forward_step<Training, ZoneoutCell>(p);
   }
+  // The product, then the step kernel.
+  template <bool Training, bool ZoneoutCell, typename T, typename S>
+  static void recurrent_forward_step(const StepWeight<S>& whh,
+                                     const PreviousHidden<S>& h,
+                                     const ForwardStepParams<T, S>& p) {
+    multiply_hidden_rows(h, 0, h.rows(), whh, T(1), p.gates, 4 * p.hidden);
+    forward_step<Training, ZoneoutCell>(p);
+  }
   template <bool AddOutputGrad, bool ZoneoutCell, typename T, typename S>
   static void backward_step(const BackwardStepParams<T, S>& p) {
     lstm_backward_step<AddOutputGrad, ZoneoutCell>(p);
