@@ -140,7 +140,7 @@ constexpr int64_t kSerialWeightBytes = int64_t{512} << 10;
 
 // An LSTM step splits its rows over the threads from this many rows per
 // thread on (cpu_backend.cpp).
-constexpr int64_t kRowSplitRows = 0;
+constexpr int64_t kRowSplitRows = 16;
 
 // Runs MKL on the calling thread only while alive (a thread-local setting).
 class SerialMkl {
