@@ -39,6 +39,10 @@
 //   add(S* dst, const T* a, const S* b, int64_t count): dst = a + b.
 //   empty_activation(sizes, options): a large workspace or saved activation
 //     (the CPU reuses freed blocks, cpu/activation_cache.h).
+//   input_block_rows(int64_t row_bytes, int64_t weight_bytes): how many
+//     rows of an evaluating LSTM's input projection (row_bytes each, by a
+//     weight of weight_bytes) to compute at a time, a block of steps just
+//     before their recurrence (0: all at once).
 //   kGradBlockRows, kParamGradRows: block sizes of the LayerNorm-LSTM
 //     backward (layer_norm_lstm_driver.h); kNativeHalf: whether S may be a
 //     half type (op_impls.h); kBiasInStep: whether the LSTM's forward_step
@@ -352,12 +356,22 @@ ForwardResult lstm_forward_recurrence(
   const auto sopts = x.options();
   const auto topts = sopts.dtype(compute_scalar_type<T>());
   ForwardResult r;
-  // Input projection for every step at once: gates = x W_ih^T (+ b, unless
-  // each step adds it).
+  // Input projection: gates = x W_ih^T (+ b, unless each step adds it), for
+  // every step at once, or when evaluating a block of consecutive steps at a
+  // time into a buffer that stays in cache (Backend::input_block_rows).
   const bool bias_in_step = Backend::kBiasInStep && bias.defined();
-  at::Tensor gates = Backend::empty_activation({l.rows, G}, topts);
-  input_projection<Backend, S, T>(gates, x, weight_ih,
-                                  bias_in_step ? at::Tensor() : bias);
+  const at::Tensor proj_bias = bias_in_step ? at::Tensor() : bias;
+  const int64_t block_rows =
+      training ? 0
+               : Backend::input_block_rows(G * int64_t(sizeof(T)),
+                                           weight_ih.numel() *
+                                               int64_t(sizeof(S)));
+  const bool blocked = block_rows > 0 && block_rows < l.rows;
+  at::Tensor gates = Backend::empty_activation(
+      {blocked ? std::max(block_rows, l.batch) : l.rows, G}, topts);
+  if (!blocked) input_projection<Backend, S, T>(gates, x, weight_ih, proj_bias);
+  int64_t block_end = 0;  // blocked: steps [.., block_end) are projected
+  int64_t block_first_row = 0;  // the packed row of the block's gates row 0
   r.output = at::empty({l.rows, P}, sopts);
   at::Tensor c_state = cx.contiguous().clone();
   if (training) r.cells = Backend::empty_activation({l.rows, H}, topts);
@@ -386,10 +400,25 @@ ForwardResult lstm_forward_recurrence(
     const int64_t t = l.step_at(step);
     const int64_t rows = l.batch_sizes[t];
     const int64_t off = l.offsets[t];
+    if (blocked && step == block_end) {
+      // the next steps whose rows fit the block (at least this one): their
+      // rows are contiguous, from the lowest time index's on
+      int64_t block = rows;
+      block_end = step + 1;
+      while (block_end < l.steps &&
+             block + l.batch_sizes[l.step_at(block_end)] <= block_rows) {
+        block += l.batch_sizes[l.step_at(block_end)];
+        ++block_end;
+      }
+      block_first_row = l.offsets[std::min(t, l.step_at(block_end - 1))];
+      at::Tensor out = gates.narrow(0, 0, block);
+      input_projection<Backend, S, T>(out, x.narrow(0, block_first_row, block),
+                                      weight_ih, proj_bias);
+    }
     ForwardStepParams<T, S> p;
     p.rows = rows;
     p.hidden = H;
-    p.gates = g + off * G;
+    p.gates = g + (off - block_first_row) * G;
     p.cell_state = cs;
     p.cell_save = training ? cells + off * H : nullptr;
     p.hidden_out = s.has_projection() ? r_buf.data_ptr<S>() : out + off * P;

@@ -190,3 +190,23 @@ def test_row_split_step_matches_one_thread(training, zoneout, monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert_results_close(*results, scaled=True, **TOLERANCES[torch.float32])
+
+
+# ---- The input projection in blocks of steps ------------------------------------
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_blocked_input_projection_matches_nn_lstm(packed):
+    """Evaluating with a small input weight, the CPU projects the input about
+    1 MiB of gates at a time, just before those steps (4096 rows at H=16):
+    130 steps of 64 rows span two or three blocks, in both directions, padded
+    or packed (whose blocks hold different numbers of steps)."""
+    ours, ref = make_lstm_pair(8, 16, bidirectional=True, dtype=torch.float32, seed=7)
+    x = torch.randn(130, 64, 8)
+    lengths = None
+    if packed:
+        lengths = sorted(torch.randint(65, 131, (64,)).tolist(), reverse=True)
+        lengths[0] = 130
+    with torch.no_grad():
+        got = forward_backward(ours, x, lengths=lengths, backward=False)
+        want = forward_backward(ref, x, lengths=lengths, backward=False)
+    assert_results_close(got, want, **TOLERANCES[torch.float32])

@@ -49,6 +49,19 @@ struct CpuBackend {
   // and made the GEMM read them back.
   static constexpr bool kBiasInStep = true;
 
+  // An evaluating LSTM projects its input a block of about 1 MiB of gates
+  // at a time, just before those steps, where its input weight is small
+  // enough (<= 256 KiB) to be read again for every block: the block's
+  // gates are then still in cache when the steps read them, instead of
+  // coming back from memory. Measured on the 2-core Xeon (interleaved,
+  // medians of 45): T=100 B=64 I=H=128 7.70 -> 6.80 ms; with H=256 (a
+  // 1 MiB weight) blocks were slower (23.0 -> 23.9 ms).
+  static constexpr int64_t kInputBlockBytes = int64_t{1} << 20;
+  static constexpr int64_t kInputBlockMaxWeightBytes = int64_t{256} << 10;
+  static int64_t input_block_rows(int64_t row_bytes, int64_t weight_bytes) {
+    if (weight_bytes > kInputBlockMaxWeightBytes) return 0;
+    return kInputBlockBytes / row_bytes;
+  }
   // Workspaces and saved activations come from the CPU buffer cache.
   static at::Tensor empty_activation(at::IntArrayRef sizes,
                                      const at::TensorOptions& options) {

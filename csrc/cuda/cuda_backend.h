@@ -76,6 +76,11 @@ struct CudaBackend {
   static void forward_step(const ForwardStepParams<T, S>& p) {
     lstm_forward_step<Training, ZoneoutCell>(p);
   }
+  // The input projection of every step at once (one large GEMM).
+  static int64_t input_block_rows(int64_t /*row_bytes*/,
+                                  int64_t /*weight_bytes*/) {
+    return 0;
+  }
   // The product, then the step kernel.
   template <bool Training, bool ZoneoutCell, typename T, typename S>
   static void recurrent_forward_step(const StepWeight<S>& whh,
