@@ -15,7 +15,8 @@ import torch
 
 import rnnfast
 from rnnfast import _C
-from utils import TOLERANCES, assert_results_close, forward_backward, make_lstm_pair, upcast
+from utils import (TOLERANCES, assert_results_close, forward_backward, make_lstm_pair,
+                   randomize_layer_norm_, upcast)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNELS = rnnfast.build_info()["cpu_step_gemm_kernels"]
@@ -167,17 +168,21 @@ def test_one_step_call_measures_nothing(monkeypatch):
 
 # ---- The step split by batch rows -------------------------------------------
 
+@pytest.mark.parametrize("cls", [rnnfast.LSTM, rnnfast.LayerNormLSTM])
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("zoneout", [False, True])
-def test_row_split_step_matches_one_thread(training, zoneout, monkeypatch):
-    """At 64 rows and two threads the forward step runs split by batch rows
-    (each thread its rows' product and cell); on one thread it is not split.
+def test_row_split_step_matches_one_thread(cls, training, zoneout, monkeypatch):
+    """At 64 rows and two threads the forward step of either cell runs split
+    by batch rows (each thread its rows' product and cell); on one thread it
+    is not split.
     Both give the same outputs, states and gradients to float32 rounding, with
     zoneout's masks (training: the same draw, which does not depend on the
     threads) or rates (evaluation) applied to the right rows."""
     kwargs = dict(zoneout_cell=0.3, zoneout_hidden=0.2) if zoneout else {}
     torch.manual_seed(5)
-    m = rnnfast.LSTM(6, 16, **kwargs).train(training)
+    m = cls(6, 16, **kwargs).train(training)
+    if cls is rnnfast.LayerNormLSTM:
+        randomize_layer_norm_(m)
     x = torch.randn(4, 64, 6)
     monkeypatch.setenv("RNNFAST_CPU_ROW_SPLIT", "16")  # from 2 x 16 rows on
     threads = torch.get_num_threads()

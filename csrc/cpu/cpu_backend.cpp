@@ -72,41 +72,91 @@ struct CpuBackend {
   static void forward_step(const ForwardStepParams<T>& p) {
     kernels<T>().forward_step[Training][ZoneoutCell](p);
   }
-  // The LSTM's step. With enough rows for every thread, one parallel region
-  // split by batch rows: each thread multiplies its rows of h_{t-1} by the
-  // whole (packed) W_hh on its own and runs the cell on those rows while
-  // their gates are in its cache: one fork/join per step instead of two
-  // (the multithreaded GEMM's and the pointwise pass's), and no gate read
-  // back by the other core. Otherwise the product (multithreaded when
-  // large), then the row-parallel pointwise pass.
+  // The recurrent steps of both cells. With enough rows for every thread,
+  // one parallel region split by batch rows: each thread multiplies its
+  // rows of h_{t-1} by the whole (packed) W_hh on its own and runs the cell
+  // on those rows while their gates are in its cache: one fork/join per
+  // step instead of two (the multithreaded GEMM's and the pointwise
+  // pass's), and no gate read back by the other core. Otherwise the product
+  // (multithreaded when large), then the row-parallel pointwise pass.
+  //
+  // Rows per thread of a step of `rows` rows split so, or 0: run it whole.
+  template <typename T>
+  static int64_t row_split_grain(const StepWeight<T>& whh, int64_t rows) {
+    const int64_t grain = whh.row_split_rows();
+    if (grain <= 0 || rows < 2 * grain || at::get_num_threads() < 2 ||
+        at::in_parallel_region()) {
+      return 0;
+    }
+    return grain;
+  }
+  // c[rows, ldc] = h_{t-1} W^T + beta c, then step_rows(begin, end) on the
+  // thread that computed rows [begin, end).
+  template <typename T, typename F>
+  static void split_by_rows(const StepWeight<T>& whh,
+                            const PreviousHidden<T>& h, int64_t grain, T beta,
+                            T* c, int64_t ldc, const F& step_rows) {
+    whh.prepare_use();
+    at::parallel_for(0, h.rows(), grain, [&](int64_t begin, int64_t end) {
+      multiply_hidden_rows(h, begin, end, OnThisThread<T>{whh}, beta,
+                           c + begin * ldc, ldc);
+      step_rows(begin, end);  // a parallel_for inside a region runs inline
+    });
+  }
+  // The LSTM's step: p.gates += h_{t-1} W_hh^T, then the cell.
   template <bool Training, bool ZoneoutCell, typename T>
   static void recurrent_forward_step(const StepWeight<T>& whh,
                                      const PreviousHidden<T>& h,
                                      const ForwardStepParams<T>& p) {
-    const int64_t G = 4 * p.hidden;
-    const int64_t grain = whh.row_split_rows();
-    if (grain <= 0 || p.rows < 2 * grain || at::get_num_threads() < 2 ||
-        at::in_parallel_region()) {
+    const int64_t H = p.hidden, G = 4 * p.hidden;
+    const int64_t grain = row_split_grain(whh, p.rows);
+    if (grain == 0) {
       multiply_hidden_rows(h, 0, h.rows(), whh, T(1), p.gates, G);
       forward_step<Training, ZoneoutCell>(p);
       return;
     }
-    whh.prepare_use();
     const auto& step = kernels<T>().forward_step[Training][ZoneoutCell];
-    at::parallel_for(0, p.rows, grain, [&](int64_t begin, int64_t end) {
-      ForwardStepParams<T> q = p;
-      const int64_t H = p.hidden;
-      q.rows = end - begin;
-      q.gates = p.gates + begin * G;
-      multiply_hidden_rows(h, begin, end, OnThisThread<T>{whh}, T(1),
-                           q.gates, G);
-      q.cell_state = p.cell_state + begin * H;
-      if (q.cell_save != nullptr) q.cell_save += begin * H;
-      if (q.cell_state_save != nullptr) q.cell_state_save += begin * H;
-      q.hidden_out = p.hidden_out + begin * H;
-      if (q.zoneout.mask != nullptr) q.zoneout.mask += begin * H;
-      step(q);  // on this thread: a parallel_for inside a region runs inline
-    });
+    split_by_rows(whh, h, grain, T(1), p.gates, G,
+                  [&](int64_t begin, int64_t end) {
+                    ForwardStepParams<T> q = p;
+                    q.rows = end - begin;
+                    q.gates += begin * G;
+                    q.cell_state += begin * H;
+                    if (q.cell_save) q.cell_save += begin * H;
+                    if (q.cell_state_save) q.cell_state_save += begin * H;
+                    q.hidden_out += begin * H;
+                    if (q.zoneout.mask) q.zoneout.mask += begin * H;
+                    step(q);
+                  });
+  }
+  // The LayerNorm-LSTM's step: p.hh = h_{t-1} W_hh^T, then the cell.
+  template <bool Training, bool ZoneoutCell, typename T>
+  static void recurrent_layer_norm_forward_step(
+      const StepWeight<T>& whh, const PreviousHidden<T>& h,
+      const LayerNormStepParams<T>& p) {
+    const int64_t H = p.hidden, G = 4 * p.hidden;
+    const int64_t grain = row_split_grain(whh, p.rows);
+    if (grain == 0) {
+      multiply_hidden_rows(h, 0, h.rows(), whh, T(0), p.hh, G);
+      layer_norm_forward_step<Training, ZoneoutCell>(p);
+      return;
+    }
+    const auto& step =
+        kernels<T>().layer_norm_forward_step[Training][ZoneoutCell];
+    split_by_rows(whh, h, grain, T(0), p.hh, G,
+                  [&](int64_t begin, int64_t end) {
+                    LayerNormStepParams<T> q = p;
+                    q.rows = end - begin;
+                    q.ih += begin * G;
+                    q.hh += begin * G;
+                    q.cell_state += begin * H;
+                    if (q.cell_save) q.cell_save += begin * H;
+                    if (q.cell_state_save) q.cell_state_save += begin * H;
+                    if (q.stats) q.stats += begin * kStatsWidth;
+                    q.h_out += begin * H;
+                    if (q.zoneout.mask) q.zoneout.mask += begin * H;
+                    step(q);
+                  });
   }
   // StepWeight::multiply_on_this_thread as multiply_hidden_rows calls it.
   template <typename T>

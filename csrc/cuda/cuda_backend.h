@@ -89,6 +89,13 @@ struct CudaBackend {
     multiply_hidden_rows(h, 0, h.rows(), whh, T(1), p.gates, 4 * p.hidden);
     forward_step<Training, ZoneoutCell>(p);
   }
+  template <bool Training, bool ZoneoutCell, typename T, typename S>
+  static void recurrent_layer_norm_forward_step(
+      const StepWeight<S>& whh, const PreviousHidden<S>& h,
+      const LayerNormStepParams<T, S>& p) {
+    multiply_hidden_rows(h, 0, h.rows(), whh, T(0), p.hh, 4 * p.hidden);
+    layer_norm_forward_step<Training, ZoneoutCell>(p);
+  }
   template <bool AddOutputGrad, bool ZoneoutCell, typename T, typename S>
   static void backward_step(const BackwardStepParams<T, S>& p) {
     lstm_backward_step<AddOutputGrad, ZoneoutCell>(p);
