@@ -83,8 +83,8 @@ class StepWeight {
   bool serial_;             // small products run on the calling thread only
   bool packable_ = false;   // the BLAS can pack this operand
   bool own_candidate_ = false;  // rnnfast's product may run it
-  int forced_ = 0;
-  int64_t row_split_rows_ = 0;          // RNNFAST_CPU_STEP_GEMM: 0 measure, 1 BLAS, 2 own
+  int forced_ = 0;  // RNNFAST_CPU_STEP_GEMM: 0 measure, 1 BLAS, 2 own
+  int64_t row_split_rows_ = 0;  // RNNFAST_CPU_ROW_SPLIT or kRowSplitRows
   mutable int64_t uses_ = 0;        // products computed so far
   mutable void* packed_ = nullptr;  // owned, in the BLAS's own layout
   mutable float* own_packed_ = nullptr;  // owned, step_gemm.h's layout
