@@ -2,6 +2,11 @@
 // backward, over the same Backend as lstm_driver.h plus three LayerNorm-LSTM
 // kernels:
 //   layer_norm_forward_step<Training, ZoneoutCell>(LayerNormStepParams<T>)
+//   recurrent_layer_norm_forward_step<Training, ZoneoutCell>(
+//       const StepWeight<S>& whh, const PreviousHidden<S>& h,
+//       LayerNormStepParams<T>): p.hh = h W_hh^T then
+//       layer_norm_forward_step, in whatever order and threading the
+//       backend finds fastest
 //   layer_norm_backward_step<AddOutputGrad, ZoneoutCell>(
 //       LayerNormBackwardStepParams<T>)
 //   layer_norm_param_grads(LayerNormParamGradsParams<T>)
@@ -119,8 +124,6 @@ LayerNormForwardResult layer_norm_lstm_forward_recurrence(
     const int64_t rows = l.batch_sizes[t];
     const int64_t off = l.offsets[t];
     T* hh_rows = hh.data_ptr<T>() + (training ? off * G : 0);
-    // W_hh h_{t-1}, h_{t-1} read in place
-    multiply_previous_hidden(l, t, whh, out, h0, H, T(0), hh_rows, G);
     LayerNormStepParams<T, S> p;
     p.rows = rows;
     p.hidden = H;
@@ -146,9 +149,11 @@ LayerNormForwardResult layer_norm_lstm_forward_recurrence(
         p.cell_save = cand_buf.data_ptr<T>();
       }
     }
+    // hh = W_hh h_{t-1} (h_{t-1} read in place), then the cell
+    const PreviousHidden<S> h = previous_hidden(l, t, out, h0, H);
     with_flags(training, zoneout_cell, [&](auto tr, auto zc) {
-      Backend::template layer_norm_forward_step<decltype(tr)::value,
-                                                decltype(zc)::value>(p);
+      Backend::template recurrent_layer_norm_forward_step<
+          decltype(tr)::value, decltype(zc)::value>(whh, h, p);
     });
     if (zoneout_h) zoneout_hidden_step<Backend, S, T>(l, t, z, out, h0, H);
   }

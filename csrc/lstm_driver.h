@@ -22,6 +22,12 @@
 //        C beta, C* c, ldc): a one-off product, C = op(A) op(B) + beta C.
 //   template <bool Training, bool ZoneoutCell>
 //     forward_step(const ForwardStepParams<T, S>&);
+//   template <bool Training, bool ZoneoutCell>
+//     recurrent_forward_step(const StepWeight<S>& whh,
+//                            const PreviousHidden<S>& h,
+//                            const ForwardStepParams<T, S>& p):
+//     the LSTM's step, p.gates += h W_hh^T then forward_step, in whatever
+//     order and threading the backend finds fastest.
 //   template <bool AddOutputGrad, bool ZoneoutCell>
 //     backward_step(const BackwardStepParams<T, S>&);
 //   zoneout_hidden(const HiddenZoneoutParams<T, S>&) and
@@ -33,6 +39,10 @@
 //   add(S* dst, const T* a, const S* b, int64_t count): dst = a + b.
 //   empty_activation(sizes, options): a large workspace or saved activation
 //     (the CPU reuses freed blocks, cpu/activation_cache.h).
+//   input_block_rows(int64_t row_bytes, int64_t weight_bytes): how many
+//     rows of an evaluating LSTM's input projection (row_bytes each, by a
+//     weight of weight_bytes) to compute at a time, a block of steps just
+//     before their recurrence (0: all at once).
 //   kGradBlockRows, kParamGradRows: block sizes of the LayerNorm-LSTM
 //     backward (layer_norm_lstm_driver.h); kNativeHalf: whether S may be a
 //     half type (op_impls.h); kBiasInStep: whether the LSTM's forward_step
@@ -219,24 +229,30 @@ void input_projection(at::Tensor& out, const at::Tensor& x,
   }
 }
 
+// Where step t's h_{t-1} lies: the previous step's output rows (P wide) for
+// the rows that continue, the initial state's for those that start at t.
+template <typename S>
+PreviousHidden<S> previous_hidden(const SequenceLayout& l, int64_t t,
+                                  const S* output, const S* h0, int64_t P) {
+  PreviousHidden<S> h;
+  h.continuing_rows = l.rows_from_previous(t);
+  if (h.continuing_rows > 0) {
+    h.continuing = output + l.offsets[l.previous(t)] * P;
+  }
+  h.starting_rows = l.batch_sizes[t] - h.continuing_rows;
+  h.starting = h0 + h.continuing_rows * P;
+  h.ld = P;
+  return h;
+}
+
 // C[rows of step t, n] = h_{t-1} op(W) + beta C, with h_{t-1} read where it
-// lies: the previous step's output rows (P wide) for the rows that continue,
-// the initial state's for those that start at t (a reverse packed sequence
-// gains rows as it goes), so no step copies a hidden state.
+// lies (previous_hidden), so no step copies a hidden state.
 template <typename Weight, typename S, typename C>
 void multiply_previous_hidden(const SequenceLayout& l, int64_t t,
                               const Weight& w, const S* output, const S* h0,
                               int64_t P, C beta, C* c, int64_t ldc) {
-  const int64_t rows = l.batch_sizes[t];
-  const int64_t from_prev = l.rows_from_previous(t);
-  if (from_prev > 0) {
-    w.multiply(from_prev, output + l.offsets[l.previous(t)] * P, P, beta, c,
-               ldc);
-  }
-  if (rows > from_prev) {
-    w.multiply(rows - from_prev, h0 + from_prev * P, P, beta,
-               c + from_prev * ldc, ldc);
-  }
+  multiply_hidden_rows(previous_hidden(l, t, output, h0, P), 0,
+                       l.batch_sizes[t], w, beta, c, ldc);
 }
 
 // hy [B, P] = the output of every sequence's last step: step 0 of a
@@ -340,12 +356,22 @@ ForwardResult lstm_forward_recurrence(
   const auto sopts = x.options();
   const auto topts = sopts.dtype(compute_scalar_type<T>());
   ForwardResult r;
-  // Input projection for every step at once: gates = x W_ih^T (+ b, unless
-  // each step adds it).
+  // Input projection: gates = x W_ih^T (+ b, unless each step adds it), for
+  // every step at once, or when evaluating a block of consecutive steps at a
+  // time into a buffer that stays in cache (Backend::input_block_rows).
   const bool bias_in_step = Backend::kBiasInStep && bias.defined();
-  at::Tensor gates = Backend::empty_activation({l.rows, G}, topts);
-  input_projection<Backend, S, T>(gates, x, weight_ih,
-                                  bias_in_step ? at::Tensor() : bias);
+  const at::Tensor proj_bias = bias_in_step ? at::Tensor() : bias;
+  const int64_t block_rows =
+      training ? 0
+               : Backend::input_block_rows(G * int64_t(sizeof(T)),
+                                           weight_ih.numel() *
+                                               int64_t(sizeof(S)));
+  const bool blocked = block_rows > 0 && block_rows < l.rows;
+  at::Tensor gates = Backend::empty_activation(
+      {blocked ? std::max(block_rows, l.batch) : l.rows, G}, topts);
+  if (!blocked) input_projection<Backend, S, T>(gates, x, weight_ih, proj_bias);
+  int64_t block_end = 0;  // blocked: steps [.., block_end) are projected
+  int64_t block_first_row = 0;  // the packed row of the block's gates row 0
   r.output = at::empty({l.rows, P}, sopts);
   at::Tensor c_state = cx.contiguous().clone();
   if (training) r.cells = Backend::empty_activation({l.rows, H}, topts);
@@ -374,12 +400,25 @@ ForwardResult lstm_forward_recurrence(
     const int64_t t = l.step_at(step);
     const int64_t rows = l.batch_sizes[t];
     const int64_t off = l.offsets[t];
-    // gates[t] += h_{t-1} W_hh^T
-    multiply_previous_hidden(l, t, whh, out, h0, P, T(1), g + off * G, G);
+    if (blocked && step == block_end) {
+      // the next steps whose rows fit the block (at least this one): their
+      // rows are contiguous, from the lowest time index's on
+      int64_t block = rows;
+      block_end = step + 1;
+      while (block_end < l.steps &&
+             block + l.batch_sizes[l.step_at(block_end)] <= block_rows) {
+        block += l.batch_sizes[l.step_at(block_end)];
+        ++block_end;
+      }
+      block_first_row = l.offsets[std::min(t, l.step_at(block_end - 1))];
+      at::Tensor out = gates.narrow(0, 0, block);
+      input_projection<Backend, S, T>(out, x.narrow(0, block_first_row, block),
+                                      weight_ih, proj_bias);
+    }
     ForwardStepParams<T, S> p;
     p.rows = rows;
     p.hidden = H;
-    p.gates = g + off * G;
+    p.gates = g + (off - block_first_row) * G;
     p.cell_state = cs;
     p.cell_save = training ? cells + off * H : nullptr;
     p.hidden_out = s.has_projection() ? r_buf.data_ptr<S>() : out + off * P;
@@ -388,8 +427,11 @@ ForwardResult lstm_forward_recurrence(
       p.zoneout = cell_zoneout<T>(z, off, H);
       if (training) p.cell_state_save = r.cell_states.data_ptr<T>() + off * H;
     }
+    // gates[t] += h_{t-1} W_hh^T, then the cell
+    const PreviousHidden<S> h = previous_hidden(l, t, out, h0, P);
     with_flags(training, zoneout_cell, [&](auto tr, auto zc) {
-      Backend::template forward_step<decltype(tr)::value, decltype(zc)::value>(p);
+      Backend::template recurrent_forward_step<decltype(tr)::value,
+                                               decltype(zc)::value>(whh, h, p);
     });
     // h_t = r_t W_hr^T
     if (s.has_projection()) {

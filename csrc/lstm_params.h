@@ -60,6 +60,43 @@ struct LstmSizes {
   bool has_projection() const { return output != hidden; }
 };
 
+// Where the hidden states h_{t-1} of step t's rows lie (S, ld wide rows):
+// the first continuing_rows in the previous step's output, the next
+// starting_rows in the initial state (a reverse packed sequence gains rows
+// as it goes), so that no step copies a hidden state.
+template <typename S>
+struct PreviousHidden {
+  const S* continuing = nullptr;
+  int64_t continuing_rows = 0;
+  const S* starting = nullptr;
+  int64_t starting_rows = 0;
+  int64_t ld = 0;
+  int64_t rows() const { return continuing_rows + starting_rows; }
+  // h_{t-1} of the step's row `row` (< rows()).
+  const S* row(int64_t row) const {
+    return row < continuing_rows ? continuing + row * ld
+                                 : starting + (row - continuing_rows) * ld;
+  }
+};
+
+// C[rows [begin, end) of the step, n] = h_{t-1} op(W) + beta C (row 0 of c
+// is the step's row begin), through a StepWeight's
+// multiply(m, a, lda, beta, c, ldc) or any object with that member: at most
+// two products, one per source of h_{t-1}.
+template <typename Weight, typename S, typename C>
+void multiply_hidden_rows(const PreviousHidden<S>& h, int64_t begin,
+                          int64_t end, const Weight& w, C beta, C* c,
+                          int64_t ldc) {
+  const int64_t split = h.continuing_rows;
+  if (begin < split) {
+    const int64_t e = end < split ? end : split;
+    w.multiply(e - begin, h.row(begin), h.ld, beta, c, ldc);
+    c += (e - begin) * ldc;
+    begin = e;
+  }
+  if (begin < end) w.multiply(end - begin, h.row(begin), h.ld, beta, c, ldc);
+}
+
 // Types. T is the compute type of a step kernel (float or double): the
 // gates, the cell state and every saved activation are held in it. S is the
 // storage type of the tensors the GEMMs read (input, weights, hidden states,

@@ -111,9 +111,27 @@ PYBIND11_MODULE(_C, m) {
         info["cpu_kernels"] = std::string(rnnfast::cpu_kernels_in_use());
         info["cpu_gemm"] = std::string(rnnfast::cpu_gemm_in_use());
         info["cpu_int8_kernels"] = std::string(rnnfast::cpu_int8_kernels_in_use());
+        info["cpu_step_gemm_kernels"] =
+            std::string(rnnfast::cpu_step_gemm_kernels());
+        pybind11::list choices;
+        for (const auto& c : rnnfast::cpu_step_gemm_choices()) {
+          pybind11::dict d;
+          d["m"] = c.m;
+          d["n"] = c.n;
+          d["k"] = c.k;
+          d["threaded"] = c.threaded;
+          d["chosen"] = std::string(c.chosen);
+          d["blas_us"] = c.blas_us;
+          d["rnnfast_us"] = c.rnnfast_us;
+          choices.append(d);
+        }
+        info["cpu_step_gemm"] = choices;
         return info;
       },
       "How this rnnfast extension was built, and the CPU kernels in use.");
+  m.def("_step_product", &rnnfast::cpu_step_product_for_test,
+        "Tests only: C = A op(B) + beta C through one path of the CPU's "
+        "per-step product (raw float32 addresses); returns what ran.");
   m.def("empty_cache", &rnnfast::release_cpu_buffer_cache,
         "Frees the CPU blocks rnnfast keeps for reuse; returns their bytes.");
   m.def("cache_bytes", &rnnfast::cpu_buffer_cache_bytes,

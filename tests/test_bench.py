@@ -5,6 +5,7 @@ never asserted: the cases are tiny and measured for a few milliseconds."""
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -324,6 +325,11 @@ def test_results_json_schema(tiny_run):
         assert key in env
     assert set(env["tf32_default"]) >= {"cuda.matmul.allow_tf32", "cudnn.allow_tf32"}
     assert env["rnnfast_build_info"]["rnnfast_version"] == rnnfast.__version__
+    # collected after the run: the CPU step products chosen during it (rnnfast.LSTM's
+    # T=3 B=2 H=4 loop packs its [2,4]x[4,16] product and measures it)
+    build = env["rnnfast_build_info"]
+    if build["cpu_step_gemm_kernels"] != "none" and "RNNFAST_CPU_STEP_GEMM" not in os.environ:
+        assert {(c["m"], c["n"], c["k"]) for c in build["cpu_step_gemm"]} >= {(2, 16, 4)}
     assert doc["settings"]["preset"] == "quick"
     assert doc["settings"]["argv"][:2] == ["run", "--quick"]
     records = doc["results"]
@@ -490,6 +496,9 @@ def test_report_writes_readme(tmp_path, tiny_run):
     assert "![time_vs_hidden_cpu_float32_inference]" \
            "(results/cpu-tiny/time_vs_hidden_cpu_float32_inference.png)" in text
     assert f"torch {torch.__version__}" in text
+    if json.loads((folder / "results.json").read_text())["environment"][
+            "rnnfast_build_info"].get("cpu_step_gemm"):
+        assert "- CPU per-step products chosen (best of 9 runs" in text
     # the same README from write_readme directly: deterministic
     again = write_readme([folder], tmp_path / "benchmarks" / "again.md")
     assert again.read_text() == text

@@ -1,9 +1,16 @@
 #include "blas.h"
+#include "step_gemm.h"
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <vector>
 #include <limits>
 #include <type_traits>
 
@@ -131,6 +138,10 @@ bool have_mkl_pack() {
 constexpr int64_t kSerialGemmMacs = int64_t{1} << 21;
 constexpr int64_t kSerialWeightBytes = int64_t{512} << 10;
 
+// An LSTM step splits its rows over the threads from this many rows per
+// thread on (cpu_backend.cpp).
+constexpr int64_t kRowSplitRows = 16;
+
 // Runs MKL on the calling thread only while alive (a thread-local setting).
 class SerialMkl {
  public:
@@ -149,48 +160,172 @@ class SerialMkl {
   int previous_ = 0;
 };
 
+namespace {
+
+// RNNFAST_CPU_STEP_GEMM: 0 (unset or "auto") measure, 1 "blas", 2 "rnnfast".
+int forced_step_gemm(const char* path) {
+  const char* e = path != nullptr ? path : std::getenv("RNNFAST_CPU_STEP_GEMM");
+  if (e == nullptr || *e == '\0' || std::strcmp(e, "auto") == 0) return 0;
+  if (std::strcmp(e, "blas") == 0) return 1;
+  if (std::strcmp(e, "rnnfast") == 0) return 2;
+  TORCH_CHECK(false, "RNNFAST_CPU_STEP_GEMM must be 'auto', 'blas' or "
+              "'rnnfast', got '", e, "'");
+}
+
+// The measured choices, per shape, for the whole process.
+std::mutex choices_mutex;
+std::vector<rnnfast::StepGemmChoice>& choices() {
+  static std::vector<rnnfast::StepGemmChoice> c;
+  return c;
+}
+
+const char* own_kernel_name() {
+  static const std::string name =
+      std::string("rnnfast-") + (step_gemm::kernels_in_use() != nullptr
+                                     ? step_gemm::kernels_in_use()
+                                     : "none");
+  return name.c_str();
+}
+
+float* alloc_panels(int64_t n, int64_t k) {
+  const size_t bytes =
+      (step_gemm::packed_floats(n, k) * sizeof(float) + 63) / 64 * 64;
+  auto* p = static_cast<float*>(std::aligned_alloc(64, bytes));
+  TORCH_CHECK(p != nullptr, "rnnfast: out of memory packing a weight");
+  return p;
+}
+
+}  // namespace
+
 template <typename T>
 StepWeight<T>::StepWeight(bool trans_b, int64_t max_m, int64_t n, int64_t k,
-                          const T* b, int64_t ldb)
+                          const T* b, int64_t ldb, const char* path)
     : trans_b_(trans_b), max_m_(max_m), n_(n), k_(k), ldb_(ldb), b_(b),
       serial_(max_m * n * k < kSerialGemmMacs &&
               n * k * static_cast<int64_t>(sizeof(T)) < kSerialWeightBytes) {
+  const char* split = std::getenv("RNNFAST_CPU_ROW_SPLIT");
+  row_split_rows_ = split != nullptr && *split != '\0'
+                        ? std::max<int64_t>(0, std::atoll(split))
+                        : kRowSplitRows;
   if constexpr (std::is_same_v<T, float>) {
     packable_ = have_mkl_pack() && max_m > 0 && fits_int(max_m) &&
                 fits_int(n) && fits_int(k) && fits_int(ldb) && n > 0 && k > 0;
+    own_candidate_ = step_gemm::kernels_in_use() != nullptr && max_m > 0 &&
+                     max_m <= step_gemm::kMaxRows && n > 0 && k > 0;
+    forced_ = forced_step_gemm(path);
+    if (forced_ == 1) own_candidate_ = false;
+    if (forced_ == 2 && own_candidate_) packable_ = false;
   }
 }
 
 template <typename T>
 StepWeight<T>::~StepWeight() {
   std::free(packed_);
+  std::free(own_packed_);
 }
 
 template <typename T>
 void StepWeight<T>::pack() const {
   if constexpr (std::is_same_v<T, float>) {
-    const size_t bytes = cblas_sgemm_pack_get_size(
-        kBMatrix, static_cast<int>(max_m_), static_cast<int>(n_),
-        static_cast<int>(k_));
-    packed_ = std::malloc(bytes);
-    TORCH_CHECK(packed_ != nullptr, "rnnfast: out of memory packing a weight");
-    cblas_sgemm_pack(kRowMajor, kBMatrix, trans_b_ ? kTrans : kNoTrans,
-                     static_cast<int>(max_m_), static_cast<int>(n_),
-                     static_cast<int>(k_), 1.0f, b_, static_cast<int>(ldb_),
-                     static_cast<float*>(packed_));
+    if (packable_) {
+      const size_t bytes = cblas_sgemm_pack_get_size(
+          kBMatrix, static_cast<int>(max_m_), static_cast<int>(n_),
+          static_cast<int>(k_));
+      packed_ = std::malloc(bytes);
+      TORCH_CHECK(packed_ != nullptr,
+                  "rnnfast: out of memory packing a weight");
+      cblas_sgemm_pack(kRowMajor, kBMatrix, trans_b_ ? kTrans : kNoTrans,
+                       static_cast<int>(max_m_), static_cast<int>(n_),
+                       static_cast<int>(k_), 1.0f, b_, static_cast<int>(ldb_),
+                       static_cast<float*>(packed_));
+    }
+    if (!own_candidate_) return;
+    own_packed_ = alloc_panels(n_, k_);
+    step_gemm::pack(trans_b_, n_, k_, b_, ldb_, own_packed_);
+    if (forced_ == 2) return;
+    // Measured (once per shape) or already known: keep one of the two.
+    if (choose_own()) {
+      std::free(packed_);
+      packed_ = nullptr;
+    } else {
+      std::free(own_packed_);
+      own_packed_ = nullptr;
+    }
   }
+}
+
+template <typename T>
+bool StepWeight<T>::choose_own() const {
+  if constexpr (!std::is_same_v<T, float>) {
+    return false;
+  } else {
+    const bool threaded = !serial_;
+    std::lock_guard<std::mutex> lock(choices_mutex);
+    for (const rnnfast::StepGemmChoice& c : choices()) {
+      if (c.m == max_m_ && c.n == n_ && c.k == k_ && c.threaded == threaded) {
+        return c.chosen[0] == 'r';
+      }
+    }
+    // Time both products on this weight: max_m_ rows of a fixed input, each
+    // run alternately after a warm-up, the best of kRuns.
+    constexpr int kRuns = 9;
+    std::vector<float> a(max_m_ * k_), c(max_m_ * n_);
+    for (size_t i = 0; i < a.size(); ++i) a[i] = 0.01f * float(i % 13) - 0.06f;
+    double best[2] = {1e30, 1e30};
+    for (int run = -1; run < kRuns; ++run) {
+      for (int own = 0; own < 2; ++own) {
+        const auto start = std::chrono::steady_clock::now();
+        if (own) {
+          step_gemm::multiply(serial_, max_m_, n_, k_, a.data(), k_,
+                              own_packed_, 0.0f, c.data(), n_);
+        } else {
+          compute(serial_, max_m_, a.data(), k_, 0.0f, c.data(), n_);
+        }
+        const std::chrono::duration<double, std::micro> us =
+            std::chrono::steady_clock::now() - start;
+        if (run >= 0) best[own] = std::min(best[own], us.count());
+      }
+    }
+    const bool own = best[1] < best[0];
+    choices().push_back({max_m_, n_, k_, threaded,
+                         own ? own_kernel_name() : gemm_backend(), best[0],
+                         best[1]});
+    return own;
+  }
+}
+
+template <typename T>
+void StepWeight<T>::prepare_use() const {
+  // The first product runs unpacked; a second one means a time loop of
+  // several steps, which repays the packing.
+  if ((packable_ || own_candidate_) && packed_ == nullptr &&
+      own_packed_ == nullptr && uses_ > 0) {
+    pack();
+  }
+  ++uses_;
 }
 
 template <typename T>
 void StepWeight<T>::multiply(int64_t m, const T* a, int64_t lda, T beta, T* c,
                              int64_t ldc) const {
-  const SerialMkl serial(serial_);
-  // The first product runs unpacked; a second one means a time loop of
-  // several steps, which repays the packing.
-  if (packable_ && packed_ == nullptr && uses_ > 0) pack();
-  ++uses_;
+  prepare_use();
+  compute(serial_, m, a, lda, beta, c, ldc);
+}
+
+template <typename T>
+void StepWeight<T>::multiply_on_this_thread(int64_t m, const T* a,
+                                            int64_t lda, T beta, T* c,
+                                            int64_t ldc) const {
+  compute(true, m, a, lda, beta, c, ldc);
+}
+
+// With both packed forms present (while measuring), the BLAS's.
+template <typename T>
+void StepWeight<T>::compute(bool serial, int64_t m, const T* a, int64_t lda,
+                            T beta, T* c, int64_t ldc) const {
   if constexpr (std::is_same_v<T, float>) {
     if (packed_ != nullptr && m > 0 && fits_int(lda) && fits_int(ldc)) {
+      const SerialMkl serial_mkl(serial);
       cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, static_cast<int>(m),
                           static_cast<int>(n_), static_cast<int>(k_), a,
                           static_cast<int>(lda),
@@ -199,12 +334,30 @@ void StepWeight<T>::multiply(int64_t m, const T* a, int64_t lda, T beta, T* c,
                           static_cast<int>(ldc));
       return;
     }
+    if (own_packed_ != nullptr && m > 0) {
+      step_gemm::multiply(serial, m, n_, k_, a, lda, own_packed_, beta, c,
+                          ldc);
+      return;
+    }
   }
+  const SerialMkl serial_mkl(serial);
   gemm(false, trans_b_, m, n_, k_, T(1), a, lda, b_, ldb_, beta, c, ldc);
 }
 
 template class StepWeight<float>;
 template class StepWeight<double>;
+
+std::vector<rnnfast::StepGemmChoice> step_gemm_choices() {
+  std::lock_guard<std::mutex> lock(choices_mutex);
+  return choices();
+}
+
+template <typename T>
+const char* StepWeight<T>::packed_path() const {
+  if (own_packed_ != nullptr && packed_ == nullptr) return own_kernel_name();
+  if (packed_ != nullptr) return "mkl-packed";
+  return "unpacked";
+}
 
 const char* gemm_backend() {
   if (have_mkl_pack()) return "mkl-packed";

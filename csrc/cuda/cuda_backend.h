@@ -76,6 +76,26 @@ struct CudaBackend {
   static void forward_step(const ForwardStepParams<T, S>& p) {
     lstm_forward_step<Training, ZoneoutCell>(p);
   }
+  // The input projection of every step at once (one large GEMM).
+  static int64_t input_block_rows(int64_t /*row_bytes*/,
+                                  int64_t /*weight_bytes*/) {
+    return 0;
+  }
+  // The product, then the step kernel.
+  template <bool Training, bool ZoneoutCell, typename T, typename S>
+  static void recurrent_forward_step(const StepWeight<S>& whh,
+                                     const PreviousHidden<S>& h,
+                                     const ForwardStepParams<T, S>& p) {
+    multiply_hidden_rows(h, 0, h.rows(), whh, T(1), p.gates, 4 * p.hidden);
+    forward_step<Training, ZoneoutCell>(p);
+  }
+  template <bool Training, bool ZoneoutCell, typename T, typename S>
+  static void recurrent_layer_norm_forward_step(
+      const StepWeight<S>& whh, const PreviousHidden<S>& h,
+      const LayerNormStepParams<T, S>& p) {
+    multiply_hidden_rows(h, 0, h.rows(), whh, T(0), p.hh, 4 * p.hidden);
+    layer_norm_forward_step<Training, ZoneoutCell>(p);
+  }
   template <bool AddOutputGrad, bool ZoneoutCell, typename T, typename S>
   static void backward_step(const BackwardStepParams<T, S>& p) {
     lstm_backward_step<AddOutputGrad, ZoneoutCell>(p);

@@ -270,6 +270,8 @@ def _run(args: argparse.Namespace) -> int:
     records, run_notes = _run_with_progress(console, cases, impls, settings)
     elapsed = time.perf_counter() - start
     notes += run_notes
+    # again after the run: it lists the CPU step products chosen during it
+    env["rnnfast_build_info"] = results.build_info()
     report.print_tables(console, records)
     for note in notes:
         console.print(f"[yellow]note[/yellow] {note}")

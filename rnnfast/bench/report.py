@@ -339,9 +339,16 @@ def _env_lines(env: dict) -> list[str]:
         f"- torch {env.get('torch_version')}, CUDA {env.get('cuda_version')}, "
         f"cuDNN {env.get('cudnn_version')}",
         f"- rnnfast {env.get('rnnfast_version')}: "
-        + ", ".join(f"{k}={v}" for k, v in build.items() if k != "rnnfast_version"),
+        + ", ".join(f"{k}={v}" for k, v in build.items()
+                    if k not in ("rnnfast_version", "cpu_step_gemm")),
         f"- date: {env.get('date')}",
     ]
+    if build.get("cpu_step_gemm"):
+        lines.insert(-1, "- CPU per-step products chosen (best of 9 runs, us, the BLAS's "
+                     "/ rnnfast's): " + "; ".join(
+                         f"{c['m']}x{c['n']}x{c['k']}{' threaded' if c['threaded'] else ''} "
+                         f"{c['chosen']} ({c['blas_us']:.1f} / {c['rnnfast_us']:.1f})"
+                         for c in build["cpu_step_gemm"]))
     return lines
 
 

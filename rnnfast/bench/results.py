@@ -115,12 +115,21 @@ def environment(devices: Iterable[str]) -> dict[str, Any]:
         "tf32_default": tf32_settings(),
         "onednn": torch.backends.mkldnn.is_available(),
         "rnnfast_version": rnnfast.__version__,
-        "rnnfast_build_info": rnnfast.build_info(),
+        "rnnfast_build_info": build_info(),
         "python_version": platform.python_version(),
         "platform": platform.platform(),
     }
     env["device_name"] = env["gpu_name"] if cuda else env["cpu_model"]
     return env
+
+
+def build_info() -> dict[str, Any]:
+    """``rnnfast.build_info()``: how rnnfast was built and, for the CPU, the
+    kernels in use and the per-step products chosen so far in this process
+    (``cpu_step_gemm``)."""
+    import rnnfast
+
+    return rnnfast.build_info()
 
 
 def finalize(records: list[dict]) -> list[dict]:

@@ -1,0 +1,65 @@
+// Packing, the choice of ISA and the threading of step_gemm.h.
+#include "step_gemm.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+
+#include <algorithm>
+#include <cstring>
+#include <string>
+
+namespace rnnfast::cpu::step_gemm {
+
+const char* kernels_in_use() {
+  // ATEN_CPU_CAPABILITY (default, avx2) caps the level, as it does for
+  // ATen's and rnnfast's pointwise kernels.
+  static const char* const chosen = []() -> const char* {
+    const std::string cap = at::get_cpu_capability();
+    if (cap == "AVX512" && avx512_supported()) return "AVX512";
+    if ((cap == "AVX512" || cap == "AVX2") && avx2_supported()) return "AVX2";
+    return nullptr;
+  }();
+  return chosen;
+}
+
+void pack(bool trans_b, int64_t n, int64_t k, const float* b, int64_t ldb,
+          float* packed) {
+  const int64_t np = panels(n);
+  at::parallel_for(0, np, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      float* dst = packed + p * kPanelCols * k;
+      const int64_t col0 = p * kPanelCols;
+      const int64_t cols = std::min(kPanelCols, n - col0);
+      for (int64_t kk = 0; kk < k; ++kk) {
+        float* row = dst + kk * kPanelCols;
+        for (int64_t j = 0; j < cols; ++j) {
+          row[j] = trans_b ? b[(col0 + j) * ldb + kk] : b[kk * ldb + col0 + j];
+        }
+        std::fill(row + cols, row + kPanelCols, 0.0f);
+      }
+    }
+  });
+}
+
+void multiply(bool serial, int64_t m, int64_t n, int64_t k, const float* a,
+              int64_t lda, const float* packed, float beta, float* c,
+              int64_t ldc) {
+  const bool avx512 = std::strcmp(kernels_in_use(), "AVX512") == 0;
+  const auto run = [&](int64_t begin, int64_t end) {
+    if (avx512) {
+      multiply_panels_avx512(m, n, k, a, lda, packed, begin, end, beta, c, ldc);
+    } else {
+      multiply_panels_avx2(m, n, k, a, lda, packed, begin, end, beta, c, ldc);
+    }
+  };
+  const int64_t np = panels(n);
+  if (serial) {
+    run(0, np);
+    return;
+  }
+  // Panels split evenly over the threads (a thread's last tile may be
+  // narrower).
+  at::parallel_for(0, np, 4, run);
+}
+
+}  // namespace rnnfast::cpu::step_gemm

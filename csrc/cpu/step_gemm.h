@@ -1,0 +1,74 @@
+// rnnfast's own float32 product for the per-step recurrent GEMM of a time
+// loop at small batch: C[m, n] = A[m, k] B[k, n] + beta C with m <= 16 rows
+// (the batch of a decode or a small-batch sequence) and B a weight used at
+// every step, packed once per op into this kernel's panel layout.
+//
+// Why: at m <= 16 a step reads the whole weight (up to 1 MiB at H 256,
+// which fits the L2 of a core) for little arithmetic, so the product is
+// bound by streaming the weight; MKL's small-GEMM path runs far below that
+// on some CPUs (AMD EPYC: 18 GFLOP/s for [4,128]x[128,512], issue 13).
+// StepWeight (blas.h) measures this kernel against MKL's packed product at
+// the first use of a shape and keeps the faster (never chosen by vendor).
+//
+// Packed layout: B's n columns in panels of kPanelCols (one 512-bit vector,
+// two 256-bit ones), each panel k rows of kPanelCols floats (row kk of a
+// panel holds B[kk, panel columns]), the last panel zero padded; panels are
+// consecutive and 64-byte aligned:
+//   B[kk, j] at packed[(j / 16) * 16 k + kk * 16 + j % 16]
+//
+// Register tiles of up to kMaxTileRows rows x a few panels, accumulated
+// over all of k in registers (no k blocking: k <= a few thousand) with one
+// FMA per row and vector; the AVX-512 and the AVX2 (FMA) kernels compute the
+// same sums in the same order (k ascending per element).
+//
+// The kernels include no ATen header (see int8_gemm_avx512.cpp); the
+// packing, the dispatch and the threading are in step_gemm.cpp.
+#pragma once
+
+#include <cstdint>
+
+namespace rnnfast::cpu::step_gemm {
+
+constexpr int64_t kPanelCols = 16;
+// The most rows this product is a candidate for (StepWeight): above, MKL's
+// large-GEMM path is efficient anyway.
+constexpr int64_t kMaxRows = 16;
+
+inline int64_t panels(int64_t n) { return (n + kPanelCols - 1) / kPanelCols; }
+// Floats of the packed form of a [k, n] operand.
+inline int64_t packed_floats(int64_t n, int64_t k) {
+  return panels(n) * kPanelCols * k;
+}
+
+// Which kernels this CPU runs (honouring ATEN_CPU_CAPABILITY as the
+// pointwise kernels do): "AVX512", "AVX2", or nullptr where neither is
+// available (the product is then never chosen).
+const char* kernels_in_use();
+
+// packed [packed_floats(n, k)] (64-byte aligned) from op(B) [k, n]: B is
+// [k, n] row-major (trans_b false) or [n, k] row-major (trans_b true), with
+// row stride ldb.
+void pack(bool trans_b, int64_t n, int64_t k, const float* b, int64_t ldb,
+          float* packed);
+
+// C[m, n] = A[m, k] B + beta C (beta 0 or 1; with beta 0, C is not read),
+// row-major with strides lda and ldc, B packed. Runs on the calling thread
+// when serial, else splits the panels over the threads. Requires
+// kernels_in_use() != nullptr.
+void multiply(bool serial, int64_t m, int64_t n, int64_t k, const float* a,
+              int64_t lda, const float* packed, float beta, float* c,
+              int64_t ldc);
+
+// The kernels of one ISA: columns of panels [panel_begin, panel_end) only.
+void multiply_panels_avx512(int64_t m, int64_t n, int64_t k, const float* a,
+                            int64_t lda, const float* packed,
+                            int64_t panel_begin, int64_t panel_end,
+                            float beta, float* c, int64_t ldc);
+void multiply_panels_avx2(int64_t m, int64_t n, int64_t k, const float* a,
+                          int64_t lda, const float* packed,
+                          int64_t panel_begin, int64_t panel_end, float beta,
+                          float* c, int64_t ldc);
+bool avx512_supported();
+bool avx2_supported();
+
+}  // namespace rnnfast::cpu::step_gemm

@@ -1,0 +1,64 @@
+// The AVX2 (FMA) tiles of step_gemm.h, for x86 CPUs without AVX-512 (AMD
+// EPYC before Zen 4, older Intel): two 256-bit vectors per 16-column panel,
+// up to 6 rows x 1 panel (12 accumulators of the 16 registers), 1 row x 4
+// panels or 2-3 rows x 2 panels for fewer rows. Only called on CPUs with
+// AVX2 and FMA (step_gemm.cpp checks). No ATen header (see step_gemm.h).
+#include "step_gemm.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#pragma GCC target("avx2,fma")
+#include <immintrin.h>
+
+#include "step_gemm_tiles.h"
+
+namespace rnnfast::cpu::step_gemm {
+
+bool avx2_supported() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+namespace {
+struct Avx2 {
+  using Vec = __m256;
+  static constexpr int64_t kWidth = 8;
+  static constexpr int kMaxTileRows = 6;
+  static constexpr int panels_per_tile(int rows) {
+    return rows == 1 ? 4 : rows <= 3 ? 2 : 1;
+  }
+  static Vec zero() { return _mm256_setzero_ps(); }
+  static Vec broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static Vec load(const float* p) { return _mm256_load_ps(p); }
+  static Vec fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+  static void store(float* c, Vec v, int64_t count, bool add) {
+    if (count >= kWidth) {
+      if (add) v = _mm256_add_ps(v, _mm256_loadu_ps(c));
+      _mm256_storeu_ps(c, v);
+    } else if (count > 0) {
+      const __m256i m = _mm256_cmpgt_epi32(
+          _mm256_set1_epi32(static_cast<int>(count)),
+          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      if (add) v = _mm256_add_ps(v, _mm256_maskload_ps(c, m));
+      _mm256_maskstore_ps(c, m, v);
+    }
+  }
+};
+}  // namespace
+
+void multiply_panels_avx2(int64_t m, int64_t n, int64_t k, const float* a,
+                          int64_t lda, const float* packed,
+                          int64_t panel_begin, int64_t panel_end, float beta,
+                          float* c, int64_t ldc) {
+  multiply_panels<Avx2>(m, n, k, a, lda, packed, panel_begin, panel_end, beta,
+                        c, ldc);
+}
+
+}  // namespace rnnfast::cpu::step_gemm
+#else
+namespace rnnfast::cpu::step_gemm {
+bool avx2_supported() { return false; }
+void multiply_panels_avx2(int64_t, int64_t, int64_t, const float*, int64_t,
+                          const float*, int64_t, int64_t, float, float*,
+                          int64_t) {}
+}  // namespace rnnfast::cpu::step_gemm
+#endif

@@ -1,0 +1,62 @@
+// The AVX-512 tiles of step_gemm.h: one 512-bit vector per 16-column panel,
+// up to 8 rows x 3 panels (24 accumulators of the 32 registers), wider tiles
+// for fewer rows (1-2 rows x 8 panels), where the product streams the weight
+// and needs independent FMA chains. Only called on CPUs with AVX-512 F
+// (step_gemm.cpp checks). No ATen header (see step_gemm.h).
+#include "step_gemm.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#pragma GCC target("avx512f,avx2,fma")
+#include <immintrin.h>
+
+#include "step_gemm_tiles.h"
+
+namespace rnnfast::cpu::step_gemm {
+
+bool avx512_supported() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f");
+}
+
+namespace {
+struct Avx512 {
+  using Vec = __m512;
+  static constexpr int64_t kWidth = 16;
+  static constexpr int kMaxTileRows = 8;
+  static constexpr int panels_per_tile(int rows) {
+    return rows <= 2 ? 8 : rows == 3 ? 6 : rows <= 6 ? 4 : 3;
+  }
+  static Vec zero() { return _mm512_setzero_ps(); }
+  static Vec broadcast(const float* p) { return _mm512_set1_ps(*p); }
+  static Vec load(const float* p) { return _mm512_load_ps(p); }
+  static Vec fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+  static void store(float* c, Vec v, int64_t count, bool add) {
+    if (count >= kWidth) {
+      if (add) v = _mm512_add_ps(v, _mm512_loadu_ps(c));
+      _mm512_storeu_ps(c, v);
+    } else if (count > 0) {
+      const __mmask16 m = static_cast<__mmask16>((1u << count) - 1u);
+      if (add) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, c));
+      _mm512_mask_storeu_ps(c, m, v);
+    }
+  }
+};
+}  // namespace
+
+void multiply_panels_avx512(int64_t m, int64_t n, int64_t k, const float* a,
+                            int64_t lda, const float* packed,
+                            int64_t panel_begin, int64_t panel_end,
+                            float beta, float* c, int64_t ldc) {
+  multiply_panels<Avx512>(m, n, k, a, lda, packed, panel_begin, panel_end,
+                          beta, c, ldc);
+}
+
+}  // namespace rnnfast::cpu::step_gemm
+#else
+namespace rnnfast::cpu::step_gemm {
+bool avx512_supported() { return false; }
+void multiply_panels_avx512(int64_t, int64_t, int64_t, const float*, int64_t,
+                            const float*, int64_t, int64_t, float, float*,
+                            int64_t) {}
+}  // namespace rnnfast::cpu::step_gemm
+#endif

@@ -1,0 +1,217 @@
+"""The CPU LSTM's per-step work: rnnfast's own small-batch recurrent product
+(csrc/cpu/step_gemm.h) against the BLAS and a float64 reference, on the
+AVX-512 and the AVX2 kernels, the measured choice between them, and the
+step split by batch rows over the threads (cpu_backend.cpp)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import rnnfast
+from rnnfast import _C
+from utils import (TOLERANCES, assert_results_close, forward_backward, make_lstm_pair,
+                   randomize_layer_norm_, upcast)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KERNELS = rnnfast.build_info()["cpu_step_gemm_kernels"]
+needs_kernels = pytest.mark.skipif(KERNELS == "none", reason="this CPU has no AVX2")
+
+# Products checked on each path: rows m up to the kernel's 16, columns n with
+# and without a partial last panel (of 16), depths k of 1 and odd ones; the
+# largest runs threaded (its weight is >= 512 KiB).
+SHAPES = [(m, n, k) for m in (1, 2, 3, 4, 5, 7, 8, 9, 12, 13, 16)
+          for n, k in ((512, 128), (20, 5), (37, 33), (64, 1))] + \
+         [(m, 1024, 256) for m in (1, 4, 9, 16)]
+
+# The check itself, run here and in a process whose ATen capability is AVX2:
+# C = A op(B) + beta C through the step product, against float64.
+CHECK = textwrap.dedent("""
+    import torch
+    from rnnfast import _C
+
+    def check(path, shapes):
+        g = torch.Generator().manual_seed(0)
+        ran = set()
+        for m, n, k in shapes:
+            for trans_b in (True, False):
+                for beta in (0.0, 1.0):
+                    a = torch.randn(m, k + 3, generator=g)[:, :k]  # lda > k
+                    b = torch.randn(n, k, generator=g) if trans_b else torch.randn(k, n, generator=g)
+                    c = torch.randn(m, n + 5, generator=g)         # ldc > n
+                    if beta == 0.0:
+                        c[:, :n] = float("nan")  # beta 0 must not read C
+                    expected = a.double() @ (b.t() if trans_b else b).double()
+                    if beta:
+                        expected += c[:, :n].double()
+                    before = c.clone()
+                    threaded = m * n * k >= 1 << 21 or n * k * 4 >= 512 << 10
+                    ran.add(_C._step_product(path, threaded, m, n, k, a.data_ptr(), a.stride(0),
+                                             b.data_ptr(), b.stride(0), trans_b, beta,
+                                             c.data_ptr(), c.stride(0)))
+                    err = (c[:, :n].double() - expected).abs().max().item()
+                    # float32 rounding of k products and sums of magnitude ~sqrt(k)
+                    assert err <= 1e-6 * (k + 4), (path, m, n, k, trans_b, beta, err)
+                    assert torch.equal(c[:, n:], before[:, n:]), "wrote past n"
+        return sorted(ran)
+""")
+exec(CHECK)  # defines check()
+
+
+@needs_kernels
+def test_own_step_product_matches_float64():
+    assert check("rnnfast", SHAPES) == [f"rnnfast-{KERNELS}"]  # noqa: F821
+
+
+def test_blas_step_product_matches_float64():
+    ran = check("blas", SHAPES)  # noqa: F821
+    assert ran == [rnnfast.build_info()["cpu_gemm"]] or ran == ["unpacked"]
+
+
+def test_avx2_step_product_matches_float64(tmp_path):
+    """The AVX2 kernels, in a process whose ATen capability is AVX2 (as
+    ATEN_CPU_CAPABILITY=avx2 caps the pointwise kernels)."""
+    if KERNELS not in ("AVX512", "AVX2"):
+        pytest.skip("this CPU has no AVX2")
+    script = tmp_path / "avx2_check.py"
+    script.write_text(CHECK + textwrap.dedent(f"""
+        import rnnfast
+        print(rnnfast.build_info()["cpu_step_gemm_kernels"], check("rnnfast", {SHAPES!r}))
+    """))
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2",
+               PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
+    proc = subprocess.run([sys.executable, str(script)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["AVX2", "['rnnfast-AVX2']"]
+
+
+def test_step_product_refuses_what_it_cannot_run():
+    z = torch.zeros(32, 32)
+    args = (z.data_ptr(), 32, z.data_ptr(), 32, True, 0.0, z.data_ptr(), 32)
+    with pytest.raises(RuntimeError, match="path must be 'blas' or 'rnnfast'"):
+        _C._step_product("mkl", False, 2, 32, 32, *args)
+    if KERNELS != "none":
+        with pytest.raises(RuntimeError, match="at most 16 rows, got 17"):
+            _C._step_product("rnnfast", False, 17, 32, 32, *args)
+
+
+def _lstm_results(monkeypatch, path, batch, proj_size=0, hidden=20, steps=6, dtype=torch.float32):
+    if path is None:
+        monkeypatch.delenv("RNNFAST_CPU_STEP_GEMM", raising=False)
+    else:
+        monkeypatch.setenv("RNNFAST_CPU_STEP_GEMM", path)
+    torch.manual_seed(3)
+    ours, ref = make_lstm_pair(7, hidden, num_layers=2, bidirectional=True, dtype=dtype,
+                               proj_size=proj_size)
+    x = torch.randn(steps, batch, 7, dtype=dtype)
+    return forward_backward(ours, x), ref, x
+
+
+@needs_kernels
+@pytest.mark.parametrize("proj_size", [0, 6])
+def test_lstm_on_each_step_product_matches_float64(monkeypatch, proj_size):
+    """The whole LSTM, forward and backward (whose per-step products dh =
+    dgates W_hh use the step product too), on either path."""
+    for path in ("rnnfast", "blas"):
+        ours, ref, x = _lstm_results(monkeypatch, path, batch=5, proj_size=proj_size)
+        exact = forward_backward(ref.double(), x.double())
+        assert_results_close(upcast(ours), exact, scaled=True, atol=2e-5, rtol=2e-5)
+
+
+def test_bad_step_product_setting_is_refused(monkeypatch):
+    m = rnnfast.LSTM(3, 4)
+    monkeypatch.setenv("RNNFAST_CPU_STEP_GEMM", "fastest")
+    with pytest.raises(RuntimeError, match="RNNFAST_CPU_STEP_GEMM must be 'auto', 'blas' or "
+                                           "'rnnfast', got 'fastest'"):
+        m(torch.randn(2, 1, 3))
+
+
+@needs_kernels
+def test_choice_is_measured_once_per_shape_and_reported(monkeypatch):
+    """Unforced, the first packed product of a shape times both paths and
+    keeps the faster; build_info lists it, and the same shape again reuses
+    the choice."""
+    def entries():
+        return [c for c in rnnfast.build_info()["cpu_step_gemm"]
+                if (c["m"], c["n"], c["k"]) == (3, 4 * 23, 23)]
+
+    assert entries() == []
+    monkeypatch.delenv("RNNFAST_CPU_STEP_GEMM", raising=False)
+    m = rnnfast.LSTM(4, 23).eval()
+    with torch.inference_mode():
+        m(torch.randn(5, 3, 4))
+        m(torch.randn(5, 3, 4))
+    (c,) = entries()
+    assert c["threaded"] is False
+    assert c["blas_us"] > 0 and c["rnnfast_us"] > 0
+    faster = f"rnnfast-{KERNELS}" if c["rnnfast_us"] < c["blas_us"] else \
+        rnnfast.build_info()["cpu_gemm"]
+    assert c["chosen"] == faster
+
+
+def test_one_step_call_measures_nothing(monkeypatch):
+    """A one-step call (streaming decode) runs its product unpacked and
+    never pays for packing or measuring."""
+    monkeypatch.delenv("RNNFAST_CPU_STEP_GEMM", raising=False)
+    before = len(rnnfast.build_info()["cpu_step_gemm"])
+    m = rnnfast.LSTM(4, 29).eval()
+    with torch.inference_mode():
+        m(torch.randn(1, 2, 4))
+    assert len(rnnfast.build_info()["cpu_step_gemm"]) == before
+
+
+# ---- The step split by batch rows -------------------------------------------
+
+@pytest.mark.parametrize("cls", [rnnfast.LSTM, rnnfast.LayerNormLSTM])
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("zoneout", [False, True])
+def test_row_split_step_matches_one_thread(cls, training, zoneout, monkeypatch):
+    """At 64 rows and two threads the forward step of either cell runs split
+    by batch rows (each thread its rows' product and cell); on one thread it
+    is not split.
+    Both give the same outputs, states and gradients to float32 rounding, with
+    zoneout's masks (training: the same draw, which does not depend on the
+    threads) or rates (evaluation) applied to the right rows."""
+    kwargs = dict(zoneout_cell=0.3, zoneout_hidden=0.2) if zoneout else {}
+    torch.manual_seed(5)
+    m = cls(6, 16, **kwargs).train(training)
+    if cls is rnnfast.LayerNormLSTM:
+        randomize_layer_norm_(m)
+    x = torch.randn(4, 64, 6)
+    monkeypatch.setenv("RNNFAST_CPU_ROW_SPLIT", "16")  # from 2 x 16 rows on
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (2, 1):
+            torch.set_num_threads(n)
+            torch.manual_seed(11)
+            results.append(forward_backward(m, x, backward=training))
+    finally:
+        torch.set_num_threads(threads)
+    assert_results_close(*results, scaled=True, **TOLERANCES[torch.float32])
+
+
+# ---- The input projection in blocks of steps ------------------------------------
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_blocked_input_projection_matches_nn_lstm(packed):
+    """Evaluating with a small input weight, the CPU projects the input about
+    1 MiB of gates at a time, just before those steps (4096 rows at H=16):
+    130 steps of 64 rows span two or three blocks, in both directions, padded
+    or packed (whose blocks hold different numbers of steps)."""
+    ours, ref = make_lstm_pair(8, 16, bidirectional=True, dtype=torch.float32, seed=7)
+    x = torch.randn(130, 64, 8)
+    lengths = None
+    if packed:
+        lengths = sorted(torch.randint(65, 131, (64,)).tolist(), reverse=True)
+        lengths[0] = 130
+    with torch.no_grad():
+        got = forward_backward(ours, x, lengths=lengths, backward=False)
+        want = forward_backward(ref, x, lengths=lengths, backward=False)
+    assert_results_close(got, want, **TOLERANCES[torch.float32])
