@@ -14,7 +14,9 @@ KNOWN_OPS = {"rnnfast::lstm_forward", "rnnfast::lstm_backward",
 # The int8 inference ops (rnnfast.quantized) are CPU kernels by design, and
 # the CPU's mask generator (CUDA draws its masks with torch.randint).
 CPU_ONLY_OPS = {"rnnfast::quantized_pack_weight", "rnnfast::quantized_lstm_forward",
-                "rnnfast::quantized_layer_norm_lstm_forward", "rnnfast::bernoulli_masks"}
+                "rnnfast::quantized_layer_norm_lstm_forward", "rnnfast::quantized_lstm_stack",
+                "rnnfast::quantized_layer_norm_lstm_stack", "rnnfast::quantized_linear",
+                "rnnfast::bernoulli_masks"}
 
 
 def _rnnfast_ops() -> list[str]:
