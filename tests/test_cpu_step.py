@@ -155,6 +155,38 @@ def test_choice_is_measured_once_per_shape_and_reported(monkeypatch):
     assert c["chosen"] == faster
 
 
+def test_deterministic_mode_runs_the_blas_unmeasured(monkeypatch):
+    """Under torch.use_deterministic_algorithms(True) no product is chosen
+    by timing (a choice that could differ between runs): the BLAS's runs,
+    and nothing is measured or listed."""
+    monkeypatch.delenv("RNNFAST_CPU_STEP_GEMM", raising=False)
+    shape = (3, 4 * 27, 27)
+
+    def entries():
+        return [c for c in rnnfast.build_info()["cpu_step_gemm"]
+                if (c["m"], c["n"], c["k"]) == shape]
+
+    torch.manual_seed(0)
+    m = rnnfast.LSTM(4, 27).eval()
+    x = torch.randn(6, 3, 4)
+    monkeypatch.setenv("RNNFAST_CPU_STEP_GEMM", "blas")
+    with torch.inference_mode():
+        want = m(x)[0]
+    monkeypatch.delenv("RNNFAST_CPU_STEP_GEMM")
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with torch.inference_mode():
+            got = m(x)[0]
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert entries() == []
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    with torch.inference_mode():  # outside it, the shape is measured as before
+        m(x)
+    assert len(entries()) == 1
+
+
 def test_one_step_call_measures_nothing(monkeypatch):
     """A one-step call (streaming decode) runs its product unpacked and
     never pays for packing or measuring."""

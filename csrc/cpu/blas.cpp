@@ -259,6 +259,11 @@ bool StepWeight<T>::choose_own() const {
   if constexpr (!std::is_same_v<T, float>) {
     return false;
   } else {
+    // A choice by timing may differ from one process to the next, and the
+    // two products round differently: under
+    // torch.use_deterministic_algorithms(True) the BLAS's product runs,
+    // unmeasured, so that a run's results do not depend on the timing.
+    if (at::globalContext().deterministicAlgorithms()) return false;
     const bool threaded = !serial_;
     std::lock_guard<std::mutex> lock(choices_mutex);
     for (const rnnfast::StepGemmChoice& c : choices()) {
