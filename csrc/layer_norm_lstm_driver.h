@@ -1,5 +1,5 @@
 // The recurrence of one LayerNorm-LSTM layer in one direction, forward and
-// backward, over the same Backend as lstm_driver.h plus three LayerNorm-LSTM
+// backward, over the same Backend as lstm_driver.h plus these LayerNorm-LSTM
 // kernels:
 //   layer_norm_forward_step<Training, ZoneoutCell>(LayerNormStepParams<T>)
 //   recurrent_layer_norm_forward_step<Training, ZoneoutCell>(
@@ -9,6 +9,11 @@
 //       backend finds fastest
 //   layer_norm_backward_step<AddOutputGrad, ZoneoutCell>(
 //       LayerNormBackwardStepParams<T>)
+//   recurrent_layer_norm_backward_step<AddOutputGrad, ZoneoutCell>(
+//       const StepWeight<S>& whh, LayerNormBackwardStepParams<T> p, T beta,
+//       T* grad_prev, int64_t ld): layer_norm_backward_step then
+//       grad_prev = p.dhh W_hh + beta grad_prev, threaded as the backend
+//       finds fastest
 //   layer_norm_param_grads(LayerNormParamGradsParams<T>)
 //
 // The cell (Ba, Kiros & Hinton 2016, section 3.1):
@@ -259,9 +264,10 @@ struct LayerNormBackwardBuffers {
 // One step's pointwise backward; its gradients w.r.t. W_ih x_t and
 // W_hh h_{t-1} go to row `block_row` of the block buffers, those w.r.t. the
 // pre-activations and LN_cell(c_t) to row `group_row` of the group buffers.
-template <typename Backend, typename T, typename S>
+template <typename Backend, typename T, typename S, typename Weight>
 void run_layer_norm_backward_step(LayerNormBackwardBuffers<T, S>& b, int64_t t,
-                              int64_t block_row, int64_t group_row) {
+                                  int64_t block_row, int64_t group_row,
+                                  const Weight& whh) {
   const SequenceLayout& l = b.l;
   const int64_t H = b.s.hidden, G = 4 * b.s.hidden;
   const int64_t off = l.offsets[t];
@@ -302,9 +308,12 @@ void run_layer_norm_backward_step(LayerNormBackwardBuffers<T, S>& b, int64_t t,
   p.dcell_norm = b.dcell_norm.template data_ptr<T>() + group_row * H;
   p.dih = b.dih.template data_ptr<S>() + block_row * G;
   p.dhh = b.dhh.template data_ptr<S>() + block_row * G;
+  // The step, then dh_{t-1} = dhh W_hh (+ the zoneout share already in
+  // dh_state)
   with_flags(!zoneout_h, zoneout_cell, [&](auto add, auto zc) {
-    Backend::template layer_norm_backward_step<decltype(add)::value,
-                                               decltype(zc)::value>(p);
+    Backend::template recurrent_layer_norm_backward_step<decltype(add)::value,
+                                                         decltype(zc)::value>(
+        whh, p, T(zoneout_h ? 1 : 0), b.dh_state.template data_ptr<T>(), H);
   });
 }
 
@@ -427,12 +436,8 @@ LayerNormBackwardResult layer_norm_lstm_backward_recurrence(
     for (int64_t k = 0; k <= block.last - block.first; ++k) {
       const int64_t t = l.reverse ? block.first + k : block.last - k;
       const int64_t block_row = l.offsets[t] - lo;
-      run_layer_norm_backward_step<Backend>(b, t, block_row, group.add(t));
-      // dh_{t-1} = dhh W_hh
-      whh.multiply(l.batch_sizes[t],
-                   b.dhh.template data_ptr<S>() + block_row * G, G,
-                   T(z.on_hidden() ? 1 : 0), b.dh_state.template data_ptr<T>(),
-                   H);
+      // the step's backward and dh_{t-1} = dhh W_hh
+      run_layer_norm_backward_step<Backend>(b, t, block_row, group.add(t), whh);
       // The LayerNorm parameter gradients, every kParamGradRows rows or so
       // (while the steps' rows are still in cache).
       if (group.rows() >= Backend::kParamGradRows ||

@@ -30,6 +30,13 @@
 //     order and threading the backend finds fastest.
 //   template <bool AddOutputGrad, bool ZoneoutCell>
 //     backward_step(const BackwardStepParams<T, S>&);
+//   template <bool AddOutputGrad, bool ZoneoutCell>
+//     recurrent_backward_step(const StepWeight<S>& whh,
+//                             const BackwardStepParams<T, S>& p, T beta,
+//                             T* grad_prev, int64_t ld):
+//     backward_step, then grad_prev = p.dgates W_hh + beta grad_prev (its
+//     p.rows rows, stride ld), in whatever threading the backend finds
+//     fastest.
 //   zoneout_hidden(const HiddenZoneoutParams<T, S>&) and
 //     zoneout_hidden_backward(const HiddenZoneoutBackwardParams<T, S, C>&):
 //     zoneout on the hidden state, one pass over a step's rows.
@@ -535,12 +542,13 @@ BackwardResult lstm_backward_recurrence(
       p.grad_output = dy + off * P;
       add_output_grad = true;
     }
+    // The step, then dh_{t-1} = dgates W_hh (+ the zoneout share already
+    // in dhs)
     with_flags(add_output_grad, zoneout_cell, [&](auto add, auto zc) {
-      Backend::template backward_step<decltype(add)::value,
-                                      decltype(zc)::value>(p);
+      Backend::template recurrent_backward_step<decltype(add)::value,
+                                                decltype(zc)::value>(
+          whh, p, T(zoneout_h ? 1 : 0), dhs, P);
     });
-    // dh_{t-1} = dgates W_hh (+ the zoneout share already in dhs)
-    whh.multiply(rows, dg + off * G, G, T(zoneout_h ? 1 : 0), dhs, P);
   }
   r.grad_hx = dh_state;
   r.grad_cx = dc_state;

@@ -16,7 +16,7 @@ import torch
 import rnnfast
 from rnnfast import _C
 from utils import (TOLERANCES, assert_results_close, forward_backward, make_lstm_pair,
-                   randomize_layer_norm_, upcast)
+                   random_states, randomize_layer_norm_, upcast)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNELS = rnnfast.build_info()["cpu_step_gemm_kernels"]
@@ -203,19 +203,24 @@ def test_one_step_call_measures_nothing(monkeypatch):
 @pytest.mark.parametrize("cls", [rnnfast.LSTM, rnnfast.LayerNormLSTM])
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("zoneout", [False, True])
-def test_row_split_step_matches_one_thread(cls, training, zoneout, monkeypatch):
-    """At 64 rows and two threads the forward step of either cell runs split
-    by batch rows (each thread its rows' product and cell); on one thread it
-    is not split.
+@pytest.mark.parametrize("packed", [False, True])
+def test_row_split_step_matches_one_thread(cls, training, zoneout, packed, monkeypatch):
+    """At 64 rows and two threads the forward and backward steps of either
+    cell run split by batch rows (each thread its rows' product and cell, or
+    its rows' pointwise backward and dh product); on one thread they are
+    not split.
     Both give the same outputs, states and gradients to float32 rounding, with
     zoneout's masks (training: the same draw, which does not depend on the
-    threads) or rates (evaluation) applied to the right rows."""
+    threads) or rates (evaluation) applied to the right rows. Packed, the
+    steps shrink from 64 to 16 rows, and the reverse direction reads some
+    rows' previous state from c_0 (rows_from_previous)."""
     kwargs = dict(zoneout_cell=0.3, zoneout_hidden=0.2) if zoneout else {}
     torch.manual_seed(5)
-    m = cls(6, 16, **kwargs).train(training)
+    m = cls(6, 16, bidirectional=packed, **kwargs).train(training)
     if cls is rnnfast.LayerNormLSTM:
         randomize_layer_norm_(m)
     x = torch.randn(4, 64, 6)
+    hx = random_states(1, 2 if packed else 1, 16, 16, dtype=torch.float32, batch=64)
     monkeypatch.setenv("RNNFAST_CPU_ROW_SPLIT", "16")  # from 2 x 16 rows on
     threads = torch.get_num_threads()
     results = []
@@ -223,7 +228,8 @@ def test_row_split_step_matches_one_thread(cls, training, zoneout, monkeypatch):
         for n in (2, 1):
             torch.set_num_threads(n)
             torch.manual_seed(11)
-            results.append(forward_backward(m, x, backward=training))
+            lengths = [4] * 16 + [3] * 16 + [2] * 16 + [1] * 16 if packed else None
+            results.append(forward_backward(m, x, hx, lengths=lengths, backward=training))
     finally:
         torch.set_num_threads(threads)
     assert_results_close(*results, scaled=True, **TOLERANCES[torch.float32])

@@ -70,6 +70,10 @@ class StepWeight {
   // The fewest rows per thread for which an LSTM step is split by batch
   // rows over the threads (cpu_backend.cpp); 0: never.
   int64_t row_split_rows() const { return row_split_rows_; }
+  // Bytes of the weight (n x k).
+  int64_t weight_bytes() const {
+    return n_ * k_ * static_cast<int64_t>(sizeof(T));
+  }
 
  private:
   void pack() const;

@@ -100,6 +100,22 @@ struct CudaBackend {
   static void backward_step(const BackwardStepParams<T, S>& p) {
     lstm_backward_step<AddOutputGrad, ZoneoutCell>(p);
   }
+  // The step kernel, then dh_{t-1} = dgates W_hh + beta dh_{t-1}.
+  template <bool AddOutputGrad, bool ZoneoutCell, typename T, typename S>
+  static void recurrent_backward_step(const StepWeight<S>& whh,
+                                      const BackwardStepParams<T, S>& p,
+                                      T beta, T* grad_prev, int64_t ld) {
+    backward_step<AddOutputGrad, ZoneoutCell>(p);
+    whh.multiply(p.rows, p.dgates, 4 * p.hidden, beta, grad_prev, ld);
+  }
+  // The step kernel, then dh_{t-1} = dhh W_hh + beta dh_{t-1}.
+  template <bool AddOutputGrad, bool ZoneoutCell, typename T, typename S>
+  static void recurrent_layer_norm_backward_step(
+      const StepWeight<S>& whh, const LayerNormBackwardStepParams<T, S>& p,
+      T beta, T* grad_prev, int64_t ld) {
+    layer_norm_backward_step<AddOutputGrad, ZoneoutCell>(p);
+    whh.multiply(p.rows, p.dhh, 4 * p.hidden, beta, grad_prev, ld);
+  }
   template <bool Training, bool ZoneoutCell, typename T, typename S>
   static void layer_norm_forward_step(const LayerNormStepParams<T, S>& p) {
     cuda::layer_norm_forward_step<Training, ZoneoutCell>(p);
