@@ -34,17 +34,13 @@ Kernels choose_kernels() {
   return Kernels::kPortable;
 }
 
-const int32_t* column_sums(const int8_t* packed, int64_t n, int64_t kp) {
-  return reinterpret_cast<const int32_t*>(packed + column_blocks(n) * kBlockCols * kp);
-}
-
 void gemm_tile_portable(int64_t m, int64_t n, int64_t k, int64_t block0,
                         int64_t blocks, const uint8_t* q, int64_t ldq,
                         const float* a_scale, const int8_t* packed,
                         const float* w_scale, const float* bias, float beta,
                         float* c, int64_t ldc) {
   const int64_t kp = padded_depth(k);
-  const int32_t* sums = column_sums(packed, n, kp);
+  const int32_t* sums = column_sums(packed, n, k);
   int32_t acc[kBlockCols];
   for (int64_t b = block0; b < block0 + blocks; ++b) {
     const int8_t* w = packed + b * kBlockCols * kp;
@@ -136,9 +132,8 @@ const char* kernels_in_use() {
 
 void pack_weight(const int8_t* w, int64_t n, int64_t k, int8_t* packed) {
   const int64_t kp = padded_depth(k);
-  const int64_t blocks = column_blocks(n);
   std::memset(packed, 0, packed_bytes(n, k));
-  int32_t* sums = reinterpret_cast<int32_t*>(packed + blocks * kBlockCols * kp);
+  int32_t* sums = column_sums(packed, n, k);
   for (int64_t j = 0; j < n; ++j) {
     const int64_t b = j / kBlockCols, col = j % kBlockCols;
     int32_t sum = 0;

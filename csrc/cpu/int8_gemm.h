@@ -69,6 +69,15 @@ inline int64_t packed_bytes(int64_t n, int64_t k) {
   const int64_t cols = column_blocks(n) * kBlockCols;
   return cols * padded_depth(k) + cols * int64_t(sizeof(int32_t));
 }
+// The int32 column sums that follow the blocks of a packed [n, k] weight.
+inline int32_t* column_sums(int8_t* packed, int64_t n, int64_t k) {
+  return reinterpret_cast<int32_t*>(packed + column_blocks(n) * kBlockCols *
+                                                 padded_depth(k));
+}
+inline const int32_t* column_sums(const int8_t* packed, int64_t n,
+                                  int64_t k) {
+  return column_sums(const_cast<int8_t*>(packed), n, k);
+}
 
 // packed [packed_bytes(n, k)] from w [n, k] row-major int8.
 void pack_weight(const int8_t* w, int64_t n, int64_t k, int8_t* packed);

@@ -195,8 +195,7 @@ void gemm_tile_amx_int8(int64_t m, int64_t n, int64_t k, int64_t block0,
                         float* c, int64_t ldc) {
   const int64_t kp = padded_depth(k);
   const int64_t wstride = kBlockCols * kp;
-  const int32_t* col_sums =
-      reinterpret_cast<const int32_t*>(packed + column_blocks(n) * wstride);
+  const int32_t* col_sums = column_sums(packed, n, k);
   Accumulators acc;
   // Pairs of row tiles outermost: their A rows (32 x Kp bytes, 16 KiB at
   // k = 512) stay in L1 while the task's column blocks pass.

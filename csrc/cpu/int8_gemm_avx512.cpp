@@ -123,8 +123,7 @@ void gemm_tile_avx512_vnni(int64_t m, int64_t n, int64_t k, int64_t block0,
                            float beta, float* c, int64_t ldc) {
   const int64_t kp = padded_depth(k);
   const int64_t groups = depth_groups(k);
-  const int32_t* col_sums = reinterpret_cast<const int32_t*>(
-      packed + column_blocks(n) * kBlockCols * kp);
+  const int32_t* col_sums = column_sums(packed, n, k);
   // Column groups outermost: a group's weights (4 blocks x Kp bytes, 32 KiB
   // at k = 512) stay in L1 while every row tile streams past them.
   for (int64_t b = 0; b < blocks; b += kMaxBlocks) {
