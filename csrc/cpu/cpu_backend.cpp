@@ -90,12 +90,20 @@ struct CpuBackend {
     }
     return grain;
   }
-  // c[rows, ldc] = h_{t-1} W^T + beta c, then step_rows(begin, end) on the
-  // thread that computed rows [begin, end).
+  // c[rows, ldc] = h_{t-1} W^T + beta c, then step_rows(begin, end): split
+  // by rows as above (step_rows(begin, end) on the thread that computed
+  // rows [begin, end)) or, without enough rows, the whole product and then
+  // step_rows(0, rows).
   template <typename T, typename F>
-  static void split_by_rows(const StepWeight<T>& whh,
-                            const PreviousHidden<T>& h, int64_t grain, T beta,
-                            T* c, int64_t ldc, const F& step_rows) {
+  static void multiply_then_step(const StepWeight<T>& whh,
+                                 const PreviousHidden<T>& h, T beta, T* c,
+                                 int64_t ldc, const F& step_rows) {
+    const int64_t grain = row_split_grain(whh, h.rows());
+    if (grain == 0) {
+      multiply_hidden_rows(h, 0, h.rows(), whh, beta, c, ldc);
+      step_rows(0, h.rows());
+      return;
+    }
     whh.prepare_use();
     at::parallel_for(0, h.rows(), grain, [&](int64_t begin, int64_t end) {
       multiply_hidden_rows(h, begin, end, OnThisThread<T>{whh}, beta,
@@ -103,31 +111,32 @@ struct CpuBackend {
       step_rows(begin, end);  // a parallel_for inside a region runs inline
     });
   }
+  // The rows [begin, end) of a forward step's parameters (either cell's:
+  // the fields they share).
+  template <typename P>
+  static void offset_forward_rows(P& q, int64_t begin, int64_t end) {
+    const int64_t H = q.hidden;
+    q.rows = end - begin;
+    q.cell_state += begin * H;
+    if (q.cell_save) q.cell_save += begin * H;
+    if (q.cell_state_save) q.cell_state_save += begin * H;
+    if (q.zoneout.mask) q.zoneout.mask += begin * H;
+  }
   // The LSTM's step: p.gates += h_{t-1} W_hh^T, then the cell.
   template <bool Training, bool ZoneoutCell, typename T>
   static void recurrent_forward_step(const StepWeight<T>& whh,
                                      const PreviousHidden<T>& h,
                                      const ForwardStepParams<T>& p) {
     const int64_t H = p.hidden, G = 4 * p.hidden;
-    const int64_t grain = row_split_grain(whh, p.rows);
-    if (grain == 0) {
-      multiply_hidden_rows(h, 0, h.rows(), whh, T(1), p.gates, G);
-      forward_step<Training, ZoneoutCell>(p);
-      return;
-    }
     const auto& step = kernels<T>().forward_step[Training][ZoneoutCell];
-    split_by_rows(whh, h, grain, T(1), p.gates, G,
-                  [&](int64_t begin, int64_t end) {
-                    ForwardStepParams<T> q = p;
-                    q.rows = end - begin;
-                    q.gates += begin * G;
-                    q.cell_state += begin * H;
-                    if (q.cell_save) q.cell_save += begin * H;
-                    if (q.cell_state_save) q.cell_state_save += begin * H;
-                    q.hidden_out += begin * H;
-                    if (q.zoneout.mask) q.zoneout.mask += begin * H;
-                    step(q);
-                  });
+    multiply_then_step(whh, h, T(1), p.gates, G,
+                       [&](int64_t begin, int64_t end) {
+                         ForwardStepParams<T> q = p;
+                         offset_forward_rows(q, begin, end);
+                         q.gates += begin * G;
+                         q.hidden_out += begin * H;
+                         step(q);
+                       });
   }
   // The LayerNorm-LSTM's step: p.hh = h_{t-1} W_hh^T, then the cell.
   template <bool Training, bool ZoneoutCell, typename T>
@@ -135,28 +144,18 @@ struct CpuBackend {
       const StepWeight<T>& whh, const PreviousHidden<T>& h,
       const LayerNormStepParams<T>& p) {
     const int64_t H = p.hidden, G = 4 * p.hidden;
-    const int64_t grain = row_split_grain(whh, p.rows);
-    if (grain == 0) {
-      multiply_hidden_rows(h, 0, h.rows(), whh, T(0), p.hh, G);
-      layer_norm_forward_step<Training, ZoneoutCell>(p);
-      return;
-    }
     const auto& step =
         kernels<T>().layer_norm_forward_step[Training][ZoneoutCell];
-    split_by_rows(whh, h, grain, T(0), p.hh, G,
-                  [&](int64_t begin, int64_t end) {
-                    LayerNormStepParams<T> q = p;
-                    q.rows = end - begin;
-                    q.ih += begin * G;
-                    q.hh += begin * G;
-                    q.cell_state += begin * H;
-                    if (q.cell_save) q.cell_save += begin * H;
-                    if (q.cell_state_save) q.cell_state_save += begin * H;
-                    if (q.stats) q.stats += begin * kStatsWidth;
-                    q.h_out += begin * H;
-                    if (q.zoneout.mask) q.zoneout.mask += begin * H;
-                    step(q);
-                  });
+    multiply_then_step(whh, h, T(0), p.hh, G,
+                       [&](int64_t begin, int64_t end) {
+                         LayerNormStepParams<T> q = p;
+                         offset_forward_rows(q, begin, end);
+                         q.ih += begin * G;
+                         q.hh += begin * G;
+                         if (q.stats) q.stats += begin * kStatsWidth;
+                         q.h_out += begin * H;
+                         step(q);
+                       });
   }
   // StepWeight::multiply_on_this_thread as multiply_hidden_rows calls it.
   template <typename T>
