@@ -14,7 +14,8 @@
 //       T* grad_prev, int64_t ld): layer_norm_backward_step then
 //       grad_prev = p.dhh W_hh + beta grad_prev, threaded as the backend
 //       finds fastest
-//   layer_norm_param_grads(LayerNormParamGradsParams<T>)
+//   layer_norm_param_grads(LayerNormParamGradsParams<T>): without
+//       kParamGradsInStep
 //
 // The cell (Ba, Kiros & Hinton 2016, section 3.1):
 //   gates = LN_ih(W_ih x_t) + LN_hh(W_hh h_{t-1}) + b_ih + b_hh   (LN over 4H)
@@ -25,12 +26,15 @@
 // step does all of its LayerNorm work in one pass over rows that are still in
 // cache: the forward normalises W_ih x_t and W_hh h_{t-1} in place (the
 // backward's only [N, 4H] inputs) and saves no gates; the backward recomputes
-// the gates from them and writes the gradients w.r.t. both products; groups
-// of steps (Backend::kParamGradRows) add their share of the LayerNorm
-// parameter gradients and blocks of steps (Backend::kGradBlockRows) run their
-// input and weight gradient GEMMs while their rows are still in cache. Those
-// sizes are the backend's: cache-sized on the CPU, the whole sequence on CUDA
-// (one parameter-gradient launch and whole bulk GEMMs).
+// the gates from them and writes the gradients w.r.t. both products, and
+// blocks of steps (Backend::kGradBlockRows) run their input and weight
+// gradient GEMMs while their rows are still in cache. The LayerNorm parameter
+// gradients are sums over every row: on the CPU each step adds its rows'
+// share while they are in registers (Backend::kParamGradsInStep, into
+// per-task sums, LayerNormParamGradSum); on CUDA one reduction over every
+// step's gradients follows the steps (one launch). The block size is the
+// backend's: cache-sized on the CPU, the whole sequence on CUDA (whole bulk
+// GEMMs).
 //
 // Types as lstm_driver.h: S for the weights, input, output and the
 // gradients w.r.t. the two products (what the GEMMs read), T for everything
@@ -39,6 +43,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <vector>
@@ -79,9 +84,9 @@ struct LayerNormBackwardResult {
 
 // Which gradients a LayerNorm-LSTM backward is asked for, one flag per output
 // in the order of LayerNormBackwardResult (see LstmGradMask). The bias and
-// the four LayerNorm parameter gradients come from one reduction per group
-// of steps (Backend::layer_norm_param_grads): it runs when any of them is
-// asked for, and none of it otherwise.
+// the four LayerNorm parameter gradients come from one set of sums (the
+// steps' own, or one reduction after them): they are formed when any of
+// them is asked for, and not at all otherwise.
 struct LayerNormGradMask {
   bool input = true, hx = true, cx = true, weight_ih = true, weight_hh = true,
        bias = true, ln_ih_weight = true, ln_hh_weight = true,
@@ -197,48 +202,6 @@ inline std::vector<StepBlock> backward_blocks(const SequenceLayout& l,
   return blocks;
 }
 
-// The steps of the backward whose LayerNorm parameter gradients are not
-// added yet (a group), and where their rows sit in the group buffers: in
-// row order, a reverse layer's backward visiting the rows upwards and
-// filling the buffers from their start, a forward layer's visiting them
-// downwards and filling them towards their end.
-class ParamGradGroup {
- public:
-  ParamGradGroup(const SequenceLayout& l, int64_t capacity)
-      : l_(l), capacity_(capacity) {}
-  int64_t capacity() const { return capacity_; }
-  // Adds step t to the group; returns the buffer row of its first row.
-  int64_t add(int64_t t) {
-    const int64_t off = l_.offsets[t], rows = l_.batch_sizes[t];
-    if (first_ < 0) {  // the first step fixes the end (rows shrink) or start
-      lo_ = off;
-      hi_ = off + rows;
-    }
-    first_ = first_ < 0 ? t : std::min(first_, t);
-    last_ = std::max(last_, t);
-    rows_ += rows;
-    return buffer_row(off);
-  }
-  bool empty() const { return first_ < 0; }
-  int64_t rows() const { return rows_; }
-  int64_t first() const { return first_; }
-  int64_t last() const { return last_; }
-  // The buffer row of the group's first row (packed row offsets[first]).
-  int64_t first_buffer_row() const { return buffer_row(l_.offsets[first_]); }
-  void clear() {
-    first_ = last_ = -1;
-    rows_ = 0;
-  }
-
- private:
-  int64_t buffer_row(int64_t row) const {
-    return l_.reverse ? row - lo_ : capacity_ - (hi_ - row);
-  }
-  const SequenceLayout& l_;
-  int64_t capacity_;
-  int64_t first_ = -1, last_ = -1, rows_ = 0, lo_ = 0, hi_ = 0;
-};
-
 // The saved activations and the gradients a LayerNorm-LSTM backward writes,
 // shared by its pieces below.
 template <typename T, typename S>
@@ -256,18 +219,20 @@ struct LayerNormBackwardBuffers {
   const ZoneoutArgs& z;
   at::Tensor dh_state, dc_state;    // [B, H] dL/dh_t, dL/dc_t of the rows
   at::Tensor dh_cand;               // [B, H] dL/dh~_t (zoneout on h)
-  at::Tensor dgates, dcell_norm;    // the group's, [capacity, 4H] / [.., H]
+  at::Tensor dgates, dcell_norm;    // [rows, 4H] / [rows, H]: one step's
+                                    // (Backend::kParamGradsInStep), else
+                                    // every step's, by packed row
   at::Tensor dih, dhh;              // the block's, [rows, 4H] (S)
+  at::Tensor param_grad_sums;       // [tasks, kSumWidth * H]
+                                    // (Backend::kParamGradsInStep)
   LayerNormBackwardResult r;
 };
 
 // One step's pointwise backward; its gradients w.r.t. W_ih x_t and
-// W_hh h_{t-1} go to row `block_row` of the block buffers, those w.r.t. the
-// pre-activations and LN_cell(c_t) to row `group_row` of the group buffers.
+// W_hh h_{t-1} go to row `block_row` of the block buffers.
 template <typename Backend, typename T, typename S, typename Weight>
 void run_layer_norm_backward_step(LayerNormBackwardBuffers<T, S>& b, int64_t t,
-                                  int64_t block_row, int64_t group_row,
-                                  const Weight& whh) {
+                                  int64_t block_row, const Weight& whh) {
   const SequenceLayout& l = b.l;
   const int64_t H = b.s.hidden, G = 4 * b.s.hidden;
   const int64_t off = l.offsets[t];
@@ -304,10 +269,15 @@ void run_layer_norm_backward_step(LayerNormBackwardBuffers<T, S>& b, int64_t t,
   }
   if (zoneout_cell) p.zoneout = cell_zoneout<T>(b.z, off, H);
   p.dcell_state = b.dc_state.template data_ptr<T>();
-  p.dgates = b.dgates.template data_ptr<T>() + group_row * G;
-  p.dcell_norm = b.dcell_norm.template data_ptr<T>() + group_row * H;
+  const int64_t row = Backend::kParamGradsInStep ? 0 : off;
+  p.dgates = b.dgates.template data_ptr<T>() + row * G;
+  p.dcell_norm = b.dcell_norm.template data_ptr<T>() + row * H;
   p.dih = b.dih.template data_ptr<S>() + block_row * G;
   p.dhh = b.dhh.template data_ptr<S>() + block_row * G;
+  if (b.param_grad_sums.defined()) {
+    p.param_grad_sums = b.param_grad_sums.template data_ptr<T>();
+    p.param_grad_tasks = b.param_grad_sums.size(0);
+  }
   // The step, then dh_{t-1} = dhh W_hh (+ the zoneout share already in
   // dh_state)
   with_flags(!zoneout_h, zoneout_cell, [&](auto add, auto zc) {
@@ -317,22 +287,19 @@ void run_layer_norm_backward_step(LayerNormBackwardBuffers<T, S>& b, int64_t t,
   });
 }
 
-// Adds the LayerNorm parameter gradients of a group of steps.
+// The LayerNorm parameter gradients of every step at once, after the steps
+// (without Backend::kParamGradsInStep).
 template <typename Backend, typename T, typename S>
-void add_layer_norm_param_grads(LayerNormBackwardBuffers<T, S>& b,
-                                const ParamGradGroup& group) {
-  const int64_t H = b.s.hidden, G = 4 * b.s.hidden;
-  const int64_t lo = b.l.offsets[group.first()];
-  const int64_t at = group.first_buffer_row();
+void add_layer_norm_param_grads(LayerNormBackwardBuffers<T, S>& b) {
   LayerNormParamGradsParams<T> q;
-  q.rows = b.l.offsets[group.last() + 1] - lo;
-  q.hidden = H;
-  q.dgates = b.dgates.template data_ptr<T>() + at * G;
-  q.normalized_ih = b.normalized_ih.template data_ptr<T>() + lo * G;
-  q.normalized_hh = b.normalized_hh.template data_ptr<T>() + lo * G;
-  q.dcell_norm = b.dcell_norm.template data_ptr<T>() + at * H;
-  q.cell = b.cells.template data_ptr<T>() + lo * H;
-  q.stats = b.stats.template data_ptr<T>() + lo * kStatsWidth;
+  q.rows = b.l.rows;
+  q.hidden = b.s.hidden;
+  q.dgates = b.dgates.template data_ptr<T>();
+  q.normalized_ih = b.normalized_ih.template data_ptr<T>();
+  q.normalized_hh = b.normalized_hh.template data_ptr<T>();
+  q.dcell_norm = b.dcell_norm.template data_ptr<T>();
+  q.cell = b.cells.template data_ptr<T>();
+  q.stats = b.stats.template data_ptr<T>();
   q.grad_bias = b.r.grad_bias.template data_ptr<T>();
   q.grad_gamma_ih = b.r.grad_ln_ih_weight.template data_ptr<T>();
   q.grad_gamma_hh = b.r.grad_ln_hh_weight.template data_ptr<T>();
@@ -403,11 +370,21 @@ LayerNormBackwardResult layer_norm_lstm_backward_recurrence(
                                    normalized_ih, normalized_hh, stats,
                                    cell_states,   z};
   if (z.on_hidden()) b.dh_cand = at::empty({l.batch, H}, topts);
-  // A group never spans blocks and stops once it has kParamGradRows rows.
-  ParamGradGroup group(
-      l, std::min(max_block_rows, Backend::kParamGradRows + l.batch));
-  b.dgates = Backend::empty_activation({group.capacity(), G}, topts);
-  b.dcell_norm = Backend::empty_activation({group.capacity(), H}, topts);
+  // The LayerNorm parameter gradients: each step adds its rows' share to
+  // per-task sums (Backend::kParamGradsInStep), its gradients w.r.t. the
+  // pre-activations and LN_cell(c_t) a workspace of one step; or they are
+  // kept for every step and reduced once after the steps.
+  constexpr bool kSumsInStep = Backend::kParamGradsInStep;
+  const bool param_grads = mask.param_grads();
+  if constexpr (kSumsInStep) {
+    if (param_grads) {  // one row per task a parallel_for may run
+      b.param_grad_sums =
+          at::zeros({at::get_num_threads(), kSumWidth * H}, topts);
+    }
+  }
+  const int64_t scratch_rows = kSumsInStep ? l.batch : l.rows;
+  b.dgates = Backend::empty_activation({scratch_rows, G}, topts);
+  b.dcell_norm = Backend::empty_activation({scratch_rows, H}, topts);
   b.dih = Backend::empty_activation({max_block_rows, G}, sopts);
   b.dhh = Backend::empty_activation({max_block_rows, G}, sopts);
   at::Tensor h_prev;  // one block's h_{t-1}, for a packed layout
@@ -420,8 +397,7 @@ LayerNormBackwardResult layer_norm_lstm_backward_recurrence(
   if (mask.input) r.grad_input = at::empty({l.rows, s.input}, sopts);
   if (mask.weight_ih) r.grad_weight_ih = at::zeros({G, s.input}, topts);
   if (mask.weight_hh) r.grad_weight_hh = at::zeros({G, H}, topts);
-  const bool param_grads = mask.param_grads();
-  if (param_grads) {  // one reduction writes all five
+  if (!kSumsInStep && param_grads) {  // one reduction adds all five
     r.grad_bias = at::zeros({G}, topts);
     r.grad_ln_ih_weight = at::zeros({G}, topts);
     r.grad_ln_hh_weight = at::zeros({G}, topts);
@@ -437,17 +413,25 @@ LayerNormBackwardResult layer_norm_lstm_backward_recurrence(
       const int64_t t = l.reverse ? block.first + k : block.last - k;
       const int64_t block_row = l.offsets[t] - lo;
       // the step's backward and dh_{t-1} = dhh W_hh
-      run_layer_norm_backward_step<Backend>(b, t, block_row, group.add(t), whh);
-      // The LayerNorm parameter gradients, every kParamGradRows rows or so
-      // (while the steps' rows are still in cache).
-      if (group.rows() >= Backend::kParamGradRows ||
-          k == block.last - block.first) {
-        if (param_grads) add_layer_norm_param_grads<Backend>(b, group);
-        group.clear();
-      }
+      run_layer_norm_backward_step<Backend>(b, t, block_row, whh);
     }
     add_block_input_and_weight_grads<Backend>(b, mask, block, x, hx, output,
                                               h_prev);
+  }
+  if (param_grads) {
+    if constexpr (kSumsInStep) {  // the tasks' sums, added in task order
+      const at::Tensor total = b.param_grad_sums.sum(0);
+      const auto sums = [&](int64_t first, int64_t width) {
+        return total.narrow(0, first * H, width).clone();
+      };
+      r.grad_bias = sums(kSumBias, G);
+      r.grad_ln_ih_weight = sums(kSumGammaIh, G);
+      r.grad_ln_hh_weight = sums(kSumGammaHh, G);
+      r.grad_ln_cell_weight = sums(kSumGammaCell, H);
+      r.grad_ln_cell_bias = sums(kSumBetaCell, H);
+    } else {
+      add_layer_norm_param_grads<Backend>(b);
+    }
   }
   r.grad_hx = b.dh_state;
   r.grad_cx = b.dc_state;

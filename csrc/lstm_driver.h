@@ -50,8 +50,9 @@
 //     rows of an evaluating LSTM's input projection (row_bytes each, by a
 //     weight of weight_bytes) to compute at a time, a block of steps just
 //     before their recurrence (0: all at once).
-//   kGradBlockRows, kParamGradRows: block sizes of the LayerNorm-LSTM
-//     backward (layer_norm_lstm_driver.h); kNativeHalf: whether S may be a
+//   kGradBlockRows: the block size of the LayerNorm-LSTM backward, and
+//     kParamGradsInStep: whether its steps add up the LayerNorm parameter
+//     gradients (layer_norm_lstm_driver.h); kNativeHalf: whether S may be a
 //     half type (op_impls.h); kBiasInStep: whether the LSTM's forward_step
 //     adds the bias (ForwardStepParams::bias) instead of the input
 //     projection.

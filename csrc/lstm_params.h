@@ -258,18 +258,38 @@ struct LayerNormBackwardStepParams {
   T* dcell_norm = nullptr;          // [rows, H] w.r.t. LN_cell(c_t)
   S* dih = nullptr;                 // [rows, 4H] w.r.t. W_ih x_t
   S* dhh = nullptr;                 // [rows, 4H] w.r.t. W_hh h_{t-1}
+  // Backend::kParamGradsInStep only, else null: the step adds its rows'
+  // share of the LayerNorm parameter gradients to the sums of the parallel
+  // task that runs them (LayerNormParamGradSum).
+  T* param_grad_sums = nullptr;     // [param_grad_tasks, kSumWidth * H]
+  int64_t param_grad_tasks = 0;
 };
 
-// Adds the share of `rows` rows (a group of steps) to the LayerNorm
-// parameter gradients, from the gradients the backward steps wrote:
+// The LayerNorm parameter gradients as the steps of a backward add them up
+// themselves (Backend::kParamGradsInStep): one row of sums per parallel task
+// (at::get_thread_num() of the task running the rows), to which the task
+// adds its rows in row order, step after step; the driver then adds the rows
+// in task order. Given the number of threads, the rows each task runs and so
+// the gradients are the same from call to call. Columns, in units of H:
+enum LayerNormParamGradSum : int64_t {
+  kSumBias = 0,        // [4H] sum of dgates
+  kSumGammaIh = 4,     // [4H] sum of dgates * xhat_ih
+  kSumGammaHh = 8,     // [4H] sum of dgates * xhat_hh
+  kSumGammaCell = 12,  // [H] sum of dcell_norm * xhat_cell
+  kSumBetaCell = 13,   // [H] sum of dcell_norm
+  kSumWidth = 14,
+};
+
+// Adds the share of `rows` rows (every step's, after the backward steps, on
+// a backend without kParamGradsInStep) to the LayerNorm parameter
+// gradients, from the gradients the backward steps wrote:
 //   grad_bias[j]       += sum_r dgates[r, j]
 //   grad_gamma_ih[j]   += sum_r dgates[r, j] * xhat_ih[r, j]
 //   grad_gamma_hh[j]   += sum_r dgates[r, j] * xhat_hh[r, j]
 //   grad_beta_cell[k]  += sum_r dcell_norm[r, k]
 //   grad_gamma_cell[k] += sum_r dcell_norm[r, k] * xhat_cell[r, k]
-// (xhat_cell from c_t and its saved statistics). Each column sums its rows
-// in row order whatever the threading, and the driver adds the groups in
-// order, so the gradients are bitwise reproducible.
+// (xhat_cell from c_t and its saved statistics), in the same order from call
+// to call, so the gradients are bitwise reproducible.
 template <typename T>
 struct LayerNormParamGradsParams {
   int64_t rows = 0;

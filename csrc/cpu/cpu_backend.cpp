@@ -36,11 +36,16 @@ struct CpuBackend {
   // W_hh h_{t-1} are kept for blocks of consecutive steps of about 1024
   // rows, which go through the input and weight gradient GEMMs while they
   // are still in cache (and no [N, 4H] gradient buffer is allocated: fresh
-  // memory costs page faults on every call). The LayerNorm parameter
-  // gradients are summed over groups of at least 64 rows: one step at
-  // larger batches (its rows are in cache), several at small ones.
+  // memory costs page faults on every call).
   static constexpr int64_t kGradBlockRows = 1024;
-  static constexpr int64_t kParamGradRows = 64;
+  // Each backward step adds its rows' share of the LayerNorm parameter
+  // gradients (LayerNormParamGradSum) while it holds their gradients and
+  // normalised products in registers, instead of a reduction over groups of
+  // steps that read them again, in a parallel region of its own. Interleaved
+  // on the 2-core Xeon, T=100 B=64 I=H=128, 400 backward calls: 6% fewer
+  // CPU samples in all (the step itself +13%, the reduction's -100%, the
+  // threads' waits -14%).
+  static constexpr bool kParamGradsInStep = true;
   // The storage dtype of the GEMMs for a half-type op: the CPU upcasts.
   static constexpr bool kNativeHalf = false;
   // The LSTM's step kernel adds the bias to the pre-activations it loads:
@@ -250,6 +255,14 @@ struct CpuBackend {
                              q.dcell_norm += begin * H;
                              q.dih += begin * G;
                              q.dhh += begin * G;
+                             if (q.param_grad_sums != nullptr) {
+                               // Split by rows, the kernel's parallel_for
+                               // runs inline as its task 0: the sums are
+                               // those of this thread's task (0 otherwise).
+                               const int64_t task = at::get_thread_num();
+                               q.param_grad_sums += task * kSumWidth * H;
+                               q.param_grad_tasks -= task;
+                             }
                              step(q);
                            });
   }
@@ -298,10 +311,6 @@ struct CpuBackend {
         p.grad_hidden[e] = z.dprev;
       }
     });
-  }
-  template <typename T>
-  static void layer_norm_param_grads(const LayerNormParamGradsParams<T>& p) {
-    kernels<T>().layer_norm_param_grads(p);
   }
   // C[m, n] (+)= op(A) op(B), row-major; beta is 0 or 1.
   template <typename T>

@@ -17,7 +17,6 @@ struct TypedKernels {
   void (*backward_step[2][2])(const BackwardStepParams<T>&);
   void (*layer_norm_forward_step[2][2])(const LayerNormStepParams<T>&);
   void (*layer_norm_backward_step[2][2])(const LayerNormBackwardStepParams<T>&);
-  void (*layer_norm_param_grads)(const LayerNormParamGradsParams<T>&);
 };
 
 struct KernelTable {

@@ -330,6 +330,13 @@ void layer_norm_backward_step_impl(const LayerNormBackwardStepParams<T>& p) {
   using V = at::vec::Vectorized<T>;
   const int64_t H = p.hidden, G = 4 * p.hidden;
   at::parallel_for(0, p.rows, row_grain(G), [&](int64_t begin, int64_t end) {
+    // this task's LayerNorm parameter gradient sums, or null
+    T* sums = nullptr;
+    if (p.param_grad_sums != nullptr) {
+      const int64_t task = at::get_thread_num();
+      TORCH_INTERNAL_ASSERT(task < p.param_grad_tasks);
+      sums = p.param_grad_sums + task * kSumWidth * H;
+    }
     for (int64_t row = begin; row < end; ++row) {
       const T* xi = p.normalized_ih + row * G;
       const T* xh = p.normalized_hh + row * G;
@@ -361,6 +368,12 @@ void layer_norm_backward_step_impl(const LayerNormBackwardStepParams<T>& p) {
         out.do_.store(dgates + 3 * H + j, n);
         out.dy.store(dcn + j, n);
         const V dxhat = first_lanes(out.dy * gamma, n);
+        if (sums != nullptr) {
+          T* beta_sum = sums + kSumBetaCell * H + j;
+          T* gamma_sum = sums + kSumGammaCell * H + j;
+          (V::loadu(beta_sum, n) + out.dy).store(beta_sum, n);
+          at::vec::fmadd(out.dy, xhat, V::loadu(gamma_sum, n)).store(gamma_sum, n);
+        }
         sum_dxhat = sum_dxhat + dxhat;
         sum_dxhat_xhat = at::vec::fmadd(dxhat, xhat, sum_dxhat_xhat);
       }
@@ -425,81 +438,21 @@ void layer_norm_backward_step_impl(const LayerNormBackwardStepParams<T>& p) {
       for (int64_t o = 0; o < G; o += V::size()) {
         const int64_t n = std::min<int64_t>(V::size(), G - o);
         const V d = V::loadu(dgates + o, n);
-        layer_norm_input_grad<V>(d * V::loadu(p.gamma_hh + o, n),
-                                 V::loadu(xh + o, n), rstd_hh, mean_hh,
-                                 mean_hh_x)
+        const V xh_v = V::loadu(xh + o, n), xi_v = V::loadu(xi + o, n);
+        layer_norm_input_grad<V>(d * V::loadu(p.gamma_hh + o, n), xh_v,
+                                 rstd_hh, mean_hh, mean_hh_x)
             .store(dhh + o, n);
-        layer_norm_input_grad<V>(d * V::loadu(p.gamma_ih + o, n),
-                                 V::loadu(xi + o, n), rstd_ih, mean_ih,
-                                 mean_ih_x)
+        layer_norm_input_grad<V>(d * V::loadu(p.gamma_ih + o, n), xi_v,
+                                 rstd_ih, mean_ih, mean_ih_x)
             .store(dih + o, n);
-      }
-    }
-  });
-}
-
-// Column blocks of layer_norm_param_grads_impl: kParamBlock vectors wide.
-constexpr int kParamBlock = 8;
-
-template <typename T>
-void layer_norm_param_grads_impl(const LayerNormParamGradsParams<T>& p) {
-  using V = at::vec::Vectorized<T>;
-  const int64_t H = p.hidden, G = 4 * p.hidden;
-  constexpr int64_t kCols = kParamBlock * V::size();
-  const int64_t gate_blocks = (G + kCols - 1) / kCols;
-  const int64_t cell_blocks = (H + kCols - 1) / kCols;
-  // Each task owns blocks of columns and walks every row in order; enough
-  // blocks per task to be worth handing to a thread (about 16K elements).
-  const int64_t grain = std::max<int64_t>(
-      1, (int64_t{1} << 14) / std::max<int64_t>(1, p.rows * kCols));
-  at::parallel_for(0, gate_blocks + cell_blocks, grain, [&](int64_t begin,
-                                                            int64_t end) {
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const bool gate = blk < gate_blocks;
-      const int64_t W = gate ? G : H;
-      const int64_t c0 = (gate ? blk : blk - gate_blocks) * kCols;
-      const int64_t cols = std::min<int64_t>(kCols, W - c0);
-      T* sum_a = gate ? p.grad_bias : p.grad_beta_cell;
-      T* sum_b = gate ? p.grad_gamma_ih : p.grad_gamma_cell;
-      V a[kParamBlock], b[kParamBlock], c[kParamBlock];
-      for (int64_t k = 0, j = 0; j < cols; ++k, j += V::size()) {
-        const int64_t n = std::min<int64_t>(V::size(), cols - j);
-        a[k] = V::loadu(sum_a + c0 + j, n);
-        b[k] = V::loadu(sum_b + c0 + j, n);
-        c[k] = gate ? V::loadu(p.grad_gamma_hh + c0 + j, n) : V(T(0));
-      }
-      for (int64_t r = 0; r < p.rows; ++r) {
-        if (gate) {
-          const T* dg = p.dgates + r * G + c0;
-          const T* xi = p.normalized_ih + r * G + c0;
-          const T* xh = p.normalized_hh + r * G + c0;
-          for (int64_t k = 0, j = 0; j < cols; ++k, j += V::size()) {
-            const int64_t n = std::min<int64_t>(V::size(), cols - j);
-            const V d = V::loadu(dg + j, n);
-            a[k] = a[k] + d;
-            b[k] = at::vec::fmadd(d, V::loadu(xi + j, n), b[k]);
-            c[k] = at::vec::fmadd(d, V::loadu(xh + j, n), c[k]);
-          }
-        } else {
-          const T* dcn = p.dcell_norm + r * H + c0;
-          const T* cell = p.cell + r * H + c0;
-          const T* st = p.stats + r * kStatsWidth;
-          const V mean(st[kMeanCell]), rstd(st[kRstdCell]);
-          for (int64_t k = 0, j = 0; j < cols; ++k, j += V::size()) {
-            const int64_t n = std::min<int64_t>(V::size(), cols - j);
-            const V d = V::loadu(dcn + j, n);
-            a[k] = a[k] + d;
-            b[k] = at::vec::fmadd(d, layer_norm_normalize(V::loadu(cell + j, n),
-                                                          mean, rstd),
-                                  b[k]);
-          }
+        if (sums != nullptr) {
+          T* bias_sum = sums + kSumBias * H + o;
+          T* ih_sum = sums + kSumGammaIh * H + o;
+          T* hh_sum = sums + kSumGammaHh * H + o;
+          (V::loadu(bias_sum, n) + d).store(bias_sum, n);
+          at::vec::fmadd(d, xi_v, V::loadu(ih_sum, n)).store(ih_sum, n);
+          at::vec::fmadd(d, xh_v, V::loadu(hh_sum, n)).store(hh_sum, n);
         }
-      }
-      for (int64_t k = 0, j = 0; j < cols; ++k, j += V::size()) {
-        const int64_t n = std::min<int64_t>(V::size(), cols - j);
-        a[k].store(sum_a + c0 + j, n);
-        b[k].store(sum_b + c0 + j, n);
-        if (gate) c[k].store(p.grad_gamma_hh + c0 + j, n);
       }
     }
   });
@@ -522,8 +475,7 @@ constexpr TypedKernels<T> typed_kernels() {
           {{&layer_norm_backward_step_impl<T, false, false>,
             &layer_norm_backward_step_impl<T, false, true>},
            {&layer_norm_backward_step_impl<T, true, false>,
-            &layer_norm_backward_step_impl<T, true, true>}},
-          &layer_norm_param_grads_impl<T>};
+            &layer_norm_backward_step_impl<T, true, true>}}};
 }
 
 inline const KernelTable& make_kernel_table(const char* name) {

@@ -23,12 +23,14 @@ namespace rnnfast::cuda {
 struct CudaBackend {
   template <typename S>
   using StepWeight = cuda::StepWeight<S>;
-  // One block and one group for the whole sequence in the LayerNorm-LSTM
-  // backward (layer_norm_lstm_driver.h): its input and weight gradients are
-  // whole GEMMs and its LayerNorm parameter gradients one launch. (The
-  // CPU's cache-sized blocks would mean ~100 small launches at B = 64.)
+  // One block for the whole sequence in the LayerNorm-LSTM backward
+  // (layer_norm_lstm_driver.h): its input and weight gradients are whole
+  // GEMMs, and its LayerNorm parameter gradients one launch after the steps.
+  // (The CPU's cache-sized blocks would mean ~100 small launches at B = 64;
+  // sums added by each step would need one partial sum per block of every
+  // step's grid.)
   static constexpr int64_t kGradBlockRows = std::numeric_limits<int64_t>::max() / 4;
-  static constexpr int64_t kParamGradRows = std::numeric_limits<int64_t>::max() / 4;
+  static constexpr bool kParamGradsInStep = false;
   // Half-type ops keep their GEMM operands in half / bfloat16.
   static constexpr bool kNativeHalf = true;
   // The input projection adds the bias (addmm; ATen can fuse it into the

@@ -1,6 +1,7 @@
 // The LayerNorm-LSTM kernels of CudaBackend, the CUDA counterparts of
-// layer_norm_forward_step_impl, layer_norm_backward_step_impl and
-// layer_norm_param_grads_impl in cpu/step_kernels.h, with the same
+// layer_norm_forward_step_impl and layer_norm_backward_step_impl in
+// cpu/step_kernels.h (whose backward also adds up the LayerNorm parameter
+// gradients that layer_norm_param_grads sums here), with the same
 // semantics (two-pass mean and biased variance, the same buffers read and
 // written, the same in-place updates). The element math is layer_norm.h's,
 // layer_norm_lstm_cell.h's and lstm_cell.h's; only the row sums are written
