@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -30,16 +31,39 @@ std::vector<StepGemmChoice> cpu_step_gemm_choices();
 // The kernels of rnnfast's own step product on this CPU ("AVX512", "AVX2"
 // or "none": then it never runs).
 const char* cpu_step_gemm_kernels();
-// For tests: C[m, n] = A[m, k] op(B) + beta C (row-major, raw addresses of
-// float32 buffers) as a packed time loop's StepWeight computes it on
-// `path` ("blas" or "rnnfast"); returns what ran ("rnnfast-AVX512",
-// "rnnfast-AVX2", "mkl-packed", "blas" or "aten"), or throws when the path
-// cannot run here.
-std::string cpu_step_product_for_test(const std::string& path, bool threaded,
-                                      int64_t m, int64_t n, int64_t k,
-                                      intptr_t a, int64_t lda, intptr_t b,
-                                      int64_t ldb, bool trans_b, float beta,
-                                      intptr_t c, int64_t ldc);
+
+namespace cpu {
+template <typename T>
+class StepWeight;
+}  // namespace cpu
+
+// The per-step product of a CPU time loop on one float32 weight, as the loop
+// runs it past its first step (cpu/blas.h's StepWeight, packed): for tests,
+// and for the benchmark harness's gemm floor, which times it beside torch's
+// products. Row-major, raw addresses of float32 buffers; the caller keeps
+// the weight alive.
+class CpuStepProduct {
+ public:
+  // op(B) [k, n]: B is [n, k] (trans_b) or [k, n], with row stride ldb.
+  // path: "auto" (what a time loop chooses), "blas" or "rnnfast"; throws
+  // when that path cannot run here, or not max_rows rows.
+  CpuStepProduct(const std::string& path, int64_t max_rows, int64_t n,
+                 int64_t k, intptr_t b, int64_t ldb, bool trans_b);
+  ~CpuStepProduct();
+  // C[m, n] = A[m, k] op(B) + beta C for m <= max_rows, beta 0 or 1 (0:
+  // C is not read).
+  void multiply(int64_t m, intptr_t a, int64_t lda, float beta, intptr_t c,
+                int64_t ldc) const;
+  // What runs: "rnnfast-AVX512", "rnnfast-AVX2", "mkl-packed", or
+  // "unpacked" (the BLAS's plain product).
+  std::string path() const;
+  // Whether it runs on all threads (else on the caller's).
+  bool threaded() const;
+
+ private:
+  int64_t max_rows_;
+  std::unique_ptr<cpu::StepWeight<float>> weight_;
+};
 // Frees the CPU buffer cache's free blocks; returns their bytes.
 int64_t release_cpu_buffer_cache();
 // Bytes of free blocks the CPU buffer cache holds.

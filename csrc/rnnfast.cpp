@@ -129,9 +129,18 @@ PYBIND11_MODULE(_C, m) {
         return info;
       },
       "How this rnnfast extension was built, and the CPU kernels in use.");
-  m.def("_step_product", &rnnfast::cpu_step_product_for_test,
-        "Tests only: C = A op(B) + beta C through one path of the CPU's "
-        "per-step product (raw float32 addresses); returns what ran.");
+  pybind11::class_<rnnfast::CpuStepProduct>(
+      m, "_StepProduct",
+      "The CPU time loop's per-step product on one float32 weight, packed "
+      "(tests and the benchmark's gemm floor; raw addresses, the caller "
+      "keeps the weight alive): _StepProduct(path, max_rows, n, k, b, ldb, "
+      "trans_b) with path 'auto', 'blas' or 'rnnfast'.")
+      .def(pybind11::init<const std::string&, int64_t, int64_t, int64_t,
+                          intptr_t, int64_t, bool>())
+      .def("multiply", &rnnfast::CpuStepProduct::multiply,
+           "multiply(m, a, lda, beta, c, ldc): C = A op(B) + beta C.")
+      .def_property_readonly("path", &rnnfast::CpuStepProduct::path)
+      .def_property_readonly("threaded", &rnnfast::CpuStepProduct::threaded);
   m.def("empty_cache", &rnnfast::release_cpu_buffer_cache,
         "Frees the CPU blocks rnnfast keeps for reuse; returns their bytes.");
   m.def("cache_bytes", &rnnfast::cpu_buffer_cache_bytes,

@@ -51,9 +51,11 @@ CHECK = textwrap.dedent("""
                         expected += c[:, :n].double()
                     before = c.clone()
                     threaded = m * n * k >= 1 << 21 or n * k * 4 >= 512 << 10
-                    ran.add(_C._step_product(path, threaded, m, n, k, a.data_ptr(), a.stride(0),
-                                             b.data_ptr(), b.stride(0), trans_b, beta,
-                                             c.data_ptr(), c.stride(0)))
+                    product = _C._StepProduct(path, m, n, k, b.data_ptr(), b.stride(0), trans_b)
+                    assert product.threaded == threaded, (m, n, k)
+                    product.multiply(m, a.data_ptr(), a.stride(0), beta, c.data_ptr(),
+                                     c.stride(0))
+                    ran.add(product.path)
                     err = (c[:, :n].double() - expected).abs().max().item()
                     # float32 rounding of k products and sums of magnitude ~sqrt(k)
                     assert err <= 1e-6 * (k + 4), (path, m, n, k, trans_b, beta, err)
@@ -93,12 +95,17 @@ def test_avx2_step_product_matches_float64(tmp_path):
 
 def test_step_product_refuses_what_it_cannot_run():
     z = torch.zeros(32, 32)
-    args = (z.data_ptr(), 32, z.data_ptr(), 32, True, 0.0, z.data_ptr(), 32)
-    with pytest.raises(RuntimeError, match="path must be 'blas' or 'rnnfast'"):
-        _C._step_product("mkl", False, 2, 32, 32, *args)
+    weight = (32, 32, z.data_ptr(), 32, True)
+    with pytest.raises(RuntimeError, match="path must be 'auto', 'blas' or 'rnnfast'"):
+        _C._StepProduct("mkl", 2, *weight)
     if KERNELS != "none":
         with pytest.raises(RuntimeError, match="at most 16 rows, got 17"):
-            _C._step_product("rnnfast", False, 17, 32, 32, *args)
+            _C._StepProduct("rnnfast", 17, *weight)
+    product = _C._StepProduct("auto", 4, *weight)
+    with pytest.raises(RuntimeError, match="expected 1 to 4 rows, got 5"):
+        product.multiply(5, z.data_ptr(), 32, 0.0, z.data_ptr(), 32)
+    with pytest.raises(RuntimeError, match="beta must be 0 or 1, got 0.5"):
+        product.multiply(2, z.data_ptr(), 32, 0.5, z.data_ptr(), 32)
 
 
 def _lstm_results(monkeypatch, path, batch, proj_size=0, hidden=20, steps=6, dtype=torch.float32):

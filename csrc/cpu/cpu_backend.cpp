@@ -355,28 +355,36 @@ const char* cpu_step_gemm_kernels() {
   const char* k = cpu::step_gemm::kernels_in_use();
   return k != nullptr ? k : "none";
 }
-std::string cpu_step_product_for_test(const std::string& path, bool threaded,
-                                      int64_t m, int64_t n, int64_t k,
-                                      intptr_t a, int64_t lda, intptr_t b,
-                                      int64_t ldb, bool trans_b, float beta,
-                                      intptr_t c, int64_t ldc) {
-  TORCH_CHECK(path == "blas" || path == "rnnfast",
-              "path must be 'blas' or 'rnnfast', got '", path, "'");
-  TORCH_CHECK(path == "blas" || cpu::step_gemm::kernels_in_use() != nullptr,
+CpuStepProduct::CpuStepProduct(const std::string& path, int64_t max_rows,
+                               int64_t n, int64_t k, intptr_t b, int64_t ldb,
+                               bool trans_b)
+    : max_rows_(max_rows) {
+  TORCH_CHECK(path == "auto" || path == "blas" || path == "rnnfast",
+              "path must be 'auto', 'blas' or 'rnnfast', got '", path, "'");
+  TORCH_CHECK(path != "rnnfast" || cpu::step_gemm::kernels_in_use() != nullptr,
               "rnnfast's step product needs AVX2 or AVX-512");
-  TORCH_CHECK(path == "blas" || m <= cpu::step_gemm::kMaxRows,
+  TORCH_CHECK(path != "rnnfast" || max_rows <= cpu::step_gemm::kMaxRows,
               "rnnfast's step product takes at most ",
-              cpu::step_gemm::kMaxRows, " rows, got ", m);
-  const cpu::StepWeight<float> w(trans_b, m, n, k,
-                                 reinterpret_cast<const float*>(b), ldb,
-                                 path.c_str());
-  TORCH_CHECK(w.threaded() == threaded, "a product of ", m, "x", n, "x", k,
-              " runs ", w.threaded() ? "threaded" : "on one thread");
-  w.prepare_use();  // the second use packs, as in a time loop
-  w.multiply(m, reinterpret_cast<const float*>(a), lda, beta,
-             reinterpret_cast<float*>(c), ldc);
-  return w.packed_path();
+              cpu::step_gemm::kMaxRows, " rows, got ", max_rows);
+  TORCH_CHECK(max_rows >= 1 && n >= 1 && k >= 1,
+              "a step product needs positive sizes, got ", max_rows, "x", n,
+              "x", k);
+  weight_ = std::make_unique<cpu::StepWeight<float>>(
+      trans_b, max_rows, n, k, reinterpret_cast<const float*>(b), ldb,
+      path == "auto" ? nullptr : path.c_str());
+  weight_->prepare_use();  // a time loop's first step: the next use packs
 }
+CpuStepProduct::~CpuStepProduct() = default;
+void CpuStepProduct::multiply(int64_t m, intptr_t a, int64_t lda, float beta,
+                              intptr_t c, int64_t ldc) const {
+  TORCH_CHECK(m >= 1 && m <= max_rows_, "expected 1 to ", max_rows_,
+              " rows, got ", m);
+  TORCH_CHECK(beta == 0.0f || beta == 1.0f, "beta must be 0 or 1, got ", beta);
+  weight_->multiply(m, reinterpret_cast<const float*>(a), lda, beta,
+                    reinterpret_cast<float*>(c), ldc);
+}
+std::string CpuStepProduct::path() const { return weight_->packed_path(); }
+bool CpuStepProduct::threaded() const { return weight_->threaded(); }
 int64_t release_cpu_buffer_cache() { return cpu::empty_activation_cache(); }
 int64_t cpu_buffer_cache_bytes() { return cpu::activation_cache_bytes(); }
 }  // namespace rnnfast

@@ -15,9 +15,9 @@ over the row's, so above 1 is faster):
   and peers against the eager reference.LayerNormLSTM.
 * ``floor``: gemm-floor, the GEMMs of the recurrence alone, each through
   the fastest product this machine offers for its shape (chosen per GEMM by
-  timing the candidates: torch.mm, F.linear, and on CPUs MKL's packed GEMM
-  and oneDNN's packed linear), the lower bound every implementation is
-  measured against.
+  timing the candidates: torch.mm, F.linear, and on CPUs MKL's packed GEMM,
+  oneDNN's packed linear and rnnfast's own small-batch step product), the
+  lower bound every implementation is measured against.
 
 ``rnnfast.LSTM (cuda-graph)`` and ``rnnfast.LayerNormLSTM (cuda-graph)``
 replay the same calls from CUDA graphs (``torch.cuda.graph``), one per input
@@ -411,6 +411,30 @@ def _onednn_run(a: Tensor, packed: Tensor, out: Tensor) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
 
 
+def _step_prepare(b: Tensor, m: int) -> tuple:
+    """rnnfast's own per-step product of ``m`` rows or fewer (at most 16),
+    packed as a time loop packs its recurrent weight."""
+    from .. import _C
+
+    w = b.t().contiguous()  # [n, k], rows are outputs, as nn weights
+    return _C._StepProduct("rnnfast", m, w.shape[0], w.shape[1], w.data_ptr(), w.stride(0),
+                           True), w
+
+
+def _step_run(a: Tensor, prepared: tuple, out: Tensor) -> None:
+    if a.stride(1) != 1 or out.stride(1) != 1 or out.dtype != torch.float32:
+        raise RuntimeError("the step product reads and writes rows of float32")
+    prepared[0].multiply(a.shape[0], a.data_ptr(), a.stride(0), 0.0, out.data_ptr(),
+                         out.stride(0))
+
+
+def _step_available(device: str, dtype: torch.dtype) -> bool:
+    import rnnfast
+
+    return (device == "cpu" and dtype == torch.float32
+            and rnnfast.build_info()["cpu_step_gemm_kernels"] != "none")
+
+
 def _cpu_op(namespace: str, *names: str) -> Callable[[str, torch.dtype], bool]:
     def available(device: str, dtype: torch.dtype) -> bool:
         if device != "cpu":
@@ -437,6 +461,9 @@ PRODUCTS = [
                                    and torch.backends.mkldnn.is_available()
                                    and _cpu_op("mkldnn", "_reorder_linear_weight",
                                                "_linear_pointwise")(device, dtype))),
+    # rnnfast's own small-batch product (csrc/cpu/step_gemm.h), which its
+    # CPU time loop runs where it beats the BLAS: at most 16 rows
+    Product("rnnfast-step", _step_prepare, _step_run, True, _step_available),
 ]
 
 

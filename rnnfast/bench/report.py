@@ -308,10 +308,11 @@ torch.nn.LSTM for LSTM rows, the eager plain-PyTorch reference for
 LayerNorm-LSTM rows (torch.nn.LSTM's time on the same case is shown beside
 it). `x floor` is the row's median over gemm-floor's: the time of the same
 GEMMs alone, each through the fastest product the machine offers for its
-shape (torch.mm, F.linear, and on CPUs MKL's packed GEMM and oneDNN's packed
-linear, chosen per GEMM by timing them; gemm-floor's notes name the winners;
-a gemm-floor noted only "eager" or "cuda-graph" ran torch.mm for every GEMM,
-as the harness did before 2026-11-28), CUDA-graph replayed on GPUs; on CPUs
+shape (torch.mm, F.linear, and on CPUs MKL's packed GEMM, oneDNN's packed
+linear and rnnfast's own small-batch step product "rnnfast-step" (a
+candidate since the last runs of 2026-11-29), chosen per GEMM by timing them; gemm-floor's notes
+name the winners; a gemm-floor noted only "eager" or "cuda-graph" ran
+torch.mm for every GEMM, as the harness did before 2026-11-28), CUDA-graph replayed on GPUs; on CPUs
 each GEMM pays torch's per-call overhead, so small cases can beat it. Saved
 B/token is the activation memory autograd keeps for the backward
 (parameters and inputs left out), per token (T*B). "decode" cases are
