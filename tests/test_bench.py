@@ -323,8 +323,10 @@ def test_results_json_schema(tiny_run):
     env = doc["environment"]
     for key in ("device_name", "cpu_model", "threads", "torch_version", "cuda_version",
                 "cudnn_version", "cuda_driver", "rnnfast_version", "rnnfast_build_info",
-                "date", "tf32_default"):
+                "date", "tf32_default", "isa_settings"):
         assert key in env
+    from rnnfast.bench.results import ISA_VARIABLES
+    assert env["isa_settings"] == {k: os.environ[k] for k in ISA_VARIABLES if k in os.environ}
     assert set(env["tf32_default"]) >= {"cuda.matmul.allow_tf32", "cudnn.allow_tf32"}
     assert env["rnnfast_build_info"]["rnnfast_version"] == rnnfast.__version__
     # collected after the run: the CPU step products chosen during it (rnnfast.LSTM's

@@ -344,6 +344,9 @@ def _env_lines(env: dict) -> list[str]:
                     if k not in ("rnnfast_version", "cpu_step_gemm")),
         f"- date: {env.get('date')}",
     ]
+    if env.get("isa_settings"):
+        lines.insert(-1, "- set in the environment: " + ", ".join(
+            f"{k}={v}" for k, v in env["isa_settings"].items()))
     if build.get("cpu_step_gemm"):
         lines.insert(-1, "- CPU per-step products chosen (best of 9 runs, us, the BLAS's "
                      "/ rnnfast's): " + "; ".join(

@@ -118,9 +118,23 @@ def environment(devices: Iterable[str]) -> dict[str, Any]:
         "rnnfast_build_info": build_info(),
         "python_version": platform.python_version(),
         "platform": platform.platform(),
+        "isa_settings": isa_settings(),
     }
     env["device_name"] = env["gpu_name"] if cuda else env["cpu_model"]
     return env
+
+
+# Environment variables that change which instructions or kernels the
+# libraries run (a run with AVX2 forced on an AVX-512 CPU, for one), or
+# rnnfast's CPU choices: recorded with the results where they are set.
+ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "DNNL_MAX_CPU_ISA",
+                 "ONEDNN_MAX_CPU_ISA", "MKL_CBWR", "OMP_NUM_THREADS",
+                 "RNNFAST_CPU_STEP_GEMM", "RNNFAST_CPU_ROW_SPLIT")
+
+
+def isa_settings() -> dict[str, str]:
+    """The :data:`ISA_VARIABLES` set in this process's environment."""
+    return {name: os.environ[name] for name in ISA_VARIABLES if name in os.environ}
 
 
 def build_info() -> dict[str, Any]:
