@@ -61,7 +61,6 @@ class CpuStepProduct {
   bool threaded() const;
 
  private:
-  int64_t max_rows_;
   std::unique_ptr<cpu::StepWeight<float>> weight_;
 };
 // Frees the CPU buffer cache's free blocks; returns their bytes.

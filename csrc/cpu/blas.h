@@ -67,6 +67,8 @@ class StepWeight {
   const char* packed_path() const;
   // Whether the products run on all threads (else on the caller's).
   bool threaded() const { return !serial_; }
+  // The most rows a product may have.
+  int64_t max_rows() const { return max_m_; }
   // The fewest rows per thread for which an LSTM step is split by batch
   // rows over the threads (cpu_backend.cpp); 0: never.
   int64_t row_split_rows() const { return row_split_rows_; }

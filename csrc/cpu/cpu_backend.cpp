@@ -255,14 +255,6 @@ struct CpuBackend {
                              q.dcell_norm += begin * H;
                              q.dih += begin * G;
                              q.dhh += begin * G;
-                             if (q.param_grad_sums != nullptr) {
-                               // Split by rows, the kernel's parallel_for
-                               // runs inline as its task 0: the sums are
-                               // those of this thread's task (0 otherwise).
-                               const int64_t task = at::get_thread_num();
-                               q.param_grad_sums += task * kSumWidth * H;
-                               q.param_grad_tasks -= task;
-                             }
                              step(q);
                            });
   }
@@ -357,8 +349,7 @@ const char* cpu_step_gemm_kernels() {
 }
 CpuStepProduct::CpuStepProduct(const std::string& path, int64_t max_rows,
                                int64_t n, int64_t k, intptr_t b, int64_t ldb,
-                               bool trans_b)
-    : max_rows_(max_rows) {
+                               bool trans_b) {
   TORCH_CHECK(path == "auto" || path == "blas" || path == "rnnfast",
               "path must be 'auto', 'blas' or 'rnnfast', got '", path, "'");
   TORCH_CHECK(path != "rnnfast" || cpu::step_gemm::kernels_in_use() != nullptr,
@@ -377,8 +368,8 @@ CpuStepProduct::CpuStepProduct(const std::string& path, int64_t max_rows,
 CpuStepProduct::~CpuStepProduct() = default;
 void CpuStepProduct::multiply(int64_t m, intptr_t a, int64_t lda, float beta,
                               intptr_t c, int64_t ldc) const {
-  TORCH_CHECK(m >= 1 && m <= max_rows_, "expected 1 to ", max_rows_,
-              " rows, got ", m);
+  TORCH_CHECK(m >= 1 && m <= weight_->max_rows(), "expected 1 to ",
+              weight_->max_rows(), " rows, got ", m);
   TORCH_CHECK(beta == 0.0f || beta == 1.0f, "beta must be 0 or 1, got ", beta);
   weight_->multiply(m, reinterpret_cast<const float*>(a), lda, beta,
                     reinterpret_cast<float*>(c), ldc);

@@ -25,6 +25,8 @@
 
 #include <cstring>
 
+#include "int8_gemm_avx512.h"
+
 namespace rnnfast::cpu::int8 {
 namespace {
 
@@ -76,10 +78,6 @@ void configure(int rows0, int rows1) {
   set(kB1, kTileRows);
   _tile_loadconfig(&cfg);
   configured_rows = key;
-}
-
-inline __mmask16 lanes(int64_t n) {
-  return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u);
 }
 
 // Accumulators of one (row tile pair x column block pair): [32 rows][32].
@@ -148,15 +146,7 @@ void dequantize(const Accumulators& acc, int64_t rows, int64_t nb, int64_t n,
       const __m512 s = _mm512_mul_ps(_mm512_set1_ps(a_scale[r]), ws);
       const __m512 x = _mm512_cvtepi32_ps(_mm512_sub_epi32(a, offset));
       float* out = c + r * ldc + col;
-      __m512 v;  // the roundings of int8_gemm_avx512.cpp's dequantized()
-      if (bias) {
-        v = _mm512_fmadd_ps(x, s, bv);
-        if (beta != 0.0f) v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, out), v);
-      } else {
-        v = beta != 0.0f ? _mm512_fmadd_ps(x, s, _mm512_maskz_loadu_ps(m, out))
-                         : _mm512_mul_ps(x, s);
-      }
-      _mm512_mask_storeu_ps(out, m, v);
+      _mm512_mask_storeu_ps(out, m, dequantized(x, s, bias != nullptr, bv, beta, m, out));
     }
   }
 }

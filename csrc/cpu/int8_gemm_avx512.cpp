@@ -21,6 +21,8 @@
 #include <cstring>
 #include <limits>
 
+#include "int8_gemm_avx512.h"
+
 namespace rnnfast::cpu::int8 {
 
 bool avx512_vnni_supported() {
@@ -35,24 +37,6 @@ constexpr int kMaxRows = 6;    // rows of a register tile
 constexpr int kMaxBlocks = 4;  // column blocks (of 16) of a register tile
 
 inline int64_t smaller(int64_t a, int64_t b) { return a < b ? a : b; }
-
-inline __mmask16 lanes(int64_t n) {
-  return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u);
-}
-
-// x * s, plus bias (bv) when has_bias, plus C (out) when beta is 1: the
-// fused multiply-adds written out (fma(x, s, bias) + C, or fma(x, s, C)),
-// not left to the compiler's contraction, so that every kernel (these, the
-// AMX one, the AVX2 and portable ones) rounds alike and they agree bitwise.
-inline __m512 dequantized(__m512 x, __m512 s, bool has_bias, __m512 bv, float beta,
-                          __mmask16 m, const float* out) {
-  if (has_bias) {
-    const __m512 v = _mm512_fmadd_ps(x, s, bv);
-    return beta != 0.0f ? _mm512_add_ps(_mm512_maskz_loadu_ps(m, out), v) : v;
-  }
-  return beta != 0.0f ? _mm512_fmadd_ps(x, s, _mm512_maskz_loadu_ps(m, out))
-                      : _mm512_mul_ps(x, s);
-}
 
 // One register tile: MR rows x NB column blocks, all k.
 template <int MR, int NB>

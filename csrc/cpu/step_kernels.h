@@ -329,11 +329,15 @@ template <typename T, bool AddOutputGrad, bool ZoneoutCell>
 void layer_norm_backward_step_impl(const LayerNormBackwardStepParams<T>& p) {
   using V = at::vec::Vectorized<T>;
   const int64_t H = p.hidden, G = 4 * p.hidden;
+  // The task running a row: the caller's (this step split by rows over the
+  // threads of a region, where the parallel_for below runs inline as its
+  // task 0) plus this parallel_for's own.
+  const int64_t caller_task = at::get_thread_num();
   at::parallel_for(0, p.rows, row_grain(G), [&](int64_t begin, int64_t end) {
     // this task's LayerNorm parameter gradient sums, or null
     T* sums = nullptr;
     if (p.param_grad_sums != nullptr) {
-      const int64_t task = at::get_thread_num();
+      const int64_t task = caller_task + at::get_thread_num();
       TORCH_INTERNAL_ASSERT(task < p.param_grad_tasks);
       sums = p.param_grad_sums + task * kSumWidth * H;
     }
