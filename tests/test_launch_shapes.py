@@ -44,7 +44,7 @@ int main() {
                            int64_t(150), int64_t(1000), many}) {
         for (int64_t n = 1; n <= 4200; n += n < 130 ? 1 : 61) {
           // LayerNorm rows: row_groups
-          const RowGroupLaunch l = row_groups(rows, n, sms, max_cluster);
+          const LaunchShape l = row_groups(rows, n, sms, max_cluster);
           const int64_t bx = l.block.x, by = l.block.y, c = l.cluster;
           EXPECT(bx >= 32 && bx % 32 == 0);                  // whole warps
           EXPECT(bx * by <= kMaxRowThreads);                 // __launch_bounds__

@@ -19,8 +19,8 @@ import rnnfast
 import rnnfast.functional as RF
 from rnnfast import _export
 from rnnfast.reference import layer_norm_lstm_reference, lstm_reference
-from utils import (CELLS, LSTM_CELL, forward_backward, make_op_args, make_packed,
-                   random_input, random_states, weighted_loss)
+from utils import (CELLS, LSTM_CELL, backward_op_args, forward_backward, make_op_args,
+                   make_packed, random_input, random_states, weighted_loss)
 
 ZONEOUT_KINDS = {"h": (0.3, 0.0), "c": (0.0, 0.4), "hc": (0.3, 0.4)}
 
@@ -63,17 +63,6 @@ def _reference_layer(cell, sample, training, z_h, z_c, mask_h, mask_c):
                      batch_sizes=sample.batch_sizes, training=training,
                      zoneout_hidden=z_h, zoneout_cell=z_c, masks=masks, **extra)
     return out, hy[0], cy[0]
-
-
-def _backward_args(cell, sample, grads, saved):
-    """The backward op's positional arguments for a forward of the sample
-    (``saved``: the forward op's outputs), from the output gradients."""
-    x, hx, cx, *rest = sample.args
-    if cell.layer_norm:
-        return (*grads, x, hx, cx, *rest[:10], sample.batch_sizes, sample.reverse,
-                saved[0], *saved[3:7])
-    return (*grads, x, hx, cx, rest[0], rest[1], rest[4], sample.batch_sizes,
-            sample.reverse, saved[0], saved[3], saved[4])
 
 
 def _op_zoneout(mode, z_h, z_c, mask_h, mask_c):
@@ -143,7 +132,7 @@ def test_backward_op_opcheck_with_zoneout(cell):
     saved = cell.forward(*sample.args, **zo)
     g = torch.Generator().manual_seed(8)
     grads = [torch.randn(t.shape, generator=g, dtype=t.dtype) for t in saved[:3]]
-    args = _backward_args(cell, sample, grads, saved)
+    args = backward_op_args(cell, sample, grads, saved)
     kwargs = dict(cell_states=saved[-1], **zo)
     torch.library.opcheck(cell.backward, args, kwargs)
 
@@ -422,7 +411,7 @@ def test_backward_without_cell_states_is_refused(cell):
     _, mask_c = _masks(sample, 0.0, 0.5)
     saved = cell.forward(*sample.args)
     grads = [torch.ones_like(t) for t in saved[:3]]
-    args = _backward_args(cell, sample, grads, saved)
+    args = backward_op_args(cell, sample, grads, saved)
     with pytest.raises(RuntimeError, match="needs the forward's cell_states"):
         cell.backward(*args, zoneout_cell_mask=mask_c)
 

@@ -289,6 +289,19 @@ def backward_args_from(sample: OpSample, seed: int = 100) -> tuple:
             batch_sizes, reverse, out, gates, cells)
 
 
+def backward_op_args(cell, sample: OpSample, grads: Sequence[Tensor], saved: Sequence[Tensor]
+                     ) -> tuple:
+    """The positional arguments of ``cell``'s backward op for a forward of
+    ``sample`` whose outputs were ``saved``, with the upstream gradients
+    ``grads`` of ``(output, hy, cy)``."""
+    x, hx, cx, *rest = sample.args
+    if cell.layer_norm:
+        return (*grads, x, hx, cx, *rest[:10], sample.batch_sizes, sample.reverse,
+                saved[0], *saved[3:7])
+    return (*grads, x, hx, cx, rest[0], rest[1], rest[4], sample.batch_sizes,
+            sample.reverse, saved[0], saved[3], saved[4])
+
+
 # --------------------------------------------------------------------------
 # Modules
 # --------------------------------------------------------------------------

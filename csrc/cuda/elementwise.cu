@@ -80,20 +80,14 @@ template <typename T, typename S>
 void zoneout_hidden(const HiddenZoneoutParams<T, S>& p) {
   const int64_t count = p.rows * p.width;
   if (count <= 0) return;
-  const LaunchShape s = flat(count);
-  zoneout_hidden_kernel<T, S>
-      <<<s.grid, s.block, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(&zoneout_hidden_kernel<T, S>, flat(count), p);
 }
 
 template <typename T, typename S, typename C>
 void zoneout_hidden_backward(const HiddenZoneoutBackwardParams<T, S, C>& p) {
   const int64_t count = p.rows * p.width;
   if (count <= 0) return;
-  const LaunchShape s = flat(count);
-  zoneout_hidden_backward_kernel<T, S, C>
-      <<<s.grid, s.block, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(&zoneout_hidden_backward_kernel<T, S, C>, flat(count), p);
 }
 
 #define RNNFAST_ZONEOUT_HIDDEN(T, S)                                        \
@@ -113,10 +107,7 @@ template void zoneout_hidden_backward<float, c10::BFloat16, float>(
 template <typename T, typename S>
 void add(S* dst, const T* a, const S* b, int64_t count) {
   if (count <= 0) return;
-  const LaunchShape s = flat(count);
-  add_kernel<T, S><<<s.grid, s.block, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      dst, a, b, count);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(&add_kernel<T, S>, flat(count), dst, a, b, count);
 }
 
 template <typename S>
@@ -133,12 +124,11 @@ void copy_rows(const RowCopy* copies, int64_t count, int64_t width, S* dst,
     if (most == 0) continue;
     const int64_t bx = std::min<int64_t>(
         (most + kBlockThreads - 1) / kBlockThreads, 64);
-    copy_rows_kernel<S><<<dim3(static_cast<unsigned>(bx),
-                               static_cast<unsigned>(runs)),
-                          dim3(kBlockThreads), 0,
-                          c10::cuda::getCurrentCUDAStream()>>>(
-        list, width, dst, first, second);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(&copy_rows_kernel<S>,
+           LaunchShape{dim3(static_cast<unsigned>(bx),
+                            static_cast<unsigned>(runs)),
+                       dim3(kBlockThreads)},
+           list, width, dst, first, second);
   }
 }
 

@@ -2,9 +2,14 @@
 // is compiled by the host compiler; the kernels are in elementwise.cu).
 #include "gemm_and_copy.h"
 
+#ifdef RNNFAST_SIMT_EMULATION
+// The tests' CPU stand-ins for the cuBLAS and runtime calls below.
+#include "simt_emulation.h"
+#else
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/Exceptions.h>
 #include <c10/cuda/CUDAException.h>
+#endif
 #include <c10/util/Exception.h>
 
 #include <limits>

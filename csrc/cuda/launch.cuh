@@ -1,9 +1,16 @@
-// Launch shapes shared by rnnfast's CUDA kernels. Kernels index with int64_t
-// and loop over rows, so any size fits the grid limits.
+// Launch shapes shared by rnnfast's CUDA kernels, and the few calls through
+// which they reach the runtime (launch, machine_for, block_shared), so that
+// the tests can run the same kernels on the CPU (simt_emulation.h, with
+// RNNFAST_SIMT_EMULATION defined). Kernels index with int64_t and loop over
+// rows, so any size fits the grid limits.
 #pragma once
 
+#ifdef RNNFAST_SIMT_EMULATION
+#include "simt_emulation.h"
+#else
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
+#endif
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -18,9 +25,22 @@ constexpr int kBlockThreads = 256;
 // kernels loop over what a grid this size does not cover.
 constexpr int64_t kMaxBlocks = 65535;
 
+// The grid bound the shapes below use: kMaxBlocks, or in the emulation the
+// tests' own (smaller, to make the kernels loop over the grid).
+inline int64_t max_blocks() {
+#ifdef RNNFAST_SIMT_EMULATION
+  return simt::config().max_blocks;
+#else
+  return kMaxBlocks;
+#endif
+}
+
+// A launch: its grid, its block and the blocks of a thread-block cluster
+// (along x; 1 for a plain launch).
 struct LaunchShape {
   dim3 grid;
   dim3 block;
+  unsigned cluster = 1;
 };
 
 // A [rows, cols] element grid: threads along x cover columns (coalesced
@@ -32,7 +52,7 @@ inline LaunchShape rows_by_cols(int64_t rows, int64_t cols) {
       std::min<int64_t>(kBlockThreads, (cols + 31) / 32 * 32);
   const int64_t by = kBlockThreads / bx;
   const int64_t gx = (cols + bx - 1) / bx;
-  const int64_t gy = std::min<int64_t>((rows + by - 1) / by, kMaxBlocks);
+  const int64_t gy = std::min<int64_t>((rows + by - 1) / by, max_blocks());
   TORCH_CHECK(gx <= std::numeric_limits<int32_t>::max(),
               "rnnfast: ", cols, " columns exceed the CUDA grid");
   return {dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)),
@@ -55,13 +75,7 @@ inline LaunchShape rows_by_cols(int64_t rows, int64_t cols) {
 constexpr int kMaxRowThreads = 512;
 constexpr int64_t kMinClusterThreads = 128;
 
-struct RowGroupLaunch {
-  dim3 grid;
-  dim3 block;
-  unsigned cluster = 1;
-};
-
-inline RowGroupLaunch row_groups(int64_t rows, int64_t n, int sms,
+inline LaunchShape row_groups(int64_t rows, int64_t n, int sms,
                                  int max_cluster) {
   const int64_t units = std::max<int64_t>(32, (n + 31) / 32 * 32);
   int64_t cluster = 1;
@@ -74,8 +88,9 @@ inline RowGroupLaunch row_groups(int64_t rows, int64_t n, int sms,
   const int64_t by =
       cluster > 1 ? 1 : std::max<int64_t>(1, kBlockThreads / bx);
   const int64_t groups =
-      std::min<int64_t>((rows + by - 1) / by, kMaxBlocks / cluster);
-  RowGroupLaunch l;
+      std::min<int64_t>((rows + by - 1) / by,
+                        std::max<int64_t>(1, max_blocks() / cluster));
+  LaunchShape l;
   l.grid = dim3(static_cast<unsigned>(groups * cluster));
   l.block = dim3(static_cast<unsigned>(bx), static_cast<unsigned>(by));
   l.cluster = static_cast<unsigned>(cluster);
@@ -108,6 +123,11 @@ static_assert(max_cluster_for(8, 80, 80) == 1, "before Hopper");
 // kernel type (the kernels of one build share their architectures).
 template <typename Kernel>
 inline void machine_for(Kernel kernel, int* sms, int* max_cluster) {
+#ifdef RNNFAST_SIMT_EMULATION
+  (void)kernel;
+  *sms = simt::config().sms;
+  *max_cluster = simt::config().max_cluster;
+#else
   constexpr int kMaxDevices = 64;
   static std::atomic<int> cached_sms[kMaxDevices];
   static std::atomic<int> cached_cluster[kMaxDevices];
@@ -133,19 +153,20 @@ inline void machine_for(Kernel kernel, int* sms, int* max_cluster) {
   }
   *sms = count;
   *max_cluster = cluster;
+#endif
 }
 
-// Launches kernel(params) with a row_groups shape on the current stream,
-// as a cluster launch when the shape asks for one.
-template <typename Params>
-inline void launch_row_groups(void (*kernel)(Params), const Params& params,
-                              int64_t rows, int64_t n) {
-  int sms = 0, max_cluster = 1;
-  machine_for(kernel, &sms, &max_cluster);
-  const RowGroupLaunch s = row_groups(rows, n, sms, max_cluster);
+// kernel<<<shape>>>(args...) on the current stream, as a cluster launch when
+// the shape asks for one, checked. Every kernel of rnnfast is launched here.
+template <typename... Params, typename... Args>
+inline void launch(void (*kernel)(Params...), const LaunchShape& s,
+                   const Args&... args) {
+#ifdef RNNFAST_SIMT_EMULATION
+  simt::launch(kernel, s.grid, s.block, s.cluster, args...);
+#else
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (s.cluster == 1) {
-    kernel<<<s.grid, s.block, 0, stream>>>(params);
+    kernel<<<s.grid, s.block, 0, stream>>>(args...);
   } else {
     cudaLaunchConfig_t config = {};
     config.gridDim = s.grid;
@@ -159,15 +180,37 @@ inline void launch_row_groups(void (*kernel)(Params), const Params& params,
     attr[0].val.clusterDim.z = 1;
     config.attrs = attr;
     config.numAttrs = 1;
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, params));
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args...));
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+#endif
 }
+
+// Launches kernel(params) with a row_groups shape sized for the machine.
+template <typename Params>
+inline void launch_row_groups(void (*kernel)(Params), const Params& params,
+                              int64_t rows, int64_t n) {
+  int sms = 0, max_cluster = 1;
+  machine_for(kernel, &sms, &max_cluster);
+  launch(kernel, row_groups(rows, n, sms, max_cluster), params);
+}
+
+// The block's shared object of type T: one per type and block, uninitialised
+// (a __shared__ variable; in the emulation, per emulated block).
+#ifdef RNNFAST_SIMT_EMULATION
+using simt::block_shared;
+#else
+template <typename T>
+__device__ __forceinline__ T& block_shared() {
+  __shared__ T storage;
+  return storage;
+}
+#endif
 
 // A flat range of n elements for a grid-stride loop.
 inline LaunchShape flat(int64_t n) {
   const int64_t blocks =
-      std::min<int64_t>((n + kBlockThreads - 1) / kBlockThreads, kMaxBlocks);
+      std::min<int64_t>((n + kBlockThreads - 1) / kBlockThreads, max_blocks());
   return {dim3(static_cast<unsigned>(blocks)), dim3(kBlockThreads)};
 }
 

@@ -27,7 +27,9 @@
 #pragma once
 
 #include <ATen/OpMathType.h>
+#ifndef RNNFAST_SIMT_EMULATION
 #include <cooperative_groups.h>
+#endif
 
 #include <type_traits>
 
@@ -36,6 +38,15 @@
 #include "../lstm_cell.h"
 #include "launch.cuh"
 #include "step_kernels.h"
+
+// The cluster reductions exist in code compiled for Hopper (sm_90) or newer,
+// and in the CPU emulation, which runs them as a Hopper would.
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900) || \
+    defined(RNNFAST_SIMT_EMULATION)
+#define RNNFAST_CLUSTER_REDUCTIONS 1
+#else
+#define RNNFAST_CLUSTER_REDUCTIONS 0
+#endif
 
 namespace rnnfast::cuda {
 
@@ -63,7 +74,7 @@ struct RowPlace {
 
 __device__ __forceinline__ RowPlace row_place() {
   RowPlace r;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if RNNFAST_CLUSTER_REDUCTIONS
   const cooperative_groups::cluster_group cluster =
       cooperative_groups::this_cluster();
   r.rank = cluster.block_rank();
@@ -111,7 +122,7 @@ __device__ __forceinline__ void row_sum(T (&v)[N], RowSumScratch<T, N>& s,
     }
     __syncthreads();  // the slots are free for the next call
   }
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if RNNFAST_CLUSTER_REDUCTIONS
   // Across the blocks of a cluster: each block's sum through distributed
   // shared memory, added in rank order by every thread.
   if (place.blocks > 1) {
@@ -144,7 +155,7 @@ __global__ void __launch_bounds__(kMaxRowThreads)
   // sigmoid(o) waits in h_out for LN_cell's statistics when h_out holds T;
   // a half-type h_out would round it, so then it is recomputed.
   constexpr bool kParkO = std::is_same_v<T, S>;
-  __shared__ RowSumScratch<acc_t, 2> scratch;
+  RowSumScratch<acc_t, 2>& scratch = block_shared<RowSumScratch<acc_t, 2>>();
   const RowPlace place = row_place();
   const int64_t H = p.hidden, G = 4 * p.hidden;
   const int64_t step = place.unit_stride;
@@ -284,7 +295,7 @@ template <bool AddOutputGrad, bool ZoneoutCell, typename T, typename S>
 __global__ void __launch_bounds__(kMaxRowThreads)
     layer_norm_backward_step_kernel(const LayerNormBackwardStepParams<T, S> p) {
   using acc_t = at::opmath_type<T>;
-  __shared__ RowSumScratch<acc_t, 4> scratch;
+  RowSumScratch<acc_t, 4>& scratch = block_shared<RowSumScratch<acc_t, 4>>();
   const RowPlace place = row_place();
   const int64_t H = p.hidden, G = 4 * p.hidden;
   const int64_t step = place.unit_stride;
@@ -421,7 +432,8 @@ template <typename T>
 __global__ void __launch_bounds__(kWarpSize * kColumnSlices)
     layer_norm_param_grads_kernel(const LayerNormParamGradsParams<T> p) {
   using acc_t = at::opmath_type<T>;
-  __shared__ acc_t slices[3][kColumnSlices][kWarpSize];
+  using Slices = acc_t[3][kColumnSlices][kWarpSize];
+  Slices& slices = block_shared<Slices>();
   const int64_t H = p.hidden, G = 4 * p.hidden, W = G + H;
   for (int64_t c0 = int64_t(blockIdx.x) * kWarpSize; c0 < W;
        c0 += int64_t(gridDim.x) * kWarpSize) {
@@ -495,11 +507,11 @@ void layer_norm_param_grads(const LayerNormParamGradsParams<T>& p) {
   if (p.rows <= 0 || p.hidden <= 0) return;  // adds nothing
   const int64_t columns = 5 * p.hidden;
   const int64_t blocks =
-      std::min<int64_t>((columns + kWarpSize - 1) / kWarpSize, kMaxBlocks);
-  layer_norm_param_grads_kernel<T>
-      <<<dim3(static_cast<unsigned>(blocks)), dim3(kWarpSize, kColumnSlices), 0,
-         c10::cuda::getCurrentCUDAStream()>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+      std::min<int64_t>((columns + kWarpSize - 1) / kWarpSize, max_blocks());
+  launch(&layer_norm_param_grads_kernel<T>,
+         LaunchShape{dim3(static_cast<unsigned>(blocks)),
+                     dim3(kWarpSize, kColumnSlices)},
+         p);
 }
 
 }  // namespace rnnfast::cuda

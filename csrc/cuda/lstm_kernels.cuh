@@ -98,19 +98,15 @@ __global__ void __launch_bounds__(kBlockThreads)
 template <bool Training, bool ZoneoutCell, typename T, typename S>
 void lstm_forward_step(const ForwardStepParams<T, S>& p) {
   if (p.rows <= 0 || p.hidden <= 0) return;
-  const LaunchShape s = rows_by_cols(p.rows, p.hidden);
-  lstm_forward_step_kernel<Training, ZoneoutCell, T, S>
-      <<<s.grid, s.block, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(&lstm_forward_step_kernel<Training, ZoneoutCell, T, S>,
+         rows_by_cols(p.rows, p.hidden), p);
 }
 
 template <bool AddOutputGrad, bool ZoneoutCell, typename T, typename S>
 void lstm_backward_step(const BackwardStepParams<T, S>& p) {
   if (p.rows <= 0 || p.hidden <= 0) return;
-  const LaunchShape s = rows_by_cols(p.rows, p.hidden);
-  lstm_backward_step_kernel<AddOutputGrad, ZoneoutCell, T, S>
-      <<<s.grid, s.block, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(&lstm_backward_step_kernel<AddOutputGrad, ZoneoutCell, T, S>,
+         rows_by_cols(p.rows, p.hidden), p);
 }
 
 }  // namespace rnnfast::cuda

@@ -1,0 +1,258 @@
+"""The CUDA backend run on the CPU by an emulation of the GPU
+(csrc/cuda/simt_emulation.h), against the CPU backend.
+
+rnnfast's CUDA path (its kernels, their launch shapes, its cuBLAS calls, and
+the shared drivers with CudaBackend's choices: native half types, one
+LayerNorm parameter-gradient launch, whole-sequence GEMMs) is compiled here
+by the host compiler, with every kernel launch run as CPU fibers, one per
+GPU thread, and cuBLAS replaced by a column-major reference that checks
+its arguments as cuBLAS does. The ops it registers
+(``torch.ops.rnnfast_simt.*``, the same schemas as ``torch.ops.rnnfast.*``)
+must agree with the CPU ops on every output and gradient, on emulated
+machines that take each path of the kernels: thread-block clusters
+(Hopper), 512-thread rows (before Hopper), grids smaller than the work
+(every grid-stride loop), and threads run first-to-last or last-to-first
+(a result that depends on their interleaving differs between the two).
+
+What this cannot show is listed at the top of simt_emulation.h (races
+between truly parallel threads, the device's own math, speed);
+scripts/gpu_check.sh on a GPU has the last word. Building the emulation
+takes about a minute, once per session (build/simt, ninja).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from utils import backward_op_args, make_op_args
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCES = ["module", "kernels_lstm", "kernels_layer_norm", "selftest"]
+OPS = ["lstm_forward", "lstm_backward", "layer_norm_lstm_forward", "layer_norm_lstm_backward"]
+
+# Emulated machines: (sms, max_cluster, max_blocks).
+H200 = (132, 4, 65535)          # clusters of up to 4 blocks for short batches
+PRE_HOPPER = (108, 1, 65535)    # one block per row, up to 512 threads
+TINY_GRID = (132, 4, 1)         # one block (or cluster) per grid: every kernel loops
+
+
+@pytest.fixture(scope="session")
+def simt():
+    """The emulated CUDA backend: built once per session, its ops defined
+    under ``torch.ops.rnnfast_simt`` with rnnfast's schemas."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    import rnnfast  # noqa: F401  (defines torch.ops.rnnfast.*)
+
+    build = ROOT / "build" / "simt"
+    build.mkdir(parents=True, exist_ok=True)
+    module = cpp_extension.load(
+        name="rnnfast_simt",
+        sources=[str(ROOT / "tests" / "simt" / f"{s}.cpp") for s in SOURCES],
+        extra_cflags=["-O1", "-DRNNFAST_SIMT_EMULATION", "-Wno-unknown-pragmas"],
+        build_directory=str(build), verbose=bool(os.environ.get("RNNFAST_VERBOSE_BUILD")))
+    library = torch.library.Library("rnnfast_simt", "DEF")
+    for op in OPS:
+        schema = str(getattr(torch.ops.rnnfast, op).default._schema)
+        library.define(schema.split("::", 1)[1])
+    module.library = library  # kept alive with the module
+    yield module
+    module.configure()
+
+
+@pytest.fixture
+def machine(simt, request):
+    """Sets the emulated machine for one test, then restores the default."""
+    def configure(sms_cluster_blocks, reverse_order=False):
+        sms, max_cluster, max_blocks = sms_cluster_blocks
+        simt.configure(sms=sms, max_cluster=max_cluster, max_blocks=max_blocks,
+                       reverse_order=reverse_order)
+        simt.reset_counters()
+    configure(H200)
+    yield configure
+    simt.configure()
+
+
+def _simt_op(name):
+    return getattr(torch.ops.rnnfast_simt, name).default
+
+
+def _both(cell, sample, *, zoneout=None, mask=None, seed=5):
+    """Forward (and, in training, backward) of ``sample`` through the CPU op
+    and the emulated CUDA op: ``[(name, cpu result, emulated result)]``."""
+    zoneout = zoneout or {}
+    fwd = [cell.forward, _simt_op(cell.forward_op)]
+    saved = [f(*sample.args, **zoneout) for f in fwd]
+    names = [a.name for a in cell.forward._schema.returns]
+    pairs = [(n, a, b) for n, a, b in zip(names, *saved)]
+    if not sample.training:
+        return pairs
+    g = torch.Generator().manual_seed(seed)
+    grads = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(t) for t in saved[0][:3]]
+    kwargs = dict(zoneout)
+    if zoneout:
+        kwargs["cell_states"] = None  # per backend, below
+    if mask is not None:
+        kwargs["output_mask"] = mask
+    results = []
+    for op, s in zip([cell.backward, _simt_op(cell.backward_op)], saved):
+        if zoneout:
+            kwargs["cell_states"] = s[-1]
+        results.append(op(*backward_op_args(cell, sample, grads, s), **kwargs))
+    names = [a.name for a in cell.backward._schema.returns]
+    return pairs + [(n, a, b) for n, a, b in zip(names, *results)]
+
+
+def _assert_agree(pairs, atol=1e-12, rtol=1e-10, scaled=False):
+    """Every pair equal within the tolerance; with ``scaled``, ``atol`` is
+    relative to the largest magnitude of the CPU's tensor (at least 1)."""
+    for name, cpu, emulated in pairs:
+        assert cpu.shape == emulated.shape and cpu.dtype == emulated.dtype, name
+        a = atol * max(1.0, cpu.abs().max().item()) if scaled and cpu.numel() else atol
+        torch.testing.assert_close(emulated, cpu, atol=a, rtol=rtol,
+                                   msg=lambda m, k=name: f"{k}: {m}")
+
+
+def _cell_sample(cell, **kwargs):
+    return make_op_args(layer_norm=cell.layer_norm, **kwargs)
+
+
+# ---- the emulation itself ------------------------------------------------------
+
+def test_emulated_warp_shuffle_sums_each_warp(simt):
+    values = [float(i) for i in range(128)]
+    sums = simt.warp_sums(values)
+    for t in range(128):
+        w = t // 32
+        assert sums[t] == sum(values[32 * w:32 * w + 32])
+
+
+@pytest.mark.parametrize("reverse_order", [False, True])
+def test_emulated_shared_memory_is_per_block_and_synchronised(simt, reverse_order):
+    simt.configure(reverse_order=reverse_order)
+    try:
+        out = simt.neighbours(3, True)
+        for b in range(3):
+            for t in range(256):
+                assert out[b * 256 + t] == b * 1000 + (t - 1) % 256
+        # Without the barrier a thread may read its neighbour's slot before
+        # it is written: the slot's 0xff bytes (NaN) show it.
+        unsynchronised = simt.neighbours(1, False)
+        assert any(v != v for v in unsynchronised)
+    finally:
+        simt.configure()
+
+
+def test_emulated_divergent_barrier_is_an_error(simt):
+    with pytest.raises(RuntimeError, match="__syncthreads that not every thread reaches"):
+        simt.divergent_barrier()
+
+
+def test_emulated_cluster_reads_every_blocks_shared_memory(simt):
+    assert simt.cluster_sums(8, 4) == [1.0 + 2.0 + 3.0 + 4.0] * (8 * 64)
+    assert simt.cluster_sums(2, 1) == [1.0] * (2 * 64)
+    with pytest.raises(RuntimeError, match="a cluster of 4 blocks for a grid of 6"):
+        simt.cluster_sums(6, 4)
+
+
+# ---- the CUDA backend against the CPU backend ------------------------------------
+
+def test_agrees_with_cpu_on_every_sample(cell, simt, machine):
+    """Padded and packed input, with and without biases (and projection),
+    both directions, training and inference: every output and gradient."""
+    for sample in cell.sample_inputs("cpu"):
+        _assert_agree(_both(cell, sample))
+
+
+@pytest.mark.parametrize("mode", ["mask", "rate"])
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_agrees_with_cpu_with_zoneout(cell, simt, machine, mode, layout):
+    sample = _cell_sample(cell, steps=4, batch=3, input_size=3, hidden=5, seed=3,
+                          lengths=[4, 3, 3, 1] if layout == "packed" else None,
+                          proj=2 if cell.has_projection and layout == "packed" else 0,
+                          training=mode == "mask")
+    g = torch.Generator().manual_seed(1)
+    x, hx, cx = sample.args[:3]
+    rows = x.shape[:-1]
+    if mode == "mask":
+        zoneout = dict(zoneout_hidden_mask=torch.rand((*rows, hx.shape[-1]), generator=g) < 0.3,
+                       zoneout_cell_mask=torch.rand((*rows, cx.shape[-1]), generator=g) < 0.4)
+    else:
+        zoneout = dict(zoneout_hidden=0.3, zoneout_cell=0.4)
+    _assert_agree(_both(cell, sample, zoneout=zoneout))
+
+
+# Each emulated machine with sizes that take its path: short batches and
+# H = 600 (clusters of 4 blocks of 160 threads on the H200, one 512-thread
+# block a row before Hopper, every LayerNorm row looping over its units);
+# LSTM rows wider than one block (H = 300); and a grid of one block.
+MACHINES = {"h200": H200, "pre-hopper": PRE_HOPPER, "tiny-grid": TINY_GRID}
+
+
+@pytest.mark.parametrize("machine_name", list(MACHINES))
+def test_agrees_with_cpu_on_each_machines_path(cell, simt, machine, machine_name):
+    machine(MACHINES[machine_name])
+    hidden = 600 if cell.layer_norm else 300
+    sample = _cell_sample(cell, steps=2, batch=3, input_size=4, hidden=hidden,
+                          lengths=[2, 2, 1], seed=9)
+    _assert_agree(_both(cell, sample))
+    counts = simt.counters()
+    assert counts["launches"] > 0 and counts["gemms"] > 0
+    if cell.layer_norm and machine_name == "h200":
+        assert counts["largest_cluster"] == 4, counts
+    if machine_name == "pre-hopper":
+        assert counts["cluster_launches"] == 0, counts
+
+
+def test_tiny_grid_loops_over_every_row(cell, simt, machine):
+    """More rows than the grid has blocks: every kernel's grid-stride loop,
+    the LayerNorm parameter gradients' column loop included."""
+    machine(TINY_GRID)
+    sample = _cell_sample(cell, steps=3, batch=9, input_size=3, hidden=40, seed=10)
+    _assert_agree(_both(cell, sample))
+    g = torch.Generator().manual_seed(2)
+    rows = (3, 9)
+    _assert_agree(_both(cell, sample, zoneout=dict(
+        zoneout_hidden_mask=torch.rand((*rows, 40), generator=g) < 0.2,
+        zoneout_cell_mask=torch.rand((*rows, 40), generator=g) < 0.3)))
+
+
+@pytest.mark.parametrize("machine_name", list(MACHINES))
+def test_results_do_not_depend_on_thread_order(cell, simt, machine, machine_name):
+    """The lowest-numbered threads run ahead as far as the barriers let
+    them, then the highest: the same bits, so no kernel reads what another
+    thread writes (or overwrites what it still reads) without a barrier
+    between them."""
+    sample = _cell_sample(cell, steps=3, batch=3, input_size=3,
+                          hidden=600 if cell.layer_norm else 300,
+                          lengths=[3, 2, 1], seed=11)
+    machine(MACHINES[machine_name])
+    first = _both(cell, sample)
+    machine(MACHINES[machine_name], reverse_order=True)
+    second = _both(cell, sample)
+    for (name, _, a), (_, _, b) in zip(first, second):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("hidden", [32, 600])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_native_half_types_agree_with_cpu(cell, simt, machine, dtype, hidden):
+    """Half types run natively on CUDA (half GEMM operands, float
+    accumulation, states in float), upcast on the CPU: equal within a few
+    units of the half type's rounding of each tensor's largest value."""
+    sample = _cell_sample(cell, steps=5 if hidden < 100 else 2, batch=4, input_size=8,
+                          hidden=hidden, seed=12, dtype=dtype)
+    eps = torch.finfo(dtype).eps
+    _assert_agree(_both(cell, sample), atol=8 * eps, rtol=8 * eps, scaled=True)
+
+
+def test_output_mask_agrees_with_cpu(cell, simt, machine):
+    """A backward asked for the input gradient alone (a frozen layer)."""
+    sample = _cell_sample(cell, steps=3, batch=3, input_size=3, hidden=6, seed=13)
+    n = len(cell.backward._schema.returns)
+    mask = [True] + [False] * (n - 1)
+    _assert_agree(_both(cell, sample, mask=mask))
