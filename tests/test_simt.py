@@ -14,15 +14,20 @@ machines that take each path of the kernels: thread-block clusters
 (every grid-stride loop), and threads run first-to-last or last-to-first
 (a result that depends on their interleaving differs between the two).
 
-What this cannot show is listed at the top of simt_emulation.h (races
-between truly parallel threads, the device's own math, speed);
-scripts/gpu_check.sh on a GPU has the last word. Building the emulation
-takes about a minute, once per session (build/simt, ninja).
+Uninitialised tensors and shared memory start as NaN (initcheck's
+stand-in), and the last test reruns the others under AddressSanitizer
+(memcheck's). What this cannot show is listed at the top of
+simt_emulation.h (races between truly parallel threads, the device's own
+math, speed); scripts/gpu_check.sh on a GPU has the last word. Building the
+emulation takes about 25 s, and as much again with AddressSanitizer
+(build/rnnfast_simt*, rebuilt by ninja when a source or header changes).
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,6 +43,7 @@ OPS = ["lstm_forward", "lstm_backward", "layer_norm_lstm_forward", "layer_norm_l
 H200 = (132, 4, 65535)          # clusters of up to 4 blocks for short batches
 PRE_HOPPER = (108, 1, 65535)    # one block per row, up to 512 threads
 TINY_GRID = (132, 4, 1)         # one block (or cluster) per grid: every kernel loops
+ASAN_ENV = "RNNFAST_SIMT_ASAN"
 
 
 @pytest.fixture(scope="session")
@@ -48,12 +54,16 @@ def simt():
 
     import rnnfast  # noqa: F401  (defines torch.ops.rnnfast.*)
 
-    build = ROOT / "build" / "simt"
+    flags = ["-O1", "-DRNNFAST_SIMT_EMULATION", "-Wno-unknown-pragmas"]
+    name = "rnnfast_simt"
+    if os.environ.get(ASAN_ENV):  # see test_emulated_backend_under_address_sanitizer
+        flags += ["-fsanitize=address", "-fno-omit-frame-pointer"]
+        name += "_asan"
+    build = ROOT / "build" / name
     build.mkdir(parents=True, exist_ok=True)
     module = cpp_extension.load(
-        name="rnnfast_simt",
-        sources=[str(ROOT / "tests" / "simt" / f"{s}.cpp") for s in SOURCES],
-        extra_cflags=["-O1", "-DRNNFAST_SIMT_EMULATION", "-Wno-unknown-pragmas"],
+        name=name, sources=[str(ROOT / "tests" / "simt" / f"{s}.cpp") for s in SOURCES],
+        extra_cflags=flags, extra_ldflags=flags[-2:] if name.endswith("asan") else [],
         build_directory=str(build), verbose=bool(os.environ.get("RNNFAST_VERBOSE_BUILD")))
     library = torch.library.Library("rnnfast_simt", "DEF")
     for op in OPS:
@@ -66,7 +76,15 @@ def simt():
 
 @pytest.fixture
 def machine(simt, request):
-    """Sets the emulated machine for one test, then restores the default."""
+    """Sets the emulated machine for one test, then restores the default.
+    Meanwhile every tensor torch allocates uninitialised (at::empty: the
+    backends' workspaces and outputs) is filled with NaN, so a kernel that
+    reads memory nothing wrote shows it in its results, as
+    compute-sanitizer's initcheck would on a GPU."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
     def configure(sms_cluster_blocks, reverse_order=False):
         sms, max_cluster, max_blocks = sms_cluster_blocks
         simt.configure(sms=sms, max_cluster=max_cluster, max_blocks=max_blocks,
@@ -75,6 +93,8 @@ def machine(simt, request):
     configure(H200)
     yield configure
     simt.configure()
+    torch.use_deterministic_algorithms(deterministic)
+    torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 def _simt_op(name):
@@ -256,3 +276,35 @@ def test_output_mask_agrees_with_cpu(cell, simt, machine):
     n = len(cell.backward._schema.returns)
     mask = [True] + [False] * (n - 1)
     _assert_agree(_both(cell, sample, mask=mask))
+
+
+# ---- compute-sanitizer memcheck's stand-in ---------------------------------------
+
+def test_emulated_backend_under_address_sanitizer(tmp_path):
+    """The tests above again, in a Python under AddressSanitizer with the
+    emulation built with -fsanitize=address: a read or write past any
+    tensor, or past a block's shared object, by a kernel or the drivers is
+    an error naming the kernel (what memcheck would report on a GPU). A
+    kernel that reads one row past its last, for instance, passes the
+    parity tests (the values past the end are not used) and fails here."""
+    if os.environ.get(ASAN_ENV):
+        pytest.skip("already under AddressSanitizer")
+    cxx = os.environ.get("CXX", "c++")
+    runtime = []
+    for lib in ("libasan.so", "libstdc++.so"):
+        found = subprocess.run([cxx, f"-print-file-name={lib}"], capture_output=True,
+                               text=True).stdout.strip()
+        if not os.path.isabs(found) or not os.path.exists(found):
+            pytest.skip(f"{cxx} has no {lib}")
+        runtime.append(found)
+    env = dict(os.environ, LD_PRELOAD=" ".join(runtime), **{ASAN_ENV: "1"},
+               ASAN_OPTIONS=f"detect_leaks=0:log_path={tmp_path / 'asan'}")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+         "-k", "not address_sanitizer"],
+        env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    reports = "".join(p.read_text() for p in sorted(tmp_path.glob("asan*"))
+                      if "ERROR: AddressSanitizer" in p.read_text())
+    assert result.returncode == 0 and not reports, (
+        f"exit {result.returncode}\n{reports[-6000:]}\n{result.stdout[-3000:]}"
+        f"\n{result.stderr[-2000:]}")

@@ -30,6 +30,9 @@
 // - cuBLAS's column-major Sgemm / Dgemm / GemmEx with its argument checks
 //   (CUBLAS_STATUS_INVALID_VALUE for a leading dimension too small), and
 //   the runtime's memcpy and memset, as plain host code on host memory.
+// Out-of-bounds accesses are left to AddressSanitizer (the tests build this
+// emulation with -fsanitize=address too): each shared object is a heap
+// allocation of its exact size, so it sees those as it sees tensors'.
 // What it cannot show: data races between threads that run truly in
 // parallel on a GPU, the device's own math (lstm_cell.h's __expf path),
 // the memory model, speed. compute-sanitizer on a GPU (scripts/gpu_check.sh)
