@@ -29,6 +29,13 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from utils import CELLS, Cell  # noqa: E402
 
+# RNNFAST_TEST_CUDA_BACKEND_ON_CPU=1: rnnfast's CPU ops run the CUDA backend's
+# code under the CPU emulation of the GPU (tests/simt_emulation.py), so the
+# CPU tests check it (test_simt.py runs a selection of them this way).
+if os.environ.get("RNNFAST_TEST_CUDA_BACKEND_ON_CPU"):
+    import simt_emulation  # noqa: E402
+    simt_emulation.route_cpu_ops_through_emulation()
+
 
 def _skip_unless_cuda() -> None:
     if not torch.cuda.is_available():

@@ -28,48 +28,24 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+import simt_emulation
+from simt_emulation import ASAN_ENV, ROOT
 from utils import backward_op_args, make_op_args
-
-ROOT = Path(__file__).resolve().parent.parent
-SOURCES = ["module", "kernels_lstm", "kernels_layer_norm", "selftest"]
-OPS = ["lstm_forward", "lstm_backward", "layer_norm_lstm_forward", "layer_norm_lstm_backward"]
 
 # Emulated machines: (sms, max_cluster, max_blocks).
 H200 = (132, 4, 65535)          # clusters of up to 4 blocks for short batches
 PRE_HOPPER = (108, 1, 65535)    # one block per row, up to 512 threads
 TINY_GRID = (132, 4, 1)         # one block (or cluster) per grid: every kernel loops
-ASAN_ENV = "RNNFAST_SIMT_ASAN"
 
 
 @pytest.fixture(scope="session")
 def simt():
-    """The emulated CUDA backend: built once per session, its ops defined
-    under ``torch.ops.rnnfast_simt`` with rnnfast's schemas."""
-    import torch.utils.cpp_extension as cpp_extension
-
-    import rnnfast  # noqa: F401  (defines torch.ops.rnnfast.*)
-
-    flags = ["-O1", "-DRNNFAST_SIMT_EMULATION", "-Wno-unknown-pragmas"]
-    name = "rnnfast_simt"
-    if os.environ.get(ASAN_ENV):  # see test_emulated_backend_under_address_sanitizer
-        flags += ["-fsanitize=address", "-fno-omit-frame-pointer"]
-        name += "_asan"
-    build = ROOT / "build" / name
-    build.mkdir(parents=True, exist_ok=True)
-    module = cpp_extension.load(
-        name=name, sources=[str(ROOT / "tests" / "simt" / f"{s}.cpp") for s in SOURCES],
-        extra_cflags=flags, extra_ldflags=flags[-2:] if name.endswith("asan") else [],
-        build_directory=str(build), verbose=bool(os.environ.get("RNNFAST_VERBOSE_BUILD")))
-    library = torch.library.Library("rnnfast_simt", "DEF")
-    for op in OPS:
-        schema = str(getattr(torch.ops.rnnfast, op).default._schema)
-        library.define(schema.split("::", 1)[1])
-    module.library = library  # kept alive with the module
+    """The emulated CUDA backend (simt_emulation.load())."""
+    module = simt_emulation.load()
     yield module
     module.configure()
 
@@ -301,10 +277,44 @@ def test_emulated_backend_under_address_sanitizer(tmp_path):
                ASAN_OPTIONS=f"detect_leaks=0:log_path={tmp_path / 'asan'}")
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
-         "-k", "not address_sanitizer"],
+         "-k", "not address_sanitizer and not emulated_cuda_backend"],
         env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     reports = "".join(p.read_text() for p in sorted(tmp_path.glob("asan*"))
                       if "ERROR: AddressSanitizer" in p.read_text())
     assert result.returncode == 0 and not reports, (
         f"exit {result.returncode}\n{reports[-6000:]}\n{result.stdout[-3000:]}"
         f"\n{result.stderr[-2000:]}")
+
+
+# ---- the CPU tests, on the CUDA backend ------------------------------------------
+
+# The shared cell tests and those of each cell, the regularisers and the
+# output masks, with rnnfast's CPU ops routed through the emulated CUDA
+# backend (conftest.py); left out for time are those that repeat an op many
+# times on one case (gradcheck: the ops' gradients are the CPU's to 1e-12
+# above, and the CPU's are gradchecked; bitwise determinism across CPU
+# thread counts; backward split over gradient blocks, a CPU cache size; the
+# compile tests).
+ROUTED_FILES = ["test_cells.py", "test_lstm.py", "test_layer_norm_lstm.py",
+                "test_regularisers.py", "test_output_mask.py"]
+ROUTED_SKIP = ("not gradcheck and not bitwise_deterministic and not several_gradient_blocks"
+               " and not compile and not larger_hidden")
+
+
+def test_cpu_suite_passes_on_the_emulated_cuda_backend():
+    """nn.LSTM and reference parity over the parametrised grids (layers,
+    directions, projection, batch_first, PackedSequence, given states,
+    float32 and float64), the 2x-of-PyTorch's-error rule in bfloat16 and
+    float16 (native half GEMMs on this backend), zoneout, DropConnect,
+    variational dropout, output masks, bad input: the CPU suite, every op
+    call run by the CUDA backend's code."""
+    if os.environ.get(simt_emulation.ROUTE_ENV) or os.environ.get(ASAN_ENV):
+        pytest.skip("already routed")
+    simt_emulation.load()  # build here, so a build error shows as this test's
+    env = dict(os.environ, **{simt_emulation.ROUTE_ENV: "1"})
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", ROUTED_SKIP,
+         *[str(ROOT / "tests" / f) for f in ROUTED_FILES]],
+        env=env, capture_output=True, text=True, timeout=1500, cwd=ROOT)
+    assert result.returncode == 0, f"{result.stdout[-6000:]}\n{result.stderr[-2000:]}"
+    assert " passed" in result.stdout.splitlines()[-1]
