@@ -11,6 +11,7 @@ file runs the CUDA backend's code on the CPU.
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 
@@ -63,10 +64,13 @@ def route_cpu_ops_through_emulation():
     load()
     library = torch.library.Library("rnnfast", "IMPL")
     cpu = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+    # An older torch has no allow_override (it overrides with a warning).
+    override = ({"allow_override": True}
+                if "allow_override" in inspect.signature(library.impl).parameters else {})
     for op in OPS:
         emulated = getattr(torch.ops.rnnfast_simt, op).default
         # Straight to the emulated op's CPU kernel, whatever devices its
         # arguments claim (as the dispatcher reached this CPU kernel).
         library.impl(op, lambda *args, _op=emulated: _op.redispatch(cpu, *args), "CPU",
-                     allow_override=True)
+                     **override)
     _loaded.route_library = library
