@@ -10,6 +10,8 @@
 // batch; the same row index refers to the same sequence at every step.
 #pragma once
 
+#include <c10/macros/Macros.h>
+
 #include <cstdint>
 #include <vector>
 
@@ -71,9 +73,9 @@ struct PreviousHidden {
   const S* starting = nullptr;
   int64_t starting_rows = 0;
   int64_t ld = 0;
-  int64_t rows() const { return continuing_rows + starting_rows; }
+  C10_HOST_DEVICE int64_t rows() const { return continuing_rows + starting_rows; }
   // h_{t-1} of the step's row `row` (< rows()).
-  const S* row(int64_t row) const {
+  C10_HOST_DEVICE const S* row(int64_t row) const {
     return row < continuing_rows ? continuing + row * ld
                                  : starting + (row - continuing_rows) * ld;
   }

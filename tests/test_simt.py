@@ -61,10 +61,10 @@ def machine(simt, request):
     fill = torch.utils.deterministic.fill_uninitialized_memory
     torch.use_deterministic_algorithms(True)
     torch.utils.deterministic.fill_uninitialized_memory = True
-    def configure(sms_cluster_blocks, reverse_order=False):
+    def configure(sms_cluster_blocks, reverse_order=False, fused_step_rows=8):
         sms, max_cluster, max_blocks = sms_cluster_blocks
         simt.configure(sms=sms, max_cluster=max_cluster, max_blocks=max_blocks,
-                       reverse_order=reverse_order)
+                       reverse_order=reverse_order, fused_step_rows=fused_step_rows)
         simt.reset_counters()
     configure(H200)
     yield configure
@@ -157,9 +157,13 @@ def test_emulated_cluster_reads_every_blocks_shared_memory(simt):
 
 # ---- the CUDA backend against the CPU backend ------------------------------------
 
-def test_agrees_with_cpu_on_every_sample(cell, simt, machine):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-step", "gemm-step"])
+def test_agrees_with_cpu_on_every_sample(cell, simt, machine, fused):
     """Padded and packed input, with and without biases (and projection),
-    both directions, training and inference: every output and gradient."""
+    both directions, training and inference: every output and gradient;
+    the LSTM's forward steps (all of at most 8 rows here) with the product
+    in the step kernel (lstm_fused_forward_step) and through cuBLAS."""
+    machine(H200, fused_step_rows=8 if fused else 0)
     for sample in cell.sample_inputs("cpu"):
         _assert_agree(_both(cell, sample))
 
@@ -234,14 +238,18 @@ def test_results_do_not_depend_on_thread_order(cell, simt, machine, machine_name
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-step", "gemm-step"])
 @pytest.mark.parametrize("hidden", [32, 600])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_native_half_types_agree_with_cpu(cell, simt, machine, dtype, hidden):
+def test_native_half_types_agree_with_cpu(cell, simt, machine, dtype, hidden, fused):
     """Half types run natively on CUDA (half GEMM operands, float
     accumulation, states in float), upcast on the CPU: equal within a few
     units of the half type's rounding of each tensor's largest value."""
     sample = _cell_sample(cell, steps=5 if hidden < 100 else 2, batch=4, input_size=8,
                           hidden=hidden, seed=12, dtype=dtype)
+    if cell.layer_norm and not fused:
+        pytest.skip("the LayerNorm-LSTM has no fused step")
+    machine(H200, fused_step_rows=8 if fused else 0)
     eps = torch.finfo(dtype).eps
     _assert_agree(_both(cell, sample), atol=8 * eps, rtol=8 * eps, scaled=True)
 
@@ -277,7 +285,8 @@ def test_emulated_backend_under_address_sanitizer(tmp_path):
                ASAN_OPTIONS=f"detect_leaks=0:log_path={tmp_path / 'asan'}")
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
-         "-k", "not address_sanitizer and not emulated_cuda_backend"],
+         # (thread order is not what this run checks)
+         "-k", "not address_sanitizer and not emulated_cuda_backend and not thread_order"],
         env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     reports = "".join(p.read_text() for p in sorted(tmp_path.glob("asan*"))
                       if "ERROR: AddressSanitizer" in p.read_text())
@@ -318,3 +327,17 @@ def test_cpu_suite_passes_on_the_emulated_cuda_backend():
         env=env, capture_output=True, text=True, timeout=1500, cwd=ROOT)
     assert result.returncode == 0, f"{result.stdout[-6000:]}\n{result.stderr[-2000:]}"
     assert " passed" in result.stdout.splitlines()[-1]
+
+
+@pytest.mark.parametrize("batch", [1, 8, 9])
+def test_fused_step_takes_steps_of_at_most_8_rows(simt, machine, batch):
+    """An LSTM inference forward of T steps runs T cuBLAS products where a
+    step has more rows than kFusedStepRows, none where it has fewer (the
+    input projection is ATen's addmm, not counted), with the same result."""
+    sample = make_op_args(steps=4, batch=batch, input_size=5, hidden=40, training=False,
+                          seed=14)
+    expected = torch.ops.rnnfast.lstm_forward(*sample.args)
+    got = _simt_op("lstm_forward")(*sample.args)
+    for name, e, g in zip(("output", "hy", "cy"), expected, got):
+        torch.testing.assert_close(g, e, atol=1e-12, rtol=1e-10, msg=lambda m, k=name: k + m)
+    assert simt.counters()["gemms"] == (0 if batch <= 8 else 4)

@@ -12,6 +12,9 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
 #include <limits>
 
 #include "../lstm_params.h"
@@ -19,6 +22,19 @@
 #include "step_kernels.h"
 
 namespace rnnfast::cuda {
+
+// Forward steps of at most this many rows run the product and the cell in
+// one launch (lstm_fused_forward_step); kFusedStepRows unless
+// RNNFAST_CUDA_FUSED_STEP_ROWS (0 to kFusedStepRows; 0 turns it off, to
+// compare the two) says otherwise when the process first asks.
+inline std::atomic<int64_t>& fused_step_rows() {
+  static std::atomic<int64_t> rows{[] {
+    const char* v = std::getenv("RNNFAST_CUDA_FUSED_STEP_ROWS");
+    if (v == nullptr || *v == '\0') return kFusedStepRows;
+    return std::clamp<int64_t>(std::atoll(v), 0, kFusedStepRows);
+  }()};
+  return rows;
+}
 
 struct CudaBackend {
   template <typename S>
@@ -83,11 +99,17 @@ struct CudaBackend {
                                   int64_t /*weight_bytes*/) {
     return 0;
   }
-  // The product, then the step kernel.
+  // The product, then the step kernel; for a few rows both in one launch.
   template <bool Training, bool ZoneoutCell, typename T, typename S>
   static void recurrent_forward_step(const StepWeight<S>& whh,
                                      const PreviousHidden<S>& h,
                                      const ForwardStepParams<T, S>& p) {
+    if (h.rows() <= fused_step_rows().load(std::memory_order_relaxed) &&
+        whh.transposed()) {
+      lstm_fused_forward_step<Training, ZoneoutCell>(
+          FusedForwardStepParams<T, S>{p, h, whh.data(), whh.ld(), whh.k()});
+      return;
+    }
     multiply_hidden_rows(h, 0, h.rows(), whh, T(1), p.gates, 4 * p.hidden);
     forward_step<Training, ZoneoutCell>(p);
   }

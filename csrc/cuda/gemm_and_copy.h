@@ -74,6 +74,12 @@ class StepWeight {
                 int64_t ldc) const {
     gemm(handle_, false, trans_b_, m, n_, k_, a, lda, b_, ldb_, beta, c, ldc);
   }
+  // B itself, for kernels that read it directly: [n, k] with leading
+  // dimension ld() when transposed(), else [k, n].
+  const S* data() const { return b_; }
+  int64_t ld() const { return ldb_; }
+  bool transposed() const { return trans_b_; }
+  int64_t k() const { return k_; }
 
  private:
   BlasHandle handle_;

@@ -21,6 +21,7 @@
 namespace rnnfast::cuda {
 
 constexpr int kBlockThreads = 256;
+constexpr int kWarpSize = 32;
 // Enough blocks to fill every SM of the largest GPUs many times over; the
 // kernels loop over what a grid this size does not cover.
 constexpr int64_t kMaxBlocks = 65535;

@@ -50,7 +50,6 @@
 
 namespace rnnfast::cuda {
 
-constexpr int kWarpSize = 32;
 constexpr int kMaxBlockWarps = kMaxRowThreads / kWarpSize;
 
 // Shared scratch of row_sum: one slot per warp of the block and per value,

@@ -16,38 +16,107 @@
 
 namespace rnnfast::cuda {
 
+// The cell of element (row, j) of a forward step: the pre-activations in
+// p.gates (plus `product`, the recurrent product, when AddProduct) in, the
+// activated gates, the cell state and r out.
+template <bool Training, bool ZoneoutCell, bool AddProduct, typename T,
+          typename S, typename acc_t = at::opmath_type<T>>
+__device__ __forceinline__ void forward_element(
+    const ForwardStepParams<T, S>& p, int64_t row, int64_t j,
+    const acc_t (&product)[4]) {
+  const int64_t H = p.hidden;
+  const int64_t e = row * H + j;
+  T* gates = p.gates + row * 4 * H + j;
+  acc_t pre[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    pre[k] = static_cast<acc_t>(gates[k * H]);
+    if constexpr (AddProduct) pre[k] += product[k];
+  }
+  const acc_t c_prev = static_cast<acc_t>(p.cell_state[e]);
+  const auto out = lstm_cell_forward<acc_t>(pre[0], pre[1], pre[2], pre[3], c_prev);
+  gates[0] = static_cast<T>(out.i);
+  gates[H] = static_cast<T>(out.f);
+  gates[2 * H] = static_cast<T>(out.g);
+  gates[3 * H] = static_cast<T>(out.o);
+  if constexpr (ZoneoutCell) {
+    const acc_t a =
+        zoneout_coefficient_at<acc_t>(p.zoneout.mask, e, p.zoneout.rate);
+    const T c = static_cast<T>(zoneout(a, c_prev, out.c));
+    p.cell_state[e] = c;
+    if constexpr (Training) p.cell_state_save[e] = c;
+  } else {
+    p.cell_state[e] = static_cast<T>(out.c);
+  }
+  if constexpr (Training) p.cell_save[e] = static_cast<T>(out.c);
+  p.hidden_out[e] = static_cast<S>(out.r);
+}
+
 template <bool Training, bool ZoneoutCell, typename T, typename S>
 __global__ void __launch_bounds__(kBlockThreads)
     lstm_forward_step_kernel(const ForwardStepParams<T, S> p) {
   using acc_t = at::opmath_type<T>;
-  const int64_t H = p.hidden;
   const int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (j >= H) return;
+  if (j >= p.hidden) return;
   const int64_t row_stride = int64_t(gridDim.y) * blockDim.y;
+  const acc_t none[4] = {};
   for (int64_t row = int64_t(blockIdx.y) * blockDim.y + threadIdx.y;
        row < p.rows; row += row_stride) {
-    const int64_t e = row * H + j;
-    T* gates = p.gates + row * 4 * H + j;
-    const acc_t c_prev = static_cast<acc_t>(p.cell_state[e]);
-    const auto out = lstm_cell_forward<acc_t>(
-        static_cast<acc_t>(gates[0]), static_cast<acc_t>(gates[H]),
-        static_cast<acc_t>(gates[2 * H]), static_cast<acc_t>(gates[3 * H]),
-        c_prev);
-    gates[0] = static_cast<T>(out.i);
-    gates[H] = static_cast<T>(out.f);
-    gates[2 * H] = static_cast<T>(out.g);
-    gates[3 * H] = static_cast<T>(out.o);
-    if constexpr (ZoneoutCell) {
-      const acc_t a =
-          zoneout_coefficient_at<acc_t>(p.zoneout.mask, e, p.zoneout.rate);
-      const T c = static_cast<T>(zoneout(a, c_prev, out.c));
-      p.cell_state[e] = c;
-      if constexpr (Training) p.cell_state_save[e] = c;
-    } else {
-      p.cell_state[e] = static_cast<T>(out.c);
+    forward_element<Training, ZoneoutCell, false>(p, row, j, none);
+  }
+}
+
+// lstm_fused_forward_step: a warp per hidden unit j (looping over the units
+// with the grid's warps). Its lanes stride over the P columns of h_{t-1},
+// each adding, for every row, the products with the four gate rows k H + j
+// of W_hh; a butterfly then gives every lane the warp's sums, and lane r
+// runs the cell of row r. W_hh is read once, coalesced, and the gates stay
+// in registers between the product and the cell: a step of a few rows is
+// bound by reading W_hh, and this is one launch instead of a GEMM and a
+// step kernel.
+template <bool Training, bool ZoneoutCell, typename T, typename S>
+__global__ void __launch_bounds__(kBlockThreads)
+    lstm_fused_forward_step_kernel(const FusedForwardStepParams<T, S> q) {
+  using acc_t = at::opmath_type<T>;
+  constexpr int R = static_cast<int>(kFusedStepRows);
+  const ForwardStepParams<T, S>& p = q.step;
+  const int64_t H = p.hidden;
+  const int rows = static_cast<int>(p.rows);  // <= R, uniform in the grid
+  const int lane = static_cast<int>(threadIdx.x % kWarpSize);
+  const int64_t warps = int64_t(gridDim.x) * blockDim.x / kWarpSize;
+  for (int64_t j = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / kWarpSize;
+       j < H; j += warps) {  // uniform in a warp: whole warps loop
+    acc_t sum[R][4] = {};
+    for (int64_t c = lane; c < q.width; c += kWarpSize) {
+      acc_t w[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        w[k] = static_cast<acc_t>(q.weight[(k * H + j) * q.weight_ld + c]);
+      }
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        if (r < rows) {
+          const acc_t x = static_cast<acc_t>(q.previous.row(r)[c]);
+#pragma unroll
+          for (int k = 0; k < 4; ++k) sum[r][k] += x * w[k];
+        }
+      }
     }
-    if constexpr (Training) p.cell_save[e] = static_cast<T>(out.c);
-    p.hidden_out[e] = static_cast<S>(out.r);
+    acc_t mine[4] = {};
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (r < rows) {  // uniform: every lane takes part in the shuffles
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+#pragma unroll
+          for (int m = kWarpSize / 2; m > 0; m /= 2) {
+            sum[r][k] += __shfl_xor_sync(0xffffffffu, sum[r][k], m);
+          }
+          if (r == lane) mine[k] = sum[r][k];
+        }
+      }
+    }
+    if (lane < rows) forward_element<Training, ZoneoutCell, true>(p, lane, j, mine);
   }
 }
 
@@ -100,6 +169,19 @@ void lstm_forward_step(const ForwardStepParams<T, S>& p) {
   if (p.rows <= 0 || p.hidden <= 0) return;
   launch(&lstm_forward_step_kernel<Training, ZoneoutCell, T, S>,
          rows_by_cols(p.rows, p.hidden), p);
+}
+
+template <bool Training, bool ZoneoutCell, typename T, typename S>
+void lstm_fused_forward_step(const FusedForwardStepParams<T, S>& p) {
+  if (p.step.rows <= 0 || p.step.hidden <= 0) return;
+  TORCH_CHECK(p.step.rows <= kFusedStepRows,
+              "rnnfast: internal error: a fused step of ", p.step.rows, " rows");
+  const int64_t warps_per_block = kBlockThreads / kWarpSize;
+  const int64_t blocks = std::min<int64_t>(
+      (p.step.hidden + warps_per_block - 1) / warps_per_block, max_blocks());
+  launch(&lstm_fused_forward_step_kernel<Training, ZoneoutCell, T, S>,
+         LaunchShape{dim3(static_cast<unsigned>(blocks)), dim3(kBlockThreads)},
+         p);
 }
 
 template <bool AddOutputGrad, bool ZoneoutCell, typename T, typename S>

@@ -6,7 +6,7 @@
 //
 // What it emulates, and how strictly:
 // - Kernel launches: every block of the grid, and every thread of a block,
-//   runs the kernel body as a fiber (ucontext) on the calling thread; a
+//   runs the kernel body as a fiber on the calling thread; a
 //   thread-block cluster runs its blocks together. A fiber runs until it
 //   waits at one of the synchronisation points below or ends; then the
 //   lowest-numbered thread that may run goes on (the highest with
@@ -115,13 +115,66 @@ struct Barrier {
   std::vector<size_t> waiters;  // threads of the launch
 };
 
+// A fiber's saved context, and the switch between two. On x86-64 a few
+// instructions that keep the callee-saved registers, the SSE and x87
+// control words and the stack pointer (rnnfast_simt_switch, defined by the
+// one unit that defines RNNFAST_SIMT_DEFINE_SWITCH); elsewhere, and under
+// AddressSanitizer (which follows swapcontext but not a hand-made switch),
+// ucontext, whose swapcontext also saves the signal mask with a system call
+// at every switch (about three times slower).
+#if defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
+#define RNNFAST_SIMT_FAST_SWITCH 1
+extern "C" void rnnfast_simt_switch(void** save_sp, void* load_sp);
+struct Context {
+  void* sp = nullptr;
+};
+inline void switch_context(Context& from, Context& to) {
+  rnnfast_simt_switch(&from.sp, to.sp);
+}
+// `c` starts `entry` on [stack, stack + size) at its first switch.
+inline void start_context(Context& c, char* stack, size_t size, void (*entry)()) {
+  auto top = reinterpret_cast<uintptr_t>(stack + size) & ~uintptr_t(15);
+  // The return address rnnfast_simt_switch's `ret` takes, 16-aligned so
+  // that entry starts as if called; below it the six registers it pops and
+  // the control words it loads (the current ones).
+  auto* ret = reinterpret_cast<uintptr_t*>(top - 16);
+  ret[0] = reinterpret_cast<uintptr_t>(entry);
+  ret[1] = 0;
+  uintptr_t* sp = ret - 7;
+  for (int i = 0; i < 7; ++i) sp[i] = 0;
+  uint32_t mxcsr = 0;
+  uint16_t fpu = 0;
+  asm volatile("stmxcsr %0" : "=m"(mxcsr));
+  asm volatile("fnstcw %0" : "=m"(fpu));
+  std::memcpy(reinterpret_cast<char*>(sp), &mxcsr, 4);
+  std::memcpy(reinterpret_cast<char*>(sp) + 4, &fpu, 2);
+  c.sp = sp;
+}
+#else
+#define RNNFAST_SIMT_FAST_SWITCH 0
+struct Context {
+  ucontext_t uc;
+};
+inline void switch_context(Context& from, Context& to) {
+  swapcontext(&from.uc, &to.uc);
+}
+inline void start_context(Context& c, char* stack, size_t size, void (*entry)()) {
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = stack;
+  c.uc.uc_stack.ss_size = size;
+  c.uc.uc_link = nullptr;  // entry never returns
+  makecontext(&c.uc, entry, 0);
+}
+#endif
+
 struct Block;
 struct Thread {
-  ucontext_t context;
+  Context context;
   uint3 thread_idx, block_idx;
   Block* block = nullptr;
   int warp = 0, lane = 0;
   size_t index = 0;  // in Launch::threads
+  uint64_t shuffles = 0;  // warp shuffles this thread has done
   bool done = false;
   Barrier* waiting_on = nullptr;
 };
@@ -131,7 +184,10 @@ struct Block {
   unsigned rank = 0;  // in its cluster
   Barrier barrier;    // __syncthreads
   std::vector<Barrier> warps;
-  std::vector<std::array<uint64_t, 32>> lanes;  // shuffle exchange
+  // Shuffle exchange, two slots per lane used in turn: a lane can be at most
+  // one shuffle ahead of its warp's slowest reader (each shuffle waits for
+  // the whole warp), so it never overwrites a value still to be read.
+  std::vector<std::array<std::array<uint64_t, 32>, 2>> lanes;
   // block_shared<T>(): one object per type
   struct Allocation {
     std::unique_ptr<unsigned char[]> bytes;
@@ -147,7 +203,7 @@ struct Launch {
   Barrier cluster_barrier;
   std::vector<Thread> threads;
   std::set<size_t> ready;  // threads that may run
-  ucontext_t scheduler;
+  Context scheduler;
   Thread* current = nullptr;
   std::function<void()> body;
   std::string error;
@@ -168,7 +224,7 @@ inline Thread& current_thread() { return *current_launch().current; }
 inline void yield() {
   Launch& l = current_launch();
   Thread* self = l.current;
-  swapcontext(&self->context, &l.scheduler);
+  switch_context(self->context, l.scheduler);
 }
 
 // Stops the calling thread with an error that the launch then reports (an
@@ -177,7 +233,7 @@ inline void yield() {
   Launch& l = current_launch();
   if (l.error.empty()) l.error = message;
   l.current->done = true;
-  setcontext(&l.scheduler);
+  switch_context(l.current->context, l.scheduler);  // never resumed
   __builtin_unreachable();
 }
 
@@ -212,11 +268,12 @@ T shfl_xor(unsigned mask, T value, int lane_mask, int width) {
   if (b.warps[t.warp].expected != 32) {
     fail("simt: a full-mask shuffle in a warp of fewer than 32 threads");
   }
-  std::memcpy(&b.lanes[t.warp][t.lane], &value, sizeof(T));
+  const size_t turn = t.shuffles % 2;
+  ++t.shuffles;
+  std::memcpy(&b.lanes[t.warp][turn][t.lane], &value, sizeof(T));
   wait(b.warps[t.warp]);
   T other;
-  std::memcpy(&other, &b.lanes[t.warp][t.lane ^ (lane_mask & 31)], sizeof(T));
-  wait(b.warps[t.warp]);  // every lane has read before the slots are reused
+  std::memcpy(&other, &b.lanes[t.warp][turn][t.lane ^ (lane_mask & 31)], sizeof(T));
   return other;
 }
 
@@ -290,11 +347,12 @@ inline std::vector<std::unique_ptr<Stack>>& stacks() {
   return s;
 }
 
-inline void thread_entry() {
+[[noreturn]] inline void thread_entry() {
   Launch& l = current_launch();
   l.body();
   l.current->done = true;
-  // returns to uc_link: the scheduler
+  switch_context(l.current->context, l.scheduler);  // never resumed
+  __builtin_unreachable();
 }
 
 inline std::string describe(const Thread& t) {
@@ -340,11 +398,7 @@ inline void run_cluster(Launch& l, uint3 first) {
     t.lane = static_cast<int>(linear % 32);
     t.index = i;
     l.ready.insert(i);
-    getcontext(&t.context);
-    t.context.uc_stack.ss_sp = pool[i]->begin();
-    t.context.uc_stack.ss_size = pool[i]->size();
-    t.context.uc_link = &l.scheduler;
-    makecontext(&t.context, &thread_entry, 0);
+    start_context(t.context, pool[i]->begin(), pool[i]->size(), &thread_entry);
   }
   size_t remaining = count;
   while (!l.ready.empty() && l.error.empty()) {
@@ -353,7 +407,7 @@ inline void run_cluster(Launch& l, uint3 first) {
     Thread& t = l.threads[*next];
     l.ready.erase(next);
     l.current = &t;
-    swapcontext(&l.scheduler, &t.context);
+    switch_context(l.scheduler, t.context);
     l.current = nullptr;
     if (t.done) --remaining;
   }
@@ -596,3 +650,37 @@ inline cublasHandle_t getCurrentCUDABlasHandle() {
   return &::rnnfast::simt::blas_context();
 }
 }  // namespace at::cuda
+
+#if RNNFAST_SIMT_FAST_SWITCH && defined(RNNFAST_SIMT_DEFINE_SWITCH)
+// rnnfast_simt_switch(save_sp, load_sp): pushes the callee-saved registers
+// and the control words, saves the stack pointer in *save_sp, then does the
+// reverse from load_sp (System V x86-64).
+asm(R"(
+  .text
+  .globl rnnfast_simt_switch
+  .type rnnfast_simt_switch, @function
+rnnfast_simt_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size rnnfast_simt_switch, .-rnnfast_simt_switch
+)");
+#endif

@@ -126,10 +126,11 @@ def environment(devices: Iterable[str]) -> dict[str, Any]:
 
 # Environment variables that change which instructions or kernels the
 # libraries run (a run with AVX2 forced on an AVX-512 CPU, for one), or
-# rnnfast's CPU choices: recorded with the results where they are set.
+# rnnfast's own kernel choices: recorded with the results where they are set.
 ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "DNNL_MAX_CPU_ISA",
                  "ONEDNN_MAX_CPU_ISA", "MKL_CBWR", "OMP_NUM_THREADS",
-                 "RNNFAST_CPU_STEP_GEMM", "RNNFAST_CPU_ROW_SPLIT")
+                 "RNNFAST_CPU_STEP_GEMM", "RNNFAST_CPU_ROW_SPLIT",
+                 "RNNFAST_CUDA_FUSED_STEP_ROWS")
 
 
 def isa_settings() -> dict[str, str]:

@@ -9,6 +9,8 @@
 #include "../../csrc/cuda/cuda_backend.h"
 #include "../../csrc/op_impls.h"
 // Last: it defines CUDA's names (threadIdx, __global__, ...) as macros.
+// This unit also defines the emulation's fiber switch.
+#define RNNFAST_SIMT_DEFINE_SWITCH
 #include "../../csrc/cuda/launch.cuh"
 
 namespace rnnfast::simt_selftest {
@@ -32,19 +34,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace simt = rnnfast::simt;
   m.def(
       "configure",
-      [](int sms, int max_cluster, int64_t max_blocks, bool reverse_order) {
+      [](int sms, int max_cluster, int64_t max_blocks, bool reverse_order,
+         int64_t fused_step_rows) {
         simt::Config& c = simt::config();
         c.sms = sms;
         c.max_cluster = max_cluster;
         c.max_blocks = max_blocks;
         c.reverse_order = reverse_order;
+        rnnfast::cuda::fused_step_rows() = fused_step_rows;
       },
       pybind11::arg("sms") = 132, pybind11::arg("max_cluster") = 4,
       pybind11::arg("max_blocks") = rnnfast::cuda::kMaxBlocks,
       pybind11::arg("reverse_order") = false,
+      pybind11::arg("fused_step_rows") = rnnfast::cuda::kFusedStepRows,
       "Sets the emulated machine: its SM count, the largest thread-block "
-      "cluster, the grid bound (launch.cuh's kMaxBlocks) and the order in "
-      "which each pass runs the threads.");
+      "cluster, the grid bound (launch.cuh's kMaxBlocks), the order in "
+      "which the threads run, and the most rows a fused forward step takes "
+      "(cuda_backend.h's fused_step_rows; 0: none).");
   m.def("counters", [] {
     const simt::Counters& c = simt::counters();
     pybind11::dict d;
