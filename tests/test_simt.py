@@ -19,7 +19,7 @@ stand-in), and the last test reruns the others under AddressSanitizer
 (memcheck's). What this cannot show is listed at the top of
 simt_emulation.h (races between truly parallel threads, the device's own
 math, speed); scripts/gpu_check.sh on a GPU has the last word. Building the
-emulation takes about 25 s, and as much again with AddressSanitizer
+emulation takes about 25 s, and about 40 s more with AddressSanitizer
 (build/rnnfast_simt*, rebuilt by ninja when a source or header changes).
 """
 
