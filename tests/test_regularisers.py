@@ -20,7 +20,7 @@ import rnnfast.functional as RF
 from rnnfast import _export
 from rnnfast.reference import layer_norm_lstm_reference, lstm_reference
 from utils import (CELLS, LSTM_CELL, backward_op_args, forward_backward, make_op_args,
-                   make_packed, random_input, random_states, weighted_loss)
+                   make_packed, random_input, random_states, weighted_loss, zoneout_masks)
 
 ZONEOUT_KINDS = {"h": (0.3, 0.0), "c": (0.0, 0.4), "hc": (0.3, 0.4)}
 
@@ -31,16 +31,6 @@ def _op_sample(cell, *, lengths=None, proj=0, seed=0, requires_grad=True):
     if proj:
         kwargs["proj"] = proj
     return cell.op_sample(**kwargs)
-
-
-def _masks(sample, z_h, z_c, seed=1):
-    """Fixed zoneout masks of a sample's output rows."""
-    g = torch.Generator().manual_seed(seed)
-    x, hx, cx = sample.args[:3]
-    rows = x.shape[:-1]
-    mask_h = (torch.rand((*rows, hx.shape[-1]), generator=g) < z_h) if z_h else None
-    mask_c = (torch.rand((*rows, cx.shape[-1]), generator=g) < z_c) if z_c else None
-    return mask_h, mask_c
 
 
 def _reference_layer(cell, sample, training, z_h, z_c, mask_h, mask_c):
@@ -86,7 +76,7 @@ def test_op_matches_reference_outputs_and_every_gradient(cell, layout, kind, mod
     z_h, z_c = ZONEOUT_KINDS[kind]
     sample = _op_sample(cell, lengths=[4, 3, 3, 1] if layout == "packed" else None,
                         proj=proj, seed=3)
-    mask_h, mask_c = _masks(sample, z_h, z_c)
+    mask_h, mask_c = zoneout_masks(sample, z_h, z_c)
     zo = _op_zoneout(mode, z_h, z_c, mask_h, mask_c)
     got = cell.forward(*sample.args, **zo)[:3]
     expected = _reference_layer(cell, sample, mode == "mask", z_h, z_c,
@@ -108,7 +98,7 @@ def test_op_matches_reference_outputs_and_every_gradient(cell, layout, kind, mod
 def test_gradcheck_with_fixed_masks(cell, mode):
     sample = _op_sample(cell, lengths=[3, 2, 1], proj=2 if cell.has_projection else 0,
                         seed=4)
-    mask_h, mask_c = _masks(sample, 0.4, 0.4, seed=2)
+    mask_h, mask_c = zoneout_masks(sample, 0.4, 0.4, seed=2)
     zo = _op_zoneout(mode, 0.4, 0.4, mask_h, mask_c)
 
     def fn(*diff):
@@ -120,14 +110,14 @@ def test_gradcheck_with_fixed_masks(cell, mode):
 @pytest.mark.parametrize("mode", ["mask", "rate"])
 def test_opcheck_with_zoneout(cell, mode):
     sample = _op_sample(cell, seed=6, requires_grad=True)
-    mask_h, mask_c = _masks(sample, 0.3, 0.5, seed=3)
+    mask_h, mask_c = zoneout_masks(sample, 0.3, 0.5, seed=3)
     zo = _op_zoneout(mode, 0.3, 0.5, mask_h, mask_c)
     torch.library.opcheck(cell.forward, sample.args, zo)
 
 
 def test_backward_op_opcheck_with_zoneout(cell):
     sample = _op_sample(cell, seed=7, requires_grad=False)
-    mask_h, mask_c = _masks(sample, 0.3, 0.5, seed=4)
+    mask_h, mask_c = zoneout_masks(sample, 0.3, 0.5, seed=4)
     zo = _op_zoneout("mask", 0.3, 0.5, mask_h, mask_c)
     saved = cell.forward(*sample.args, **zo)
     g = torch.Generator().manual_seed(8)
@@ -173,7 +163,7 @@ def test_cell_states_are_the_carried_states(cell):
     """In training with zoneout on c the op keeps the carried c_t, and cy is
     the last one."""
     sample = _op_sample(cell, seed=9, requires_grad=False)
-    _, mask_c = _masks(sample, 0.0, 0.5, seed=5)
+    _, mask_c = zoneout_masks(sample, 0.0, 0.5, seed=5)
     out = cell.forward(*sample.args, zoneout_cell_mask=mask_c)
     cell_states, cy = out[-1], out[2]
     B = cy.shape[0]
@@ -395,7 +385,7 @@ def test_variational_dropout_must_be_a_bool(cell):
 
 def test_op_refuses_bad_masks(cell):
     sample = _op_sample(cell, seed=12, requires_grad=False)
-    mask_h, mask_c = _masks(sample, 0.5, 0.5)
+    mask_h, mask_c = zoneout_masks(sample, 0.5, 0.5)
     with pytest.raises(RuntimeError, match="zoneout_hidden_mask must be a bool tensor"):
         cell.forward(*sample.args, zoneout_hidden_mask=mask_h.float())
     with pytest.raises(RuntimeError, match="expected zoneout_cell_mask of size"):
@@ -408,7 +398,7 @@ def test_op_refuses_bad_masks(cell):
 
 def test_backward_without_cell_states_is_refused(cell):
     sample = _op_sample(cell, seed=13, requires_grad=False)
-    _, mask_c = _masks(sample, 0.0, 0.5)
+    _, mask_c = zoneout_masks(sample, 0.0, 0.5)
     saved = cell.forward(*sample.args)
     grads = [torch.ones_like(t) for t in saved[:3]]
     args = backward_op_args(cell, sample, grads, saved)
@@ -502,7 +492,7 @@ def test_jit_trace_with_zoneout_in_eval(cell):
 def test_vmap_with_zoneout_masks():
     """torch.func.vmap over the op with masks (one call per slice)."""
     sample = _op_sample(LSTM_CELL, seed=15, requires_grad=False)
-    mask_h, mask_c = _masks(sample, 0.3, 0.3)
+    mask_h, mask_c = zoneout_masks(sample, 0.3, 0.3)
     x = torch.stack([sample.args[0], sample.args[0] * 0.5])
 
     def f(xi):

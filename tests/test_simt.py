@@ -34,7 +34,7 @@ import torch
 
 import simt_emulation
 from simt_emulation import ASAN_ENV, ROOT
-from utils import backward_op_args, make_op_args
+from utils import backward_op_args, make_op_args, zoneout_masks
 
 # Emulated machines: (sms, max_cluster, max_blocks).
 H200 = (132, 4, 65535)          # clusters of up to 4 blocks for short batches
@@ -175,12 +175,9 @@ def test_agrees_with_cpu_with_zoneout(cell, simt, machine, mode, layout):
                           lengths=[4, 3, 3, 1] if layout == "packed" else None,
                           proj=2 if cell.has_projection and layout == "packed" else 0,
                           training=mode == "mask")
-    g = torch.Generator().manual_seed(1)
-    x, hx, cx = sample.args[:3]
-    rows = x.shape[:-1]
     if mode == "mask":
-        zoneout = dict(zoneout_hidden_mask=torch.rand((*rows, hx.shape[-1]), generator=g) < 0.3,
-                       zoneout_cell_mask=torch.rand((*rows, cx.shape[-1]), generator=g) < 0.4)
+        mask_h, mask_c = zoneout_masks(sample, 0.3, 0.4)
+        zoneout = dict(zoneout_hidden_mask=mask_h, zoneout_cell_mask=mask_c)
     else:
         zoneout = dict(zoneout_hidden=0.3, zoneout_cell=0.4)
     _assert_agree(_both(cell, sample, zoneout=zoneout))
@@ -214,11 +211,9 @@ def test_tiny_grid_loops_over_every_row(cell, simt, machine):
     machine(TINY_GRID)
     sample = _cell_sample(cell, steps=3, batch=9, input_size=3, hidden=40, seed=10)
     _assert_agree(_both(cell, sample))
-    g = torch.Generator().manual_seed(2)
-    rows = (3, 9)
-    _assert_agree(_both(cell, sample, zoneout=dict(
-        zoneout_hidden_mask=torch.rand((*rows, 40), generator=g) < 0.2,
-        zoneout_cell_mask=torch.rand((*rows, 40), generator=g) < 0.3)))
+    mask_h, mask_c = zoneout_masks(sample, 0.2, 0.3, seed=2)
+    _assert_agree(_both(cell, sample, zoneout=dict(zoneout_hidden_mask=mask_h,
+                                                   zoneout_cell_mask=mask_c)))
 
 
 @pytest.mark.parametrize("machine_name", list(MACHINES))

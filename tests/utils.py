@@ -289,6 +289,18 @@ def backward_args_from(sample: OpSample, seed: int = 100) -> tuple:
             batch_sizes, reverse, out, gates, cells)
 
 
+def zoneout_masks(sample: OpSample, z_h: float, z_c: float, seed: int = 1
+                  ) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """Fixed zoneout masks of a sample's output rows, for h and c (each None
+    where its rate is 0)."""
+    g = torch.Generator().manual_seed(seed)
+    x, hx, cx = sample.args[:3]
+    rows = x.shape[:-1]
+    mask_h = (torch.rand((*rows, hx.shape[-1]), generator=g) < z_h) if z_h else None
+    mask_c = (torch.rand((*rows, cx.shape[-1]), generator=g) < z_c) if z_c else None
+    return mask_h, mask_c
+
+
 def backward_op_args(cell, sample: OpSample, grads: Sequence[Tensor], saved: Sequence[Tensor]
                      ) -> tuple:
     """The positional arguments of ``cell``'s backward op for a forward of

@@ -77,7 +77,7 @@ constexpr int kMaxRowThreads = 512;
 constexpr int64_t kMinClusterThreads = 128;
 
 inline LaunchShape row_groups(int64_t rows, int64_t n, int sms,
-                                 int max_cluster) {
+                              int max_cluster) {
   const int64_t units = std::max<int64_t>(32, (n + 31) / 32 * 32);
   int64_t cluster = 1;
   while (2 * cluster <= max_cluster && rows * cluster < sms &&

@@ -176,12 +176,9 @@ void lstm_fused_forward_step(const FusedForwardStepParams<T, S>& p) {
   if (p.step.rows <= 0 || p.step.hidden <= 0) return;
   TORCH_CHECK(p.step.rows <= kFusedStepRows,
               "rnnfast: internal error: a fused step of ", p.step.rows, " rows");
-  const int64_t warps_per_block = kBlockThreads / kWarpSize;
-  const int64_t blocks = std::min<int64_t>(
-      (p.step.hidden + warps_per_block - 1) / warps_per_block, max_blocks());
+  // a warp per hidden unit
   launch(&lstm_fused_forward_step_kernel<Training, ZoneoutCell, T, S>,
-         LaunchShape{dim3(static_cast<unsigned>(blocks)), dim3(kBlockThreads)},
-         p);
+         flat(p.step.hidden * kWarpSize), p);
 }
 
 template <bool AddOutputGrad, bool ZoneoutCell, typename T, typename S>

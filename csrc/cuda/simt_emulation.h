@@ -85,7 +85,7 @@ struct dim3 {
 
 namespace rnnfast::simt {
 
-// The emulated machine, set by the tests (tests/simt/simt_module.cpp).
+// The emulated machine, set by the tests (tests/simt/module.cpp).
 struct Config {
   int sms = 132;         // SMs, as an H100 / H200
   int max_cluster = 4;   // launch.cuh's max_cluster_for on such a GPU
@@ -98,7 +98,8 @@ inline Config& config() {
   return c;
 }
 
-// Counters the tests read: launches and the largest cluster used.
+// Counters the tests read: launches, cluster launches, the largest cluster
+// used, cuBLAS products.
 struct Counters {
   int64_t launches = 0, cluster_launches = 0, gemms = 0;
   unsigned largest_cluster = 1;
@@ -277,22 +278,24 @@ T shfl_xor(unsigned mask, T value, int lane_mask, int width) {
   return other;
 }
 
-// The shared object of type T of `block`, created (0xff bytes) on first use.
-template <typename T>
-T& shared_of(Block& block) {
-  static_assert(std::is_trivially_destructible_v<T>);
-  Block::Allocation& a = block.shared[std::type_index(typeid(T))];
+// The shared object `type` (of `size` bytes) of `block`, created (0xff
+// bytes) on first use.
+inline Block::Allocation& shared_allocation(Block& block, std::type_index type,
+                                            size_t size) {
+  Block::Allocation& a = block.shared[type];
   if (!a.bytes) {
-    a.bytes.reset(new unsigned char[sizeof(T)]);
-    a.size = sizeof(T);
-    std::memset(a.bytes.get(), 0xff, sizeof(T));
+    a.bytes.reset(new unsigned char[size]);
+    a.size = size;
+    std::memset(a.bytes.get(), 0xff, size);
   }
-  return *reinterpret_cast<T*>(a.bytes.get());
+  return a;
 }
 
 template <typename T>
 T& block_shared() {
-  return shared_of<T>(*current_thread().block);
+  static_assert(std::is_trivially_destructible_v<T>);
+  return *reinterpret_cast<T*>(
+      shared_allocation(*current_thread().block, typeid(T), sizeof(T)).bytes.get());
 }
 
 template <typename T>
@@ -303,13 +306,7 @@ T* map_shared_rank(T* address, unsigned rank) {
   const auto* p = reinterpret_cast<const unsigned char*>(address);
   for (auto& [type, a] : self.shared) {
     if (p >= a.bytes.get() && p + sizeof(T) <= a.bytes.get() + a.size) {
-      Block& other = l.blocks[rank];
-      Block::Allocation& b = other.shared[type];
-      if (!b.bytes) {
-        b.bytes.reset(new unsigned char[a.size]);
-        b.size = a.size;
-        std::memset(b.bytes.get(), 0xff, a.size);
-      }
+      Block::Allocation& b = shared_allocation(l.blocks[rank], type, a.size);
       return reinterpret_cast<T*>(b.bytes.get() + (p - a.bytes.get()));
     }
   }
@@ -327,19 +324,18 @@ class Stack {
     TORCH_CHECK(base_ != MAP_FAILED, "simt: cannot map a fiber stack");
     mprotect(base_, page, PROT_NONE);
     top_ = static_cast<char*>(base_) + page;
-    size_ = kBytes;
     page_ = page;
   }
-  ~Stack() { munmap(base_, size_ + page_); }
+  ~Stack() { munmap(base_, kBytes + page_); }
   Stack(const Stack&) = delete;
   Stack& operator=(const Stack&) = delete;
   char* begin() const { return top_; }
-  size_t size() const { return size_; }
+  size_t size() const { return kBytes; }
 
  private:
   void* base_ = nullptr;
   char* top_ = nullptr;
-  size_t size_ = 0, page_ = 0;
+  size_t page_ = 0;
 };
 
 inline std::vector<std::unique_ptr<Stack>>& stacks() {
