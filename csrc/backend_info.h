@@ -14,6 +14,14 @@ namespace rnnfast {
 const char* cpu_kernels_in_use();
 // The CPU GEMM in use ("mkl-packed", "blas" or "aten").
 const char* cpu_gemm_in_use();
+// Whether a bfloat16 LSTM on the CPU keeps its GEMM operands in bfloat16
+// (cpu/blas.h, native_bfloat16), else computes in float.
+bool cpu_native_bfloat16();
+// What runs the per-step products of a native-bfloat16 LSTM whose shape
+// rnnfast's AMX product takes (cpu/bf16_gemm.h): "rnnfast-AMX-BF16" on CPUs
+// with AMX-BF16 (unless RNNFAST_CPU_STEP_GEMM=blas), else "mkl-bf16", or
+// "none" without MKL's bfloat16 GEMM.
+const char* cpu_bf16_step_gemm();
 // The CPU int8 kernels in use ("AMX-INT8+AVX512-VNNI", "AVX512-VNNI",
 // "AVX2" or "portable").
 const char* cpu_int8_kernels_in_use();

@@ -6,9 +6,11 @@
 //
 // Types (lstm_params.h): S is the storage type of what the GEMMs read
 // (input, weights, hidden states, output, gradients w.r.t. pre-activations),
-// T the compute type of the gates, cell states and saved activations. The
-// CPU always has S == T; CUDA runs half-type ops with S = half / bfloat16
-// and T = float.
+// T the compute type of the gates, cell states and saved activations.
+// Float and double ops have S == T; CUDA runs half-type ops with S = half /
+// bfloat16 and T = float, and the CPU bfloat16 ops with S = bfloat16 on
+// CPUs with bfloat16 instructions (cpu/blas.h, native_bfloat16), else with
+// S = T = float.
 //
 // Backend interface (all row-major):
 //   template <typename S> class StepWeight: a weight multiplied at every
@@ -52,8 +54,9 @@
 //     before their recurrence (0: all at once).
 //   kGradBlockRows: the block size of the LayerNorm-LSTM backward, and
 //     kParamGradsInStep: whether its steps add up the LayerNorm parameter
-//     gradients (layer_norm_lstm_driver.h); kNativeHalf: whether S may be a
-//     half type (op_impls.h); kBiasInStep: whether the LSTM's forward_step
+//     gradients (layer_norm_lstm_driver.h); kNativeStorage<S> and
+//     native_storage(dtype): whether S may be a half type, at compile time
+//     and for this call (op_impls.h); kBiasInStep: whether the LSTM's forward_step
 //     adds the bias (ForwardStepParams::bias) instead of the input
 //     projection.
 #pragma once
@@ -202,7 +205,8 @@ inline MatrixLayout matrix_layout(const at::Tensor& m) {
 
 // c = a b, or c += a b when accumulate; a and b hold S, c holds C (S, or T
 // for a product kept in the compute type). Same types go through ATen
-// (what the CPU always runs), mixed ones through Backend::gemm.
+// (float and double ops, and half-type products kept in S), mixed ones
+// through Backend::gemm.
 template <typename Backend, typename S, typename C>
 void matmul_into(at::Tensor& c, const at::Tensor& a, const at::Tensor& b,
                  bool accumulate) {

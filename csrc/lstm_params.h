@@ -102,8 +102,9 @@ void multiply_hidden_rows(const PreviousHidden<S>& h, int64_t begin,
 // Types. T is the compute type of a step kernel (float or double): the
 // gates, the cell state and every saved activation are held in it. S is the
 // storage type of the tensors the GEMMs read (input, weights, hidden states,
-// output): T itself, or on CUDA half / bfloat16 for a half-type op, whose
-// GEMMs then run in that type with float accumulation.
+// output): T itself, or half / bfloat16 for a half-type op on a backend
+// that runs its GEMMs in that type with float accumulation (CUDA; the CPU
+// for bfloat16 where it has bfloat16 instructions).
 
 // Zoneout on the cell state (the step kernels' compile-time flag
 // ZoneoutCell): c_t = a c_{t-1} + (1 - a) c~_t, where c~_t = f c_{t-1} + i g

@@ -29,28 +29,35 @@ inline at::ScalarType compute_dtype(at::ScalarType t) {
   return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
 }
 
-// The dtype the GEMMs read (S of lstm_driver.h): a half type itself on a
-// backend that runs it natively (CUDA: tensor cores, float accumulation),
-// else the compute dtype (the CPU upcasts).
+// The dtype the GEMMs read (S of lstm_driver.h): for a half-type op, the
+// half type itself where the backend runs the GEMMs in it
+// (Backend::native_storage: CUDA always, on tensor cores with float
+// accumulation; the CPU for bfloat16 on CPUs with bfloat16 instructions),
+// else the compute dtype (the op upcasts).
 template <typename Backend>
 at::ScalarType storage_dtype(at::ScalarType t) {
-  return Backend::kNativeHalf ? t : compute_dtype(t);
+  const bool half = t == at::kHalf || t == at::kBFloat16;
+  return half && Backend::native_storage(t) ? t : compute_dtype(t);
 }
 
-// Calls f(S{}, T{}) with the storage and compute types of dtype.
+// Calls f(S{}, T{}) for the storage dtype sdt (storage_dtype's) and its
+// compute type. Only the half types a backend builds
+// (Backend::kNativeStorage<S>) are instantiated.
 template <typename Backend, typename F>
-void dispatch_types(at::ScalarType dtype, const char* name, const F& f) {
-  if constexpr (Backend::kNativeHalf) {
-    if (dtype == at::kHalf) return f(at::Half{}, float{});
-    if (dtype == at::kBFloat16) return f(at::BFloat16{}, float{});
+void dispatch_types(at::ScalarType sdt, const char* name, const F& f) {
+  if constexpr (Backend::template kNativeStorage<at::Half>) {
+    if (sdt == at::kHalf) return f(at::Half{}, float{});
   }
-  switch (compute_dtype(dtype)) {
+  if constexpr (Backend::template kNativeStorage<at::BFloat16>) {
+    if (sdt == at::kBFloat16) return f(at::BFloat16{}, float{});
+  }
+  switch (sdt) {
     case at::kFloat:
       return f(float{}, float{});
     case at::kDouble:
       return f(double{}, double{});
     default:
-      TORCH_CHECK(false, name, ": unsupported dtype ", dtype);
+      TORCH_CHECK(false, name, ": unsupported dtype ", sdt);
   }
 }
 
@@ -163,7 +170,7 @@ ForwardOutputs lstm_forward_op(const at::Tensor& input, const at::Tensor& hx,
     bias = as_compute(*bias_ih, cdt) + as_compute(*bias_hh, cdt);
   }
   ForwardResult r;
-  dispatch_types<Backend>(dtype, "rnnfast::lstm_forward", [&](auto s_, auto t_) {
+  dispatch_types<Backend>(sdt, "rnnfast::lstm_forward", [&](auto s_, auto t_) {
     using S = decltype(s_);
     using T = decltype(t_);
     r = lstm_forward_recurrence<Backend, S, T>(
@@ -239,7 +246,7 @@ BackwardOutputs lstm_backward_op(
                      zeros(hr_like, hr_like.sizes()))};
   }
   BackwardResult r;
-  dispatch_types<Backend>(dtype, "rnnfast::lstm_backward", [&](auto s_, auto t_) {
+  dispatch_types<Backend>(sdt, "rnnfast::lstm_backward", [&](auto s_, auto t_) {
     using S = decltype(s_);
     using T = decltype(t_);
     r = lstm_backward_recurrence<Backend, S, T>(
@@ -342,7 +349,7 @@ LayerNormForwardOutputs layer_norm_lstm_forward_op(
       ln_ih_bias, ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias);
   LayerNormForwardResult r;
   dispatch_types<Backend>(
-      dtype, "rnnfast::layer_norm_lstm_forward", [&](auto s_, auto t_) {
+      sdt, "rnnfast::layer_norm_lstm_forward", [&](auto s_, auto t_) {
         using S = decltype(s_);
         using T = decltype(t_);
         r = layer_norm_lstm_forward_recurrence<Backend, S, T>(
@@ -435,7 +442,7 @@ LayerNormBackwardOutputs layer_norm_lstm_backward_op(
       ln_ih_bias, ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias);
   LayerNormBackwardResult r;
   dispatch_types<Backend>(
-      dtype, "rnnfast::layer_norm_lstm_backward", [&](auto s_, auto t_) {
+      sdt, "rnnfast::layer_norm_lstm_backward", [&](auto s_, auto t_) {
         using S = decltype(s_);
         using T = decltype(t_);
         r = layer_norm_lstm_backward_recurrence<Backend, S, T>(

@@ -110,6 +110,8 @@ PYBIND11_MODULE(_C, m) {
         info["torch_version"] = std::string(RNNFAST_TORCH_VERSION);
         info["cpu_kernels"] = std::string(rnnfast::cpu_kernels_in_use());
         info["cpu_gemm"] = std::string(rnnfast::cpu_gemm_in_use());
+        info["cpu_native_bfloat16"] = rnnfast::cpu_native_bfloat16();
+        info["cpu_bf16_step_gemm"] = std::string(rnnfast::cpu_bf16_step_gemm());
         info["cpu_int8_kernels"] = std::string(rnnfast::cpu_int8_kernels_in_use());
         info["cpu_step_gemm_kernels"] =
             std::string(rnnfast::cpu_step_gemm_kernels());

@@ -21,7 +21,10 @@ def build_info() -> dict:
     ``torch_version`` (built against), and the CPU kernels and GEMM in use
     (``cpu_int8_kernels``: ``"AMX-INT8+AVX512-VNNI"`` (AMX for products of 4
     rows or more, VNNI for fewer), ``"AVX512-VNNI"``, ``"AVX2"`` or
-    ``"portable"``, those of :mod:`rnnfast.quantized`)."""
+    ``"portable"``, those of :mod:`rnnfast.quantized`; ``cpu_native_bfloat16``:
+    whether a bfloat16 LSTM runs its GEMMs in bfloat16 on this CPU, else in
+    float32, and ``cpu_bf16_step_gemm``: what runs its per-step products,
+    ``"rnnfast-AMX-BF16"`` or ``"mkl-bf16"``)."""
     info = dict(_build_info())
     info["rnnfast_version"] = __version__
     return info

@@ -650,44 +650,8 @@ def test_zoneout_matches_cpu(cuda_device, cell, kind, mode, layout):
 def test_zoneout_in_bfloat16_within_twice_the_reference(cuda_device, cell):
     """Zoneout on h and c in bfloat16 (the half-type instantiations of the
     zoneout kernels, with the projection's bfloat16 h~_t for the LSTM),
-    packed rows: every output and gradient is at most twice as far from a
-    float64 run of the reference (same rounded arguments, same masks) as the
-    reference's own bfloat16 run on the GPU, plus one bfloat16 ulp."""
-    from dataclasses import replace
+    packed rows, within twice the reference's own bfloat16 error
+    (test_regularisers.check_zoneout_in_bfloat16)."""
+    from test_regularisers import check_zoneout_in_bfloat16
 
-    from test_regularisers import _reference_layer  # the reference with masks
-
-    z_h, z_c = 0.3, 0.4
-    base = cell.op_sample(steps=6, batch=4, input_size=3, hidden=40,
-                          proj=0 if cell.layer_norm else 6, lengths=[6, 5, 3, 1], seed=3)
-
-    def copy(device, dtype):
-        return replace(base, args=tuple(
-            a.detach().to(torch.bfloat16).to(device=device, dtype=dtype).requires_grad_()
-            if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-            for a in base.args))
-
-    low, exact = copy(cuda_device, torch.bfloat16), copy("cpu", torch.float64)
-    x, hx, cx = base.args[:3]
-    g = torch.Generator().manual_seed(1)
-    mask_h = torch.rand((*x.shape[:-1], hx.shape[-1]), generator=g) < z_h
-    mask_c = torch.rand((*x.shape[:-1], cx.shape[-1]), generator=g) < z_c
-    up = [t.to(torch.bfloat16) for t in (torch.randn(x.shape[0], hx.shape[-1], generator=g),
-                                          torch.randn(hx.shape, generator=g),
-                                          torch.randn(cx.shape, generator=g))]
-
-    def results(sample, outputs):
-        device = outputs[0].device
-        grads = torch.autograd.grad(outputs, sample.diff_args,
-                                    [u.to(device=device, dtype=outputs[0].dtype) for u in up])
-        named = dict(zip(("output", "hy", "cy"), outputs))
-        named.update({f"grad.{n}": t for n, t in zip(sample.diff_names, grads)})
-        return named
-
-    ours = results(low, cell.forward(*low.args, zoneout_hidden_mask=mask_h.to(cuda_device),
-                                     zoneout_cell_mask=mask_c.to(cuda_device))[:3])
-    reference = results(low, _reference_layer(cell, low, True, z_h, z_c,
-                                              mask_h.to(cuda_device), mask_c.to(cuda_device)))
-    truth = results(exact, _reference_layer(cell, exact, True, z_h, z_c, mask_h, mask_c))
-    assert ours["output"].dtype == torch.bfloat16
-    assert_error_within_twice(ours, reference, truth, torch.bfloat16)
+    check_zoneout_in_bfloat16(cell, cuda_device)

@@ -19,8 +19,9 @@ import rnnfast
 import rnnfast.functional as RF
 from rnnfast import _export
 from rnnfast.reference import layer_norm_lstm_reference, lstm_reference
-from utils import (CELLS, LSTM_CELL, backward_op_args, forward_backward, make_op_args,
-                   make_packed, random_input, random_states, weighted_loss, zoneout_masks)
+from utils import (CELLS, LSTM_CELL, assert_error_within_twice, backward_op_args,
+                   forward_backward, make_op_args, make_packed, random_input, random_states,
+                   weighted_loss, zoneout_masks)
 
 ZONEOUT_KINDS = {"h": (0.3, 0.0), "c": (0.0, 0.4), "hc": (0.3, 0.4)}
 
@@ -53,6 +54,50 @@ def _reference_layer(cell, sample, training, z_h, z_c, mask_h, mask_c):
                      batch_sizes=sample.batch_sizes, training=training,
                      zoneout_hidden=z_h, zoneout_cell=z_c, masks=masks, **extra)
     return out, hy[0], cy[0]
+
+
+def check_zoneout_in_bfloat16(cell, device):
+    """Zoneout on h and c in bfloat16 on ``device``, packed rows (with a
+    projection for the LSTM, so its bfloat16 h~_t): every output and
+    gradient of the op is at most twice as far from a float64 run of the
+    reference (same rounded arguments, same masks) as the reference's own
+    bfloat16 run on that device, plus one bfloat16 ulp."""
+    from dataclasses import replace
+
+    z_h, z_c = 0.3, 0.4
+    base = cell.op_sample(steps=6, batch=4, input_size=3, hidden=40,
+                          proj=0 if cell.layer_norm else 6, lengths=[6, 5, 3, 1], seed=3)
+
+    def copy(device, dtype):
+        return replace(base, args=tuple(
+            a.detach().to(torch.bfloat16).to(device=device, dtype=dtype).requires_grad_()
+            if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+            for a in base.args))
+
+    low, exact = copy(device, torch.bfloat16), copy("cpu", torch.float64)
+    x, hx, cx = base.args[:3]
+    g = torch.Generator().manual_seed(1)
+    mask_h = torch.rand((*x.shape[:-1], hx.shape[-1]), generator=g) < z_h
+    mask_c = torch.rand((*x.shape[:-1], cx.shape[-1]), generator=g) < z_c
+    up = [t.to(torch.bfloat16) for t in (torch.randn(x.shape[0], hx.shape[-1], generator=g),
+                                          torch.randn(hx.shape, generator=g),
+                                          torch.randn(cx.shape, generator=g))]
+
+    def results(sample, outputs):
+        device = outputs[0].device
+        grads = torch.autograd.grad(outputs, sample.diff_args,
+                                    [u.to(device=device, dtype=outputs[0].dtype) for u in up])
+        named = dict(zip(("output", "hy", "cy"), outputs))
+        named.update({f"grad.{n}": t for n, t in zip(sample.diff_names, grads)})
+        return named
+
+    ours = results(low, cell.forward(*low.args, zoneout_hidden_mask=mask_h.to(device),
+                                     zoneout_cell_mask=mask_c.to(device))[:3])
+    reference = results(low, _reference_layer(cell, low, True, z_h, z_c,
+                                              mask_h.to(device), mask_c.to(device)))
+    truth = results(exact, _reference_layer(cell, exact, True, z_h, z_c, mask_h, mask_c))
+    assert ours["output"].dtype == torch.bfloat16
+    assert_error_within_twice(ours, reference, truth, torch.bfloat16)
 
 
 def _op_zoneout(mode, z_h, z_c, mask_h, mask_c):

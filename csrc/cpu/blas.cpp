@@ -1,7 +1,10 @@
 #include "blas.h"
+#include "bf16_gemm.h"
 #include "step_gemm.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -35,6 +38,12 @@ void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n,
                          int k, const float* a, int lda, const float* b,
                          int ldb, float beta, float* c, int ldc)
     __attribute__((weak));
+// MKL's bfloat16 GEMM with float accumulation and output (CBLAS enums as
+// above; MKL_BF16 is the bits of a bfloat16).
+void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n,
+                            int k, float alpha, const uint16_t* a, int lda,
+                            const uint16_t* b, int ldb, float beta, float* c,
+                            int ldc) __attribute__((weak));
 // MKL's per-thread thread count (0: follow the global setting; the C entry
 // point, mkl_set_num_threads_local is the Fortran one); returns the
 // previous value.
@@ -351,6 +360,164 @@ void StepWeight<T>::compute(bool serial, int64_t m, const T* a, int64_t lda,
 
 template class StepWeight<float>;
 template class StepWeight<double>;
+
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
+          const c10::BFloat16* a, int64_t lda, const c10::BFloat16* b,
+          int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (cblas_gemm_bf16bf16f32 != nullptr && k > 0 && fits_int(m) &&
+      fits_int(n) && fits_int(k) && fits_int(lda) && fits_int(ldb) &&
+      fits_int(ldc)) {
+    cblas_gemm_bf16bf16f32(
+        kRowMajor, trans_a ? kTrans : kNoTrans, trans_b ? kTrans : kNoTrans,
+        static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), 1.0f,
+        reinterpret_cast<const uint16_t*>(a), static_cast<int>(lda),
+        reinterpret_cast<const uint16_t*>(b), static_cast<int>(ldb), beta, c,
+        static_cast<int>(ldc));
+    return;
+  }
+  // In float through ATen (and C = beta C when k is 0).
+  const auto bf16 = at::TensorOptions().dtype(at::kBFloat16);
+  auto operand = [&](const c10::BFloat16* p, int64_t rows, int64_t cols,
+                     int64_t ld, bool trans) {
+    at::Tensor t = at::from_blob(const_cast<c10::BFloat16*>(p),
+                                 {trans ? cols : rows, trans ? rows : cols},
+                                 {ld, 1}, bf16);
+    return (trans ? t.t() : t).to(at::kFloat);
+  };
+  at::Tensor ct = at::from_blob(c, {m, n}, {ldc, 1},
+                                at::TensorOptions().dtype(at::kFloat));
+  at::Tensor prod = k > 0 ? at::mm(operand(a, m, k, lda, trans_a),
+                                   operand(b, k, n, ldb, trans_b))
+                          : at::zeros({m, n}, ct.options());
+  if (beta == 0.0f) {
+    ct.copy_(prod);
+  } else {
+    ct.mul_(beta).add_(prod);
+  }
+}
+
+bool native_bfloat16() {
+  const char* e = std::getenv("RNNFAST_CPU_NATIVE_BF16");
+  if (e != nullptr && *e != '\0') {
+    TORCH_CHECK(std::strcmp(e, "0") == 0 || std::strcmp(e, "1") == 0,
+                "RNNFAST_CPU_NATIVE_BF16 must be 0 or 1, got '", e, "'");
+    TORCH_CHECK(e[0] == '0' || cblas_gemm_bf16bf16f32 != nullptr,
+                "RNNFAST_CPU_NATIVE_BF16=1: torch's BLAS has no bfloat16 "
+                "GEMM (MKL's cblas_gemm_bf16bf16f32) here");
+    return e[0] == '1';
+  }
+  static const bool fast_on_this_cpu = [] {
+    if (cblas_gemm_bf16bf16f32 == nullptr) return false;
+    if (at::get_cpu_capability() != "AVX512") return false;
+#if defined(__x86_64__) && defined(__GNUC__)
+    return __builtin_cpu_supports("avx512bf16") != 0;
+#else
+    return false;
+#endif
+  }();
+  return fast_on_this_cpu;
+}
+
+namespace {
+// Whether rnnfast's AMX-BF16 product may run: the CPU and Linux allow it,
+// and ATEN_CPU_CAPABILITY does not cap the kernels below it (avx2, default,
+// or avx512: ATen's AVX512 level has no AMX), as for the int8 kernels.
+bool amx_bf16_allowed() {
+  if (at::get_cpu_capability() != "AVX512") return false;
+  const char* asked = std::getenv("ATEN_CPU_CAPABILITY");
+  if (asked != nullptr && std::strcmp(asked, "avx512") == 0) return false;
+  return bf16::amx_bf16_supported();
+}
+}  // namespace
+
+StepWeight<c10::BFloat16>::StepWeight(bool trans_b, int64_t max_m, int64_t n,
+                                      int64_t k, const c10::BFloat16* b,
+                                      int64_t ldb)
+    : trans_b_(trans_b), max_m_(max_m), n_(n), k_(k), ldb_(ldb), b_(b),
+      // as for a float weight of the same shape (a product's multiply-adds
+      // and the bytes of weight it streams)
+      serial_(max_m * n * k < kSerialGemmMacs &&
+              n * k * static_cast<int64_t>(sizeof(c10::BFloat16)) <
+                  kSerialWeightBytes) {
+  const char* split = std::getenv("RNNFAST_CPU_ROW_SPLIT");
+  row_split_rows_ = split != nullptr && *split != '\0'
+                        ? std::max<int64_t>(0, std::atoll(split))
+                        : kRowSplitRows;
+  amx_candidate_ = max_m > 0 && bf16::supported(n, k) &&
+                   forced_step_gemm(nullptr) != 1 && amx_bf16_allowed();
+}
+
+StepWeight<c10::BFloat16>::~StepWeight() { std::free(amx_packed_); }
+
+void StepWeight<c10::BFloat16>::prepare_use() const {
+  // Packed at the second use, as a float weight (StepWeight<T>).
+  if (amx_candidate_ && amx_packed_ == nullptr && uses_ > 0) {
+    const size_t bytes =
+        (bf16::packed_elements(n_, k_) * sizeof(uint16_t) + 63) / 64 * 64;
+    amx_packed_ = static_cast<uint16_t*>(std::aligned_alloc(64, bytes));
+    TORCH_CHECK(amx_packed_ != nullptr,
+                "rnnfast: out of memory packing a weight");
+    bf16::pack(trans_b_, n_, k_, reinterpret_cast<const uint16_t*>(b_), ldb_,
+               amx_packed_);
+  }
+  ++uses_;
+}
+
+const char* StepWeight<c10::BFloat16>::packed_path() const {
+  if (amx_packed_ != nullptr) return "rnnfast-AMX-BF16";
+  return uses_ > 1 ? "mkl-bf16" : "unpacked";
+}
+
+
+const char* bf16_step_gemm() {
+  if (forced_step_gemm(nullptr) != 1 && amx_bf16_allowed()) {
+    return "rnnfast-AMX-BF16";
+  }
+  return cblas_gemm_bf16bf16f32 != nullptr ? "mkl-bf16" : "none";
+}
+
+void StepWeight<c10::BFloat16>::compute(bool serial, int64_t m,
+                                        const c10::BFloat16* a, int64_t lda,
+                                        float beta, float* c,
+                                        int64_t ldc) const {
+  if (amx_packed_ != nullptr && m > 0) {
+    const auto* a_bits = reinterpret_cast<const uint16_t*>(a);
+    const int64_t blocks = bf16::column_blocks(n_);
+    if (serial || at::in_parallel_region() || at::get_num_threads() < 2) {
+      bf16::multiply_blocks(m, k_, a_bits, lda, amx_packed_, 0, blocks, beta,
+                            c, ldc);
+      return;
+    }
+    // Pairs of column blocks (what one pass of the kernel computes) over
+    // the threads.
+    const int64_t pairs = (blocks + 1) / 2;
+    at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
+      const int64_t first = 2 * begin;
+      const int64_t last = std::min(2 * end, blocks);
+      bf16::multiply_blocks(m, k_, a_bits, lda, amx_packed_, first,
+                            last - first, beta, c, ldc);
+    });
+    return;
+  }
+  const SerialMkl serial_mkl(serial);
+  gemm(false, trans_b_, m, n_, k_, a, lda, b_, ldb_, beta, c, ldc);
+}
+
+void StepWeight<c10::BFloat16>::compute(bool serial, int64_t m,
+                                        const c10::BFloat16* a, int64_t lda,
+                                        float beta, c10::BFloat16* c,
+                                        int64_t ldc) const {
+  // In float, then rounded (the projection's output, beta 0).
+  TORCH_INTERNAL_ASSERT(beta == 0.0f);
+  std::vector<float> product(static_cast<size_t>(m * n_));
+  compute(serial, m, a, lda, 0.0f, product.data(), n_);
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < n_; ++j) {
+      c[i * ldc + j] = c10::BFloat16(product[i * n_ + j]);
+    }
+  }
+}
 
 std::vector<rnnfast::StepGemmChoice> step_gemm_choices() {
   std::lock_guard<std::mutex> lock(choices_mutex);

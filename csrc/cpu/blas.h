@@ -8,6 +8,8 @@
 // README). Where torch exports no BLAS, it falls back to ATen's mm.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+
 #include <cstdint>
 #include <vector>
 
@@ -22,6 +24,25 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
           double alpha, const double* a, int64_t lda, const double* b,
           int64_t ldb, double beta, double* c, int64_t ldc);
+
+// C[m, n] = op(A) op(B) + beta C with A and B in bfloat16 and C in float
+// (float products and sums): MKL's cblas_gemm_bf16bf16f32, which runs on
+// AMX-BF16 or AVX512-BF16 where the CPU has them; without it, through
+// ATen in float.
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
+          const c10::BFloat16* a, int64_t lda, const c10::BFloat16* b,
+          int64_t ldb, float beta, float* c, int64_t ldc);
+
+// Whether bfloat16 products run on the CPU's own bfloat16 instructions:
+// torch's MKL exports cblas_gemm_bf16bf16f32 and the CPU has AVX512-BF16
+// (every CPU with AMX-BF16 has it too), at ATen's AVX512 capability
+// (ATEN_CPU_CAPABILITY=avx2 turns it off, as it caps the other kernels).
+// There a bfloat16 op keeps its GEMM operands in bfloat16 (cpu_backend.cpp);
+// elsewhere MKL would convert them to float, slower than a float product.
+// RNNFAST_CPU_NATIVE_BF16=0 or =1 forces it off or on (=1 needs the MKL
+// symbol; for tests and comparisons), read at every op call as the other
+// RNNFAST_CPU_* variables are.
+bool native_bfloat16();
 
 // The right-hand operand of a product repeated at every step of a time loop
 // (a recurrent weight), packed once into the BLAS's internal layout where it
@@ -95,6 +116,63 @@ class StepWeight {
   mutable void* packed_ = nullptr;  // owned, in the BLAS's own layout
   mutable float* own_packed_ = nullptr;  // owned, step_gemm.h's layout
 };
+
+// The bfloat16 recurrent weight of a native-bfloat16 op (native_bfloat16),
+// C in float (C = float) or rounded to bfloat16 (C = c10::BFloat16, the
+// projection's output). On CPUs with AMX-BF16, for shapes it runs
+// (bf16_gemm.h: k a multiple of 32, n of 16), the weight is packed into
+// AMX tiles at its second use (as a float weight is packed: a one-step call
+// never repays it) and multiplied by rnnfast's AMX product; otherwise, or
+// with RNNFAST_CPU_STEP_GEMM=blas, by MKL's bfloat16 GEMM, which repacks it
+// at every product. Same interface as StepWeight<float>.
+template <>
+class StepWeight<c10::BFloat16> {
+ public:
+  StepWeight(bool trans_b, int64_t max_m, int64_t n, int64_t k,
+             const c10::BFloat16* b, int64_t ldb);
+  ~StepWeight();
+  StepWeight(const StepWeight&) = delete;
+  StepWeight& operator=(const StepWeight&) = delete;
+  template <typename C>
+  void multiply(int64_t m, const c10::BFloat16* a, int64_t lda, C beta, C* c,
+                int64_t ldc) const {
+    prepare_use();
+    compute(serial_, m, a, lda, static_cast<float>(beta), c, ldc);
+  }
+  void prepare_use() const;
+  template <typename C>
+  void multiply_on_this_thread(int64_t m, const c10::BFloat16* a,
+                               int64_t lda, C beta, C* c, int64_t ldc) const {
+    compute(true, m, a, lda, static_cast<float>(beta), c, ldc);
+  }
+  // "rnnfast-AMX-BF16", "mkl-bf16", or "unpacked" before the packing.
+  const char* packed_path() const;
+  bool threaded() const { return !serial_; }
+  int64_t max_rows() const { return max_m_; }
+  int64_t row_split_rows() const { return row_split_rows_; }
+  int64_t weight_bytes() const {
+    return n_ * k_ * static_cast<int64_t>(sizeof(c10::BFloat16));
+  }
+
+ private:
+  void compute(bool serial, int64_t m, const c10::BFloat16* a, int64_t lda,
+               float beta, float* c, int64_t ldc) const;
+  void compute(bool serial, int64_t m, const c10::BFloat16* a, int64_t lda,
+               float beta, c10::BFloat16* c, int64_t ldc) const;
+
+  bool trans_b_;
+  int64_t max_m_, n_, k_, ldb_;
+  const c10::BFloat16* b_;
+  bool serial_;
+  bool amx_candidate_ = false;  // rnnfast's AMX product may run it
+  int64_t row_split_rows_ = 0;
+  mutable int64_t uses_ = 0;
+  mutable uint16_t* amx_packed_ = nullptr;  // owned, bf16_gemm.h's layout
+};
+
+// What the products of a StepWeight<c10::BFloat16> of a shape the AMX
+// product takes run (backend_info.h, cpu_bf16_step_gemm).
+const char* bf16_step_gemm();
 
 // The measured choices so far in this process, in the order made
 // (backend_info.h).

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstring>
 #include <string>
+#include <type_traits>
 
 #include "../backend_info.h"
 #include "../lstm_cell.h"
@@ -29,8 +30,8 @@ const KernelTable& kernel_table() {
 }
 
 struct CpuBackend {
-  template <typename T>
-  using StepWeight = cpu::StepWeight<T>;
+  template <typename S>
+  using StepWeight = cpu::StepWeight<S>;
   // The CPU's blocks of the LayerNorm-LSTM backward
   // (layer_norm_lstm_driver.h). Its gradients w.r.t. W_ih x_t and
   // W_hh h_{t-1} are kept for blocks of consecutive steps of about 1024
@@ -46,8 +47,18 @@ struct CpuBackend {
   // CPU samples in all (the step itself +13%, the reduction's -100%, the
   // threads' waits -14%).
   static constexpr bool kParamGradsInStep = true;
-  // The storage dtype of the GEMMs for a half-type op: the CPU upcasts.
-  static constexpr bool kNativeHalf = false;
+  // The storage dtype of the GEMMs of a half-type op (op_impls.h): a
+  // bfloat16 op of either cell keeps its GEMM operands, hidden states and
+  // gradients w.r.t. the products in bfloat16 where the CPU has bfloat16
+  // instructions (blas.h, native_bfloat16: bfloat16 GEMMs, float
+  // accumulation; gates, cell states, statistics and saved activations stay
+  // float). float16 upcasts to float (torch exports no fast float16 GEMM
+  // for most CPUs).
+  template <typename S>
+  static constexpr bool kNativeStorage = std::is_same_v<S, c10::BFloat16>;
+  static bool native_storage(at::ScalarType dtype) {
+    return dtype == at::kBFloat16 && native_bfloat16();
+  }
   // The LSTM's step kernel adds the bias to the pre-activations it loads:
   // the input projection as addmm first copied it into every row of the
   // [N, 4H] gates (a pass over memory as large as the product's output)
@@ -73,9 +84,9 @@ struct CpuBackend {
     return cpu::empty_activation(sizes, options);
   }
 
-  template <bool Training, bool ZoneoutCell, typename T>
-  static void forward_step(const ForwardStepParams<T>& p) {
-    kernels<T>().forward_step[Training][ZoneoutCell](p);
+  template <bool Training, bool ZoneoutCell, typename T, typename S>
+  static void forward_step(const ForwardStepParams<T, S>& p) {
+    kernels<T, S>().forward_step[Training][ZoneoutCell](p);
   }
   // The recurrent steps of both cells. With enough rows for every thread,
   // one parallel region split by batch rows: each thread multiplies its
@@ -86,8 +97,8 @@ struct CpuBackend {
   // (multithreaded when large), then the row-parallel pointwise pass.
   //
   // Rows per thread of a step of `rows` rows split so, or 0: run it whole.
-  template <typename T>
-  static int64_t row_split_grain(const StepWeight<T>& whh, int64_t rows) {
+  template <typename S>
+  static int64_t row_split_grain(const StepWeight<S>& whh, int64_t rows) {
     const int64_t grain = whh.row_split_rows();
     if (grain <= 0 || rows < 2 * grain || at::get_num_threads() < 2 ||
         at::in_parallel_region()) {
@@ -99,9 +110,9 @@ struct CpuBackend {
   // by rows as above (step_rows(begin, end) on the thread that computed
   // rows [begin, end)) or, without enough rows, the whole product and then
   // step_rows(0, rows).
-  template <typename T, typename F>
-  static void multiply_then_step(const StepWeight<T>& whh,
-                                 const PreviousHidden<T>& h, T beta, T* c,
+  template <typename S, typename C, typename F>
+  static void multiply_then_step(const StepWeight<S>& whh,
+                                 const PreviousHidden<S>& h, C beta, C* c,
                                  int64_t ldc, const F& step_rows) {
     const int64_t grain = row_split_grain(whh, h.rows());
     if (grain == 0) {
@@ -111,7 +122,7 @@ struct CpuBackend {
     }
     whh.prepare_use();
     at::parallel_for(0, h.rows(), grain, [&](int64_t begin, int64_t end) {
-      multiply_hidden_rows(h, begin, end, OnThisThread<T>{whh}, beta,
+      multiply_hidden_rows(h, begin, end, OnThisThread<S>{whh}, beta,
                            c + begin * ldc, ldc);
       step_rows(begin, end);  // a parallel_for inside a region runs inline
     });
@@ -128,15 +139,15 @@ struct CpuBackend {
     if (q.zoneout.mask) q.zoneout.mask += begin * H;
   }
   // The LSTM's step: p.gates += h_{t-1} W_hh^T, then the cell.
-  template <bool Training, bool ZoneoutCell, typename T>
-  static void recurrent_forward_step(const StepWeight<T>& whh,
-                                     const PreviousHidden<T>& h,
-                                     const ForwardStepParams<T>& p) {
+  template <bool Training, bool ZoneoutCell, typename T, typename S>
+  static void recurrent_forward_step(const StepWeight<S>& whh,
+                                     const PreviousHidden<S>& h,
+                                     const ForwardStepParams<T, S>& p) {
     const int64_t H = p.hidden, G = 4 * p.hidden;
-    const auto& step = kernels<T>().forward_step[Training][ZoneoutCell];
+    const auto step = kernels<T, S>().forward_step[Training][ZoneoutCell];
     multiply_then_step(whh, h, T(1), p.gates, G,
                        [&](int64_t begin, int64_t end) {
-                         ForwardStepParams<T> q = p;
+                         ForwardStepParams<T, S> q = p;
                          offset_forward_rows(q, begin, end);
                          q.gates += begin * G;
                          q.hidden_out += begin * H;
@@ -144,16 +155,16 @@ struct CpuBackend {
                        });
   }
   // The LayerNorm-LSTM's step: p.hh = h_{t-1} W_hh^T, then the cell.
-  template <bool Training, bool ZoneoutCell, typename T>
+  template <bool Training, bool ZoneoutCell, typename T, typename S>
   static void recurrent_layer_norm_forward_step(
-      const StepWeight<T>& whh, const PreviousHidden<T>& h,
-      const LayerNormStepParams<T>& p) {
+      const StepWeight<S>& whh, const PreviousHidden<S>& h,
+      const LayerNormStepParams<T, S>& p) {
     const int64_t H = p.hidden, G = 4 * p.hidden;
-    const auto& step =
-        kernels<T>().layer_norm_forward_step[Training][ZoneoutCell];
+    const auto step =
+        kernels<T, S>().layer_norm_forward_step[Training][ZoneoutCell];
     multiply_then_step(whh, h, T(0), p.hh, G,
                        [&](int64_t begin, int64_t end) {
-                         LayerNormStepParams<T> q = p;
+                         LayerNormStepParams<T, S> q = p;
                          offset_forward_rows(q, begin, end);
                          q.ih += begin * G;
                          q.hh += begin * G;
@@ -163,17 +174,18 @@ struct CpuBackend {
                        });
   }
   // StepWeight::multiply_on_this_thread as multiply_hidden_rows calls it.
-  template <typename T>
+  template <typename S>
   struct OnThisThread {
-    const StepWeight<T>& w;
-    void multiply(int64_t m, const T* a, int64_t lda, T beta, T* c,
+    const StepWeight<S>& w;
+    template <typename C>
+    void multiply(int64_t m, const S* a, int64_t lda, C beta, C* c,
                   int64_t ldc) const {
       w.multiply_on_this_thread(m, a, lda, beta, c, ldc);
     }
   };
-  template <bool AddOutputGrad, bool ZoneoutCell, typename T>
-  static void backward_step(const BackwardStepParams<T>& p) {
-    kernels<T>().backward_step[AddOutputGrad][ZoneoutCell](p);
+  template <bool AddOutputGrad, bool ZoneoutCell, typename T, typename S>
+  static void backward_step(const BackwardStepParams<T, S>& p) {
+    kernels<T, S>().backward_step[AddOutputGrad][ZoneoutCell](p);
   }
   // The backward steps of both cells, mirroring the forward: the step's
   // pointwise backward, then dh_{t-1} = d W_hh + beta dh_{t-1} (d: the
@@ -187,9 +199,9 @@ struct CpuBackend {
   // W_hh), but 69.7 -> 70.6 ms at H=256 (1 MiB), where each thread's
   // product reads all of W_hh instead of half.
   static constexpr int64_t kBackwardSplitMaxWeightBytes = int64_t{512} << 10;
-  template <typename T, typename F>
-  static void backward_then_multiply(const StepWeight<T>& whh, int64_t rows,
-                                     const T* d, int64_t ldd, T beta,
+  template <typename S, typename T, typename F>
+  static void backward_then_multiply(const StepWeight<S>& whh, int64_t rows,
+                                     const S* d, int64_t ldd, T beta,
                                      T* grad_prev, int64_t ld,
                                      const F& step_rows) {
     const int64_t grain =
@@ -225,29 +237,29 @@ struct CpuBackend {
     q.dgates += begin * G;
     if (q.zoneout.mask) q.zoneout.mask += begin * H;
   }
-  template <bool AddOutputGrad, bool ZoneoutCell, typename T>
-  static void recurrent_backward_step(const StepWeight<T>& whh,
-                                      const BackwardStepParams<T>& p, T beta,
-                                      T* grad_prev, int64_t ld) {
-    const auto& step = kernels<T>().backward_step[AddOutputGrad][ZoneoutCell];
+  template <bool AddOutputGrad, bool ZoneoutCell, typename T, typename S>
+  static void recurrent_backward_step(const StepWeight<S>& whh,
+                                      const BackwardStepParams<T, S>& p,
+                                      T beta, T* grad_prev, int64_t ld) {
+    const auto step = kernels<T, S>().backward_step[AddOutputGrad][ZoneoutCell];
     backward_then_multiply(whh, p.rows, p.dgates, 4 * p.hidden, beta,
                            grad_prev, ld, [&](int64_t begin, int64_t end) {
-                             BackwardStepParams<T> q = p;
+                             BackwardStepParams<T, S> q = p;
                              offset_backward_rows(q, begin, end);
                              q.gates += begin * 4 * p.hidden;
                              step(q);
                            });
   }
-  template <bool AddOutputGrad, bool ZoneoutCell, typename T>
+  template <bool AddOutputGrad, bool ZoneoutCell, typename T, typename S>
   static void recurrent_layer_norm_backward_step(
-      const StepWeight<T>& whh, const LayerNormBackwardStepParams<T>& p,
+      const StepWeight<S>& whh, const LayerNormBackwardStepParams<T, S>& p,
       T beta, T* grad_prev, int64_t ld) {
-    const auto& step =
-        kernels<T>().layer_norm_backward_step[AddOutputGrad][ZoneoutCell];
+    const auto step =
+        kernels<T, S>().layer_norm_backward_step[AddOutputGrad][ZoneoutCell];
     const int64_t H = p.hidden, G = 4 * p.hidden;
     backward_then_multiply(whh, p.rows, p.dhh, G, beta, grad_prev, ld,
                            [&](int64_t begin, int64_t end) {
-                             LayerNormBackwardStepParams<T> q = p;
+                             LayerNormBackwardStepParams<T, S> q = p;
                              offset_backward_rows(q, begin, end);
                              q.normalized_ih += begin * G;
                              q.normalized_hh += begin * G;
@@ -258,13 +270,14 @@ struct CpuBackend {
                              step(q);
                            });
   }
-  template <bool Training, bool ZoneoutCell, typename T>
-  static void layer_norm_forward_step(const LayerNormStepParams<T>& p) {
-    kernels<T>().layer_norm_forward_step[Training][ZoneoutCell](p);
+  template <bool Training, bool ZoneoutCell, typename T, typename S>
+  static void layer_norm_forward_step(const LayerNormStepParams<T, S>& p) {
+    kernels<T, S>().layer_norm_forward_step[Training][ZoneoutCell](p);
   }
-  template <bool AddOutputGrad, bool ZoneoutCell, typename T>
-  static void layer_norm_backward_step(const LayerNormBackwardStepParams<T>& p) {
-    kernels<T>().layer_norm_backward_step[AddOutputGrad][ZoneoutCell](p);
+  template <bool AddOutputGrad, bool ZoneoutCell, typename T, typename S>
+  static void layer_norm_backward_step(
+      const LayerNormBackwardStepParams<T, S>& p) {
+    kernels<T, S>().layer_norm_backward_step[AddOutputGrad][ZoneoutCell](p);
   }
   // Zoneout on the hidden state (lstm_params.h): one pass over a step's
   // rows, which are in cache (B x P values), with the math of lstm_cell.h;
@@ -272,44 +285,52 @@ struct CpuBackend {
   static int64_t zoneout_grain(int64_t width) {
     return std::max<int64_t>(1, (int64_t{1} << 12) / std::max<int64_t>(1, width));
   }
-  template <typename T>
-  static void zoneout_hidden(const HiddenZoneoutParams<T>& p) {
+  // (In T; h is stored in S.)
+  template <typename T, typename S>
+  static void zoneout_hidden(const HiddenZoneoutParams<T, S>& p) {
     const int64_t P = p.width;
     at::parallel_for(0, p.rows, zoneout_grain(P), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
-        const T* prev = row < p.rows_from_previous ? p.hidden_prev + row * P
+        const S* prev = row < p.rows_from_previous ? p.hidden_prev + row * P
                                                    : p.hidden_init + row * P;
-        T* h = p.hidden + row * P;
-        if (p.mask == nullptr) {
-          for (int64_t j = 0; j < P; ++j) h[j] = zoneout(p.rate, prev[j], h[j]);
-        } else {
-          const bool* m = p.mask + row * P;
-          for (int64_t j = 0; j < P; ++j) {
-            h[j] = zoneout(static_cast<T>(m[j]), prev[j], h[j]);
-          }
+        S* h = p.hidden + row * P;
+        const bool* m = p.mask != nullptr ? p.mask + row * P : nullptr;
+        for (int64_t j = 0; j < P; ++j) {
+          const T a = m != nullptr ? static_cast<T>(m[j]) : p.rate;
+          h[j] = static_cast<S>(zoneout(a, static_cast<T>(prev[j]),
+                                        static_cast<T>(h[j])));
         }
       }
     });
   }
-  template <typename T, typename C>
+  template <typename T, typename S, typename C>
   static void zoneout_hidden_backward(
-      const HiddenZoneoutBackwardParams<T, T, C>& p) {
+      const HiddenZoneoutBackwardParams<T, S, C>& p) {
     const int64_t P = p.width;
     at::parallel_for(0, p.rows, zoneout_grain(P), [&](int64_t begin, int64_t end) {
       for (int64_t e = begin * P; e < end * P; ++e) {
         const T a = p.mask ? static_cast<T>(p.mask[e]) : p.rate;
-        const auto z = zoneout_backward(a, p.grad_hidden[e] + p.grad_output[e]);
-        p.grad_candidate[e] = z.dcand;
+        const auto z = zoneout_backward(
+            a, p.grad_hidden[e] + static_cast<T>(p.grad_output[e]));
+        p.grad_candidate[e] = static_cast<C>(z.dcand);
         p.grad_hidden[e] = z.dprev;
       }
     });
   }
-  // C[m, n] (+)= op(A) op(B), row-major; beta is 0 or 1.
-  template <typename T>
+  // C[m, n] (+)= op(A) op(B), row-major; beta is 0 or 1. A and B in S, C
+  // in S or (a bfloat16 op's float products) float.
+  template <typename S, typename C>
   static void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n,
-                   int64_t k, const T* a, int64_t lda, const T* b,
-                   int64_t ldb, T beta, T* c, int64_t ldc) {
-    cpu::gemm(trans_a, trans_b, m, n, k, T(1), a, lda, b, ldb, beta, c, ldc);
+                   int64_t k, const S* a, int64_t lda, const S* b,
+                   int64_t ldb, C beta, C* c, int64_t ldc) {
+    if constexpr (std::is_same_v<S, C>) {
+      cpu::gemm(trans_a, trans_b, m, n, k, C(1), a, lda, b, ldb, beta, c,
+                ldc);
+    } else {
+      static_assert(std::is_same_v<S, c10::BFloat16> &&
+                    std::is_same_v<C, float>);
+      cpu::gemm(trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc);
+    }
   }
   template <typename T>
   static void copy(T* dst, const T* src, int64_t count) {
@@ -327,7 +348,9 @@ struct CpuBackend {
   }
   template <typename T, typename S>
   static void add(S* dst, const T* a, const S* b, int64_t count) {
-    for (int64_t i = 0; i < count; ++i) dst[i] = a[i] + b[i];
+    for (int64_t i = 0; i < count; ++i) {
+      dst[i] = static_cast<S>(a[i] + static_cast<T>(b[i]));
+    }
   }
 };
 
@@ -340,6 +363,8 @@ void zoneout_hidden_rows(const HiddenZoneoutParams<float>& p) {
 namespace rnnfast {
 const char* cpu_kernels_in_use() { return cpu::kernel_table().capability; }
 const char* cpu_gemm_in_use() { return cpu::gemm_backend(); }
+bool cpu_native_bfloat16() { return cpu::native_bfloat16(); }
+const char* cpu_bf16_step_gemm() { return cpu::bf16_step_gemm(); }
 std::vector<StepGemmChoice> cpu_step_gemm_choices() {
   return cpu::step_gemm_choices();
 }

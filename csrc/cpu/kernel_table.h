@@ -4,24 +4,31 @@
 // honouring ATEN_CPU_CAPABILITY as ATen does.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+
 #include "../lstm_params.h"
 
 namespace rnnfast::cpu {
 
 // Each step kernel is compiled once per value of its compile-time flags
 // (lstm_params.h): index [Training][ZoneoutCell] or
-// [AddOutputGrad][ZoneoutCell].
-template <typename T>
+// [AddOutputGrad][ZoneoutCell]. T is the compute type, S the storage type
+// of the hidden states and the gradients w.r.t. the products (S = T, or
+// bfloat16 for T = float: a bfloat16 op on a CPU with bfloat16
+// instructions, blas.h, native_bfloat16).
+template <typename T, typename S = T>
 struct TypedKernels {
-  void (*forward_step[2][2])(const ForwardStepParams<T>&);
-  void (*backward_step[2][2])(const BackwardStepParams<T>&);
-  void (*layer_norm_forward_step[2][2])(const LayerNormStepParams<T>&);
-  void (*layer_norm_backward_step[2][2])(const LayerNormBackwardStepParams<T>&);
+  void (*forward_step[2][2])(const ForwardStepParams<T, S>&);
+  void (*backward_step[2][2])(const BackwardStepParams<T, S>&);
+  void (*layer_norm_forward_step[2][2])(const LayerNormStepParams<T, S>&);
+  void (*layer_norm_backward_step[2][2])(
+      const LayerNormBackwardStepParams<T, S>&);
 };
 
 struct KernelTable {
   TypedKernels<float> f;
   TypedKernels<double> d;
+  TypedKernels<float, c10::BFloat16> bf;
   const char* capability;
 };
 
@@ -36,9 +43,9 @@ void zoneout_hidden_rows(const HiddenZoneoutParams<float>& p);
 // The table for this process's CPU (chosen once).
 const KernelTable& kernel_table();
 
-// The kernels for element type T of the table in use.
-template <typename T>
-inline const TypedKernels<T>& kernels();
+// The kernels for compute type T and storage type S of the table in use.
+template <typename T, typename S = T>
+inline const TypedKernels<T, S>& kernels();
 template <>
 inline const TypedKernels<float>& kernels<float>() {
   return kernel_table().f;
@@ -46,6 +53,11 @@ inline const TypedKernels<float>& kernels<float>() {
 template <>
 inline const TypedKernels<double>& kernels<double>() {
   return kernel_table().d;
+}
+template <>
+inline const TypedKernels<float, c10::BFloat16>&
+kernels<float, c10::BFloat16>() {
+  return kernel_table().bf;
 }
 
 }  // namespace rnnfast::cpu

@@ -8,7 +8,10 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <array>
+#include <cstring>
+#include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "../layer_norm.h"
 #include "../layer_norm_lstm_cell.h"
@@ -90,8 +93,60 @@ inline at::vec::Vectorized<T> zoneout_coefficient(const CellZoneout<T>& z,
   return V::loadu(a, n);
 }
 
-template <typename T, bool Training, bool ZoneoutCell>
-void forward_step_impl(const ForwardStepParams<T>& p) {
+// A float rounded to bfloat16 bits, to nearest even, NaN made the quiet
+// NaN 0x7fc0: what c10::BFloat16(float) (and so Tensor.to) gives, without
+// its branch, so that a loop of them vectorises.
+inline uint16_t bfloat16_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return (u & 0x7fffffffu) > 0x7f800000u ? uint16_t{0x7fc0}
+                                          : static_cast<uint16_t>(rounded);
+}
+
+// n (<= a vector's lanes) values of S as a vector of T, and back: S is T,
+// or bfloat16 for T = float (a bfloat16 op's hidden states and gradients
+// w.r.t. the products, cpu/blas.h), through a buffer of lanes; whole
+// vectors in loops of fixed length.
+template <typename T, typename S>
+inline at::vec::Vectorized<T> load_as(const S* p, int64_t n) {
+  using V = at::vec::Vectorized<T>;
+  if constexpr (std::is_same_v<S, T>) {
+    return V::loadu(p, n);
+  } else {
+    static_assert(std::is_same_v<T, float> && std::is_same_v<S, c10::BFloat16>);
+    uint32_t lanes[V::size()];
+    if (n == V::size()) {
+      for (int64_t k = 0; k < V::size(); ++k) lanes[k] = uint32_t{p[k].x} << 16;
+      return V::loadu(lanes);
+    }
+    for (int64_t k = 0; k < n; ++k) lanes[k] = uint32_t{p[k].x} << 16;
+    return V::loadu(lanes, n);
+  }
+}
+
+template <typename T, typename S>
+inline void store_as(const at::vec::Vectorized<T>& v, S* p, int64_t n) {
+  using V = at::vec::Vectorized<T>;
+  if constexpr (std::is_same_v<S, T>) {
+    v.store(p, n);
+  } else {
+    static_assert(std::is_same_v<T, float> && std::is_same_v<S, c10::BFloat16>);
+    T lanes[V::size()];
+    uint16_t bits[V::size()];
+    v.store(lanes);
+    if (n == V::size()) {
+      for (int64_t k = 0; k < V::size(); ++k) bits[k] = bfloat16_bits(lanes[k]);
+      std::memcpy(p, bits, sizeof bits);
+      return;
+    }
+    for (int64_t k = 0; k < n; ++k) bits[k] = bfloat16_bits(lanes[k]);
+    std::memcpy(p, bits, sizeof(uint16_t) * n);
+  }
+}
+
+template <typename T, typename S, bool Training, bool ZoneoutCell>
+void forward_step_impl(const ForwardStepParams<T, S>& p) {
   using V = at::vec::Vectorized<T>;
   const int64_t H = p.hidden;
   at::parallel_for(0, p.rows, row_grain(H), [&](int64_t begin, int64_t end) {
@@ -120,14 +175,14 @@ void forward_step_impl(const ForwardStepParams<T>& p) {
           out.c.store(c_state + j, n);
         }
         if constexpr (Training) out.c.store(p.cell_save + row * H + j, n);
-        out.r.store(p.hidden_out + row * H + j, n);
+        store_as(out.r, p.hidden_out + row * H + j, n);
       }
     }
   });
 }
 
-template <typename T, bool AddOutputGrad, bool ZoneoutCell>
-void backward_step_impl(const BackwardStepParams<T>& p) {
+template <typename T, typename S, bool AddOutputGrad, bool ZoneoutCell>
+void backward_step_impl(const BackwardStepParams<T, S>& p) {
   using V = at::vec::Vectorized<T>;
   const int64_t H = p.hidden;
   at::parallel_for(0, p.rows, row_grain(H), [&](int64_t begin, int64_t end) {
@@ -138,13 +193,13 @@ void backward_step_impl(const BackwardStepParams<T>& p) {
                                ? p.cell_prev + row * H
                                : p.cell_init + row * H;
       const T* dr = p.grad_hidden + row * H;
-      const T* dy = AddOutputGrad ? p.grad_output + row * H : nullptr;
+      const S* dy = AddOutputGrad ? p.grad_output + row * H : nullptr;
       T* dc_state = p.dcell_state + row * H;
-      T* dgates = p.dgates + row * 4 * H;
+      S* dgates = p.dgates + row * 4 * H;
       for (int64_t j = 0; j < H; j += V::size()) {
         const int64_t n = std::min<int64_t>(V::size(), H - j);
         V dr_v = V::loadu(dr + j, n);
-        if constexpr (AddOutputGrad) dr_v = dr_v + V::loadu(dy + j, n);
+        if constexpr (AddOutputGrad) dr_v = dr_v + load_as<T>(dy + j, n);
         LstmCellBackward<V> out;
         if constexpr (ZoneoutCell) {
           out = lstm_cell_backward_zoneout<V>(
@@ -160,10 +215,10 @@ void backward_step_impl(const BackwardStepParams<T>& p) {
               V::loadu(cell + j, n), V::loadu(cell_prev + j, n), dr_v,
               V::loadu(dc_state + j, n));
         }
-        out.di.store(dgates + j, n);
-        out.df.store(dgates + H + j, n);
-        out.dg.store(dgates + 2 * H + j, n);
-        out.do_.store(dgates + 3 * H + j, n);
+        store_as(out.di, dgates + j, n);
+        store_as(out.df, dgates + H + j, n);
+        store_as(out.dg, dgates + 2 * H + j, n);
+        store_as(out.do_, dgates + 3 * H + j, n);
         out.dc_prev.store(dc_state + j, n);
       }
     }
@@ -245,21 +300,29 @@ inline std::pair<T, T> row_moments(const T* x, int64_t n, T eps) {
   return {mean, layer_norm_rstd(var, eps)};
 }
 
-template <typename T, bool Training, bool ZoneoutCell>
-void layer_norm_forward_step_impl(const LayerNormStepParams<T>& p) {
+template <typename T, typename S, bool Training, bool ZoneoutCell>
+void layer_norm_forward_step_impl(const LayerNormStepParams<T, S>& p) {
   using V = at::vec::Vectorized<T>;
   const int64_t H = p.hidden, G = 4 * p.hidden;
   at::parallel_for(0, p.rows, row_grain(G), [&](int64_t begin, int64_t end) {
+    // sigmoid(o) of a row, parked until LN_cell's statistics are known: in
+    // the output row itself when it holds T, else here
+    std::vector<T> o_park(std::is_same_v<S, T> ? 0 : H);
     for (int64_t row = begin; row < end; ++row) {
       T* ih = p.ih + row * G;
       T* hh = p.hh + row * G;
       T* c_state = p.cell_state + row * H;
-      T* h_out = p.h_out + row * H;
+      S* h_out = p.h_out + row * H;
+      T* o_parked;
+      if constexpr (std::is_same_v<S, T>) {
+        o_parked = h_out;
+      } else {
+        o_parked = o_park.data();
+      }
       const auto moments = row_moments2<T>(ih, hh, G, p.eps);
       const auto [mean_ih, rstd_ih] = moments[0];
       const auto [mean_hh, rstd_hh] = moments[1];
-      // Gates and the cell state; both products normalised in place, and
-      // sigmoid(o) parked in h_out until LN_cell's statistics are known.
+      // Gates and the cell state; both products normalised in place.
       for (int64_t j = 0; j < H; j += V::size()) {
         const int64_t n = std::min<int64_t>(V::size(), H - j);
         V pre[4];
@@ -278,7 +341,7 @@ void layer_norm_forward_step_impl(const LayerNormStepParams<T>& p) {
         const V c_prev = V::loadu(c_state + j, n);
         const auto cell =
             lstm_cell_state<V>(pre[0], pre[1], pre[2], pre[3], c_prev);
-        cell.o.store(h_out + j, n);
+        cell.o.store(o_parked + j, n);
         if constexpr (ZoneoutCell) {  // c~ kept in cell_save for the output
           cell.c.store(p.cell_save + row * H + j, n);
           const V c = zoneout<V>(
@@ -306,8 +369,8 @@ void layer_norm_forward_step_impl(const LayerNormStepParams<T>& p) {
             layer_norm_normalize(V::loadu(c_cand + j, n), V(mean_c),
                                  V(rstd_c)),
             V::loadu(p.gamma_cell + j, n), V::loadu(p.beta_cell + j, n));
-        const V h = V::loadu(h_out + j, n) * rnnfast::tanh<V>(cn);
-        h.store(h_out + j, n);
+        const V h = V::loadu(o_parked + j, n) * rnnfast::tanh<V>(cn);
+        store_as(h, h_out + j, n);
       }
     }
   });
@@ -315,9 +378,9 @@ void layer_norm_forward_step_impl(const LayerNormStepParams<T>& p) {
 
 // The pre-activation of gate k at hidden units [j, j + n) of a row, from the
 // normalised products the forward saved.
-template <typename T>
+template <typename T, typename S>
 inline at::vec::Vectorized<T> saved_pre_activation(
-    const LayerNormBackwardStepParams<T>& p, const T* xi, const T* xh,
+    const LayerNormBackwardStepParams<T, S>& p, const T* xi, const T* xh,
     int64_t o, int64_t n) {
   using V = at::vec::Vectorized<T>;
   return layer_norm_gate(V::loadu(xi + o, n), V::loadu(p.gamma_ih + o, n),
@@ -325,8 +388,9 @@ inline at::vec::Vectorized<T> saved_pre_activation(
                          V::loadu(p.bias + o, n));
 }
 
-template <typename T, bool AddOutputGrad, bool ZoneoutCell>
-void layer_norm_backward_step_impl(const LayerNormBackwardStepParams<T>& p) {
+template <typename T, typename S, bool AddOutputGrad, bool ZoneoutCell>
+void layer_norm_backward_step_impl(
+    const LayerNormBackwardStepParams<T, S>& p) {
   using V = at::vec::Vectorized<T>;
   const int64_t H = p.hidden, G = 4 * p.hidden;
   // The task running a row: the caller's (this step split by rows over the
@@ -351,7 +415,7 @@ void layer_norm_backward_step_impl(const LayerNormBackwardStepParams<T>& p) {
       const T* st = p.stats + row * kStatsWidth;
       const T mean_c = st[kMeanCell], rstd_c = st[kRstdCell];
       const T* dh = p.grad_hidden + row * H;
-      const T* dy = AddOutputGrad ? p.grad_output + row * H : nullptr;
+      const S* dy = AddOutputGrad ? p.grad_output + row * H : nullptr;
       T* dgates = p.dgates + row * G;
       T* dcn = p.dcell_norm + row * H;
       T* dc_state = p.dcell_state + row * H;
@@ -367,7 +431,7 @@ void layer_norm_backward_step_impl(const LayerNormBackwardStepParams<T>& p) {
         const V gamma = V::loadu(p.gamma_cell + j, n);
         const V cn = layer_norm_affine(xhat, gamma, V::loadu(p.beta_cell + j, n));
         V dh_v = V::loadu(dh + j, n);
-        if constexpr (AddOutputGrad) dh_v = dh_v + V::loadu(dy + j, n);
+        if constexpr (AddOutputGrad) dh_v = dh_v + load_as<T>(dy + j, n);
         const auto out = lstm_output_backward<V>(dh_v, o, rnnfast::tanh<V>(cn));
         out.do_.store(dgates + 3 * H + j, n);
         out.dy.store(dcn + j, n);
@@ -437,18 +501,18 @@ void layer_norm_backward_step_impl(const LayerNormBackwardStepParams<T>& p) {
       const V mean_hh(lane_sum(sum_hh) / T(G)), mean_hh_x(lane_sum(sum_hh_x) / T(G));
       const V mean_ih(lane_sum(sum_ih) / T(G)), mean_ih_x(lane_sum(sum_ih_x) / T(G));
       const V rstd_hh(st[kRstdHh]), rstd_ih(st[kRstdIh]);
-      T* dhh = p.dhh + row * G;
-      T* dih = p.dih + row * G;
+      S* dhh = p.dhh + row * G;
+      S* dih = p.dih + row * G;
       for (int64_t o = 0; o < G; o += V::size()) {
         const int64_t n = std::min<int64_t>(V::size(), G - o);
         const V d = V::loadu(dgates + o, n);
         const V xh_v = V::loadu(xh + o, n), xi_v = V::loadu(xi + o, n);
-        layer_norm_input_grad<V>(d * V::loadu(p.gamma_hh + o, n), xh_v,
-                                 rstd_hh, mean_hh, mean_hh_x)
-            .store(dhh + o, n);
-        layer_norm_input_grad<V>(d * V::loadu(p.gamma_ih + o, n), xi_v,
-                                 rstd_ih, mean_ih, mean_ih_x)
-            .store(dih + o, n);
+        store_as(layer_norm_input_grad<V>(d * V::loadu(p.gamma_hh + o, n),
+                                          xh_v, rstd_hh, mean_hh, mean_hh_x),
+                 dhh + o, n);
+        store_as(layer_norm_input_grad<V>(d * V::loadu(p.gamma_ih + o, n),
+                                          xi_v, rstd_ih, mean_ih, mean_ih_x),
+                 dih + o, n);
         if (sums != nullptr) {
           T* bias_sum = sums + kSumBias * H + o;
           T* ih_sum = sums + kSumGammaIh * H + o;
@@ -462,29 +526,29 @@ void layer_norm_backward_step_impl(const LayerNormBackwardStepParams<T>& p) {
   });
 }
 
-template <typename T>
-constexpr TypedKernels<T> typed_kernels() {
-  return {{{&forward_step_impl<T, false, false>,
-            &forward_step_impl<T, false, true>},
-           {&forward_step_impl<T, true, false>,
-            &forward_step_impl<T, true, true>}},
-          {{&backward_step_impl<T, false, false>,
-            &backward_step_impl<T, false, true>},
-           {&backward_step_impl<T, true, false>,
-            &backward_step_impl<T, true, true>}},
-          {{&layer_norm_forward_step_impl<T, false, false>,
-            &layer_norm_forward_step_impl<T, false, true>},
-           {&layer_norm_forward_step_impl<T, true, false>,
-            &layer_norm_forward_step_impl<T, true, true>}},
-          {{&layer_norm_backward_step_impl<T, false, false>,
-            &layer_norm_backward_step_impl<T, false, true>},
-           {&layer_norm_backward_step_impl<T, true, false>,
-            &layer_norm_backward_step_impl<T, true, true>}}};
+template <typename T, typename S = T>
+constexpr TypedKernels<T, S> typed_kernels() {
+  return {{{&forward_step_impl<T, S, false, false>,
+            &forward_step_impl<T, S, false, true>},
+           {&forward_step_impl<T, S, true, false>,
+            &forward_step_impl<T, S, true, true>}},
+          {{&backward_step_impl<T, S, false, false>,
+            &backward_step_impl<T, S, false, true>},
+           {&backward_step_impl<T, S, true, false>,
+            &backward_step_impl<T, S, true, true>}},
+          {{&layer_norm_forward_step_impl<T, S, false, false>,
+            &layer_norm_forward_step_impl<T, S, false, true>},
+           {&layer_norm_forward_step_impl<T, S, true, false>,
+            &layer_norm_forward_step_impl<T, S, true, true>}},
+          {{&layer_norm_backward_step_impl<T, S, false, false>,
+            &layer_norm_backward_step_impl<T, S, false, true>},
+           {&layer_norm_backward_step_impl<T, S, true, false>,
+            &layer_norm_backward_step_impl<T, S, true, true>}}};
 }
 
 inline const KernelTable& make_kernel_table(const char* name) {
   static const KernelTable table{typed_kernels<float>(), typed_kernels<double>(),
-                                 name};
+                                 typed_kernels<float, c10::BFloat16>(), name};
   return table;
 }
 

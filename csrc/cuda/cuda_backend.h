@@ -47,8 +47,11 @@ struct CudaBackend {
   // step's grid.)
   static constexpr int64_t kGradBlockRows = std::numeric_limits<int64_t>::max() / 4;
   static constexpr bool kParamGradsInStep = false;
-  // Half-type ops keep their GEMM operands in half / bfloat16.
-  static constexpr bool kNativeHalf = true;
+  // Half-type ops keep their GEMM operands in half / bfloat16
+  // (op_impls.h).
+  template <typename S>
+  static constexpr bool kNativeStorage = true;
+  static bool native_storage(at::ScalarType /*dtype*/) { return true; }
   // The input projection adds the bias (addmm; ATen can fuse it into the
   // cuBLASLt GEMM as an epilogue).
   static constexpr bool kBiasInStep = false;

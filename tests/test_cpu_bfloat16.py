@@ -1,0 +1,237 @@
+"""bfloat16 LSTMs and LayerNorm-LSTMs on the CPU.
+
+Where the CPU has bfloat16 instructions (AVX512-BF16, AMX-BF16) and torch's
+BLAS is MKL, a bfloat16 op runs its GEMMs in bfloat16 with float
+accumulation (MKL's cblas_gemm_bf16bf16f32, and rnnfast's AMX product for
+the per-step ones) and keeps the hidden states and the gradients w.r.t. the
+products in bfloat16, the gates, cell states, statistics and saved
+activations in float; elsewhere it computes in float.
+``RNNFAST_CPU_NATIVE_BF16`` (read at every call) forces either path, so
+both run here on every x86 CPU: MKL's bfloat16 GEMM also runs where the CPU
+lacks the instructions, only slower.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import pytest
+import torch
+
+import rnnfast
+from rnnfast.reference import ReferenceLSTM
+from test_lstm import NO_ONEDNN_BF16_LSTM
+from test_regularisers import check_zoneout_in_bfloat16
+from utils import CELLS, assert_error_within_twice, float64_twin, forward_backward
+
+VARIABLE = "RNNFAST_CPU_NATIVE_BF16"
+
+
+def _mkl_bfloat16_gemm() -> bool:
+    lib = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+    try:
+        return hasattr(ctypes.CDLL(lib), "cblas_gemm_bf16bf16f32")
+    except OSError:
+        return False
+
+
+HAS_MKL_BF16 = _mkl_bfloat16_gemm()
+needs_mkl = pytest.mark.skipif(not HAS_MKL_BF16,
+                               reason="torch's BLAS has no bfloat16 GEMM here (not MKL)")
+# Both paths; "1" only where MKL's bfloat16 GEMM exists.
+PATHS = pytest.mark.parametrize("native", ["0", pytest.param("1", marks=needs_mkl)],
+                                ids=["float", "native"])
+
+
+def _cpu_has_avx512_bf16() -> bool:
+    caps = getattr(torch._C._cpu, "_get_cpu_capability", None)
+    if caps is not None:
+        return bool(caps().get("avx512_bf16", False))
+    with open("/proc/cpuinfo") as f:
+        return " avx512_bf16" in f.read()
+
+
+def test_native_path_follows_the_cpu_and_the_variable(monkeypatch):
+    monkeypatch.delenv(VARIABLE, raising=False)
+    expected = (HAS_MKL_BF16 and torch.backends.cpu.get_cpu_capability() == "AVX512"
+                and _cpu_has_avx512_bf16())
+    assert rnnfast.build_info()["cpu_native_bfloat16"] is expected
+    monkeypatch.setenv(VARIABLE, "0")
+    assert rnnfast.build_info()["cpu_native_bfloat16"] is False
+    if HAS_MKL_BF16:
+        monkeypatch.setenv(VARIABLE, "1")
+        assert rnnfast.build_info()["cpu_native_bfloat16"] is True
+
+
+def test_bad_setting_is_an_error_naming_it(monkeypatch):
+    monkeypatch.setenv(VARIABLE, "yes")
+    model = rnnfast.LSTM(4, 6).bfloat16()
+    with pytest.raises(RuntimeError, match=f"{VARIABLE} must be 0 or 1, got 'yes'"):
+        model(torch.randn(3, 2, 4, dtype=torch.bfloat16))
+
+
+@needs_mkl
+def test_paths_differ_only_for_bfloat16(monkeypatch):
+    """The variable switches a bfloat16 model's path (its hidden states are
+    rounded to bfloat16 between steps on one path only) and leaves float32
+    and float16 alone."""
+    torch.manual_seed(0)
+    x = torch.randn(20, 4, 16)
+
+    def run(model, dtype):
+        out = {}
+        for native in ("0", "1"):
+            monkeypatch.setenv(VARIABLE, native)
+            with torch.no_grad():
+                out[native] = model.to(dtype)(x.to(dtype))[0]
+        return out
+
+    for model in (rnnfast.LSTM(16, 32, num_layers=2), rnnfast.LayerNormLSTM(16, 32)):
+        bf16 = run(model, torch.bfloat16)
+        assert not torch.equal(bf16["0"], bf16["1"]), type(model).__name__
+        torch.testing.assert_close(bf16["0"].float(), bf16["1"].float(), atol=3e-2, rtol=0)
+        for dtype in (torch.float32, torch.float16):
+            out = run(model, dtype)
+            assert torch.equal(out["0"], out["1"]), (type(model).__name__, dtype)
+
+
+@needs_mkl
+@pytest.mark.parametrize("cell", CELLS, ids=repr)
+def test_native_rounds_the_hidden_state_to_nearest_even(monkeypatch, cell):
+    """One step from a zero state with one input feature: every product is
+    exact, so the two paths differ only in where h is rounded to bfloat16,
+    in the step kernel (native) or by Tensor.to after it (float). They must
+    agree bitwise: round to nearest even, full vectors and a tail (H=70),
+    and a NaN input's row NaN."""
+    torch.manual_seed(4)
+    model = cell.module(1, 70).bfloat16()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(8)  # values across many binades
+    x = torch.randn(1, 33, 1).bfloat16()
+    x[0, 5] = float("nan")
+    out = {}
+    for native in ("0", "1"):
+        monkeypatch.setenv(VARIABLE, native)
+        with torch.no_grad():
+            out[native] = model(x)[0]
+    nan = out["1"].isnan()
+    assert nan[0, 5].all() and not nan[0, 6].any()
+    assert torch.equal(nan, out["0"].isnan())
+    assert torch.equal(out["0"][~nan].view(torch.int16), out["1"][~nan].view(torch.int16))
+
+
+def _pytorch_bfloat16_results(ref, x, hx, run):
+    """The reference module's results in bfloat16 (nn.LSTM, or for the
+    LayerNorm-LSTM the plain-PyTorch reference), or the plain-PyTorch
+    reference's where oneDNN has no bfloat16 LSTM for this CPU."""
+    try:
+        return forward_backward(ref, x, hx, **run)
+    except RuntimeError as e:
+        if NO_ONEDNN_BF16_LSTM not in str(e):
+            raise
+    plain = ReferenceLSTM(ref.input_size, ref.hidden_size, num_layers=ref.num_layers,
+                          bidirectional=ref.bidirectional, proj_size=ref.proj_size)
+    plain.load_state_dict(ref.state_dict())
+    return forward_backward(plain.bfloat16(), x, hx, **run)
+
+
+def _cpu_has_amx_bf16() -> bool:
+    caps = getattr(torch._C._cpu, "_get_cpu_capability", None)
+    if caps is not None:
+        return bool(caps().get("amx_bf16", False))
+    with open("/proc/cpuinfo") as f:
+        return " amx_bf16" in f.read()
+
+
+@needs_mkl
+def test_step_product_follows_the_cpu_and_the_variable(monkeypatch):
+    """rnnfast's AMX product where the CPU has AMX-BF16 (and Linux grants
+    the tiles), MKL's bfloat16 GEMM elsewhere or when the BLAS is forced."""
+    monkeypatch.delenv("RNNFAST_CPU_STEP_GEMM", raising=False)
+    got = rnnfast.build_info()["cpu_bf16_step_gemm"]
+    assert got in ("rnnfast-AMX-BF16", "mkl-bf16")
+    if not _cpu_has_amx_bf16():
+        assert got == "mkl-bf16"
+    monkeypatch.setenv("RNNFAST_CPU_STEP_GEMM", "blas")
+    assert rnnfast.build_info()["cpu_bf16_step_gemm"] == "mkl-bf16"
+
+
+# (steps, batch, input = hidden size, lengths of a packed batch): H=96 takes
+# the AMX product forward and backward (depth a multiple of 32, width of
+# 16), an even number of column blocks; H=48 only backward (depth 4H), with
+# an odd number of blocks (3); 37 rows: two full row tiles and a tail.
+SHAPES = {"H96": (30, 12, 96, [(7 * i) % 30 + 1 for i in range(12)]),
+          "H48-B37": (9, 37, 48, [(5 * i) % 9 + 1 for i in range(37)])}
+
+
+# The LSTM with and without a projection, the LayerNorm-LSTM (none).
+MODELS = pytest.mark.parametrize("cell,proj", [(CELLS[0], 0), (CELLS[0], 24), (CELLS[1], 0)],
+                                 ids=["lstm", "lstm-proj", "layer_norm_lstm"])
+
+
+@PATHS
+@pytest.mark.parametrize("step_gemm", ["auto", "blas"])
+@pytest.mark.parametrize("layout", ["padded", "packed_unsorted"])
+@MODELS
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_bfloat16_training_within_twice_pytorch(monkeypatch, native, step_gemm, layout, cell,
+                                                proj, shape):
+    """A bfloat16 model (two bidirectional layers) at sizes where the
+    per-step products have many terms: every output and gradient is at most
+    twice as far from a float64 run (same rounded weights and inputs) as
+    PyTorch's own bfloat16 run (nn.LSTM, or the plain-PyTorch
+    LayerNorm-LSTM), on either path and with either per-step product of the
+    native path."""
+    if native == "0" and step_gemm == "blas":
+        pytest.skip("the float path's products are tested elsewhere")
+    monkeypatch.setenv(VARIABLE, native)
+    monkeypatch.setenv("RNNFAST_CPU_STEP_GEMM", step_gemm)
+    T, B, n, packed_lengths = SHAPES[shape]
+    ours, ref = cell.make_pair(n, n, num_layers=2, bidirectional=True, dtype=torch.bfloat16,
+                               **cell.kwargs(proj_size=proj))
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(T, B, n, generator=g).bfloat16()
+    out = proj or n
+    hx = (torch.randn(4, B, out, generator=g).bfloat16(),
+          torch.randn(4, B, n, generator=g).bfloat16())
+    lengths = None if layout == "padded" else packed_lengths
+    run = dict(lengths=lengths, enforce_sorted=False)
+    got = forward_backward(ours, x, hx, **run)
+    pytorch = _pytorch_bfloat16_results(ref, x, hx, run)
+    exact = forward_backward(float64_twin(ref), x.double(), tuple(h.double() for h in hx),
+                             **run)
+    assert_error_within_twice(got, pytorch, exact, torch.bfloat16)
+
+
+@PATHS
+@pytest.mark.parametrize("cell", CELLS, ids=repr)
+def test_bfloat16_inference_and_streaming_agree_with_training(monkeypatch, native, cell):
+    """Evaluation gives the training forward's values exactly; one step per
+    call with the state carried (streaming decode, one-row products) agrees
+    to bfloat16's precision (the carried h and c are rounded to bfloat16
+    between calls, as nn.LSTM's are)."""
+    monkeypatch.setenv(VARIABLE, native)
+    torch.manual_seed(3)
+    model = cell.module(32, 64, num_layers=2).bfloat16()
+    x = torch.randn(12, 1, 32).bfloat16()
+    train_out, (h_t, c_t) = model(x)
+    with torch.no_grad():
+        eval_out, (h_e, c_e) = model.eval()(x)
+        state, steps = None, []
+        for t in range(x.shape[0]):
+            y, state = model(x[t:t + 1], state)
+            steps.append(y)
+    assert torch.equal(eval_out, train_out.detach())
+    assert torch.equal(h_e, h_t.detach()) and torch.equal(c_e, c_t.detach())
+    # a few bfloat16 ulps of the largest values (about 1)
+    torch.testing.assert_close(torch.cat(steps).float(), eval_out.float(), atol=3e-2, rtol=0)
+    torch.testing.assert_close(state[1].float(), c_e.float(), atol=3e-2, rtol=0)
+
+
+@PATHS
+@pytest.mark.parametrize("cell", CELLS, ids=repr)
+def test_zoneout_in_bfloat16_within_twice_the_reference(monkeypatch, native, cell):
+    monkeypatch.setenv(VARIABLE, native)
+    check_zoneout_in_bfloat16(cell, "cpu")
