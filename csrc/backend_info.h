@@ -3,6 +3,8 @@
 // CPU backend (cpu/cpu_backend.cpp).
 #pragma once
 
+#include <c10/util/BFloat16.h>
+
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -17,10 +19,11 @@ const char* cpu_gemm_in_use();
 // Whether a bfloat16 LSTM on the CPU keeps its GEMM operands in bfloat16
 // (cpu/blas.h, native_bfloat16), else computes in float.
 bool cpu_native_bfloat16();
-// What runs the per-step products of a native-bfloat16 LSTM whose shape
-// rnnfast's AMX product takes (cpu/bf16_gemm.h): "rnnfast-AMX-BF16" on CPUs
-// with AMX-BF16 (unless RNNFAST_CPU_STEP_GEMM=blas), else "mkl-bf16", or
-// "none" without MKL's bfloat16 GEMM.
+// What runs the per-step products of a native-bfloat16 op whose shape
+// rnnfast's AMX product takes (cpu/bf16_gemm.h): "rnnfast-AMX-BF16" where
+// the CPU has AMX-BF16, Linux grants the tiles and ATEN_CPU_CAPABILITY caps
+// nothing (unless RNNFAST_CPU_STEP_GEMM=blas), else "mkl-bf16", or "none"
+// without MKL's bfloat16 GEMM.
 const char* cpu_bf16_step_gemm();
 // The CPU int8 kernels in use ("AMX-INT8+AVX512-VNNI", "AVX512-VNNI",
 // "AVX2" or "portable").
@@ -70,6 +73,23 @@ class CpuStepProduct {
 
  private:
   std::unique_ptr<cpu::StepWeight<float>> weight_;
+};
+// The same on one bfloat16 weight (cpu/blas.h's StepWeight<c10::BFloat16>):
+// A and B bfloat16, C float32. path: "auto" (rnnfast's AMX product where it
+// runs, packed at the second use) or "blas" (MKL's bfloat16 GEMM).
+class CpuBf16StepProduct {
+ public:
+  CpuBf16StepProduct(const std::string& path, int64_t max_rows, int64_t n,
+                     int64_t k, intptr_t b, int64_t ldb, bool trans_b);
+  ~CpuBf16StepProduct();
+  void multiply(int64_t m, intptr_t a, int64_t lda, float beta, intptr_t c,
+                int64_t ldc) const;
+  // "rnnfast-AMX-BF16", "mkl-bf16" or "unpacked" (before the second use).
+  std::string path() const;
+  bool threaded() const;
+
+ private:
+  std::unique_ptr<cpu::StepWeight<c10::BFloat16>> weight_;
 };
 // Frees the CPU buffer cache's free blocks; returns their bytes.
 int64_t release_cpu_buffer_cache();

@@ -19,7 +19,8 @@
 //     StepWeight(bool trans_b, int64_t max_m, int64_t n, int64_t k,
 //                const S* b, int64_t ldb), then
 //     multiply(int64_t m, const S* a, int64_t lda, C beta, C* c, int64_t ldc)
-//     computes C[m, n] = A[m, k] op(B) + beta C (beta 0 or 1; C is S or T).
+//     computes C[m, n] = A[m, k] op(B) + beta C (beta 0 or 1; C is S or T,
+//     and where S is not T, C = S only with beta 0).
 //   gemm(trans_a, trans_b, m, n, k, const S* a, lda, const S* b, ldb,
 //        C beta, C* c, ldc): a one-off product, C = op(A) op(B) + beta C.
 //   template <bool Training, bool ZoneoutCell>

@@ -143,6 +143,19 @@ PYBIND11_MODULE(_C, m) {
            "multiply(m, a, lda, beta, c, ldc): C = A op(B) + beta C.")
       .def_property_readonly("path", &rnnfast::CpuStepProduct::path)
       .def_property_readonly("threaded", &rnnfast::CpuStepProduct::threaded);
+  pybind11::class_<rnnfast::CpuBf16StepProduct>(
+      m, "_Bf16StepProduct",
+      "The CPU time loop's per-step product on one bfloat16 weight (tests; "
+      "raw addresses of bfloat16 A and B and float32 C, the caller keeps "
+      "the weight alive): _Bf16StepProduct(path, max_rows, n, k, b, ldb, "
+      "trans_b) with path 'auto' or 'blas'.")
+      .def(pybind11::init<const std::string&, int64_t, int64_t, int64_t,
+                          intptr_t, int64_t, bool>())
+      .def("multiply", &rnnfast::CpuBf16StepProduct::multiply,
+           "multiply(m, a, lda, beta, c, ldc): C = A op(B) + beta C.")
+      .def_property_readonly("path", &rnnfast::CpuBf16StepProduct::path)
+      .def_property_readonly("threaded",
+                             &rnnfast::CpuBf16StepProduct::threaded);
   m.def("empty_cache", &rnnfast::release_cpu_buffer_cache,
         "Frees the CPU blocks rnnfast keeps for reuse; returns their bytes.");
   m.def("cache_bytes", &rnnfast::cpu_buffer_cache_bytes,

@@ -24,7 +24,7 @@ def build_info() -> dict:
     ``"portable"``, those of :mod:`rnnfast.quantized`; ``cpu_native_bfloat16``:
     whether a bfloat16 LSTM runs its GEMMs in bfloat16 on this CPU, else in
     float32, and ``cpu_bf16_step_gemm``: what runs its per-step products,
-    ``"rnnfast-AMX-BF16"`` or ``"mkl-bf16"``)."""
+    ``"rnnfast-AMX-BF16"``, ``"mkl-bf16"`` or ``"none"``)."""
     info = dict(_build_info())
     info["rnnfast_version"] = __version__
     return info

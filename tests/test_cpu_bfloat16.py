@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 
 import pytest
 import torch
 
 import rnnfast
+from rnnfast import _C
 from rnnfast.reference import ReferenceLSTM
 from test_lstm import NO_ONEDNN_BF16_LSTM
 from test_regularisers import check_zoneout_in_bfloat16
@@ -145,29 +147,76 @@ def _cpu_has_amx_bf16() -> bool:
         return " amx_bf16" in f.read()
 
 
+def _amx_expected() -> bool:
+    """Whether rnnfast's AMX product must run here: the CPU has AMX-BF16,
+    Linux can grant the tiles (5.16+) and ATEN_CPU_CAPABILITY caps nothing."""
+    release = tuple(int(p) for p in platform.release().split(".")[:2] if p.isdigit())
+    return (_cpu_has_amx_bf16() and release >= (5, 16)
+            and torch.backends.cpu.get_cpu_capability() == "AVX512"
+            and os.environ.get("ATEN_CPU_CAPABILITY") != "avx512")
+
+
 @needs_mkl
 def test_step_product_follows_the_cpu_and_the_variable(monkeypatch):
-    """rnnfast's AMX product where the CPU has AMX-BF16 (and Linux grants
-    the tiles), MKL's bfloat16 GEMM elsewhere or when the BLAS is forced."""
+    """rnnfast's AMX product where the CPU has AMX-BF16, MKL's bfloat16
+    GEMM elsewhere or when the BLAS is forced."""
     monkeypatch.delenv("RNNFAST_CPU_STEP_GEMM", raising=False)
-    got = rnnfast.build_info()["cpu_bf16_step_gemm"]
-    assert got in ("rnnfast-AMX-BF16", "mkl-bf16")
-    if not _cpu_has_amx_bf16():
-        assert got == "mkl-bf16"
+    expected = "rnnfast-AMX-BF16" if _amx_expected() else "mkl-bf16"
+    assert rnnfast.build_info()["cpu_bf16_step_gemm"] == expected
     monkeypatch.setenv("RNNFAST_CPU_STEP_GEMM", "blas")
     assert rnnfast.build_info()["cpu_bf16_step_gemm"] == "mkl-bf16"
+
+
+# (m, n, k, trans_b, max_rows): odd and even numbers of 16-column blocks,
+# row tiles full, paired and with tails, one row; a product large enough to
+# be split by column blocks over the threads (2M multiply-adds and up); a
+# shape the AMX product does not take (MKL's, on either path).
+PRODUCTS = [(37, 48, 64, True, 40), (33, 96, 32, False, 33), (16, 64, 128, True, 16),
+            (1, 16, 32, True, 4), (32, 1024, 256, True, 32), (5, 40, 40, True, 8)]
+
+
+@needs_mkl
+@pytest.mark.parametrize("path", ["auto", "blas"])
+@pytest.mark.parametrize("m,n,k,trans_b,max_rows", PRODUCTS)
+def test_step_product_against_float64(path, m, n, k, trans_b, max_rows):
+    """The per-step product on a bfloat16 weight, as a time loop runs it
+    (first product unpacked, later ones packed), against float64 on the
+    same bfloat16 values: A rows and C rows with strides wider than the
+    product and at an offset, beta 0 and 1, rows fewer than the most."""
+    g = torch.Generator().manual_seed(m * 1000 + n + k)
+    b = torch.randn((n, k + 3) if trans_b else (k, n + 5), generator=g).bfloat16()
+    op_b = (b[:, :k].t() if trans_b else b[:, :n]).double()
+    product = _C._Bf16StepProduct(path, max_rows, n, k, b.data_ptr(), b.stride(0), trans_b)
+    a = torch.randn(m + 2, k + 32, generator=g).bfloat16()
+    a_view = a[2:, 8:8 + k]  # lda = k + 32, offset
+    c = torch.randn(m + 1, n + 16, generator=g)
+    c_view = c[1:, 16:]  # ldc = n + 16, offset
+    for use, beta in enumerate((0.0, 1.0, 0.0, 1.0)):
+        before = c.clone()
+        product.multiply(m, a_view.data_ptr(), a.stride(0), beta, c_view.data_ptr(),
+                         c.stride(0))
+        expected = a_view.double() @ op_b + beta * before[1:, 16:].double()
+        torch.testing.assert_close(c_view.double(), expected, rtol=1e-5, atol=1e-5 * k ** 0.5,
+                                   msg=lambda msg: f"use {use}, beta {beta}: {msg}")
+        untouched = torch.ones_like(c, dtype=torch.bool)
+        untouched[1:, 16:] = False
+        assert torch.equal(c[untouched], before[untouched]), "wrote outside C"
+    amx = path == "auto" and _amx_expected() and n % 16 == 0 and k % 32 == 0
+    assert product.path == ("rnnfast-AMX-BF16" if amx else "mkl-bf16")
 
 
 # (steps, batch, input = hidden size, lengths of a packed batch): H=96 takes
 # the AMX product forward and backward (depth a multiple of 32, width of
 # 16), an even number of column blocks; H=48 only backward (depth 4H), with
-# an odd number of blocks (3); 37 rows: two full row tiles and a tail.
+# an odd number of blocks (3), 37 rows; H=64 at B=40 forward split by rows
+# over the threads, and with the LSTM's projection of 32 its products too.
 SHAPES = {"H96": (30, 12, 96, [(7 * i) % 30 + 1 for i in range(12)]),
-          "H48-B37": (9, 37, 48, [(5 * i) % 9 + 1 for i in range(37)])}
+          "H48-B37": (9, 37, 48, [(5 * i) % 9 + 1 for i in range(37)]),
+          "H64-B40": (6, 40, 64, [(5 * i) % 6 + 1 for i in range(40)])}
 
 
 # The LSTM with and without a projection, the LayerNorm-LSTM (none).
-MODELS = pytest.mark.parametrize("cell,proj", [(CELLS[0], 0), (CELLS[0], 24), (CELLS[1], 0)],
+MODELS = pytest.mark.parametrize("cell,proj", [(CELLS[0], 0), (CELLS[0], 32), (CELLS[1], 0)],
                                  ids=["lstm", "lstm-proj", "layer_norm_lstm"])
 
 
@@ -232,6 +281,11 @@ def test_bfloat16_inference_and_streaming_agree_with_training(monkeypatch, nativ
 
 @PATHS
 @pytest.mark.parametrize("cell", CELLS, ids=repr)
-def test_zoneout_in_bfloat16_within_twice_the_reference(monkeypatch, native, cell):
+@pytest.mark.parametrize("hidden,proj", [(40, 6), (64, 32)], ids=["H40", "H64"])
+def test_zoneout_in_bfloat16_within_twice_the_reference(monkeypatch, native, cell, hidden,
+                                                        proj):
+    """(test_regularisers.check_zoneout_in_bfloat16) H=64 with a projection
+    of 32 takes the AMX product where it runs, whose backward adds to the
+    zoneout share of dh_{t-1} (beta 1)."""
     monkeypatch.setenv(VARIABLE, native)
-    check_zoneout_in_bfloat16(cell, "cpu")
+    check_zoneout_in_bfloat16(cell, "cpu", hidden=hidden, proj=proj)

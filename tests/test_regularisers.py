@@ -56,17 +56,17 @@ def _reference_layer(cell, sample, training, z_h, z_c, mask_h, mask_c):
     return out, hy[0], cy[0]
 
 
-def check_zoneout_in_bfloat16(cell, device):
+def check_zoneout_in_bfloat16(cell, device, hidden=40, proj=6):
     """Zoneout on h and c in bfloat16 on ``device``, packed rows (with a
-    projection for the LSTM, so its bfloat16 h~_t): every output and
-    gradient of the op is at most twice as far from a float64 run of the
-    reference (same rounded arguments, same masks) as the reference's own
-    bfloat16 run on that device, plus one bfloat16 ulp."""
+    projection of ``proj`` for the LSTM, so its bfloat16 h~_t): every output
+    and gradient of the op is at most twice as far from a float64 run of
+    the reference (same rounded arguments, same masks) as the reference's
+    own bfloat16 run on that device, plus one bfloat16 ulp."""
     from dataclasses import replace
 
     z_h, z_c = 0.3, 0.4
-    base = cell.op_sample(steps=6, batch=4, input_size=3, hidden=40,
-                          proj=0 if cell.layer_norm else 6, lengths=[6, 5, 3, 1], seed=3)
+    base = cell.op_sample(steps=6, batch=4, input_size=3, hidden=hidden,
+                          proj=0 if cell.layer_norm else proj, lengths=[6, 5, 3, 1], seed=3)
 
     def copy(device, dtype):
         return replace(base, args=tuple(

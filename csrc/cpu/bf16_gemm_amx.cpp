@@ -1,24 +1,17 @@
-// The AMX-BF16 product of bf16_gemm.h. Like the int8 AMX unit it includes
-// no ATen header (the target pragma below would change what they compile
-// to); the caller (blas.cpp) threads it.
+// The AMX-BF16 product of bf16_gemm.h (its packing is bf16_gemm.cpp, built
+// without ISA flags). Like the int8 AMX unit it includes no ATen header (the
+// target pragma below would change what they compile to); the caller
+// (blas.cpp) threads it.
 #include "bf16_gemm.h"
 
 #include <cstring>
 
 #if defined(__x86_64__) && defined(__linux__)
 #pragma GCC target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
-#include <cpuid.h>
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 namespace rnnfast::cpu::bf16 {
 namespace {
-
-// Linux keeps AMX's tile data out of a process's saved state until the
-// process asks for it.
-constexpr int kArchReqXcompPerm = 0x1023;
-constexpr int kXfeatureXtiledata = 18;
 
 constexpr int kTileRows = 16;   // rows of an A or C tile, pairs of a B tile
 constexpr int kTileBytes = 64;  // bytes per tile row
@@ -115,25 +108,7 @@ MultiplyFn multiply_fn(int rt, int nb) {
   return nb == 2 ? &multiply<1, 2> : &multiply<1, 1>;
 }
 
-bool cpu_and_os_have_amx_bf16() {
-  unsigned eax, ebx, ecx, edx;
-  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
-  const bool amx_bf16 = (edx >> 22) & 1u, amx_tile = (edx >> 24) & 1u;
-  if (!amx_tile || !amx_bf16) return false;
-  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx) || !((ecx >> 27) & 1u)) return false;  // OSXSAVE
-  unsigned lo, hi;
-  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
-  return ((lo >> 17) & 1u) && ((lo >> 18) & 1u);  // XTILECFG, XTILEDATA enabled
-}
-
 }  // namespace
-
-bool amx_bf16_supported() {
-  static const bool supported = cpu_and_os_have_amx_bf16() &&
-                                syscall(SYS_arch_prctl, kArchReqXcompPerm,
-                                        kXfeatureXtiledata) == 0;
-  return supported;
-}
 
 void multiply_blocks(int64_t m, int64_t k, const uint16_t* a, int64_t lda,
                      const uint16_t* packed, int64_t block0, int64_t blocks,
@@ -164,28 +139,8 @@ void multiply_blocks(int64_t m, int64_t k, const uint16_t* a, int64_t lda,
 #else  // not x86-64 Linux: no AMX
 
 namespace rnnfast::cpu::bf16 {
-bool amx_bf16_supported() { return false; }
 void multiply_blocks(int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*,
                      int64_t, int64_t, float, float*, int64_t) {}
 }  // namespace rnnfast::cpu::bf16
 
 #endif
-
-namespace rnnfast::cpu::bf16 {
-
-void pack(bool trans_b, int64_t n, int64_t k, const uint16_t* b, int64_t ldb,
-          uint16_t* packed) {
-  const int64_t kp = padded_depth(k);
-  std::memset(packed, 0, sizeof(uint16_t) * packed_elements(n, k));
-  for (int64_t j = 0; j < n; ++j) {
-    uint16_t* block = packed + (j / kBlockCols) * kBlockCols * kp;
-    const int64_t col = j % kBlockCols;
-    for (int64_t d = 0; d < k; ++d) {
-      // op(B)[d, j]
-      const uint16_t v = trans_b ? b[j * ldb + d] : b[d * ldb + j];
-      block[(d / 2) * 2 * kBlockCols + col * 2 + (d % 2)] = v;
-    }
-  }
-}
-
-}  // namespace rnnfast::cpu::bf16

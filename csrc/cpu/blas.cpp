@@ -433,10 +433,11 @@ bool amx_bf16_allowed() {
 
 StepWeight<c10::BFloat16>::StepWeight(bool trans_b, int64_t max_m, int64_t n,
                                       int64_t k, const c10::BFloat16* b,
-                                      int64_t ldb)
+                                      int64_t ldb, const char* path)
     : trans_b_(trans_b), max_m_(max_m), n_(n), k_(k), ldb_(ldb), b_(b),
-      // as for a float weight of the same shape (a product's multiply-adds
-      // and the bytes of weight it streams)
+      // by the float weight's rule on the product's multiply-adds and the
+      // bytes of weight it streams (so a bfloat16 weight of up to twice the
+      // elements stays on one thread; not measured apart)
       serial_(max_m * n * k < kSerialGemmMacs &&
               n * k * static_cast<int64_t>(sizeof(c10::BFloat16)) <
                   kSerialWeightBytes) {
@@ -445,7 +446,7 @@ StepWeight<c10::BFloat16>::StepWeight(bool trans_b, int64_t max_m, int64_t n,
                         ? std::max<int64_t>(0, std::atoll(split))
                         : kRowSplitRows;
   amx_candidate_ = max_m > 0 && bf16::supported(n, k) &&
-                   forced_step_gemm(nullptr) != 1 && amx_bf16_allowed();
+                   forced_step_gemm(path) != 1 && amx_bf16_allowed();
 }
 
 StepWeight<c10::BFloat16>::~StepWeight() { std::free(amx_packed_); }
@@ -481,6 +482,7 @@ void StepWeight<c10::BFloat16>::compute(bool serial, int64_t m,
                                         const c10::BFloat16* a, int64_t lda,
                                         float beta, float* c,
                                         int64_t ldc) const {
+  TORCH_INTERNAL_ASSERT(beta == 0.0f || beta == 1.0f);
   if (amx_packed_ != nullptr && m > 0) {
     const auto* a_bits = reinterpret_cast<const uint16_t*>(a);
     const int64_t blocks = bf16::column_blocks(n_);
@@ -510,7 +512,8 @@ void StepWeight<c10::BFloat16>::compute(bool serial, int64_t m,
                                         int64_t ldc) const {
   // In float, then rounded (the projection's output, beta 0).
   TORCH_INTERNAL_ASSERT(beta == 0.0f);
-  std::vector<float> product(static_cast<size_t>(m * n_));
+  thread_local std::vector<float> product;
+  product.resize(static_cast<size_t>(m * n_));
   compute(serial, m, a, lda, 0.0f, product.data(), n_);
   for (int64_t i = 0; i < m; ++i) {
     for (int64_t j = 0; j < n_; ++j) {

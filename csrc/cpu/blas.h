@@ -119,17 +119,19 @@ class StepWeight {
 
 // The bfloat16 recurrent weight of a native-bfloat16 op (native_bfloat16),
 // C in float (C = float) or rounded to bfloat16 (C = c10::BFloat16, the
-// projection's output). On CPUs with AMX-BF16, for shapes it runs
-// (bf16_gemm.h: k a multiple of 32, n of 16), the weight is packed into
-// AMX tiles at its second use (as a float weight is packed: a one-step call
-// never repays it) and multiplied by rnnfast's AMX product; otherwise, or
-// with RNNFAST_CPU_STEP_GEMM=blas, by MKL's bfloat16 GEMM, which repacks it
-// at every product. Same interface as StepWeight<float>.
+// projection's output, beta 0 only). On CPUs with AMX-BF16 (where Linux
+// grants the tiles and ATEN_CPU_CAPABILITY caps nothing), for shapes it
+// runs (bf16_gemm.h: k a multiple of 32, n of 16), the weight is packed
+// into AMX tiles at its second use (as a float weight is packed: a one-step
+// call never repays it) and multiplied by rnnfast's AMX product; otherwise,
+// or with RNNFAST_CPU_STEP_GEMM=blas (or path "blas"), by MKL's bfloat16
+// GEMM, which repacks it at every product. Same interface as
+// StepWeight<float>; beta is 0 or 1.
 template <>
 class StepWeight<c10::BFloat16> {
  public:
   StepWeight(bool trans_b, int64_t max_m, int64_t n, int64_t k,
-             const c10::BFloat16* b, int64_t ldb);
+             const c10::BFloat16* b, int64_t ldb, const char* path = nullptr);
   ~StepWeight();
   StepWeight(const StepWeight&) = delete;
   StepWeight& operator=(const StepWeight&) = delete;

@@ -198,6 +198,7 @@ struct CpuBackend {
   // 21.0 ms (LSTM) and 27.6 -> 26.1 ms (LayerNorm-LSTM) at H=128 (a 256 KiB
   // W_hh), but 69.7 -> 70.6 ms at H=256 (1 MiB), where each thread's
   // product reads all of W_hh instead of half.
+  // (A bfloat16 W_hh of H=256 is 512 KiB too; not measured apart.)
   static constexpr int64_t kBackwardSplitMaxWeightBytes = int64_t{512} << 10;
   template <typename S, typename T, typename F>
   static void backward_then_multiply(const StepWeight<S>& whh, int64_t rows,
@@ -391,6 +392,30 @@ CpuStepProduct::CpuStepProduct(const std::string& path, int64_t max_rows,
   weight_->prepare_use();  // a time loop's first step: the next use packs
 }
 CpuStepProduct::~CpuStepProduct() = default;
+CpuBf16StepProduct::CpuBf16StepProduct(const std::string& path,
+                                       int64_t max_rows, int64_t n, int64_t k,
+                                       intptr_t b, int64_t ldb, bool trans_b) {
+  TORCH_CHECK(path == "auto" || path == "blas",
+              "path must be 'auto' or 'blas', got '", path, "'");
+  TORCH_CHECK(max_rows >= 1 && n >= 1 && k >= 1,
+              "a step product needs positive sizes, got ", max_rows, "x", n,
+              "x", k);
+  weight_ = std::make_unique<cpu::StepWeight<c10::BFloat16>>(
+      trans_b, max_rows, n, k, reinterpret_cast<const c10::BFloat16*>(b), ldb,
+      path == "auto" ? nullptr : path.c_str());
+  weight_->prepare_use();  // a time loop's first step: the next use packs
+}
+CpuBf16StepProduct::~CpuBf16StepProduct() = default;
+void CpuBf16StepProduct::multiply(int64_t m, intptr_t a, int64_t lda,
+                                  float beta, intptr_t c, int64_t ldc) const {
+  TORCH_CHECK(m >= 1 && m <= weight_->max_rows(), "expected 1 to ",
+              weight_->max_rows(), " rows, got ", m);
+  TORCH_CHECK(beta == 0.0f || beta == 1.0f, "beta must be 0 or 1, got ", beta);
+  weight_->multiply(m, reinterpret_cast<const c10::BFloat16*>(a), lda, beta,
+                    reinterpret_cast<float*>(c), ldc);
+}
+std::string CpuBf16StepProduct::path() const { return weight_->packed_path(); }
+bool CpuBf16StepProduct::threaded() const { return weight_->threaded(); }
 void CpuStepProduct::multiply(int64_t m, intptr_t a, int64_t lda, float beta,
                               intptr_t c, int64_t ldc) const {
   TORCH_CHECK(m >= 1 && m <= weight_->max_rows(), "expected 1 to ",

@@ -307,7 +307,8 @@ void layer_norm_forward_step_impl(const LayerNormStepParams<T, S>& p) {
   at::parallel_for(0, p.rows, row_grain(G), [&](int64_t begin, int64_t end) {
     // sigmoid(o) of a row, parked until LN_cell's statistics are known: in
     // the output row itself when it holds T, else here
-    std::vector<T> o_park(std::is_same_v<S, T> ? 0 : H);
+    thread_local std::vector<T> o_park;
+    if constexpr (!std::is_same_v<S, T>) o_park.resize(H);
     for (int64_t row = begin; row < end; ++row) {
       T* ih = p.ih + row * G;
       T* hh = p.hh + row * G;
