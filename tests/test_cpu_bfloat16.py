@@ -46,18 +46,19 @@ PATHS = pytest.mark.parametrize("native", ["0", pytest.param("1", marks=needs_mk
                                 ids=["float", "native"])
 
 
-def _cpu_has_avx512_bf16() -> bool:
+def _cpu_has(flag: str) -> bool:
+    """Whether the CPU has ``flag`` (cpuinfo's name, as /proc/cpuinfo's)."""
     caps = getattr(torch._C._cpu, "_get_cpu_capability", None)
     if caps is not None:
-        return bool(caps().get("avx512_bf16", False))
+        return bool(caps().get(flag, False))
     with open("/proc/cpuinfo") as f:
-        return " avx512_bf16" in f.read()
+        return f" {flag}" in f.read()
 
 
 def test_native_path_follows_the_cpu_and_the_variable(monkeypatch):
     monkeypatch.delenv(VARIABLE, raising=False)
     expected = (HAS_MKL_BF16 and torch.backends.cpu.get_cpu_capability() == "AVX512"
-                and _cpu_has_avx512_bf16())
+                and _cpu_has("avx512_bf16"))
     assert rnnfast.build_info()["cpu_native_bfloat16"] is expected
     monkeypatch.setenv(VARIABLE, "0")
     assert rnnfast.build_info()["cpu_native_bfloat16"] is False
@@ -139,19 +140,11 @@ def _pytorch_bfloat16_results(ref, x, hx, run):
     return forward_backward(plain.bfloat16(), x, hx, **run)
 
 
-def _cpu_has_amx_bf16() -> bool:
-    caps = getattr(torch._C._cpu, "_get_cpu_capability", None)
-    if caps is not None:
-        return bool(caps().get("amx_bf16", False))
-    with open("/proc/cpuinfo") as f:
-        return " amx_bf16" in f.read()
-
-
 def _amx_expected() -> bool:
     """Whether rnnfast's AMX product must run here: the CPU has AMX-BF16,
     Linux can grant the tiles (5.16+) and ATEN_CPU_CAPABILITY caps nothing."""
     release = tuple(int(p) for p in platform.release().split(".")[:2] if p.isdigit())
-    return (_cpu_has_amx_bf16() and release >= (5, 16)
+    return (_cpu_has("amx_bf16") and release >= (5, 16)
             and torch.backends.cpu.get_cpu_capability() == "AVX512"
             and os.environ.get("ATEN_CPU_CAPABILITY") != "avx512")
 

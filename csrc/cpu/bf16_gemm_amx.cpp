@@ -4,54 +4,16 @@
 // (blas.cpp) threads it.
 #include "bf16_gemm.h"
 
-#include <cstring>
-
 #if defined(__x86_64__) && defined(__linux__)
 #pragma GCC target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
-#include <immintrin.h>
+#define RNNFAST_AMX_UNIT
+#include "amx.h"
 
 namespace rnnfast::cpu::bf16 {
 namespace {
 
-constexpr int kTileRows = 16;   // rows of an A or C tile, pairs of a B tile
-constexpr int kTileBytes = 64;  // bytes per tile row
-
-// The 64-byte operand of ldtilecfg (palette 1).
-struct alignas(64) TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];  // bytes per row of each tile register
-  uint8_t rows[16];
-};
-static_assert(sizeof(TileConfig) == 64, "ldtilecfg reads 64 bytes");
-
-// Tile registers (GCC's tile intrinsics paste their numbers into the
-// assembly, so the calls spell them as literals): C[r][b] = tmm(2r + b),
-// A[r] = tmm(4 + r), B[b] = tmm(6 + b).
-constexpr int kC00 = 0, kC01 = 1, kC10 = 2, kC11 = 3, kA0 = 4, kA1 = 5, kB0 = 6,
-              kB1 = 7;
-
-// Configures row tile 0 with rows0 rows and row tile 1 with rows1 (0: left
-// unconfigured); loading a configuration zeroes the tiles.
-void configure(int rows0, int rows1) {
-  TileConfig cfg;
-  std::memset(&cfg, 0, sizeof cfg);
-  cfg.palette_id = 1;
-  auto set = [&](int tile, int rows) {
-    cfg.rows[tile] = static_cast<uint8_t>(rows);
-    cfg.colsb[tile] = rows > 0 ? kTileBytes : 0;
-  };
-  set(kC00, rows0);
-  set(kC01, rows0);
-  set(kA0, rows0);
-  set(kC10, rows1);
-  set(kC11, rows1);
-  set(kA1, rows1);
-  set(kB0, kTileRows);
-  set(kB1, kTileRows);
-  _tile_loadconfig(&cfg);
-}
+using amx::kTileBytes;
+using amx::kTileRows;
 
 // C tiles of RT row tiles (from c, ldc floats apart) x NB column blocks
 // (from column block pointer w, wstride elements apart) += A op(B) over
@@ -118,10 +80,9 @@ void multiply_blocks(int64_t m, int64_t k, const uint16_t* a, int64_t lda,
   // Pairs of row tiles outermost: their A rows stay in L1 while the
   // blocks pass.
   for (int64_t r = 0; r < m; r += 2 * kTileRows) {
-    const int rows0 = static_cast<int>(m - r < kTileRows ? m - r : kTileRows);
-    const int64_t rest = m - r - kTileRows;
-    const int rows1 = static_cast<int>(rest <= 0 ? 0 : rest < kTileRows ? rest : kTileRows);
-    configure(rows0, rows1);
+    int rows0, rows1;
+    amx::row_tiles(m, r, rows0, rows1);
+    amx::configure(rows0, rows1);
     const MultiplyFn two = multiply_fn(rows1 > 0 ? 2 : 1, 2);
     const MultiplyFn one = multiply_fn(rows1 > 0 ? 2 : 1, 1);
     for (int64_t b = 0; b < blocks; b += 2) {

@@ -3,6 +3,7 @@
 // products as the vector ones and round them alike (explicit fused
 // multiply-adds), so every family gives the same floats.
 #include "int8_gemm.h"
+#include "amx.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
@@ -16,6 +17,14 @@
 #include <string>
 
 namespace rnnfast::cpu::int8 {
+namespace {
+
+Kernels choose_kernels();
+
+}  // namespace
+
+bool amx_int8_supported() { return amx::supported(amx::Feature::kInt8); }
+
 namespace {
 
 Kernels choose_kernels() {

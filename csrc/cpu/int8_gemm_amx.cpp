@@ -18,65 +18,28 @@
 // on purpose and then report them as used uninitialized.
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#include <cpuid.h>
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include <cstring>
 
+#define RNNFAST_AMX_UNIT
+#include "amx.h"
 #include "int8_gemm_avx512.h"
 
 namespace rnnfast::cpu::int8 {
 namespace {
 
-// Linux keeps AMX's 8 KiB of tile data out of a process's saved state until
-// the process asks for it (arch_prctl, Linux 5.16+).
-constexpr int kArchReqXcompPerm = 0x1023;
-constexpr int kXfeatureXtiledata = 18;
-
-constexpr int kTileRows = 16;   // rows of an A or C tile, groups of a B tile
-constexpr int kTileBytes = 64;  // bytes per tile row
-
-// The 64-byte operand of ldtilecfg (palette 1).
-struct alignas(64) TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];  // bytes per row of each tile register
-  uint8_t rows[16];
-};
-static_assert(sizeof(TileConfig) == 64, "ldtilecfg reads 64 bytes");
-
-// Tile registers (GCC's tile intrinsics paste their register numbers into
-// the assembly text, so the calls below spell them as literals):
-// C[r][b] = tmm(2r + b), A[r] = tmm(4 + r), B[b] = tmm(6 + b).
-constexpr int kC00 = 0, kC01 = 1, kC10 = 2, kC11 = 3, kA0 = 4, kA1 = 5, kB0 = 6, kB1 = 7;
+using amx::kTileBytes;
+using amx::kTileRows;
 
 // The rows of the calling thread's two row tiles as configured (-1: none).
 thread_local int configured_rows = -1;
 
-// Configures row tile 0 with rows0 rows and row tile 1 with rows1 (0: left
-// unconfigured, never touched); loading a configuration zeroes the tiles.
+// amx::configure, unless the calling thread's tiles hold that already.
 void configure(int rows0, int rows1) {
   const int key = rows0 * (kTileRows + 1) + rows1;
   if (configured_rows == key) return;
-  TileConfig cfg;
-  std::memset(&cfg, 0, sizeof cfg);
-  cfg.palette_id = 1;
-  auto set = [&](int tile, int rows) {
-    cfg.rows[tile] = static_cast<uint8_t>(rows);
-    cfg.colsb[tile] = rows > 0 ? kTileBytes : 0;
-  };
-  set(kC00, rows0);
-  set(kC01, rows0);
-  set(kA0, rows0);
-  set(kC10, rows1);
-  set(kC11, rows1);
-  set(kA1, rows1);
-  set(kB0, kTileRows);
-  set(kB1, kTileRows);
-  _tile_loadconfig(&cfg);
+  amx::configure(rows0, rows1);
   configured_rows = key;
 }
 
@@ -151,25 +114,7 @@ void dequantize(const Accumulators& acc, int64_t rows, int64_t nb, int64_t n,
   }
 }
 
-bool cpu_and_os_have_amx_int8() {
-  unsigned eax, ebx, ecx, edx;
-  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
-  const bool amx_tile = (edx >> 24) & 1u, amx_int8 = (edx >> 25) & 1u;
-  if (!amx_tile || !amx_int8) return false;
-  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx) || !((ecx >> 27) & 1u)) return false;  // OSXSAVE
-  unsigned lo, hi;
-  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
-  return ((lo >> 17) & 1u) && ((lo >> 18) & 1u);  // XTILECFG, XTILEDATA enabled
-}
-
 }  // namespace
-
-bool amx_int8_supported() {
-  static const bool supported = cpu_and_os_have_amx_int8() &&
-                                syscall(SYS_arch_prctl, kArchReqXcompPerm,
-                                        kXfeatureXtiledata) == 0;
-  return supported;
-}
 
 void amx_release() {
   if (configured_rows >= 0) {
@@ -190,9 +135,8 @@ void gemm_tile_amx_int8(int64_t m, int64_t n, int64_t k, int64_t block0,
   // Pairs of row tiles outermost: their A rows (32 x Kp bytes, 16 KiB at
   // k = 512) stay in L1 while the task's column blocks pass.
   for (int64_t r = 0; r < m; r += 2 * kTileRows) {
-    const int rows0 = static_cast<int>(m - r < kTileRows ? m - r : kTileRows);
-    const int64_t rest = m - r - kTileRows;
-    const int rows1 = static_cast<int>(rest <= 0 ? 0 : rest < kTileRows ? rest : kTileRows);
+    int rows0, rows1;
+    amx::row_tiles(m, r, rows0, rows1);
     configure(rows0, rows1);
     for (int64_t b = 0; b < blocks; b += 2) {
       const int nb = blocks - b >= 2 ? 2 : 1;
@@ -209,7 +153,6 @@ void gemm_tile_amx_int8(int64_t m, int64_t n, int64_t k, int64_t block0,
 #else  // not x86-64 Linux: no AMX
 
 namespace rnnfast::cpu::int8 {
-bool amx_int8_supported() { return false; }
 void amx_release() {}
 void gemm_tile_amx_int8(int64_t, int64_t, int64_t, int64_t, int64_t, const uint8_t*,
                         int64_t, const float*, const int8_t*, const float*,

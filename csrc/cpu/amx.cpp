@@ -1,0 +1,50 @@
+// amx.h's CPU and OS check: plain C++, built without ISA flags (it runs
+// before anything knows what the CPU has).
+#include "amx.h"
+
+#if defined(__x86_64__) && defined(__linux__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+namespace rnnfast::cpu::amx {
+
+#if defined(__x86_64__) && defined(__linux__)
+namespace {
+
+// Linux keeps AMX's 8 KiB of tile data out of a process's saved state until
+// the process asks for it (arch_prctl).
+constexpr int kArchReqXcompPerm = 0x1023;
+constexpr int kXfeatureXtiledata = 18;
+
+bool cpu_and_os_have(Feature feature) {
+  unsigned eax, ebx, ecx, edx;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  const bool tile = (edx >> 24) & 1u;
+  const bool has = (edx >> static_cast<int>(feature)) & 1u;
+  if (!tile || !has) return false;
+  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx) || !((ecx >> 27) & 1u)) return false;  // OSXSAVE
+  unsigned lo, hi;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  return ((lo >> 17) & 1u) && ((lo >> 18) & 1u);  // XTILECFG, XTILEDATA enabled
+}
+
+// The process's permission for the tile data (one request, whichever
+// feature asks first).
+bool os_grants_tiles() {
+  static const bool granted =
+      syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  return granted;
+}
+
+}  // namespace
+
+bool supported(Feature feature) {
+  return cpu_and_os_have(feature) && os_grants_tiles();
+}
+#else
+bool supported(Feature) { return false; }
+#endif
+
+}  // namespace rnnfast::cpu::amx
