@@ -16,7 +16,7 @@ namespace rnnfast {
 const char* cpu_kernels_in_use();
 // The CPU GEMM in use ("mkl-packed", "blas" or "aten").
 const char* cpu_gemm_in_use();
-// Whether a bfloat16 LSTM on the CPU keeps its GEMM operands in bfloat16
+// Whether a bfloat16 op on the CPU keeps its GEMM operands in bfloat16
 // (cpu/blas.h, native_bfloat16), else computes in float.
 bool cpu_native_bfloat16();
 // What runs the per-step products of a native-bfloat16 op whose shape

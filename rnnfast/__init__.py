@@ -22,7 +22,7 @@ def build_info() -> dict:
     (``cpu_int8_kernels``: ``"AMX-INT8+AVX512-VNNI"`` (AMX for products of 4
     rows or more, VNNI for fewer), ``"AVX512-VNNI"``, ``"AVX2"`` or
     ``"portable"``, those of :mod:`rnnfast.quantized`; ``cpu_native_bfloat16``:
-    whether a bfloat16 LSTM runs its GEMMs in bfloat16 on this CPU, else in
+    whether a bfloat16 op runs its GEMMs in bfloat16 on this CPU, else in
     float32, and ``cpu_bf16_step_gemm``: what runs its per-step products,
     ``"rnnfast-AMX-BF16"``, ``"mkl-bf16"`` or ``"none"``)."""
     info = dict(_build_info())

@@ -76,9 +76,8 @@ def check_zoneout_in_bfloat16(cell, device, hidden=40, proj=6):
 
     low, exact = copy(device, torch.bfloat16), copy("cpu", torch.float64)
     x, hx, cx = base.args[:3]
-    g = torch.Generator().manual_seed(1)
-    mask_h = torch.rand((*x.shape[:-1], hx.shape[-1]), generator=g) < z_h
-    mask_c = torch.rand((*x.shape[:-1], cx.shape[-1]), generator=g) < z_c
+    mask_h, mask_c = zoneout_masks(base, z_h, z_c)
+    g = torch.Generator().manual_seed(2)
     up = [t.to(torch.bfloat16) for t in (torch.randn(x.shape[0], hx.shape[-1], generator=g),
                                           torch.randn(hx.shape, generator=g),
                                           torch.randn(cx.shape, generator=g))]

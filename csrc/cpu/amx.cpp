@@ -2,6 +2,12 @@
 // before anything knows what the CPU has).
 #include "amx.h"
 
+#include <ATen/Version.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
 #if defined(__x86_64__) && defined(__linux__)
 #include <cpuid.h>
 #include <sys/syscall.h>
@@ -40,11 +46,14 @@ bool os_grants_tiles() {
 
 }  // namespace
 
-bool supported(Feature feature) {
+bool allowed(Feature feature) {
+  if (at::get_cpu_capability() != "AVX512") return false;
+  const char* asked = std::getenv("ATEN_CPU_CAPABILITY");
+  if (asked != nullptr && std::strcmp(asked, "avx512") == 0) return false;
   return cpu_and_os_have(feature) && os_grants_tiles();
 }
 #else
-bool supported(Feature) { return false; }
+bool allowed(Feature) { return false; }
 #endif
 
 }  // namespace rnnfast::cpu::amx

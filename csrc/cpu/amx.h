@@ -13,9 +13,12 @@ namespace rnnfast::cpu::amx {
 // The AMX features of CPUID leaf 7, EDX.
 enum class Feature : int { kBf16 = 22, kInt8 = 25 };
 
-// Whether the CPU has AMX tiles and `feature`, the OS saves their state,
-// and Linux lets this process use them (asks Linux once, Linux 5.16+).
-bool supported(Feature feature);
+// Whether an AMX product with `feature` may run: the CPU has AMX tiles and
+// `feature`, the OS saves their state, Linux lets this process use them
+// (asks Linux once, Linux 5.16+), and ATEN_CPU_CAPABILITY caps nothing
+// below AMX (avx2, default, or avx512: ATen's AVX512 level has no AMX), as
+// it caps ATen's and rnnfast's other kernels.
+bool allowed(Feature feature);
 
 }  // namespace rnnfast::cpu::amx
 

@@ -1,13 +1,10 @@
-// The packing and the CPU check of bf16_gemm.h: plain C++, built without
-// ISA flags (they run before anything knows what the CPU has).
+// The packing of bf16_gemm.h: plain C++, built without ISA flags (it may
+// run before anything has checked the CPU).
 #include "bf16_gemm.h"
-#include "amx.h"
 
 #include <cstring>
 
 namespace rnnfast::cpu::bf16 {
-
-bool amx_bf16_supported() { return amx::supported(amx::Feature::kBf16); }
 
 void pack(bool trans_b, int64_t n, int64_t k, const uint16_t* b, int64_t ldb,
           uint16_t* packed) {

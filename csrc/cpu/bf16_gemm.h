@@ -39,10 +39,6 @@ inline int64_t packed_elements(int64_t n, int64_t k) {
   return column_blocks(n) * kBlockCols * padded_depth(k);
 }
 
-// Whether the CPU has AMX-BF16 and Linux lets this process use the tiles
-// (asks it once; Linux 5.16+).
-bool amx_bf16_supported();
-
 // Whether the product runs the shape: k a multiple of 32, n of 16.
 inline bool supported(int64_t n, int64_t k) {
   return n > 0 && k > 0 && n % kBlockCols == 0 && k % kDepthAlign == 0;
@@ -55,7 +51,7 @@ void pack(bool trans_b, int64_t n, int64_t k, const uint16_t* b, int64_t ldb,
 
 // C[m, blocks [block0, block0 + blocks) of 16 columns] = A[m, k] op(B) +
 // beta C on the calling thread (beta 0 or 1; 0: C is not read), for a shape
-// supported(n, k). Only where amx_bf16_supported().
+// supported(n, k). Only where amx::allowed(kBf16) (amx.h).
 void multiply_blocks(int64_t m, int64_t k, const uint16_t* a, int64_t lda,
                      const uint16_t* packed, int64_t block0, int64_t blocks,
                      float beta, float* c, int64_t ldc);

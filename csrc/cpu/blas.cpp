@@ -1,4 +1,5 @@
 #include "blas.h"
+#include "amx.h"
 #include "bf16_gemm.h"
 #include "step_gemm.h"
 
@@ -206,16 +207,32 @@ float* alloc_panels(int64_t n, int64_t k) {
 
 }  // namespace
 
+namespace {
+
+// Whether the products of up to max_m rows by an [n, k] weight of
+// `element_bytes` elements run on the calling thread only
+// (kSerialGemmMacs, kSerialWeightBytes).
+bool serial_product(int64_t max_m, int64_t n, int64_t k, int64_t element_bytes) {
+  return max_m * n * k < kSerialGemmMacs &&
+         n * k * element_bytes < kSerialWeightBytes;
+}
+
+// RNNFAST_CPU_ROW_SPLIT, or kRowSplitRows.
+int64_t row_split_setting() {
+  const char* split = std::getenv("RNNFAST_CPU_ROW_SPLIT");
+  return split != nullptr && *split != '\0'
+             ? std::max<int64_t>(0, std::atoll(split))
+             : kRowSplitRows;
+}
+
+}  // namespace
+
 template <typename T>
 StepWeight<T>::StepWeight(bool trans_b, int64_t max_m, int64_t n, int64_t k,
                           const T* b, int64_t ldb, const char* path)
     : trans_b_(trans_b), max_m_(max_m), n_(n), k_(k), ldb_(ldb), b_(b),
-      serial_(max_m * n * k < kSerialGemmMacs &&
-              n * k * static_cast<int64_t>(sizeof(T)) < kSerialWeightBytes) {
-  const char* split = std::getenv("RNNFAST_CPU_ROW_SPLIT");
-  row_split_rows_ = split != nullptr && *split != '\0'
-                        ? std::max<int64_t>(0, std::atoll(split))
-                        : kRowSplitRows;
+      serial_(serial_product(max_m, n, k, sizeof(T))),
+      row_split_rows_(row_split_setting()) {
   if constexpr (std::is_same_v<T, float>) {
     packable_ = have_mkl_pack() && max_m > 0 && fits_int(max_m) &&
                 fits_int(n) && fits_int(k) && fits_int(ldb) && n > 0 && k > 0;
@@ -419,18 +436,6 @@ bool native_bfloat16() {
   return fast_on_this_cpu;
 }
 
-namespace {
-// Whether rnnfast's AMX-BF16 product may run: the CPU and Linux allow it,
-// and ATEN_CPU_CAPABILITY does not cap the kernels below it (avx2, default,
-// or avx512: ATen's AVX512 level has no AMX), as for the int8 kernels.
-bool amx_bf16_allowed() {
-  if (at::get_cpu_capability() != "AVX512") return false;
-  const char* asked = std::getenv("ATEN_CPU_CAPABILITY");
-  if (asked != nullptr && std::strcmp(asked, "avx512") == 0) return false;
-  return bf16::amx_bf16_supported();
-}
-}  // namespace
-
 StepWeight<c10::BFloat16>::StepWeight(bool trans_b, int64_t max_m, int64_t n,
                                       int64_t k, const c10::BFloat16* b,
                                       int64_t ldb, const char* path)
@@ -438,15 +443,11 @@ StepWeight<c10::BFloat16>::StepWeight(bool trans_b, int64_t max_m, int64_t n,
       // by the float weight's rule on the product's multiply-adds and the
       // bytes of weight it streams (so a bfloat16 weight of up to twice the
       // elements stays on one thread; not measured apart)
-      serial_(max_m * n * k < kSerialGemmMacs &&
-              n * k * static_cast<int64_t>(sizeof(c10::BFloat16)) <
-                  kSerialWeightBytes) {
-  const char* split = std::getenv("RNNFAST_CPU_ROW_SPLIT");
-  row_split_rows_ = split != nullptr && *split != '\0'
-                        ? std::max<int64_t>(0, std::atoll(split))
-                        : kRowSplitRows;
+      serial_(serial_product(max_m, n, k, sizeof(c10::BFloat16))),
+      row_split_rows_(row_split_setting()) {
   amx_candidate_ = max_m > 0 && bf16::supported(n, k) &&
-                   forced_step_gemm(path) != 1 && amx_bf16_allowed();
+                   forced_step_gemm(path) != 1 &&
+                   amx::allowed(amx::Feature::kBf16);
 }
 
 StepWeight<c10::BFloat16>::~StepWeight() { std::free(amx_packed_); }
@@ -472,7 +473,7 @@ const char* StepWeight<c10::BFloat16>::packed_path() const {
 
 
 const char* bf16_step_gemm() {
-  if (forced_step_gemm(nullptr) != 1 && amx_bf16_allowed()) {
+  if (forced_step_gemm(nullptr) != 1 && amx::allowed(amx::Feature::kBf16)) {
     return "rnnfast-AMX-BF16";
   }
   return cblas_gemm_bf16bf16f32 != nullptr ? "mkl-bf16" : "none";

@@ -19,25 +19,15 @@
 namespace rnnfast::cpu::int8 {
 namespace {
 
-Kernels choose_kernels();
-
-}  // namespace
-
-bool amx_int8_supported() { return amx::supported(amx::Feature::kInt8); }
-
-namespace {
-
 Kernels choose_kernels() {
   // ATEN_CPU_CAPABILITY (default, avx2, avx512) caps the level, as it does
   // for ATen's and rnnfast's float kernels; ATen's AVX512 level has no AMX,
-  // so naming it keeps the VNNI kernels.
+  // so naming it keeps the VNNI kernels (amx::allowed).
   const std::string cap = at::get_cpu_capability();
-  const char* asked = std::getenv("ATEN_CPU_CAPABILITY");
-  const bool capped_at_avx512 = asked != nullptr && std::string(asked) == "avx512";
   if (cap == "AVX512" && avx512_vnni_supported()) {
-    // amx_int8_supported() asks Linux for the tile state: only asked here.
-    return !capped_at_avx512 && amx_int8_supported() ? Kernels::kAmxInt8
-                                                      : Kernels::kAvx512Vnni;
+    // amx::allowed asks Linux for the tile state: only asked here.
+    return amx::allowed(amx::Feature::kInt8) ? Kernels::kAmxInt8
+                                             : Kernels::kAvx512Vnni;
   }
   if ((cap == "AVX512" || cap == "AVX2") && avx2_supported()) return Kernels::kAvx2;
   return Kernels::kPortable;

@@ -160,10 +160,7 @@ void gemm_tile_avx512_vnni(int64_t m, int64_t n, int64_t k, int64_t block0,
                            float beta, float* c, int64_t ldc);
 void quantize_rows_avx512(int64_t m, int64_t k, const float* a, int64_t lda,
                           uint8_t* q, int64_t ldq, float* scale);
-// ---- AMX-INT8 (int8_gemm_amx.cpp) ----
-// Whether this CPU has AMX-TILE and AMX-INT8, the OS enables their state
-// and Linux granted this process the tile data (asked once, here).
-bool amx_int8_supported();
+// ---- AMX-INT8 (int8_gemm_amx.cpp; where amx::allowed(kInt8), amx.h) ----
 // A tile of C as gemm_tile_avx512_vnni's, on AMX tiles (q's rows padded to
 // Kp). Configures the calling thread's tiles as it needs; amx_release
 // hands them back (call it before the thread leaves the product).

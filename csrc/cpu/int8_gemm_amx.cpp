@@ -7,7 +7,7 @@
 // stored to a small buffer and dequantized there with AVX-512, by the same
 // float operations as the VNNI kernel's, so both give identical floats.
 //
-// Only called where amx_int8_supported() and the AVX-512 VNNI kernels are
+// Only called where amx::allowed(kInt8) and the AVX-512 VNNI kernels are
 // (int8_gemm.cpp checks). Like int8_gemm_avx512.cpp this unit includes no
 // ATen header.
 #include "int8_gemm.h"
