@@ -379,7 +379,7 @@ ForwardResult lstm_forward_recurrence(
                : Backend::input_block_rows(G * int64_t(sizeof(T)),
                                            weight_ih.numel() *
                                                int64_t(sizeof(S)));
-  const bool blocked = block_rows > 0 && block_rows < l.rows;
+  const bool blocked = block_rows > 0 && block_rows < l.rows && !proj_bias.defined();
   at::Tensor gates = Backend::empty_activation(
       {blocked ? std::max(block_rows, l.batch) : l.rows, G}, topts);
   if (!blocked) input_projection<Backend, S, T>(gates, x, weight_ih, proj_bias);
@@ -408,6 +408,19 @@ ForwardResult lstm_forward_recurrence(
     whr = std::make_unique<Weight>(true, l.batch, P, H,
                                    weight_hr.data_ptr<S>(), H);
   }
+  // blocked: gates = x W_ih^T a block at a time, the bias added by the
+  // steps. Over four blocks or more, W_ih is packed once for all of them
+  // (at its second use, as the per-step weights) instead of by the GEMM at
+  // every block. Measured on the Xeon (interleaved builds, T=100 B=64
+  // I=H=128, 13 blocks): bfloat16 inference 4.5 -> 4.0 ms on 2 threads
+  // (AMX product), 6.0 -> 5.0 ms on 1; float32 unchanged on 2 threads,
+  // 15.7 -> 14.5 ms on 1; with two blocks (T=200 B=4) packing for one
+  // product cost 4-7%.
+  std::unique_ptr<Weight> wih;
+  if (blocked && l.rows >= 4 * block_rows) {
+    wih = std::make_unique<Weight>(true, std::max(block_rows, l.batch), G, s.input,
+                                   weight_ih.data_ptr<S>(), s.input);
+  }
 
   for (int64_t step = 0; step < l.steps; ++step) {
     const int64_t t = l.step_at(step);
@@ -424,9 +437,14 @@ ForwardResult lstm_forward_recurrence(
         ++block_end;
       }
       block_first_row = l.offsets[std::min(t, l.step_at(block_end - 1))];
-      at::Tensor out = gates.narrow(0, 0, block);
-      input_projection<Backend, S, T>(out, x.narrow(0, block_first_row, block),
-                                      weight_ih, proj_bias);
+      if (wih) {
+        wih->multiply(block, x.data_ptr<S>() + block_first_row * s.input,
+                      s.input, T(0), g, G);
+      } else {
+        at::Tensor out = gates.narrow(0, 0, block);
+        input_projection<Backend, S, T>(out, x.narrow(0, block_first_row, block),
+                                        weight_ih, proj_bias);
+      }
     }
     ForwardStepParams<T, S> p;
     p.rows = rows;

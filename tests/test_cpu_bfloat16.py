@@ -273,6 +273,31 @@ def test_bfloat16_inference_and_streaming_agree_with_training(monkeypatch, nativ
 
 
 @PATHS
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_blocked_inference_within_twice_pytorch(monkeypatch, native, packed):
+    """An evaluating LSTM with a small input weight projects its input a
+    block of steps at a time, and over four blocks or more packs that weight
+    once for all of them (on the native path, for the AMX product here: I=32,
+    4H=64): 330 steps of 64 rows at H=16 are five blocks of 4096 rows and a
+    part (packed, at least four). Every output within twice PyTorch's own
+    bfloat16 error."""
+    monkeypatch.setenv(VARIABLE, native)
+    ours, ref = CELLS[0].make_pair(32, 16, bidirectional=True, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(330, 64, 32, generator=g).bfloat16()
+    lengths = None
+    if packed:
+        lengths = sorted(torch.randint(264, 331, (64,), generator=g).tolist(), reverse=True)
+        lengths[0] = 330
+    run = dict(lengths=lengths, backward=False)
+    with torch.no_grad():
+        got = forward_backward(ours, x, **run)
+        pytorch = forward_backward(ref, x, **run)
+        exact = forward_backward(float64_twin(ref), x.double(), **run)
+    assert_error_within_twice(got, pytorch, exact, torch.bfloat16)
+
+
+@PATHS
 @pytest.mark.parametrize("cell", CELLS, ids=repr)
 @pytest.mark.parametrize("hidden,proj", [(40, 6), (64, 32)], ids=["H40", "H64"])
 def test_zoneout_in_bfloat16_within_twice_the_reference(monkeypatch, native, cell, hidden,

@@ -191,7 +191,8 @@ def test_deterministic_mode_runs_the_blas_unmeasured(monkeypatch):
     torch.testing.assert_close(got, want, atol=0, rtol=0)
     with torch.inference_mode():  # outside it, the shape is measured as before
         m(x)
-    assert len(entries()) == 1
+    # (where rnnfast has no product of its own, nothing is ever measured)
+    assert len(entries()) == (0 if KERNELS == "none" else 1)
 
 
 def test_one_step_call_measures_nothing(monkeypatch):
@@ -244,18 +245,21 @@ def test_row_split_step_matches_one_thread(cls, training, zoneout, packed, monke
 
 # ---- The input projection in blocks of steps ------------------------------------
 
+@pytest.mark.parametrize("steps", [130, 330])
 @pytest.mark.parametrize("packed", [False, True])
-def test_blocked_input_projection_matches_nn_lstm(packed):
+def test_blocked_input_projection_matches_nn_lstm(packed, steps):
     """Evaluating with a small input weight, the CPU projects the input about
     1 MiB of gates at a time, just before those steps (4096 rows at H=16):
-    130 steps of 64 rows span two or three blocks, in both directions, padded
-    or packed (whose blocks hold different numbers of steps)."""
+    130 steps of 64 rows span two or three blocks, 330 steps four to six,
+    where the input weight is packed once for all blocks (at the second),
+    in both directions, padded or packed (whose blocks hold different
+    numbers of steps)."""
     ours, ref = make_lstm_pair(8, 16, bidirectional=True, dtype=torch.float32, seed=7)
-    x = torch.randn(130, 64, 8)
+    x = torch.randn(steps, 64, 8)
     lengths = None
     if packed:
-        lengths = sorted(torch.randint(65, 131, (64,)).tolist(), reverse=True)
-        lengths[0] = 130
+        lengths = sorted(torch.randint(steps * 4 // 5, steps + 1, (64,)).tolist(), reverse=True)
+        lengths[0] = steps
     with torch.no_grad():
         got = forward_backward(ours, x, lengths=lengths, backward=False)
         want = forward_backward(ref, x, lengths=lengths, backward=False)

@@ -199,8 +199,9 @@ __global__ void __launch_bounds__(kMaxRowThreads)
     const acc_t rstd_ih = layer_norm_rstd(s[0] / static_cast<acc_t>(G), eps);
     const acc_t rstd_hh = layer_norm_rstd(s[1] / static_cast<acc_t>(G), eps);
 
-    // Gates and the cell state; both products normalised in place, and
-    // sigmoid(o) parked in h_out until LN_cell's statistics are known.
+    // Gates and the cell state; both products normalised in place (when
+    // training or when o is not parked), and sigmoid(o) parked in h_out
+    // until LN_cell's statistics are known.
     s[0] = acc_t(0);  // sum of c_t
     for (int64_t j = begin; j < H; j += step) {
       acc_t pre[4];
@@ -211,8 +212,12 @@ __global__ void __launch_bounds__(kMaxRowThreads)
             layer_norm_normalize(static_cast<acc_t>(ih[o]), mean_ih, rstd_ih);
         const acc_t xh =
             layer_norm_normalize(static_cast<acc_t>(hh[o]), mean_hh, rstd_hh);
-        ih[o] = static_cast<T>(xi);
-        hh[o] = static_cast<T>(xh);
+        // saved for the backward, and read again below for o where it is
+        // not parked
+        if constexpr (Training || !kParkO) {
+          ih[o] = static_cast<T>(xi);
+          hh[o] = static_cast<T>(xh);
+        }
         pre[k] = layer_norm_gate(xi, static_cast<acc_t>(p.gamma_ih[o]), xh,
                                  static_cast<acc_t>(p.gamma_hh[o]),
                                  static_cast<acc_t>(p.bias[o]));

@@ -35,10 +35,12 @@ __device__ __forceinline__ void forward_element(
   }
   const acc_t c_prev = static_cast<acc_t>(p.cell_state[e]);
   const auto out = lstm_cell_forward<acc_t>(pre[0], pre[1], pre[2], pre[3], c_prev);
-  gates[0] = static_cast<T>(out.i);
-  gates[H] = static_cast<T>(out.f);
-  gates[2 * H] = static_cast<T>(out.g);
-  gates[3 * H] = static_cast<T>(out.o);
+  if constexpr (Training) {  // the backward's saved activations
+    gates[0] = static_cast<T>(out.i);
+    gates[H] = static_cast<T>(out.f);
+    gates[2 * H] = static_cast<T>(out.g);
+    gates[3 * H] = static_cast<T>(out.o);
+  }
   if constexpr (ZoneoutCell) {
     const acc_t a =
         zoneout_coefficient_at<acc_t>(p.zoneout.mask, e, p.zoneout.rate);
