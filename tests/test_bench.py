@@ -199,6 +199,32 @@ def test_max_time_stops_before_the_next_case():
     assert f"stopped at --max-time 1e-09 s: {len(cases)} of {len(cases)} cases not run" in notes
 
 
+class _OffLSTM(torch.nn.LSTM):
+    """nn.LSTM whose output is off by 1e-3: a wrong implementation."""
+
+    def forward(self, x, hx=None):
+        out, state = super().forward(x, hx)
+        return out + 1e-3, state
+
+
+def test_agreement_is_judged_against_float64():
+    """Each implementation's output is compared with a float64 copy of the
+    family baseline (same weights, same inputs): within twice the baseline's
+    own error no note, further off a note with both errors; both errors are
+    in the records."""
+    cases = expand(PRESETS["quick"], {"T": [30], "B": [3], "H": [8]}, modes=["inference"])
+    nn_style = impls_module._nn_style
+    impls = [i for i in discover()[0] if i.name in ("torch.nn.LSTM", "rnnfast.LSTM")]
+    impls.append(impls_module.Impl("off.LSTM", "LSTM", nn_style(_OffLSTM)))
+    records, notes = run_suite(cases, impls, Settings(min_run_time=0.001, warmup=1, inputs=1))
+    by = {r["impl"]: r for r in records}
+    assert by["rnnfast.LSTM"]["float64_error"] <= 2 * by["rnnfast.LSTM"]["baseline_float64_error"] + 1e-6
+    assert by["off.LSTM"]["float64_error"] == pytest.approx(1e-3, rel=1e-2)
+    assert by["off.LSTM"]["baseline_float64_error"] < 1e-6
+    flagged = [n for n in notes if "against float64" in n]
+    assert len(flagged) == len(cases) and all(n.startswith("off.LSTM on") for n in flagged)
+
+
 # -- streaming decode ----------------------------------------------------------
 
 def test_decode_runner_carries_the_state():

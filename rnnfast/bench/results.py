@@ -45,6 +45,8 @@ FIELDS = [
     "saved_bytes_per_token",  # activation memory saved for the backward
     "peak_bytes",       # peak CUDA memory of one call above what was allocated (GPU)
     "max_abs_diff",     # output against the family baseline with the same weights
+    "float64_error",    # output against a float64 copy of the baseline (same weights)
+    "baseline_float64_error",  # the baseline's own error against that copy
     "compile_s",        # first call, compilation included (torch.compile rows)
     "wall_s",           # seconds this measurement took, set-up and warm-up included
     "backend",          # how it ran: torch.nn.LSTM's kernels (cudnn, onednn, native),
