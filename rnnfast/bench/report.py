@@ -321,6 +321,17 @@ call, timed per step. "float32 TF32" tables ran with TF32 matmuls allowed
 (`torch.backends.cuda.matmul.allow_tf32` and `torch.backends.cudnn.allow_tf32`),
 the plain float32 tables with both off, for every implementation alike.
 
+Every implementation that can load the family baseline's weights is checked
+on the same inputs: a note says where its output error against a float64
+copy of the baseline is over twice the baseline's own error (plus 4 eps of
+the largest output); results.json keeps both errors. Runs before
+`...-2026-11-29-bf16-vector-convert` compared outputs with the baseline's
+under a fixed tolerance instead, and so noted "output differs" for every
+LayerNorm-LSTM case: with default weights it amplifies rounding over the
+steps until the float32 reference itself is up to 0.015 from float64 and
+its bfloat16 runs up to 1.9 (rnnfast's errors at most the reference's in
+the runs since).
+
 Reproduce with `make bench` (the default preset, into bench-out/) or
 `rnnfast-bench --out benchmarks/results/NAME [--grid full]`, then
 `rnnfast-bench report` to regenerate this file.
