@@ -16,6 +16,8 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -123,6 +125,31 @@ def test_native_rounds_the_hidden_state_to_nearest_even(monkeypatch, cell):
     assert nan[0, 5].all() and not nan[0, 6].any()
     assert torch.equal(nan, out["0"].isnan())
     assert torch.equal(out["0"][~nan].view(torch.int16), out["1"][~nan].view(torch.int16))
+
+
+@needs_mkl
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_other_simd_levels_convert_alike(capability):
+    """The step kernels convert between float and bfloat16 in a form per
+    SIMD level (AVX-512 and AVX2 registers, a scalar loop), and the other
+    tests run only this CPU's best. Here the rounding test above and a
+    native training run with tails at every vector width (H=40 with a
+    projection of 6, zoneout's accumulating backward) run again under
+    ATEN_CPU_CAPABILITY=<level>, in a subprocess."""
+    if capability == "avx2" and torch.backends.cpu.get_cpu_capability() not in ("AVX2",
+                                                                                "AVX512"):
+        pytest.skip("this CPU has no AVX2")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (os.path.dirname(tests), env.get("PYTHONPATH")) if p)
+    select = ("rounds_the_hidden_state or (zoneout_in_bfloat16 and native and H40)")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           os.path.join(tests, "test_cpu_bfloat16.py"), "-k", select],
+                          env=env, cwd=os.path.dirname(tests), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "4 passed" in proc.stdout, proc.stdout[-1000:]
 
 
 def _pytorch_bfloat16_results(ref, x, hx, run):
