@@ -48,16 +48,20 @@ template <typename T>
 class StepWeight;
 }  // namespace cpu
 
-// The per-step product of a CPU time loop on one float32 weight, as the loop
-// runs it past its first step (cpu/blas.h's StepWeight, packed): for tests,
-// and for the benchmark harness's gemm floor, which times it beside torch's
-// products. Row-major, raw addresses of float32 buffers; the caller keeps
-// the weight alive.
+// The per-step product of a CPU time loop on one weight of T (float or
+// c10::BFloat16), as the loop runs it past its first step (cpu/blas.h's
+// StepWeight<T>, packed): for tests, and for float the benchmark harness's
+// gemm floor, which times it beside torch's products. Row-major, raw
+// addresses: A and B of T, C float32; the caller keeps the weight alive.
+//   path: "auto" (what a time loop chooses), "blas", or for float
+//   "rnnfast"; throws when that path cannot run here, or not max_rows rows.
+//   path(): what runs. float: "rnnfast-AVX512", "rnnfast-AVX2",
+//   "mkl-packed" or "unpacked" (the BLAS's plain product); bfloat16:
+//   "rnnfast-AMX-BF16", "mkl-bf16" or "unpacked" (before the second use).
+template <typename T>
 class CpuStepProduct {
  public:
   // op(B) [k, n]: B is [n, k] (trans_b) or [k, n], with row stride ldb.
-  // path: "auto" (what a time loop chooses), "blas" or "rnnfast"; throws
-  // when that path cannot run here, or not max_rows rows.
   CpuStepProduct(const std::string& path, int64_t max_rows, int64_t n,
                  int64_t k, intptr_t b, int64_t ldb, bool trans_b);
   ~CpuStepProduct();
@@ -65,31 +69,12 @@ class CpuStepProduct {
   // C is not read).
   void multiply(int64_t m, intptr_t a, int64_t lda, float beta, intptr_t c,
                 int64_t ldc) const;
-  // What runs: "rnnfast-AVX512", "rnnfast-AVX2", "mkl-packed", or
-  // "unpacked" (the BLAS's plain product).
   std::string path() const;
   // Whether it runs on all threads (else on the caller's).
   bool threaded() const;
 
  private:
-  std::unique_ptr<cpu::StepWeight<float>> weight_;
-};
-// The same on one bfloat16 weight (cpu/blas.h's StepWeight<c10::BFloat16>):
-// A and B bfloat16, C float32. path: "auto" (rnnfast's AMX product where it
-// runs, packed at the second use) or "blas" (MKL's bfloat16 GEMM).
-class CpuBf16StepProduct {
- public:
-  CpuBf16StepProduct(const std::string& path, int64_t max_rows, int64_t n,
-                     int64_t k, intptr_t b, int64_t ldb, bool trans_b);
-  ~CpuBf16StepProduct();
-  void multiply(int64_t m, intptr_t a, int64_t lda, float beta, intptr_t c,
-                int64_t ldc) const;
-  // "rnnfast-AMX-BF16", "mkl-bf16" or "unpacked" (before the second use).
-  std::string path() const;
-  bool threaded() const;
-
- private:
-  std::unique_ptr<cpu::StepWeight<c10::BFloat16>> weight_;
+  std::unique_ptr<cpu::StepWeight<T>> weight_;
 };
 // Frees the CPU buffer cache's free blocks; returns their bytes.
 int64_t release_cpu_buffer_cache();

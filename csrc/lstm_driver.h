@@ -380,8 +380,10 @@ ForwardResult lstm_forward_recurrence(
                                            weight_ih.numel() *
                                                int64_t(sizeof(S)));
   const bool blocked = block_rows > 0 && block_rows < l.rows && !proj_bias.defined();
-  at::Tensor gates = Backend::empty_activation(
-      {blocked ? std::max(block_rows, l.batch) : l.rows, G}, topts);
+  // the most rows a block projects (a step's at least)
+  const int64_t block_capacity = std::max(block_rows, l.batch);
+  at::Tensor gates =
+      Backend::empty_activation({blocked ? block_capacity : l.rows, G}, topts);
   if (!blocked) input_projection<Backend, S, T>(gates, x, weight_ih, proj_bias);
   int64_t block_end = 0;  // blocked: steps [.., block_end) are projected
   int64_t block_first_row = 0;  // the packed row of the block's gates row 0
@@ -418,7 +420,7 @@ ForwardResult lstm_forward_recurrence(
   // product cost 4-7%.
   std::unique_ptr<Weight> wih;
   if (blocked && l.rows >= 4 * block_rows) {
-    wih = std::make_unique<Weight>(true, std::max(block_rows, l.batch), G, s.input,
+    wih = std::make_unique<Weight>(true, block_capacity, G, s.input,
                                    weight_ih.data_ptr<S>(), s.input);
   }
 

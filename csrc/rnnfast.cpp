@@ -95,6 +95,21 @@ TORCH_LIBRARY(rnnfast, m) {
       "Tensor grad_ln_cell_weight, Tensor grad_ln_cell_bias)");
 }
 
+namespace {
+// Binds rnnfast::CpuStepProduct<T> (backend_info.h) as `name`.
+template <typename T>
+void bind_step_product(pybind11::module& m, const char* name, const char* doc) {
+  using Product = rnnfast::CpuStepProduct<T>;
+  pybind11::class_<Product>(m, name, doc)
+      .def(pybind11::init<const std::string&, int64_t, int64_t, int64_t,
+                          intptr_t, int64_t, bool>())
+      .def("multiply", &Product::multiply,
+           "multiply(m, a, lda, beta, c, ldc): C = A op(B) + beta C.")
+      .def_property_readonly("path", &Product::path)
+      .def_property_readonly("threaded", &Product::threaded);
+}
+}  // namespace
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "rnnfast's compiled ops (registered in torch.ops.rnnfast).";
   m.def(
@@ -131,31 +146,18 @@ PYBIND11_MODULE(_C, m) {
         return info;
       },
       "How this rnnfast extension was built, and the CPU kernels in use.");
-  pybind11::class_<rnnfast::CpuStepProduct>(
+  bind_step_product<float>(
       m, "_StepProduct",
       "The CPU time loop's per-step product on one float32 weight, packed "
       "(tests and the benchmark's gemm floor; raw addresses, the caller "
       "keeps the weight alive): _StepProduct(path, max_rows, n, k, b, ldb, "
-      "trans_b) with path 'auto', 'blas' or 'rnnfast'.")
-      .def(pybind11::init<const std::string&, int64_t, int64_t, int64_t,
-                          intptr_t, int64_t, bool>())
-      .def("multiply", &rnnfast::CpuStepProduct::multiply,
-           "multiply(m, a, lda, beta, c, ldc): C = A op(B) + beta C.")
-      .def_property_readonly("path", &rnnfast::CpuStepProduct::path)
-      .def_property_readonly("threaded", &rnnfast::CpuStepProduct::threaded);
-  pybind11::class_<rnnfast::CpuBf16StepProduct>(
+      "trans_b) with path 'auto', 'blas' or 'rnnfast'.");
+  bind_step_product<c10::BFloat16>(
       m, "_Bf16StepProduct",
       "The CPU time loop's per-step product on one bfloat16 weight (tests; "
       "raw addresses of bfloat16 A and B and float32 C, the caller keeps "
       "the weight alive): _Bf16StepProduct(path, max_rows, n, k, b, ldb, "
-      "trans_b) with path 'auto' or 'blas'.")
-      .def(pybind11::init<const std::string&, int64_t, int64_t, int64_t,
-                          intptr_t, int64_t, bool>())
-      .def("multiply", &rnnfast::CpuBf16StepProduct::multiply,
-           "multiply(m, a, lda, beta, c, ldc): C = A op(B) + beta C.")
-      .def_property_readonly("path", &rnnfast::CpuBf16StepProduct::path)
-      .def_property_readonly("threaded",
-                             &rnnfast::CpuBf16StepProduct::threaded);
+      "trans_b) with path 'auto' or 'blas'.");
   m.def("empty_cache", &rnnfast::release_cpu_buffer_cache,
         "Frees the CPU blocks rnnfast keeps for reuse; returns their bytes.");
   m.def("cache_bytes", &rnnfast::cpu_buffer_cache_bytes,

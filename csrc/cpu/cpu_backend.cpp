@@ -373,66 +373,49 @@ const char* cpu_step_gemm_kernels() {
   const char* k = cpu::step_gemm::kernels_in_use();
   return k != nullptr ? k : "none";
 }
-namespace {
-// The checks the two step products' constructors and multiply share.
-void check_step_product_sizes(int64_t max_rows, int64_t n, int64_t k) {
+template <typename T>
+CpuStepProduct<T>::CpuStepProduct(const std::string& path, int64_t max_rows,
+                                  int64_t n, int64_t k, intptr_t b,
+                                  int64_t ldb, bool trans_b) {
+  if constexpr (std::is_same_v<T, float>) {
+    TORCH_CHECK(path == "auto" || path == "blas" || path == "rnnfast",
+                "path must be 'auto', 'blas' or 'rnnfast', got '", path, "'");
+    TORCH_CHECK(path != "rnnfast" || cpu::step_gemm::kernels_in_use() != nullptr,
+                "rnnfast's step product needs AVX2 or AVX-512");
+    TORCH_CHECK(path != "rnnfast" || max_rows <= cpu::step_gemm::kMaxRows,
+                "rnnfast's step product takes at most ",
+                cpu::step_gemm::kMaxRows, " rows, got ", max_rows);
+  } else {
+    TORCH_CHECK(path == "auto" || path == "blas",
+                "path must be 'auto' or 'blas', got '", path, "'");
+  }
   TORCH_CHECK(max_rows >= 1 && n >= 1 && k >= 1,
               "a step product needs positive sizes, got ", max_rows, "x", n,
               "x", k);
+  weight_ = std::make_unique<cpu::StepWeight<T>>(
+      trans_b, max_rows, n, k, reinterpret_cast<const T*>(b), ldb,
+      path == "auto" ? nullptr : path.c_str());
+  weight_->prepare_use();  // a time loop's first step: the next use packs
 }
-void check_step_product_call(int64_t m, int64_t max_rows, float beta) {
+template <typename T>
+CpuStepProduct<T>::~CpuStepProduct() = default;
+template <typename T>
+void CpuStepProduct<T>::multiply(int64_t m, intptr_t a, int64_t lda,
+                                 float beta, intptr_t c, int64_t ldc) const {
+  const int64_t max_rows = weight_->max_rows();
   TORCH_CHECK(m >= 1 && m <= max_rows, "expected 1 to ", max_rows,
               " rows, got ", m);
   TORCH_CHECK(beta == 0.0f || beta == 1.0f, "beta must be 0 or 1, got ", beta);
-}
-}  // namespace
-
-CpuStepProduct::CpuStepProduct(const std::string& path, int64_t max_rows,
-                               int64_t n, int64_t k, intptr_t b, int64_t ldb,
-                               bool trans_b) {
-  TORCH_CHECK(path == "auto" || path == "blas" || path == "rnnfast",
-              "path must be 'auto', 'blas' or 'rnnfast', got '", path, "'");
-  TORCH_CHECK(path != "rnnfast" || cpu::step_gemm::kernels_in_use() != nullptr,
-              "rnnfast's step product needs AVX2 or AVX-512");
-  TORCH_CHECK(path != "rnnfast" || max_rows <= cpu::step_gemm::kMaxRows,
-              "rnnfast's step product takes at most ",
-              cpu::step_gemm::kMaxRows, " rows, got ", max_rows);
-  check_step_product_sizes(max_rows, n, k);
-  weight_ = std::make_unique<cpu::StepWeight<float>>(
-      trans_b, max_rows, n, k, reinterpret_cast<const float*>(b), ldb,
-      path == "auto" ? nullptr : path.c_str());
-  weight_->prepare_use();  // a time loop's first step: the next use packs
-}
-CpuStepProduct::~CpuStepProduct() = default;
-void CpuStepProduct::multiply(int64_t m, intptr_t a, int64_t lda, float beta,
-                              intptr_t c, int64_t ldc) const {
-  check_step_product_call(m, weight_->max_rows(), beta);
-  weight_->multiply(m, reinterpret_cast<const float*>(a), lda, beta,
+  weight_->multiply(m, reinterpret_cast<const T*>(a), lda, beta,
                     reinterpret_cast<float*>(c), ldc);
 }
-std::string CpuStepProduct::path() const { return weight_->packed_path(); }
-bool CpuStepProduct::threaded() const { return weight_->threaded(); }
+template <typename T>
+std::string CpuStepProduct<T>::path() const { return weight_->packed_path(); }
+template <typename T>
+bool CpuStepProduct<T>::threaded() const { return weight_->threaded(); }
+template class CpuStepProduct<float>;
+template class CpuStepProduct<c10::BFloat16>;
 
-CpuBf16StepProduct::CpuBf16StepProduct(const std::string& path,
-                                       int64_t max_rows, int64_t n, int64_t k,
-                                       intptr_t b, int64_t ldb, bool trans_b) {
-  TORCH_CHECK(path == "auto" || path == "blas",
-              "path must be 'auto' or 'blas', got '", path, "'");
-  check_step_product_sizes(max_rows, n, k);
-  weight_ = std::make_unique<cpu::StepWeight<c10::BFloat16>>(
-      trans_b, max_rows, n, k, reinterpret_cast<const c10::BFloat16*>(b), ldb,
-      path == "auto" ? nullptr : path.c_str());
-  weight_->prepare_use();  // a time loop's first step: the next use packs
-}
-CpuBf16StepProduct::~CpuBf16StepProduct() = default;
-void CpuBf16StepProduct::multiply(int64_t m, intptr_t a, int64_t lda,
-                                  float beta, intptr_t c, int64_t ldc) const {
-  check_step_product_call(m, weight_->max_rows(), beta);
-  weight_->multiply(m, reinterpret_cast<const c10::BFloat16*>(a), lda, beta,
-                    reinterpret_cast<float*>(c), ldc);
-}
-std::string CpuBf16StepProduct::path() const { return weight_->packed_path(); }
-bool CpuBf16StepProduct::threaded() const { return weight_->threaded(); }
 int64_t release_cpu_buffer_cache() { return cpu::empty_activation_cache(); }
 int64_t cpu_buffer_cache_bytes() { return cpu::activation_cache_bytes(); }
 }  // namespace rnnfast

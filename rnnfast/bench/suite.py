@@ -127,12 +127,12 @@ def _measure(impl: Impl, case: Case, runner: Runner, inputs: Inputs, settings: S
              baseline_outputs: dict, notes: list[str]) -> dict:
     n = len(inputs)
     first_s, last_s = warm_up(runner.step, n, settings.warmup, case.device)
-    agreement = _agreement(impl, case, runner, inputs, baseline_outputs)
+    agreement = _agreement(impl, runner, inputs, baseline_outputs)
     max_abs_diff = error = baseline_error = None
     if agreement is not None:
         max_abs_diff, error, baseline_error, largest = agreement
         # TF32 keeps 10 mantissa bits, as float16 does
-        eps = torch.finfo(torch.float16 if case.tf32 else getattr(torch, case.dtype)).eps
+        eps = torch.finfo(torch.float16 if case.tf32 else case.torch_dtype).eps
         if error > 2 * baseline_error + _FLOOR_EPS * eps * max(largest, 1e-3):
             notes.append(f"{impl.name} on {case.mode} {case.device} {_dtype_label(case)} "
                          f"{case.shape_label()}: output error {error:.3g} against float64, "
@@ -161,7 +161,7 @@ def _measure(impl: Impl, case: Case, runner: Runner, inputs: Inputs, settings: S
     )
 
 
-def _agreement(impl: Impl, case: Case, runner: Runner, inputs: Inputs,
+def _agreement(impl: Impl, runner: Runner, inputs: Inputs,
                baseline_outputs: dict) -> Optional[tuple[float, float, float, float]]:
     """The baseline of a family keeps its weights, its output on input set 0
     and that of a float64 copy of itself; every other implementation of the
