@@ -385,6 +385,25 @@ inline std::pair<T, T> row_moments(const T* x, int64_t n, T eps) {
   return {mean, layer_norm_rstd(var, eps)};
 }
 
+// Asks the cache for a row's four gate columns at hidden units [j, j + a
+// vector): offsets j, H + j, 2H + j and 3H + j of the row. The
+// LayerNorm-LSTM's step kernels call it for the next row of their range
+// while computing this one, so that their loads of values long evicted
+// overlap the arithmetic: the input products in the forward (the bulk
+// projection of all steps, 13 MiB at T=100 B=64 H=128) and the saved
+// normalised products in the backward (26 MiB). Asking for a whole row at
+// once instead (before this row's work) filled the cache's miss buffers:
+// perf then put 20% of the backward step's samples on those prefetches.
+// Interleaved builds, T=100 B=64 float32 training: 3-5% less time at
+// H=128 and 256, the forward's row statistics (the first read of a row)
+// half the samples. The LSTM's backward step, tried alike on its saved
+// gates, gained 4% at H=128 and lost at H=256: not used there. A vector
+// is one cache line for float with AVX-512, half of one with AVX2.
+template <typename T>
+inline void prefetch_gate_columns(const T* row, int64_t H, int64_t j) {
+  for (int k = 0; k < 4; ++k) __builtin_prefetch(row + k * H + j, 0, 3);
+}
+
 template <typename T, typename S, bool Training, bool ZoneoutCell>
 void layer_norm_forward_step_impl(const LayerNormStepParams<T, S>& p) {
   using V = at::vec::Vectorized<T>;
@@ -412,6 +431,7 @@ void layer_norm_forward_step_impl(const LayerNormStepParams<T, S>& p) {
       // training (saved for the backward).
       for (int64_t j = 0; j < H; j += V::size()) {
         const int64_t n = std::min<int64_t>(V::size(), H - j);
+        if (row + 1 < end) prefetch_gate_columns(ih + G, H, j);
         V pre[4];
         for (int k = 0; k < 4; ++k) {
           const int64_t o = k * H + j;
@@ -465,19 +485,6 @@ void layer_norm_forward_step_impl(const LayerNormStepParams<T, S>& p) {
   });
 }
 
-// Asks for values [0, n) of p in the cache, a line at a time. A
-// LayerNorm-LSTM backward step reads the forward's saved normalised
-// products, long evicted (26 MiB of them at T=100 B=64 H=128), and reads a
-// row's out of order (the o gate first): the first of those loads took 15%
-// of the step's cycles in perf. With the next row's asked for, the step
-// took 9% fewer cycles (medians of five perf runs each, interleaved
-// builds), about 1% of the training step.
-template <typename T>
-inline void prefetch_values(const T* p, int64_t n) {
-  constexpr int64_t kLine = 64 / sizeof(T);
-  for (int64_t k = 0; k < n; k += kLine) __builtin_prefetch(p + k, 0, 3);
-}
-
 // The pre-activation of gate k at hidden units [j, j + n) of a row, from the
 // normalised products the forward saved.
 template <typename T, typename S>
@@ -510,10 +517,7 @@ void layer_norm_backward_step_impl(
     for (int64_t row = begin; row < end; ++row) {
       const T* xi = p.normalized_ih + row * G;
       const T* xh = p.normalized_hh + row * G;
-      if (row + 1 < end) {  // the next row's saved products, from memory
-        prefetch_values(xi + G, G);
-        prefetch_values(xh + G, G);
-      }
+      const bool prefetch = row + 1 < end;  // the next row's saved products
       const T* cell = p.cell + row * H;
       const T* cell_prev = row < p.rows_from_previous
                                ? p.cell_prev + row * H
@@ -530,6 +534,7 @@ void layer_norm_backward_step_impl(
       V sum_dxhat(T(0)), sum_dxhat_xhat(T(0));
       for (int64_t j = 0; j < H; j += V::size()) {
         const int64_t n = std::min<int64_t>(V::size(), H - j);
+        if (prefetch) prefetch_gate_columns(xi + G, H, j);
         const V o = rnnfast::sigmoid<V>(
             saved_pre_activation(p, xi, xh, 3 * H + j, n));
         const V xhat =
@@ -558,6 +563,7 @@ void layer_norm_backward_step_impl(
       V sum_hh(T(0)), sum_hh_x(T(0)), sum_ih(T(0)), sum_ih_x(T(0));
       for (int64_t j = 0; j < H; j += V::size()) {
         const int64_t n = std::min<int64_t>(V::size(), H - j);
+        if (prefetch) prefetch_gate_columns(xh + G, H, j);
         const V xhat =
             layer_norm_normalize(V::loadu(cell + j, n), V(mean_c), V(rstd_c));
         const V dxhat = V::loadu(dcn + j, n) * V::loadu(p.gamma_cell + j, n);
