@@ -94,7 +94,9 @@ def _run_case(case: Case, order: list[Impl], settings: Settings, records: list[d
     """Every implementation on one case, into ``records``; returns the
     count of measurements done so far."""
     inputs = make_inputs(case, settings.inputs, settings.seed)
-    baseline_outputs: dict[str, tuple[dict, torch.Tensor]] = {}
+    # family -> (baseline's weights, its output, the float64 copy's output,
+    # the baseline's error against it, the largest float64 output)
+    baseline_outputs: dict[str, tuple[dict, torch.Tensor, torch.Tensor, float, float]] = {}
     for impl in order:
         if progress:
             progress(done, f"{case.mode} {case.device} {_dtype_label(case)} "
@@ -163,12 +165,12 @@ def _measure(impl: Impl, case: Case, runner: Runner, inputs: Inputs, settings: S
 
 def _agreement(impl: Impl, runner: Runner, inputs: Inputs,
                baseline_outputs: dict) -> Optional[tuple[float, float, float, float]]:
-    """The baseline of a family keeps its weights, its output on input set 0
-    and that of a float64 copy of itself; every other implementation of the
-    family that can load those weights is compared with both: ``(largest
-    difference from the baseline's output, its error against float64, the
-    baseline's error, the largest float64 output)``. None where no
-    comparison is possible."""
+    """The baseline of a family keeps its weights, its output on input set
+    0, that of a float64 copy of itself and its own error against it; every
+    other implementation of the family that can load those weights is
+    compared with both: ``(largest difference from the baseline's output,
+    its error against float64, the baseline's error, the largest float64
+    output)``. None where no comparison is possible."""
     if runner.output is None or runner.module is None:
         return None
     if impl.is_baseline:
@@ -177,15 +179,17 @@ def _agreement(impl: Impl, runner: Runner, inputs: Inputs,
         twin = copy.deepcopy(runner.module).double()
         with torch.inference_mode():
             exact = twin(inputs.x[0].double(), tuple(h.double() for h in inputs.hx[0]))[0]
-        baseline_outputs[impl.family] = (state, want, exact.double())
+        want = want.double()
+        baseline_outputs[impl.family] = (state, want, exact, (want - exact).abs().max().item(),
+                                         exact.abs().max().item())
         return None
     if impl.family not in baseline_outputs:
         return None
-    state, want, exact = baseline_outputs[impl.family]
+    state, want, exact, baseline_error, largest = baseline_outputs[impl.family]
     try:
         runner.module.load_state_dict(state)
     except (RuntimeError, KeyError):  # another parameter layout (peers)
         return None
     got = runner.output(0).double()
-    return ((got - want.double()).abs().max().item(), (got - exact).abs().max().item(),
-            (want.double() - exact).abs().max().item(), exact.abs().max().item())
+    return ((got - want).abs().max().item(), (got - exact).abs().max().item(),
+            baseline_error, largest)
