@@ -42,6 +42,10 @@ std::vector<StepGemmChoice> cpu_step_gemm_choices();
 // The kernels of rnnfast's own step product on this CPU ("AVX512", "AVX2"
 // or "none": then it never runs).
 const char* cpu_step_gemm_kernels();
+// How many CPU time loops (runs of steps) so far in this process held a
+// team of threads (cpu/step_team.h), by the team's size: element i counts
+// teams of i threads.
+std::vector<int64_t> cpu_step_team_runs();
 
 namespace cpu {
 template <typename T>

@@ -129,7 +129,7 @@ LayerNormForwardResult layer_norm_lstm_forward_recurrence(
   const Weight whh(true, l.batch, G, H, w.weight_hh.data_ptr<S>(), H);
   S* out = r.output.data_ptr<S>();
   const S* h0 = hx.data_ptr<S>();
-  for (int64_t step = 0; step < l.steps; ++step) {
+  Backend::run_steps(whh, l.batch, l.steps, /*team_ok=*/true, [&](int64_t step) {
     const int64_t t = l.step_at(step);
     const int64_t rows = l.batch_sizes[t];
     const int64_t off = l.offsets[t];
@@ -166,7 +166,7 @@ LayerNormForwardResult layer_norm_lstm_forward_recurrence(
           decltype(tr)::value, decltype(zc)::value>(whh, h, p);
     });
     if (zoneout_h) zoneout_hidden_step<Backend, S, T>(l, t, z, out, h0, H);
-  }
+  });
   r.hy = at::empty({l.batch, H}, sopts);
   copy_final_hidden<Backend>(l, out, H, r.hy.data_ptr<S>());
   r.cy = c_state;
@@ -409,12 +409,13 @@ LayerNormBackwardResult layer_norm_lstm_backward_recurrence(
   const Weight whh(false, l.batch, H, G, w.weight_hh.data_ptr<S>(), H);
   for (const StepBlock& block : blocks) {
     const int64_t lo = l.offsets[block.first];
-    for (int64_t k = 0; k <= block.last - block.first; ++k) {
+    Backend::run_steps(whh, l.batch, block.last - block.first + 1,
+                       /*team_ok=*/true, [&](int64_t k) {
       const int64_t t = l.reverse ? block.first + k : block.last - k;
       const int64_t block_row = l.offsets[t] - lo;
       // the step's backward and dh_{t-1} = dhh W_hh
       run_layer_norm_backward_step<Backend>(b, t, block_row, whh);
-    }
+    });
     add_block_input_and_weight_grads<Backend>(b, mask, block, x, hx, output,
                                               h_prev);
   }

@@ -40,6 +40,12 @@
 //     backward_step, then grad_prev = p.dgates W_hh + beta grad_prev (its
 //     p.rows rows, stride ld), in whatever threading the backend finds
 //     fastest.
+//   run_steps(const StepWeight<S>& whh, int64_t rows, int64_t steps,
+//             bool team_ok, const F& step): step(0) .. step(steps - 1) in
+//     order, the steps of a time loop whose recurrent weight is whh and
+//     whose steps have at most `rows` rows (the CPU may hold a team of
+//     threads for them, cpu/step_team.h, where team_ok says the steps call
+//     nothing but the recurrent steps above and the zoneout passes).
 //   zoneout_hidden(const HiddenZoneoutParams<T, S>&) and
 //     zoneout_hidden_backward(const HiddenZoneoutBackwardParams<T, S, C>&):
 //     zoneout on the hidden state, one pass over a step's rows.
@@ -385,7 +391,7 @@ ForwardResult lstm_forward_recurrence(
   at::Tensor gates =
       Backend::empty_activation({blocked ? block_capacity : l.rows, G}, topts);
   if (!blocked) input_projection<Backend, S, T>(gates, x, weight_ih, proj_bias);
-  int64_t block_end = 0;  // blocked: steps [.., block_end) are projected
+  int64_t block_end = 0;  // the end of the current run of steps
   int64_t block_first_row = 0;  // the packed row of the block's gates row 0
   r.output = at::empty({l.rows, P}, sopts);
   at::Tensor c_state = cx.contiguous().clone();
@@ -424,30 +430,10 @@ ForwardResult lstm_forward_recurrence(
                                    weight_ih.data_ptr<S>(), s.input);
   }
 
-  for (int64_t step = 0; step < l.steps; ++step) {
+  const auto run_step = [&](int64_t step) {
     const int64_t t = l.step_at(step);
     const int64_t rows = l.batch_sizes[t];
     const int64_t off = l.offsets[t];
-    if (blocked && step == block_end) {
-      // the next steps whose rows fit the block (at least this one): their
-      // rows are contiguous, from the lowest time index's on
-      int64_t block = rows;
-      block_end = step + 1;
-      while (block_end < l.steps &&
-             block + l.batch_sizes[l.step_at(block_end)] <= block_rows) {
-        block += l.batch_sizes[l.step_at(block_end)];
-        ++block_end;
-      }
-      block_first_row = l.offsets[std::min(t, l.step_at(block_end - 1))];
-      if (wih) {
-        wih->multiply(block, x.data_ptr<S>() + block_first_row * s.input,
-                      s.input, T(0), g, G);
-      } else {
-        at::Tensor out = gates.narrow(0, 0, block);
-        input_projection<Backend, S, T>(out, x.narrow(0, block_first_row, block),
-                                        weight_ih, proj_bias);
-      }
-    }
     ForwardStepParams<T, S> p;
     p.rows = rows;
     p.hidden = H;
@@ -472,6 +458,35 @@ ForwardResult lstm_forward_recurrence(
     }
     // zoneout on h (the projected h with a projection)
     if (zoneout_h) zoneout_hidden_step<Backend, S, T>(l, t, z, out, h0, P);
+  };
+  // The steps, in runs: blocked, each block's after its projection
+  for (int64_t step = 0; step < l.steps; step = block_end) {
+    block_end = l.steps;
+    if (blocked) {
+      // the next steps whose rows fit the block (at least this one): their
+      // rows are contiguous, from the lowest time index's on
+      const int64_t t = l.step_at(step);
+      int64_t block = l.batch_sizes[t];
+      block_end = step + 1;
+      while (block_end < l.steps &&
+             block + l.batch_sizes[l.step_at(block_end)] <= block_rows) {
+        block += l.batch_sizes[l.step_at(block_end)];
+        ++block_end;
+      }
+      block_first_row = l.offsets[std::min(t, l.step_at(block_end - 1))];
+      if (wih) {
+        wih->multiply(block, x.data_ptr<S>() + block_first_row * s.input,
+                      s.input, T(0), g, G);
+      } else {
+        at::Tensor out = gates.narrow(0, 0, block);
+        input_projection<Backend, S, T>(out, x.narrow(0, block_first_row, block),
+                                        weight_ih, proj_bias);
+      }
+    }
+    const int64_t first = step;
+    Backend::run_steps(whh, l.batch, block_end - first,
+                       /*team_ok=*/!s.has_projection(),
+                       [&](int64_t k) { run_step(first + k); });
   }
   r.hy = at::empty({l.batch, P}, sopts);
   copy_final_hidden<Backend>(l, out, P, r.hy.data_ptr<S>());
@@ -531,7 +546,7 @@ BackwardResult lstm_backward_recurrence(
   T* dhs = dh_state.data_ptr<T>();
   T* dcs = dc_state.data_ptr<T>();
 
-  for (int64_t step = l.steps - 1; step >= 0; --step) {
+  const auto run_step = [&](int64_t step) {
     const int64_t t = l.step_at(step);
     const int64_t rows = l.batch_sizes[t];
     const int64_t off = l.offsets[t];
@@ -575,7 +590,9 @@ BackwardResult lstm_backward_recurrence(
                                                 decltype(zc)::value>(
           whh, p, T(zoneout_h ? 1 : 0), dhs, P);
     });
-  }
+  };
+  Backend::run_steps(whh, l.batch, l.steps, /*team_ok=*/!s.has_projection(),
+                     [&](int64_t k) { run_step(l.steps - 1 - k); });
   r.grad_hx = dh_state;
   r.grad_cx = dc_state;
   if (mask.input) {

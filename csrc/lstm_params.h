@@ -135,6 +135,10 @@ struct ForwardStepParams {
   CellZoneout<T> zoneout;    // ZoneoutCell only
   const T* bias = nullptr;   // [4H] added to every row's pre-activations, or
                              // null (Backend::kBiasInStep, lstm_driver.h)
+  // The hidden units [unit_begin, unit_end) of every row only, or all of
+  // them when unit_end is -1 (the CPU's steps split by units over a team
+  // of threads; the pointers still address whole rows).
+  int64_t unit_begin = 0, unit_end = -1;
 };
 
 // Pointers for the pointwise part of one backward step over `rows` rows.
@@ -266,6 +270,9 @@ struct LayerNormBackwardStepParams {
   // task that runs them (LayerNormParamGradSum).
   T* param_grad_sums = nullptr;     // [param_grad_tasks, kSumWidth * H]
   int64_t param_grad_tasks = 0;
+  // The row of sums to add to: -1 for the running task's, else this one
+  // (a part of a step split over a CPU StepTeam, whichever thread runs it).
+  int64_t param_grad_task = -1;
 };
 
 // The LayerNorm parameter gradients as the steps of a backward add them up

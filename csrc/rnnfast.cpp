@@ -143,6 +143,12 @@ PYBIND11_MODULE(_C, m) {
           choices.append(d);
         }
         info["cpu_step_gemm"] = choices;
+        pybind11::dict teams;  // {threads: time loops that held such a team}
+        const std::vector<int64_t> runs = rnnfast::cpu_step_team_runs();
+        for (size_t size = 0; size < runs.size(); ++size) {
+          if (runs[size] > 0) teams[pybind11::int_(size)] = runs[size];
+        }
+        info["cpu_step_teams"] = teams;
         return info;
       },
       "How this rnnfast extension was built, and the CPU kernels in use.");

@@ -24,7 +24,10 @@ def build_info() -> dict:
     ``"portable"``, those of :mod:`rnnfast.quantized`; ``cpu_native_bfloat16``:
     whether a bfloat16 op runs its GEMMs in bfloat16 on this CPU, else in
     float32, and ``cpu_bf16_step_gemm``: what runs its per-step products,
-    ``"rnnfast-AMX-BF16"``, ``"mkl-bf16"`` or ``"none"``)."""
+    ``"rnnfast-AMX-BF16"``, ``"mkl-bf16"`` or ``"none"``; ``cpu_step_gemm``:
+    the product measured fastest for each small-batch step shape run so far;
+    ``cpu_step_teams``: ``{threads: count}`` of the CPU time loops so far
+    that split their steps over a team of that many threads)."""
     info = dict(_build_info())
     info["rnnfast_version"] = __version__
     return info

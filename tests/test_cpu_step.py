@@ -208,6 +208,21 @@ def test_one_step_call_measures_nothing(monkeypatch):
 
 # ---- The step split by batch rows -------------------------------------------
 
+def split_case(cls, hidden, batch, steps, training, zoneout, packed):
+    """A float32 layer of `hidden` units over 6 inputs (bidirectional when
+    packed, with zoneout when asked, random LayerNorm parameters), its input
+    [steps, batch, 6] and initial states."""
+    kwargs = dict(zoneout_cell=0.3, zoneout_hidden=0.2) if zoneout else {}
+    torch.manual_seed(5)
+    m = cls(6, hidden, bidirectional=packed, **kwargs).train(training)
+    if cls is rnnfast.LayerNormLSTM:
+        randomize_layer_norm_(m)
+    x = torch.randn(steps, batch, 6)
+    hx = random_states(1, 2 if packed else 1, hidden, hidden, dtype=torch.float32,
+                       batch=batch)
+    return m, x, hx
+
+
 @pytest.mark.parametrize("cls", [rnnfast.LSTM, rnnfast.LayerNormLSTM])
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("zoneout", [False, True])
@@ -222,13 +237,7 @@ def test_row_split_step_matches_one_thread(cls, training, zoneout, packed, monke
     threads) or rates (evaluation) applied to the right rows. Packed, the
     steps shrink from 64 to 16 rows, and the reverse direction reads some
     rows' previous state from c_0 (rows_from_previous)."""
-    kwargs = dict(zoneout_cell=0.3, zoneout_hidden=0.2) if zoneout else {}
-    torch.manual_seed(5)
-    m = cls(6, 16, bidirectional=packed, **kwargs).train(training)
-    if cls is rnnfast.LayerNormLSTM:
-        randomize_layer_norm_(m)
-    x = torch.randn(4, 64, 6)
-    hx = random_states(1, 2 if packed else 1, 16, 16, dtype=torch.float32, batch=64)
+    m, x, hx = split_case(cls, 16, 64, 4, training, zoneout, packed)
     monkeypatch.setenv("RNNFAST_CPU_ROW_SPLIT", "16")  # from 2 x 16 rows on
     threads = torch.get_num_threads()
     results = []
@@ -264,3 +273,88 @@ def test_blocked_input_projection_matches_nn_lstm(packed, steps):
         got = forward_backward(ours, x, lengths=lengths, backward=False)
         want = forward_backward(ref, x, lengths=lengths, backward=False)
     assert_results_close(got, want, **TOLERANCES[torch.float32])
+
+
+# ---- Small batches: the steps split over a team of threads ----------------------
+
+def team_runs() -> int:
+    return sum(rnnfast.build_info()["cpu_step_teams"].values())
+
+
+@pytest.mark.skipif(KERNELS == "none", reason="the team splits rnnfast's own product (AVX2)")
+@pytest.mark.parametrize("cls", [rnnfast.LSTM, rnnfast.LayerNormLSTM])
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("zoneout", [False, True])
+@pytest.mark.parametrize("packed", [False, True])
+def test_team_step_matches_no_team(cls, training, zoneout, packed, monkeypatch):
+    """At 4 rows and H=128 on two threads, each step's recurrent product is
+    split by columns and its pointwise kernel by rows over a team of threads
+    held for the whole time loop (cpu/step_team.h); RNNFAST_CPU_STEP_TEAM=0
+    runs the same steps on one thread. Both give the same outputs, states
+    and gradients to float32 rounding (the team's run uses rnnfast's own
+    product from the first step, and the LayerNorm parameter sums are kept
+    per part), with zoneout's masks or rates on the right rows; packed, the
+    steps shrink from 4 rows to 1 and the reverse direction starts some rows
+    from the initial state. A time loop held a team on each call."""
+    if torch.get_num_threads() < 2:
+        pytest.skip("one torch thread: no team")
+    monkeypatch.delenv("RNNFAST_CPU_STEP_GEMM", raising=False)
+    m, x, hx = split_case(cls, 128, 4, 7, training, zoneout, packed)
+    lengths = [7, 5, 3, 1] if packed else None
+    results = []
+    for team in ("1", "0"):
+        monkeypatch.setenv("RNNFAST_CPU_STEP_TEAM", team)
+        before = team_runs()
+        torch.manual_seed(11)
+        results.append(forward_backward(m, x, hx, lengths=lengths, backward=training))
+        ran = team_runs() - before
+        directions = 2 if packed else 1
+        assert ran == (directions * (2 if training else 1) if team == "1" else 0)
+    assert_results_close(*results, scaled=True, **TOLERANCES[torch.float32])
+
+
+@pytest.mark.skipif(KERNELS == "none", reason="the team splits rnnfast's own product (AVX2)")
+def test_team_over_blocks_of_input_projection_matches_nn_lstm():
+    """Evaluating at 4 rows and H=128, the input is projected 512 rows (about
+    1 MiB of gates) at a time: 300 steps are three blocks, each block's
+    steps one time loop with a team of its own, between the projections."""
+    if torch.get_num_threads() < 2:
+        pytest.skip("one torch thread: no team")
+    ours, ref = make_lstm_pair(8, 128, bidirectional=True, dtype=torch.float32, seed=7)
+    x = torch.randn(300, 4, 8)
+    before = team_runs()
+    with torch.no_grad():
+        got = forward_backward(ours, x, backward=False)
+        want = forward_backward(ref, x, backward=False)
+    assert team_runs() - before == 2 * 3
+    assert_results_close(got, want, **TOLERANCES[torch.float32])
+
+
+@pytest.mark.skipif(KERNELS == "none", reason="the team splits rnnfast's own product (AVX2)")
+@pytest.mark.parametrize("cls", [rnnfast.LSTM, rnnfast.LayerNormLSTM])
+def test_team_of_more_threads_than_cores_matches_no_team(cls, monkeypatch):
+    """With 8 torch threads (more than this machine's cores, as when other
+    processes hold them) a team of 8 splits each step of B=4 H=256: its
+    helpers are often not running when their parts are posted, so the lead
+    takes those parts back, and lets go of a helper that missed 32 in a
+    row. The results are those of the steps on one thread, to float32
+    rounding, and the run ends."""
+    monkeypatch.delenv("RNNFAST_CPU_STEP_GEMM", raising=False)
+    torch.manual_seed(3)
+    m = cls(8, 256)
+    if cls is rnnfast.LayerNormLSTM:
+        randomize_layer_norm_(m)
+    x = torch.randn(40, 4, 8)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        torch.set_num_threads(8)
+        for team in ("1", "0"):
+            monkeypatch.setenv("RNNFAST_CPU_STEP_TEAM", team)
+            before = rnnfast.build_info()["cpu_step_teams"].get(8, 0)
+            results.append(forward_backward(m, x, backward=True))
+            ran = rnnfast.build_info()["cpu_step_teams"].get(8, 0) - before
+            assert ran == (2 if team == "1" else 0)
+    finally:
+        torch.set_num_threads(threads)
+    assert_results_close(*results, scaled=True, **TOLERANCES[torch.float32])

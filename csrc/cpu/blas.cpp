@@ -350,6 +350,50 @@ void StepWeight<T>::multiply_on_this_thread(int64_t m, const T* a,
   compute(true, m, a, lda, beta, c, ldc);
 }
 
+template <typename T>
+bool StepWeight<T>::prepare_column_split() const {
+  if constexpr (std::is_same_v<T, float>) {
+    if (!own_candidate_) return false;
+    if (own_packed_ == nullptr) {
+      own_packed_ = alloc_panels(n_, k_);
+      step_gemm::pack(trans_b_, n_, k_, b_, ldb_, own_packed_);
+    }
+    std::free(packed_);  // the own product from now on
+    packed_ = nullptr;
+    return true;
+  } else {
+    return false;
+  }
+}
+
+template <typename T>
+int64_t StepWeight<T>::column_panels() const {
+  return step_gemm::panels(n_);
+}
+
+template <typename T>
+void StepWeight<T>::multiply_panels(int64_t m, const T* a, int64_t lda,
+                                    T beta, T* c, int64_t ldc,
+                                    int64_t panel_begin,
+                                    int64_t panel_end) const {
+  if constexpr (std::is_same_v<T, float>) {
+    TORCH_INTERNAL_ASSERT(own_packed_ != nullptr && packed_ == nullptr);
+    // A's rows were mostly written by the other threads of the team (the
+    // last step's h, or d): ask for all of their lines at once, before the
+    // tiles read them one element per row at a time.
+    for (int64_t i = 0; i < m; ++i) {
+      for (int64_t kk = 0; kk < k_; kk += 64 / int64_t(sizeof(T))) {
+        __builtin_prefetch(a + i * lda + kk, 0, 3);
+      }
+    }
+    step_gemm::multiply_panel_range(m, n_, k_, a, lda, own_packed_,
+                                    panel_begin, panel_end, beta, c, ldc);
+  } else {
+    TORCH_INTERNAL_ASSERT(false, "rnnfast: a ", sizeof(T),
+                          "-byte weight is not split by columns");
+  }
+}
+
 // With both packed forms present (while measuring), the BLAS's.
 template <typename T>
 void StepWeight<T>::compute(bool serial, int64_t m, const T* a, int64_t lda,

@@ -83,11 +83,27 @@ class StepWeight {
   void prepare_use() const;
   void multiply_on_this_thread(int64_t m, const T* a, int64_t lda, T beta,
                                T* c, int64_t ldc) const;
+  // For products split by columns over a StepTeam (cpu_backend.cpp): packs
+  // the weight for rnnfast's own product now, in place of the measured
+  // choice (the BLAS's packed form cannot be split), and says whether its
+  // products may be split: a float weight the own product takes (AVX2 or
+  // AVX-512, at most step_gemm::kMaxRows rows); double weights never.
+  bool prepare_column_split() const;
+  // Column panels of the split (step_gemm::kPanelCols columns each), and
+  // the product of the columns of panels [panel_begin, panel_end) only, on
+  // the calling thread, after prepare_column_split() returned true.
+  int64_t column_panels() const;
+  void multiply_panels(int64_t m, const T* a, int64_t lda, T beta, T* c,
+                       int64_t ldc, int64_t panel_begin,
+                       int64_t panel_end) const;
   // What the packed products run: "rnnfast-<ISA>", "mkl-packed", or
   // "unpacked" before the packing.
   const char* packed_path() const;
   // Whether the products run on all threads (else on the caller's).
   bool threaded() const { return !serial_; }
+  // The product's n x k (the weight's output columns and inner size).
+  int64_t columns() const { return n_; }
+  int64_t depth() const { return k_; }
   // The most rows a product may have.
   int64_t max_rows() const { return max_m_; }
   // The fewest rows per thread for which an LSTM step is split by batch
@@ -147,9 +163,18 @@ class StepWeight<c10::BFloat16> {
                                int64_t lda, C beta, C* c, int64_t ldc) const {
     compute(true, m, a, lda, static_cast<float>(beta), c, ldc);
   }
+  // Not split by columns over a StepTeam (StepWeight<T>): the AMX
+  // product's own column blocks are not offered to it.
+  bool prepare_column_split() const { return false; }
+  int64_t column_panels() const { return 0; }
+  template <typename C>
+  void multiply_panels(int64_t, const c10::BFloat16*, int64_t, C, C*, int64_t,
+                       int64_t, int64_t) const {}
   // "rnnfast-AMX-BF16", "mkl-bf16", or "unpacked" before the packing.
   const char* packed_path() const;
   bool threaded() const { return !serial_; }
+  int64_t columns() const { return n_; }
+  int64_t depth() const { return k_; }
   int64_t max_rows() const { return max_m_; }
   int64_t row_split_rows() const { return row_split_rows_; }
   int64_t weight_bytes() const {

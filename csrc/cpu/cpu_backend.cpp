@@ -4,9 +4,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #include "../backend_info.h"
 #include "../lstm_cell.h"
@@ -15,6 +17,7 @@
 #include "blas.h"
 #include "kernel_table.h"
 #include "step_gemm.h"
+#include "step_team.h"
 
 namespace rnnfast::cpu {
 
@@ -106,25 +109,147 @@ struct CpuBackend {
     }
     return grain;
   }
+  // ---- Small batches: a team of threads for a run of steps ----------------
+  //
+  // Below the row split's batch the steps used to run on one thread (a
+  // region's fork and join per step cost more than half a small step
+  // saved). There, a StepTeam (step_team.h) is held for the whole run of
+  // steps instead, and each step hands parts to it: the LSTM's forward
+  // splits by hidden units (each part its units' columns of the four gates,
+  // then the cell on them: one hand-off, and the gates stay in their
+  // core's cache); the LayerNorm-LSTM's forward, whose normalisations need
+  // whole rows, splits the product by columns and then the cell by rows;
+  // both backwards split the pointwise step by rows and then the product
+  // dh_{t-1} = d W_hh by columns. Used where the product has at least
+  // kTeamMacsPerThread multiply-adds per thread at the run's largest step,
+  // on float weights that rnnfast's own product runs (its packed panels
+  // split by columns; the BLAS's packed form cannot be split).
+  // Every value is computed as on one thread (a column of the product is
+  // the same sum wherever it runs, a row or unit the same kernel), except
+  // that the own product stands in for a BLAS product a measurement may
+  // have chosen (blas.h), and the LayerNorm-LSTM's parameter-gradient sums
+  // are kept per part (as per thread with the row split). Measured on the
+  // 2-core Xeon, one process alternating RNNFAST_CPU_STEP_TEAM=0 and on
+  // (medians of 7 rounds), float32: T=200 B=4 H=128 inference 0.86x the
+  // time (LSTM), 0.91x (LayerNorm-LSTM); T=100 B=16 H=128 inference 0.82x;
+  // training 0.95-0.99x at B=4 H=128, 0.87x at B=16 H=128, 0.90-0.93x at
+  // B=4 H=256. A hand-off costs ~0.5 us there (the lead's wait after its
+  // own part); at B=2 H=128 (half the multiply-adds of B=4) teams of two
+  // were no faster, hence the threshold.
+  static constexpr int64_t kTeamMacsPerThread = int64_t{1} << 17;
+  // Threads of a team for steps of at most `rows` rows through whh, or 0:
+  // none (and no side effect).
+  template <typename S>
+  static int team_size(const StepWeight<S>& whh, int64_t rows, int64_t steps) {
+    if constexpr (!std::is_same_v<S, float>) {
+      return 0;
+    } else {
+      const int threads = at::get_num_threads();
+      if (steps < 2 || threads < 2 || at::in_parallel_region() ||
+          team_disabled()) {
+        return 0;
+      }
+      const int64_t grain = whh.row_split_rows();
+      if (grain > 0 && rows >= 2 * grain) return 0;  // split by rows instead
+      const int64_t macs = rows * whh.columns() * whh.depth();
+      const int64_t size = std::min<int64_t>(
+          {threads, macs / kTeamMacsPerThread, StepTeam::kMaxSize});
+      if (size < 2 || !whh.prepare_column_split()) return 0;
+      return static_cast<int>(std::min<int64_t>(size, whh.column_panels()));
+    }
+  }
+  // RNNFAST_CPU_STEP_TEAM=0 turns teams off (read per call, for tests and
+  // comparisons).
+  static bool team_disabled() {
+    const char* e = std::getenv("RNNFAST_CPU_STEP_TEAM");
+    return e != nullptr && e[0] == '0';
+  }
+  // step(i) for i in [0, steps), the steps of a time loop whose recurrent
+  // weight is whh and whose steps have at most `rows` rows, with a team
+  // where one pays (team_size) and the loop allows it (team_ok: the driver's
+  // steps call nothing but the recurrent steps and the zoneout passes).
+  template <typename S, typename F>
+  static void run_steps(const StepWeight<S>& whh, int64_t rows,
+                        int64_t steps, bool team_ok, const F& step) {
+    const int size = team_ok ? team_size(whh, rows, steps) : 0;
+    const auto loop = [&] {
+      for (int64_t i = 0; i < steps; ++i) step(i);
+    };
+    if (size < 2) {
+      loop();
+    } else {
+      StepTeam::run(size, loop);
+    }
+  }
+  // [begin, end) of part `part` of [0, n) split into `parts` near-equal
+  // parts.
+  static std::pair<int64_t, int64_t> part_range(int64_t n, int parts,
+                                                int part) {
+    return {n * part / parts, n * (part + 1) / parts};
+  }
+  // StepWeight::multiply_panels as multiply_hidden_rows calls it.
+  template <typename S>
+  struct PanelRange {
+    const StepWeight<S>& w;
+    int64_t begin, end;
+    template <typename C>
+    void multiply(int64_t m, const S* a, int64_t lda, C beta, C* c,
+                  int64_t ldc) const {
+      w.multiply_panels(m, a, lda, beta, c, ldc, begin, end);
+    }
+  };
+  // On a team: c[rows, ldc] = h_{t-1} W^T + beta c split by column panels,
+  // then step_rows(begin, end, part) split by rows.
+  template <typename S, typename C, typename F>
+  static void team_multiply_then_step(StepTeam& team,
+                                      const StepWeight<S>& whh,
+                                      const PreviousHidden<S>& h, C beta,
+                                      C* c, int64_t ldc, const F& step_rows) {
+    const int64_t panels = whh.column_panels();
+    const int column_parts =
+        static_cast<int>(std::min<int64_t>(team.size(), panels));
+    team.parallel(column_parts, [&](int part) {
+      const auto [begin, end] = part_range(panels, column_parts, part);
+      multiply_hidden_rows(h, 0, h.rows(), PanelRange<S>{whh, begin, end},
+                           beta, c, ldc);
+    });
+    team_step_rows(team, h.rows(), step_rows);
+  }
+  template <typename F>
+  static void team_step_rows(StepTeam& team, int64_t rows,
+                             const F& step_rows) {
+    const int row_parts = static_cast<int>(std::min<int64_t>(team.size(), rows));
+    team.parallel(row_parts, [&](int part) {
+      const auto [begin, end] = part_range(rows, row_parts, part);
+      step_rows(begin, end, part);
+    });
+  }
+
   // c[rows, ldc] = h_{t-1} W^T + beta c, then step_rows(begin, end): split
   // by rows as above (step_rows(begin, end) on the thread that computed
   // rows [begin, end)) or, without enough rows, the whole product and then
   // step_rows(0, rows).
+  // step_rows(begin, end, task): task is the part of a team's split, else
+  // -1 (the running thread's).
   template <typename S, typename C, typename F>
   static void multiply_then_step(const StepWeight<S>& whh,
                                  const PreviousHidden<S>& h, C beta, C* c,
                                  int64_t ldc, const F& step_rows) {
+    if (StepTeam* team = StepTeam::current()) {
+      team_multiply_then_step(*team, whh, h, beta, c, ldc, step_rows);
+      return;
+    }
     const int64_t grain = row_split_grain(whh, h.rows());
     if (grain == 0) {
       multiply_hidden_rows(h, 0, h.rows(), whh, beta, c, ldc);
-      step_rows(0, h.rows());
+      step_rows(0, h.rows(), -1);
       return;
     }
     whh.prepare_use();
     at::parallel_for(0, h.rows(), grain, [&](int64_t begin, int64_t end) {
       multiply_hidden_rows(h, begin, end, OnThisThread<S>{whh}, beta,
                            c + begin * ldc, ldc);
-      step_rows(begin, end);  // a parallel_for inside a region runs inline
+      step_rows(begin, end, -1);  // a parallel_for inside a region runs inline
     });
   }
   // The rows [begin, end) of a forward step's parameters (either cell's:
@@ -145,8 +270,33 @@ struct CpuBackend {
                                      const ForwardStepParams<T, S>& p) {
     const int64_t H = p.hidden, G = 4 * p.hidden;
     const auto step = kernels<T, S>().forward_step[Training][ZoneoutCell];
+    StepTeam* team = StepTeam::current();
+    if (team != nullptr && H % step_gemm::kPanelCols == 0) {
+      // On a team, split by hidden units: each part computes its units'
+      // columns of the four gates and runs the cell on them, so its gates
+      // never leave its core and a step is one hand-off. (The
+      // LayerNorm-LSTM's cell needs whole rows.)
+      const int64_t unit_panels = H / step_gemm::kPanelCols;
+      const int parts =
+          static_cast<int>(std::min<int64_t>(team->size(), unit_panels));
+      team->parallel(parts, [&](int part) {
+        const auto [first, last] = part_range(unit_panels, parts, part);
+        for (int64_t k = 0; k < 4; ++k) {
+          multiply_hidden_rows(
+              h, 0, h.rows(),
+              PanelRange<S>{whh, k * unit_panels + first,
+                            k * unit_panels + last},
+              T(1), p.gates, G);
+        }
+        ForwardStepParams<T, S> q = p;
+        q.unit_begin = first * step_gemm::kPanelCols;
+        q.unit_end = last * step_gemm::kPanelCols;
+        step(q);
+      });
+      return;
+    }
     multiply_then_step(whh, h, T(1), p.gates, G,
-                       [&](int64_t begin, int64_t end) {
+                       [&](int64_t begin, int64_t end, int) {
                          ForwardStepParams<T, S> q = p;
                          offset_forward_rows(q, begin, end);
                          q.gates += begin * G;
@@ -163,7 +313,7 @@ struct CpuBackend {
     const auto step =
         kernels<T, S>().layer_norm_forward_step[Training][ZoneoutCell];
     multiply_then_step(whh, h, T(0), p.hh, G,
-                       [&](int64_t begin, int64_t end) {
+                       [&](int64_t begin, int64_t end, int) {
                          LayerNormStepParams<T, S> q = p;
                          offset_forward_rows(q, begin, end);
                          q.ih += begin * G;
@@ -205,18 +355,30 @@ struct CpuBackend {
                                      const S* d, int64_t ldd, T beta,
                                      T* grad_prev, int64_t ld,
                                      const F& step_rows) {
+    if (StepTeam* team = StepTeam::current()) {
+      // On a team: the rows split, then the product split by columns.
+      team_step_rows(*team, rows, step_rows);
+      const int64_t panels = whh.column_panels();
+      const int column_parts =
+          static_cast<int>(std::min<int64_t>(team->size(), panels));
+      team->parallel(column_parts, [&](int part) {
+        const auto [begin, end] = part_range(panels, column_parts, part);
+        whh.multiply_panels(rows, d, ldd, beta, grad_prev, ld, begin, end);
+      });
+      return;
+    }
     const int64_t grain =
         whh.weight_bytes() <= kBackwardSplitMaxWeightBytes
             ? row_split_grain(whh, rows)
             : 0;
     if (grain == 0) {
-      step_rows(0, rows);
+      step_rows(0, rows, -1);
       whh.multiply(rows, d, ldd, beta, grad_prev, ld);
       return;
     }
     whh.prepare_use();
     at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-      step_rows(begin, end);  // a parallel_for inside a region runs inline
+      step_rows(begin, end, -1);  // a parallel_for inside a region runs inline
       whh.multiply_on_this_thread(end - begin, d + begin * ldd, ldd, beta,
                                   grad_prev + begin * ld, ld);
     });
@@ -244,7 +406,7 @@ struct CpuBackend {
                                       T beta, T* grad_prev, int64_t ld) {
     const auto step = kernels<T, S>().backward_step[AddOutputGrad][ZoneoutCell];
     backward_then_multiply(whh, p.rows, p.dgates, 4 * p.hidden, beta,
-                           grad_prev, ld, [&](int64_t begin, int64_t end) {
+                           grad_prev, ld, [&](int64_t begin, int64_t end, int) {
                              BackwardStepParams<T, S> q = p;
                              offset_backward_rows(q, begin, end);
                              q.gates += begin * 4 * p.hidden;
@@ -259,8 +421,9 @@ struct CpuBackend {
         kernels<T, S>().layer_norm_backward_step[AddOutputGrad][ZoneoutCell];
     const int64_t H = p.hidden, G = 4 * p.hidden;
     backward_then_multiply(whh, p.rows, p.dhh, G, beta, grad_prev, ld,
-                           [&](int64_t begin, int64_t end) {
+                           [&](int64_t begin, int64_t end, int task) {
                              LayerNormBackwardStepParams<T, S> q = p;
+                             q.param_grad_task = task;
                              offset_backward_rows(q, begin, end);
                              q.normalized_ih += begin * G;
                              q.normalized_hh += begin * G;
@@ -368,6 +531,9 @@ bool cpu_native_bfloat16() { return cpu::native_bfloat16(); }
 const char* cpu_bf16_step_gemm() { return cpu::bf16_step_gemm(); }
 std::vector<StepGemmChoice> cpu_step_gemm_choices() {
   return cpu::step_gemm_choices();
+}
+std::vector<int64_t> cpu_step_team_runs() {
+  return cpu::StepTeam::runs_by_size();
 }
 const char* cpu_step_gemm_kernels() {
   const char* k = cpu::step_gemm::kernels_in_use();

@@ -41,16 +41,25 @@ void pack(bool trans_b, int64_t n, int64_t k, const float* b, int64_t ldb,
   });
 }
 
+void multiply_panel_range(int64_t m, int64_t n, int64_t k, const float* a,
+                          int64_t lda, const float* packed,
+                          int64_t panel_begin, int64_t panel_end, float beta,
+                          float* c, int64_t ldc) {
+  static const bool avx512 = std::strcmp(kernels_in_use(), "AVX512") == 0;
+  if (avx512) {
+    multiply_panels_avx512(m, n, k, a, lda, packed, panel_begin, panel_end,
+                           beta, c, ldc);
+  } else {
+    multiply_panels_avx2(m, n, k, a, lda, packed, panel_begin, panel_end,
+                         beta, c, ldc);
+  }
+}
+
 void multiply(bool serial, int64_t m, int64_t n, int64_t k, const float* a,
               int64_t lda, const float* packed, float beta, float* c,
               int64_t ldc) {
-  const bool avx512 = std::strcmp(kernels_in_use(), "AVX512") == 0;
   const auto run = [&](int64_t begin, int64_t end) {
-    if (avx512) {
-      multiply_panels_avx512(m, n, k, a, lda, packed, begin, end, beta, c, ldc);
-    } else {
-      multiply_panels_avx2(m, n, k, a, lda, packed, begin, end, beta, c, ldc);
-    }
+    multiply_panel_range(m, n, k, a, lda, packed, begin, end, beta, c, ldc);
   };
   const int64_t np = panels(n);
   if (serial) {

@@ -59,6 +59,14 @@ void multiply(bool serial, int64_t m, int64_t n, int64_t k, const float* a,
               int64_t lda, const float* packed, float beta, float* c,
               int64_t ldc);
 
+// multiply, of the columns of panels [panel_begin, panel_end) only, on the
+// calling thread (a product split by columns over a StepTeam): each element
+// is the same sum, in the same order, as multiply's.
+void multiply_panel_range(int64_t m, int64_t n, int64_t k, const float* a,
+                          int64_t lda, const float* packed,
+                          int64_t panel_begin, int64_t panel_end, float beta,
+                          float* c, int64_t ldc);
+
 // The kernels of one ISA: columns of panels [panel_begin, panel_end) only.
 void multiply_panels_avx512(int64_t m, int64_t n, int64_t k, const float* a,
                             int64_t lda, const float* packed,

@@ -232,12 +232,13 @@ template <typename T, typename S, bool Training, bool ZoneoutCell>
 void forward_step_impl(const ForwardStepParams<T, S>& p) {
   using V = at::vec::Vectorized<T>;
   const int64_t H = p.hidden;
+  const int64_t unit_end = p.unit_end < 0 ? H : p.unit_end;
   at::parallel_for(0, p.rows, row_grain(H), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       T* gates = p.gates + row * 4 * H;
       T* c_state = p.cell_state + row * H;
-      for (int64_t j = 0; j < H; j += V::size()) {
-        const int64_t n = std::min<int64_t>(V::size(), H - j);
+      for (int64_t j = p.unit_begin; j < unit_end; j += V::size()) {
+        const int64_t n = std::min<int64_t>(V::size(), unit_end - j);
         // Pre-activation of gate k (plus the bias where the step adds it).
         const auto pre = [&](int64_t k) {
           const V v = V::loadu(gates + k * H + j, n);
@@ -504,8 +505,9 @@ void layer_norm_backward_step_impl(
   const int64_t H = p.hidden, G = 4 * p.hidden;
   // The task running a row: the caller's (this step split by rows over the
   // threads of a region, where the parallel_for below runs inline as its
-  // task 0) plus this parallel_for's own.
-  const int64_t caller_task = at::get_thread_num();
+  // task 0, or the part of a team's split) plus this parallel_for's own.
+  const int64_t caller_task =
+      p.param_grad_task >= 0 ? p.param_grad_task : at::get_thread_num();
   at::parallel_for(0, p.rows, row_grain(G), [&](int64_t begin, int64_t end) {
     // this task's LayerNorm parameter gradient sums, or null
     T* sums = nullptr;

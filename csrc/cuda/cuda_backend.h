@@ -97,6 +97,13 @@ struct CudaBackend {
   static void forward_step(const ForwardStepParams<T, S>& p) {
     lstm_forward_step<Training, ZoneoutCell>(p);
   }
+  // The steps of a time loop, in order on the host thread (each enqueues
+  // its kernels on the current stream).
+  template <typename S, typename F>
+  static void run_steps(const StepWeight<S>& /*whh*/, int64_t /*rows*/,
+                        int64_t steps, bool /*team_ok*/, const F& step) {
+    for (int64_t i = 0; i < steps; ++i) step(i);
+  }
   // The input projection of every step at once (one large GEMM).
   static int64_t input_block_rows(int64_t /*row_bytes*/,
                                   int64_t /*weight_bytes*/) {
