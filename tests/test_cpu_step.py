@@ -338,7 +338,10 @@ def test_team_of_more_threads_than_cores_matches_no_team(cls, monkeypatch):
     helpers are often not running when their parts are posted, so the lead
     takes those parts back, and lets go of a helper that missed 32 in a
     row. The results are those of the steps on one thread, to float32
-    rounding, and the run ends."""
+    rounding, and the run ends. With 12 threads at B=16 H=144 the team
+    has 9 threads: as many as the units' and the backward's column panels
+    (144 / 16), though the product's multiply-adds would have kept 10
+    busy."""
     monkeypatch.delenv("RNNFAST_CPU_STEP_GEMM", raising=False)
     torch.manual_seed(3)
     m = cls(8, 256)
@@ -355,6 +358,11 @@ def test_team_of_more_threads_than_cores_matches_no_team(cls, monkeypatch):
             results.append(forward_backward(m, x, backward=True))
             ran = rnnfast.build_info()["cpu_step_teams"].get(8, 0) - before
             assert ran == (2 if team == "1" else 0)
+        monkeypatch.setenv("RNNFAST_CPU_STEP_TEAM", "1")
+        torch.set_num_threads(12)
+        before = rnnfast.build_info()["cpu_step_teams"].get(9, 0)
+        forward_backward(cls(8, 144), torch.randn(3, 16, 8), backward=True)
+        assert rnnfast.build_info()["cpu_step_teams"].get(9, 0) - before == 2
     finally:
         torch.set_num_threads(threads)
     assert_results_close(*results, scaled=True, **TOLERANCES[torch.float32])

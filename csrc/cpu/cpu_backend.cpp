@@ -138,7 +138,9 @@ struct CpuBackend {
   // were no faster, hence the threshold.
   static constexpr int64_t kTeamMacsPerThread = int64_t{1} << 17;
   // Threads of a team for steps of at most `rows` rows through whh, or 0:
-  // none (and no side effect).
+  // none (and then no side effect). Teams run under
+  // torch.use_deterministic_algorithms(True) too: what they compute does
+  // not depend on timing, only, as MKL's products do, on the threads.
   template <typename S>
   static int team_size(const StepWeight<S>& whh, int64_t rows, int64_t steps) {
     if constexpr (!std::is_same_v<S, float>) {
@@ -152,10 +154,15 @@ struct CpuBackend {
       const int64_t grain = whh.row_split_rows();
       if (grain > 0 && rows >= 2 * grain) return 0;  // split by rows instead
       const int64_t macs = rows * whh.columns() * whh.depth();
+      // No more threads than the finest split has parts: the H / 16 units
+      // or column panels of H (the forward's weight is [4H, H], the
+      // backward's [H, 4H]), so that no helper waits out the run unused.
+      const int64_t parts =
+          std::min(whh.columns(), whh.depth()) / step_gemm::kPanelCols;
       const int64_t size = std::min<int64_t>(
-          {threads, macs / kTeamMacsPerThread, StepTeam::kMaxSize});
+          {threads, macs / kTeamMacsPerThread, parts, StepTeam::kMaxSize});
       if (size < 2 || !whh.prepare_column_split()) return 0;
-      return static_cast<int>(std::min<int64_t>(size, whh.column_panels()));
+      return static_cast<int>(size);
     }
   }
   // RNNFAST_CPU_STEP_TEAM=0 turns teams off (read per call, for tests and

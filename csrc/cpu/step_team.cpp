@@ -26,7 +26,8 @@ std::atomic<int64_t> team_runs[StepTeam::kMaxSize + 1];
 class Spin {
  public:
   void wait() {
-    if (++turns_ < kPauses) {
+    if (turns_ < kPauses) {
+      ++turns_;
 #if defined(__x86_64__) || defined(_M_X64)
       _mm_pause();
 #endif

@@ -23,12 +23,13 @@
 // it (the callers split products by columns and pointwise steps by rows or
 // hidden units, each part's results computed alike wherever it runs; sums
 // are kept per part, not per thread), and a helper that is late,
-// descheduled (more threads than free cores: other processes) or never
-// started (a region given fewer threads) slows a step but never stalls
-// it. A helper whose parts the lead had to take back kRetireAfter times in
-// a row is let go for the rest of the run (its core is better left to
-// whatever keeps it busy): its parts then run on the lead without a
-// hand-off.
+// descheduled before it takes its part (more threads than free cores:
+// other processes) or never started (a region given fewer threads) slows
+// a step but does not stall it. (One descheduled after taking a part does:
+// the lead waits for that part, yielding its core.) A helper whose parts
+// the lead had to take back kRetireAfter calls in a row is let go for the
+// rest of the run (its core is better left to whatever keeps it busy): its
+// parts then run on the lead without a hand-off.
 #pragma once
 
 #include <atomic>
