@@ -298,7 +298,8 @@ def test_team_step_matches_no_team(cls, training, zoneout, packed, monkeypatch):
     from the initial state. A time loop held a team on each call."""
     if torch.get_num_threads() < 2:
         pytest.skip("one torch thread: no team")
-    monkeypatch.delenv("RNNFAST_CPU_STEP_GEMM", raising=False)
+    # a team splits rnnfast's own product where it is the shape's choice
+    monkeypatch.setenv("RNNFAST_CPU_STEP_GEMM", "rnnfast")
     m, x, hx = split_case(cls, 128, 4, 7, training, zoneout, packed)
     lengths = [7, 5, 3, 1] if packed else None
     results = []
@@ -314,12 +315,13 @@ def test_team_step_matches_no_team(cls, training, zoneout, packed, monkeypatch):
 
 
 @pytest.mark.skipif(KERNELS == "none", reason="the team splits rnnfast's own product (AVX2)")
-def test_team_over_blocks_of_input_projection_matches_nn_lstm():
+def test_team_over_blocks_of_input_projection_matches_nn_lstm(monkeypatch):
     """Evaluating at 4 rows and H=128, the input is projected 512 rows (about
     1 MiB of gates) at a time: 300 steps are three blocks, each block's
     steps one time loop with a team of its own, between the projections."""
     if torch.get_num_threads() < 2:
         pytest.skip("one torch thread: no team")
+    monkeypatch.setenv("RNNFAST_CPU_STEP_GEMM", "rnnfast")
     ours, ref = make_lstm_pair(8, 128, bidirectional=True, dtype=torch.float32, seed=7)
     x = torch.randn(300, 4, 8)
     before = team_runs()
@@ -342,7 +344,7 @@ def test_team_of_more_threads_than_cores_matches_no_team(cls, monkeypatch):
     has 9 threads: as many as the units' and the backward's column panels
     (144 / 16), though the product's multiply-adds would have kept 10
     busy."""
-    monkeypatch.delenv("RNNFAST_CPU_STEP_GEMM", raising=False)
+    monkeypatch.setenv("RNNFAST_CPU_STEP_GEMM", "rnnfast")
     torch.manual_seed(3)
     m = cls(8, 256)
     if cls is rnnfast.LayerNormLSTM:
@@ -366,3 +368,31 @@ def test_team_of_more_threads_than_cores_matches_no_team(cls, monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert_results_close(*results, scaled=True, **TOLERANCES[torch.float32])
+
+
+@pytest.mark.skipif(KERNELS == "none", reason="the team splits rnnfast's own product (AVX2)")
+@pytest.mark.parametrize("setting", ["blas", "deterministic"])
+def test_no_team_where_the_blas_runs_the_steps(setting, monkeypatch):
+    """A team splits rnnfast's own product only: with the BLAS's forced
+    (RNNFAST_CPU_STEP_GEMM=blas), or under deterministic algorithms (where
+    the BLAS runs unmeasured), the same B=4 H=128 loop holds no team."""
+    if torch.get_num_threads() < 2:
+        pytest.skip("one torch thread: no team")
+    m = rnnfast.LSTM(8, 128)
+    x = torch.randn(6, 4, 8)
+    before = team_runs()
+    if setting == "blas":
+        monkeypatch.setenv("RNNFAST_CPU_STEP_GEMM", "blas")
+        forward_backward(m, x, backward=True)
+    else:
+        monkeypatch.delenv("RNNFAST_CPU_STEP_GEMM", raising=False)
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            forward_backward(m, x, backward=True)
+        finally:
+            torch.use_deterministic_algorithms(deterministic)
+    assert team_runs() == before
+    monkeypatch.setenv("RNNFAST_CPU_STEP_GEMM", "rnnfast")
+    forward_backward(m, x, backward=True)
+    assert team_runs() == before + 2

@@ -354,6 +354,19 @@ template <typename T>
 bool StepWeight<T>::prepare_column_split() const {
   if constexpr (std::is_same_v<T, float>) {
     if (!own_candidate_) return false;
+    // Only where the own product is forced or, measured on one thread, at
+    // most 1.25x the BLAS's time (the two are close at m=4 H=128 on the
+    // Xeon's AVX-512, where a team took 15% off an evaluating loop); split
+    // in halves, an AVX2 kernel 1.4x slower than MKL's product gained
+    // nothing (AVX2 forced on the Xeon: T=200 B=4 H=128 1.00-1.03x the
+    // time with a team). Never under deterministic algorithms, whose steps
+    // run the BLAS's product unmeasured.
+    if (forced_ != 2) {
+      if (at::globalContext().deterministicAlgorithms()) return false;
+      // both packed forms and the measurement, as at a second use
+      if (packed_ == nullptr && own_packed_ == nullptr) pack();
+      if (!own_close_to_blas(1.25)) return false;
+    }
     if (own_packed_ == nullptr) {
       own_packed_ = alloc_panels(n_, k_);
       step_gemm::pack(trans_b_, n_, k_, b_, ldb_, own_packed_);
@@ -364,6 +377,19 @@ bool StepWeight<T>::prepare_column_split() const {
   } else {
     return false;
   }
+}
+
+template <typename T>
+bool StepWeight<T>::own_close_to_blas(double slack) const {
+  // The shape's measurement (pack() made it, or an earlier weight did).
+  const bool threaded = !serial_;
+  std::lock_guard<std::mutex> lock(choices_mutex);
+  for (const rnnfast::StepGemmChoice& c : choices()) {
+    if (c.m == max_m_ && c.n == n_ && c.k == k_ && c.threaded == threaded) {
+      return c.rnnfast_us <= slack * c.blas_us;
+    }
+  }
+  return false;
 }
 
 template <typename T>

@@ -83,11 +83,13 @@ class StepWeight {
   void prepare_use() const;
   void multiply_on_this_thread(int64_t m, const T* a, int64_t lda, T beta,
                                T* c, int64_t ldc) const;
-  // For products split by columns over a StepTeam (cpu_backend.cpp): packs
-  // the weight for rnnfast's own product now, in place of the measured
-  // choice (the BLAS's packed form cannot be split), and says whether its
-  // products may be split: a float weight the own product takes (AVX2 or
-  // AVX-512, at most step_gemm::kMaxRows rows); double weights never.
+  // For products split by columns over a StepTeam (cpu_backend.cpp): says
+  // whether its products may be split, and if so packs the weight for
+  // rnnfast's own product now. They may where the own product takes the
+  // weight (float, AVX2 or AVX-512, at most step_gemm::kMaxRows rows) and
+  // is forced (RNNFAST_CPU_STEP_GEMM=rnnfast) or measured (as multiply
+  // measures it) at most 1.25x the BLAS's time: never under deterministic
+  // algorithms (where the BLAS runs unmeasured), never for double weights.
   bool prepare_column_split() const;
   // Column panels of the split (step_gemm::kPanelCols columns each), and
   // the product of the columns of panels [panel_begin, panel_end) only, on
@@ -117,6 +119,9 @@ class StepWeight {
  private:
   void pack() const;
   bool choose_own() const;
+  // Whether the own product's measured time on this shape (choose_own, at
+  // pack()) is at most slack times the BLAS's; false if never measured.
+  bool own_close_to_blas(double slack) const;
   void compute(bool serial, int64_t m, const T* a, int64_t lda, T beta, T* c,
                int64_t ldc) const;
 

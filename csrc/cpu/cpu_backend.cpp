@@ -122,8 +122,9 @@ struct CpuBackend {
   // both backwards split the pointwise step by rows and then the product
   // dh_{t-1} = d W_hh by columns. Used where the product has at least
   // kTeamMacsPerThread multiply-adds per thread at the run's largest step,
-  // on float weights that rnnfast's own product runs (its packed panels
-  // split by columns; the BLAS's packed form cannot be split).
+  // on float weights for which rnnfast's own product is the measured (or
+  // forced) choice (its packed panels split by columns; the BLAS's packed
+  // form cannot be split).
   // Every value is computed as on one thread (a column of the product is
   // the same sum wherever it runs, a row or unit the same kernel), except
   // that the own product stands in for a BLAS product a measurement may
@@ -138,9 +139,8 @@ struct CpuBackend {
   // were no faster, hence the threshold.
   static constexpr int64_t kTeamMacsPerThread = int64_t{1} << 17;
   // Threads of a team for steps of at most `rows` rows through whh, or 0:
-  // none (and then no side effect). Teams run under
-  // torch.use_deterministic_algorithms(True) too: what they compute does
-  // not depend on timing, only, as MKL's products do, on the threads.
+  // none. Not under torch.use_deterministic_algorithms(True), whose steps
+  // run the BLAS's product unmeasured (prepare_column_split).
   template <typename S>
   static int team_size(const StepWeight<S>& whh, int64_t rows, int64_t steps) {
     if constexpr (!std::is_same_v<S, float>) {
