@@ -8,7 +8,6 @@
 #include <cstring>
 #include <string>
 #include <type_traits>
-#include <utility>
 
 #include "../backend_info.h"
 #include "../lstm_cell.h"
@@ -188,11 +187,15 @@ struct CpuBackend {
       StepTeam::run(size, loop);
     }
   }
-  // [begin, end) of part `part` of [0, n) split into `parts` near-equal
-  // parts.
-  static std::pair<int64_t, int64_t> part_range(int64_t n, int parts,
-                                                int part) {
-    return {n * part / parts, n * (part + 1) / parts};
+  // f(begin, end, part) over [0, n) split into near-equal parts, one per
+  // thread of the team (fewer when n is smaller): the rows, hidden units
+  // or column panels of a step.
+  template <typename F>
+  static void team_split(StepTeam& team, int64_t n, const F& f) {
+    const int parts = static_cast<int>(std::min<int64_t>(team.size(), n));
+    team.parallel(parts, [&](int part) {
+      f(n * part / parts, n * (part + 1) / parts, part);
+    });
   }
   // StepWeight::multiply_panels as multiply_hidden_rows calls it.
   template <typename S>
@@ -212,32 +215,18 @@ struct CpuBackend {
                                       const StepWeight<S>& whh,
                                       const PreviousHidden<S>& h, C beta,
                                       C* c, int64_t ldc, const F& step_rows) {
-    const int64_t panels = whh.column_panels();
-    const int column_parts =
-        static_cast<int>(std::min<int64_t>(team.size(), panels));
-    team.parallel(column_parts, [&](int part) {
-      const auto [begin, end] = part_range(panels, column_parts, part);
+    team_split(team, whh.column_panels(), [&](int64_t begin, int64_t end, int) {
       multiply_hidden_rows(h, 0, h.rows(), PanelRange<S>{whh, begin, end},
                            beta, c, ldc);
     });
-    team_step_rows(team, h.rows(), step_rows);
-  }
-  template <typename F>
-  static void team_step_rows(StepTeam& team, int64_t rows,
-                             const F& step_rows) {
-    const int row_parts = static_cast<int>(std::min<int64_t>(team.size(), rows));
-    team.parallel(row_parts, [&](int part) {
-      const auto [begin, end] = part_range(rows, row_parts, part);
-      step_rows(begin, end, part);
-    });
+    team_split(team, h.rows(), step_rows);
   }
 
-  // c[rows, ldc] = h_{t-1} W^T + beta c, then step_rows(begin, end): split
-  // by rows as above (step_rows(begin, end) on the thread that computed
-  // rows [begin, end)) or, without enough rows, the whole product and then
-  // step_rows(0, rows).
-  // step_rows(begin, end, task): task is the part of a team's split, else
-  // -1 (the running thread's).
+  // c[rows, ldc] = h_{t-1} W^T + beta c, then step_rows(begin, end, task):
+  // on a team, split as above; else split by rows as above (step_rows on
+  // the thread that computed rows [begin, end)) or, without enough rows,
+  // the whole product and then step_rows(0, rows). task is the part of a
+  // team's split, else -1 (the running thread's).
   template <typename S, typename C, typename F>
   static void multiply_then_step(const StepWeight<S>& whh,
                                  const PreviousHidden<S>& h, C beta, C* c,
@@ -284,10 +273,7 @@ struct CpuBackend {
       // never leave its core and a step is one hand-off. (The
       // LayerNorm-LSTM's cell needs whole rows.)
       const int64_t unit_panels = H / step_gemm::kPanelCols;
-      const int parts =
-          static_cast<int>(std::min<int64_t>(team->size(), unit_panels));
-      team->parallel(parts, [&](int part) {
-        const auto [first, last] = part_range(unit_panels, parts, part);
+      team_split(*team, unit_panels, [&](int64_t first, int64_t last, int) {
         for (int64_t k = 0; k < 4; ++k) {
           multiply_hidden_rows(
               h, 0, h.rows(),
@@ -364,12 +350,8 @@ struct CpuBackend {
                                      const F& step_rows) {
     if (StepTeam* team = StepTeam::current()) {
       // On a team: the rows split, then the product split by columns.
-      team_step_rows(*team, rows, step_rows);
-      const int64_t panels = whh.column_panels();
-      const int column_parts =
-          static_cast<int>(std::min<int64_t>(team->size(), panels));
-      team->parallel(column_parts, [&](int part) {
-        const auto [begin, end] = part_range(panels, column_parts, part);
+      team_split(*team, rows, step_rows);
+      team_split(*team, whh.column_panels(), [&](int64_t begin, int64_t end, int) {
         whh.multiply_panels(rows, d, ldd, beta, grad_prev, ld, begin, end);
       });
       return;
