@@ -50,10 +50,11 @@ bool allowed(Feature feature) {
   if (at::get_cpu_capability() != "AVX512") return false;
   const char* asked = std::getenv("ATEN_CPU_CAPABILITY");
   if (asked != nullptr && std::strcmp(asked, "avx512") == 0) return false;
-  // Asked once per feature: in a virtual machine every cpuid traps to the
-  // hypervisor, and each bfloat16 op asks here for each of its weights (the
-  // three cpuid of a check cost ~35 us on the CI machine's VM: a fifth of a
-  // two-layer bfloat16 decode step).
+  // The CPU's answer is asked once per feature: in a virtual machine every
+  // cpuid traps to the hypervisor, and each bfloat16 op asks here for each
+  // of its weights. On the CI machine's VM a check's three cpuid cost ~35
+  // us, a third of a two-layer B=1 H=256 bfloat16 decode step (its four
+  // weights: 321-349 -> 222-233 us per step once asked once).
   static const bool bf16 = cpu_and_os_have(Feature::kBf16);
   static const bool int8 = cpu_and_os_have(Feature::kInt8);
   const bool has = feature == Feature::kBf16 ? bf16 : int8;
