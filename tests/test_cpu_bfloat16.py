@@ -227,7 +227,8 @@ def test_step_product_against_float64(path, m, n, k, trans_b, max_rows):
 
 # (steps, batch, input = hidden size, lengths of a packed batch): H=96 takes
 # the AMX product forward and backward (depth a multiple of 32, width of
-# 16), an even number of column blocks; H=48 only backward (depth 4H), with
+# 16), an even number of column blocks, and its input projections (360 rows:
+# 12 passes of 32, split by rows on up to 3 threads) too; H=48 only backward (depth 4H), with
 # an odd number of blocks (3), 37 rows; H=64 at B=40 forward split by rows
 # over the threads, and with the LSTM's projection of 32 its products too.
 SHAPES = {"H96": (30, 12, 96, [(7 * i) % 30 + 1 for i in range(12)]),
