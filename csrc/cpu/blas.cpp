@@ -343,8 +343,15 @@ bool StepWeight<T>::choose_own() const {
         if (own) {
           step_gemm::multiply(serial_, max_m_, n_, k_, a.data(), k_,
                               own_packed_, 0.0f, c.data(), n_);
-        } else {
+        } else if (packed_ != nullptr) {
           compute(serial_, max_m_, a.data(), k_, 0.0f, c.data(), n_);
+        } else {
+          // No packed form of the BLAS's (torch's BLAS is not MKL): its
+          // plain product, which compute() would not run while the own
+          // panels exist (it would time the own product twice).
+          const SerialMkl serial_mkl(serial_);
+          gemm(false, trans_b_, max_m_, n_, k_, T(1), a.data(), k_, b_, ldb_,
+               0.0f, c.data(), n_);
         }
         const std::chrono::duration<double, std::micro> us =
             std::chrono::steady_clock::now() - start;
