@@ -239,6 +239,18 @@ float* alloc_panels(int64_t n, int64_t k) {
   return p;
 }
 
+// op(B) [k, n] packed for the AMX-BF16 product (bf16_gemm.h), in a new
+// 64-byte aligned block the caller frees with std::free.
+uint16_t* amx_pack(bool trans_b, int64_t n, int64_t k, const c10::BFloat16* b,
+                   int64_t ldb) {
+  const size_t bytes =
+      (bf16::packed_elements(n, k) * sizeof(uint16_t) + 63) / 64 * 64;
+  auto* p = static_cast<uint16_t*>(std::aligned_alloc(64, bytes));
+  TORCH_CHECK(p != nullptr, "rnnfast: out of memory packing a weight");
+  bf16::pack(trans_b, n, k, reinterpret_cast<const uint16_t*>(b), ldb, p);
+  return p;
+}
+
 }  // namespace
 
 namespace {
@@ -503,13 +515,8 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
   if (!trans_a && m >= kBulkAmxMinRows && (beta == 0.0f || beta == 1.0f) &&
       bf16::supported(n, k) && amx_by_rows(m, n, k) &&
       forced_step_gemm(nullptr) != 1 && amx::allowed(amx::Feature::kBf16)) {
-    const size_t bytes =
-        (bf16::packed_elements(n, k) * sizeof(uint16_t) + 63) / 64 * 64;
-    std::unique_ptr<uint16_t, decltype(&std::free)> packed(
-        static_cast<uint16_t*>(std::aligned_alloc(64, bytes)), &std::free);
-    TORCH_CHECK(packed != nullptr, "rnnfast: out of memory packing a weight");
-    bf16::pack(trans_b, n, k, reinterpret_cast<const uint16_t*>(b), ldb,
-               packed.get());
+    const std::unique_ptr<uint16_t, decltype(&std::free)> packed(
+        amx_pack(trans_b, n, k, b, ldb), &std::free);
     amx_multiply_rows(m, n, k, reinterpret_cast<const uint16_t*>(a), lda,
                       packed.get(), beta, c, ldc);
     return;
@@ -587,13 +594,7 @@ StepWeight<c10::BFloat16>::~StepWeight() { std::free(amx_packed_); }
 void StepWeight<c10::BFloat16>::prepare_use() const {
   // Packed at the second use, as a float weight (StepWeight<T>).
   if (amx_candidate_ && amx_packed_ == nullptr && uses_ > 0) {
-    const size_t bytes =
-        (bf16::packed_elements(n_, k_) * sizeof(uint16_t) + 63) / 64 * 64;
-    amx_packed_ = static_cast<uint16_t*>(std::aligned_alloc(64, bytes));
-    TORCH_CHECK(amx_packed_ != nullptr,
-                "rnnfast: out of memory packing a weight");
-    bf16::pack(trans_b_, n_, k_, reinterpret_cast<const uint16_t*>(b_), ldb_,
-               amx_packed_);
+    amx_packed_ = amx_pack(trans_b_, n_, k_, b_, ldb_);
   }
   ++uses_;
 }

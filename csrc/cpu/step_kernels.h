@@ -105,7 +105,6 @@ struct VecPair {
   VecPair() = default;
   VecPair(const V& l, const V& h) : lo(l), hi(h) {}
   explicit VecPair(value_type s) : lo(s), hi(s) {}
-  static constexpr int64_t size() { return 2 * V::size(); }
 };
 template <typename V>
 inline VecPair<V> operator+(const VecPair<V>& a, const VecPair<V>& b) {
