@@ -46,6 +46,10 @@ const char* cpu_step_gemm_kernels();
 // team of threads (cpu/step_team.h), by the team's size: element i counts
 // teams of i threads.
 std::vector<int64_t> cpu_step_team_runs();
+// How many CPU time loops so far in this process ran their batch's rows in
+// groups, one time loop per group on its own thread (cpu_backend.cpp), by
+// the number of groups: element i counts loops of i groups.
+std::vector<int64_t> cpu_row_group_runs();
 
 namespace cpu {
 template <typename T>

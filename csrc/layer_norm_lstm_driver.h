@@ -129,7 +129,8 @@ LayerNormForwardResult layer_norm_lstm_forward_recurrence(
   const Weight whh(true, l.batch, G, H, w.weight_hh.data_ptr<S>(), H);
   S* out = r.output.data_ptr<S>();
   const S* h0 = hx.data_ptr<S>();
-  Backend::run_steps(whh, l.batch, l.steps, /*team_ok=*/true, [&](int64_t step) {
+  Backend::run_steps(whh, l.batch, l.steps, StepLoop::kLayerNormForward,
+                     [&](int64_t step) {
     const int64_t t = l.step_at(step);
     const int64_t rows = l.batch_sizes[t];
     const int64_t off = l.offsets[t];
@@ -410,7 +411,7 @@ LayerNormBackwardResult layer_norm_lstm_backward_recurrence(
   for (const StepBlock& block : blocks) {
     const int64_t lo = l.offsets[block.first];
     Backend::run_steps(whh, l.batch, block.last - block.first + 1,
-                       /*team_ok=*/true, [&](int64_t k) {
+                       StepLoop::kLayerNormBackward, [&](int64_t k) {
       const int64_t t = l.reverse ? block.first + k : block.last - k;
       const int64_t block_row = l.offsets[t] - lo;
       // the step's backward and dh_{t-1} = dhh W_hh

@@ -41,11 +41,13 @@
 //     p.rows rows, stride ld), in whatever threading the backend finds
 //     fastest.
 //   run_steps(const StepWeight<S>& whh, int64_t rows, int64_t steps,
-//             bool team_ok, const F& step): step(0) .. step(steps - 1) in
+//             StepLoop loop, const F& step): step(0) .. step(steps - 1) in
 //     order, the steps of a time loop whose recurrent weight is whh and
-//     whose steps have at most `rows` rows (the CPU may hold a team of
-//     threads for them, cpu/step_team.h, where team_ok says the steps call
-//     nothing but the recurrent steps above and the zoneout passes).
+//     whose steps have at most `rows` rows and call what `loop` says
+//     (lstm_params.h). Unless kMixed, the CPU may run them on a team of
+//     threads (cpu/step_team.h) or run them on every thread at once, each
+//     over its group of rows (the recurrent steps and zoneout passes then
+//     keep to the calling thread's rows, cpu_backend.cpp).
 //   zoneout_hidden(const HiddenZoneoutParams<T, S>&) and
 //     zoneout_hidden_backward(const HiddenZoneoutBackwardParams<T, S, C>&):
 //     zoneout on the hidden state, one pass over a step's rows.
@@ -485,7 +487,8 @@ ForwardResult lstm_forward_recurrence(
     }
     const int64_t first = step;
     Backend::run_steps(whh, l.batch, block_end - first,
-                       /*team_ok=*/!s.has_projection(),
+                       s.has_projection() ? StepLoop::kMixed
+                                          : StepLoop::kLstmForward,
                        [&](int64_t k) { run_step(first + k); });
   }
   r.hy = at::empty({l.batch, P}, sopts);
@@ -591,7 +594,9 @@ BackwardResult lstm_backward_recurrence(
           whh, p, T(zoneout_h ? 1 : 0), dhs, P);
     });
   };
-  Backend::run_steps(whh, l.batch, l.steps, /*team_ok=*/!s.has_projection(),
+  Backend::run_steps(whh, l.batch, l.steps,
+                     s.has_projection() ? StepLoop::kMixed
+                                        : StepLoop::kLstmBackward,
                      [&](int64_t k) { run_step(l.steps - 1 - k); });
   r.grad_hx = dh_state;
   r.grad_cx = dc_state;

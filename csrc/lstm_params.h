@@ -62,6 +62,19 @@ struct LstmSizes {
   bool has_projection() const { return output != hidden; }
 };
 
+// What the steps of a time loop call (Backend::run_steps): one kind of
+// recurrent step of the Backend interface (lstm_driver.h) and the zoneout
+// passes, nothing else; or kMixed: more than that (a projection's product
+// of the whole step), so the steps must run in order, each over all its
+// rows, on the calling thread.
+enum class StepLoop {
+  kMixed,
+  kLstmForward,        // recurrent_forward_step
+  kLstmBackward,       // recurrent_backward_step
+  kLayerNormForward,   // recurrent_layer_norm_forward_step
+  kLayerNormBackward,  // recurrent_layer_norm_backward_step
+};
+
 // Where the hidden states h_{t-1} of step t's rows lie (S, ld wide rows):
 // the first continuing_rows in the previous step's output, the next
 // starting_rows in the initial state (a reverse packed sequence gains rows

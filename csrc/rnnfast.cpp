@@ -149,6 +149,12 @@ PYBIND11_MODULE(_C, m) {
           if (runs[size] > 0) teams[pybind11::int_(size)] = runs[size];
         }
         info["cpu_step_teams"] = teams;
+        pybind11::dict groups;  // {groups: time loops run in so many groups}
+        const std::vector<int64_t> group_runs = rnnfast::cpu_row_group_runs();
+        for (size_t n = 0; n < group_runs.size(); ++n) {
+          if (group_runs[n] > 0) groups[pybind11::int_(n)] = group_runs[n];
+        }
+        info["cpu_row_groups"] = groups;
         return info;
       },
       "How this rnnfast extension was built, and the CPU kernels in use.");

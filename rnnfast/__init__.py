@@ -27,7 +27,10 @@ def build_info() -> dict:
     ``"rnnfast-AMX-BF16"``, ``"mkl-bf16"`` or ``"none"``; ``cpu_step_gemm``:
     the product measured fastest for each small-batch step shape run so far;
     ``cpu_step_teams``: ``{threads: count}`` of the CPU time loops so far
-    that split their steps over a team of that many threads)."""
+    that split their steps over a team of that many threads;
+    ``cpu_row_groups``: ``{groups: count}`` of those that ran their batch's
+    rows in that many groups, each group's whole time loop on its own
+    thread)."""
     info = dict(_build_info())
     info["rnnfast_version"] = __version__
     return info

@@ -239,6 +239,7 @@ def test_row_split_step_matches_one_thread(cls, training, zoneout, packed, monke
     rows' previous state from c_0 (rows_from_previous)."""
     m, x, hx = split_case(cls, 16, 64, 4, training, zoneout, packed)
     monkeypatch.setenv("RNNFAST_CPU_ROW_SPLIT", "16")  # from 2 x 16 rows on
+    monkeypatch.setenv("RNNFAST_CPU_ROW_GROUPS", "0")  # which groups replace
     threads = torch.get_num_threads()
     results = []
     try:
@@ -298,8 +299,10 @@ def test_team_step_matches_no_team(cls, training, zoneout, packed, monkeypatch):
     from the initial state. A time loop held a team on each call."""
     if torch.get_num_threads() < 2:
         pytest.skip("one torch thread: no team")
-    # a team splits rnnfast's own product where it is the shape's choice
+    # a team splits rnnfast's own product where it is the shape's choice;
+    # row groups would take all but the LSTM's forward
     monkeypatch.setenv("RNNFAST_CPU_STEP_GEMM", "rnnfast")
+    monkeypatch.setenv("RNNFAST_CPU_ROW_GROUPS", "0")
     m, x, hx = split_case(cls, 128, 4, 7, training, zoneout, packed)
     lengths = [7, 5, 3, 1] if packed else None
     results = []
@@ -345,6 +348,7 @@ def test_team_of_more_threads_than_cores_matches_no_team(cls, monkeypatch):
     (144 / 16), though the product's multiply-adds would have kept 10
     busy."""
     monkeypatch.setenv("RNNFAST_CPU_STEP_GEMM", "rnnfast")
+    monkeypatch.setenv("RNNFAST_CPU_ROW_GROUPS", "0")
     torch.manual_seed(3)
     m = cls(8, 256)
     if cls is rnnfast.LayerNormLSTM:
@@ -378,6 +382,7 @@ def test_no_team_where_the_blas_runs_the_steps(setting, monkeypatch):
     the BLAS runs unmeasured), the same B=4 H=128 loop holds no team."""
     if torch.get_num_threads() < 2:
         pytest.skip("one torch thread: no team")
+    monkeypatch.setenv("RNNFAST_CPU_ROW_GROUPS", "0")  # the backward's
     m = rnnfast.LSTM(8, 128)
     x = torch.randn(6, 4, 8)
     before = team_runs()
@@ -396,3 +401,112 @@ def test_no_team_where_the_blas_runs_the_steps(setting, monkeypatch):
     monkeypatch.setenv("RNNFAST_CPU_STEP_GEMM", "rnnfast")
     forward_backward(m, x, backward=True)
     assert team_runs() == before + 2
+
+
+# ---- The batch's rows in groups, each group's time loop on its own thread --------
+
+def group_runs(groups: int) -> int:
+    return rnnfast.build_info()["cpu_row_groups"].get(groups, 0)
+
+
+@pytest.mark.parametrize("cls", [rnnfast.LSTM, rnnfast.LayerNormLSTM])
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("zoneout", [False, True])
+@pytest.mark.parametrize("packed", [False, True])
+def test_row_groups_match_one_thread(cls, training, zoneout, packed, monkeypatch):
+    """With three threads, a batch of 5 rows runs in three groups of rows
+    ([0, 1), [1, 3), [3, 5)), each group's whole time loop on its own thread
+    with no exchange between them; on one thread the same steps run whole.
+    Both give the same outputs, states and gradients to float32 rounding,
+    with zoneout's masks or rates on the right rows and the LayerNorm
+    parameter sums kept per group. Packed, the steps shrink from 5 rows to
+    1, so that a group has fewer rows or none at some steps, and the
+    reverse direction starts some rows from the initial state. Three
+    threads on fewer cores only share them: no group waits for another."""
+    m, x, hx = split_case(cls, 32, 5, 7, training, zoneout, packed)
+    lengths = [7, 6, 4, 2, 1] if packed else None
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (3, 1):
+            torch.set_num_threads(n)
+            before = group_runs(3)
+            torch.manual_seed(11)
+            results.append(forward_backward(m, x, hx, lengths=lengths, backward=training))
+            directions = 2 if packed else 1
+            assert group_runs(3) - before == (directions * (2 if training else 1) if n == 3
+                                              else 0)
+    finally:
+        torch.set_num_threads(threads)
+    assert_results_close(*results, scaled=True, **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("cls", [rnnfast.LSTM, rnnfast.LayerNormLSTM])
+def test_row_groups_of_every_dtype_match_no_groups(dtype, cls, monkeypatch):
+    """Groups run every weight type's product on their own threads: float64
+    through the BLAS, bfloat16 through rnnfast's AMX product or MKL's
+    bfloat16 GEMM (on CPUs with bfloat16 instructions) or in float32. Two
+    threads, B=6, H=32, training: the same results as with
+    RNNFAST_CPU_ROW_GROUPS=0, which runs no group (bfloat16: to a few of
+    its rounding steps, as the LayerNorm parameter sums add up per group)."""
+    if torch.get_num_threads() < 2:
+        pytest.skip("one torch thread: no groups")
+    m, x, hx = split_case(cls, 32, 6, 9, True, False, False)
+    m = m.to(dtype)
+    x = x.to(dtype)
+    hx = tuple(h.to(dtype) for h in hx)
+    results = []
+    for setting in ("1", "0"):
+        monkeypatch.setenv("RNNFAST_CPU_ROW_GROUPS", setting)
+        before = group_runs(2)
+        results.append(forward_backward(m, x, hx, backward=True))
+        assert group_runs(2) - before == (2 if setting == "1" else 0)
+    tolerance = (TOLERANCES[dtype] if dtype == torch.float64
+                 else dict(atol=2e-2, rtol=2e-2))
+    assert_results_close(*results, scaled=True, **tolerance)
+
+
+def test_row_groups_over_blocks_of_steps(monkeypatch):
+    """An evaluating LSTM at B=8 and H=128 projects its input 512 rows at a
+    time (64 steps), and the LayerNorm-LSTM's backward keeps blocks of
+    1024 rows (128 steps): 300 steps are five blocks of the first and three
+    of the second, each block's steps one time loop in groups, between the
+    blocks' products. The LSTM matches nn.LSTM; the LayerNorm-LSTM its run
+    without groups."""
+    if torch.get_num_threads() < 2:
+        pytest.skip("one torch thread: no groups")
+    ours, ref = make_lstm_pair(8, 128, dtype=torch.float32, seed=7)
+    x = torch.randn(300, 8, 8)
+    before = group_runs(2)
+    with torch.no_grad():
+        got = forward_backward(ours, x, backward=False)
+        want = forward_backward(ref, x, backward=False)
+    assert group_runs(2) - before == 5
+    assert_results_close(got, want, **TOLERANCES[torch.float32])
+    m = randomize_layer_norm_(rnnfast.LayerNormLSTM(8, 128))
+    results = []
+    for setting in ("1", "0"):
+        monkeypatch.setenv("RNNFAST_CPU_ROW_GROUPS", setting)
+        before = group_runs(2)
+        results.append(forward_backward(m, x, backward=True))
+        assert group_runs(2) - before == (1 + 3 if setting == "1" else 0)
+    assert_results_close(*results, scaled=True, **TOLERANCES[torch.float32])
+
+
+def test_no_row_groups_where_each_thread_would_read_too_much(monkeypatch):
+    """A group's thread reads all of W_hh at every step, so groups run only
+    where that fits half the L2 cache (at most 1 MiB on the Xeon) and each
+    group has a row for every 256 KiB of it: not at B=2 with H=256 (a 1 MiB
+    weight, one row a group), nor with a projection (whose product the
+    driver runs for each whole step); at B=8 with H=32 they do."""
+    if torch.get_num_threads() < 2:
+        pytest.skip("one torch thread: no groups")
+    monkeypatch.setenv("RNNFAST_CPU_STEP_TEAM", "0")
+    before = sum(rnnfast.build_info()["cpu_row_groups"].values())
+    forward_backward(rnnfast.LSTM(8, 256), torch.randn(5, 2, 8), backward=True)
+    forward_backward(rnnfast.LSTM(8, 32, proj_size=16), torch.randn(5, 8, 8),
+                     backward=True)
+    assert sum(rnnfast.build_info()["cpu_row_groups"].values()) == before
+    forward_backward(rnnfast.LSTM(8, 32), torch.randn(5, 8, 8), backward=True)
+    assert sum(rnnfast.build_info()["cpu_row_groups"].values()) == before + 2

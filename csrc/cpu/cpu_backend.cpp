@@ -2,10 +2,12 @@
 // lstm_driver.h over BLAS GEMMs and the vectorised pointwise kernels.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <string>
 #include <type_traits>
 
@@ -171,22 +173,136 @@ struct CpuBackend {
     return e != nullptr && e[0] == '0';
   }
   // step(i) for i in [0, steps), the steps of a time loop whose recurrent
-  // weight is whh and whose steps have at most `rows` rows, with a team
-  // where one pays (team_size) and the loop allows it (team_ok: the driver's
-  // steps call nothing but the recurrent steps and the zoneout passes).
+  // weight is whh and whose steps have at most `rows` rows and call what
+  // `loop` says: unless kMixed, in row groups (group_count) or on a team
+  // (team_size) where one pays, else in order on this thread.
   template <typename S, typename F>
   static void run_steps(const StepWeight<S>& whh, int64_t rows,
-                        int64_t steps, bool team_ok, const F& step) {
-    const int size = team_ok ? team_size(whh, rows, steps) : 0;
-    const auto loop = [&] {
+                        int64_t steps, StepLoop loop, const F& step) {
+    const auto run = [&] {
       for (int64_t i = 0; i < steps; ++i) step(i);
     };
-    if (size < 2) {
-      loop();
+    if (loop == StepLoop::kMixed) {
+      run();
+      return;
+    }
+    const int groups = group_count(whh, rows, steps);
+    int size = 0;
+    if (groups < 2 || (loop == StepLoop::kLstmForward && rows / groups < 4)) {
+      size = team_size(whh, rows, steps);
+    }
+    if (size >= 2) {
+      StepTeam::run(size, run);
+    } else if (groups >= 2) {
+      // Packed now, on this thread (a second use packs), so that the
+      // groups' products only read the weight.
+      whh.prepare_use();
+      whh.prepare_use();
+      at::parallel_for(0, groups, 1, [&](int64_t first, int64_t last) {
+        for (int64_t g = first; g < last; ++g) {
+          const RowGroup group{rows * g / groups, rows * (g + 1) / groups,
+                               static_cast<int>(g)};
+          const GroupScope scope(group);
+          run();
+        }
+      });
+      count_group_run(groups);
     } else {
-      StepTeam::run(size, loop);
+      run();
     }
   }
+  // ---- Small batches: the rows in groups, one time loop each -------------
+  //
+  // The rows of a batch are independent through the whole recurrence: row
+  // r of h_t needs row r of h_{t-1} only, and row r of dh_{t-1} row r of
+  // the step's gradients. So instead of a team's hand-offs at every step,
+  // or the row split's parallel region per step, the rows are cut into
+  // groups, one per thread, and each thread runs the whole time loop over
+  // its group's rows with no exchange between threads until the loop ends
+  // (one region per loop): its rows' product through the whole (packed)
+  // W_hh on its own, then their cell. The driver's step runs on every
+  // thread; the recurrent steps and the zoneout passes see this thread's
+  // group (current_group) and keep to its rows of each step (a packed step
+  // may have none of them). Every row is computed as the row split
+  // computes it (its product on its thread through the same packed
+  // weight); the LayerNorm-LSTM's parameter sums are kept per group. No
+  // thread waits for another within the loop, so more threads than free
+  // cores (other processes) only share the cores.
+  struct RowGroup {
+    int64_t begin, end;  // rows [begin, end) of every step
+    int task;            // the group's index: its LayerNorm parameter sums
+  };
+  static const RowGroup*& current_group() {
+    thread_local const RowGroup* group = nullptr;
+    return group;
+  }
+  class GroupScope {
+   public:
+    explicit GroupScope(const RowGroup& group) { current_group() = &group; }
+    ~GroupScope() { current_group() = nullptr; }
+    GroupScope(const GroupScope&) = delete;
+    GroupScope& operator=(const GroupScope&) = delete;
+  };
+  // This thread's group's rows of a step of `rows` rows, as [begin, end)
+  // (begin == end: none of them).
+  static std::pair<int64_t, int64_t> group_rows(const RowGroup& g,
+                                                int64_t rows) {
+    return {std::min(g.begin, rows), std::min(g.end, rows)};
+  }
+  // Groups for a loop's steps of at most `rows` rows, or 0: none. Each
+  // group's thread reads all of W_hh at every step (a team's part reads
+  // its share), so groups are used where that read stays in the core's
+  // cache and is repaid by the group's rows: a weight of at most half the
+  // L2 cache (1 MiB on the Xeon) and at most kGroupWeightBytesPerRow per
+  // row of the smallest group. Measured on the 2-core Xeon, float32, one
+  // process per setting alternating with RNNFAST_CPU_ROW_GROUPS=0 (p10 of
+  // 40 calls, 3-4 rounds), the time with groups over that without:
+  //   H=128 (256 KiB): B=2 0.94x (inference), 0.95x (training); B=8
+  //     0.87x, 0.87x, LayerNorm-LSTM training 0.82x; B=16 0.86x, 0.84x,
+  //     0.88x; B=32 ~0.9x; B=64 ~0.96x, 0.9x, 0.9x (the row split's
+  //     region per step);
+  //   H=256 (1 MiB): B=8 0.95x, 0.96x, 0.93x; B=16 0.84x, 0.92x; B=64
+  //     0.91x (inference), 1.0x (training, whose backward was not split);
+  //   but B=2 and B=4 at H=256 (512 KiB a row and more) 1.07-1.2x, and
+  //     B=8 at H=512 (a 4 MiB weight) 1.33x, where a team's column split
+  //     reads half the weight each.
+  // The LSTM's forward keeps its team below 4 rows a group: its team
+  // splits a step by hidden units with one hand-off (the others need two),
+  // and at B=4 H=128 the groups took 1.1x its time (the LayerNorm-LSTM
+  // 0.87x in training, 0.90x evaluating).
+  static constexpr int64_t kGroupWeightBytesPerRow = int64_t{256} << 10;
+  static int64_t group_max_weight_bytes() {
+    static const int64_t bytes = [] {
+      const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+      return l2 > 0 ? int64_t{l2} / 2 : int64_t{1} << 20;
+    }();
+    return bytes;
+  }
+  template <typename S>
+  static int group_count(const StepWeight<S>& whh, int64_t rows,
+                         int64_t steps) {
+    const int threads = at::get_num_threads();
+    if (steps < 2 || threads < 2 || at::in_parallel_region() ||
+        groups_disabled()) {
+      return 0;
+    }
+    const int64_t groups = std::min<int64_t>(threads, rows);
+    if (groups < 2) return 0;
+    const int64_t w = whh.weight_bytes();
+    if (w > group_max_weight_bytes() ||
+        w > kGroupWeightBytesPerRow * (rows / groups)) {
+      return 0;
+    }
+    return static_cast<int>(groups);
+  }
+  // RNNFAST_CPU_ROW_GROUPS=0 turns groups off (read per call, for tests
+  // and comparisons).
+  static bool groups_disabled() {
+    const char* e = std::getenv("RNNFAST_CPU_ROW_GROUPS");
+    return e != nullptr && e[0] == '0';
+  }
+  static void count_group_run(int groups);
+
   // f(begin, end, part) over [0, n) split into near-equal parts, one per
   // thread of the team (fewer when n is smaller): the rows, hidden units
   // or column panels of a step.
@@ -231,6 +347,15 @@ struct CpuBackend {
   static void multiply_then_step(const StepWeight<S>& whh,
                                  const PreviousHidden<S>& h, C beta, C* c,
                                  int64_t ldc, const F& step_rows) {
+    if (const RowGroup* g = current_group()) {
+      const auto [begin, end] = group_rows(*g, h.rows());
+      if (begin < end) {
+        multiply_hidden_rows(h, begin, end, OnThisThread<S>{whh}, beta,
+                             c + begin * ldc, ldc);
+        step_rows(begin, end, g->task);
+      }
+      return;
+    }
     if (StepTeam* team = StepTeam::current()) {
       team_multiply_then_step(*team, whh, h, beta, c, ldc, step_rows);
       return;
@@ -348,6 +473,15 @@ struct CpuBackend {
                                      const S* d, int64_t ldd, T beta,
                                      T* grad_prev, int64_t ld,
                                      const F& step_rows) {
+    if (const RowGroup* g = current_group()) {
+      const auto [begin, end] = group_rows(*g, rows);
+      if (begin < end) {
+        step_rows(begin, end, g->task);
+        whh.multiply_on_this_thread(end - begin, d + begin * ldd, ldd, beta,
+                                    grad_prev + begin * ld, ld);
+      }
+      return;
+    }
     if (StepTeam* team = StepTeam::current()) {
       // On a team: the rows split, then the product split by columns.
       team_split(*team, rows, step_rows);
@@ -440,8 +574,19 @@ struct CpuBackend {
   }
   // (In T; h is stored in S.)
   template <typename T, typename S>
-  static void zoneout_hidden(const HiddenZoneoutParams<T, S>& p) {
-    const int64_t P = p.width;
+  static void zoneout_hidden(const HiddenZoneoutParams<T, S>& params) {
+    const int64_t P = params.width;
+    HiddenZoneoutParams<T, S> p = params;
+    if (const RowGroup* g = current_group()) {  // this group's rows only
+      const auto [begin, end] = group_rows(*g, p.rows);
+      p.rows = end - begin;
+      p.rows_from_previous =
+          std::clamp<int64_t>(p.rows_from_previous - begin, 0, p.rows);
+      p.hidden += begin * P;
+      if (p.hidden_prev) p.hidden_prev += begin * P;
+      p.hidden_init += begin * P;
+      if (p.mask) p.mask += begin * P;
+    }
     at::parallel_for(0, p.rows, zoneout_grain(P), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const S* prev = row < p.rows_from_previous ? p.hidden_prev + row * P
@@ -458,8 +603,17 @@ struct CpuBackend {
   }
   template <typename T, typename S, typename C>
   static void zoneout_hidden_backward(
-      const HiddenZoneoutBackwardParams<T, S, C>& p) {
-    const int64_t P = p.width;
+      const HiddenZoneoutBackwardParams<T, S, C>& params) {
+    const int64_t P = params.width;
+    HiddenZoneoutBackwardParams<T, S, C> p = params;
+    if (const RowGroup* g = current_group()) {  // this group's rows only
+      const auto [begin, end] = group_rows(*g, p.rows);
+      p.rows = end - begin;
+      p.grad_hidden += begin * P;
+      p.grad_output += begin * P;
+      p.grad_candidate += begin * P;
+      if (p.mask) p.mask += begin * P;
+    }
     at::parallel_for(0, p.rows, zoneout_grain(P), [&](int64_t begin, int64_t end) {
       for (int64_t e = begin * P; e < end * P; ++e) {
         const T a = p.mask ? static_cast<T>(p.mask[e]) : p.rate;
@@ -507,6 +661,22 @@ struct CpuBackend {
   }
 };
 
+namespace {
+// Time loops run in row groups so far, by the number of groups.
+std::mutex group_runs_mutex;
+std::vector<int64_t>& group_runs() {
+  static std::vector<int64_t> runs;
+  return runs;
+}
+}  // namespace
+
+void CpuBackend::count_group_run(int groups) {
+  std::lock_guard<std::mutex> lock(group_runs_mutex);
+  std::vector<int64_t>& runs = group_runs();
+  if (runs.size() <= static_cast<size_t>(groups)) runs.resize(groups + 1);
+  ++runs[groups];
+}
+
 void zoneout_hidden_rows(const HiddenZoneoutParams<float>& p) {
   CpuBackend::zoneout_hidden(p);
 }
@@ -523,6 +693,10 @@ std::vector<StepGemmChoice> cpu_step_gemm_choices() {
 }
 std::vector<int64_t> cpu_step_team_runs() {
   return cpu::StepTeam::runs_by_size();
+}
+std::vector<int64_t> cpu_row_group_runs() {
+  std::lock_guard<std::mutex> lock(cpu::group_runs_mutex);
+  return cpu::group_runs();
 }
 const char* cpu_step_gemm_kernels() {
   const char* k = cpu::step_gemm::kernels_in_use();

@@ -101,7 +101,7 @@ struct CudaBackend {
   // its kernels on the current stream).
   template <typename S, typename F>
   static void run_steps(const StepWeight<S>& /*whh*/, int64_t /*rows*/,
-                        int64_t steps, bool /*team_ok*/, const F& step) {
+                        int64_t steps, StepLoop /*loop*/, const F& step) {
     for (int64_t i = 0; i < steps; ++i) step(i);
   }
   // The input projection of every step at once (one large GEMM).

@@ -132,6 +132,7 @@ def environment(devices: Iterable[str]) -> dict[str, Any]:
 ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "DNNL_MAX_CPU_ISA",
                  "ONEDNN_MAX_CPU_ISA", "MKL_CBWR", "OMP_NUM_THREADS",
                  "RNNFAST_CPU_STEP_GEMM", "RNNFAST_CPU_ROW_SPLIT",
+                 "RNNFAST_CPU_ROW_GROUPS", "RNNFAST_CPU_STEP_TEAM",
                  "RNNFAST_CPU_NATIVE_BF16", "RNNFAST_CUDA_FUSED_STEP_ROWS")
 
 
