@@ -356,10 +356,13 @@ def test_results_json_schema(tiny_run):
     assert set(env["tf32_default"]) >= {"cuda.matmul.allow_tf32", "cudnn.allow_tf32"}
     assert env["rnnfast_build_info"]["rnnfast_version"] == rnnfast.__version__
     # collected after the run: the CPU step products chosen during it (rnnfast.LSTM's
-    # T=3 B=2 H=4 loop packs its [2,4]x[4,16] product and measures it)
+    # T=3 B=2 H=4 loop packs its [2,4]x[4,16] product and measures it; in row groups,
+    # on two threads or more, each thread's [1,4]x[4,16])
     build = env["rnnfast_build_info"]
     if build["cpu_step_gemm_kernels"] != "none" and "RNNFAST_CPU_STEP_GEMM" not in os.environ:
-        assert {(c["m"], c["n"], c["k"]) for c in build["cpu_step_gemm"]} >= {(2, 16, 4)}
+        grouped = env["threads"] >= 2 and os.environ.get("RNNFAST_CPU_ROW_GROUPS") != "0"
+        rows = 1 if grouped else 2
+        assert {(c["m"], c["n"], c["k"]) for c in build["cpu_step_gemm"]} >= {(rows, 16, 4)}
     assert doc["settings"]["preset"] == "quick"
     assert doc["settings"]["argv"][:2] == ["run", "--quick"]
     records = doc["results"]

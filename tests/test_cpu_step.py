@@ -150,6 +150,8 @@ def test_choice_is_measured_once_per_shape_and_reported(monkeypatch):
 
     assert entries() == []
     monkeypatch.delenv("RNNFAST_CPU_STEP_GEMM", raising=False)
+    # the whole batch's product (groups would measure a thread's rows: below)
+    monkeypatch.setenv("RNNFAST_CPU_ROW_GROUPS", "0")
     m = rnnfast.LSTM(4, 23).eval()
     with torch.inference_mode():
         m(torch.randn(5, 3, 4))
@@ -167,6 +169,7 @@ def test_deterministic_mode_runs_the_blas_unmeasured(monkeypatch):
     by timing (a choice that could differ between runs): the BLAS's runs,
     and nothing is measured or listed."""
     monkeypatch.delenv("RNNFAST_CPU_STEP_GEMM", raising=False)
+    monkeypatch.setenv("RNNFAST_CPU_ROW_GROUPS", "0")  # the whole batch's
     shape = (3, 4 * 27, 27)
 
     def entries():
@@ -510,3 +513,28 @@ def test_no_row_groups_where_each_thread_would_read_too_much(monkeypatch):
     assert sum(rnnfast.build_info()["cpu_row_groups"].values()) == before
     forward_backward(rnnfast.LSTM(8, 32), torch.randn(5, 8, 8), backward=True)
     assert sum(rnnfast.build_info()["cpu_row_groups"].values()) == before + 2
+
+
+@needs_kernels
+def test_split_loops_choose_the_product_by_a_threads_rows(monkeypatch):
+    """In a loop split by rows (row groups here: B=32 on two threads) each
+    product has 16 rows and runs on its thread, so the one-time choice
+    between the BLAS's product and rnnfast's own is measured at that shape
+    ([16, k] x [k, n], not threaded), for the forward's and the backward's
+    weight alike, and the own product is a candidate though the batch has
+    32 rows (more than its 16). Forced, the own product then runs there,
+    and the LSTM matches nn.LSTM."""
+    if torch.get_num_threads() != 2:
+        pytest.skip("the split's rows are those of two threads")
+    hidden = 72  # a shape no other test measures: its choice is made here
+    ours, ref = make_lstm_pair(8, hidden, dtype=torch.float32, seed=2)
+    x = torch.randn(6, 32, 8)
+    forward_backward(ours, x, backward=True)
+    measured = {(c["m"], c["n"], c["k"], c["threaded"])
+                for c in rnnfast.build_info()["cpu_step_gemm"]}
+    assert (16, 4 * hidden, hidden, False) in measured
+    assert (16, hidden, 4 * hidden, False) in measured
+    monkeypatch.setenv("RNNFAST_CPU_STEP_GEMM", "rnnfast")
+    got = forward_backward(ours, x, backward=True)
+    want = forward_backward(ref, x, backward=True)
+    assert_results_close(got, want, scaled=True, **TOLERANCES[torch.float32])

@@ -282,12 +282,28 @@ StepWeight<T>::StepWeight(bool trans_b, int64_t max_m, int64_t n, int64_t k,
   if constexpr (std::is_same_v<T, float>) {
     packable_ = have_mkl_pack() && max_m > 0 && fits_int(max_m) &&
                 fits_int(n) && fits_int(k) && fits_int(ldb) && n > 0 && k > 0;
-    own_candidate_ = step_gemm::kernels_in_use() != nullptr && max_m > 0 &&
-                     max_m <= step_gemm::kMaxRows && n > 0 && k > 0;
     forced_ = forced_step_gemm(path);
-    if (forced_ == 1) own_candidate_ = false;
+    set_choice_shape(max_m, !serial_);
+  }
+}
+
+template <typename T>
+void StepWeight<T>::set_choice_shape(int64_t rows, bool threaded) const {
+  if constexpr (std::is_same_v<T, float>) {
+    choice_rows_ = rows;
+    choice_threaded_ = threaded;
+    own_candidate_ = step_gemm::kernels_in_use() != nullptr && rows > 0 &&
+                     rows <= step_gemm::kMaxRows && n_ > 0 && k_ > 0 &&
+                     forced_ != 1;
     if (forced_ == 2 && own_candidate_) packable_ = false;
   }
+}
+
+template <typename T>
+void StepWeight<T>::split_products(int64_t rows) const {
+  // Decided at the packing, which a split loop's products follow.
+  if (packed_ != nullptr || own_packed_ != nullptr) return;
+  set_choice_shape(std::min(rows, max_m_), false);
 }
 
 template <typename T>
@@ -336,33 +352,35 @@ bool StepWeight<T>::choose_own() const {
     // torch.use_deterministic_algorithms(True) the BLAS's product runs,
     // unmeasured, so that a run's results do not depend on the timing.
     if (at::globalContext().deterministicAlgorithms()) return false;
-    const bool threaded = !serial_;
+    const bool threaded = choice_threaded_, serial = !threaded;
+    const int64_t m = choice_rows_;
     std::lock_guard<std::mutex> lock(choices_mutex);
     for (const rnnfast::StepGemmChoice& c : choices()) {
-      if (c.m == max_m_ && c.n == n_ && c.k == k_ && c.threaded == threaded) {
+      if (c.m == m && c.n == n_ && c.k == k_ && c.threaded == threaded) {
         return c.chosen[0] == 'r';
       }
     }
-    // Time both products on this weight: max_m_ rows of a fixed input, each
-    // run alternately after a warm-up, the best of kRuns.
+    // Time both products on this weight: m rows of a fixed input (the
+    // shape the products will have), each run alternately after a
+    // warm-up, the best of kRuns.
     constexpr int kRuns = 9;
-    std::vector<float> a(max_m_ * k_), c(max_m_ * n_);
+    std::vector<float> a(m * k_), c(m * n_);
     for (size_t i = 0; i < a.size(); ++i) a[i] = 0.01f * float(i % 13) - 0.06f;
     double best[2] = {1e30, 1e30};
     for (int run = -1; run < kRuns; ++run) {
       for (int own = 0; own < 2; ++own) {
         const auto start = std::chrono::steady_clock::now();
         if (own) {
-          step_gemm::multiply(serial_, max_m_, n_, k_, a.data(), k_,
-                              own_packed_, 0.0f, c.data(), n_);
+          step_gemm::multiply(serial, m, n_, k_, a.data(), k_, own_packed_,
+                              0.0f, c.data(), n_);
         } else if (packed_ != nullptr) {
-          compute(serial_, max_m_, a.data(), k_, 0.0f, c.data(), n_);
+          compute(serial, m, a.data(), k_, 0.0f, c.data(), n_);
         } else {
           // No packed form of the BLAS's (torch's BLAS is not MKL): its
           // plain product, which compute() would not run while the own
           // panels exist (it would time the own product twice).
-          const SerialMkl serial_mkl(serial_);
-          gemm(false, trans_b_, max_m_, n_, k_, T(1), a.data(), k_, b_, ldb_,
+          const SerialMkl serial_mkl(serial);
+          gemm(false, trans_b_, m, n_, k_, T(1), a.data(), k_, b_, ldb_,
                0.0f, c.data(), n_);
         }
         const std::chrono::duration<double, std::micro> us =
@@ -371,7 +389,7 @@ bool StepWeight<T>::choose_own() const {
       }
     }
     const bool own = best[1] < best[0];
-    choices().push_back({max_m_, n_, k_, threaded,
+    choices().push_back({m, n_, k_, threaded,
                          own ? own_kernel_name() : gemm_backend(), best[0],
                          best[1]});
     return own;
@@ -435,10 +453,11 @@ bool StepWeight<T>::prepare_column_split() const {
 template <typename T>
 bool StepWeight<T>::own_close_to_blas(double slack) const {
   // The shape's measurement (pack() made it, or an earlier weight did).
-  const bool threaded = !serial_;
+  const bool threaded = choice_threaded_;
   std::lock_guard<std::mutex> lock(choices_mutex);
   for (const rnnfast::StepGemmChoice& c : choices()) {
-    if (c.m == max_m_ && c.n == n_ && c.k == k_ && c.threaded == threaded) {
+    if (c.m == choice_rows_ && c.n == n_ && c.k == k_ &&
+        c.threaded == threaded) {
       return c.rnnfast_us <= slack * c.blas_us;
     }
   }

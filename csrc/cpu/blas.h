@@ -83,6 +83,13 @@ class StepWeight {
   void prepare_use() const;
   void multiply_on_this_thread(int64_t m, const T* a, int64_t lda, T beta,
                                T* c, int64_t ldc) const;
+  // Before the products of a loop split by rows (row groups or the row
+  // split, cpu_backend.cpp): each will have at most `rows` rows and run on
+  // its caller's thread. Until the weight is packed, rnnfast's own product
+  // is then a candidate by those rows (at most step_gemm::kMaxRows), and
+  // the one-time measurement between it and the BLAS's times that shape,
+  // instead of the whole batch's product.
+  void split_products(int64_t rows) const;
   // For products split by columns over a StepTeam (cpu_backend.cpp): says
   // whether its products may be split, and if so packs the weight for
   // rnnfast's own product now. They may where the own product takes the
@@ -118,6 +125,7 @@ class StepWeight {
 
  private:
   void pack() const;
+  void set_choice_shape(int64_t rows, bool threaded) const;
   bool choose_own() const;
   // Whether the own product's measured time on this shape (choose_own, at
   // pack()) is at most slack times the BLAS's; false if never measured.
@@ -129,8 +137,12 @@ class StepWeight {
   int64_t max_m_, n_, k_, ldb_;
   const T* b_;
   bool serial_;             // small products run on the calling thread only
-  bool packable_ = false;   // the BLAS can pack this operand
-  bool own_candidate_ = false;  // rnnfast's product may run it
+  mutable bool packable_ = false;       // the BLAS can pack this operand
+  mutable bool own_candidate_ = false;  // rnnfast's product may run it
+  // The product shape the choice between the two is made for: rows, and
+  // whether it runs threaded (the whole batch's, or split_products').
+  mutable int64_t choice_rows_ = 0;
+  mutable bool choice_threaded_ = false;
   int forced_ = 0;  // RNNFAST_CPU_STEP_GEMM: 0 measure, 1 BLAS, 2 own
   int64_t row_split_rows_ = 0;  // RNNFAST_CPU_ROW_SPLIT or kRowSplitRows
   mutable int64_t uses_ = 0;        // products computed so far
@@ -168,6 +180,8 @@ class StepWeight<c10::BFloat16> {
                                int64_t lda, C beta, C* c, int64_t ldc) const {
     compute(true, m, a, lda, static_cast<float>(beta), c, ldc);
   }
+  // The AMX product takes a shape whatever its rows (StepWeight<T>).
+  void split_products(int64_t) const {}
   // Not split by columns over a StepTeam (StepWeight<T>): the AMX
   // product's own column blocks are not offered to it.
   bool prepare_column_split() const { return false; }

@@ -100,6 +100,12 @@ struct CpuBackend {
   // pass's), and no gate read back by the other core. Otherwise the product
   // (multithreaded when large), then the row-parallel pointwise pass.
   //
+  // The most rows a thread gets from at::parallel_for(0, rows, grain).
+  static int64_t rows_per_thread(int64_t rows, int64_t grain) {
+    const int64_t parts = std::min<int64_t>(at::get_num_threads(),
+                                            (rows + grain - 1) / grain);
+    return (rows + parts - 1) / parts;
+  }
   // Rows per thread of a step of `rows` rows split so, or 0: run it whole.
   template <typename S>
   static int64_t row_split_grain(const StepWeight<S>& whh, int64_t rows) {
@@ -194,8 +200,9 @@ struct CpuBackend {
     if (size >= 2) {
       StepTeam::run(size, run);
     } else if (groups >= 2) {
-      // Packed now, on this thread (a second use packs), so that the
-      // groups' products only read the weight.
+      // Packed now, on this thread (a second use packs), for products of a
+      // group's rows on its thread, so that the groups only read it.
+      whh.split_products((rows + groups - 1) / groups);
       whh.prepare_use();
       whh.prepare_use();
       at::parallel_for(0, groups, 1, [&](int64_t first, int64_t last) {
@@ -366,6 +373,7 @@ struct CpuBackend {
       step_rows(0, h.rows(), -1);
       return;
     }
+    whh.split_products(rows_per_thread(h.rows(), grain));
     whh.prepare_use();
     at::parallel_for(0, h.rows(), grain, [&](int64_t begin, int64_t end) {
       multiply_hidden_rows(h, begin, end, OnThisThread<S>{whh}, beta,
@@ -499,6 +507,7 @@ struct CpuBackend {
       whh.multiply(rows, d, ldd, beta, grad_prev, ld);
       return;
     }
+    whh.split_products(rows_per_thread(rows, grain));
     whh.prepare_use();
     at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
       step_rows(begin, end, -1);  // a parallel_for inside a region runs inline
