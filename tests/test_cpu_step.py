@@ -22,12 +22,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNELS = rnnfast.build_info()["cpu_step_gemm_kernels"]
 needs_kernels = pytest.mark.skipif(KERNELS == "none", reason="this CPU has no AVX2")
 
-# Products checked on each path: rows m up to the kernel's 16, columns n with
+# Products checked on each path: rows m up to the candidate's 32, columns n with
 # and without a partial last panel (of 16), depths k of 1 and odd ones; the
 # largest runs threaded (its weight is >= 512 KiB).
-SHAPES = [(m, n, k) for m in (1, 2, 3, 4, 5, 7, 8, 9, 12, 13, 16)
+SHAPES = [(m, n, k) for m in (1, 2, 3, 4, 5, 7, 8, 9, 12, 13, 16, 17, 25, 32)
           for n, k in ((512, 128), (20, 5), (37, 33), (64, 1))] + \
-         [(m, 1024, 256) for m in (1, 4, 9, 16)]
+         [(m, 1024, 256) for m in (1, 4, 9, 16, 32)]
 
 # The check itself, run here and in a process whose ATen capability is AVX2:
 # C = A op(B) + beta C through the step product, against float64.
@@ -99,8 +99,8 @@ def test_step_product_refuses_what_it_cannot_run():
     with pytest.raises(RuntimeError, match="path must be 'auto', 'blas' or 'rnnfast'"):
         _C._StepProduct("mkl", 2, *weight)
     if KERNELS != "none":
-        with pytest.raises(RuntimeError, match="at most 16 rows, got 17"):
-            _C._StepProduct("rnnfast", 17, *weight)
+        with pytest.raises(RuntimeError, match="at most 32 rows, got 33"):
+            _C._StepProduct("rnnfast", 33, *weight)
     product = _C._StepProduct("auto", 4, *weight)
     with pytest.raises(RuntimeError, match="expected 1 to 4 rows, got 5"):
         product.multiply(5, z.data_ptr(), 32, 0.0, z.data_ptr(), 32)
@@ -517,23 +517,23 @@ def test_no_row_groups_where_each_thread_would_read_too_much(monkeypatch):
 
 @needs_kernels
 def test_split_loops_choose_the_product_by_a_threads_rows(monkeypatch):
-    """In a loop split by rows (row groups here: B=32 on two threads) each
-    product has 16 rows and runs on its thread, so the one-time choice
+    """In a loop split by rows (row groups here: B=64 on two threads) each
+    product has 32 rows and runs on its thread, so the one-time choice
     between the BLAS's product and rnnfast's own is measured at that shape
-    ([16, k] x [k, n], not threaded), for the forward's and the backward's
+    ([32, k] x [k, n], not threaded), for the forward's and the backward's
     weight alike, and the own product is a candidate though the batch has
-    32 rows (more than its 16). Forced, the own product then runs there,
+    64 rows (more than its 32). Forced, the own product then runs there,
     and the LSTM matches nn.LSTM."""
     if torch.get_num_threads() != 2:
         pytest.skip("the split's rows are those of two threads")
     hidden = 72  # a shape no other test measures: its choice is made here
     ours, ref = make_lstm_pair(8, hidden, dtype=torch.float32, seed=2)
-    x = torch.randn(6, 32, 8)
+    x = torch.randn(6, 64, 8)
     forward_backward(ours, x, backward=True)
     measured = {(c["m"], c["n"], c["k"], c["threaded"])
                 for c in rnnfast.build_info()["cpu_step_gemm"]}
-    assert (16, 4 * hidden, hidden, False) in measured
-    assert (16, hidden, 4 * hidden, False) in measured
+    assert (32, 4 * hidden, hidden, False) in measured
+    assert (32, hidden, 4 * hidden, False) in measured
     monkeypatch.setenv("RNNFAST_CPU_STEP_GEMM", "rnnfast")
     got = forward_backward(ours, x, backward=True)
     want = forward_backward(ref, x, backward=True)

@@ -30,9 +30,13 @@
 namespace rnnfast::cpu::step_gemm {
 
 constexpr int64_t kPanelCols = 16;
-// The most rows this product is a candidate for (StepWeight): above, MKL's
-// large-GEMM path is efficient anyway.
-constexpr int64_t kMaxRows = 16;
+// The most rows this product is a candidate for (StepWeight), whose
+// one-time measurement then picks it or the BLAS's. On the Xeon (AVX-512,
+// one thread) it was still ahead at 32 rows: [32, 256] x [256, 1024] 114
+// against MKL's packed 130 us, [32, 1024] x [1024, 256] 111 against 150,
+// H=128 23 against 26 (the products of B=64's row groups on two threads);
+// beyond that MKL's large-GEMM path is efficient anyway.
+constexpr int64_t kMaxRows = 32;
 
 inline int64_t panels(int64_t n) { return (n + kPanelCols - 1) / kPanelCols; }
 // Floats of the packed form of a [k, n] operand.

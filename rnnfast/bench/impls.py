@@ -412,7 +412,7 @@ def _onednn_run(a: Tensor, packed: Tensor, out: Tensor) -> Tensor:
 
 
 def _step_prepare(b: Tensor, m: int) -> tuple:
-    """rnnfast's own per-step product of ``m`` rows or fewer (at most 16),
+    """rnnfast's own per-step product of ``m`` rows or fewer (at most 32),
     packed as a time loop packs its recurrent weight."""
     from .. import _C
 
@@ -462,7 +462,7 @@ PRODUCTS = [
                                    and _cpu_op("mkldnn", "_reorder_linear_weight",
                                                "_linear_pointwise")(device, dtype))),
     # rnnfast's own small-batch product (csrc/cpu/step_gemm.h), which its
-    # CPU time loop runs where it beats the BLAS: at most 16 rows
+    # CPU time loop runs where it beats the BLAS: at most 32 rows
     Product("rnnfast-step", _step_prepare, _step_run, True, _step_available),
 ]
 
