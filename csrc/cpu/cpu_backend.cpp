@@ -98,14 +98,10 @@ struct CpuBackend {
   // on those rows while their gates are in its cache: one fork/join per
   // step instead of two (the multithreaded GEMM's and the pointwise
   // pass's), and no gate read back by the other core. Otherwise the product
-  // (multithreaded when large), then the row-parallel pointwise pass.
+  // (multithreaded when large), then the row-parallel pointwise pass. (In
+  // a loop run in row groups, below, each thread runs its group's rows of
+  // every step this way, on its own.)
   //
-  // The most rows a thread gets from at::parallel_for(0, rows, grain).
-  static int64_t rows_per_thread(int64_t rows, int64_t grain) {
-    const int64_t parts = std::min<int64_t>(at::get_num_threads(),
-                                            (rows + grain - 1) / grain);
-    return (rows + parts - 1) / parts;
-  }
   // Rows per thread of a step of `rows` rows split so, or 0: run it whole.
   template <typename S>
   static int64_t row_split_grain(const StepWeight<S>& whh, int64_t rows) {
@@ -115,6 +111,12 @@ struct CpuBackend {
       return 0;
     }
     return grain;
+  }
+  // The most rows a thread gets from at::parallel_for(0, rows, grain).
+  static int64_t rows_per_thread(int64_t rows, int64_t grain) {
+    const int64_t parts = std::min<int64_t>(at::get_num_threads(),
+                                            (rows + grain - 1) / grain);
+    return (rows + parts - 1) / parts;
   }
   // ---- Small batches: a team of threads for a run of steps ----------------
   //
