@@ -356,13 +356,15 @@ struct CpuBackend {
   static void multiply_then_step(const StepWeight<S>& whh,
                                  const PreviousHidden<S>& h, C beta, C* c,
                                  int64_t ldc, const F& step_rows) {
+    // rows [begin, end) on the calling thread, in a group or a region
+    const auto rows_here = [&](int64_t begin, int64_t end, int task) {
+      multiply_hidden_rows(h, begin, end, OnThisThread<S>{whh}, beta,
+                           c + begin * ldc, ldc);
+      step_rows(begin, end, task);
+    };
     if (const RowGroup* g = current_group()) {
       const auto [begin, end] = group_rows(*g, h.rows());
-      if (begin < end) {
-        multiply_hidden_rows(h, begin, end, OnThisThread<S>{whh}, beta,
-                             c + begin * ldc, ldc);
-        step_rows(begin, end, g->task);
-      }
+      if (begin < end) rows_here(begin, end, g->task);
       return;
     }
     if (StepTeam* team = StepTeam::current()) {
@@ -378,9 +380,7 @@ struct CpuBackend {
     whh.split_products(rows_per_thread(h.rows(), grain));
     whh.prepare_use();
     at::parallel_for(0, h.rows(), grain, [&](int64_t begin, int64_t end) {
-      multiply_hidden_rows(h, begin, end, OnThisThread<S>{whh}, beta,
-                           c + begin * ldc, ldc);
-      step_rows(begin, end, -1);  // a parallel_for inside a region runs inline
+      rows_here(begin, end, -1);  // a parallel_for inside a region runs inline
     });
   }
   // The rows [begin, end) of a forward step's parameters (either cell's:
@@ -483,13 +483,15 @@ struct CpuBackend {
                                      const S* d, int64_t ldd, T beta,
                                      T* grad_prev, int64_t ld,
                                      const F& step_rows) {
+    // rows [begin, end) on the calling thread, in a group or a region
+    const auto rows_here = [&](int64_t begin, int64_t end, int task) {
+      step_rows(begin, end, task);
+      whh.multiply_on_this_thread(end - begin, d + begin * ldd, ldd, beta,
+                                  grad_prev + begin * ld, ld);
+    };
     if (const RowGroup* g = current_group()) {
       const auto [begin, end] = group_rows(*g, rows);
-      if (begin < end) {
-        step_rows(begin, end, g->task);
-        whh.multiply_on_this_thread(end - begin, d + begin * ldd, ldd, beta,
-                                    grad_prev + begin * ld, ld);
-      }
+      if (begin < end) rows_here(begin, end, g->task);
       return;
     }
     if (StepTeam* team = StepTeam::current()) {
@@ -512,9 +514,7 @@ struct CpuBackend {
     whh.split_products(rows_per_thread(rows, grain));
     whh.prepare_use();
     at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-      step_rows(begin, end, -1);  // a parallel_for inside a region runs inline
-      whh.multiply_on_this_thread(end - begin, d + begin * ldd, ldd, beta,
-                                  grad_prev + begin * ld, ld);
+      rows_here(begin, end, -1);  // a parallel_for inside a region runs inline
     });
   }
   // The rows [begin, end) of a backward step's parameters (either cell's:
