@@ -62,8 +62,10 @@
 //     weight of weight_bytes) to compute at a time, a block of steps just
 //     before their recurrence (0: all at once).
 //   kGradBlockRows: the block size of the LayerNorm-LSTM backward, and
-//     kParamGradsInStep: whether its steps add up the LayerNorm parameter
-//     gradients (layer_norm_lstm_driver.h); kNativeStorage<S> and
+//     kParamGradsInStep: whether the backward steps add up the parameter
+//     gradients that are sums over rows (the LSTM's bias gradient,
+//     BackwardStepParams::bias_grad_sums; the LayerNorm-LSTM's LayerNorm
+//     parameter gradients, layer_norm_lstm_driver.h); kNativeStorage<S> and
 //     native_storage(dtype): whether S may be a half type, at compile time
 //     and for this call (op_impls.h); kBiasInStep: whether the LSTM's forward_step
 //     adds the bias (ForwardStepParams::bias) instead of the input
@@ -545,6 +547,13 @@ BackwardResult lstm_backward_recurrence(
     whr = std::make_unique<Weight>(false, l.batch, H, P,
                                    weight_hr.data_ptr<S>(), H);
   }
+  // The bias gradient: per-task sums the steps add to (kParamGradsInStep:
+  // one row per task a parallel region may run, added in task order after
+  // the steps), else one reduction over dgates after the steps.
+  at::Tensor bias_sums;
+  if constexpr (Backend::kParamGradsInStep) {
+    if (mask.bias) bias_sums = at::zeros({at::get_num_threads(), G}, topts);
+  }
   S* dg = dgates.data_ptr<S>();
   T* dhs = dh_state.data_ptr<T>();
   T* dcs = dc_state.data_ptr<T>();
@@ -565,6 +574,10 @@ BackwardResult lstm_backward_recurrence(
     p.dcell_state = dcs;
     p.dgates = dg + off * G;
     if (zoneout_cell) p.zoneout = cell_zoneout<T>(z, off, H);
+    if (bias_sums.defined()) {
+      p.bias_grad_sums = bias_sums.data_ptr<T>();
+      p.bias_grad_tasks = bias_sums.size(0);
+    }
     bool add_output_grad = false;
     if (s.has_projection()) {
       // dL/dh~_t, kept for grad_weight_hr; dr = dh~ W_hr. With zoneout on
@@ -616,7 +629,9 @@ BackwardResult lstm_backward_recurrence(
                                              output, hx, 0, l.steps - 1,
                                              scratch, /*accumulate=*/false);
   }
-  if (mask.bias) {
+  if (bias_sums.defined()) {
+    r.grad_bias = bias_sums.sum(0);
+  } else if (mask.bias) {
     r.grad_bias = std::is_same_v<S, T>
                       ? dgates.sum(0)
                       : at::sum(dgates, {0}, false, compute_scalar_type<T>());

@@ -174,6 +174,15 @@ struct BackwardStepParams {
   T* dcell_state = nullptr;       // [rows, H] dc_t in, dc_{t-1} out
   S* dgates = nullptr;            // [rows, 4H] gradient w.r.t. pre-activations
   CellZoneout<T> zoneout;         // ZoneoutCell only
+  // Backend::kParamGradsInStep only, else null: the step adds its rows'
+  // gradients w.r.t. the pre-activations (in T, before any rounding to S)
+  // to the bias gradient sums of the parallel task that runs them, as the
+  // LayerNorm-LSTM's steps add their parameter sums (LayerNormParamGradSum).
+  T* bias_grad_sums = nullptr;    // [bias_grad_tasks, 4H]
+  int64_t bias_grad_tasks = 0;
+  // The row of sums to add to: -1 for the running task's, else this one
+  // (a row group's, or a part of a step split over a CPU StepTeam).
+  int64_t bias_grad_task = -1;
 };
 
 // Zoneout on the hidden state, applied by the driver after the step's

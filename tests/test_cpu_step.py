@@ -296,8 +296,8 @@ def test_team_step_matches_no_team(cls, training, zoneout, packed, monkeypatch):
     held for the whole time loop (cpu/step_team.h); RNNFAST_CPU_STEP_TEAM=0
     runs the same steps on one thread. Both give the same outputs, states
     and gradients to float32 rounding (the team's run uses rnnfast's own
-    product from the first step, and the LayerNorm parameter sums are kept
-    per part), with zoneout's masks or rates on the right rows; packed, the
+    product from the first step, and the bias and LayerNorm parameter
+    gradient sums are kept per part), with zoneout's masks or rates on the right rows; packed, the
     steps shrink from 4 rows to 1 and the reverse direction starts some rows
     from the initial state. A time loop held a team on each call."""
     if torch.get_num_threads() < 2:
@@ -421,8 +421,8 @@ def test_row_groups_match_one_thread(cls, training, zoneout, packed, monkeypatch
     ([0, 1), [1, 3), [3, 5)), each group's whole time loop on its own thread
     with no exchange between them; on one thread the same steps run whole.
     Both give the same outputs, states and gradients to float32 rounding,
-    with zoneout's masks or rates on the right rows and the LayerNorm
-    parameter sums kept per group. Packed, the steps shrink from 5 rows to
+    with zoneout's masks or rates on the right rows and the bias and
+    LayerNorm parameter gradient sums kept per group. Packed, the steps shrink from 5 rows to
     1, so that a group has fewer rows or none at some steps, and the
     reverse direction starts some rows from the initial state. Three
     threads on fewer cores only share them: no group waits for another."""
@@ -452,7 +452,7 @@ def test_row_groups_of_every_dtype_match_no_groups(dtype, cls, monkeypatch):
     bfloat16 GEMM (on CPUs with bfloat16 instructions) or in float32. Two
     threads, B=6, H=32, training: the same results as with
     RNNFAST_CPU_ROW_GROUPS=0, which runs no group (bfloat16: to a few of
-    its rounding steps, as the LayerNorm parameter sums add up per group)."""
+    its rounding steps, as the parameter gradient sums add up per group)."""
     if torch.get_num_threads() < 2:
         pytest.skip("one torch thread: no groups")
     m, x, hx = split_case(cls, 32, 6, 9, True, False, False)
@@ -538,3 +538,59 @@ def test_split_loops_choose_the_product_by_a_threads_rows(monkeypatch):
     got = forward_backward(ours, x, backward=True)
     want = forward_backward(ref, x, backward=True)
     assert_results_close(got, want, scaled=True, **TOLERANCES[torch.float32])
+
+
+# ---- The bias gradient, summed by the backward steps ---------------------------
+
+@pytest.mark.parametrize("path", ["one thread", "row groups", "row split", "team",
+                                  "projection"])
+def test_bias_gradient_is_the_sum_of_the_gate_gradients(path, monkeypatch):
+    """The CPU's backward steps add their rows' gate gradients to per-task
+    sums (as the LayerNorm-LSTM's steps add its parameter sums), in place of
+    a reduction over every step's gradients afterwards. With an input whose
+    first feature is 1 at every step, the gradient of W_ih's first column is
+    the same sum computed by the weight-gradient GEMM instead: the two must
+    agree whichever way the steps ran (a row group, a thread of the per-step
+    row split, a team's part, or the whole step on the calling thread), in
+    both directions of a packed batch whose steps lose rows."""
+    monkeypatch.setenv("RNNFAST_CPU_ROW_GROUPS", "1" if path == "row groups" else "0")
+    monkeypatch.setenv("RNNFAST_CPU_STEP_TEAM", "1" if path == "team" else "0")
+    monkeypatch.setenv("RNNFAST_CPU_ROW_SPLIT", "16" if path == "row split" else "0")
+    threads = torch.get_num_threads()
+    if path in ("row groups", "row split", "team") and threads < 2:
+        pytest.skip("one torch thread: the steps are not split")
+    if path == "team":
+        if KERNELS == "none":
+            pytest.skip("the team splits rnnfast's own product (AVX2)")
+        monkeypatch.setenv("RNNFAST_CPU_STEP_GEMM", "rnnfast")
+    # teams take float weights only; the other paths are checked in float64
+    dtype = torch.float32 if path == "team" else torch.float64
+    hidden, batch = {"row groups": (32, 5), "row split": (16, 64), "team": (128, 4)}.get(
+        path, (24, 6))
+    torch.manual_seed(3)
+    m = rnnfast.LSTM(6, hidden, bidirectional=True,
+                     proj_size=8 if path == "projection" else 0).to(dtype)
+    x = torch.randn(7, batch, 6, dtype=dtype)
+    x[..., 0] = 1.0
+    lengths = sorted(torch.randint(1, 8, (batch,)).tolist(), reverse=True)
+    lengths[0] = 7
+    before_groups = sum(rnnfast.build_info()["cpu_row_groups"].values())
+    before_teams = team_runs()
+    try:
+        if path == "one thread":
+            torch.set_num_threads(1)
+        res = forward_backward(m, x, lengths=lengths, backward=True)
+    finally:
+        torch.set_num_threads(threads)
+    ran_groups = sum(rnnfast.build_info()["cpu_row_groups"].values()) - before_groups
+    ran_teams = team_runs() - before_teams
+    assert (ran_groups > 0) == (path == "row groups")
+    assert (ran_teams > 0) == (path == "team")
+    for suffix in ("", "_reverse"):
+        column = res[f"grad.weight_ih_l0{suffix}"][:, 0]
+        for bias in ("bias_ih", "bias_hh"):
+            got = res[f"grad.{bias}_l0{suffix}"]
+            scale = res[f"grad.weight_ih_l0{suffix}"].abs().max().item()
+            tolerance = 1e-12 if dtype == torch.float64 else 2e-6
+            assert (got - column).abs().max().item() <= tolerance * scale * batch * 7, \
+                (path, suffix, bias)

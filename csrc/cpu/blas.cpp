@@ -222,6 +222,14 @@ std::vector<rnnfast::StepGemmChoice>& choices() {
   static std::vector<rnnfast::StepGemmChoice> c;
   return c;
 }
+// The choice made for a shape, or null; called with choices_mutex held.
+const rnnfast::StepGemmChoice* find_choice(int64_t m, int64_t n, int64_t k,
+                                           bool threaded) {
+  for (const rnnfast::StepGemmChoice& c : choices()) {
+    if (c.m == m && c.n == n && c.k == k && c.threaded == threaded) return &c;
+  }
+  return nullptr;
+}
 
 const char* own_kernel_name() {
   static const std::string name =
@@ -355,10 +363,8 @@ bool StepWeight<T>::choose_own() const {
     const bool threaded = choice_threaded_, serial = !threaded;
     const int64_t m = choice_rows_;
     std::lock_guard<std::mutex> lock(choices_mutex);
-    for (const rnnfast::StepGemmChoice& c : choices()) {
-      if (c.m == m && c.n == n_ && c.k == k_ && c.threaded == threaded) {
-        return c.chosen[0] == 'r';
-      }
+    if (const auto* made = find_choice(m, n_, k_, threaded)) {
+      return made->chosen[0] == 'r';
     }
     // Time both products on this weight: m rows of a fixed input (the
     // shape the products will have), each run alternately after a
@@ -453,15 +459,9 @@ bool StepWeight<T>::prepare_column_split() const {
 template <typename T>
 bool StepWeight<T>::own_close_to_blas(double slack) const {
   // The shape's measurement (pack() made it, or an earlier weight did).
-  const bool threaded = choice_threaded_;
   std::lock_guard<std::mutex> lock(choices_mutex);
-  for (const rnnfast::StepGemmChoice& c : choices()) {
-    if (c.m == choice_rows_ && c.n == n_ && c.k == k_ &&
-        c.threaded == threaded) {
-      return c.rnnfast_us <= slack * c.blas_us;
-    }
-  }
-  return false;
+  const auto* made = find_choice(choice_rows_, n_, k_, choice_threaded_);
+  return made != nullptr && made->rnnfast_us <= slack * made->blas_us;
 }
 
 template <typename T>

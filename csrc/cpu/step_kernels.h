@@ -395,7 +395,19 @@ template <typename T, typename S, bool AddOutputGrad, bool ZoneoutCell>
 void backward_step_impl(const BackwardStepParams<T, S>& p) {
   using V = at::vec::Vectorized<T>;
   const int64_t H = p.hidden;
+  // The task running a row, as in layer_norm_backward_step_impl: the
+  // caller's (a row group, a region's thread or a team's part, where the
+  // parallel_for below runs inline as its task 0) plus this parallel_for's.
+  const int64_t caller_task =
+      p.bias_grad_task >= 0 ? p.bias_grad_task : at::get_thread_num();
   at::parallel_for(0, p.rows, row_grain(H), [&](int64_t begin, int64_t end) {
+    // this task's bias gradient sums, or null
+    T* sums = nullptr;
+    if (p.bias_grad_sums != nullptr) {
+      const int64_t task = caller_task + at::get_thread_num();
+      TORCH_INTERNAL_ASSERT(task < p.bias_grad_tasks);
+      sums = p.bias_grad_sums + task * 4 * H;
+    }
     for (int64_t row = begin; row < end; ++row) {
       const T* gates = p.gates + row * 4 * H;
       const T* cell = p.cell + row * H;
@@ -430,6 +442,13 @@ void backward_step_impl(const BackwardStepParams<T, S>& p) {
         store_as(out.dg, dgates + 2 * H + j, n);
         store_as(out.do_, dgates + 3 * H + j, n);
         store(out.dc_prev, dc_state + j, n);
+        if (sums != nullptr) {  // the bias gradient, in T
+          const W d[4] = {out.di, out.df, out.dg, out.do_};
+          for (int64_t k = 0; k < 4; ++k) {
+            T* sum = sums + k * H + j;
+            store(load(w, sum, n) + d[k], sum, n);
+          }
+        }
       });
     }
   });
