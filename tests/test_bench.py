@@ -6,6 +6,10 @@ never asserted: the cases are tiny and measured for a few milliseconds."""
 import csv
 import json
 import os
+import platform
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -354,6 +358,10 @@ def test_results_json_schema(tiny_run):
     from rnnfast.bench.results import ISA_VARIABLES
     assert env["isa_settings"] == {k: os.environ[k] for k in ISA_VARIABLES if k in os.environ}
     assert set(env["tf32_default"]) >= {"cuda.matmul.allow_tf32", "cudnn.allow_tf32"}
+    assert env["malloc"]["mode"] == "steady"  # the default
+    if env["malloc"]["libc"].startswith("glibc"):
+        assert env["malloc"]["applied"]
+        assert env["malloc"]["mmap_threshold"] == env["malloc"]["trim_threshold"] == 1 << 30
     assert env["rnnfast_build_info"]["rnnfast_version"] == rnnfast.__version__
     # collected after the run: the CPU step products chosen during it (rnnfast.LSTM's
     # T=3 B=2 H=4 loop packs its [2,4]x[4,16] product and measures it; in row groups,
@@ -404,6 +412,44 @@ def test_results_json_schema(tiny_run):
             assert floor["backend"].startswith("eager; ")  # and the products that won
             assert "h_t @ W_hh^T" in floor["backend"] and "x @ W_ih^T" in floor["backend"]
             assert "arithmetic bound" in floor["backend"]
+
+
+# Whether a 64 MiB block is mapped on its own (mallinfo2's hblkhd) after
+# allocator.configure(mode): the module loaded from its file, without torch.
+_LARGE_BLOCK_MAPPED = textwrap.dedent('''
+    import ctypes, importlib.util, sys
+    spec = importlib.util.spec_from_file_location("allocator", sys.argv[1])
+    allocator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(allocator)
+    class Info(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks",
+                    "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = Info
+    info = allocator.configure(sys.argv[2])
+    block = bytearray(64 << 20)
+    print(libc.mallinfo2().hblkhd >= 64 << 20, info.get("applied"))
+''')
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+@pytest.mark.parametrize("mode", ["steady", "default"])
+def test_steady_allocator_serves_large_blocks_from_the_heap(mode):
+    """glibc maps a block of 64 MiB on its own (and unmaps it when freed, so
+    that the next one is faulted in page by page): above its mmap threshold,
+    128 KiB at first and at most 32 MiB as it adapts. Under the bench's
+    steady setting the threshold is 1 GiB and the block comes from the heap,
+    where a freed block is reused."""
+    path = os.path.join(os.path.dirname(rnnfast.__file__), "bench", "allocator.py")
+    out = subprocess.run([sys.executable, "-c", _LARGE_BLOCK_MAPPED, path, mode],
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == (["False", "True"] if mode == "steady" else ["True", "None"])
+
+
+def test_allocator_mode_is_checked():
+    from rnnfast.bench import allocator
+    with pytest.raises(ValueError, match="steady"):
+        allocator.configure("fast")
 
 
 def test_results_csv_has_the_same_rows(tiny_run):

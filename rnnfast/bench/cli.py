@@ -8,6 +8,7 @@
                   [--tf32 BOOL ...] [--decode BOOL ...]
                   [--mode inference|training ...] [--impls NAME ...] [--compile]
                   [--min-run-time S] [--warmup N] [--inputs N] [--threads N]
+                  [--malloc steady|default]
                   [--max-time S] [--out DIR] [--list]
     rnnfast-bench compare OLD.json NEW.json [--threshold X] [--min-change F]
     rnnfast-bench report [RESULTS_DIR ...] [--output benchmarks/README.md]
@@ -103,6 +104,11 @@ def parser() -> argparse.ArgumentParser:
                         help="random input sets rotated between calls (default 3)")
     timing.add_argument("--threads", type=_positive_int, metavar="N",
                         help="torch.set_num_threads (default: torch's)")
+    timing.add_argument("--malloc", choices=["steady", "default"], default="steady",
+                        help="steady (default): glibc's mmap and trim thresholds fixed "
+                             "at 1 GiB, so large workspaces are reused instead of "
+                             "page-faulted on every call; default: glibc as it is "
+                             "(rnnfast/bench/allocator.py)")
     timing.add_argument("--seed", type=int, default=0)
     timing.add_argument("--max-time", type=float, metavar="S",
                         help="start no case after S seconds (the results so far are "
@@ -246,7 +252,7 @@ def plan(args: argparse.Namespace):
 def _run(args: argparse.Namespace) -> int:
     import torch
 
-    from . import report, results
+    from . import allocator, report, results
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -262,7 +268,10 @@ def _run(args: argparse.Namespace) -> int:
         console.print(f"{len(cases)} cases x {len(impls)} implementations")
         return 0
 
+    # before anything is measured (the thresholds apply from here on)
+    malloc = allocator.configure(args.malloc)
     env = results.environment({c.device for c in cases})
+    env["malloc"] = malloc
     console.print(f"rnnfast-bench: preset {args.grid}, {len(cases)} cases x "
                   f"{len(impls)} implementations on {env['device_name']} "
                   f"({env['threads']} threads), torch {env['torch_version']}")

@@ -18,7 +18,7 @@ __all__ = ["Change", "classify", "compare", "environment_differences", "print_co
 
 # Environment fields that make two runs incomparable when they differ.
 ENV_KEYS = ("device_name", "gpu_name", "threads", "torch_version", "cuda_version",
-            "cudnn_version", "rnnfast_build_info")
+            "cudnn_version", "rnnfast_build_info", "malloc")
 
 
 @dataclass

@@ -321,6 +321,17 @@ call, timed per step. "float32 TF32" tables ran with TF32 matmuls allowed
 (`torch.backends.cuda.matmul.allow_tf32` and `torch.backends.cudnn.allow_tf32`),
 the plain float32 tables with both off, for every implementation alike.
 
+The allocator line says how the C allocator returned large blocks during
+the run. Since 2026-11-30 runs are "steady" unless they say otherwise:
+glibc's mmap and trim thresholds fixed at 1 GiB, so that large workspaces
+are reused from the heap (as under jemalloc or tcmalloc) instead of being
+mapped afresh and page-faulted on every call. Under glibc's own adaptive
+thresholds torch.nn.LSTM's CPU training ran up to 1.4x slower (float32,
+T=100 B=64 H=128: 31.5 against 22.6 ms) depending on which cases had run
+before in the same process, while rnnfast (which keeps its large buffers)
+barely moved: runs recorded without an allocator line had that variable
+advantage in their LSTM training ratios.
+
 Every implementation that can load the family baseline's weights is checked
 on the same inputs: a note says where its output error against a float64
 copy of the baseline is over twice the baseline's own error (plus 4 eps of
@@ -358,6 +369,7 @@ def _env_lines(env: dict) -> list[str]:
     if env.get("isa_settings"):
         lines.insert(-1, "- set in the environment: " + ", ".join(
             f"{k}={v}" for k, v in env["isa_settings"].items()))
+    lines.insert(-1, "- allocator: " + _malloc_line(env.get("malloc")))
     if build.get("cpu_step_gemm"):
         lines.insert(-1, "- CPU per-step products chosen (best of 9 runs, us, the BLAS's "
                      "/ rnnfast's): " + "; ".join(
@@ -365,6 +377,19 @@ def _env_lines(env: dict) -> list[str]:
                          f"{c['chosen']} ({c['blas_us']:.1f} / {c['rnnfast_us']:.1f})"
                          for c in build["cpu_step_gemm"]))
     return lines
+
+
+def _malloc_line(malloc: Optional[dict]) -> str:
+    if not malloc:  # runs before 2026-11-30's allocator setting
+        return "not recorded (glibc as the process found it; see the note at the top)"
+    line = f"{malloc.get('mode')} ({malloc.get('libc') or 'unknown C library'}"
+    if malloc.get("mode") == "steady":
+        line += (f": mmap and trim thresholds {malloc['mmap_threshold'] >> 20} MiB"
+                 if malloc.get("applied") else f": not applied, {malloc.get('why')}")
+    line += ")"
+    if malloc.get("environment"):
+        line += ", " + ", ".join(f"{k}={v}" for k, v in malloc["environment"].items())
+    return line
 
 
 def write_readme(result_dirs: Iterable[os.PathLike], output: os.PathLike) -> Path:
