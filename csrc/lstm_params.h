@@ -174,10 +174,11 @@ struct BackwardStepParams {
   T* dcell_state = nullptr;       // [rows, H] dc_t in, dc_{t-1} out
   S* dgates = nullptr;            // [rows, 4H] gradient w.r.t. pre-activations
   CellZoneout<T> zoneout;         // ZoneoutCell only
-  // Backend::kParamGradsInStep only, else null: the step adds its rows'
-  // gradients w.r.t. the pre-activations (in T, before any rounding to S)
-  // to the bias gradient sums of the parallel task that runs them, as the
-  // LayerNorm-LSTM's steps add their parameter sums (LayerNormParamGradSum).
+  // Backend::kParamGradsInStep only, else null (CUDA's kernels never read
+  // it): the step adds its rows' gradients w.r.t. the pre-activations (in
+  // T, before any rounding to S) to the bias gradient sums of the parallel
+  // task that runs them, as the LayerNorm-LSTM's steps add their parameter
+  // sums (LayerNormParamGradSum).
   T* bias_grad_sums = nullptr;    // [bias_grad_tasks, 4H]
   int64_t bias_grad_tasks = 0;
   // The row of sums to add to: -1 for the running task's, else this one

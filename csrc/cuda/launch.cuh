@@ -119,9 +119,42 @@ static_assert(max_cluster_for(9, 90, 80) == 1,
 static_assert(max_cluster_for(9, 80, 80) == 1, "sm_80 code on a Hopper");
 static_assert(max_cluster_for(8, 80, 80) == 1, "before Hopper");
 
+#ifndef RNNFAST_SIMT_EMULATION
+// The largest cluster, of at most `cluster` blocks of kMaxRowThreads threads
+// (the largest a row_groups shape launches), that the device can schedule
+// for `kernel`: cudaOccupancyMaxActiveClusters above 0. A whole Hopper fits
+// 4; a GPU partitioned by MIG or MPS may fit fewer, where a cluster launch
+// would fail instead of running slower. A refused query counts as "none"
+// (its error is cleared, so that the next launch check does not report it).
+template <typename Kernel>
+inline int schedulable_cluster(Kernel kernel, int cluster) {
+  for (; cluster > 1; cluster /= 2) {
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(static_cast<unsigned>(cluster));
+    config.blockDim = dim3(kMaxRowThreads);
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = static_cast<unsigned>(cluster);
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    config.attrs = attr;
+    config.numAttrs = 1;
+    int active = 0;
+    if (cudaOccupancyMaxActiveClusters(&active, kernel, &config) ==
+            cudaSuccess &&
+        active > 0) {
+      return cluster;
+    }
+    (void)cudaGetLastError();
+  }
+  return 1;
+}
+#endif
+
 // The current device's SM count and the largest cluster row_groups may use
-// for `kernel` on it (max_cluster_for); looked up once per device and
-// kernel type (the kernels of one build share their architectures).
+// for `kernel` on it (max_cluster_for, then schedulable_cluster); looked up
+// once per device and kernel type (the kernels of one build share their
+// architectures).
 template <typename Kernel>
 inline void machine_for(Kernel kernel, int* sms, int* max_cluster) {
 #ifdef RNNFAST_SIMT_EMULATION
@@ -146,8 +179,8 @@ inline void machine_for(Kernel kernel, int* sms, int* max_cluster) {
       &major, cudaDevAttrComputeCapabilityMajor, device));
   cudaFuncAttributes attr{};
   C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-  const int cluster =
-      max_cluster_for(major, attr.binaryVersion, attr.ptxVersion);
+  const int cluster = schedulable_cluster(
+      kernel, max_cluster_for(major, attr.binaryVersion, attr.ptxVersion));
   if (device < kMaxDevices) {
     cached_cluster[device].store(cluster);
     cached_sms[device].store(count);
