@@ -45,11 +45,14 @@ def test_parse_defaults_and_lists():
     assert args.bidirectional == [True, False]
     assert args.dtype == ["float32", "bfloat16"]
     assert cli.parse(["run", "--grid", "full"]).grid == "full"
+    # the allocator: steady unless asked (rnnfast/bench/allocator.py), int8 alike
+    assert args.malloc == "steady" and cli.parse(["int8"]).malloc == "steady"
+    assert cli.parse(["--malloc", "default"]).malloc == "default"
 
 
 @pytest.mark.parametrize("bad", [["--T", "0"], ["--bidirectional", "maybe"],
                                  ["--dtype", "int8"], ["--quick", "--grid", "full"],
-                                 ["--mode", "eval"]])
+                                 ["--mode", "eval"], ["--malloc", "jemalloc"]])
 def test_parse_rejects(bad, capsys):
     with pytest.raises(SystemExit):
         cli.parse(bad)

@@ -142,6 +142,8 @@ def parser() -> argparse.ArgumentParser:
     int8.add_argument("--rounds", type=_positive_int, default=3)
     int8.add_argument("--min-run-time", type=float, default=0.5, metavar="S",
                       help="seconds of measurement per implementation and round")
+    int8.add_argument("--malloc", choices=["steady", "default"], default="steady",
+                      help="as for run (rnnfast/bench/allocator.py)")
     int8.add_argument("--threads", type=_positive_int, default=2, metavar="N",
                       help="torch.set_num_threads (default 2)")
     int8.add_argument("--out", type=Path, metavar="DIR", help="write int8.json here")
@@ -188,10 +190,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _int8(args: argparse.Namespace) -> int:
     import json
 
+    from . import allocator
     from .int8 import as_records, environment, print_int8, run_int8
 
     console = _console()
+    malloc = allocator.configure(args.malloc)  # before anything is measured
     env = environment()
+    env["malloc"] = malloc
     start = time.perf_counter()
     rows = run_int8(rounds=args.rounds, min_run_time=args.min_run_time, threads=args.threads,
                     progress=lambda what: console.print(f"[dim]{what}[/dim]"))
