@@ -322,15 +322,17 @@ call, timed per step. "float32 TF32" tables ran with TF32 matmuls allowed
 the plain float32 tables with both off, for every implementation alike.
 
 The allocator line says how the C allocator returned large blocks during
-the run. Since 2026-11-30 runs are "steady" unless they say otherwise:
-glibc's mmap and trim thresholds fixed at 1 GiB, so that large workspaces
-are reused from the heap (as under jemalloc or tcmalloc) instead of being
-mapped afresh and page-faulted on every call. Under glibc's own adaptive
-thresholds torch.nn.LSTM's CPU training ran up to 1.4x slower (float32,
-T=100 B=64 H=128: 31.5 against 22.6 ms) depending on which cases had run
-before in the same process, while rnnfast (which keeps its large buffers)
-barely moved: runs recorded without an allocator line had that variable
-advantage in their LSTM training ratios.
+the run. "steady" (the harness's default from
+`...-2026-11-30-steady` on): glibc's mmap and trim thresholds fixed at 1
+GiB, so that large workspaces are reused from the heap (as under jemalloc
+or tcmalloc) instead of being mapped afresh and page-faulted on every
+call. "default": glibc as the process found it. Under glibc's own
+adaptive thresholds torch.nn.LSTM's CPU training ran up to 1.4x slower
+(float32, T=100 B=64 H=128: 31.5 against 22.6 ms) depending on which cases
+had run before in the same process, while rnnfast (which keeps its large
+buffers) barely moved: the runs whose allocator is "not recorded" (every
+run before that one) left glibc as it was, and their LSTM training ratios
+carry a varying share of that effect.
 
 Every implementation that can load the family baseline's weights is checked
 on the same inputs: a note says where its output error against a float64
