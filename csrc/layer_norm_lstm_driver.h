@@ -27,7 +27,7 @@
 // cache: the forward normalises W_ih x_t and W_hh h_{t-1} in place (the
 // backward's only [N, 4H] inputs) and saves no gates; the backward recomputes
 // the gates from them and writes the gradients w.r.t. both products, and
-// blocks of steps (Backend::kGradBlockRows) run their input and weight
+// blocks of steps (Backend::grad_block_rows) run their input and weight
 // gradient GEMMs while their rows are still in cache. The LayerNorm parameter
 // gradients are sums over every row: on the CPU each step adds its rows'
 // share while they are in registers (Backend::kParamGradsInStep, into
@@ -360,7 +360,9 @@ LayerNormBackwardResult layer_norm_lstm_backward_recurrence(
   const auto sopts = x.options();
   const auto topts = sopts.dtype(compute_scalar_type<T>());
   const std::vector<StepBlock> blocks =
-      backward_blocks(l, std::max(Backend::kGradBlockRows, l.batch));
+      backward_blocks(l, std::max(Backend::grad_block_rows(
+                                      2 * G * int64_t(sizeof(S))),
+                                  l.batch));
   int64_t max_block_rows = 0;
   for (const StepBlock& b : blocks) {
     max_block_rows = std::max(

@@ -61,7 +61,9 @@
 //     rows of an evaluating LSTM's input projection (row_bytes each, by a
 //     weight of weight_bytes) to compute at a time, a block of steps just
 //     before their recurrence (0: all at once).
-//   kGradBlockRows: the block size of the LayerNorm-LSTM backward, and
+//   grad_block_rows(int64_t row_bytes): the rows of a block of the
+//     LayerNorm-LSTM backward, whose gradients w.r.t. the two products take
+//     row_bytes a row (layer_norm_lstm_driver.h), and
 //     kParamGradsInStep: whether the backward steps add up the parameter
 //     gradients that are sums over rows (the LSTM's bias gradient,
 //     BackwardStepParams::bias_grad_sums; the LayerNorm-LSTM's LayerNorm

@@ -472,13 +472,14 @@ def test_row_groups_of_every_dtype_match_no_groups(dtype, cls, monkeypatch):
 
 def test_row_groups_over_blocks_of_steps(monkeypatch):
     """An evaluating LSTM at B=8 and H=128 projects its input 512 rows at a
-    time (64 steps), and the LayerNorm-LSTM's backward keeps blocks of
-    1024 rows (128 steps): 300 steps are five blocks of the first and three
-    of the second, each block's steps one time loop in groups, between the
-    blocks' products. The LSTM matches nn.LSTM; the LayerNorm-LSTM its run
-    without groups."""
+    time (64 steps), and the LayerNorm-LSTM's backward here keeps blocks of
+    1024 rows (128 steps, RNNFAST_CPU_GRAD_BLOCK_ROWS): 300 steps are five
+    blocks of the first and three of the second, each block's steps one
+    time loop in groups, between the blocks' products. The LSTM matches
+    nn.LSTM; the LayerNorm-LSTM its run without groups."""
     if torch.get_num_threads() < 2:
         pytest.skip("one torch thread: no groups")
+    monkeypatch.setenv("RNNFAST_CPU_GRAD_BLOCK_ROWS", "1024")
     ours, ref = make_lstm_pair(8, 128, dtype=torch.float32, seed=7)
     x = torch.randn(300, 8, 8)
     before = group_runs(2)
@@ -594,3 +595,30 @@ def test_bias_gradient_is_the_sum_of_the_gate_gradients(path, monkeypatch):
             tolerance = 1e-12 if dtype == torch.float64 else 2e-6
             assert (got - column).abs().max().item() <= tolerance * scale * batch * 7, \
                 (path, suffix, bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_norm_backward_blocks_hold_about_8_mib(dtype, monkeypatch):
+    """The LayerNorm-LSTM's CPU backward keeps its gradients w.r.t. both
+    products (2 x 4H values a row, in the GEMMs' dtype) for blocks of about
+    8 MiB, 1024-4096 rows: at H=128, 2048 rows in float32 and 4096 in
+    bfloat16 where its GEMMs run in bfloat16 (else in float32). B=8 over
+    300 steps (2400 rows) is then two blocks or one, each block's steps one
+    time loop in row groups (counted); RNNFAST_CPU_GRAD_BLOCK_ROWS=1024
+    makes it three, 0 is refused."""
+    if torch.get_num_threads() < 2:
+        pytest.skip("one torch thread: no groups")
+    m = randomize_layer_norm_(rnnfast.LayerNormLSTM(8, 128)).to(dtype)
+    x = torch.randn(300, 8, 8, dtype=dtype)
+    native = dtype == torch.bfloat16 and rnnfast.build_info()["cpu_native_bfloat16"]
+
+    def backward_loops():
+        before = group_runs(2)
+        forward_backward(m, x, backward=True)
+        return group_runs(2) - before - 1  # the forward is one loop
+    assert backward_loops() == (1 if native else 2)
+    monkeypatch.setenv("RNNFAST_CPU_GRAD_BLOCK_ROWS", "1024")
+    assert backward_loops() == 3
+    monkeypatch.setenv("RNNFAST_CPU_GRAD_BLOCK_ROWS", "0")
+    with pytest.raises(RuntimeError, match="RNNFAST_CPU_GRAD_BLOCK_ROWS"):
+        forward_backward(m, x, backward=True)

@@ -43,9 +43,12 @@ def test_lstm_layouts_match_nn_lstm(device, lengths, proj):
 @pytest.mark.parametrize("lengths", [None, sorted([40] + [37, 40, 3, 21, 40, 8] * 5,
                                                   reverse=True)],
                          ids=["padded", "packed"])
-def test_layer_norm_lstm_over_several_blocks_matches_reference(device, lengths):
+def test_layer_norm_lstm_over_several_blocks_matches_reference(device, lengths,
+                                                               monkeypatch):
     """40 steps of up to 31 rows: over 1024 rows, so the CPU backward runs
-    several blocks and many LayerNorm parameter-gradient groups."""
+    several blocks of 256 rows (RNNFAST_CPU_GRAD_BLOCK_ROWS) and many
+    LayerNorm parameter-gradient groups."""
+    monkeypatch.setenv("RNNFAST_CPU_GRAD_BLOCK_ROWS", "256")
     ours, ref = make_layer_norm_lstm_pair(3, 5, bidirectional=True, device=device)
     x = torch.randn(40, 31, 3, dtype=torch.float64, device=device)
     hx = (torch.randn(2, 31, 5, dtype=torch.float64, device=device),

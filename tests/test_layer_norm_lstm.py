@@ -276,11 +276,12 @@ def test_forward_and_backward_ops_match_reference(device, packed, bias):
 
 @pytest.mark.parametrize("packed,reverse", [(False, False), (False, True), (True, False),
                                             (True, True)])
-def test_backward_over_several_gradient_blocks(device, packed, reverse):
-    """The backward runs its input and weight gradient GEMMs per block of
-    about 1024 rows (layer_norm_lstm_driver.h's kGradBlockRows): a sequence of
+def test_backward_over_several_gradient_blocks(device, packed, reverse, monkeypatch):
+    """The CPU backward runs its input and weight gradient GEMMs per block of
+    steps (CpuBackend::grad_block_rows, here set to 1024 rows): a sequence of
     several blocks, with uneven step sizes when packed, still gives the
     reference's gradients."""
+    monkeypatch.setenv("RNNFAST_CPU_GRAD_BLOCK_ROWS", "1024")
     lengths = [500, 480, 400, 330, 200, 150, 64, 3] if packed else None  # 2127 rows
     sample = _ln_sample(steps=250, batch=9, input_size=2, hidden=2, lengths=lengths,
                         reverse=reverse, device=device, requires_grad=True, seed=31)

@@ -38,11 +38,33 @@ struct CpuBackend {
   using StepWeight = cpu::StepWeight<S>;
   // The CPU's blocks of the LayerNorm-LSTM backward
   // (layer_norm_lstm_driver.h). Its gradients w.r.t. W_ih x_t and
-  // W_hh h_{t-1} are kept for blocks of consecutive steps of about 1024
-  // rows, which go through the input and weight gradient GEMMs while they
-  // are still in cache (and no [N, 4H] gradient buffer is allocated: fresh
-  // memory costs page faults on every call).
-  static constexpr int64_t kGradBlockRows = 1024;
+  // W_hh h_{t-1} are kept for blocks of consecutive steps, which go through
+  // the input and weight gradient GEMMs while they are still in cache (and
+  // no [N, 4H] gradient buffer is allocated: fresh memory costs page faults
+  // on every call). A block holds about 8 MiB of those two gradients
+  // (row_bytes each row), within 1024-4096 rows: 1024 rows of float32 at
+  // H=256 (where larger blocks gained nothing), 4096 of bfloat16 at H=128,
+  // whose 1024-row blocks (2 MiB) paid the BLAS's per-call overhead and
+  // packing seven times per T=100 B=64 call. Measured on the Xeon against
+  // 1024-row blocks, training, p10 of 40 calls, 3-4 rounds alternating:
+  // bfloat16 H=128 (4096 rows) 0.92x the time; float32 H=128 (2048 rows)
+  // 0.95x-1.0x; bfloat16 H=256 (2048 rows) level (0.95x-1.05x over two
+  // sets, a busy VM). RNNFAST_CPU_GRAD_BLOCK_ROWS=<rows> sets the rows
+  // instead (read per call; for tests and comparisons).
+  static constexpr int64_t kGradBlockBytes = int64_t{8} << 20;
+  static constexpr int64_t kGradBlockMinRows = 1024;
+  static constexpr int64_t kGradBlockMaxRows = 4096;
+  static int64_t grad_block_rows(int64_t row_bytes) {
+    const char* e = std::getenv("RNNFAST_CPU_GRAD_BLOCK_ROWS");
+    if (e != nullptr && *e != '\0') {
+      const long long rows = std::atoll(e);
+      TORCH_CHECK(rows > 0, "RNNFAST_CPU_GRAD_BLOCK_ROWS must be a positive "
+                  "number of rows, got '", e, "'");
+      return rows;
+    }
+    return std::clamp(kGradBlockBytes / std::max<int64_t>(1, row_bytes),
+                      kGradBlockMinRows, kGradBlockMaxRows);
+  }
   // Each backward step adds its rows' share of the LayerNorm parameter
   // gradients (LayerNormParamGradSum) while it holds their gradients and
   // normalised products in registers, instead of a reduction over groups of

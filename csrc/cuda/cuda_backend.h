@@ -45,7 +45,9 @@ struct CudaBackend {
   // (The CPU's cache-sized blocks would mean ~100 small launches at B = 64;
   // sums added by each step would need one partial sum per block of every
   // step's grid.)
-  static constexpr int64_t kGradBlockRows = std::numeric_limits<int64_t>::max() / 4;
+  static int64_t grad_block_rows(int64_t /*row_bytes*/) {
+    return std::numeric_limits<int64_t>::max() / 4;
+  }
   static constexpr bool kParamGradsInStep = false;
   // Half-type ops keep their GEMM operands in half / bfloat16
   // (op_impls.h).
