@@ -391,23 +391,33 @@ void forward_step_impl(const ForwardStepParams<T, S>& p) {
   });
 }
 
+// Per-task parameter-gradient sums (Backend::kParamGradsInStep): the
+// backward step kernels add each row to the sums of the task running it,
+// task `first` plus their parallel_for's own. first_task(given): the
+// caller's task where it names one (a row group, a team's part), else the
+// running thread's (a region's thread, where the parallel_for inside runs
+// inline as its task 0).
+inline int64_t first_task(int64_t given) {
+  return given >= 0 ? given : at::get_thread_num();
+}
+// The running task's row of `width` sums in sums [tasks, width], or null
+// without sums; inside the kernel's parallel_for.
+template <typename T>
+inline T* task_sums(T* sums, int64_t tasks, int64_t first, int64_t width) {
+  if (sums == nullptr) return nullptr;
+  const int64_t task = first + at::get_thread_num();
+  TORCH_INTERNAL_ASSERT(task < tasks);
+  return sums + task * width;
+}
+
 template <typename T, typename S, bool AddOutputGrad, bool ZoneoutCell>
 void backward_step_impl(const BackwardStepParams<T, S>& p) {
   using V = at::vec::Vectorized<T>;
   const int64_t H = p.hidden;
-  // The task running a row, as in layer_norm_backward_step_impl: the
-  // caller's (a row group, a region's thread or a team's part, where the
-  // parallel_for below runs inline as its task 0) plus this parallel_for's.
-  const int64_t caller_task =
-      p.bias_grad_task >= 0 ? p.bias_grad_task : at::get_thread_num();
+  const int64_t first = first_task(p.bias_grad_task);
   at::parallel_for(0, p.rows, row_grain(H), [&](int64_t begin, int64_t end) {
     // this task's bias gradient sums, or null
-    T* sums = nullptr;
-    if (p.bias_grad_sums != nullptr) {
-      const int64_t task = caller_task + at::get_thread_num();
-      TORCH_INTERNAL_ASSERT(task < p.bias_grad_tasks);
-      sums = p.bias_grad_sums + task * 4 * H;
-    }
+    T* sums = task_sums(p.bias_grad_sums, p.bias_grad_tasks, first, 4 * H);
     for (int64_t row = begin; row < end; ++row) {
       const T* gates = p.gates + row * 4 * H;
       const T* cell = p.cell + row * H;
@@ -646,19 +656,11 @@ void layer_norm_backward_step_impl(
     const LayerNormBackwardStepParams<T, S>& p) {
   using V = at::vec::Vectorized<T>;
   const int64_t H = p.hidden, G = 4 * p.hidden;
-  // The task running a row: the caller's (this step split by rows over the
-  // threads of a region, where the parallel_for below runs inline as its
-  // task 0, or the part of a team's split) plus this parallel_for's own.
-  const int64_t caller_task =
-      p.param_grad_task >= 0 ? p.param_grad_task : at::get_thread_num();
+  const int64_t first = first_task(p.param_grad_task);
   at::parallel_for(0, p.rows, row_grain(G), [&](int64_t begin, int64_t end) {
     // this task's LayerNorm parameter gradient sums, or null
-    T* sums = nullptr;
-    if (p.param_grad_sums != nullptr) {
-      const int64_t task = caller_task + at::get_thread_num();
-      TORCH_INTERNAL_ASSERT(task < p.param_grad_tasks);
-      sums = p.param_grad_sums + task * kSumWidth * H;
-    }
+    T* sums = task_sums(p.param_grad_sums, p.param_grad_tasks, first,
+                        kSumWidth * H);
     for (int64_t row = begin; row < end; ++row) {
       const T* xi = p.normalized_ih + row * G;
       const T* xh = p.normalized_hh + row * G;

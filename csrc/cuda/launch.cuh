@@ -120,6 +120,27 @@ static_assert(max_cluster_for(9, 80, 80) == 1, "sm_80 code on a Hopper");
 static_assert(max_cluster_for(8, 80, 80) == 1, "before Hopper");
 
 #ifndef RNNFAST_SIMT_EMULATION
+// A launch configuration of thread-block clusters of `cluster` blocks along
+// x; `attr` (the caller's, alive while the configuration is used) holds
+// the cluster dimension.
+inline cudaLaunchConfig_t cluster_config(dim3 grid, dim3 block,
+                                         unsigned cluster,
+                                         cudaStream_t stream,
+                                         cudaLaunchAttribute* attr) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = 0;
+  config.stream = stream;
+  attr->id = cudaLaunchAttributeClusterDimension;
+  attr->val.clusterDim.x = cluster;
+  attr->val.clusterDim.y = 1;
+  attr->val.clusterDim.z = 1;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  return config;
+}
+
 // The largest cluster, of at most `cluster` blocks of kMaxRowThreads threads
 // (the largest a row_groups shape launches), that the device can schedule
 // for `kernel`: cudaOccupancyMaxActiveClusters above 0. A whole Hopper fits
@@ -129,16 +150,10 @@ static_assert(max_cluster_for(8, 80, 80) == 1, "before Hopper");
 template <typename Kernel>
 inline int schedulable_cluster(Kernel kernel, int cluster) {
   for (; cluster > 1; cluster /= 2) {
-    cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(static_cast<unsigned>(cluster));
-    config.blockDim = dim3(kMaxRowThreads);
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = static_cast<unsigned>(cluster);
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    config.attrs = attr;
-    config.numAttrs = 1;
+    cudaLaunchAttribute attr;
+    const unsigned size = static_cast<unsigned>(cluster);
+    const cudaLaunchConfig_t config = cluster_config(
+        dim3(size), dim3(kMaxRowThreads), size, nullptr, &attr);
     int active = 0;
     if (cudaOccupancyMaxActiveClusters(&active, kernel, &config) ==
             cudaSuccess &&
@@ -202,18 +217,9 @@ inline void launch(void (*kernel)(Params...), const LaunchShape& s,
   if (s.cluster == 1) {
     kernel<<<s.grid, s.block, 0, stream>>>(args...);
   } else {
-    cudaLaunchConfig_t config = {};
-    config.gridDim = s.grid;
-    config.blockDim = s.block;
-    config.dynamicSmemBytes = 0;
-    config.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = s.cluster;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    config.attrs = attr;
-    config.numAttrs = 1;
+    cudaLaunchAttribute attr;
+    const cudaLaunchConfig_t config =
+        cluster_config(s.grid, s.block, s.cluster, stream, &attr);
     C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args...));
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
