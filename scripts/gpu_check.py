@@ -192,6 +192,15 @@ def _killpg(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
+def _default_sigint() -> None:
+    """In a stage's process before it starts: SIGINT back to its default
+    action. A shell starts background jobs (`gpu_check.sh ... &`, nohup)
+    with SIGINT ignored and their children inherit that; Python then installs
+    no KeyboardInterrupt handler, so an interrupted pytest was killed at its
+    limit without writing its junit XML."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_unit(unit: Sequence[Stage], limits: dict[str, float], work: Path,
              base_env: dict[str, str], poll_s: float = 0.2) -> dict[str, Outcome]:
     """Runs the stages of one unit at the same time, each under its limit;
@@ -205,7 +214,8 @@ def run_unit(unit: Sequence[Stage], limits: dict[str, float], work: Path,
         env = dict(base_env, **s.env)
         procs[s.name] = subprocess.Popen(s.command, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, cwd=ROOT, env=env,
-                                         start_new_session=True)
+                                         start_new_session=True,
+                                         preexec_fn=_default_sigint if s.interrupt else None)
     signalled: dict[str, int] = {}
     ended: dict[str, float] = {}
     while len(ended) < len(procs):
