@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 # machine without a GPU; any torch>=2.4 works (TORCH_SPEC=torch==2.13.0 for
 # the CPU-only build).
 TORCH_SPEC ?= torch==2.14.1
-DEPS := numpy pytest pytest-xdist expecttest ninja rich matplotlib scikit-learn onnx onnxruntime onnxscript "setuptools>=64" wheel
+DEPS := numpy pytest pytest-xdist expecttest ninja rich matplotlib scikit-learn onnx onnxruntime onnxscript "setuptools>=77" wheel
 
 .PHONY: test bench build clean
 

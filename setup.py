@@ -101,6 +101,26 @@ if cuda_home:
     os.environ["CUDA_HOME"] = cuda_home
 
 import torch  # noqa: E402
+
+
+def _check_torch_version():
+    """Stops the build at once on a torch older than rnnfast supports
+    (rnnfast/_torch_version.py, loaded by its path: the package itself
+    needs the extension this builds)."""
+    import importlib.util
+
+    path = os.path.join(HERE, "rnnfast", "_torch_version.py")
+    spec = importlib.util.spec_from_file_location("_rnnfast_torch_version", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        module.check_torch(torch.__version__)
+    except ImportError as e:
+        sys.exit(f"error: {e}")
+
+
+_check_torch_version()
+
 from torch.utils.cpp_extension import (  # noqa: E402
     BuildExtension,
     CppExtension,

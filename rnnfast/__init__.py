@@ -3,6 +3,12 @@ a drop-in torch.nn.LSTM."""
 
 from __future__ import annotations
 
+import torch as _torch
+
+from ._torch_version import check_torch as _check_torch
+
+_check_torch(_torch.__version__)  # before anything that needs a newer torch
+
 from . import _export  # noqa: F401  (ONNX export and torch.jit.trace support)
 from . import functional, ops
 from ._C import build_info as _build_info

@@ -63,15 +63,6 @@ def _in_torchscript_onnx_export() -> bool:
     return torch.onnx.is_in_onnx_export() and torch.jit.is_tracing()
 
 
-def _check_dynamo_onnx_export(batch_sizes: Optional[Tensor], what: str) -> None:
-    _refuse_packed(batch_sizes, what)
-    if not hasattr(torch.onnx, "ops"):
-        raise RuntimeError(
-            f"rnnfast: ONNX export of {what} with the torch.export-based exporter "
-            f"needs torch.onnx.ops (torch >= 2.8; this is torch {torch.__version__}); "
-            "use torch.onnx.export(..., dynamo=False) or a newer torch")
-
-
 def _refuse_packed(batch_sizes: Optional[Tensor], what: str) -> None:
     if batch_sizes is not None:
         raise RuntimeError(
@@ -115,7 +106,7 @@ def lstm_forward(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor,
     _check_zoneout_export(zoneout_hidden_mask, zoneout_cell_mask)
     zoneout = _zoneout_rates(zoneout_hidden, zoneout_cell)
     if _in_dynamo_onnx_export():
-        _check_dynamo_onnx_export(batch_sizes, "rnnfast.LSTM")
+        _refuse_packed(batch_sizes, "rnnfast.LSTM")
         if weight_hr is None and not zoneout:
             return _onnx_lstm(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh,
                               reverse)
@@ -199,7 +190,7 @@ def layer_norm_lstm_forward(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Te
     _check_zoneout_export(zoneout_hidden_mask, zoneout_cell_mask)
     zoneout = _zoneout_rates(zoneout_hidden, zoneout_cell)
     if _in_dynamo_onnx_export():
-        _check_dynamo_onnx_export(batch_sizes, "rnnfast.LayerNormLSTM")
+        _refuse_packed(batch_sizes, "rnnfast.LayerNormLSTM")
         return _scan_layer(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, None,
                            ln, reverse, eps, zoneout)
     if _in_torchscript_onnx_export():

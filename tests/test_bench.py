@@ -83,8 +83,11 @@ def test_default_preset_has_the_required_cases():
 
 
 def test_old_results_load_with_the_new_axes():
-    doc = load(Path(__file__).resolve().parent.parent / "benchmarks" / "results"
-               / "cpu-xeon-2threads-2026-11-26")
+    folder = (Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+              / "cpu-xeon-2threads-2026-11-26")
+    if not folder.exists():  # a source distribution leaves the results out
+        pytest.skip("the committed benchmark results are not in this tree")
+    doc = load(folder)
     assert all(r["tf32"] is False and r["decode"] is False for r in doc["results"])
     assert tables(doc["results"])
 

@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 import rnnfast
-from utils import (CELLS, LAYER_NORM_LSTM_CELL, LSTM_CELL, TOLERANCES,
+from utils import (CELLS, LAYER_NORM_LSTM_CELL, LSTM_CELL, OLD_NN_LSTM, TOLERANCES,
                    assert_error_within_twice, assert_results_close, backward_args_from,
                    bad_forward_cases, float64_twin, forward_backward, make_packed,
                    random_input, random_states, randomize_layer_norm_, upcast)
@@ -640,6 +640,12 @@ def test_bad_input_raises_like_nn_lstm(cell, case):
     lstm = nn.LSTM(I, LSTM_CELL.hidden, **kwargs)
     fast = rnnfast.LSTM(I, LSTM_CELL.hidden, **kwargs)
     ours = cell.module(I, LSTM_CELL.hidden, **kwargs)
+    if OLD_NN_LSTM:  # rnnfast keeps torch 2.13's words (utils.NN_LSTM_WORDS_SINCE)
+        with pytest.raises(Exception, match=match) as fast_info:
+            fast(*args)
+        with pytest.raises(type(fast_info.value), match=match):
+            ours(*args)
+        return
     with pytest.raises(Exception) as ref_info:
         lstm(*args)
     with pytest.raises(ref_info.type, match=match) as fast_info:
@@ -794,6 +800,10 @@ def test_constructor_errors_like_nn_lstm(cell, case):
     overrides, match = CTOR_CASES[case]
     kwargs = dict(input_size=I, hidden_size=LSTM_CELL.hidden, num_layers=2)
     kwargs.update(overrides)
+    if OLD_NN_LSTM:  # rnnfast keeps torch 2.13's checks and words
+        with pytest.raises((TypeError, ValueError), match=match):
+            cell.module(**kwargs)
+        return
     with pytest.raises(Exception) as ref_info:
         nn.LSTM(**kwargs)
     with pytest.raises(ref_info.type, match=match) as ours_info:

@@ -137,7 +137,8 @@ def test_simd_levels_agree(tmp_path, cases_file, native_results, capability, nam
         pytest.skip("this CPU has no AVX2")
     res = _run_in_subprocess(tmp_path, cases_file, capability)
     assert res.pop("cpu_kernels") == name
-    assert res.pop("aten_capability") == name
+    # ATen's name of its portable level: "DEFAULT" ("NO AVX" in torch 2.8)
+    assert res.pop("aten_capability") in ({name, "NO AVX"} if name == "DEFAULT" else {name})
     for dtype in (torch.float32, torch.float64):
         assert_activations_accurate(*res.pop(f"activations-{dtype}"))
     assert native_results["cpu_kernels"] == native_results["aten_capability"]

@@ -93,6 +93,8 @@ def test_launch_shapes_fit_what_the_kernels_assume(tmp_path):
     nvcc = _nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found")
+    if torch.version.cuda is None:  # e.g. make test TORCH_SPEC=torch==2.13.0
+        pytest.skip("a CPU-only torch ships no c10/cuda headers")
     torch_dir = Path(torch.__file__).resolve().parent
     (tmp_path / "shapes.cu").write_text(PROGRAM)
     exe = tmp_path / "shapes"
