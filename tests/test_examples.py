@@ -129,10 +129,12 @@ def test_language_model_learns_and_reloads(language_model_runs, rnn):
 
 def test_language_model_rnnfast_trains_as_nn_lstm(language_model_runs):
     """Same seed, data and dropout stream: rnnfast.LSTM's run is nn.LSTM's
-    up to float32 rounding."""
+    up to float32 rounding, which two epochs of training amplify: 0.2% apart
+    in validation perplexity with torch 2.11's kernels (one forward agrees to
+    6e-8), under 0.1% with 2.13's and 2.14's."""
     runs, _, _ = language_model_runs
     for a, b in zip(runs["rnnfast"].valid_ppl, runs["lstm"].valid_ppl):
-        assert a == pytest.approx(b, rel=1e-3)
+        assert a == pytest.approx(b, rel=5e-3)
 
 
 @pytest.mark.parametrize("rnn", _LM_RNNS)
