@@ -13,9 +13,9 @@ import re
 
 # The oldest release the whole suite was run on and passes: torch 2.8.0
 # (one test skipped: a fullgraph compile that needs Dynamo to capture
-# Tensor.item()). torch 2.5.1 runs the LSTMs but fails 49 tests (ONNX and
+# Tensor.item()). torch 2.5.1 runs the LSTMs but fails ONNX export,
 # torch.export of the regularisers, compile of packed input and of
-# rnnfast.quantized, vmap); torch 2.4.1 has no torch.library.register_vmap
+# rnnfast.quantized, and vmap; torch 2.4.1 has no torch.library.register_vmap
 # and fails at import.
 MIN_TORCH = (2, 8)
 
