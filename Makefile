@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # torch 2.14.1 is a CUDA 13.0 build, so the CUDA kernels compile even on a
-# machine without a GPU; any torch>=2.4 works (TORCH_SPEC=torch==2.13.0 for
+# machine without a GPU; any torch>=2.8 works (TORCH_SPEC=torch==2.13.0 for
 # the CPU-only build).
 TORCH_SPEC ?= torch==2.14.1
 DEPS := numpy pytest pytest-xdist expecttest ninja rich matplotlib scikit-learn onnx onnxruntime onnxscript "setuptools>=77" wheel
