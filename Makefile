@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
 DEPS := numpy pytest pytest-xdist expecttest ninja rich matplotlib scikit-learn onnx onnxruntime onnxscript "setuptools>=77" wheel
 
-.PHONY: test bench build clean
+.PHONY: test bench build clean test-aarch64
 
 $(VENV)/.deps: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,12 @@ test: build
 BENCH_ARGS ?=
 bench: build
 	$(PY) -m rnnfast.bench --out bench-out $(BENCH_ARGS)
+
+# The suite on 64-bit ARM Linux, built with Debian's cross compiler and run
+# under qemu here (needs root for apt and binfmt_misc; about an hour on 2
+# cores; not part of `test`). scripts/aarch64_check.sh says what it shows.
+test-aarch64: $(VENV)/.deps
+	PYTHON=$(PY) bash scripts/aarch64_check.sh
 
 clean:
 	rm -rf build rnnfast/_C*.so *.egg-info

@@ -1,4 +1,5 @@
-// Pointwise kernels built for any x86-64 / other CPU (no SIMD assumptions).
+// Pointwise kernels for any CPU without a table of its own: at::vec at its
+// DEFAULT capability (generic lanes on x86-64, NEON vectors on aarch64).
 #define CPU_CAPABILITY DEFAULT
 #include "step_kernels.h"
 

@@ -30,6 +30,8 @@ class Spin {
       ++turns_;
 #if defined(__x86_64__) || defined(_M_X64)
       _mm_pause();
+#elif defined(__aarch64__)
+      __asm__ __volatile__("yield");
 #endif
     } else {
       std::this_thread::yield();
