@@ -32,7 +32,7 @@ bench: build
 	$(PY) -m rnnfast.bench --out bench-out $(BENCH_ARGS)
 
 # The suite on 64-bit ARM Linux, built with Debian's cross compiler and run
-# under qemu here (needs root for apt and binfmt_misc; about an hour on 2
+# under qemu here (needs root for apt and binfmt_misc; ~45 minutes on 2
 # cores; not part of `test`). scripts/aarch64_check.sh says what it shows.
 test-aarch64: $(VENV)/.deps
 	PYTHON=$(PY) bash scripts/aarch64_check.sh
