@@ -76,16 +76,17 @@ PY=$SYSROOT/usr/bin/python3.11
 
 # The compilers, for setup.py and for what the tests build (torch.compile's
 # C++ code, cpp_extension.load): Debian's cross gcc, and its g++ behind a
-# wrapper that reads -march=native (Inductor's) as the emulated CPU. CPATH
-# finds the arm64 pyconfig.h that the sysroot's Python.h includes.
+# wrapper that reads -march=native (Inductor's) as the emulated CPU (qemu's
+# names of CPUs are gcc's). CPATH finds the arm64 pyconfig.h that the
+# sysroot's Python.h includes.
 mkdir -p "$WORK/bin"
-cat > "$WORK/bin/aarch64-linux-gnu-g++" <<'EOF'
+cat > "$WORK/bin/aarch64-linux-gnu-g++" <<EOF
 #!/bin/sh
 for a; do
   shift
-  if [ "$a" = "-march=native" ]; then set -- "$@" -mcpu=neoverse-n1; else set -- "$@" "$a"; fi
+  if [ "\$a" = "-march=native" ]; then set -- "\$@" -mcpu=$QEMU_CPU; else set -- "\$@" "\$a"; fi
 done
-exec /usr/bin/aarch64-linux-gnu-g++ "$@"
+exec /usr/bin/aarch64-linux-gnu-g++ "\$@"
 EOF
 chmod +x "$WORK/bin/aarch64-linux-gnu-g++"
 export PATH=$WORK/bin:$PATH CC=aarch64-linux-gnu-gcc CXX=aarch64-linux-gnu-g++
@@ -125,8 +126,7 @@ grep -E 'warning:' "$WORK/build.log" >&2 || true
 # emulation twice, once with AddressSanitizer (not tried under qemu-user),
 # and the CUDA backend is not built for aarch64 here anyway. 2026-11-30 on a
 # 2-vCPU Xeon: 42 minutes; test_gpu_check's interrupted-stage test can hang
-# there (qemu and a fork in a threaded process), as can onnxruntime's import
-# (so it is not installed).
+# there (qemu and a fork in a threaded process).
 [ $# -gt 0 ] || set -- -q -rfEs -n 2 -o faulthandler_timeout=1200 --ignore=tests/test_simt.py tests
 say "pytest $* (log: $WORK/tests.log)"
 cd "$SRC"
