@@ -103,8 +103,7 @@ def test_language_model_with_regularisers_trains_and_ships(tmp_path):
     vocab = len(lm.load_corpus(30000).vocab)
     assert run.valid_ppl[-1] < vocab / 2, run.valid_ppl
     assert run.reloaded_test_ppl == run.test_ppl
-    if importlib.util.find_spec("onnxruntime") is None:
-        pytest.skip("onnxruntime is not installed (make test installs it): the ONNX half")
+    pytest.importorskip("onnxruntime")  # the ONNX half (make test installs it)
     assert run.onnx_error == "", run.onnx_error
     assert run.onnx_test_ppl == pytest.approx(run.full_chunks_test_ppl, rel=1e-4)
 
