@@ -10,8 +10,9 @@ Environment:
   RNNFAST_FORCE_CUDA=1     fail unless the CUDA kernels can be built
   CUDA_HOME                the toolkit folder (bin/nvcc, lib64); found from
                            the nvcc on PATH when unset
-  TORCH_CUDA_ARCH_LIST     CUDA archs; defaults to the visible GPUs, or to
-                           DEFAULT_CUDA_ARCHS when none is visible
+  TORCH_CUDA_ARCH_LIST     CUDA archs; defaults to the visible GPUs (with the
+                           newest one's PTX), or to DEFAULT_CUDA_ARCHS when
+                           none is visible
   MAX_JOBS                 parallel compile jobs (ninja)
 """
 
@@ -25,8 +26,14 @@ import warnings
 from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# Hopper first: the GPUs rnnfast is tuned on; Ampere for the A100 / RTX 30 class.
-DEFAULT_CUDA_ARCHS = "8.0;9.0"
+# For a build on a machine without a GPU (a CI runner, a Docker build stage),
+# whose extension must then run on whatever GPU it meets: machine code for
+# Turing (7.5: T4), Ampere (8.0, which 8.6 and 8.9 also run: A100, A10, L4,
+# RTX 30 / 40) and Hopper (9.0: H100, H200), and Hopper's PTX, which the
+# driver compiles for the GPUs after it (Blackwell: 10.x, 12.x) at first use.
+# Without a PTX, those fail with "no kernel image is available". That covers
+# every GPU that torch's CUDA 13 wheels support (sm_75 to sm_120).
+DEFAULT_CUDA_ARCHS = "7.5;8.0;9.0+PTX"
 
 
 def _flag(name):
@@ -140,8 +147,12 @@ if with_cuda:
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         visible = torch.cuda.is_available() and torch.cuda.device_count() > 0
         if visible:
+            # The visible GPUs' archs, and the newest one's PTX too (as
+            # torch.utils.cpp_extension does), so that the build also runs
+            # on a newer GPU than the one it was made on.
             caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
-            os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(f"{a}.{b}" for a, b in sorted(caps))
+            os.environ["TORCH_CUDA_ARCH_LIST"] = (
+                ";".join(f"{a}.{b}" for a, b in sorted(caps)) + "+PTX")
         else:
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
     cuda_archs = os.environ["TORCH_CUDA_ARCH_LIST"]

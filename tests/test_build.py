@@ -1,8 +1,17 @@
 """What the built extension registers: every rnnfast op has a CPU kernel, a
 fake (Meta) kernel, and, in a CUDA build, a CUDA kernel. The ops are
-enumerated from the dispatcher, so ops added later are covered."""
+enumerated from the dispatcher, so ops added later are covered. In a CUDA
+build, what its GPU code holds, read from the binary without a GPU: machine
+code for each arch it claims, and kernels that keep to their registers."""
 
 from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -60,3 +69,99 @@ def test_no_cuda_kernels_claimed_without_cuda():
 @pytest.mark.parametrize("op", ["rnnfast::lstm_forward", "rnnfast::layer_norm_lstm_forward"])
 def test_forward_op_has_autograd(op):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "Autograd")
+
+
+# ---- the GPU code in a CUDA build, read with cuobjdump ------------------------
+
+CUDA_SOURCES = Path(__file__).resolve().parent.parent / "csrc" / "cuda"
+
+
+def _cuobjdump() -> str | None:
+    """NVIDIA's cuobjdump: on PATH, in the CUDA toolkit, or the copy that
+    Triton (a dependency of torch's CUDA wheels) ships."""
+    candidates = [shutil.which("cuobjdump")]
+    home = os.environ.get("CUDA_HOME") or os.path.dirname(
+        os.path.dirname(shutil.which("nvcc") or "/nonexistent/bin/nvcc"))
+    candidates.append(os.path.join(home, "bin", "cuobjdump"))
+    triton = importlib.util.find_spec("triton")
+    if triton is not None and triton.submodule_search_locations:
+        for location in triton.submodule_search_locations:
+            candidates.append(os.path.join(location, "backends", "nvidia", "bin", "cuobjdump"))
+    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
+@pytest.fixture(scope="module")
+def cuobjdump():
+    if not rnnfast.build_info()["with_cuda"]:
+        pytest.skip("rnnfast was built without CUDA")
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("cuobjdump not found (CUDA toolkit or Triton)")
+
+    def run(*args: str) -> str:
+        return subprocess.run([tool, *args, rnnfast._C.__file__], check=True,
+                              capture_output=True, text=True).stdout
+    return run
+
+
+def _claimed_archs(arch_list: str) -> tuple[set[str], set[str]]:
+    """TORCH_CUDA_ARCH_LIST's machine-code and PTX archs, as cuobjdump names
+    them: "7.5;8.0;9.0+PTX" gives ({"75", "80", "90"}, {"90"})."""
+    sass, ptx = set(), set()
+    for item in re.split(r"[;\s]+", arch_list.strip()):
+        if not item:
+            continue
+        name = item.removesuffix("+PTX").replace(".", "")
+        sass.add(name)
+        if item.endswith("+PTX"):
+            ptx.add(name)
+    return sass, ptx
+
+
+def test_claimed_archs_parse():
+    assert _claimed_archs("7.5;8.0;9.0+PTX") == ({"75", "80", "90"}, {"90"})
+    assert _claimed_archs("9.0a") == ({"90a"}, set())
+
+
+def test_gpu_code_for_every_claimed_arch(cuobjdump):
+    """Every CUDA source is in the binary as machine code for each arch that
+    build_info()['cuda_archs'] names, and as PTX for each one marked +PTX
+    (which the driver compiles for newer GPUs), and nothing else."""
+    sass, ptx = _claimed_archs(rnnfast.build_info()["cuda_archs"])
+    found: dict[str, dict[str, set[str]]] = {"elf": {}, "ptx": {}}
+    for kind in ("elf", "ptx"):
+        for line in cuobjdump(f"--list-{kind}").splitlines():
+            m = re.search(r"(\w+)\.sm_(\w+)\.(cubin|ptx)$", line.strip())
+            if m:
+                found[kind].setdefault(m.group(1), set()).add(m.group(2))
+    sources = {p.stem for p in CUDA_SOURCES.glob("*.cu")}
+    assert set(found["elf"]) == sources, found["elf"]
+    for source in sources:
+        assert found["elf"][source] == sass, (source, found["elf"][source], sass)
+        assert found["ptx"].get(source, set()) == ptx, (source, found["ptx"].get(source), ptx)
+
+
+def test_kernels_do_not_spill(cuobjdump):
+    """No kernel of a float, half or bfloat16 type keeps values in local
+    memory (a register spill, or an array the compiler could not keep in
+    registers): each kernel's registers are capped by its __launch_bounds__,
+    and a spill in the step kernels would cost every step a round trip to
+    memory. float64 (for gradcheck, not speed) may spill. Static shared
+    memory stays within the 48 KiB a kernel gets without opting in."""
+    demangle = shutil.which("c++filt")
+    if demangle is None:
+        pytest.skip("c++filt not found")
+    text = cuobjdump("--dump-resource-usage")
+    kernels = re.findall(r"Function (\S+):\s*\n\s*(REG:.*)", text)
+    assert kernels, text[:2000]
+    names = subprocess.run([demangle], input="\n".join(k for k, _ in kernels),
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    spills, too_big = [], []
+    for name, (_, usage) in zip(names, kernels):
+        res = {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", usage)}
+        if (res["STACK"] or res["LOCAL"]) and "double" not in name:
+            spills.append(f"{name}: {usage}")
+        if res["SHARED"] > 48 * 1024 or res["REG"] > 255:
+            too_big.append(f"{name}: {usage}")
+    assert not spills, "\n".join(spills)
+    assert not too_big, "\n".join(too_big)
