@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
 DEPS := numpy pytest pytest-xdist expecttest ninja rich matplotlib scikit-learn onnx onnxruntime onnxscript "setuptools>=77" wheel
 
-.PHONY: test bench build clean test-aarch64
+.PHONY: test bench build clean test-aarch64 test-avx2
 
 $(VENV)/.deps: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,13 @@ bench: build
 # cores; not part of `test`). scripts/aarch64_check.sh says what it shows.
 test-aarch64: $(VENV)/.deps
 	PYTHON=$(PY) bash scripts/aarch64_check.sh
+
+# The suite as it runs on an AMD EPYC with AVX2 only (no AVX-512), under
+# qemu's user-mode emulation of that CPU (installs qemu-user when missing,
+# which needs root; ~100 minutes on 2 cores; not part of `test`).
+# scripts/avx2_check.sh says what it shows.
+test-avx2: build
+	VENV=$(VENV) bash scripts/avx2_check.sh
 
 clean:
 	rm -rf build rnnfast/_C*.so *.egg-info
