@@ -156,6 +156,7 @@ def test_kernels_do_not_spill(cuobjdump):
     assert kernels, text[:2000]
     names = subprocess.run([demangle], input="\n".join(k for k, _ in kernels),
                            capture_output=True, text=True, check=True).stdout.splitlines()
+    assert len(names) == len(kernels)
     spills, too_big = [], []
     for name, (_, usage) in zip(names, kernels):
         res = {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", usage)}
