@@ -6,8 +6,6 @@ code for each arch it claims, and kernels that keep to their registers."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import re
 import shutil
 import subprocess
@@ -17,6 +15,7 @@ import pytest
 import torch
 
 import rnnfast
+from utils import cuda_tool
 
 KNOWN_OPS = {"rnnfast::lstm_forward", "rnnfast::lstm_backward",
              "rnnfast::layer_norm_lstm_forward", "rnnfast::layer_norm_lstm_backward"}
@@ -76,25 +75,11 @@ def test_forward_op_has_autograd(op):
 CUDA_SOURCES = Path(__file__).resolve().parent.parent / "csrc" / "cuda"
 
 
-def _cuobjdump() -> str | None:
-    """NVIDIA's cuobjdump: on PATH, in the CUDA toolkit, or the copy that
-    Triton (a dependency of torch's CUDA wheels) ships."""
-    candidates = [shutil.which("cuobjdump")]
-    home = os.environ.get("CUDA_HOME") or os.path.dirname(
-        os.path.dirname(shutil.which("nvcc") or "/nonexistent/bin/nvcc"))
-    candidates.append(os.path.join(home, "bin", "cuobjdump"))
-    triton = importlib.util.find_spec("triton")
-    if triton is not None and triton.submodule_search_locations:
-        for location in triton.submodule_search_locations:
-            candidates.append(os.path.join(location, "backends", "nvidia", "bin", "cuobjdump"))
-    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
-
-
 @pytest.fixture(scope="module")
 def cuobjdump():
     if not rnnfast.build_info()["with_cuda"]:
         pytest.skip("rnnfast was built without CUDA")
-    tool = _cuobjdump()
+    tool = cuda_tool("cuobjdump")
     if tool is None:
         pytest.skip("cuobjdump not found (CUDA toolkit or Triton)")
 

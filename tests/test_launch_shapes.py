@@ -9,14 +9,13 @@ found. Seconds: the program has no device code."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-import torch.utils.cpp_extension as cpp_extension
+
+from utils import cuda_tool
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
@@ -81,16 +80,8 @@ int main() {
 """
 
 
-def _nvcc():
-    home = os.environ.get("CUDA_HOME") or cpp_extension.CUDA_HOME
-    for candidate in ([os.path.join(home, "bin", "nvcc")] if home else []) + [shutil.which("nvcc")]:
-        if candidate and os.path.exists(candidate):
-            return candidate
-    return None
-
-
 def test_launch_shapes_fit_what_the_kernels_assume(tmp_path):
-    nvcc = _nvcc()
+    nvcc = cuda_tool("nvcc")
     if nvcc is None:
         pytest.skip("nvcc not found")
     if torch.version.cuda is None:  # e.g. make test TORCH_SPEC=torch==2.13.0

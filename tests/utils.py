@@ -47,6 +47,27 @@ TOLERANCES = {
 # --------------------------------------------------------------------------
 # Random inputs of the module tests
 # --------------------------------------------------------------------------
+def cuda_tool(name: str) -> Optional[str]:
+    """A CUDA toolkit program (nvcc, cuobjdump, ...): in the toolkit that
+    torch.utils.cpp_extension builds with, on PATH, or in the copy of
+    NVIDIA's binary tools that Triton (a dependency of torch's CUDA wheels)
+    ships; None where none is found."""
+    import importlib.util
+    import os
+    import shutil
+
+    from torch.utils import cpp_extension
+
+    home = os.environ.get("CUDA_HOME") or cpp_extension.CUDA_HOME
+    candidates = [os.path.join(home, "bin", name)] if home else []
+    candidates.append(shutil.which(name))
+    triton = importlib.util.find_spec("triton")
+    if triton is not None and triton.submodule_search_locations:
+        candidates += [os.path.join(location, "backends", "nvidia", "bin", name)
+                       for location in triton.submodule_search_locations]
+    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
 def random_input(batch_first: bool, dtype=torch.float64, device="cpu", steps: int = 5,
                  batch: int = 4, size: int = 3) -> Tensor:
     """A padded input ``[steps, batch, size]`` (``[batch, steps, size]``
