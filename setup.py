@@ -11,14 +11,17 @@ Environment:
   CUDA_HOME                the toolkit folder (bin/nvcc, lib64); found from
                            the nvcc on PATH when unset
   TORCH_CUDA_ARCH_LIST     CUDA archs; defaults to the visible GPUs (with the
-                           newest one's PTX), or to DEFAULT_CUDA_ARCHS when
-                           none is visible
+                           newest one's PTX; a GPU newer than nvcc gets the
+                           newest arch nvcc knows, as PTX), or to
+                           DEFAULT_CUDA_ARCHS when none is visible
   MAX_JOBS                 parallel compile jobs (ninja)
 """
 
 import glob
 import os
+import re
 import shutil
+import subprocess
 import sys
 import sysconfig
 import warnings
@@ -97,6 +100,54 @@ def _cublas_link_args(cuda_home):
     return []
 
 
+
+def _parse_gpu_archs(text):
+    """The compute capabilities, as (major, minor), of the virtual archs that
+    `nvcc --list-gpu-arch` prints (compute_75 ... compute_120; the
+    arch-specific compute_90a forms are left out)."""
+    return {(int(m.group(1)), int(m.group(2)))
+            for m in re.finditer(r"\bcompute_(\d+)(\d)\b", text)}
+
+
+def _nvcc_gpu_archs(cuda_home):
+    """What this toolkit's nvcc compiles for; None when it cannot say."""
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--list-gpu-arch"],
+                             capture_output=True, text=True, timeout=120, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return _parse_gpu_archs(out) or None
+
+
+def _arch_list_for_gpus(caps, supported):
+    """TORCH_CUDA_ARCH_LIST for a build on GPUs of compute capabilities
+    `caps`, with an nvcc that compiles for `supported` (None: unknown, take
+    the GPUs' own).
+
+    Each GPU's own arch where nvcc knows it. A GPU newer than nvcc (a
+    Blackwell with a CUDA 12.6 toolkit, say) gets the newest arch nvcc knows
+    below it, as PTX, which the driver compiles for that GPU at first use:
+    asking nvcc for an arch it does not know stops the build ("Unsupported
+    gpu architecture"). torch.utils.cpp_extension clamps the same way, to
+    torch's own arch list. The newest arch of the list gets its PTX too, so
+    the build also runs on a newer GPU than the ones it was made on.
+    """
+    archs, ptx = set(), set()
+    for cap in caps:
+        if supported is None or cap in supported:
+            archs.add(cap)
+            continue
+        below = [a for a in supported if a <= cap]
+        if not below:
+            raise ValueError(
+                f"the GPU of compute capability {cap[0]}.{cap[1]} is older than every arch "
+                f"this nvcc compiles for ({', '.join(f'{a}.{b}' for a, b in sorted(supported))}); "
+                "set TORCH_CUDA_ARCH_LIST, or RNNFAST_SKIP_CUDA=1 for the CPU kernels only")
+        archs.add(max(below))
+        ptx.add(max(below))
+    ptx.add(max(archs))
+    return ";".join(f"{a}.{b}" + ("+PTX" if (a, b) in ptx else "") for a, b in sorted(archs))
+
 # The CUDA backend: kernels (.cu, nvcc) and host code that only makes sense
 # with them (.cpp, host compiler: cuBLAS calls, op registration).
 cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
@@ -147,12 +198,12 @@ if with_cuda:
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         visible = torch.cuda.is_available() and torch.cuda.device_count() > 0
         if visible:
-            # The visible GPUs' archs, and the newest one's PTX too (as
-            # torch.utils.cpp_extension does), so that the build also runs
-            # on a newer GPU than the one it was made on.
             caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
-            os.environ["TORCH_CUDA_ARCH_LIST"] = (
-                ";".join(f"{a}.{b}" for a, b in sorted(caps)) + "+PTX")
+            try:
+                os.environ["TORCH_CUDA_ARCH_LIST"] = _arch_list_for_gpus(
+                    caps, _nvcc_gpu_archs(cuda_home))
+            except ValueError as e:
+                sys.exit(f"error: rnnfast: {e}")
         else:
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
     cuda_archs = os.environ["TORCH_CUDA_ARCH_LIST"]

@@ -108,6 +108,51 @@ def test_claimed_archs_parse():
     assert _claimed_archs("9.0a") == ({"90a"}, set())
 
 
+
+def _setup_functions(*names):
+    """Functions of setup.py, run from its source (importing setup.py would
+    build): only the named definitions, with the modules they use."""
+    import ast
+    import os
+
+    source = (CUDA_SOURCES.parent.parent / "setup.py").read_text()
+    tree = ast.parse(source)
+    defs = [node for node in tree.body
+            if isinstance(node, ast.FunctionDef) and node.name in names]
+    assert {d.name for d in defs} == set(names), names
+    scope = {"os": os, "re": re, "subprocess": subprocess}
+    exec(compile(ast.Module(body=defs, type_ignores=[]), "setup.py", "exec"), scope)
+    return [scope[name] for name in names]
+
+
+def test_arch_list_for_visible_gpus():
+    """setup.py's default for a build on a GPU machine: the GPUs' archs and
+    the newest one's PTX; a GPU newer than nvcc gets the newest arch nvcc
+    knows below it as PTX (asking nvcc for an arch it does not know stops
+    the build); one older than all of them is a clear error."""
+    parse, arch_list = _setup_functions("_parse_gpu_archs", "_arch_list_for_gpus")
+    # `nvcc --list-gpu-arch` of CUDA 13.0 and of CUDA 12.6
+    cuda13 = parse("compute_75\ncompute_80\ncompute_86\ncompute_87\ncompute_88\n"
+                   "compute_89\ncompute_90\ncompute_100\ncompute_110\ncompute_103\n"
+                   "compute_120\ncompute_121\n")
+    assert (12, 0) in cuda13 and (10, 3) in cuda13 and (7, 5) == min(cuda13)
+    cuda126 = parse("compute_50 compute_52 compute_53 compute_60 compute_61 compute_62 "
+                    "compute_70 compute_72 compute_75 compute_80 compute_86 compute_87 "
+                    "compute_89 compute_90 compute_90a")
+    assert max(cuda126) == (9, 0) and (9, 0) in cuda126 and len(cuda126) == 14
+
+    assert arch_list({(9, 0)}, cuda13) == "9.0+PTX"
+    assert arch_list({(8, 6), (9, 0)}, cuda13) == "8.6;9.0+PTX"
+    assert arch_list({(12, 0)}, cuda13) == "12.0+PTX"
+    assert arch_list({(9, 0)}, None) == "9.0+PTX"  # nvcc could not say
+    # an RTX 50 (12.0) and a B200 (10.0) with CUDA 12.6: Hopper's PTX
+    assert arch_list({(12, 0)}, cuda126) == "9.0+PTX"
+    assert arch_list({(8, 0), (10, 0)}, cuda126) == "8.0;9.0+PTX"
+    # a GPU between two known archs: the one below, as PTX too
+    assert arch_list({(8, 8), (9, 0)}, cuda126) == "8.7+PTX;9.0+PTX"
+    with pytest.raises(ValueError, match=r"compute capability 7\.0 is older than every arch"):
+        arch_list({(7, 0)}, cuda13)
+
 def test_gpu_code_for_every_claimed_arch(cuobjdump):
     """Every CUDA source is in the binary as machine code for each arch that
     build_info()['cuda_archs'] names, and as PTX for each one marked +PTX
