@@ -36,6 +36,8 @@ SRC=$WORK/src
 mkdir -p "$WORK"
 
 say() { echo "aarch64_check: $*" >&2; }
+# shellcheck source=emulation_lib.sh
+. "$ROOT/scripts/emulation_lib.sh"
 
 # ---- toolchain and emulator ---------------------------------------------------
 if ! command -v aarch64-linux-gnu-g++ >/dev/null || ! command -v qemu-aarch64 >/dev/null \
@@ -79,16 +81,7 @@ PY=$SYSROOT/usr/bin/python3.11
 # wrapper that reads -march=native (Inductor's) as the emulated CPU (qemu's
 # names of CPUs are gcc's). CPATH finds the arm64 pyconfig.h that the
 # sysroot's Python.h includes.
-mkdir -p "$WORK/bin"
-cat > "$WORK/bin/aarch64-linux-gnu-g++" <<EOF
-#!/bin/sh
-for a; do
-  shift
-  if [ "\$a" = "-march=native" ]; then set -- "\$@" -mcpu=$QEMU_CPU; else set -- "\$@" "\$a"; fi
-done
-exec /usr/bin/aarch64-linux-gnu-g++ "\$@"
-EOF
-chmod +x "$WORK/bin/aarch64-linux-gnu-g++"
+write_march_wrapper "$WORK/bin/aarch64-linux-gnu-g++" /usr/bin/aarch64-linux-gnu-g++ "-mcpu=$QEMU_CPU"
 export PATH=$WORK/bin:$PATH CC=aarch64-linux-gnu-gcc CXX=aarch64-linux-gnu-g++
 export CPATH=$SYSROOT/usr/include
 

@@ -34,6 +34,8 @@ VENV=$(cd "${VENV:-$ROOT/.venv}" 2>/dev/null && pwd) || VENV=${VENV:-$ROOT/.venv
 AVX2_CPU=${AVX2_CPU:-EPYC-Rome,-xsaves,-xsavec,-rdseed,-sha-ni,-rdpid,-fxsr-opt,-misalignsse,-3dnowprefetch,-osvw,-topoext,-perfctr-core,-clzero,-xsaveerptr,-wbnoinvd,-ibpb,-amd-stibp,-nrip-save}
 
 say() { echo "avx2_check: $*" >&2; }
+# shellcheck source=emulation_lib.sh
+. "$ROOT/scripts/emulation_lib.sh"
 
 if ! command -v qemu-x86_64 >/dev/null; then
   say "installing qemu-user"
@@ -61,16 +63,7 @@ ln -s python "$WORK/venv/bin/python3"
 PY=$WORK/venv/bin/python
 
 # ---- the compiler that the tests call (Inductor, cpp_extension) ----------------
-CXX_REAL=$(command -v "${CXX:-g++}")
-cat > "$WORK/bin/g++" <<EOF
-#!/bin/sh
-for a; do
-  shift
-  if [ "\$a" = "-march=native" ]; then set -- "\$@" -march=x86-64-v3; else set -- "\$@" "\$a"; fi
-done
-exec "$CXX_REAL" "\$@"
-EOF
-chmod +x "$WORK/bin/g++"
+write_march_wrapper "$WORK/bin/g++" "$(command -v "${CXX:-g++}")" -march=x86-64-v3
 export PATH=$WORK/venv/bin:$WORK/bin:$PATH CXX=$WORK/bin/g++
 
 # oneDNN (nn.LSTM's kernel) is held to AVX: its AVX2 RNN (brgemm, JIT-written
