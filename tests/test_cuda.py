@@ -19,9 +19,10 @@ import itertools
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import rnnfast
+import utils as shared
 from utils import (CELLS, LAYER_NORM_LSTM_CELL, assert_error_within_twice, assert_results_close,
                    forward_backward, randomize_layer_norm_)
 
@@ -389,14 +390,6 @@ def test_layer_norm_lstm_opcheck(cuda_device):
 # This section uses only the shared fixtures (conftest.py: cuda_device, which
 # skips without CUDA and turns TF32 off) and helpers of tests/utils.py.
 
-import copy  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from torch.nn.utils.rnn import PackedSequence  # noqa: E402
-
-import rnnfast  # noqa: E402
-import utils as shared  # noqa: E402
 
 # Both layer types with a projection, packed input (unsorted lengths),
 # two layers and both directions where the layer has them.

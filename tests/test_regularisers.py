@@ -13,14 +13,13 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 import rnnfast
 import rnnfast.functional as RF
 from rnnfast import _export
 from rnnfast.reference import layer_norm_lstm_reference, lstm_reference
-from utils import (CELLS, LSTM_CELL, assert_error_within_twice, backward_op_args,
-                   forward_backward, make_op_args, make_packed, random_input, random_states,
+from utils import (LSTM_CELL, assert_error_within_twice, backward_op_args,
+                   forward_backward, make_packed, random_input, random_states,
                    weighted_loss, zoneout_masks)
 
 ZONEOUT_KINDS = {"h": (0.3, 0.0), "c": (0.0, 0.4), "hc": (0.3, 0.4)}
