@@ -134,6 +134,21 @@ class _RecurrentBase(nn.Module):
         """Parameters grouped per layer and direction, as nn.LSTM's."""
         return [[getattr(self, name) for name in names] for names in self._all_weights]
 
+    def __prepare_scriptable__(self):
+        """torch.jit.script calls this before it compiles a module (and each
+        submodule). The forward composes the fused ops in Python that
+        TorchScript cannot compile (its error would name a line of this
+        file), so refuse here, naming what works instead."""
+        name = type(self).__name__
+        raise RuntimeError(
+            f"rnnfast.{name} cannot be compiled by torch.jit.script (its forward is "
+            f"Python that TorchScript does not compile). Trace it instead: "
+            f"torch.jit.trace records the fused ops, runs at any batch size and "
+            f"length, and saves with torch.jit.save; a scripted model can hold the "
+            f"traced layer (model.rnn = torch.jit.trace(model.rnn, example_input) "
+            f"before torch.jit.script(model)). torch.export and torch.compile take "
+            f"rnnfast.{name} as it is.")
+
     def flatten_parameters(self) -> None:
         """A no-op kept for nn.LSTM compatibility: rnnfast reads every
         parameter where it is, so there is nothing to flatten (and DDP sees

@@ -9,6 +9,7 @@ the example it was exported with, against the PyTorch module.
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import subprocess
@@ -383,3 +384,61 @@ def test_jit_trace_packed_input(layer):
     x, lengths = torch.randn(OTHER_T, 4, INPUT), torch.tensor([3, OTHER_T, 5, 1])
     for got, expected in zip(loaded(x, lengths), model(x, lengths)):
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+
+
+# ---- torch.jit.script -----------------------------------------------------------
+
+class _HeadOver(nn.Module):
+    """A model that scripts: a recurrent layer given its initial states,
+    then a linear head."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+        self.head = nn.Linear(HIDDEN * (2 if layer.bidirectional else 1), 2)
+
+    def forward(self, x: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        y, _ = self.layer(x, hx)
+        return self.head(y)
+
+
+@pytest.mark.parametrize("layer", ["lstm", "layer_norm_lstm"])
+def test_jit_script_refused_with_the_way_out(layer):
+    """torch.jit.script cannot compile the layers' Python forward: it stops
+    before compiling, naming torch.jit.trace, not at a line of modules.py."""
+    model = _HeadOver(_make(layer))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.script's deprecation
+        with pytest.raises(RuntimeError, match=r"cannot be compiled by torch\.jit\.script.*"
+                                               r"torch\.jit\.trace"):
+            torch.jit.script(model)
+        with pytest.raises(RuntimeError, match="torch.jit.script"):
+            torch.jit.script(model.layer)
+
+
+@pytest.mark.parametrize("layer", ["lstm", "layer_norm_lstm"])
+def test_jit_script_of_a_model_holding_the_traced_layer(layer):
+    """The way out that the error names: trace the layer, script the model
+    around it. The scripted model saves, loads and agrees with eager at
+    another time and batch, in outputs and in gradients."""
+    model = _HeadOver(_make(layer, num_layers=2, bidirectional=True, batch_first=True)).train()
+    scripted = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted.layer = torch.jit.trace(scripted.layer,
+                                         _inputs(model.layer, EXAMPLE_T, EXAMPLE_B, True))
+        scripted = torch.jit.script(scripted)
+    buffer = io.BytesIO()
+    torch.jit.save(scripted, buffer)
+    buffer.seek(0)
+    loaded = torch.jit.load(buffer)
+
+    args = _inputs(model.layer, OTHER_T, OTHER_B, True)
+    expected, got = model(*args), loaded(*args)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    weights = torch.randn(expected.shape)
+    (expected * weights).sum().backward()
+    (got * weights).sum().backward()
+    loaded_params = dict(loaded.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(loaded_params[name].grad, p.grad, atol=1e-5, rtol=1e-5)
