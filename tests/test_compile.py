@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 import rnnfast
-from utils import make_packed, randomize_layer_norm_
+from utils import make_packed, randomize_layer_norm_, skip_unless_dynamo_reads_built_packed_sequences
 
 T, B, I, H = 5, 3, 4, 6
 LENGTHS = [2, 5, 3]  # unsorted: enforce_sorted=False
@@ -94,6 +94,7 @@ def test_compile_fullgraph_batch_first_aot_eager(device):
 def test_compile_fullgraph_packed_sequence(device):
     """A PackedSequence input compiles without a graph break (nn.LSTM cannot
     be compiled at all: dynamo refuses to wrap it)."""
+    skip_unless_dynamo_reads_built_packed_sequences()
     torch._dynamo.reset()
     torch.manual_seed(2)
     model = Tagger().to(device, torch.float64)
@@ -109,6 +110,7 @@ def test_compile_fullgraph_packed_sequence(device):
 def test_compile_packed_sequence_with_graph_breaks(device):
     """Without fullgraph, a PackedSequence input compiles (with graph
     breaks) and matches eager."""
+    skip_unless_dynamo_reads_built_packed_sequences()
     torch._dynamo.reset()
     torch.manual_seed(3)
     model = Tagger().to(device, torch.float64)
@@ -207,6 +209,7 @@ def test_compile_inductor_strides_every_layout(device, rnn, dynamic):
     """Inductor (the default backend), fullgraph, forward and backward of
     every layout equal eager mode; with dynamic shapes a second batch and
     length run without recompiling."""
+    skip_unless_dynamo_reads_built_packed_sequences()
     torch._dynamo.reset()
     torch.manual_seed(6)
     model = _Pipeline(rnn).to(device, torch.float64)
