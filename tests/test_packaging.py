@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # What a build or `make test` from an unpacked sdist reads.
 TOP_FILES = ["setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "LICENSE", "Makefile",
              "benchmarks/README.md"]
-TREES = {"csrc": None, "rnnfast": None, "tests": None, "examples": ".py", "scripts": None}
+TREES = {"csrc": None, "rnnfast": None, "tests": None, "examples": ".py", "scripts": None,
+         "docs": None}
 BUILT = (".so", ".o", ".pyc", ".pyd")
 LEFT_OUT = shutil.ignore_patterns(".git", ".venv", "build", "dist", "bench-out", "results",
                                   "__pycache__", ".pytest_cache", "*.egg-info", "*.so", "*.o",
