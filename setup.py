@@ -100,7 +100,6 @@ def _cublas_link_args(cuda_home):
     return []
 
 
-
 def _parse_gpu_archs(text):
     """The compute capabilities, as (major, minor), of the virtual archs that
     `nvcc --list-gpu-arch` prints (compute_75 ... compute_120; the
@@ -147,6 +146,7 @@ def _arch_list_for_gpus(caps, supported):
         ptx.add(max(below))
     ptx.add(max(archs))
     return ";".join(f"{a}.{b}" + ("+PTX" if (a, b) in ptx else "") for a, b in sorted(archs))
+
 
 # The CUDA backend: kernels (.cu, nvcc) and host code that only makes sense
 # with them (.cpp, host compiler: cuBLAS calls, op registration).

@@ -108,7 +108,6 @@ def test_claimed_archs_parse():
     assert _claimed_archs("9.0a") == ({"90a"}, set())
 
 
-
 def _setup_functions(*names):
     """Functions of setup.py, run from its source (importing setup.py would
     build): only the named definitions, with the modules they use."""
@@ -152,6 +151,7 @@ def test_arch_list_for_visible_gpus():
     assert arch_list({(8, 8), (9, 0)}, cuda126) == "8.7+PTX;9.0+PTX"
     with pytest.raises(ValueError, match=r"compute capability 7\.0 is older than every arch"):
         arch_list({(7, 0)}, cuda13)
+
 
 def test_gpu_code_for_every_claimed_arch(cuobjdump):
     """Every CUDA source is in the binary as machine code for each arch that

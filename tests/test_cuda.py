@@ -390,7 +390,6 @@ def test_layer_norm_lstm_opcheck(cuda_device):
 # This section uses only the shared fixtures (conftest.py: cuda_device, which
 # skips without CUDA and turns TF32 off) and helpers of tests/utils.py.
 
-
 # Both layer types with a projection, packed input (unsorted lengths),
 # two layers and both directions where the layer has them.
 SIDE_STREAM_MODELS = {
