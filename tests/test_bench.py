@@ -589,6 +589,31 @@ def test_report_writes_readme(tmp_path, tiny_run):
     assert again.read_text() == text
 
 
+def test_report_lists_runs_newest_first(tmp_path, tiny_run):
+    """The README opens with a table of the runs, newest first by the date
+    each recorded, linking each run's section (in the same order), with the
+    range of rnnfast.LSTM's speed-ups per mode."""
+    doc = json.loads((tiny_run / "results.json").read_text())
+    folders = []
+    for name, date in (("cpu-b-older", "2026-01-01T00:00:00+00:00"),
+                       ("cpu-a-newer", "2026-06-01T12:30:00+00:00")):
+        doc["environment"]["date"] = date
+        folder = tmp_path / "results" / name
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps(doc))
+        folders.append(folder)
+    text = write_readme(folders, tmp_path / "README.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| [cpu-")]
+    assert [r.split("]")[0] for r in rows] == ["| [cpu-a-newer", "| [cpu-b-older"]
+    assert rows[0].startswith("| [cpu-a-newer](#cpu-a-newer) | 2026-06-01 12:30 |")
+    assert text.index("\n## cpu-a-newer\n") < text.index("\n## cpu-b-older\n")
+    ratios = sorted(r["ratio"] for r in doc["results"] if r["impl"] == "rnnfast.LSTM"
+                    and r["mode"] == "training" and not r["decode"])
+    cells = [c.strip() for c in rows[0].split("|")]
+    assert cells[5] == (f"{ratios[0]:.2f}x" if f"{ratios[0]:.2f}" == f"{ratios[-1]:.2f}"
+                        else f"{ratios[0]:.2f}x-{ratios[-1]:.2f}x")
+
+
 def test_list_runs_nothing(capsys):
     assert cli.main(["--quick", "--list", "--device", "cpu"]) == 0
     out = capsys.readouterr().out

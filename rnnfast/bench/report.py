@@ -348,6 +348,9 @@ the runs since).
 Reproduce with `make bench` (the default preset, into bench-out/) or
 `rnnfast-bench --out benchmarks/results/NAME [--grid full]`, then
 `rnnfast-bench report` to regenerate this file.
+
+The runs follow, newest first; the table lists them, each with the range of
+rnnfast.LSTM's speed-up over torch.nn.LSTM across the run's cases, per mode.
 """
 
 
@@ -394,13 +397,54 @@ def _malloc_line(malloc: Optional[dict]) -> str:
     return line
 
 
+def _anchor(title: str) -> str:
+    """The link target GitHub gives a heading: lower case, spaces to
+    hyphens, other punctuation but hyphens and underscores dropped."""
+    kept = "".join(c for c in title.lower() if c.isalnum() or c in "-_ ")
+    return "#" + kept.replace(" ", "-")
+
+
+def _speedup_range(records: list[dict], mode: str, decode: bool) -> str:
+    """rnnfast.LSTM's speed-ups over its baseline in ``mode`` (decode cases
+    apart), as ``low-high``; an en dash where the run has none."""
+    ratios = sorted(r["ratio"] for r in records
+                    if r["impl"] == "rnnfast.LSTM" and r["mode"] == mode
+                    and bool(r.get("decode")) == decode and r.get("ratio"))
+    if not ratios:
+        return "\u2013"
+    low, high = _fmt_ratio(ratios[0]), _fmt_ratio(ratios[-1])
+    return low if low == high else f"{low}-{high}"
+
+
+def _run_row(name: str, doc: dict) -> list[str]:
+    env = doc.get("environment", {})
+    build = env.get("rnnfast_build_info") or {}
+    machine = env.get("gpu_name") or env.get("cpu_model") or "unknown"
+    if not env.get("gpu_name") and build.get("cpu_kernels"):
+        machine += f" ({build['cpu_kernels']} kernels)"
+    if env.get("isa_settings"):
+        machine += ", " + ", ".join(f"{k}={v}" for k, v in env["isa_settings"].items())
+    dtypes = sorted({r["dtype"] for r in doc["results"]})
+    records = doc["results"]
+    return [f"[{name}]({_anchor(name)})", str(env.get("date", ""))[:16].replace("T", " "),
+            machine, ", ".join(dtypes), _speedup_range(records, "training", False),
+            _speedup_range(records, "inference", False),
+            _speedup_range(records, "inference", True)]
+
+
 def write_readme(result_dirs: Iterable[os.PathLike], output: os.PathLike) -> Path:
     """Regenerates ``output`` (benchmarks/README.md) from the results.json
-    and PNG plots of each folder in ``result_dirs``."""
+    and PNG plots of each folder in ``result_dirs``: a table of the runs,
+    then each run, newest first (by the date it recorded, then name)."""
     output = Path(output)
+    runs = [(Path(d), load(d)) for d in result_dirs]
+    runs.sort(key=lambda run: (str(run[1].get("environment", {}).get("date", "")),
+                               run[0].name), reverse=True)
     parts = [_README_HEAD]
-    for folder in sorted(Path(d) for d in result_dirs):
-        doc = load(folder)
+    parts += ["| run | date (UTC) | machine | dtypes | rnnfast.LSTM speed-up: training "
+              "| inference | decode |", "|---|---|---|---|---:|---:|---:|"]
+    parts += ["| " + " | ".join(_run_row(folder.name, doc)) + " |" for folder, doc in runs]
+    for folder, doc in runs:
         settings = doc.get("settings", {})
         parts.append(f"\n## {folder.name}\n")
         parts.append("\n".join(_env_lines(doc.get("environment", {}))))
