@@ -181,11 +181,12 @@ def test_onnx_layer_norm_lstm_is_a_scan_that_does_not_grow_with_time(tmp_path):
     _assert_runs_like_pytorch(model, path, False)
 
 
-@pytest.mark.skipif(TORCH_RELEASE < (2, 12), reason=(
+@pytest.mark.skipif(TORCH_RELEASE < (2, 10), reason=(
     "torch 2.9's exporter traces with sizes of 1 allowed (backed_size_oblivious) and its "
     "matmul and contiguity checks guard on the batch_first input's transposed view "
     "(size != 1), so its non-strict capture fails and the strict one keeps the fused op; "
-    "checked failing on 2.9.1, passing on 2.12.1 and 2.14.1 (README: use dynamo=False)"))
+    "checked failing on 2.9.1, passing on 2.10.0, 2.12.1 and 2.14.1 (README: use "
+    "dynamo=False)"))
 def test_onnx_layer_norm_lstm_stacked_bidirectional(tmp_path):
     model = _make("layer_norm_lstm", num_layers=2, bidirectional=True, batch_first=True)
     path = tmp_path / "ln.onnx"
