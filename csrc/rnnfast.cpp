@@ -110,6 +110,12 @@ void bind_step_product(pybind11::module& m, const char* name, const char* doc) {
 }
 }  // namespace
 
+// The torch this library was compiled against, as a marker string that
+// rnnfast/_torch_version.py finds in the file when the library fails to load
+// under another torch (undefined symbols), so that the error can name both.
+constexpr char kBuiltAgainstMarker[] = "rnnfast-built-against-torch=";
+constexpr char kBuiltAgainst[] = "rnnfast-built-against-torch=" RNNFAST_TORCH_VERSION;
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "rnnfast's compiled ops (registered in torch.ops.rnnfast).";
   m.def(
@@ -122,7 +128,8 @@ PYBIND11_MODULE(_C, m) {
         info["with_cuda"] = false;
 #endif
         info["cuda_archs"] = std::string(RNNFAST_CUDA_ARCHS);
-        info["torch_version"] = std::string(RNNFAST_TORCH_VERSION);
+        info["torch_version"] =
+            std::string(kBuiltAgainst + sizeof(kBuiltAgainstMarker) - 1);
         info["cpu_kernels"] = std::string(rnnfast::cpu_kernels_in_use());
         info["cpu_gemm"] = std::string(rnnfast::cpu_gemm_in_use());
         info["cpu_native_bfloat16"] = rnnfast::cpu_native_bfloat16();

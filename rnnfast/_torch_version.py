@@ -1,5 +1,7 @@
 """The oldest torch rnnfast runs on, checked when it is built (setup.py
-loads this file by its path) and when it is imported.
+loads this file by its path) and when it is imported; and what to say when
+the compiled extension was built against another torch than the one it
+meets.
 
 pip checks pyproject's ``torch>=2.8`` only with its dependency resolution on;
 the README's build command (``--no-build-isolation --no-deps``) skips it, and
@@ -10,6 +12,8 @@ an AttributeError. This file imports nothing but the standard library.
 from __future__ import annotations
 
 import re
+from pathlib import Path
+from typing import Optional
 
 # The oldest release the whole suite was run on and passes: torch 2.8.0
 # (one test skipped: a fullgraph compile that needs Dynamo to capture
@@ -36,3 +40,45 @@ def check_torch(version: str) -> None:
         need = ".".join(map(str, MIN_TORCH))
         raise ImportError(f"rnnfast needs torch >= {need}, found torch {version}; "
                           f"upgrade torch (pip install 'torch>={need}') and rebuild rnnfast")
+
+
+# csrc/rnnfast.cpp keeps this marker, followed by the torch version it was
+# compiled against, in the library.
+_BUILT_AGAINST = re.compile(rb"rnnfast-built-against-torch=([0-9A-Za-z.+_-]+)")
+_REBUILD = ("rebuild it against this torch: in rnnfast's source tree (or unpacked sdist), "
+            "pip install --no-build-isolation --no-deps . (-e . for an editable install; "
+            "build isolation off, so that it compiles against the installed torch)")
+
+
+def built_against(library: Path) -> Optional[str]:
+    """The torch version the rnnfast library file ``library`` was compiled
+    against, read from its marker; None when there is none to read."""
+    try:
+        match = _BUILT_AGAINST.search(Path(library).read_bytes())
+    except OSError:
+        return None
+    return match.group(1).decode() if match else None
+
+
+def load_error(error: ImportError, running: str, package: Path) -> ImportError:
+    """The ImportError to raise when ``rnnfast._C`` (in the folder
+    ``package``) failed to load under torch ``running``: one naming both
+    torch versions and the rebuild where the library was built against
+    another torch (its undefined symbols or missing CUDA libraries say only
+    that), else ``error`` itself."""
+    built = next((b for b in map(built_against, sorted(Path(package).glob("_C*.so")))
+                  if b is not None), None)
+    if built is None or built == running:
+        return error
+    return ImportError(f"rnnfast's compiled extension was built against torch {built} and "
+                       f"cannot load with the installed torch {running} ({error}); {_REBUILD}")
+
+
+def mismatch_warning(built: str, running: str) -> Optional[str]:
+    """What to warn when the extension loaded, but was built against another
+    torch release (major.minor) than ``running``: torch's C++ ABI is not kept
+    across releases, so it may crash or misbehave. None when they match."""
+    if torch_release(built) == torch_release(running):
+        return None
+    return (f"rnnfast's compiled extension was built against torch {built} and runs with "
+            f"torch {running}; {_REBUILD}")

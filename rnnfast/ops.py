@@ -8,12 +8,22 @@ autograd formulas, whose backward is itself an op.
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from . import _C  # noqa: F401  (loads the library and registers the ops)
+from . import _torch_version
+
+try:
+    from . import _C  # loads the library and registers the ops
+except ImportError as e:  # most often: built against another torch
+    raise _torch_version.load_error(e, torch.__version__, Path(__file__).parent) from e
+_MISMATCH = _torch_version.mismatch_warning(_C.build_info()["torch_version"], torch.__version__)
+if _MISMATCH:
+    warnings.warn(_MISMATCH, RuntimeWarning, stacklevel=2)
 
 __all__ = ["lstm_forward", "lstm_backward", "layer_norm_lstm_forward",
            "layer_norm_lstm_backward"]

@@ -92,6 +92,48 @@ def test_torch_versions_read_and_checked():
         torch_release("nightly")
 
 
+# -- an extension built against another torch -------------------------------------
+
+def test_extension_records_the_torch_it_was_built_against():
+    """The library file holds the marker that a failed load reads, and it
+    names the torch build_info() reports."""
+    import rnnfast
+    from rnnfast._torch_version import built_against
+
+    (library,) = Path(rnnfast.__file__).parent.glob("_C*.so")
+    assert built_against(library) == rnnfast.build_info()["torch_version"]
+
+
+def test_load_error_names_both_torches(tmp_path):
+    """A library that fails to load (undefined symbols, a CUDA library of
+    another release) under another torch than it was built against gives an
+    ImportError naming both and the rebuild; otherwise the error is kept."""
+    from rnnfast._torch_version import built_against, load_error
+
+    library = tmp_path / "_C.cpython-311-x86_64-linux-gnu.so"
+    library.write_bytes(b"\x7fELF\x00junk\x00rnnfast-built-against-torch=2.14.1+cu130\x00more")
+    assert built_against(library) == "2.14.1+cu130"
+    cause = ImportError(f"{library}: undefined symbol: _ZN3c104cuda19CUDAErrorLogCaptureC1Ev")
+    error = load_error(cause, "2.12.1+cu130", tmp_path)
+    message = str(error)
+    assert isinstance(error, ImportError) and error is not cause
+    assert "built against torch 2.14.1+cu130" in message
+    assert "installed torch 2.12.1+cu130" in message and "undefined symbol" in message
+    assert "pip install --no-build-isolation --no-deps ." in message
+    assert load_error(cause, "2.14.1+cu130", tmp_path) is cause  # same torch: not the cause
+    assert load_error(cause, "2.12.1", tmp_path / "elsewhere") is cause  # no library to read
+    library.write_bytes(b"\x7fELF no marker")
+    assert load_error(cause, "2.12.1", tmp_path) is cause
+
+
+def test_mismatch_warned_across_torch_releases():
+    from rnnfast._torch_version import mismatch_warning
+
+    assert mismatch_warning("2.14.1+cu130", "2.14.2") is None
+    message = mismatch_warning("2.14.1+cu130", "2.15.0")
+    assert "built against torch 2.14.1+cu130 and runs with torch 2.15.0" in message
+
+
 OLD_TORCH = "2.4.1"  # older than any floor rnnfast could have
 
 
