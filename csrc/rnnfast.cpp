@@ -115,9 +115,16 @@ void bind_step_product(pybind11::module& m, const char* name, const char* doc) {
 // under another torch (undefined symbols), so that the error can name both.
 constexpr char kBuiltAgainstMarker[] = "rnnfast-built-against-torch=";
 constexpr char kBuiltAgainst[] = "rnnfast-built-against-torch=" RNNFAST_TORCH_VERSION;
+// The version alone (what follows the marker).
+constexpr const char* built_against_torch() {
+  return kBuiltAgainst + sizeof(kBuiltAgainstMarker) - 1;
+}
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "rnnfast's compiled ops (registered in torch.ops.rnnfast).";
+  // Read at import (rnnfast/ops.py) without build_info(), which asks the CPU
+  // and the environment things an import need not.
+  m.attr("built_against_torch") = std::string(built_against_torch());
   m.def(
       "build_info",
       [] {
@@ -128,8 +135,7 @@ PYBIND11_MODULE(_C, m) {
         info["with_cuda"] = false;
 #endif
         info["cuda_archs"] = std::string(RNNFAST_CUDA_ARCHS);
-        info["torch_version"] =
-            std::string(kBuiltAgainst + sizeof(kBuiltAgainstMarker) - 1);
+        info["torch_version"] = std::string(built_against_torch());
         info["cpu_kernels"] = std::string(rnnfast::cpu_kernels_in_use());
         info["cpu_gemm"] = std::string(rnnfast::cpu_gemm_in_use());
         info["cpu_native_bfloat16"] = rnnfast::cpu_native_bfloat16();

@@ -21,7 +21,7 @@ try:
     from . import _C  # loads the library and registers the ops
 except ImportError as e:  # most often: built against another torch
     raise _torch_version.load_error(e, torch.__version__, Path(__file__).parent) from e
-_MISMATCH = _torch_version.mismatch_warning(_C.build_info()["torch_version"], torch.__version__)
+_MISMATCH = _torch_version.mismatch_warning(_C.built_against_torch, torch.__version__)
 if _MISMATCH:
     warnings.warn(_MISMATCH, RuntimeWarning, stacklevel=2)
 

@@ -102,6 +102,24 @@ def test_extension_records_the_torch_it_was_built_against():
 
     (library,) = Path(rnnfast.__file__).parent.glob("_C*.so")
     assert built_against(library) == rnnfast.build_info()["torch_version"]
+    assert rnnfast._C.built_against_torch == rnnfast.build_info()["torch_version"]
+
+
+def test_import_asks_nothing_of_the_cpu_settings():
+    """The import's torch check reads the built-against version alone, not
+    build_info(), whose CPU queries check RNNFAST_CPU_NATIVE_BF16: a bad
+    value is refused when a bfloat16 op (or build_info) needs it, not by the
+    import."""
+    env = dict(os.environ, RNNFAST_CPU_NATIVE_BF16="x")
+    code = ("import rnnfast\n"
+            "try:\n"
+            "    rnnfast.build_info()\n"
+            "except RuntimeError as e:\n"
+            "    print('refused:', e)\n")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "refused: RNNFAST_CPU_NATIVE_BF16 must be 0 or 1, got 'x'" in run.stdout
 
 
 def test_load_error_names_both_torches(tmp_path):
