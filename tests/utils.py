@@ -15,6 +15,7 @@ gradient, opcheck and compile tests alike.
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -36,7 +37,26 @@ NN_LSTM_WORDS_SINCE = (2, 13)
 TORCH_RELEASE = torch_release(torch.__version__)  # (major, minor)
 OLD_NN_LSTM = TORCH_RELEASE < NN_LSTM_WORDS_SINCE
 
-_PACKED_READS: list[bool] = []
+
+@functools.cache
+def _dynamo_reads_built_packed_sequences() -> bool:
+    """Whether this torch's Dynamo reads the fields of a PackedSequence
+    built inside the compiled region, probed with torch alone."""
+    def rebuilt(p: PackedSequence) -> Tensor:
+        q = PackedSequence(p.data * 2, p.batch_sizes, p.sorted_indices, p.unsorted_indices)
+        return q.data
+
+    packed = pack_padded_sequence(torch.randn(3, 2, 1), torch.tensor([3, 2]))
+    torch._dynamo.reset()
+    try:
+        torch.compile(rebuilt, backend="eager", fullgraph=True)(packed)
+        return True
+    except Exception as e:  # noqa: BLE001 (what torch raises is torch's)
+        if "tuple index out of range" not in str(e):
+            raise
+        return False
+    finally:
+        torch._dynamo.reset()
 
 
 def skip_unless_dynamo_reads_built_packed_sequences() -> None:
@@ -46,24 +66,8 @@ def skip_unless_dynamo_reads_built_packed_sequences() -> None:
     InternalTorchDynamoError (IndexError) in Dynamo's own tuple handling
     (its namedtuple field getters were moved off the base tuple variable
     that PackedSequence gets; pytorch/pytorch#181687 restores them; 2.11,
-    2.13 and 2.14 read them). Probed once, with torch alone."""
-    if not _PACKED_READS:
-        def rebuilt(p: PackedSequence) -> Tensor:
-            q = PackedSequence(p.data * 2, p.batch_sizes, p.sorted_indices, p.unsorted_indices)
-            return q.data
-
-        packed = pack_padded_sequence(torch.randn(3, 2, 1), torch.tensor([3, 2]))
-        torch._dynamo.reset()
-        try:
-            torch.compile(rebuilt, backend="eager", fullgraph=True)(packed)
-            _PACKED_READS.append(True)
-        except Exception as e:  # noqa: BLE001 (what torch raises is torch's)
-            if "tuple index out of range" not in str(e):
-                raise
-            _PACKED_READS.append(False)
-        finally:
-            torch._dynamo.reset()
-    if not _PACKED_READS[0]:
+    2.13 and 2.14 read them)."""
+    if not _dynamo_reads_built_packed_sequences():
         import pytest
 
         pytest.skip(f"torch {torch.__version__}'s Dynamo cannot read a PackedSequence built "
@@ -79,9 +83,6 @@ TOLERANCES = {
 }
 
 
-# --------------------------------------------------------------------------
-# Random inputs of the module tests
-# --------------------------------------------------------------------------
 def cuda_tool(name: str) -> Optional[str]:
     """A CUDA toolkit program (nvcc, cuobjdump, ...): in the toolkit that
     torch.utils.cpp_extension builds with, on PATH, or in the copy of
@@ -103,6 +104,9 @@ def cuda_tool(name: str) -> Optional[str]:
     return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
 
 
+# --------------------------------------------------------------------------
+# Random inputs of the module tests
+# --------------------------------------------------------------------------
 def random_input(batch_first: bool, dtype=torch.float64, device="cpu", steps: int = 5,
                  batch: int = 4, size: int = 3) -> Tensor:
     """A padded input ``[steps, batch, size]`` (``[batch, steps, size]``
