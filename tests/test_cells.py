@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import sys
 import warnings
 
 import pytest
@@ -459,6 +460,127 @@ def test_parity_frozen_weights_input_grad_only(device, cell):
     got, expected = forward_backward(ours, x), forward_backward(ref, x)
     assert_results_close(got, expected, **TOLERANCES[torch.float64])
     assert got["grad_input"].abs().sum() > 0
+
+
+# --------------------------------------------------------------------------
+# How a call reaches the kernel (rnnfast.ops._call, rnnfast._export.capture)
+# --------------------------------------------------------------------------
+class _CountingBelowAutograd:
+    """Stands in for rnnfast.ops._below_autograd (the guard it enters to
+    call a kernel past its autograd), counting its uses."""
+
+    entered = 0
+    _guard = torch._C._AutoDispatchBelowAutograd
+
+    def __enter__(self):
+        type(self).entered += 1
+        self._inner = self._guard()
+        return self._inner.__enter__()
+
+    def __exit__(self, *exc):
+        return self._inner.__exit__(*exc)
+
+
+@pytest.fixture
+def below_autograd(monkeypatch):
+    """The count of calls that went straight to a kernel."""
+    counter = type("Counter", (_CountingBelowAutograd,), {"entered": 0})
+    monkeypatch.setattr(rnnfast.ops, "_below_autograd", counter)
+    return counter
+
+
+def test_op_without_gradient_goes_straight_to_the_kernel(device, cell, below_autograd):
+    """Where no gradient can be asked of the result (no_grad, or nothing
+    requiring grad), the ops module calls the kernel below autograd: the same
+    outputs, bit for bit, as the call through the op's autograd kernel."""
+    wrapper = getattr(rnnfast.ops, cell.forward_op)
+    for sample in cell.sample_inputs(device):
+        for requires_grad in (False, True):
+            args = tuple(a.detach().requires_grad_(requires_grad)
+                         if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                         for a in sample.args)
+            with torch.no_grad():
+                through_autograd = cell.forward(*args)
+                before = below_autograd.entered
+                straight = wrapper(*args)
+                assert below_autograd.entered == before + 1, sample
+            for a, b in zip(straight, through_autograd):
+                assert torch.equal(a, b), sample
+                assert a.grad_fn is None and not a.requires_grad
+    # grad mode, nothing requiring grad: straight too
+    sample = cell.sample_inputs(device)[0]
+    before = below_autograd.entered
+    out = wrapper(*sample.args)[0]
+    assert below_autograd.entered == before + 1 and out.grad_fn is None
+
+
+def test_module_routes_by_what_gradient_is_needed(device, cell, below_autograd):
+    """A training forward goes through autograd, and its backward's ops
+    (run by the autograd engine with grad mode off) straight to their
+    kernels: one each per layer and direction; the gradients are the
+    reference's."""
+    ours, ref = cell.make_pair(I, cell.hidden, num_layers=2, bidirectional=True,
+                               device=device)
+    x = random_input(False, device=device)
+    with torch.no_grad():
+        ours(x)
+    assert below_autograd.entered == 4  # 2 layers x 2 directions
+    below_autograd.entered = 0
+    out, (h_n, c_n) = ours(x)
+    assert below_autograd.entered == 0 and out.grad_fn is not None
+    out.sum().backward()
+    assert below_autograd.entered == 4
+    ref(x)[0].sum().backward()
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-10, rtol=1e-10, msg=name)
+
+
+def test_compiled_module_calls_the_op_itself(cell, below_autograd):
+    """Under torch.compile the graph holds the op as before: the shortcut
+    is an eager one, taken neither while tracing nor by the compiled code."""
+    ours, _ = cell.make_pair(I, cell.hidden, num_layers=2)
+    x = random_input(False)
+    with torch.no_grad():
+        expected = ours(x)
+        below_autograd.entered = 0
+        got = torch.compile(ours, backend="aot_eager", fullgraph=True)(x)
+    assert below_autograd.entered == 0
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+def _calls_of(fn, run) -> int:
+    """How many times ``run()`` calls the Python function ``fn`` (counted by
+    a profile hook: replacing ``fn`` would also replace it in the tables
+    Dynamo builds once per process)."""
+    calls = 0
+
+    def hook(frame, event, arg):
+        nonlocal calls
+        if event == "call" and frame.f_code is fn.__code__:
+            calls += 1
+
+    previous = sys.getprofile()
+    sys.setprofile(hook)
+    try:
+        run()
+    finally:
+        sys.setprofile(previous)
+    return calls
+
+
+def test_eager_call_does_not_ask_about_onnx_export(cell):
+    """Eager calls are told apart from captures without
+    torch.onnx.is_in_onnx_export (which imports two modules a call); a
+    torch.jit.trace asks it once per call of the layers, not per layer."""
+    ours, _ = cell.make_pair(I, cell.hidden, num_layers=3)
+    x = random_input(False)
+    results = []
+    assert _calls_of(torch.onnx.is_in_onnx_export, lambda: results.append(ours(x))) == 0
+    assert _calls_of(torch.onnx.is_in_onnx_export, lambda: results.append(
+        torch.jit.trace(ours, (x,), check_trace=False))) == 1
+    for a, b in zip(torch.utils._pytree.tree_leaves(results[1](x)),
+                    torch.utils._pytree.tree_leaves(results[0])):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
 # --------------------------------------------------------------------------
