@@ -61,8 +61,18 @@ void dispatch_types(at::ScalarType sdt, const char* name, const F& f) {
   }
 }
 
+// `t` in `dtype`, contiguous. Most calls find it so already: then `t`
+// itself, without the two dispatched calls (to, contiguous) that would also
+// return it. An op takes ~10 of these per layer; in a decode step at small H
+// the dispatcher's overhead, not the arithmetic, is the cost.
 inline at::Tensor as_compute(const at::Tensor& t, at::ScalarType dtype) {
+  if (t.scalar_type() == dtype && t.is_contiguous()) return t;
   return t.to(dtype).contiguous();
+}
+
+// `t` in `dtype` (a result handed back in the input's dtype).
+inline at::Tensor in_dtype(const at::Tensor& t, at::ScalarType dtype) {
+  return t.scalar_type() == dtype ? t : t.to(dtype);
 }
 
 inline at::Tensor as_compute(const c10::optional<at::Tensor>& t,
@@ -76,7 +86,7 @@ inline at::Tensor as_compute(const c10::optional<at::Tensor>& t,
 // result is contiguous, as the fake kernels promise.
 inline at::Tensor reshaped_result(const at::Tensor& flat, at::IntArrayRef sizes,
                                   at::ScalarType dtype) {
-  return at::_unsafe_view(flat.to(dtype), sizes);
+  return at::_unsafe_view(in_dtype(flat, dtype), sizes);
 }
 
 // A copy of `t` in the contiguous layout the fake kernels promise, whatever
@@ -184,7 +194,7 @@ ForwardOutputs lstm_forward_op(const at::Tensor& input, const at::Tensor& hx,
   }
   if (!r.cell_states.defined()) r.cell_states = at::empty({0, s.hidden}, copts);
   return {reshaped_result(r.output, output_shape(input, s.output), dtype),
-          r.hy.to(dtype), r.cy.to(dtype), r.gates, r.cells, r.cell_states};
+          in_dtype(r.hy, dtype), in_dtype(r.cy, dtype), r.gates, r.cells, r.cell_states};
 }
 
 template <typename Backend>
@@ -262,15 +272,15 @@ BackwardOutputs lstm_backward_op(
   return {
       if_asked(mask.input, input,
                [&] { return reshaped_result(r.grad_input, input.sizes(), dtype); }),
-      if_asked(mask.hx, hx, [&] { return r.grad_hx.to(dtype); }),
-      if_asked(mask.cx, cx, [&] { return r.grad_cx.to(dtype); }),
+      if_asked(mask.hx, hx, [&] { return in_dtype(r.grad_hx, dtype); }),
+      if_asked(mask.cx, cx, [&] { return in_dtype(r.grad_cx, dtype); }),
       if_asked(mask.weight_ih, weight_ih,
-               [&] { return r.grad_weight_ih.to(dtype); }),
+               [&] { return in_dtype(r.grad_weight_ih, dtype); }),
       if_asked(mask.weight_hh, weight_hh,
-               [&] { return r.grad_weight_hh.to(dtype); }),
-      if_asked(mask.bias, weight_ih, [&] { return r.grad_bias.to(dtype); }),
+               [&] { return in_dtype(r.grad_weight_hh, dtype); }),
+      if_asked(mask.bias, weight_ih, [&] { return in_dtype(r.grad_bias, dtype); }),
       if_asked(mask.weight_hr && s.has_projection(), hr_like,
-               [&] { return r.grad_weight_hr.to(dtype); })};
+               [&] { return in_dtype(r.grad_weight_hr, dtype); })};
 }
 
 using LayerNormForwardOutputs =
@@ -358,8 +368,8 @@ LayerNormForwardOutputs layer_norm_lstm_forward_op(
       });
   auto out = empty_workspace();
   std::get<0>(out) = reshaped_result(r.output, output_shape(input, H), dtype);
-  std::get<1>(out) = r.hy.to(dtype);
-  std::get<2>(out) = r.cy.to(dtype);
+  std::get<1>(out) = in_dtype(r.hy, dtype);
+  std::get<2>(out) = in_dtype(r.cy, dtype);
   if (training) {
     std::get<3>(out) = r.cells;
     std::get<4>(out) = r.normalized_ih;

@@ -55,12 +55,27 @@ warnings.filterwarnings("ignore", category=torch.jit.TracerWarning,
                         module=r"rnnfast\.modules")
 
 
-def _in_dynamo_onnx_export() -> bool:
-    return torch.onnx.is_in_onnx_export() and not torch.jit.is_tracing()
+# How the current call is being captured. rnnfast.functional asks once per
+# call and hands the answer to every layer; eager calls are told apart
+# without torch.onnx.is_in_onnx_export(), which imports two modules each time
+# (4-5 us beside an op call on the Xeon; asked four times per layer it was a
+# fifth of a two-layer decode step at H=256).
+EAGER = "eager"  # eager, torch.compile and torch.export: the fused op
+TRACE = "trace"  # torch.jit.trace
+ONNX = "onnx"  # torch.onnx.export(..., dynamo=True)
+ONNX_TORCHSCRIPT = "onnx-torchscript"  # torch.onnx.export(..., dynamo=False)
 
 
-def _in_torchscript_onnx_export() -> bool:
-    return torch.onnx.is_in_onnx_export() and torch.jit.is_tracing()
+def capture() -> str:
+    """One of EAGER, TRACE, ONNX, ONNX_TORCHSCRIPT."""
+    tracing = torch.jit.is_tracing()
+    # Both ONNX exporters run under one of these: the TorchScript one traces,
+    # the other runs torch.export, which sets is_compiling.
+    if not tracing and not torch.compiler.is_compiling():
+        return EAGER
+    if torch.onnx.is_in_onnx_export():
+        return ONNX_TORCHSCRIPT if tracing else ONNX
+    return TRACE if tracing else EAGER
 
 
 def _refuse_packed(batch_sizes: Optional[Tensor], what: str) -> None:
@@ -72,12 +87,12 @@ def _refuse_packed(batch_sizes: Optional[Tensor], what: str) -> None:
             "projection by torch.onnx.export(..., dynamo=False))")
 
 
-def _check_zoneout_export(zoneout_hidden_mask: Optional[Tensor],
+def _check_zoneout_export(mode: str, zoneout_hidden_mask: Optional[Tensor],
                           zoneout_cell_mask: Optional[Tensor]) -> None:
     """Zoneout exports in evaluation mode (its rates, a fixed formula); the
     random masks of training mode have no exported form."""
-    if torch.onnx.is_in_onnx_export() and (zoneout_hidden_mask is not None
-                                           or zoneout_cell_mask is not None):
+    if mode in (ONNX, ONNX_TORCHSCRIPT) and (zoneout_hidden_mask is not None
+                                             or zoneout_cell_mask is not None):
         raise RuntimeError(
             "rnnfast: ONNX export of a layer with zoneout in training mode (random "
             "masks) is not supported; call model.eval() before exporting (zoneout "
@@ -99,20 +114,23 @@ def lstm_forward(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor,
                  reverse: bool, training: bool,
                  zoneout_hidden_mask: Optional[Tensor] = None,
                  zoneout_cell_mask: Optional[Tensor] = None,
-                 zoneout_hidden: float = 0.0, zoneout_cell: float = 0.0) -> _State:
+                 zoneout_hidden: float = 0.0, zoneout_cell: float = 0.0,
+                 mode: Optional[str] = None) -> _State:
     """``ops.lstm_forward``'s ``(output, hy, cy)``, in the form the current
-    capture understands (see the module's doc). Zoneout in evaluation (the
-    rates) exports as a Scan or Loop over time, ONNX's LSTM having none."""
-    _check_zoneout_export(zoneout_hidden_mask, zoneout_cell_mask)
+    capture (``mode``, :func:`capture`'s when None) understands (see the
+    module's doc). Zoneout in evaluation (the rates) exports as a Scan or
+    Loop over time, ONNX's LSTM having none."""
+    mode = capture() if mode is None else mode
+    _check_zoneout_export(mode, zoneout_hidden_mask, zoneout_cell_mask)
     zoneout = _zoneout_rates(zoneout_hidden, zoneout_cell)
-    if _in_dynamo_onnx_export():
+    if mode == ONNX:
         _refuse_packed(batch_sizes, "rnnfast.LSTM")
         if weight_hr is None and not zoneout:
             return _onnx_lstm(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh,
                               reverse)
         return _scan_layer(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh,
                            weight_hr, None, reverse, 0.0, zoneout)
-    if _in_torchscript_onnx_export():
+    if mode == ONNX_TORCHSCRIPT:
         if reverse:
             # The exporter's packing pass wants the packed input used once, by
             # one LSTM node for both directions; rnnfast's ops are per direction.
@@ -125,16 +143,14 @@ def lstm_forward(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor,
                                  [] if weight_hr is None else [weight_hr], [], reverse,
                                  0.0, zoneout)
         # translated to ONNX's LSTM by _lstm_symbolic below
-    if torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export():
+    if mode == TRACE:
         return _traced_lstm_forward()(input, hx, cx, weight_ih, weight_hh, bias_ih,
                                       bias_hh, weight_hr, batch_sizes, reverse,
                                       zoneout_hidden_mask, zoneout_cell_mask,
                                       zoneout_hidden, zoneout_cell)
-    out, hy, cy, *_ = ops.lstm_forward(input, hx, cx, weight_ih, weight_hh, bias_ih,
-                                       bias_hh, weight_hr, batch_sizes, reverse,
-                                       training, zoneout_hidden_mask, zoneout_cell_mask,
-                                       zoneout_hidden, zoneout_cell)
-    return out, hy, cy
+    return ops.lstm_forward(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh,
+                            weight_hr, batch_sizes, reverse, training, zoneout_hidden_mask,
+                            zoneout_cell_mask, zoneout_hidden, zoneout_cell)[:3]
 
 
 def _onnx_gate_order(t: Tensor) -> Tensor:
@@ -182,32 +198,34 @@ def layer_norm_lstm_forward(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Te
                             eps: float, zoneout_hidden_mask: Optional[Tensor] = None,
                             zoneout_cell_mask: Optional[Tensor] = None,
                             zoneout_hidden: float = 0.0,
-                            zoneout_cell: float = 0.0) -> _State:
+                            zoneout_cell: float = 0.0,
+                            mode: Optional[str] = None) -> _State:
     """``ops.layer_norm_lstm_forward``'s ``(output, hy, cy)``, in the form
-    the current capture understands (see the module's doc)."""
+    the current capture (``mode``, :func:`capture`'s when None) understands
+    (see the module's doc)."""
+    mode = capture() if mode is None else mode
     ln = (ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias, ln_cell_weight,
           ln_cell_bias)
-    _check_zoneout_export(zoneout_hidden_mask, zoneout_cell_mask)
+    _check_zoneout_export(mode, zoneout_hidden_mask, zoneout_cell_mask)
     zoneout = _zoneout_rates(zoneout_hidden, zoneout_cell)
-    if _in_dynamo_onnx_export():
+    if mode == ONNX:
         _refuse_packed(batch_sizes, "rnnfast.LayerNormLSTM")
         return _scan_layer(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, None,
                            ln, reverse, eps, zoneout)
-    if _in_torchscript_onnx_export():
+    if mode == ONNX_TORCHSCRIPT:
         _refuse_packed(batch_sizes, "rnnfast.LayerNormLSTM")
         return _loop_layer()(input, hx, cx, weight_ih, weight_hh,
                              _present(bias_ih, bias_hh), [], list(ln), reverse, eps,
                              zoneout)
-    if torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export():
+    if mode == TRACE:
         return _traced_layer_norm_lstm_forward()(
             input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, *ln, batch_sizes,
             reverse, eps, zoneout_hidden_mask, zoneout_cell_mask, zoneout_hidden,
             zoneout_cell)
-    out, hy, cy, *_ = ops.layer_norm_lstm_forward(
+    return ops.layer_norm_lstm_forward(
         input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, *ln, batch_sizes, reverse,
         training, eps, zoneout_hidden_mask, zoneout_cell_mask, zoneout_hidden,
-        zoneout_cell)
-    return out, hy, cy
+        zoneout_cell)[:3]
 
 
 # ---- a Scan over time (torch.export -> ONNX Scan) ------------------------------

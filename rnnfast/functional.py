@@ -274,6 +274,7 @@ def lstm(
                                            weight_dropout, variational_dropout)
     layers = split_weights(weights, num_layers, bidirectional, bias)
     save = _needs_grad(input, hx, weights)
+    mode = _export.capture()  # asked once for all the layers
 
     def run(layer_input, idx, reverse, h0, c0):
         w_ih, w_hh, b_ih, b_hh, w_hr = layers[idx]
@@ -281,7 +282,7 @@ def lstm(
         zoneout = _zoneout_args(layer_input, w_hh.shape[1], hidden, z_h, z_c, training)
         return _export.lstm_forward(
             layer_input, h0, c0, w_ih, _drop_weight(w_hh, w_drop, training), b_ih, b_hh,
-            w_hr, batch_sizes, reverse, save, *zoneout)
+            w_hr, batch_sizes, reverse, save, *zoneout, mode=mode)
 
     return _stack(run, input, hx, num_layers=num_layers, dropout=dropout,
                   training=training, bidirectional=bidirectional,
@@ -378,6 +379,7 @@ def layer_norm_lstm(
             f"rnnfast.functional.layer_norm_lstm: expected {groups * per} weights "
             f"({per} per layer and direction, bias={bias}), got {len(weights)}")
     save = _needs_grad(input, hx, weights)
+    mode = _export.capture()  # asked once for all the layers
 
     def run(layer_input, idx, reverse, h0, c0):
         w = list(weights[idx * per:(idx + 1) * per])
@@ -387,7 +389,7 @@ def layer_norm_lstm(
         zoneout = _zoneout_args(layer_input, hidden, hidden, z_h, z_c, training)
         return _export.layer_norm_lstm_forward(
             layer_input, h0, c0, w[0], _drop_weight(w[1], w_drop, training), b_ih, b_hh,
-            *ln, batch_sizes, reverse, save, eps, *zoneout)
+            *ln, batch_sizes, reverse, save, eps, *zoneout, mode=mode)
 
     return _stack(run, input, hx, num_layers=num_layers, dropout=dropout,
                   training=training, bidirectional=bidirectional,

@@ -173,7 +173,9 @@ class _RecurrentBase(nn.Module):
 
     # -- forward-argument checks (nn.LSTM's words) --------------------------
     def _dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+        # nn.LSTM's: the first flat weight's (a named getattr is a tenth of
+        # the cost of next(self.parameters()), paid at every call)
+        return getattr(self, self._flat_weights_names[0]).dtype
 
     def _check_input(self, input: Tensor, batch_sizes: Optional[Tensor]) -> None:
         dtype = self._dtype()

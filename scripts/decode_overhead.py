@@ -19,7 +19,12 @@ difference from the one below it:
 Then a cProfile of the module call (Python functions by own time) and a
 torch.profiler table of the ATen/custom ops one call runs.
 
+Every row runs under torch.inference_mode (the benchmark's setting), or
+with ``--under no_grad`` under torch.no_grad, the usual way to evaluate, where
+autograd's dispatch key stays on.
+
     PYTHONPATH=. python scripts/decode_overhead.py [--B 1] [--H 256] [--threads 1]
+                                                   [--under inference_mode|no_grad]
 """
 
 from __future__ import annotations
@@ -66,12 +71,15 @@ def main(argv=None) -> int:
     p.add_argument("--H", type=int, default=256)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--under", choices=["inference_mode", "no_grad"], default="inference_mode",
+                   help="the grad mode every row runs in")
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--min-s", type=float, default=0.3, help="seconds of timing per row")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     B, H, L = args.B, args.H, args.layers
+    mode = torch.inference_mode if args.under == "inference_mode" else torch.no_grad
     model = rnnfast.LSTM(H, H, num_layers=L).eval()
     ref = torch.nn.LSTM(H, H, num_layers=L).eval()
     ref.load_state_dict(model.state_dict())
@@ -117,12 +125,12 @@ def main(argv=None) -> int:
         ref(x, state)
 
     rows = []
-    with torch.inference_mode():
+    with mode():
         for name, fn in (("module", module), ("forward", forward), ("functional", functional),
                          ("ops", op_wrappers), ("dispatcher", dispatcher), ("gemm", gemm),
                          ("nn.LSTM", nn_lstm)):
             rows.append((name, *per_call_us(fn, args.min_s)))
-    print(f"streaming decode, {L} layers, B={B} I=H={H}, float32, {args.threads} thread(s), "
+    print(f"streaming decode, {L} layers, B={B} I=H={H}, float32, {args.threads} thread(s), under {args.under}, "
           f"torch {torch.__version__}, rnnfast {rnnfast.build_info()}")
     print(f"{'layer':<11} {'median us':>9} {'IQR':>6} {'min us':>7} {'own (min)':>9}")
     stack = [r for r in rows if r[0] not in ("gemm", "nn.LSTM")]
@@ -152,7 +160,7 @@ def main(argv=None) -> int:
     ]
     print(f"\nper layer, inside the op (the same work through torch; us/call, {args.threads} "
           f"thread(s)):")
-    with torch.inference_mode():
+    with mode():
         for name, fn in proxies:
             if fn is None:
                 print(f"  {name:<46} (no MKL)")
@@ -161,7 +169,7 @@ def main(argv=None) -> int:
             print(f"  {name:<46} median {med:7.1f} (IQR {iqr:.1f}), min {low:7.1f}")
     if args.no_profile:
         return 0
-    with torch.inference_mode():
+    with mode():
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(2000):
@@ -172,7 +180,7 @@ def main(argv=None) -> int:
     print("\ncProfile of 2000 module calls (own time per function; profiling inflates it):")
     print("\n".join(out.getvalue().splitlines()[4:]))
     from torch.profiler import ProfilerActivity, profile
-    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as tp:
+    with mode(), profile(activities=[ProfilerActivity.CPU]) as tp:
         for _ in range(200):
             model(x, state)
     print("torch.profiler, 200 module calls:")
