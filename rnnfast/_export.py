@@ -58,8 +58,8 @@ warnings.filterwarnings("ignore", category=torch.jit.TracerWarning,
 # How the current call is being captured. rnnfast.functional asks once per
 # call and hands the answer to every layer; eager calls are told apart
 # without torch.onnx.is_in_onnx_export(), which imports two modules each time
-# (4-5 us beside an op call on the Xeon; asked four times per layer it was a
-# fifth of a two-layer decode step at H=256).
+# (4-5 us beside an op call on the Xeon; asked three times per layer of an
+# eager call, it was about a fifth of a two-layer decode step at H=8).
 EAGER = "eager"  # eager, torch.compile and torch.export: the fused op
 TRACE = "trace"  # torch.jit.trace
 ONNX = "onnx"  # torch.onnx.export(..., dynamo=True)
