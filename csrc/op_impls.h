@@ -75,6 +75,12 @@ inline at::Tensor in_dtype(const at::Tensor& t, at::ScalarType dtype) {
   return t.scalar_type() == dtype ? t : t.to(dtype);
 }
 
+// in_dtype(t, dtype) when called: a backward's gradient for if_asked.
+inline std::function<at::Tensor()> gradient_in(const at::Tensor& t,
+                                               at::ScalarType dtype) {
+  return [&t, dtype] { return in_dtype(t, dtype); };
+}
+
 inline at::Tensor as_compute(const c10::optional<at::Tensor>& t,
                              at::ScalarType dtype) {
   return t.has_value() ? as_compute(*t, dtype) : at::Tensor();
@@ -272,15 +278,13 @@ BackwardOutputs lstm_backward_op(
   return {
       if_asked(mask.input, input,
                [&] { return reshaped_result(r.grad_input, input.sizes(), dtype); }),
-      if_asked(mask.hx, hx, [&] { return in_dtype(r.grad_hx, dtype); }),
-      if_asked(mask.cx, cx, [&] { return in_dtype(r.grad_cx, dtype); }),
-      if_asked(mask.weight_ih, weight_ih,
-               [&] { return in_dtype(r.grad_weight_ih, dtype); }),
-      if_asked(mask.weight_hh, weight_hh,
-               [&] { return in_dtype(r.grad_weight_hh, dtype); }),
-      if_asked(mask.bias, weight_ih, [&] { return in_dtype(r.grad_bias, dtype); }),
+      if_asked(mask.hx, hx, gradient_in(r.grad_hx, dtype)),
+      if_asked(mask.cx, cx, gradient_in(r.grad_cx, dtype)),
+      if_asked(mask.weight_ih, weight_ih, gradient_in(r.grad_weight_ih, dtype)),
+      if_asked(mask.weight_hh, weight_hh, gradient_in(r.grad_weight_hh, dtype)),
+      if_asked(mask.bias, weight_ih, gradient_in(r.grad_bias, dtype)),
       if_asked(mask.weight_hr && s.has_projection(), hr_like,
-               [&] { return in_dtype(r.grad_weight_hr, dtype); })};
+               gradient_in(r.grad_weight_hr, dtype))};
 }
 
 using LayerNormForwardOutputs =
@@ -466,21 +470,18 @@ LayerNormBackwardOutputs layer_norm_lstm_backward_op(
             z.on_cell() ? as_compute(*cell_states, cdt) : at::Tensor(), z,
             mask);
       });
-  auto cast = [dtype](const at::Tensor& t) {
-    return [&t, dtype] { return t.to(dtype); };
-  };
   return {
       if_asked(mask.input, input,
                [&] { return reshaped_result(r.grad_input, input.sizes(), dtype); }),
-      if_asked(mask.hx, hx, cast(r.grad_hx)),
-      if_asked(mask.cx, cx, cast(r.grad_cx)),
-      if_asked(mask.weight_ih, weight_ih, cast(r.grad_weight_ih)),
-      if_asked(mask.weight_hh, weight_hh, cast(r.grad_weight_hh)),
-      if_asked(mask.bias, ln_ih_bias, cast(r.grad_bias)),
-      if_asked(mask.ln_ih_weight, ln_ih_weight, cast(r.grad_ln_ih_weight)),
-      if_asked(mask.ln_hh_weight, ln_hh_weight, cast(r.grad_ln_hh_weight)),
-      if_asked(mask.ln_cell_weight, ln_cell_weight, cast(r.grad_ln_cell_weight)),
-      if_asked(mask.ln_cell_bias, ln_cell_bias, cast(r.grad_ln_cell_bias))};
+      if_asked(mask.hx, hx, gradient_in(r.grad_hx, dtype)),
+      if_asked(mask.cx, cx, gradient_in(r.grad_cx, dtype)),
+      if_asked(mask.weight_ih, weight_ih, gradient_in(r.grad_weight_ih, dtype)),
+      if_asked(mask.weight_hh, weight_hh, gradient_in(r.grad_weight_hh, dtype)),
+      if_asked(mask.bias, ln_ih_bias, gradient_in(r.grad_bias, dtype)),
+      if_asked(mask.ln_ih_weight, ln_ih_weight, gradient_in(r.grad_ln_ih_weight, dtype)),
+      if_asked(mask.ln_hh_weight, ln_hh_weight, gradient_in(r.grad_ln_hh_weight, dtype)),
+      if_asked(mask.ln_cell_weight, ln_cell_weight, gradient_in(r.grad_ln_cell_weight, dtype)),
+      if_asked(mask.ln_cell_bias, ln_cell_bias, gradient_in(r.grad_ln_cell_bias, dtype))};
 }
 
 }  // namespace rnnfast

@@ -113,11 +113,11 @@ void bind_step_product(pybind11::module& m, const char* name, const char* doc) {
 // The torch this library was compiled against, as a marker string that
 // rnnfast/_torch_version.py finds in the file when the library fails to load
 // under another torch (undefined symbols), so that the error can name both.
-constexpr char kBuiltAgainstMarker[] = "rnnfast-built-against-torch=";
-constexpr char kBuiltAgainst[] = "rnnfast-built-against-torch=" RNNFAST_TORCH_VERSION;
+#define RNNFAST_BUILT_AGAINST_MARKER "rnnfast-built-against-torch="
+constexpr char kBuiltAgainst[] = RNNFAST_BUILT_AGAINST_MARKER RNNFAST_TORCH_VERSION;
 // The version alone (what follows the marker).
 constexpr const char* built_against_torch() {
-  return kBuiltAgainst + sizeof(kBuiltAgainstMarker) - 1;
+  return kBuiltAgainst + sizeof(RNNFAST_BUILT_AGAINST_MARKER) - 1;
 }
 
 PYBIND11_MODULE(_C, m) {

@@ -114,13 +114,12 @@ def lstm_forward(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor,
                  reverse: bool, training: bool,
                  zoneout_hidden_mask: Optional[Tensor] = None,
                  zoneout_cell_mask: Optional[Tensor] = None,
-                 zoneout_hidden: float = 0.0, zoneout_cell: float = 0.0,
-                 mode: Optional[str] = None) -> _State:
+                 zoneout_hidden: float = 0.0, zoneout_cell: float = 0.0, *,
+                 mode: str) -> _State:
     """``ops.lstm_forward``'s ``(output, hy, cy)``, in the form the current
-    capture (``mode``, :func:`capture`'s when None) understands (see the
+    capture (``mode``, :func:`capture`'s answer) understands (see the
     module's doc). Zoneout in evaluation (the rates) exports as a Scan or
     Loop over time, ONNX's LSTM having none."""
-    mode = capture() if mode is None else mode
     _check_zoneout_export(mode, zoneout_hidden_mask, zoneout_cell_mask)
     zoneout = _zoneout_rates(zoneout_hidden, zoneout_cell)
     if mode == ONNX:
@@ -198,12 +197,10 @@ def layer_norm_lstm_forward(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Te
                             eps: float, zoneout_hidden_mask: Optional[Tensor] = None,
                             zoneout_cell_mask: Optional[Tensor] = None,
                             zoneout_hidden: float = 0.0,
-                            zoneout_cell: float = 0.0,
-                            mode: Optional[str] = None) -> _State:
+                            zoneout_cell: float = 0.0, *, mode: str) -> _State:
     """``ops.layer_norm_lstm_forward``'s ``(output, hy, cy)``, in the form
-    the current capture (``mode``, :func:`capture`'s when None) understands
+    the current capture (``mode``, :func:`capture`'s answer) understands
     (see the module's doc)."""
-    mode = capture() if mode is None else mode
     ln = (ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias, ln_cell_weight,
           ln_cell_bias)
     _check_zoneout_export(mode, zoneout_hidden_mask, zoneout_cell_mask)
