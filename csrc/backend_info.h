@@ -84,6 +84,21 @@ class CpuStepProduct {
  private:
   std::unique_ptr<cpu::StepWeight<T>> weight_;
 };
+// How many products whose weight is used once (a one-step call's, a time
+// loop's first step, an input projection of at most 16 rows) rnnfast's
+// streaming product (cpu/step_gemm.h, multiply_stored) has run so far in
+// this process.
+int64_t cpu_one_use_products();
+// A float product whose weight is used once (cpu/blas.h, multiply_once):
+// C[m, n] = A[m, k] B^T (+ bias) + beta C, B [n, k] row-major, bias 0 (none)
+// or the address of n floats, beta 0 or 1; raw addresses, row strides.
+// For tests and the benchmark harness's gemm floor. path: "auto" (what an
+// op runs), "blas" or "rnnfast" (throws where rnnfast's product cannot run
+// m rows). Returns what ran.
+std::string cpu_multiply_once(const std::string& path, int64_t m, int64_t n,
+                              int64_t k, intptr_t a, int64_t lda, intptr_t b,
+                              int64_t ldb, intptr_t bias, float beta,
+                              intptr_t c, int64_t ldc);
 // Frees the CPU buffer cache's free blocks; returns their bytes.
 int64_t release_cpu_buffer_cache();
 // Bytes of free blocks the CPU buffer cache holds.

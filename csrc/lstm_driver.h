@@ -61,6 +61,11 @@
 //     rows of an evaluating LSTM's input projection (row_bytes each, by a
 //     weight of weight_bytes) to compute at a time, a block of steps just
 //     before their recurrence (0: all at once).
+//   small_input_projection(at::Tensor& out, const at::Tensor& x,
+//     const at::Tensor& weight, const at::Tensor& bias): out = x W^T
+//     (+ bias), all of S == T, where the backend has its own product for
+//     it (the CPU, for a few rows: a weight used once, cpu/blas.h
+//     multiply_once); false, out untouched, where it leaves it to ATen.
 //   grad_block_rows(int64_t row_bytes): the rows of a block of the
 //     LayerNorm-LSTM backward, whose gradients w.r.t. the two products take
 //     row_bytes a row (layer_norm_lstm_driver.h), and
@@ -243,6 +248,7 @@ template <typename Backend, typename S, typename T>
 void input_projection(at::Tensor& out, const at::Tensor& x,
                       const at::Tensor& weight, const at::Tensor& bias) {
   if constexpr (std::is_same_v<S, T>) {
+    if (Backend::small_input_projection(out, x, weight, bias)) return;
     if (bias.defined()) {
       at::addmm_out(out, bias, x, weight.t());
     } else {

@@ -168,6 +168,7 @@ PYBIND11_MODULE(_C, m) {
           if (group_runs[n] > 0) groups[pybind11::int_(n)] = group_runs[n];
         }
         info["cpu_row_groups"] = groups;
+        info["cpu_one_use_products"] = rnnfast::cpu_one_use_products();
         return info;
       },
       "How this rnnfast extension was built, and the CPU kernels in use.");
@@ -183,6 +184,13 @@ PYBIND11_MODULE(_C, m) {
       "raw addresses of bfloat16 A and B and float32 C, the caller keeps "
       "the weight alive): _Bf16StepProduct(path, max_rows, n, k, b, ldb, "
       "trans_b) with path 'auto' or 'blas'.");
+  m.def("_one_use_product", &rnnfast::cpu_multiply_once,
+        "The CPU product of a float32 weight used once, read in its stored "
+        "layout (tests and the benchmark's gemm floor; raw addresses): "
+        "_one_use_product(path, m, n, k, a, lda, b, ldb, bias, beta, c, ldc) "
+        "computes C = A B^T (+ bias) + beta C for B [n, k] row-major and "
+        "bias 0 or the address of n floats, path 'auto', 'blas' or "
+        "'rnnfast'; returns what ran.");
   m.def("empty_cache", &rnnfast::release_cpu_buffer_cache,
         "Frees the CPU blocks rnnfast keeps for reuse; returns their bytes.");
   m.def("cache_bytes", &rnnfast::cpu_buffer_cache_bytes,

@@ -281,6 +281,7 @@ def test_fastest_product_is_measured_and_right():
         assert "mkl-packed" in seconds
     if rnnfast.build_info()["cpu_step_gemm_kernels"] != "none":
         assert "rnnfast-step" in seconds  # 4 rows: rnnfast's own product runs them
+        assert "rnnfast-once" in seconds  # and its product of a weight used once
     assert product.name == min(seconds, key=seconds.get)
     got = product.run(a, prepared, out)
     torch.testing.assert_close(out if got is None else got, a @ w.t())

@@ -5,6 +5,7 @@ step split by batch rows over the threads (cpu_backend.cpp)."""
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -61,8 +62,46 @@ CHECK = textwrap.dedent("""
                     assert err <= 1e-6 * (k + 4), (path, m, n, k, trans_b, beta, err)
                     assert torch.equal(c[:, n:], before[:, n:]), "wrote past n"
         return sorted(ran)
+
+    def check_once(path, shapes):
+        # C = A B^T (+ bias) + beta C through the product of a weight used
+        # once, B [n, k] as stored (row stride ldb > k)
+        g = torch.Generator().manual_seed(1)
+        ran = set()
+        for m, n, k in shapes:
+            for beta in (0.0, 1.0):
+                for with_bias in (False, True):
+                    a = torch.randn(m, k + 3, generator=g)[:, :k]
+                    b = torch.randn(n, k + 2, generator=g)[:, :k]
+                    bias = torch.randn(n, generator=g)
+                    c = torch.randn(m, n + 5, generator=g)
+                    if beta == 0.0:
+                        c[:, :n] = float("nan")
+                    expected = a.double() @ b.double().t()
+                    if with_bias:
+                        expected += bias.double()
+                    if beta:
+                        expected += c[:, :n].double()
+                    before = c.clone()
+                    ran.add(_C._one_use_product(path, m, n, k, a.data_ptr(), a.stride(0),
+                                                b.data_ptr(), b.stride(0),
+                                                bias.data_ptr() if with_bias else 0, beta,
+                                                c.data_ptr(), c.stride(0)))
+                    err = (c[:, :n].double() - expected).abs().max().item()
+                    assert err <= 1e-6 * (k + 4), (path, m, n, k, beta, with_bias, err)
+                    assert torch.equal(c[:, n:], before[:, n:]), "wrote past n"
+        return sorted(ran)
 """)
-exec(CHECK)  # defines check()
+exec(CHECK)  # defines check() and check_once()
+
+# Products of a weight used once: rows m up to the streaming product's 16
+# (the AVX-512 tiles take up to 6, the AVX2 ones 4, in blocks), columns n
+# below, at and past every tile's width (3 to 8), depths k below, at and past
+# a vector (8 floats on AVX2, 16 on AVX-512); the last shapes run threaded
+# (their weights are >= 512 KiB).
+ONCE_SHAPES = [(m, n, k) for m in (1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 16)
+               for n, k in ((1, 1), (3, 7), (7, 8), (9, 17), (37, 33), (64, 16), (512, 128))] + \
+              [(m, 2048, 72) for m in (1, 5, 16)]
 
 
 @needs_kernels
@@ -76,21 +115,22 @@ def test_blas_step_product_matches_float64():
 
 
 def test_avx2_step_product_matches_float64(tmp_path):
-    """The AVX2 kernels, in a process whose ATen capability is AVX2 (as
+    """The AVX2 kernels (the step product's and the one-use product's), in a process whose ATen capability is AVX2 (as
     ATEN_CPU_CAPABILITY=avx2 caps the pointwise kernels)."""
     if KERNELS not in ("AVX512", "AVX2"):
         pytest.skip("this CPU has no AVX2")
     script = tmp_path / "avx2_check.py"
     script.write_text(CHECK + textwrap.dedent(f"""
         import rnnfast
-        print(rnnfast.build_info()["cpu_step_gemm_kernels"], check("rnnfast", {SHAPES!r}))
+        print(rnnfast.build_info()["cpu_step_gemm_kernels"], check("rnnfast", {SHAPES!r}),
+              check_once("rnnfast", {ONCE_SHAPES!r}))
     """))
     env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2",
                PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
     proc = subprocess.run([sys.executable, str(script)], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split() == ["AVX2", "['rnnfast-AVX2']"]
+    assert proc.stdout.split() == ["AVX2", "['rnnfast-AVX2']", "['rnnfast-AVX2']"]
 
 
 def test_step_product_refuses_what_it_cannot_run():
@@ -207,6 +247,92 @@ def test_one_step_call_measures_nothing(monkeypatch):
     with torch.inference_mode():
         m(torch.randn(1, 2, 4))
     assert len(rnnfast.build_info()["cpu_step_gemm"]) == before
+
+
+# ---- Products of a weight used once ------------------------------------------
+
+@needs_kernels
+def test_one_use_product_matches_float64():
+    assert check_once("rnnfast", ONCE_SHAPES) == [f"rnnfast-{KERNELS}"]  # noqa: F821
+    # what an op runs: rnnfast's for up to 16 rows, the BLAS's beyond
+    assert check_once("auto", ONCE_SHAPES) == [f"rnnfast-{KERNELS}"]  # noqa: F821
+    assert check_once("auto", [(17, 40, 9)]) == [rnnfast.build_info()["cpu_gemm"]]  # noqa: F821
+
+
+def test_blas_one_use_product_matches_float64():
+    ran = check_once("blas", ONCE_SHAPES[::5])  # noqa: F821
+    assert ran == [rnnfast.build_info()["cpu_gemm"]]
+
+
+def test_one_use_product_refuses_what_it_cannot_run():
+    z = torch.zeros(32, 32)
+    p = z.data_ptr()
+    with pytest.raises(RuntimeError, match="path must be 'auto', 'blas' or 'rnnfast'"):
+        _C._one_use_product("mkl", 2, 32, 32, p, 32, p, 32, 0, 0.0, p, 32)
+    with pytest.raises(RuntimeError, match="at most 16 rows, got 17"):
+        _C._one_use_product("rnnfast", 17, 32, 32, p, 32, p, 32, 0, 0.0, p, 32)
+    with pytest.raises(RuntimeError, match="beta must be 0 or 1, got 0.5"):
+        _C._one_use_product("auto", 2, 32, 32, p, 32, p, 32, 0, 0.5, p, 32)
+    with pytest.raises(RuntimeError, match="positive sizes"):
+        _C._one_use_product("auto", 2, 32, 0, p, 32, p, 32, 0, 0.0, p, 32)
+
+
+@needs_kernels
+def test_one_use_product_is_the_same_on_any_threads():
+    """Split over the threads by columns, every element is the same sum in
+    the same order as on one thread."""
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(5, 72, generator=g), torch.randn(2048, 72, generator=g)
+    outs = []
+    previous = torch.get_num_threads()
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        try:
+            c = torch.empty(5, 2048)
+            _C._one_use_product("rnnfast", 5, 2048, 72, a.data_ptr(), 72, b.data_ptr(), 72, 0,
+                                0.0, c.data_ptr(), 2048)
+        finally:
+            torch.set_num_threads(previous)
+        outs.append(c)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def one_use_products() -> int:
+    return rnnfast.build_info()["cpu_one_use_products"]
+
+
+@needs_kernels
+@pytest.mark.parametrize("cls,proj_size", [(rnnfast.LSTM, 0), (rnnfast.LSTM, 5),
+                                           (rnnfast.LayerNormLSTM, 0)])
+def test_one_step_call_runs_the_one_use_product(cls, proj_size, monkeypatch):
+    """A one-step call with its state carried (streaming decode), forward
+    and backward: each layer and direction runs its input projection, its
+    recurrent product (and its projection's) on the one-use product, and
+    the results match float64 as the BLAS's do."""
+    monkeypatch.delenv("RNNFAST_CPU_STEP_GEMM", raising=False)
+    torch.manual_seed(4)
+    kwargs = dict(num_layers=2, bidirectional=True, proj_size=proj_size)
+    if cls is rnnfast.LayerNormLSTM:
+        kwargs.pop("proj_size")
+    ours = cls(7, 11, **kwargs)
+    if cls is rnnfast.LayerNormLSTM:
+        randomize_layer_norm_(ours)
+    x = torch.randn(1, 3, 7)
+    out_size = proj_size or 11
+    state = random_states(2, 2, out_size, 11, dtype=torch.float32, batch=3)
+    before = one_use_products()
+    got = forward_backward(ours, x, state)
+    per_layer = 3 if proj_size else 2
+    assert one_use_products() - before == 2 * 2 * per_layer
+    exact = forward_backward(copy.deepcopy(ours).double(), x.double(),
+                             tuple(s.double() for s in state))
+    assert_results_close(upcast(got), exact, scaled=True, atol=2e-5, rtol=2e-5)
+    # the BLAS's products, forced
+    monkeypatch.setenv("RNNFAST_CPU_STEP_GEMM", "blas")
+    before = one_use_products()
+    blas = forward_backward(ours, x, state)
+    assert one_use_products() == before
+    assert_results_close(upcast(blas), exact, scaled=True, atol=2e-5, rtol=2e-5)
 
 
 # ---- The step split by batch rows -------------------------------------------

@@ -9,6 +9,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -279,7 +280,49 @@ int64_t row_split_setting() {
              : kRowSplitRows;
 }
 
+std::atomic<int64_t> stored_products{0};  // one_use_products_run()
+
+void multiply_stored(bool serial, int64_t m, int64_t n, int64_t k,
+                     const float* a, int64_t lda, const float* b, int64_t ldb,
+                     const float* bias, float beta, float* c, int64_t ldc) {
+  step_gemm::multiply_stored(serial, m, n, k, a, lda, b, ldb, bias, beta, c,
+                             ldc);
+  stored_products.fetch_add(1, std::memory_order_relaxed);
+}
 }  // namespace
+
+int64_t one_use_products_run() {
+  return stored_products.load(std::memory_order_relaxed);
+}
+
+bool stored_product_runs(int64_t m, const char* path) {
+  return m >= 1 && m <= step_gemm::kMaxStoredRows &&
+         step_gemm::kernels_in_use() != nullptr && forced_step_gemm(path) != 1;
+}
+
+const char* multiply_once(const char* path, int64_t m, int64_t n, int64_t k,
+                          const float* a, int64_t lda, const float* b,
+                          int64_t ldb, const float* bias, float beta, float* c,
+                          int64_t ldc) {
+  if (m <= 0 || n <= 0) return gemm_backend();
+  const bool serial = serial_product(m, n, k, sizeof(float));
+  if (k > 0 && stored_product_runs(m, path)) {
+    multiply_stored(serial, m, n, k, a, lda, b, ldb, bias, beta, c, ldc);
+    return own_kernel_name();
+  }
+  if (bias != nullptr) {  // C = bias + beta C, then C += A B^T
+    for (int64_t i = 0; i < m; ++i) {
+      float* row = c + i * ldc;
+      for (int64_t j = 0; j < n; ++j) {
+        row[j] = beta != 0.0f ? row[j] + bias[j] : bias[j];
+      }
+    }
+    beta = 1.0f;
+  }
+  const SerialMkl serial_mkl(serial);
+  gemm(false, true, m, n, k, 1.0f, a, lda, b, ldb, beta, c, ldc);
+  return gemm_backend();
+}
 
 template <typename T>
 StepWeight<T>::StepWeight(bool trans_b, int64_t max_m, int64_t n, int64_t k,
@@ -510,6 +553,13 @@ void StepWeight<T>::compute(bool serial, int64_t m, const T* a, int64_t lda,
     if (own_packed_ != nullptr && m > 0) {
       step_gemm::multiply(serial, m, n_, k_, a, lda, own_packed_, beta, c,
                           ldc);
+      return;
+    }
+    // Unpacked (the first use: a one-step call's only one): the weight
+    // read once where it lies.
+    if (trans_b_ && forced_ != 1 && stored_product_runs(m, "auto")) {
+      multiply_stored(serial, m, n_, k_, a, lda, b_, ldb_, nullptr, beta, c,
+                      ldc);
       return;
     }
   }

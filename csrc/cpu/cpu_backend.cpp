@@ -111,6 +111,31 @@ struct CpuBackend {
     if (weight_bytes > kInputBlockMaxWeightBytes) return 0;
     return kInputBlockBytes / row_bytes;
   }
+  // The input projection of a few rows (a one-step call's, at most
+  // step_gemm::kMaxStoredRows): a float weight used once, read where it
+  // lies by rnnfast's streaming product (blas.h, multiply_once) instead of
+  // MKL's plain product through ATen.
+  static bool small_input_projection(at::Tensor& out, const at::Tensor& x,
+                                     const at::Tensor& weight,
+                                     const at::Tensor& bias) {
+    const int64_t m = x.size(0), k = x.size(1);
+    if (x.scalar_type() != at::kFloat || weight.scalar_type() != at::kFloat ||
+        out.scalar_type() != at::kFloat || k == 0 ||
+        !stored_product_runs(m) || x.stride(1) != 1 ||
+        (m > 1 && x.stride(0) < k) || weight.stride(1) != 1 ||
+        (weight.size(0) > 1 && weight.stride(0) < k) || !out.is_contiguous()) {
+      return false;
+    }
+    if (bias.defined() &&
+        (bias.scalar_type() != at::kFloat || !bias.is_contiguous())) {
+      return false;
+    }
+    multiply_once(nullptr, m, weight.size(0), k, x.data_ptr<float>(),
+                  x.stride(0), weight.data_ptr<float>(), weight.stride(0),
+                  bias.defined() ? bias.data_ptr<float>() : nullptr, 0.0f,
+                  out.data_ptr<float>(), out.size(1));
+    return true;
+  }
   // Workspaces and saved activations come from the CPU buffer cache.
   static at::Tensor empty_activation(at::IntArrayRef sizes,
                                      const at::TensorOptions& options) {
@@ -787,6 +812,28 @@ template <typename T>
 bool CpuStepProduct<T>::threaded() const { return weight_->threaded(); }
 template class CpuStepProduct<float>;
 template class CpuStepProduct<c10::BFloat16>;
+
+int64_t cpu_one_use_products() { return cpu::one_use_products_run(); }
+std::string cpu_multiply_once(const std::string& path, int64_t m, int64_t n,
+                              int64_t k, intptr_t a, int64_t lda, intptr_t b,
+                              int64_t ldb, intptr_t bias, float beta,
+                              intptr_t c, int64_t ldc) {
+  TORCH_CHECK(path == "auto" || path == "blas" || path == "rnnfast",
+              "path must be 'auto', 'blas' or 'rnnfast', got '", path, "'");
+  TORCH_CHECK(m >= 1 && n >= 1 && k >= 1,
+              "a one-use product needs positive sizes, got ", m, "x", n, "x",
+              k);
+  TORCH_CHECK(path != "rnnfast" || cpu::stored_product_runs(m, "rnnfast"),
+              "rnnfast's one-use product needs AVX2 or AVX-512 and at most ",
+              cpu::step_gemm::kMaxStoredRows, " rows, got ", m);
+  TORCH_CHECK(lda >= k && ldb >= k && ldc >= n, "strides below the sizes");
+  TORCH_CHECK(beta == 0.0f || beta == 1.0f, "beta must be 0 or 1, got ", beta);
+  return cpu::multiply_once(
+      path == "auto" ? nullptr : path.c_str(), m, n, k,
+      reinterpret_cast<const float*>(a), lda, reinterpret_cast<const float*>(b),
+      ldb, reinterpret_cast<const float*>(bias), beta,
+      reinterpret_cast<float*>(c), ldc);
+}
 
 int64_t release_cpu_buffer_cache() { return cpu::empty_activation_cache(); }
 int64_t cpu_buffer_cache_bytes() { return cpu::activation_cache_bytes(); }

@@ -71,6 +71,30 @@ void multiply_panel_range(int64_t m, int64_t n, int64_t k, const float* a,
                           int64_t panel_begin, int64_t panel_end, float beta,
                           float* c, int64_t ldc);
 
+// ---- A weight used once, in its stored layout ------------------------------
+// C[m, n] = A[m, k] B^T (+ bias) + beta C with B [n, k] row-major as a
+// weight is stored (nn.LSTM's [4H, in]), read once where it lies: the
+// products of a one-step call (a streaming decode's input projection and
+// recurrent product, or any time loop's first step), whose weight is used
+// once, so that packing it (above, or MKL's) could never pay, and where
+// MKL's plain product of a few rows runs far below the rate of reading the
+// weight (on the 2-core Xeon, one thread, [8, 512] x [512, 2048] from L3:
+// MKL 484-534 us, 4 MiB at 8 GB/s; this product 213-226 us). Dot-product
+// tiles (step_gemm_stored_tiles.h); the AVX-512 and the AVX2 kernels sum
+// each element's products in lanes of their own width, so they round
+// differently.
+//
+// The most rows it is used for (StepWeight's first product and the
+// input projection of few rows, blas.h).
+constexpr int64_t kMaxStoredRows = 16;
+
+// bias: null, or n values added to every row. beta 0 or 1 (with 0, C is
+// not read). Runs on the calling thread when serial, else splits the
+// columns (B's rows) over the threads. Requires kernels_in_use() != nullptr.
+void multiply_stored(bool serial, int64_t m, int64_t n, int64_t k,
+                     const float* a, int64_t lda, const float* b, int64_t ldb,
+                     const float* bias, float beta, float* c, int64_t ldc);
+
 // The kernels of one ISA: columns of panels [panel_begin, panel_end) only.
 void multiply_panels_avx512(int64_t m, int64_t n, int64_t k, const float* a,
                             int64_t lda, const float* packed,
@@ -80,6 +104,18 @@ void multiply_panels_avx2(int64_t m, int64_t n, int64_t k, const float* a,
                           int64_t lda, const float* packed,
                           int64_t panel_begin, int64_t panel_end, float beta,
                           float* c, int64_t ldc);
+// The kernels of one ISA of multiply_stored: columns [col_begin, col_end).
+void multiply_stored_columns_avx512(int64_t m, int64_t n, int64_t k,
+                                    const float* a, int64_t lda,
+                                    const float* b, int64_t ldb,
+                                    int64_t col_begin, int64_t col_end,
+                                    const float* bias, bool add, float* c,
+                                    int64_t ldc);
+void multiply_stored_columns_avx2(int64_t m, int64_t n, int64_t k,
+                                  const float* a, int64_t lda, const float* b,
+                                  int64_t ldb, int64_t col_begin,
+                                  int64_t col_end, const float* bias, bool add,
+                                  float* c, int64_t ldc);
 bool avx512_supported();
 bool avx2_supported();
 

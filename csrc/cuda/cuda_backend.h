@@ -111,6 +111,13 @@ struct CudaBackend {
                                   int64_t /*weight_bytes*/) {
     return 0;
   }
+  // Every input projection is cuBLAS's GEMM.
+  static bool small_input_projection(at::Tensor& /*out*/,
+                                     const at::Tensor& /*x*/,
+                                     const at::Tensor& /*weight*/,
+                                     const at::Tensor& /*bias*/) {
+    return false;
+  }
   // The product, then the step kernel; for a few rows both in one launch.
   template <bool Training, bool ZoneoutCell, typename T, typename S>
   static void recurrent_forward_step(const StepWeight<S>& whh,

@@ -428,6 +428,18 @@ def _step_run(a: Tensor, prepared: tuple, out: Tensor) -> None:
                          out.stride(0))
 
 
+def _once_run(a: Tensor, w: Tensor, out: Tensor) -> None:
+    """rnnfast's product of a weight used once, read as stored (``w`` is
+    ``[n, k]``, as nn weights): what a one-step call runs, at most 16 rows."""
+    from .. import _C
+
+    if a.stride(1) != 1 or out.stride(1) != 1 or out.dtype != torch.float32:
+        raise RuntimeError("the one-use product reads and writes rows of float32")
+    _C._one_use_product("rnnfast", a.shape[0], w.shape[0], w.shape[1], a.data_ptr(),
+                        a.stride(0), w.data_ptr(), w.stride(0), 0, 0.0, out.data_ptr(),
+                        out.stride(0))
+
+
 def _step_available(device: str, dtype: torch.dtype) -> bool:
     import rnnfast
 
@@ -464,6 +476,10 @@ PRODUCTS = [
     # rnnfast's own small-batch product (csrc/cpu/step_gemm.h), which its
     # CPU time loop runs where it beats the BLAS: at most 32 rows
     Product("rnnfast-step", _step_prepare, _step_run, True, _step_available),
+    # rnnfast's product of a weight used once, in its stored layout
+    # (csrc/cpu/step_gemm.h, multiply_stored): a one-step call's products
+    Product("rnnfast-once", lambda b, m: b.t().contiguous(), _once_run, True,
+            _step_available),
 ]
 
 
