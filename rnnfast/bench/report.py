@@ -309,8 +309,10 @@ LayerNorm-LSTM rows (torch.nn.LSTM's time on the same case is shown beside
 it). `x floor` is the row's median over gemm-floor's: the time of the same
 GEMMs alone, each through the fastest product the machine offers for its
 shape (torch.mm, F.linear, and on CPUs MKL's packed GEMM, oneDNN's packed
-linear and rnnfast's own small-batch step product "rnnfast-step" (a
-candidate since the last runs of 2026-11-29), chosen per GEMM by timing them; gemm-floor's notes
+linear, rnnfast's own small-batch step product "rnnfast-step" (a
+candidate since the last runs of 2026-11-29) and its product of a weight used
+once, read as stored, "rnnfast-once" (at most 16 rows; a candidate since
+2026-11-30's decode-stored run), chosen per GEMM by timing them; gemm-floor's notes
 name the winners; a gemm-floor noted only "eager" or "cuda-graph" ran
 torch.mm for every GEMM, as the harness did before 2026-11-28), CUDA-graph replayed on GPUs; on CPUs
 each GEMM pays torch's per-call overhead, so small cases can beat it. Saved
