@@ -86,7 +86,7 @@ class CpuStepProduct {
 };
 // How many products whose weight is used once (a one-step call's, a time
 // loop's first step, an input projection of at most 16 rows) rnnfast's
-// streaming product (cpu/step_gemm.h, multiply_stored) has run so far in
+// one-use product (cpu/step_gemm.h, multiply_stored) has run so far in
 // this process.
 int64_t cpu_one_use_products();
 // A float product whose weight is used once (cpu/blas.h, multiply_once):

@@ -38,7 +38,7 @@ def build_info() -> dict:
     rows in that many groups, each group's whole time loop on its own
     thread; ``cpu_one_use_products``: how many float32 products whose
     weight is used once, such as the input and recurrent products of a
-    one-step call, ran on rnnfast's own streaming product so far)."""
+    one-step call, ran on rnnfast's own one-use product so far)."""
     info = dict(_build_info())
     info["rnnfast_version"] = __version__
     return info

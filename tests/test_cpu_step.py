@@ -94,7 +94,7 @@ CHECK = textwrap.dedent("""
 """)
 exec(CHECK)  # defines check() and check_once()
 
-# Products of a weight used once: rows m up to the streaming product's 16
+# Products of a weight used once: rows m up to the one-use product's 16
 # (the AVX-512 tiles take up to 6, the AVX2 ones 4, in blocks), columns n
 # below, at and past every tile's width (3 to 8), depths k below, at and past
 # a vector (8 floats on AVX2, 16 on AVX-512); the last shapes run threaded
@@ -115,8 +115,9 @@ def test_blas_step_product_matches_float64():
 
 
 def test_avx2_step_product_matches_float64(tmp_path):
-    """The AVX2 kernels (the step product's and the one-use product's), in a process whose ATen capability is AVX2 (as
-    ATEN_CPU_CAPABILITY=avx2 caps the pointwise kernels)."""
+    """The AVX2 kernels of the step product and of the one-use product, in
+    a process whose ATen capability is AVX2 (as ATEN_CPU_CAPABILITY=avx2
+    caps the pointwise kernels)."""
     if KERNELS not in ("AVX512", "AVX2"):
         pytest.skip("this CPU has no AVX2")
     script = tmp_path / "avx2_check.py"

@@ -51,7 +51,7 @@ bool native_bfloat16();
 // is used a second time, not before: packing costs several plain products,
 // which a one-step call (streaming decode) would never earn back. Its first
 // product (a one-step call's only one) reads a float [n, k] weight where it
-// lies, on rnnfast's streaming product where stored_product_runs (below).
+// lies, on rnnfast's one-use product where stored_product_runs (below).
 //
 // A float weight of at most step_gemm::kMaxRows rows per product is instead
 // packed for rnnfast's own small-batch product (step_gemm.h) where that is
@@ -221,7 +221,7 @@ class StepWeight<c10::BFloat16> {
 // A float product whose weight is used once, in its stored layout:
 // C[m, n] = A[m, k] B^T (+ bias) + beta C with B [n, k] row-major, bias
 // null or n values added to every row, beta 0 or 1. On rnnfast's
-// streaming product (step_gemm.h, multiply_stored) where
+// one-use product (step_gemm.h, multiply_stored) where
 // stored_product_runs(m, path), else the BLAS's; on all threads where the
 // product is large (as a StepWeight decides), else on the caller's.
 // Returns what ran: "rnnfast-AVX512", "rnnfast-AVX2" or gemm_backend().
@@ -231,15 +231,15 @@ const char* multiply_once(const char* path, int64_t m, int64_t n, int64_t k,
                           const float* a, int64_t lda, const float* b,
                           int64_t ldb, const float* bias, float beta, float* c,
                           int64_t ldc);
-// Whether a one-use product of m rows runs rnnfast's streaming product:
-// this CPU runs its kernels (AVX2 or AVX-512), 1 <= m <=
+// Whether a product of m rows by a weight used once runs on rnnfast's
+// one-use product: this CPU runs its kernels (AVX2 or AVX-512), 1 <= m <=
 // step_gemm::kMaxStoredRows, and path (as above) does not force the BLAS.
 // Chosen by capability, not timed: it reads the weight once at the rate the
 // memory gives, where MKL's plain product of so few rows does not (on the
 // Xeon and, by issue 13's figures, far less so on AMD EPYC), so it needs no
 // measurement that a one-step call would have to pay for.
 bool stored_product_runs(int64_t m, const char* path = nullptr);
-// How many products rnnfast's streaming product has run so far in this
+// How many products rnnfast's one-use product has run so far in this
 // process (multiply_once's and StepWeight's first products).
 int64_t one_use_products_run();
 

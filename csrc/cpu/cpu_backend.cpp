@@ -113,7 +113,7 @@ struct CpuBackend {
   }
   // The input projection of a few rows (a one-step call's, at most
   // step_gemm::kMaxStoredRows): a float weight used once, read where it
-  // lies by rnnfast's streaming product (blas.h, multiply_once) instead of
+  // lies by rnnfast's one-use product (blas.h, multiply_once) instead of
   // MKL's plain product through ATen.
   static bool small_input_projection(at::Tensor& out, const at::Tensor& x,
                                      const at::Tensor& weight,
