@@ -99,6 +99,13 @@ std::string cpu_multiply_once(const std::string& path, int64_t m, int64_t n,
                               int64_t k, intptr_t a, int64_t lda, intptr_t b,
                               int64_t ldb, intptr_t bias, float beta,
                               intptr_t c, int64_t ldc);
+// The same for bfloat16 A and B (bits, as uint16_t) and C in float, no
+// bias (cpu/blas.h): path "auto", "blas" or "rnnfast" (throws where
+// rnnfast's bfloat16 product cannot run m rows: it needs AVX512-BF16).
+std::string cpu_multiply_once_bf16(const std::string& path, int64_t m,
+                                   int64_t n, int64_t k, intptr_t a,
+                                   int64_t lda, intptr_t b, int64_t ldb,
+                                   float beta, intptr_t c, int64_t ldc);
 // Frees the CPU buffer cache's free blocks; returns their bytes.
 int64_t release_cpu_buffer_cache();
 // Bytes of free blocks the CPU buffer cache holds.

@@ -191,6 +191,10 @@ PYBIND11_MODULE(_C, m) {
         "computes C = A B^T (+ bias) + beta C for B [n, k] row-major and "
         "bias 0 or the address of n floats, path 'auto', 'blas' or "
         "'rnnfast'; returns what ran.");
+  m.def("_one_use_bf16_product", &rnnfast::cpu_multiply_once_bf16,
+        "_one_use_product for bfloat16 A and B (raw addresses of their "
+        "bits) and float32 C, without bias: _one_use_bf16_product(path, m, "
+        "n, k, a, lda, b, ldb, beta, c, ldc); returns what ran.");
   m.def("empty_cache", &rnnfast::release_cpu_buffer_cache,
         "Frees the CPU blocks rnnfast keeps for reuse; returns their bytes.");
   m.def("cache_bytes", &rnnfast::cpu_buffer_cache_bytes,

@@ -36,9 +36,10 @@ def build_info() -> dict:
     that split their steps over a team of that many threads;
     ``cpu_row_groups``: ``{groups: count}`` of those that ran their batch's
     rows in that many groups, each group's whole time loop on its own
-    thread; ``cpu_one_use_products``: how many float32 products whose
-    weight is used once, such as the input and recurrent products of a
-    one-step call, ran on rnnfast's own one-use product so far)."""
+    thread; ``cpu_one_use_products``: how many products whose weight is
+    used once, such as the input and recurrent products of a one-step call,
+    ran on rnnfast's own one-use products (float32, and bfloat16 on CPUs
+    with AVX512-BF16) so far)."""
     info = dict(_build_info())
     info["rnnfast_version"] = __version__
     return info

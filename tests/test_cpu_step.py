@@ -336,6 +336,95 @@ def test_one_step_call_runs_the_one_use_product(cls, proj_size, monkeypatch):
     assert_results_close(upcast(blas), exact, scaled=True, atol=2e-5, rtol=2e-5)
 
 
+def _bf16_one_use_product_runs() -> bool:
+    z = torch.zeros(4, dtype=torch.bfloat16)
+    c = torch.zeros(4)
+    try:
+        _C._one_use_bf16_product("rnnfast", 1, 1, 1, z.data_ptr(), 1, z.data_ptr(), 1, 0.0,
+                                 c.data_ptr(), 1)
+    except RuntimeError as e:
+        assert "needs AVX512-BF16" in str(e)
+        return False
+    return True
+
+
+BF16_ONE_USE = _bf16_one_use_product_runs()
+needs_bf16_one_use = pytest.mark.skipif(not BF16_ONE_USE,
+                                        reason="this CPU has no AVX512-BF16 (or ATen's "
+                                               "capability is below AVX512)")
+
+
+def check_once_bf16(path, shapes):
+    """check_once for bfloat16 A and B, C in float (no bias): the products
+    of bfloat16 values are exact in float, so float64 of the same values is
+    the reference, with float32 summation's tolerance."""
+    g = torch.Generator().manual_seed(3)
+    ran = set()
+    for m, n, k in shapes:
+        for beta in (0.0, 1.0):
+            a = torch.randn(m, k + 3, generator=g).bfloat16()[:, :k]
+            b = torch.randn(n, k + 2, generator=g).bfloat16()[:, :k]
+            c = torch.randn(m, n + 5, generator=g)
+            if beta == 0.0:
+                c[:, :n] = float("nan")
+            expected = a.double() @ b.double().t()
+            if beta:
+                expected += c[:, :n].double()
+            before = c.clone()
+            ran.add(_C._one_use_bf16_product(path, m, n, k, a.data_ptr(), a.stride(0),
+                                             b.data_ptr(), b.stride(0), beta, c.data_ptr(),
+                                             c.stride(0)))
+            err = (c[:, :n].double() - expected).abs().max().item()
+            assert err <= 1e-6 * (k + 4), (path, m, n, k, beta, err)
+            assert torch.equal(c[:, n:], before[:, n:]), "wrote past n"
+    return sorted(ran)
+
+
+# rows up to the bfloat16 product's 4; depths odd and around its 32-element
+# vectors (pairs of k per float lane); the last shape runs threaded
+BF16_ONCE_SHAPES = [(m, n, k) for m in (1, 2, 3, 4)
+                    for n, k in ((1, 1), (5, 7), (7, 31), (9, 33), (37, 64), (64, 65),
+                                 (512, 128))] + [(3, 2048, 130)]
+
+
+@needs_bf16_one_use
+def test_bf16_one_use_product_matches_float64():
+    assert check_once_bf16("rnnfast", BF16_ONCE_SHAPES) == ["rnnfast-AVX512-BF16"]
+    assert check_once_bf16("auto", BF16_ONCE_SHAPES) == ["rnnfast-AVX512-BF16"]
+    # more rows: MKL's bfloat16 GEMM
+    assert check_once_bf16("auto", [(5, 40, 9)]) != ["rnnfast-AVX512-BF16"]
+    with pytest.raises(RuntimeError, match="at most 4 rows, got 5"):
+        check_once_bf16("rnnfast", [(5, 40, 9)])
+
+
+def test_bf16_blas_one_use_product_matches_float64():
+    assert "rnnfast-AVX512-BF16" not in check_once_bf16("blas", BF16_ONCE_SHAPES[::4])
+
+
+@needs_bf16_one_use
+@pytest.mark.parametrize("cls", [rnnfast.LSTM, rnnfast.LayerNormLSTM])
+def test_bf16_one_step_call_runs_the_one_use_product(cls, monkeypatch):
+    """A native-bfloat16 one-step call of at most 4 rows: its input and
+    recurrent products per layer and direction run on the bfloat16 one-use
+    product, and give what MKL's products give, to bfloat16's rounding."""
+    monkeypatch.delenv("RNNFAST_CPU_STEP_GEMM", raising=False)
+    monkeypatch.delenv("RNNFAST_CPU_NATIVE_BF16", raising=False)
+    torch.manual_seed(5)
+    m = cls(24, 32, num_layers=2, bidirectional=True).to(torch.bfloat16).eval()
+    x = torch.randn(1, 3, 24, dtype=torch.bfloat16)
+    state = random_states(2, 2, 32, 32, dtype=torch.bfloat16, batch=3)
+    with torch.inference_mode():
+        before = one_use_products()
+        got = m(x, state)
+        assert one_use_products() - before == 2 * 2 * 2
+        monkeypatch.setenv("RNNFAST_CPU_STEP_GEMM", "blas")
+        before = one_use_products()
+        want = m(x, state)
+        assert one_use_products() == before
+    for g, w in zip((got[0], *got[1]), (want[0], *want[1])):
+        torch.testing.assert_close(g.float(), w.float(), atol=2e-2, rtol=2e-2)
+
+
 # ---- The step split by batch rows -------------------------------------------
 
 def split_case(cls, hidden, batch, steps, training, zoneout, packed):

@@ -282,6 +282,12 @@ int64_t row_split_setting() {
 
 std::atomic<int64_t> stored_products{0};  // one_use_products_run()
 
+// The bfloat16 gemm's products other than the one-use product's (below).
+void gemm_bf16_blas(bool trans_a, bool trans_b, int64_t m, int64_t n,
+                    int64_t k, const c10::BFloat16* a, int64_t lda,
+                    const c10::BFloat16* b, int64_t ldb, float beta, float* c,
+                    int64_t ldc);
+
 void multiply_stored(bool serial, int64_t m, int64_t n, int64_t k,
                      const float* a, int64_t lda, const float* b, int64_t ldb,
                      const float* bias, float beta, float* c, int64_t ldc) {
@@ -322,6 +328,30 @@ const char* multiply_once(const char* path, int64_t m, int64_t n, int64_t k,
   const SerialMkl serial_mkl(serial);
   gemm(false, true, m, n, k, 1.0f, a, lda, b, ldb, beta, c, ldc);
   return gemm_backend();
+}
+
+bool stored_bf16_product_runs(int64_t m, const char* path) {
+  return m >= 1 && m <= step_gemm::kMaxStoredBf16Rows &&
+         step_gemm::bf16_stored_supported() && forced_step_gemm(path) != 1;
+}
+
+const char* multiply_once(const char* path, int64_t m, int64_t n, int64_t k,
+                          const c10::BFloat16* a, int64_t lda,
+                          const c10::BFloat16* b, int64_t ldb, float beta,
+                          float* c, int64_t ldc) {
+  if (m > 0 && n > 0 && k > 0 && stored_bf16_product_runs(m, path)) {
+    // On the calling thread inside a parallel region (a loop's row groups).
+    const bool serial = serial_product(m, n, k, sizeof(c10::BFloat16)) ||
+                        at::in_parallel_region();
+    step_gemm::multiply_stored_bf16(serial, m, n, k,
+                                    reinterpret_cast<const uint16_t*>(a), lda,
+                                    reinterpret_cast<const uint16_t*>(b), ldb,
+                                    nullptr, beta, c, ldc);
+    stored_products.fetch_add(1, std::memory_order_relaxed);
+    return "rnnfast-AVX512-BF16";
+  }
+  gemm_bf16_blas(false, true, m, n, k, a, lda, b, ldb, beta, c, ldc);
+  return cblas_gemm_bf16bf16f32 != nullptr ? "mkl-bf16" : "aten";
 }
 
 template <typename T>
@@ -574,6 +604,23 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
           const c10::BFloat16* a, int64_t lda, const c10::BFloat16* b,
           int64_t ldb, float beta, float* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
+  // A few rows by a weight as stored (x W^T: a one-step call's products,
+  // or a time loop's first step): rnnfast's one-use product where the CPU
+  // has AVX512-BF16 (multiply_once).
+  if (!trans_a && trans_b && k > 0 && (beta == 0.0f || beta == 1.0f) &&
+      stored_bf16_product_runs(m, nullptr)) {
+    multiply_once(nullptr, m, n, k, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
+  gemm_bf16_blas(trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc);
+}
+
+namespace {
+void gemm_bf16_blas(bool trans_a, bool trans_b, int64_t m, int64_t n,
+                    int64_t k, const c10::BFloat16* a, int64_t lda,
+                    const c10::BFloat16* b, int64_t ldb, float beta, float* c,
+                    int64_t ldc) {
+  if (m == 0 || n == 0) return;
   // A bulk product of rows of A (an input projection, x W^T) on rnnfast's
   // AMX-BF16 kernel where it runs the shape, split by rows, its weight
   // packed here: on the Xeon's AMX it took 0.65-0.7x MKL's time for
@@ -621,6 +668,7 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
     ct.mul_(beta).add_(prod);
   }
 }
+}  // namespace
 
 bool native_bfloat16() {
   const char* e = std::getenv("RNNFAST_CPU_NATIVE_BF16");

@@ -239,8 +239,22 @@ const char* multiply_once(const char* path, int64_t m, int64_t n, int64_t k,
 // Xeon and, by issue 13's figures, far less so on AMD EPYC), so it needs no
 // measurement that a one-step call would have to pay for.
 bool stored_product_runs(int64_t m, const char* path = nullptr);
-// How many products rnnfast's one-use product has run so far in this
-// process (multiply_once's and StepWeight's first products).
+// The same for bfloat16 A and B (C in float, no bias): on rnnfast's
+// one-use product of bfloat16 (step_gemm.h, multiply_stored_bf16) where
+// stored_bf16_product_runs(m, path), else MKL's bfloat16 GEMM. Returns
+// "rnnfast-AVX512-BF16", "mkl-bf16" or "aten". The bfloat16 gemm above runs
+// its products of a few rows by a stored weight (not trans_a, trans_b, beta
+// 0 or 1) so: a native-bfloat16 op's input projection of at most 4 rows
+// and its weights' first products.
+const char* multiply_once(const char* path, int64_t m, int64_t n, int64_t k,
+                          const c10::BFloat16* a, int64_t lda,
+                          const c10::BFloat16* b, int64_t ldb, float beta,
+                          float* c, int64_t ldc);
+// As stored_product_runs, for bfloat16: AVX512-BF16 at ATen's AVX512
+// capability, 1 <= m <= step_gemm::kMaxStoredBf16Rows.
+bool stored_bf16_product_runs(int64_t m, const char* path = nullptr);
+// How many products rnnfast's one-use products (float and bfloat16) have
+// run so far in this process.
 int64_t one_use_products_run();
 
 // What the products of a StepWeight<c10::BFloat16> of a shape the AMX

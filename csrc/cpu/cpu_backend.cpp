@@ -814,25 +814,56 @@ template class CpuStepProduct<float>;
 template class CpuStepProduct<c10::BFloat16>;
 
 int64_t cpu_one_use_products() { return cpu::one_use_products_run(); }
-std::string cpu_multiply_once(const std::string& path, int64_t m, int64_t n,
-                              int64_t k, intptr_t a, int64_t lda, intptr_t b,
-                              int64_t ldb, intptr_t bias, float beta,
-                              intptr_t c, int64_t ldc) {
+
+namespace {
+// The checks of both one-use product bindings: `runs` says whether
+// rnnfast's product (of `what`, needing `needs`) runs m rows here, for
+// path "rnnfast". Returns the path for cpu::multiply_once.
+const char* one_use_path(const std::string& path, int64_t m, int64_t n,
+                         int64_t k, int64_t lda, int64_t ldb, int64_t ldc,
+                         float beta, bool (*runs)(int64_t, const char*),
+                         const char* what, const char* needs,
+                         int64_t max_rows) {
   TORCH_CHECK(path == "auto" || path == "blas" || path == "rnnfast",
               "path must be 'auto', 'blas' or 'rnnfast', got '", path, "'");
   TORCH_CHECK(m >= 1 && n >= 1 && k >= 1,
               "a one-use product needs positive sizes, got ", m, "x", n, "x",
               k);
-  TORCH_CHECK(path != "rnnfast" || cpu::stored_product_runs(m, "rnnfast"),
-              "rnnfast's one-use product needs AVX2 or AVX-512 and at most ",
-              cpu::step_gemm::kMaxStoredRows, " rows, got ", m);
+  TORCH_CHECK(path != "rnnfast" || runs(m, "rnnfast"), "rnnfast's ", what,
+              " needs ", needs, " and at most ", max_rows, " rows, got ", m);
   TORCH_CHECK(lda >= k && ldb >= k && ldc >= n, "strides below the sizes");
   TORCH_CHECK(beta == 0.0f || beta == 1.0f, "beta must be 0 or 1, got ", beta);
+  return path == "auto" ? nullptr : path.c_str();
+}
+}  // namespace
+
+std::string cpu_multiply_once(const std::string& path, int64_t m, int64_t n,
+                              int64_t k, intptr_t a, int64_t lda, intptr_t b,
+                              int64_t ldb, intptr_t bias, float beta,
+                              intptr_t c, int64_t ldc) {
+  const char* p = one_use_path(path, m, n, k, lda, ldb, ldc, beta,
+                               &cpu::stored_product_runs, "one-use product",
+                               "AVX2 or AVX-512",
+                               cpu::step_gemm::kMaxStoredRows);
   return cpu::multiply_once(
-      path == "auto" ? nullptr : path.c_str(), m, n, k,
-      reinterpret_cast<const float*>(a), lda, reinterpret_cast<const float*>(b),
-      ldb, reinterpret_cast<const float*>(bias), beta,
-      reinterpret_cast<float*>(c), ldc);
+      p, m, n, k, reinterpret_cast<const float*>(a), lda,
+      reinterpret_cast<const float*>(b), ldb,
+      reinterpret_cast<const float*>(bias), beta, reinterpret_cast<float*>(c),
+      ldc);
+}
+
+std::string cpu_multiply_once_bf16(const std::string& path, int64_t m,
+                                   int64_t n, int64_t k, intptr_t a,
+                                   int64_t lda, intptr_t b, int64_t ldb,
+                                   float beta, intptr_t c, int64_t ldc) {
+  const char* p = one_use_path(path, m, n, k, lda, ldb, ldc, beta,
+                               &cpu::stored_bf16_product_runs,
+                               "bfloat16 one-use product", "AVX512-BF16",
+                               cpu::step_gemm::kMaxStoredBf16Rows);
+  return cpu::multiply_once(p, m, n, k,
+                            reinterpret_cast<const c10::BFloat16*>(a), lda,
+                            reinterpret_cast<const c10::BFloat16*>(b), ldb,
+                            beta, reinterpret_cast<float*>(c), ldc);
 }
 
 int64_t release_cpu_buffer_cache() { return cpu::empty_activation_cache(); }

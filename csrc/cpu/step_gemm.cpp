@@ -71,12 +71,30 @@ void multiply(bool serial, int64_t m, int64_t n, int64_t k, const float* a,
   at::parallel_for(0, np, 4, run);
 }
 
+namespace {
+// run(begin, end) over the columns [0, n): on the calling thread when
+// serial, else split evenly over the threads in blocks of 16 (whole cache
+// lines of C's rows), each thread streaming its rows of B.
+template <typename F>
+void over_columns(bool serial, int64_t n, const F& run) {
+  if (serial) {
+    run(0, n);
+    return;
+  }
+  constexpr int64_t kBlock = 16;
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    run(begin * kBlock, std::min(end * kBlock, n));
+  });
+}
+}  // namespace
+
 void multiply_stored(bool serial, int64_t m, int64_t n, int64_t k,
                      const float* a, int64_t lda, const float* b, int64_t ldb,
                      const float* bias, float beta, float* c, int64_t ldc) {
   static const bool avx512 = std::strcmp(kernels_in_use(), "AVX512") == 0;
   const bool add = beta != 0.0f;
-  const auto run = [&](int64_t begin, int64_t end) {
+  over_columns(serial, n, [&](int64_t begin, int64_t end) {
     if (avx512) {
       multiply_stored_columns_avx512(m, n, k, a, lda, b, ldb, begin, end,
                                      bias, add, c, ldc);
@@ -84,17 +102,24 @@ void multiply_stored(bool serial, int64_t m, int64_t n, int64_t k,
       multiply_stored_columns_avx2(m, n, k, a, lda, b, ldb, begin, end, bias,
                                    add, c, ldc);
     }
-  };
-  if (serial) {
-    run(0, n);
-    return;
-  }
-  // Columns split evenly over the threads in blocks of 16 (whole cache
-  // lines of C's rows): each thread streams its rows of B.
-  constexpr int64_t kBlock = 16;
-  const int64_t blocks = (n + kBlock - 1) / kBlock;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    run(begin * kBlock, std::min(end * kBlock, n));
+  });
+}
+
+bool bf16_stored_supported() {
+  static const bool supported = kernels_in_use() != nullptr &&
+                                std::strcmp(kernels_in_use(), "AVX512") == 0 &&
+                                avx512bf16_supported();
+  return supported;
+}
+
+void multiply_stored_bf16(bool serial, int64_t m, int64_t n, int64_t k,
+                          const uint16_t* a, int64_t lda, const uint16_t* b,
+                          int64_t ldb, const float* bias, float beta,
+                          float* c, int64_t ldc) {
+  const bool add = beta != 0.0f;
+  over_columns(serial, n, [&](int64_t begin, int64_t end) {
+    multiply_stored_columns_avx512bf16(m, n, k, a, lda, b, ldb, begin, end,
+                                       bias, add, c, ldc);
   });
 }
 

@@ -95,6 +95,22 @@ void multiply_stored(bool serial, int64_t m, int64_t n, int64_t k,
                      const float* a, int64_t lda, const float* b, int64_t ldb,
                      const float* bias, float beta, float* c, int64_t ldc);
 
+// The same for a bfloat16 weight and A (as uint16_t bits), C in float: on
+// CPUs with AVX512-BF16 where ATen's capability is AVX512
+// (bf16_stored_supported()), whose bfloat16 ops keep their operands in
+// bfloat16 (blas.h, native_bfloat16). Each float lane sums products of
+// pairs of k. For at most kMaxStoredBf16Rows rows: on the Xeon (one thread,
+// against MKL's bfloat16 GEMM, which runs on AMX there) 2-4 rows took
+// 0.33-0.63x MKL's time for 0.5-2 MiB weights, 1 row 0.94-1.11x, but 8
+// rows 1.06-1.9x and 16 rows 1.9-3.8x (vdpbf16ps ran at a third of the
+// rate of float multiply-adds per instruction there).
+constexpr int64_t kMaxStoredBf16Rows = 4;
+bool bf16_stored_supported();
+void multiply_stored_bf16(bool serial, int64_t m, int64_t n, int64_t k,
+                          const uint16_t* a, int64_t lda, const uint16_t* b,
+                          int64_t ldb, const float* bias, float beta,
+                          float* c, int64_t ldc);
+
 // The kernels of one ISA: columns of panels [panel_begin, panel_end) only.
 void multiply_panels_avx512(int64_t m, int64_t n, int64_t k, const float* a,
                             int64_t lda, const float* packed,
@@ -116,7 +132,14 @@ void multiply_stored_columns_avx2(int64_t m, int64_t n, int64_t k,
                                   int64_t ldb, int64_t col_begin,
                                   int64_t col_end, const float* bias, bool add,
                                   float* c, int64_t ldc);
+void multiply_stored_columns_avx512bf16(int64_t m, int64_t n, int64_t k,
+                                        const uint16_t* a, int64_t lda,
+                                        const uint16_t* b, int64_t ldb,
+                                        int64_t col_begin, int64_t col_end,
+                                        const float* bias, bool add, float* c,
+                                        int64_t ldc);
 bool avx512_supported();
 bool avx2_supported();
+bool avx512bf16_supported();
 
 }  // namespace rnnfast::cpu::step_gemm

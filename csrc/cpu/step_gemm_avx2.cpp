@@ -22,6 +22,8 @@ bool avx2_supported() {
 namespace {
 struct Avx2 {
   using Vec = __m256;
+  using Elem = float;  // multiply_stored's operands
+  using In = Vec;
   static constexpr int64_t kWidth = 8;
   static constexpr int kMaxTileRows = 6;
   static constexpr int panels_per_tile(int rows) {

@@ -22,6 +22,8 @@ bool avx512_supported() {
 namespace {
 struct Avx512 {
   using Vec = __m512;
+  using Elem = float;  // multiply_stored's operands
+  using In = Vec;
   static constexpr int64_t kWidth = 16;
   static constexpr int kMaxTileRows = 8;
   static constexpr int panels_per_tile(int rows) {

@@ -1,26 +1,31 @@
-// The tiles of step_gemm.h's product of a weight in its stored layout
-// (multiply_stored), written once over a vector type and included by
-// step_gemm_avx512.cpp and step_gemm_avx2.cpp, each under its own target
-// pragma (internal linkage, as step_gemm_tiles.h).
+// The tiles of step_gemm.h's products of a weight in its stored layout
+// (multiply_stored, multiply_stored_bf16), written once over a vector type
+// and included by step_gemm_avx512.cpp, step_gemm_avx2.cpp and
+// step_gemm_avx512bf16.cpp, each under its own target pragma (internal
+// linkage, as step_gemm_tiles.h).
 //
 // Dot-product form: C[r, j] = sum_kk A[r, kk] B[j, kk], both operands read
 // along k, where they are contiguous. A tile of MR rows of A by NC rows of
 // B (NC columns of C) keeps MR x NC vector accumulators: each holds the
-// partial sums of one element over the depths kk = lane (mod kWidth), in
-// ascending kk; a last, partial vector of k is read with a mask. The
-// tile's accumulators are then summed across their lanes eight at a time
-// (each folded to 256 bits where wider, then one transpose-add tree, the
-// same order of additions for every element wherever it lies in the tile),
-// and written with the bias and C. Every B vector loaded stays in a
+// partial sums of one element over the depths kk = lane (mod kWidth) (a
+// pair of depths per lane for bfloat16), in ascending kk; a last, partial
+// vector of k is read with a mask. The tile's accumulators are then
+// summed across their lanes eight at a time (each folded to 256 bits where
+// wider, then one transpose-add tree, the same order of additions for every
+// element wherever it lies in the tile), and written with the bias and C. Every B vector loaded stays in a
 // register for the MR rows' multiply-adds; B's rows of a tile are read
 // from L1 again for the next block of A's rows.
 //
-// Traits, beyond step_gemm_tiles.h's Vec, kWidth, zero() and fmadd():
-// loadu(const float*) (unaligned), load_first(const float*, count) (lanes
-// [0, count) read, the others zero, count < kWidth), fold(Vec) -> __m256
-// (lanes summed in pairs down to eight), kMaxStoredRows and
-// stored_columns(rows) (how many rows of B a tile of that many rows of A
-// covers, so that the accumulators and operands fit the register file).
+// Traits: Elem (the operands' element: float, or bfloat16 bits as
+// uint16_t), In (a vector of kWidth of them, as loaded), Vec (a vector of
+// float accumulators), zero(), loadu(const Elem*) (unaligned),
+// load_first(const Elem*, count) (elements [0, count) read, the others
+// zero, count < kWidth), fmadd(In x, In w, Vec acc) (acc plus the products
+// of x and w: lane by lane for float; for bfloat16 each float lane adds the
+// products of a pair of elements, vdpbf16ps), fold(Vec) -> __m256 (lanes
+// summed in pairs down to eight), kMaxStoredRows and stored_columns(rows)
+// (how many rows of B a tile of that many rows of A covers, so that the
+// accumulators and operands fit the register file).
 #pragma once
 
 #include <immintrin.h>
@@ -46,22 +51,23 @@ inline __m256 sum_lanes8(const __m256 v[8]) {
 
 // C[rows [0, MR), columns [j0, j0 + cols)]: A's rows [0, MR) by B's rows
 // [j0, j0 + cols), cols <= NC (fewer in the last tile of a range).
-template <typename Tr, int MR, int NC>
-inline void stored_tile(int cols, int64_t k, const float* a, int64_t lda,
-                        const float* b, int64_t ldb, int64_t j0,
-                        const float* bias, bool add, float* c, int64_t ldc) {
+template <typename Tr, int MR, int NC, typename E = typename Tr::Elem>
+inline void stored_tile(int cols, int64_t k, const E* a, int64_t lda,
+                        const E* b, int64_t ldb, int64_t j0, const float* bias,
+                        bool add, float* c, int64_t ldc) {
   using Vec = typename Tr::Vec;
+  using In = typename Tr::In;
   Vec acc[MR][NC];
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < NC; ++j) acc[r][j] = Tr::zero();
-  const float* rows[NC];
+  const E* rows[NC];
   for (int j = 0; j < NC; ++j) {
     // a missing row reads the last one again (its sums are not stored)
     rows[j] = b + (j0 + (j < cols ? j : cols - 1)) * ldb;
   }
   int64_t kk = 0;
   for (; kk + Tr::kWidth <= k; kk += Tr::kWidth) {
-    Vec w[NC];
+    In w[NC];
     for (int j = 0; j < NC; ++j) {
       w[j] = Tr::loadu(rows[j] + kk);
       // Kept in a register: left to itself, GCC folds the load into each
@@ -70,16 +76,16 @@ inline void stored_tile(int cols, int64_t k, const float* a, int64_t lda,
       if constexpr (MR > 1) asm("" : "+v"(w[j]));
     }
     for (int r = 0; r < MR; ++r) {
-      const Vec x = Tr::loadu(a + r * lda + kk);
+      const In x = Tr::loadu(a + r * lda + kk);
       for (int j = 0; j < NC; ++j) acc[r][j] = Tr::fmadd(x, w[j], acc[r][j]);
     }
   }
   if (kk < k) {  // a last, partial vector, masked
     const int64_t left = k - kk;
-    Vec w[NC];
+    In w[NC];
     for (int j = 0; j < NC; ++j) w[j] = Tr::load_first(rows[j] + kk, left);
     for (int r = 0; r < MR; ++r) {
-      const Vec x = Tr::load_first(a + r * lda + kk, left);
+      const In x = Tr::load_first(a + r * lda + kk, left);
       for (int j = 0; j < NC; ++j) acc[r][j] = Tr::fmadd(x, w[j], acc[r][j]);
     }
   }
@@ -106,10 +112,10 @@ inline void stored_tile(int cols, int64_t k, const float* a, int64_t lda,
 }
 
 // One tile of MR rows at column j0: NC columns, or those left before n.
-template <typename Tr, int MR>
-inline void stored_rows(int64_t n, int64_t k, const float* a, int64_t lda,
-                        const float* b, int64_t ldb, int64_t j0,
-                        const float* bias, bool add, float* c, int64_t ldc) {
+template <typename Tr, int MR, typename E = typename Tr::Elem>
+inline void stored_rows(int64_t n, int64_t k, const E* a, int64_t lda,
+                        const E* b, int64_t ldb, int64_t j0, const float* bias,
+                        bool add, float* c, int64_t ldc) {
   constexpr int NC = Tr::stored_columns(MR);
   const int64_t left = n - j0;
   stored_tile<Tr, MR, NC>(static_cast<int>(left < NC ? left : NC), k, a, lda,
@@ -117,10 +123,11 @@ inline void stored_rows(int64_t n, int64_t k, const float* a, int64_t lda,
 }
 
 // rows (1 .. Tr::kMaxStoredRows) as a compile-time count.
-template <typename Tr, int MR = Tr::kMaxStoredRows>
-inline void stored_any_rows(int rows, int64_t n, int64_t k, const float* a,
-                            int64_t lda, const float* b, int64_t ldb,
-                            int64_t j0, const float* bias, bool add, float* c,
+template <typename Tr, int MR = Tr::kMaxStoredRows,
+          typename E = typename Tr::Elem>
+inline void stored_any_rows(int rows, int64_t n, int64_t k, const E* a,
+                            int64_t lda, const E* b, int64_t ldb, int64_t j0,
+                            const float* bias, bool add, float* c,
                             int64_t ldc) {
   if constexpr (MR > 1) {
     if (rows < MR) {
@@ -136,9 +143,9 @@ inline void stored_any_rows(int rows, int64_t n, int64_t k, const float* a,
 // columns (the width of the largest block's tile), every row block, so the
 // group's rows of B are read from L1 after the first block. Each element
 // is the same sum whatever the column range (a split over threads).
-template <typename Tr>
-void multiply_stored_columns(int64_t m, int64_t n, int64_t k, const float* a,
-                             int64_t lda, const float* b, int64_t ldb,
+template <typename Tr, typename E = typename Tr::Elem>
+void multiply_stored_columns(int64_t m, int64_t n, int64_t k, const E* a,
+                             int64_t lda, const E* b, int64_t ldb,
                              int64_t col_begin, int64_t col_end,
                              const float* bias, bool add, float* c,
                              int64_t ldc) {
