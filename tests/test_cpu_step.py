@@ -63,16 +63,20 @@ CHECK = textwrap.dedent("""
                     assert torch.equal(c[:, n:], before[:, n:]), "wrote past n"
         return sorted(ran)
 
-    def check_once(path, shapes):
+    def check_once(path, shapes, dtype=torch.float32):
         # C = A B^T (+ bias) + beta C through the product of a weight used
-        # once, B [n, k] as stored (row stride ldb > k)
+        # once, B [n, k] as stored (row stride ldb > k); in bfloat16, A and
+        # B are rounded and there is no bias (the products of bfloat16
+        # values are exact in float, so float64 of the same values is the
+        # reference either way)
         g = torch.Generator().manual_seed(1)
         ran = set()
+        bf16 = dtype == torch.bfloat16
         for m, n, k in shapes:
             for beta in (0.0, 1.0):
-                for with_bias in (False, True):
-                    a = torch.randn(m, k + 3, generator=g)[:, :k]
-                    b = torch.randn(n, k + 2, generator=g)[:, :k]
+                for with_bias in ((False,) if bf16 else (False, True)):
+                    a = torch.randn(m, k + 3, generator=g).to(dtype)[:, :k]
+                    b = torch.randn(n, k + 2, generator=g).to(dtype)[:, :k]
                     bias = torch.randn(n, generator=g)
                     c = torch.randn(m, n + 5, generator=g)
                     if beta == 0.0:
@@ -83,10 +87,15 @@ CHECK = textwrap.dedent("""
                     if beta:
                         expected += c[:, :n].double()
                     before = c.clone()
-                    ran.add(_C._one_use_product(path, m, n, k, a.data_ptr(), a.stride(0),
-                                                b.data_ptr(), b.stride(0),
-                                                bias.data_ptr() if with_bias else 0, beta,
-                                                c.data_ptr(), c.stride(0)))
+                    operands = (path, m, n, k, a.data_ptr(), a.stride(0), b.data_ptr(),
+                                b.stride(0))
+                    if bf16:
+                        ran.add(_C._one_use_bf16_product(*operands, beta, c.data_ptr(),
+                                                         c.stride(0)))
+                    else:
+                        ran.add(_C._one_use_product(*operands,
+                                                    bias.data_ptr() if with_bias else 0,
+                                                    beta, c.data_ptr(), c.stride(0)))
                     err = (c[:, :n].double() - expected).abs().max().item()
                     assert err <= 1e-6 * (k + 4), (path, m, n, k, beta, with_bias, err)
                     assert torch.equal(c[:, n:], before[:, n:]), "wrote past n"
@@ -354,32 +363,6 @@ needs_bf16_one_use = pytest.mark.skipif(not BF16_ONE_USE,
                                                "capability is below AVX512)")
 
 
-def check_once_bf16(path, shapes):
-    """check_once for bfloat16 A and B, C in float (no bias): the products
-    of bfloat16 values are exact in float, so float64 of the same values is
-    the reference, with float32 summation's tolerance."""
-    g = torch.Generator().manual_seed(3)
-    ran = set()
-    for m, n, k in shapes:
-        for beta in (0.0, 1.0):
-            a = torch.randn(m, k + 3, generator=g).bfloat16()[:, :k]
-            b = torch.randn(n, k + 2, generator=g).bfloat16()[:, :k]
-            c = torch.randn(m, n + 5, generator=g)
-            if beta == 0.0:
-                c[:, :n] = float("nan")
-            expected = a.double() @ b.double().t()
-            if beta:
-                expected += c[:, :n].double()
-            before = c.clone()
-            ran.add(_C._one_use_bf16_product(path, m, n, k, a.data_ptr(), a.stride(0),
-                                             b.data_ptr(), b.stride(0), beta, c.data_ptr(),
-                                             c.stride(0)))
-            err = (c[:, :n].double() - expected).abs().max().item()
-            assert err <= 1e-6 * (k + 4), (path, m, n, k, beta, err)
-            assert torch.equal(c[:, n:], before[:, n:]), "wrote past n"
-    return sorted(ran)
-
-
 # rows up to the bfloat16 product's 4; depths odd and around its 32-element
 # vectors (pairs of k per float lane); the last shape runs threaded
 BF16_ONCE_SHAPES = [(m, n, k) for m in (1, 2, 3, 4)
@@ -389,16 +372,18 @@ BF16_ONCE_SHAPES = [(m, n, k) for m in (1, 2, 3, 4)
 
 @needs_bf16_one_use
 def test_bf16_one_use_product_matches_float64():
-    assert check_once_bf16("rnnfast", BF16_ONCE_SHAPES) == ["rnnfast-AVX512-BF16"]
-    assert check_once_bf16("auto", BF16_ONCE_SHAPES) == ["rnnfast-AVX512-BF16"]
+    ours = ["rnnfast-AVX512-BF16"]
+    assert check_once("rnnfast", BF16_ONCE_SHAPES, torch.bfloat16) == ours  # noqa: F821
+    assert check_once("auto", BF16_ONCE_SHAPES, torch.bfloat16) == ours  # noqa: F821
     # more rows: MKL's bfloat16 GEMM
-    assert check_once_bf16("auto", [(5, 40, 9)]) != ["rnnfast-AVX512-BF16"]
+    assert check_once("auto", [(5, 40, 9)], torch.bfloat16) != ours  # noqa: F821
     with pytest.raises(RuntimeError, match="at most 4 rows, got 5"):
-        check_once_bf16("rnnfast", [(5, 40, 9)])
+        check_once("rnnfast", [(5, 40, 9)], torch.bfloat16)  # noqa: F821
 
 
 def test_bf16_blas_one_use_product_matches_float64():
-    assert "rnnfast-AVX512-BF16" not in check_once_bf16("blas", BF16_ONCE_SHAPES[::4])
+    ran = check_once("blas", BF16_ONCE_SHAPES[::4], torch.bfloat16)  # noqa: F821
+    assert "rnnfast-AVX512-BF16" not in ran
 
 
 @needs_bf16_one_use
