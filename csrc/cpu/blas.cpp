@@ -295,6 +295,13 @@ void multiply_stored(bool serial, int64_t m, int64_t n, int64_t k,
                              ldc);
   stored_products.fetch_add(1, std::memory_order_relaxed);
 }
+
+// Whether rnnfast's one-use product takes m rows on this CPU (whatever
+// RNNFAST_CPU_STEP_GEMM says).
+bool stored_product_takes(int64_t m) {
+  return m >= 1 && m <= step_gemm::kMaxStoredRows &&
+         step_gemm::kernels_in_use() != nullptr;
+}
 }  // namespace
 
 int64_t one_use_products_run() {
@@ -302,8 +309,7 @@ int64_t one_use_products_run() {
 }
 
 bool stored_product_runs(int64_t m, const char* path) {
-  return m >= 1 && m <= step_gemm::kMaxStoredRows &&
-         step_gemm::kernels_in_use() != nullptr && forced_step_gemm(path) != 1;
+  return stored_product_takes(m) && forced_step_gemm(path) != 1;
 }
 
 const char* multiply_once(const char* path, int64_t m, int64_t n, int64_t k,
@@ -340,9 +346,7 @@ const char* multiply_once(const char* path, int64_t m, int64_t n, int64_t k,
                           const c10::BFloat16* b, int64_t ldb, float beta,
                           float* c, int64_t ldc) {
   if (m > 0 && n > 0 && k > 0 && stored_bf16_product_runs(m, path)) {
-    // On the calling thread inside a parallel region (a loop's row groups).
-    const bool serial = serial_product(m, n, k, sizeof(c10::BFloat16)) ||
-                        at::in_parallel_region();
+    const bool serial = serial_product(m, n, k, sizeof(c10::BFloat16));
     step_gemm::multiply_stored_bf16(serial, m, n, k,
                                     reinterpret_cast<const uint16_t*>(a), lda,
                                     reinterpret_cast<const uint16_t*>(b), ldb,
@@ -587,7 +591,7 @@ void StepWeight<T>::compute(bool serial, int64_t m, const T* a, int64_t lda,
     }
     // Unpacked (the first use: a one-step call's only one): the weight
     // read once where it lies.
-    if (trans_b_ && forced_ != 1 && stored_product_runs(m, "auto")) {
+    if (trans_b_ && forced_ != 1 && stored_product_takes(m)) {
       multiply_stored(serial, m, n_, k_, a, lda, b_, ldb_, nullptr, beta, c,
                       ldc);
       return;
@@ -604,11 +608,11 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
           const c10::BFloat16* a, int64_t lda, const c10::BFloat16* b,
           int64_t ldb, float beta, float* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
-  // A few rows by a weight as stored (x W^T: a one-step call's products,
-  // or a time loop's first step): rnnfast's one-use product where the CPU
-  // has AVX512-BF16 (multiply_once).
-  if (!trans_a && trans_b && k > 0 && (beta == 0.0f || beta == 1.0f) &&
-      stored_bf16_product_runs(m, nullptr)) {
+  // Rows by a weight as stored (x W^T: among them a one-step call's
+  // products and a time loop's first step): multiply_once runs the few-row
+  // ones on rnnfast's one-use product where the CPU has AVX512-BF16, the
+  // others as below.
+  if (!trans_a && trans_b && (beta == 0.0f || beta == 1.0f)) {
     multiply_once(nullptr, m, n, k, a, lda, b, ldb, beta, c, ldc);
     return;
   }

@@ -41,12 +41,20 @@ void pack(bool trans_b, int64_t n, int64_t k, const float* b, int64_t ldb,
   });
 }
 
+namespace {
+// Whether the kernels in use are the AVX-512 ones (else AVX2, or none).
+bool avx512_kernels() {
+  static const bool avx512 = kernels_in_use() != nullptr &&
+                             std::strcmp(kernels_in_use(), "AVX512") == 0;
+  return avx512;
+}
+}  // namespace
+
 void multiply_panel_range(int64_t m, int64_t n, int64_t k, const float* a,
                           int64_t lda, const float* packed,
                           int64_t panel_begin, int64_t panel_end, float beta,
                           float* c, int64_t ldc) {
-  static const bool avx512 = std::strcmp(kernels_in_use(), "AVX512") == 0;
-  if (avx512) {
+  if (avx512_kernels()) {
     multiply_panels_avx512(m, n, k, a, lda, packed, panel_begin, panel_end,
                            beta, c, ldc);
   } else {
@@ -92,10 +100,9 @@ void over_columns(bool serial, int64_t n, const F& run) {
 void multiply_stored(bool serial, int64_t m, int64_t n, int64_t k,
                      const float* a, int64_t lda, const float* b, int64_t ldb,
                      const float* bias, float beta, float* c, int64_t ldc) {
-  static const bool avx512 = std::strcmp(kernels_in_use(), "AVX512") == 0;
   const bool add = beta != 0.0f;
   over_columns(serial, n, [&](int64_t begin, int64_t end) {
-    if (avx512) {
+    if (avx512_kernels()) {
       multiply_stored_columns_avx512(m, n, k, a, lda, b, ldb, begin, end,
                                      bias, add, c, ldc);
     } else {
@@ -106,9 +113,7 @@ void multiply_stored(bool serial, int64_t m, int64_t n, int64_t k,
 }
 
 bool bf16_stored_supported() {
-  static const bool supported = kernels_in_use() != nullptr &&
-                                std::strcmp(kernels_in_use(), "AVX512") == 0 &&
-                                avx512bf16_supported();
+  static const bool supported = avx512_kernels() && avx512bf16_supported();
   return supported;
 }
 
