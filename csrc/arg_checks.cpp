@@ -4,15 +4,19 @@ namespace rnnfast {
 namespace {
 
 // Every message starts with the op's name ("rnnfast.lstm_forward: ...") and
-// names the argument at fault.
+// names the argument at fault, except a device mismatch's, which starts with
+// torch.nn.LSTM's words (ATen's check of _VF.lstm's arguments: a model on the
+// GPU called with an input on the CPU is the usual cause), then names the op
+// and the argument. `kind` is "hidden" for hx and cx, else "parameter".
 void check_same(const char* op, const at::Tensor& t, const char* name,
-                const at::Tensor& input) {
+                const at::Tensor& input, const char* kind = "parameter") {
   TORCH_CHECK(t.scalar_type() == input.scalar_type(), op, ": ", name,
               " must have the dtype of input (", input.scalar_type(),
               "), got ", t.scalar_type());
-  TORCH_CHECK(t.device() == input.device(), op, ": ", name,
-              " must be on the device of input (", input.device(), "), got ",
-              t.device());
+  TORCH_CHECK(t.device() == input.device(), "Input and ", kind,
+              " tensors are not at the same device, found input tensor at ",
+              input.device(), " and ", kind, " tensor at ", t.device(), " (",
+              op, ": ", name, ")");
 }
 
 void check_shape(const char* op, const at::Tensor& t, const char* name,
@@ -58,8 +62,8 @@ LstmSizes check_lstm_args(const char* op, const at::Tensor& input,
                                       ? batch_sizes->data_ptr<int64_t>()[0]
                                       : 0)
                                : input.size(1);
-  check_same(op, hx, "hx", input);
-  check_same(op, cx, "cx", input);
+  check_same(op, hx, "hx", input, "hidden");
+  check_same(op, cx, "cx", input, "hidden");
   check_same(op, weight_ih, "weight_ih", input);
   check_same(op, weight_hh, "weight_hh", input);
   check_shape(op, weight_ih, "weight_ih", {4 * s.hidden, s.input});

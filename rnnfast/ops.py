@@ -30,12 +30,15 @@ __all__ = ["lstm_forward", "lstm_backward", "layer_norm_lstm_forward",
 
 
 def _check_same_device(input: Tensor, **tensors: Optional[Tensor]) -> None:
-    """What the real kernels check, for the fake (meta) kernels."""
+    """What the real kernels check, for the fake (meta) kernels, in their
+    words (torch.nn.LSTM's, then the argument)."""
     for name, t in tensors.items():
         if t is not None:
+            kind = "hidden" if name in ("hx", "cx") else "parameter"
             torch._check(t.device == input.device,
-                         lambda: f"rnnfast: {name} must be on the device of input "
-                                 f"({input.device}), got {t.device}")
+                         lambda: f"Input and {kind} tensors are not at the same device, "
+                                 f"found input tensor at {input.device} and {kind} tensor "
+                                 f"at {t.device} (rnnfast: {name})")
 
 
 def _contiguous_like(t: Tensor) -> Tensor:

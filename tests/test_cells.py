@@ -276,14 +276,16 @@ def test_non_contiguous_arguments(device, cell, index):
 
 def test_op_rejects_mismatched_device_in_cpu_kernel(cell):
     """The CPU kernel's own check: an hx on another device (meta) is a
-    RuntimeError naming the op and the argument, not a crash. The CPU kernel
+    RuntimeError in nn.LSTM's words, naming the op and the argument, not a
+    crash. The CPU kernel
     is reached with redispatch because the dispatcher would pick the Meta
     kernel."""
     sample = cell.op_sample()
     args = sample.with_arg("hx", sample.arg("hx").to("meta"))
     cpu = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
-    with pytest.raises(RuntimeError, match=rf"rnnfast.{cell.forward_op}: hx must be on the "
-                                           r"device of input \(cpu\), got meta"):
+    with pytest.raises(RuntimeError, match=r"^Input and hidden tensors are not at the same "
+                                           r"device, found input tensor at cpu and hidden "
+                                           rf"tensor at meta \(rnnfast.{cell.forward_op}: hx\)"):
         cell.forward.redispatch(cpu, *args)
 
 

@@ -176,6 +176,31 @@ def test_rejects_batch_sizes_on_cuda(cuda_device, cell):
                                            r"a 1-D int64 CPU tensor"):
         cell.forward(*args)
 
+@pytest.mark.parametrize("cell", CELLS, ids=repr)
+@pytest.mark.parametrize("which", ["input", "hx"])
+def test_cpu_tensor_into_cuda_model_raises_like_nn_lstm(cuda_device, cell, which):
+    """The usual mistake, a CPU input (or state) given to a model on the
+    GPU: nn.LSTM's exception and words, which the CUDA kernel's own check
+    gives (the CPU-only table test_cells.BAD_FORWARD covers the meta
+    device)."""
+    torch.manual_seed(0)
+    lstm = nn.LSTM(I, H, num_layers=2).to(cuda_device)
+    ours = cell.module(I, H, num_layers=2).to(cuda_device)
+    x = torch.randn(T, B, I, device=cuda_device)
+    hx = (torch.zeros(2, B, H, device=cuda_device), torch.zeros(2, B, H, device=cuda_device))
+    if which == "input":
+        x = x.cpu()
+    else:
+        hx = (hx[0].cpu(), hx[1])
+    with pytest.raises(RuntimeError) as expected:
+        lstm(x, hx)
+    words = str(expected.value)
+    assert words.startswith("Input and "), words
+    with pytest.raises(RuntimeError) as got:
+        ours(x, hx)
+    assert str(got.value).startswith(words), (str(got.value), words)
+
+
 
 @pytest.mark.parametrize("proj", [False, True], ids=["no_proj", "proj"])
 def test_opcheck(cuda_device, proj):

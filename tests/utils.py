@@ -603,6 +603,16 @@ def bad_forward_cases(steps: int, batch: int, input_size: int, hidden: int,
         "h0_dtype": ((x3, (states()[0].double(), states()[1])),
                      r"hx must have the dtype of input", False),
         "int_input": ((torch.ones(T, B, I, dtype=torch.int64),), r"input dtype \(torch.int64\)"),
+        # A device mismatch (on a GPU, most often a CPU input to a CUDA
+        # model), here with the meta device, which every machine has.
+        "input_device": ((x3.to("meta"),),
+                         r"^Input and parameter tensors are not at the same device, found "
+                         r"input tensor at meta and parameter tensor at cpu"),
+        "h0_device": ((x3, (states()[0].to("meta"), states()[1])),
+                      r"^Input and hidden tensors are not at the same device, found input "
+                      r"tensor at cpu and hidden tensor at meta"),
+        "c0_device": ((x3, (states()[0], states()[1].to("meta"))),
+                      r"^Input and hidden tensors are not at the same device"),
         "seq_len_0": ((torch.randn(0, B, I),),
                       r"Expected sequence length to be larger than 0 in RNN"),
         "seq_len_0_unbatched": ((torch.randn(0, I),),
