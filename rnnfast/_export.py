@@ -66,6 +66,26 @@ ONNX = "onnx"  # torch.onnx.export(..., dynamo=True)
 ONNX_TORCHSCRIPT = "onnx-torchscript"  # torch.onnx.export(..., dynamo=False)
 
 
+try:  # the flag torch.onnx.export(dynamo=True) sets while it runs
+    from torch.onnx._internal.exporter import _flags as _onnx_export_flags
+except ImportError:  # another torch's layout: is_in_onnx_export() alone
+    _onnx_export_flags = None
+
+
+def _in_onnx_export() -> bool:
+    """``torch.onnx.is_in_onnx_export()``, also under Dynamo, which answers
+    False for it whatever the truth (torch._dynamo's tracing-state table).
+    That matters because torch.onnx.export(dynamo=True) tries
+    ``torch.export(strict=False)`` first and, when that fails (as rnnfast's
+    refusal of zoneout's training masks makes it), ``strict=True``, whose
+    Dynamo would otherwise trace the fused ops the ONNX converter cannot
+    translate and bury the refusal under a ConversionError. Dynamo reads the
+    exporter's own module flag as the constant it is."""
+    if torch.onnx.is_in_onnx_export():
+        return True
+    return bool(getattr(_onnx_export_flags, "_is_onnx_exporting", False))
+
+
 def capture() -> str:
     """One of EAGER, TRACE, ONNX, ONNX_TORCHSCRIPT."""
     tracing = torch.jit.is_tracing()
@@ -73,7 +93,7 @@ def capture() -> str:
     # the other runs torch.export, which sets is_compiling.
     if not tracing and not torch.compiler.is_compiling():
         return EAGER
-    if torch.onnx.is_in_onnx_export():
+    if _in_onnx_export():
         return ONNX_TORCHSCRIPT if tracing else ONNX
     return TRACE if tracing else EAGER
 

@@ -261,6 +261,21 @@ def test_onnx_packed_input_is_refused_clearly(tmp_path, layer, kwargs, dynamo):
     assert "export with padded input" in str(err.value)
 
 
+@pytest.mark.parametrize("layer", ["lstm", "layer_norm_lstm"])
+def test_onnx_export_of_zoneout_in_training_mode_is_refused_clearly(tmp_path, layer):
+    """Training's random zoneout masks have no exported form. The exporter
+    retries a failed ``torch.export(strict=False)`` with ``strict=True``,
+    whose Dynamo answers False to ``torch.onnx.is_in_onnx_export()``: the
+    refusal must hold there too, not give way to a ConversionError about
+    rnnfast's mask op. (The TorchScript exporter exports in evaluation mode
+    by default, the formula of the rates.)"""
+    model = _make(layer, zoneout_hidden=0.2).train()
+    x = torch.randn(EXAMPLE_T, EXAMPLE_B, INPUT)
+    with warnings.catch_warnings(), pytest.raises(Exception, match="call model.eval"):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(tmp_path / "z.onnx"), dynamo=True, verbose=False)
+
+
 # ---- ONNX, the TorchScript-based exporter (dynamo=False) ----------------------
 
 @pytest.mark.parametrize("kwargs,with_hx", LSTM_CASES)
