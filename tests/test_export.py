@@ -276,6 +276,34 @@ def test_onnx_export_of_zoneout_in_training_mode_is_refused_clearly(tmp_path, la
         torch.onnx.export(model, (x,), str(tmp_path / "z.onnx"), dynamo=True, verbose=False)
 
 
+@pytest.mark.parametrize("layer", ["lstm", "layer_norm_lstm"])
+@pytest.mark.parametrize("kwargs,dynamo", [
+    pytest.param(dict(weight_dropout=0.5), True, id="weight_dropout-dynamo"),
+    pytest.param(dict(num_layers=2, dropout=0.5, variational_dropout=True), False,
+                 id="variational-torchscript"),
+])
+def test_onnx_export_in_training_mode_draws_its_masks_in_onnx(tmp_path, layer, kwargs, dynamo):
+    """A model exported in training mode (nn.LSTM's dropout exports so)
+    draws DropConnect's and variational dropout's masks with ONNX's
+    RandomUniform, not with rnnfast's CPU mask op, which no exporter can
+    translate: it exports, runs in onnxruntime, and differs from one run to
+    the next."""
+    model = _make(layer, **kwargs).train()
+    x = torch.randn(EXAMPLE_T, EXAMPLE_B, INPUT)
+    path = tmp_path / "train.onnx"
+    extra = {} if dynamo else dict(training=torch.onnx.TrainingMode.TRAINING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(path), dynamo=dynamo, verbose=False, **extra)
+    proto = onnx.load(str(path))
+    assert any(t.startswith("RandomUniform") for t in _op_types(proto.graph))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: x.numpy()}
+    first, second = session.run(None, feed)[0], session.run(None, feed)[0]
+    assert first.shape == (EXAMPLE_T, EXAMPLE_B, HIDDEN) and np.isfinite(first).all()
+    assert not np.array_equal(first, second)
+
+
 # ---- ONNX, the TorchScript-based exporter (dynamo=False) ----------------------
 
 @pytest.mark.parametrize("kwargs,with_hx", LSTM_CASES)

@@ -528,6 +528,19 @@ def test_onnx_export_in_training_mode_with_zoneout_is_refused(cell, mode, monkey
         m(torch.randn(2, 1, 3))
 
 
+@pytest.mark.parametrize("mode", ["onnx", "onnx-torchscript"])
+def test_masks_drawn_for_an_onnx_export_have_the_rate(mode, monkeypatch):
+    """While an ONNX exporter captures the call, the masks are torch.rand < p
+    (what exports): True at the rate, independently per element and mask."""
+    monkeypatch.setattr(_export, "capture", lambda: mode)
+    torch.manual_seed(0)
+    a, b = RF._bernoulli_masks((400, 500), [0.3, 0.8], torch.device("cpu"), ["x", "y"])
+    assert a.dtype == torch.bool and a.shape == (400, 500)
+    assert abs(a.float().mean().item() - 0.3) < 0.005
+    assert abs(b.float().mean().item() - 0.8) < 0.005
+    assert abs((a & b).float().mean().item() - 0.24) < 0.005
+
+
 def test_jit_trace_with_zoneout_in_eval(cell):
     m = cell.module(3, 4, zoneout_hidden=0.3, zoneout_cell=0.2).eval()
     x = torch.randn(5, 2, 3)
