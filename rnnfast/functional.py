@@ -116,11 +116,15 @@ def _bernoulli_masks(shape: Sequence[int], rates: Sequence[float], device: torch
     ``rnnfast::bernoulli_masks`` expands it with a counter-based hash on all
     threads (torch's CPU generator draws one number after another on one
     thread: 6 ns per 32 bits, which was most of zoneout's cost). Elsewhere,
-    one bulk ``torch.randint`` of 16 bits per element and mask. While an
-    ONNX exporter captures the call (a model exported in training mode),
-    ``torch.rand(shape) < p``, which exports as ONNX's ``RandomUniform``."""
+    one bulk ``torch.randint`` of 16 bits per element and mask.
+
+    While ``torch.jit.trace`` or an ONNX exporter records the call (a model
+    traced or exported in training mode), ``torch.rand(shape) < p``: the
+    TorchScript tracer cannot record the mask op (its ``SymInt[]`` shape
+    fails an internal assert) and ONNX has no counterpart of it; this
+    records as ``aten::rand`` and exports as ONNX's ``RandomUniform``."""
     device = torch.device(device)
-    if _export.capture() in (_export.ONNX, _export.ONNX_TORCHSCRIPT):
+    if _export.capture() != _export.EAGER:
         return [torch.rand(tuple(shape), device=device) < p for p in rates]
     if device.type == "cpu":
         seed = torch.randint(-(1 << 63), (1 << 63) - 1, (1,), dtype=torch.int64)

@@ -10,6 +10,7 @@ rnnfast.functional draws are recorded (every one goes through
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -539,6 +540,26 @@ def test_masks_drawn_for_an_onnx_export_have_the_rate(mode, monkeypatch):
     assert abs(a.float().mean().item() - 0.3) < 0.005
     assert abs(b.float().mean().item() - 0.8) < 0.005
     assert abs((a & b).float().mean().item() - 0.24) < 0.005
+
+
+@pytest.mark.parametrize("kwargs", [
+    pytest.param(dict(zoneout_hidden=0.3, zoneout_cell=0.2), id="zoneout"),
+    pytest.param(dict(weight_dropout=0.5), id="weight_dropout"),
+    pytest.param(dict(num_layers=2, dropout=0.5, variational_dropout=True), id="variational"),
+])
+def test_jit_trace_in_training_mode_draws_fresh_masks(cell, kwargs):
+    """A layer traced in training mode records its mask draws (aten::rand;
+    the tracer cannot record the CPU mask op): fresh masks at every call,
+    sized by the call's input, and a backward to every parameter."""
+    m = cell.module(3, 4, **kwargs).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on random ops
+        traced = torch.jit.trace(m, (torch.randn(4, 2, 3),), check_trace=False)
+    x = torch.randn(7, 3, 3)
+    first, second = traced(x)[0], traced(x)[0]
+    assert first.shape == (7, 3, 4) and not torch.equal(first, second)
+    first.sum().backward()
+    assert all(p.grad is not None for p in m.parameters())
 
 
 def test_jit_trace_with_zoneout_in_eval(cell):
