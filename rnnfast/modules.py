@@ -127,7 +127,14 @@ class _RecurrentBase(nn.Module):
 
     @property
     def _flat_weights(self) -> list[Tensor]:
-        return [getattr(self, name) for name in self._flat_weights_names]
+        # Read at every call. A registered parameter is read from _parameters
+        # directly: getattr passes through nn.Module.__getattr__, ~0.4 us a
+        # name on the Xeon, 10 us a call of a 2-layer LayerNorm-LSTM (24
+        # names). A name not there (a parametrization's property, pruning's
+        # plain tensor, whatever replaced the parameter) by getattr.
+        params = self._parameters
+        return [params[name] if name in params else getattr(self, name)
+                for name in self._flat_weights_names]
 
     @property
     def all_weights(self) -> list[list[nn.Parameter]]:

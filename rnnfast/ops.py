@@ -518,6 +518,58 @@ torch.library.register_autograd(
     setup_context=_layer_norm_lstm_setup_context)
 
 
+# ---- the inference route of a multi-layer call -------------------------------
+# _call asks its questions at every op call. A multi-layer call whose result
+# needs no gradient (rnnfast.functional establishes that) asks them once,
+# with direct_route(), then runs each layer through the functions below:
+# the same op, the same kernel call below autograd, without the Python
+# between. A two-layer streaming-decode step at H=8 spent ~50 us in Python
+# around ~25 us of op calls (scripts/decode_overhead.py, Xeon, one thread).
+
+_LSTM_FORWARD = torch.ops.rnnfast.lstm_forward.default
+_LAYER_NORM_LSTM_FORWARD = torch.ops.rnnfast.layer_norm_lstm_forward.default
+
+
+def direct_route() -> bool:
+    """Whether op calls made now may go straight to the device's kernels
+    when their result needs no gradient (what :func:`_call` does for one
+    such call): no torch.func transform active, and nothing (torch.compile,
+    torch.export, torch.jit.trace, an ONNX exporter) recording the calls."""
+    return not (torch.jit.is_tracing() or _functorch_active()
+                or torch.compiler.is_compiling())
+
+
+def lstm_inference(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor,
+                   weight_hh: Tensor, bias_ih: Optional[Tensor], bias_hh: Optional[Tensor],
+                   weight_hr: Optional[Tensor], batch_sizes: Optional[Tensor], reverse: bool,
+                   zoneout_hidden: float, zoneout_cell: float
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`lstm_forward`'s ``(output, hy, cy)``, nothing saved and no
+    zoneout mask, for a caller that has established that no gradient is
+    needed and :func:`direct_route`."""
+    with _below_autograd():
+        return _LSTM_FORWARD(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh,
+                             weight_hr, batch_sizes, reverse, False, None, None,
+                             zoneout_hidden, zoneout_cell)[:3]
+
+
+def layer_norm_lstm_inference(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor,
+                              weight_hh: Tensor, bias_ih: Optional[Tensor],
+                              bias_hh: Optional[Tensor], ln_ih_weight: Tensor,
+                              ln_ih_bias: Tensor, ln_hh_weight: Tensor, ln_hh_bias: Tensor,
+                              ln_cell_weight: Tensor, ln_cell_bias: Tensor,
+                              batch_sizes: Optional[Tensor], reverse: bool, eps: float,
+                              zoneout_hidden: float, zoneout_cell: float
+                              ) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`layer_norm_lstm_forward`'s ``(output, hy, cy)`` under the
+    conditions of :func:`lstm_inference`."""
+    with _below_autograd():
+        return _LAYER_NORM_LSTM_FORWARD(
+            input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, ln_ih_weight, ln_ih_bias,
+            ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias, batch_sizes, reverse,
+            False, eps, None, None, zoneout_hidden, zoneout_cell)[:3]
+
+
 # ---- regulariser masks ----------------------------------------------------------
 
 def bernoulli_masks(seed: Tensor, shape: Sequence[int], rates: Sequence[float]) -> Tensor:

@@ -537,6 +537,87 @@ def test_module_routes_by_what_gradient_is_needed(device, cell, below_autograd):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-10, rtol=1e-10, msg=name)
 
 
+def _count_inference_layers(monkeypatch, cell) -> list:
+    """Counts the layer-directions run by ops.<cell>_inference, the
+    inference route of rnnfast.functional (one entry each)."""
+    name = cell.forward_op.replace("_forward", "_inference")
+    real, calls = getattr(rnnfast.ops, name), []
+    reverse = 14 if cell.layer_norm else 9  # the argument's position
+
+    def spy(*args):
+        calls.append(args[reverse])
+        return real(*args)
+    monkeypatch.setattr(rnnfast.ops, name, spy)
+    return calls
+
+
+INFERENCE_ROUTE_CASES = {
+    "2layers-bidirectional": dict(num_layers=2, bidirectional=True),
+    "batch_first-projection": dict(batch_first=True, proj_size=2),
+    "packed-bias_false": dict(bias=False, packed=True),
+    "zoneout-rates": dict(num_layers=2, zoneout_hidden=0.3, zoneout_cell=0.2),
+    "training-dropout": dict(num_layers=2, dropout=0.5, train=True),
+    "training-variational": dict(num_layers=2, dropout=0.5, variational_dropout=True,
+                                 train=True),
+}
+
+
+@pytest.mark.parametrize("case", list(INFERENCE_ROUTE_CASES))
+def test_inference_route_gives_the_general_routes_bits(device, cell, case, monkeypatch):
+    """A call that needs no gradient runs each layer by the inference route
+    (the op below autograd, what can change asked once per call): every
+    layer and direction goes that way, with bitwise the outputs of the
+    general route (the same random masks between layers in training)."""
+    kwargs = dict(INFERENCE_ROUTE_CASES[case])
+    packed, train = kwargs.pop("packed", False), kwargs.pop("train", False)
+    model = cell.module(I, cell.hidden, device=device, dtype=torch.float64,
+                        **cell.kwargs(**kwargs)).train(train)
+    x = random_input(model.batch_first, device=device)
+    if packed:
+        x = make_packed(x, LENGTHS_UNSORTED, enforce_sorted=False)
+    calls = _count_inference_layers(monkeypatch, cell)
+    runs = []
+    for route in (True, False):
+        if not route:
+            monkeypatch.setattr(rnnfast.functional, "_inference_route", lambda *a: False)
+        torch.manual_seed(7)
+        with torch.no_grad():
+            runs.append(model(x))
+        if route:
+            layers = model.num_layers * (2 if model.bidirectional else 1)
+            assert len(calls) == layers
+            assert calls.count(True) == (layers // 2 if model.bidirectional else 0)
+    assert len(calls) == model.num_layers * (2 if model.bidirectional else 1)
+    (out, (h, c)), (out_ref, (h_ref, c_ref)) = runs
+    if packed:
+        out, out_ref = out.data, out_ref.data
+    for got, expected in ((out, out_ref), (h, h_ref), (c, c_ref)):
+        assert torch.equal(got, expected)
+
+
+def test_inference_route_not_taken_where_the_call_needs_more(cell, monkeypatch):
+    """A gradient to keep, a torch.func transform, a trace, or zoneout's
+    and DropConnect's training masks: the general route."""
+    calls = _count_inference_layers(monkeypatch, cell)
+    model = cell.module(I, cell.hidden, num_layers=2, dtype=torch.float64)
+    x = random_input(False)
+    model(x)[0].sum().backward()  # the gradient
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    with torch.no_grad():
+        torch.func.vmap(lambda xi: torch.func.functional_call(model, params, (xi,))[0],
+                        in_dims=1)(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.trace(model, (x,), check_trace=False)
+    for kwargs in (dict(zoneout_hidden=0.2), dict(weight_dropout=0.3)):
+        with torch.no_grad():
+            cell.module(I, cell.hidden, dtype=torch.float64, **kwargs).train()(x)
+    assert calls == []
+    with torch.no_grad():
+        model(x)
+    assert len(calls) == 2
+
+
 def test_compiled_module_calls_the_op_itself(cell, below_autograd):
     """Under torch.compile the graph holds the op as before: the shortcut
     is an eager one, taken neither while tracing nor by the compiled code."""
