@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 from torch import nn
+import torch.nn.utils.prune  # noqa: F401  (nn.utils.prune)
 from torch.func import functional_call, grad, jacfwd, jacrev, jvp, vjp, vmap
 
 import rnnfast
@@ -431,6 +432,27 @@ def test_parametrized_lstm_matches_nn_lstm(kind):
         for name in ("weight_hh_l0", "weight_ih_l1", "weight_hh_l1_reverse"):
             parametrize(model, name)
         model.train(kind.endswith("train"))
+    x = torch.randn(6, 2, 3, dtype=torch.float64, requires_grad=True)
+    got, expected = _parametrized_grads(ours, x), _parametrized_grads(ref, x)
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("kind", ["prune", "plain_tensor"])
+def test_weights_replaced_outside_the_parameters_like_nn_lstm(kind):
+    """Weights that live outside the module's registered parameters, pruning's
+    masked tensor (its parameter is then ``weight_orig``) or a plain tensor
+    put in place of a deleted parameter, are read where they live: the
+    outputs and gradients of nn.LSTM treated the same way."""
+    ours, ref = make_lstm_pair(3, 5, num_layers=2, bidirectional=True)
+    for model in (ours, ref):
+        if kind == "prune":
+            nn.utils.prune.l1_unstructured(model, "weight_hh_l1_reverse", amount=0.5)
+        else:
+            scaled = model.weight_ih_l1.detach() * 0.5
+            del model.weight_ih_l1
+            model.weight_ih_l1 = scaled
+    if kind == "prune":
+        assert "weight_hh_l1_reverse" not in dict(ours.named_parameters())
     x = torch.randn(6, 2, 3, dtype=torch.float64, requires_grad=True)
     got, expected = _parametrized_grads(ours, x), _parametrized_grads(ref, x)
     torch.testing.assert_close(got, expected)
