@@ -284,7 +284,7 @@ def lstm(
     save = _needs_grad(input, hx, weights)
     mode = _export.capture()  # asked once for all the layers
 
-    if _inference_route(save, mode, training, z_h, z_c, w_drop):
+    if _inference_route(save, training, z_h, z_c, w_drop):
         def run(layer_input, idx, reverse, h0, c0):
             w_ih, w_hh, b_ih, b_hh, w_hr = layers[idx]
             return ops.lstm_inference(layer_input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
@@ -304,15 +304,15 @@ def lstm(
                   variational_dropout=variational_dropout)
 
 
-def _inference_route(save: bool, mode: str, training: bool, z_h: float, z_c: float,
+def _inference_route(save: bool, training: bool, z_h: float, z_c: float,
                      w_drop: float) -> bool:
     """Whether a call's layers may run by :func:`ops.lstm_inference` /
     :func:`ops.layer_norm_lstm_inference` (the op, without the general
     route's per-layer questions): no gradient to keep, nothing recording the
-    call, no random mask to draw (zoneout and DropConnect in training;
-    dropout between layers is :func:`_stack`'s on either route)."""
-    return (not save and mode == _export.EAGER
-            and not (training and (z_h > 0 or z_c > 0 or w_drop > 0))
+    call (:func:`ops.direct_route`), no random mask to draw (zoneout and
+    DropConnect in training; dropout between layers is :func:`_stack`'s on
+    either route)."""
+    return (not save and not (training and (z_h > 0 or z_c > 0 or w_drop > 0))
             and ops.direct_route())
 
 
@@ -407,7 +407,7 @@ def layer_norm_lstm(
     save = _needs_grad(input, hx, weights)
     mode = _export.capture()  # asked once for all the layers
 
-    if _inference_route(save, mode, training, z_h, z_c, w_drop):
+    if _inference_route(save, training, z_h, z_c, w_drop):
         def run(layer_input, idx, reverse, h0, c0):
             w = weights[idx * per:(idx + 1) * per]
             b_ih, b_hh = (w[2], w[3]) if bias else (None, None)
