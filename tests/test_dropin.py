@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 import torch.nn.utils.prune  # noqa: F401  (nn.utils.prune)
+import torch.utils.checkpoint
 from torch.func import functional_call, grad, jacfwd, jacrev, jvp, vjp, vmap
 
 import rnnfast
@@ -456,6 +457,34 @@ def test_weights_replaced_outside_the_parameters_like_nn_lstm(kind):
     x = torch.randn(6, 2, 3, dtype=torch.float64, requires_grad=True)
     got, expected = _parametrized_grads(ours, x), _parametrized_grads(ref, x)
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False], ids=["reentrant", "non_reentrant"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_activation_checkpointing_recomputes_the_same_layer(cell, use_reentrant):
+    """torch.utils.checkpoint around a layer in training mode, with dropout
+    between layers and every regulariser's random masks: the recomputation
+    in the backward draws the same masks (checkpoint restores the RNG), so
+    the outputs and gradients are those of the plain call. (The reentrant
+    variant's first forward runs under no_grad: the inference route.)"""
+    model = make_pair(cell, 3, 5, num_layers=2, dropout=0.3)[0].train()
+    model.zoneout_hidden, model.zoneout_cell, model.weight_dropout = 0.2, 0.1, 0.25
+    model.variational_dropout = True
+    x = torch.randn(6, 2, 3, dtype=torch.float64, requires_grad=True)
+    results = []
+    for wrap in (False, True):
+        torch.manual_seed(3)
+        if wrap:
+            out = torch.utils.checkpoint.checkpoint(lambda x: model(x)[0], x,
+                                                    use_reentrant=use_reentrant)
+        else:
+            out = model(x)[0]
+        x.grad = None
+        model.zero_grad()
+        (out * out.cos()).sum().backward()  # reentrant checkpoints refuse autograd.grad
+        results.append((out, [x.grad, *(p.grad for p in model.parameters())]))
+    assert torch.equal(results[0][0], results[1][0])
+    torch.testing.assert_close(results[1][1], results[0][1], atol=1e-12, rtol=1e-12)
 
 
 def test_spectral_norm_training_advances_the_power_iteration_once():
