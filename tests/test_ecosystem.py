@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -400,6 +402,46 @@ def test_export_padded_save_load(tmp_path):
     with torch.no_grad():
         for inp in (x, x_other):
             _assert_same(loaded.module()(inp), model(inp))
+
+
+_AOTI_LOAD_SCRIPT = """
+import sys
+import torch
+import rnnfast  # registers the ops the package calls
+runner = torch._inductor.aoti_load_package(sys.argv[1])
+inputs, expected = torch.load(sys.argv[2])
+for x, want in zip(inputs, expected):
+    got = runner(x)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-6)
+print("ran", len(inputs))
+"""
+
+
+@pytest.mark.skipif(not hasattr(torch._inductor, "aoti_compile_and_package"),
+                    reason="this torch has no AOTInductor packaging")
+def test_aot_inductor_package_runs_in_a_fresh_process(tmp_path):
+    """A model with both layers, exported (dynamic batch and time) and
+    compiled ahead of time by AOTInductor into a .pt2 package: loaded in a
+    new process that imports rnnfast, it gives eager's outputs at the
+    example's shape and another. The package calls rnnfast's ops through
+    AOTInductor's proxy executor (the C++ library must be loaded)."""
+    torch.manual_seed(0)
+    model = _Stack().eval()
+    _randomize_layer_norm(model.ln_lstm)
+    inputs = [torch.randn(B, T, I), torch.randn(3, 9, I)]
+    dims = {"x": {0: torch.export.Dim("batch"), 1: torch.export.Dim("time")}}
+    with torch.no_grad():
+        ep = torch.export.export(model, (inputs[0],), dynamic_shapes=dims)
+        package = torch._inductor.aoti_compile_and_package(
+            ep, package_path=str(tmp_path / "stack.pt2"))
+        torch.save((inputs, [model(x) for x in inputs]), tmp_path / "expected.pt")
+    (tmp_path / "load.py").write_text(_AOTI_LOAD_SCRIPT)
+    result = subprocess.run([sys.executable, str(tmp_path / "load.py"), package,
+                             str(tmp_path / "expected.pt")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ran 2" in result.stdout
 
 
 def test_export_under_no_grad_saves_nothing_for_backward():
