@@ -22,6 +22,8 @@
 
 #include <tuple>
 
+#include "op_signatures.h"
+
 namespace rnnfast {
 namespace {
 
@@ -41,29 +43,6 @@ Ret cast_and_redispatch(const c10::TypedOperatorHandle<Ret(OpArgs...)>& op,
 
 using Tensor = at::Tensor;
 using OptionalTensor = c10::optional<at::Tensor>;
-
-using LstmForwardSignature =
-    std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
-        const Tensor& input, const Tensor& hx, const Tensor& cx,
-        const Tensor& weight_ih, const Tensor& weight_hh,
-        const OptionalTensor& bias_ih, const OptionalTensor& bias_hh,
-        const OptionalTensor& weight_hr, const OptionalTensor& batch_sizes,
-        bool reverse, bool training, const OptionalTensor& zoneout_hidden_mask,
-        const OptionalTensor& zoneout_cell_mask, double zoneout_hidden,
-        double zoneout_cell);
-
-using LayerNormLstmForwardSignature =
-    std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
-        const Tensor& input, const Tensor& hx, const Tensor& cx,
-        const Tensor& weight_ih, const Tensor& weight_hh,
-        const OptionalTensor& bias_ih, const OptionalTensor& bias_hh,
-        const Tensor& ln_ih_weight, const Tensor& ln_ih_bias,
-        const Tensor& ln_hh_weight, const Tensor& ln_hh_bias,
-        const Tensor& ln_cell_weight, const Tensor& ln_cell_bias,
-        const OptionalTensor& batch_sizes, bool reverse, bool training,
-        double eps, const OptionalTensor& zoneout_hidden_mask,
-        const OptionalTensor& zoneout_cell_mask, double zoneout_hidden,
-        double zoneout_cell);
 
 template <c10::DeviceType device>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>

@@ -93,6 +93,22 @@ TORCH_LIBRARY(rnnfast, m) {
       "Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias, "
       "Tensor grad_ln_ih_weight, Tensor grad_ln_hh_weight, "
       "Tensor grad_ln_cell_weight, Tensor grad_ln_cell_bias)");
+  // A stacked network's forward for inference: num_layers layers of
+  // lstm_forward (or, with layer_norm, layer_norm_lstm_forward), both
+  // directions of a layer concatenated along the features, as
+  // torch._VF.lstm composes them without dropout. h0, c0 [layers *
+  // directions, B, *]; weights as nn.LSTM's _flat_weights (each layer, then
+  // direction: weight_ih, weight_hh[, bias_ih, bias_hh], then weight_hr or
+  // the six LayerNorm parameters in layer_norm_lstm_forward's order).
+  // Returns output (batch_first as given), h_n, c_n. Nothing is saved and
+  // no mask drawn; not differentiable (refused while grad mode is on and an
+  // argument requires grad). stack.cpp.
+  m.def(
+      "stacked_inference(Tensor input, Tensor h0, Tensor c0, Tensor[] weights, "
+      "int num_layers, bool bidirectional, bool batch_first, "
+      "Tensor? batch_sizes, bool has_biases, bool layer_norm, float eps=1e-05, "
+      "float zoneout_hidden=0., float zoneout_cell=0.) -> (Tensor output, "
+      "Tensor h_n, Tensor c_n)");
 }
 
 namespace {

@@ -284,19 +284,17 @@ def lstm(
     save = _needs_grad(input, hx, weights)
     mode = _export.capture()  # asked once for all the layers
 
-    if _inference_route(save, training, z_h, z_c, w_drop):
-        def run(layer_input, idx, reverse, h0, c0):
-            w_ih, w_hh, b_ih, b_hh, w_hr = layers[idx]
-            return ops.lstm_inference(layer_input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
-                                      batch_sizes, reverse, z_h, z_c)
-    else:
-        def run(layer_input, idx, reverse, h0, c0):
-            w_ih, w_hh, b_ih, b_hh, w_hr = layers[idx]
-            hidden = w_hh.shape[0] // 4
-            zoneout = _zoneout_args(layer_input, w_hh.shape[1], hidden, z_h, z_c, training)
-            return _export.lstm_forward(
-                layer_input, h0, c0, w_ih, _drop_weight(w_hh, w_drop, training), b_ih, b_hh,
-                w_hr, batch_sizes, reverse, save, *zoneout, mode=mode)
+    if _inference_route(save, training, num_layers, dropout, z_h, z_c, w_drop):
+        return ops.stacked_inference(input, hx[0], hx[1], weights, num_layers, bidirectional,
+                                     batch_first, batch_sizes, bias, False, 0.0, z_h, z_c)
+
+    def run(layer_input, idx, reverse, h0, c0):
+        w_ih, w_hh, b_ih, b_hh, w_hr = layers[idx]
+        hidden = w_hh.shape[0] // 4
+        zoneout = _zoneout_args(layer_input, w_hh.shape[1], hidden, z_h, z_c, training)
+        return _export.lstm_forward(
+            layer_input, h0, c0, w_ih, _drop_weight(w_hh, w_drop, training), b_ih, b_hh,
+            w_hr, batch_sizes, reverse, save, *zoneout, mode=mode)
 
     return _stack(run, input, hx, num_layers=num_layers, dropout=dropout,
                   training=training, bidirectional=bidirectional,
@@ -304,15 +302,15 @@ def lstm(
                   variational_dropout=variational_dropout)
 
 
-def _inference_route(save: bool, training: bool, z_h: float, z_c: float,
-                     w_drop: float) -> bool:
-    """Whether a call's layers may run by :func:`ops.lstm_inference` /
-    :func:`ops.layer_norm_lstm_inference` (the op, without the general
-    route's per-layer questions): no gradient to keep, nothing recording the
-    call (:func:`ops.direct_route`), no random mask to draw (zoneout and
-    DropConnect in training; dropout between layers is :func:`_stack`'s on
-    either route)."""
-    return (not save and not (training and (z_h > 0 or z_c > 0 or w_drop > 0))
+def _inference_route(save: bool, training: bool, num_layers: int, dropout: float,
+                     z_h: float, z_c: float, w_drop: float) -> bool:
+    """Whether a call may run as one :func:`ops.stacked_inference`: no
+    gradient to keep, nothing recording the call (:func:`ops.direct_route`),
+    no random mask to draw (zoneout and DropConnect in training, dropout
+    between layers)."""
+    return (not save
+            and not (training and (z_h > 0 or z_c > 0 or w_drop > 0
+                                   or (dropout > 0 and num_layers > 1)))
             and ops.direct_route())
 
 
@@ -407,23 +405,19 @@ def layer_norm_lstm(
     save = _needs_grad(input, hx, weights)
     mode = _export.capture()  # asked once for all the layers
 
-    if _inference_route(save, training, z_h, z_c, w_drop):
-        def run(layer_input, idx, reverse, h0, c0):
-            w = weights[idx * per:(idx + 1) * per]
-            b_ih, b_hh = (w[2], w[3]) if bias else (None, None)
-            return ops.layer_norm_lstm_inference(
-                layer_input, h0, c0, w[0], w[1], b_ih, b_hh, *w[-len(_LN_NAMES):],
-                batch_sizes, reverse, eps, z_h, z_c)
-    else:
-        def run(layer_input, idx, reverse, h0, c0):
-            w = list(weights[idx * per:(idx + 1) * per])
-            b_ih, b_hh = (w[2], w[3]) if bias else (None, None)
-            ln = w[-len(_LN_NAMES):]
-            hidden = w[1].shape[1]
-            zoneout = _zoneout_args(layer_input, hidden, hidden, z_h, z_c, training)
-            return _export.layer_norm_lstm_forward(
-                layer_input, h0, c0, w[0], _drop_weight(w[1], w_drop, training), b_ih, b_hh,
-                *ln, batch_sizes, reverse, save, eps, *zoneout, mode=mode)
+    if _inference_route(save, training, num_layers, dropout, z_h, z_c, w_drop):
+        return ops.stacked_inference(input, hx[0], hx[1], weights, num_layers, bidirectional,
+                                     batch_first, batch_sizes, bias, True, eps, z_h, z_c)
+
+    def run(layer_input, idx, reverse, h0, c0):
+        w = list(weights[idx * per:(idx + 1) * per])
+        b_ih, b_hh = (w[2], w[3]) if bias else (None, None)
+        ln = w[-len(_LN_NAMES):]
+        hidden = w[1].shape[1]
+        zoneout = _zoneout_args(layer_input, hidden, hidden, z_h, z_c, training)
+        return _export.layer_norm_lstm_forward(
+            layer_input, h0, c0, w[0], _drop_weight(w[1], w_drop, training), b_ih, b_hh,
+            *ln, batch_sizes, reverse, save, eps, *zoneout, mode=mode)
 
     return _stack(run, input, hx, num_layers=num_layers, dropout=dropout,
                   training=training, bidirectional=bidirectional,

@@ -518,16 +518,15 @@ torch.library.register_autograd(
     setup_context=_layer_norm_lstm_setup_context)
 
 
-# ---- the inference route of a multi-layer call -------------------------------
+# ---- a whole network's forward for inference ----------------------------------
 # _call asks its questions at every op call. A multi-layer call whose result
 # needs no gradient (rnnfast.functional establishes that) asks them once,
-# with direct_route(), then runs each layer through the functions below:
-# the same op, the same kernel call below autograd, without the Python
-# between. A two-layer streaming-decode step at H=8 spent ~50 us in Python
-# around ~25 us of op calls (scripts/decode_overhead.py, Xeon, one thread).
+# with direct_route(), and runs the whole network as one op below autograd,
+# rnnfast::stacked_inference (csrc/stack.cpp), which calls each layer's op
+# from C++. Between layers a decode step's Python ran from L3 once the
+# previous layer's weights had evicted the L2 cache (see stack.cpp).
 
-_LSTM_FORWARD = torch.ops.rnnfast.lstm_forward.default
-_LAYER_NORM_LSTM_FORWARD = torch.ops.rnnfast.layer_norm_lstm_forward.default
+_STACKED_INFERENCE = torch.ops.rnnfast.stacked_inference.default
 
 
 def direct_route() -> bool:
@@ -539,35 +538,19 @@ def direct_route() -> bool:
                 or torch.compiler.is_compiling())
 
 
-def lstm_inference(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor,
-                   weight_hh: Tensor, bias_ih: Optional[Tensor], bias_hh: Optional[Tensor],
-                   weight_hr: Optional[Tensor], batch_sizes: Optional[Tensor], reverse: bool,
-                   zoneout_hidden: float, zoneout_cell: float
-                   ) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`lstm_forward`'s ``(output, hy, cy)``, nothing saved and no
-    zoneout mask, for a caller that has established that no gradient is
-    needed and :func:`direct_route`."""
+def stacked_inference(input: Tensor, h0: Tensor, c0: Tensor, weights: Sequence[Tensor],
+                      num_layers: int, bidirectional: bool, batch_first: bool,
+                      batch_sizes: Optional[Tensor], has_biases: bool, layer_norm: bool,
+                      eps: float, zoneout_hidden: float, zoneout_cell: float
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(output, h_n, c_n)`` of a stacked network without dropout between
+    layers, nothing saved and no zoneout mask (the rates), for a caller that
+    has established that no gradient is needed and :func:`direct_route`:
+    ``rnnfast::stacked_inference`` (see its schema in csrc/rnnfast.cpp)."""
     with _below_autograd():
-        return _LSTM_FORWARD(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh,
-                             weight_hr, batch_sizes, reverse, False, None, None,
-                             zoneout_hidden, zoneout_cell)[:3]
-
-
-def layer_norm_lstm_inference(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor,
-                              weight_hh: Tensor, bias_ih: Optional[Tensor],
-                              bias_hh: Optional[Tensor], ln_ih_weight: Tensor,
-                              ln_ih_bias: Tensor, ln_hh_weight: Tensor, ln_hh_bias: Tensor,
-                              ln_cell_weight: Tensor, ln_cell_bias: Tensor,
-                              batch_sizes: Optional[Tensor], reverse: bool, eps: float,
-                              zoneout_hidden: float, zoneout_cell: float
-                              ) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`layer_norm_lstm_forward`'s ``(output, hy, cy)`` under the
-    conditions of :func:`lstm_inference`."""
-    with _below_autograd():
-        return _LAYER_NORM_LSTM_FORWARD(
-            input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, ln_ih_weight, ln_ih_bias,
-            ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias, batch_sizes, reverse,
-            False, eps, None, None, zoneout_hidden, zoneout_cell)[:3]
+        return _STACKED_INFERENCE(input, h0, c0, weights, num_layers, bidirectional,
+                                  batch_first, batch_sizes, has_biases, layer_norm, eps,
+                                  zoneout_hidden, zoneout_cell)
 
 
 # ---- regulariser masks ----------------------------------------------------------

@@ -18,7 +18,8 @@ import rnnfast
 from utils import cuda_tool
 
 KNOWN_OPS = {"rnnfast::lstm_forward", "rnnfast::lstm_backward",
-             "rnnfast::layer_norm_lstm_forward", "rnnfast::layer_norm_lstm_backward"}
+             "rnnfast::layer_norm_lstm_forward", "rnnfast::layer_norm_lstm_backward",
+             "rnnfast::stacked_inference"}
 # The int8 inference ops (rnnfast.quantized) are CPU kernels by design, and
 # the CPU's mask generator (CUDA draws its masks with torch.randint).
 CPU_ONLY_OPS = {"rnnfast::quantized_pack_weight", "rnnfast::quantized_lstm_forward",
@@ -32,6 +33,14 @@ def _rnnfast_ops() -> list[str]:
                   if name.startswith("rnnfast::"))
 
 
+def _has_kernel(op: str, key: str) -> bool:
+    """A kernel for ``key``, or one kernel for every device
+    (CompositeExplicitAutograd: rnnfast::stacked_inference, which calls the
+    layer ops, themselves dispatched by device)."""
+    return (torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
+            or torch._C._dispatch_has_kernel_for_dispatch_key(op, "CompositeExplicitAutograd"))
+
+
 def test_ops_are_registered():
     ops = _rnnfast_ops()
     assert KNOWN_OPS <= set(ops), ops
@@ -41,8 +50,7 @@ def test_ops_are_registered():
 
 @pytest.mark.parametrize("key", ["CPU", "Meta"])
 def test_every_op_has_a_kernel_for(key):
-    missing = [op for op in _rnnfast_ops()
-               if not torch._C._dispatch_has_kernel_for_dispatch_key(op, key)]
+    missing = [op for op in _rnnfast_ops() if not _has_kernel(op, key)]
     assert not missing, f"ops without a {key} kernel: {missing}"
 
 
@@ -51,7 +59,7 @@ def test_cuda_build_registers_every_op_for_cuda():
         pytest.skip("rnnfast was built without CUDA (build_info()['with_cuda'] is False)")
     assert CPU_ONLY_OPS <= set(_rnnfast_ops())
     missing = [op for op in _rnnfast_ops() if op not in CPU_ONLY_OPS
-               and not torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA")]
+               and not _has_kernel(op, "CUDA")]
     assert not missing, f"a CUDA build without CUDA kernels for: {missing}"
 
 

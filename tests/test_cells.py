@@ -526,7 +526,7 @@ def test_module_routes_by_what_gradient_is_needed(device, cell, below_autograd):
     x = random_input(False, device=device)
     with torch.no_grad():
         ours(x)
-    assert below_autograd.entered == 4  # 2 layers x 2 directions
+    assert below_autograd.entered == 1  # the whole network: one stacked_inference
     below_autograd.entered = 0
     out, (h_n, c_n) = ours(x)
     assert below_autograd.entered == 0 and out.grad_fn is not None
@@ -537,17 +537,15 @@ def test_module_routes_by_what_gradient_is_needed(device, cell, below_autograd):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-10, rtol=1e-10, msg=name)
 
 
-def _count_inference_layers(monkeypatch, cell) -> list:
-    """Counts the layer-directions run by ops.<cell>_inference, the
-    inference route of rnnfast.functional (one entry each)."""
-    name = cell.forward_op.replace("_forward", "_inference")
-    real, calls = getattr(rnnfast.ops, name), []
-    reverse = 14 if cell.layer_norm else 9  # the argument's position
+def _count_stacked_calls(monkeypatch) -> list:
+    """Records each call of ops.stacked_inference, the inference route of
+    rnnfast.functional: (num_layers, bidirectional, layer_norm)."""
+    real, calls = rnnfast.ops.stacked_inference, []
 
     def spy(*args):
-        calls.append(args[reverse])
+        calls.append((args[4], args[5], args[9]))
         return real(*args)
-    monkeypatch.setattr(rnnfast.ops, name, spy)
+    monkeypatch.setattr(rnnfast.ops, "stacked_inference", spy)
     return calls
 
 
@@ -555,19 +553,19 @@ INFERENCE_ROUTE_CASES = {
     "2layers-bidirectional": dict(num_layers=2, bidirectional=True),
     "batch_first-projection": dict(batch_first=True, proj_size=2),
     "packed-bias_false": dict(bias=False, packed=True),
+    "packed-2layers-bidirectional": dict(num_layers=2, bidirectional=True, packed=True),
     "zoneout-rates": dict(num_layers=2, zoneout_hidden=0.3, zoneout_cell=0.2),
-    "training-dropout": dict(num_layers=2, dropout=0.5, train=True),
-    "training-variational": dict(num_layers=2, dropout=0.5, variational_dropout=True,
-                                 train=True),
+    "training-no_dropout": dict(num_layers=2, train=True),
+    "eval-dropout": dict(num_layers=2, dropout=0.5),
 }
 
 
 @pytest.mark.parametrize("case", list(INFERENCE_ROUTE_CASES))
 def test_inference_route_gives_the_general_routes_bits(device, cell, case, monkeypatch):
-    """A call that needs no gradient runs each layer by the inference route
-    (the op below autograd, what can change asked once per call): every
-    layer and direction goes that way, with bitwise the outputs of the
-    general route (the same random masks between layers in training)."""
+    """A call that needs no gradient and draws no random mask runs as one
+    stacked_inference op (the layers called from C++): bitwise the outputs
+    and states of the general route (per layer from Python), padded and
+    packed, uni- and bidirectional."""
     kwargs = dict(INFERENCE_ROUTE_CASES[case])
     packed, train = kwargs.pop("packed", False), kwargs.pop("train", False)
     model = cell.module(I, cell.hidden, device=device, dtype=torch.float64,
@@ -575,20 +573,14 @@ def test_inference_route_gives_the_general_routes_bits(device, cell, case, monke
     x = random_input(model.batch_first, device=device)
     if packed:
         x = make_packed(x, LENGTHS_UNSORTED, enforce_sorted=False)
-    calls = _count_inference_layers(monkeypatch, cell)
-    runs = []
-    for route in (True, False):
-        if not route:
-            monkeypatch.setattr(rnnfast.functional, "_inference_route", lambda *a: False)
-        torch.manual_seed(7)
-        with torch.no_grad():
-            runs.append(model(x))
-        if route:
-            layers = model.num_layers * (2 if model.bidirectional else 1)
-            assert len(calls) == layers
-            assert calls.count(True) == (layers // 2 if model.bidirectional else 0)
-    assert len(calls) == model.num_layers * (2 if model.bidirectional else 1)
-    (out, (h, c)), (out_ref, (h_ref, c_ref)) = runs
+    calls = _count_stacked_calls(monkeypatch)
+    with torch.no_grad():
+        out, (h, c) = model(x)
+    assert calls == [(model.num_layers, model.bidirectional, cell.layer_norm)]
+    monkeypatch.setattr(rnnfast.functional, "_inference_route", lambda *a: False)
+    with torch.no_grad():
+        out_ref, (h_ref, c_ref) = model(x)
+    assert len(calls) == 1
     if packed:
         out, out_ref = out.data, out_ref.data
     for got, expected in ((out, out_ref), (h, h_ref), (c, c_ref)):
@@ -596,9 +588,10 @@ def test_inference_route_gives_the_general_routes_bits(device, cell, case, monke
 
 
 def test_inference_route_not_taken_where_the_call_needs_more(cell, monkeypatch):
-    """A gradient to keep, a torch.func transform, a trace, or zoneout's
-    and DropConnect's training masks: the general route."""
-    calls = _count_inference_layers(monkeypatch, cell)
+    """A gradient to keep, a torch.func transform, a trace, or a random mask
+    to draw (zoneout and DropConnect in training, dropout between layers):
+    the general route."""
+    calls = _count_stacked_calls(monkeypatch)
     model = cell.module(I, cell.hidden, num_layers=2, dtype=torch.float64)
     x = random_input(False)
     model(x)[0].sum().backward()  # the gradient
@@ -609,13 +602,43 @@ def test_inference_route_not_taken_where_the_call_needs_more(cell, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.jit.trace(model, (x,), check_trace=False)
-    for kwargs in (dict(zoneout_hidden=0.2), dict(weight_dropout=0.3)):
+    for kwargs in (dict(zoneout_hidden=0.2), dict(weight_dropout=0.3),
+                   dict(num_layers=2, dropout=0.3)):
         with torch.no_grad():
             cell.module(I, cell.hidden, dtype=torch.float64, **kwargs).train()(x)
     assert calls == []
     with torch.no_grad():
         model(x)
-    assert len(calls) == 2
+    assert len(calls) == 1
+
+
+def test_stacked_inference_refuses_a_call_that_needs_a_gradient(cell):
+    """The op has no autograd formula: with grad mode on, an argument that
+    requires grad is refused rather than given a result without one."""
+    model = cell.module(I, cell.hidden, num_layers=2, dtype=torch.float64)
+    x, (h0, c0) = random_input(False), (torch.zeros(2, B, cell.hidden, dtype=torch.float64),) * 2
+    weights = model._flat_weights
+    args = (x, h0, c0, weights, 2, False, False, None, True, cell.layer_norm, 1e-5, 0.0, 0.0)
+    with pytest.raises(RuntimeError, match="inference only"):
+        torch.ops.rnnfast.stacked_inference(*args)
+    with torch.no_grad():
+        out, h_n, c_n = torch.ops.rnnfast.stacked_inference(*args)
+        expected = model(x, (h0, c0))
+    assert torch.equal(out, expected[0]) and torch.equal(h_n, expected[1][0])
+
+
+def test_stacked_inference_opcheck(cell):
+    """torch.library.opcheck of the stacked op: its schema (no mutation or
+    aliasing) and its fake-tensor run (the layer ops' fake kernels), 2
+    layers, bidirectional, zoneout rates. Its autograd registration is
+    deliberately absent (it refuses a call that needs a gradient)."""
+    model = cell.module(I, cell.hidden, num_layers=2, bidirectional=True, dtype=torch.float64)
+    h0, c0 = random_states(2, 2, cell.hidden, cell.hidden)
+    args = (random_input(False), h0, c0, [w.detach() for w in model._flat_weights], 2, True,
+            False, None, True, cell.layer_norm, 1e-5, 0.1, 0.2)
+    with torch.no_grad():
+        torch.library.opcheck(torch.ops.rnnfast.stacked_inference.default, args,
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 def test_compiled_module_calls_the_op_itself(cell, below_autograd):
