@@ -52,10 +52,9 @@ std::tuple<Tensor, Tensor, Tensor> stacked_inference(
               kOp, ": ", per, " weights per layer-direction do not match ",
               layer_norm ? "a LayerNorm-LSTM" : "an LSTM", " with has_biases=",
               has_biases);
-  TORCH_CHECK(h0.dim() == 3 && c0.dim() == 3 && h0.size(0) == groups &&
-                  c0.size(0) == groups,
-              kOp, ": h0 and c0 must be [", groups, ", batch, *], got ",
-              h0.sizes(), " and ", c0.sizes());
+  // h0 and c0 are read as torch._VF.lstm reads them, h0.select(0, idx): too
+  // few layer-directions is its IndexError, more go unused, and each
+  // layer's op checks what it is given.
   // The op is not differentiable: a call whose result needs a gradient
   // goes by the per-layer ops, whose autograd formulas are registered.
   if (c10::GradMode::is_enabled()) {

@@ -627,6 +627,19 @@ def test_stacked_inference_refuses_a_call_that_needs_a_gradient(cell):
     assert torch.equal(out, expected[0]) and torch.equal(h_n, expected[1][0])
 
 
+def test_functional_states_of_too_few_layers_raise_index_error_on_both_routes():
+    """rnnfast.functional.lstm reads h0 and c0 per layer-direction as
+    torch._VF.lstm does: too few is an IndexError, by the inference route as
+    by the general one."""
+    model = rnnfast.LSTM(I, 5, num_layers=2)
+    x, h = torch.randn(T, B, I), (torch.zeros(1, B, 5), torch.zeros(1, B, 5))
+    with pytest.raises(IndexError):
+        torch._VF.lstm(x, h, model._flat_weights, True, 2, 0.0, False, False, False)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), pytest.raises(IndexError):
+            rnnfast.functional.lstm(x, h, model._flat_weights, num_layers=2)
+
+
 def test_stacked_inference_opcheck(cell):
     """torch.library.opcheck of the stacked op: its schema (no mutation or
     aliasing) and its fake-tensor run (the layer ops' fake kernels), 2
