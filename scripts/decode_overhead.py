@@ -8,8 +8,11 @@ difference from the one below it:
   forward     model.forward(x, state): without nn.Module.__call__
   functional  rnnfast.functional.lstm(x, state, weights, ...): without the
               module's checks and _flat_weights
-  ops         ops.lstm_forward per layer and torch.stack of the states:
-              without functional's weight grouping and _stack
+  stacked     ops.stacked_inference, what functional runs for a call that
+              needs no gradient: the whole network as one op, its layers
+              called from C++
+  ops         ops.lstm_forward per layer from Python and torch.stack of the
+              states: the general route's op calls (for comparison)
   dispatcher  torch.ops.rnnfast.lstm_forward.default per layer: the
               dispatcher, the C++ checks, allocation and the kernel
   gemm        the recurrent and input GEMMs alone (torch.mm into
@@ -99,6 +102,10 @@ def main(argv=None) -> int:
     def functional():
         RF.lstm(x, state, weights, num_layers=L)
 
+    def stacked():
+        ops.stacked_inference(x, state[0], state[1], weights, L, False, False, None, True,
+                              False, 0.0, 0.0, 0.0)
+
     def op_wrappers():
         inp, hs, cs = x, [], []
         for i, (w_ih, w_hh, b_ih, b_hh, w_hr) in enumerate(per_layer):
@@ -127,13 +134,16 @@ def main(argv=None) -> int:
     rows = []
     with mode():
         for name, fn in (("module", module), ("forward", forward), ("functional", functional),
-                         ("ops", op_wrappers), ("dispatcher", dispatcher), ("gemm", gemm),
-                         ("nn.LSTM", nn_lstm)):
+                         ("stacked", stacked), ("ops", op_wrappers), ("dispatcher", dispatcher),
+                         ("gemm", gemm), ("nn.LSTM", nn_lstm)):
             rows.append((name, *per_call_us(fn, args.min_s)))
     print(f"streaming decode, {L} layers, B={B} I=H={H}, float32, {args.threads} thread(s), under {args.under}, "
           f"torch {torch.__version__}, rnnfast {rnnfast.build_info()}")
     print(f"{'layer':<11} {'median us':>9} {'IQR':>6} {'min us':>7} {'own (min)':>9}")
-    stack = [r for r in rows if r[0] not in ("gemm", "nn.LSTM")]
+    # "own": a row's minimum less the next row's down the call stack (ops is
+    # beside the stack, not below it: the stacked row's own is against
+    # dispatcher).
+    stack = [r for r in rows if r[0] not in ("ops", "gemm", "nn.LSTM")]
     for name, med, iqr, low in rows:
         names = [r[0] for r in stack]
         own = ""
