@@ -20,7 +20,7 @@ bool avx512_supported() {
 }
 
 namespace {
-struct Avx512 {
+struct Avx512 : Avx512StoredTiles<> {
   using Vec = __m512;
   using Elem = float;  // multiply_stored's operands
   using In = Vec;
@@ -43,24 +43,11 @@ struct Avx512 {
       _mm512_mask_storeu_ps(c, m, v);
     }
   }
-  // multiply_stored (step_gemm_stored_tiles.h): up to 6 rows of A x 4
-  // rows of B, or 4 x 6, 2-3 x 6, 1 x 4. Measured on the Xeon (one thread,
-  // [n, k] = [1024, 256] in L2 and [2048, 512] from L3): 8 x 3 tiles ran at
-  // 0.48-0.57 ns per multiply-add of vectors against 0.32-0.34 for 6 x 4
-  // and 4 x 6 (8 rows run as two blocks of 4), and a single row streamed
-  // the weight fastest 4 rows of B at a time.
-  static constexpr int kMaxStoredRows = 6;
-  static constexpr int stored_columns(int rows) {
-    return rows == 1 ? 4 : rows <= 4 ? 6 : 4;
-  }
+  // multiply_stored (step_gemm_stored_tiles.h): its shapes and fold are
+  // Avx512StoredTiles's.
   static Vec loadu(const float* p) { return _mm512_loadu_ps(p); }
   static Vec load_first(const float* p, int64_t count) {
     return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << count) - 1u), p);
-  }
-  static __m256 fold(Vec v) {
-    const __m256 high =
-        _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
-    return _mm256_add_ps(_mm512_castps512_ps256(v), high);
   }
 };
 }  // namespace

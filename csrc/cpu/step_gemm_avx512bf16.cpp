@@ -23,16 +23,13 @@ bool avx512bf16_supported() {
 }
 
 namespace {
-struct Avx512Bf16 {
+// The float AVX-512 tiles' shapes and fold (the same accumulators and
+// registers).
+struct Avx512Bf16 : Avx512StoredTiles<> {
   using Elem = uint16_t;  // bfloat16 bits
   using In = __m512bh;
   using Vec = __m512;
   static constexpr int64_t kWidth = 32;
-  // The float AVX-512 tiles' shapes (the same accumulators and registers).
-  static constexpr int kMaxStoredRows = 6;
-  static constexpr int stored_columns(int rows) {
-    return rows == 1 ? 4 : rows <= 4 ? 6 : 4;
-  }
   static Vec zero() { return _mm512_setzero_ps(); }
   static In loadu(const uint16_t* p) {
     return reinterpret_cast<In>(_mm512_loadu_si512(p));
@@ -42,11 +39,6 @@ struct Avx512Bf16 {
     return reinterpret_cast<In>(_mm512_maskz_loadu_epi16(mask, p));
   }
   static Vec fmadd(In x, In w, Vec acc) { return _mm512_dpbf16_ps(acc, x, w); }
-  static __m256 fold(Vec v) {
-    const __m256 high =
-        _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
-    return _mm256_add_ps(_mm512_castps512_ps256(v), high);
-  }
 };
 }  // namespace
 
