@@ -282,11 +282,10 @@ def lstm(
                                            weight_dropout, variational_dropout)
     layers = split_weights(weights, num_layers, bidirectional, bias)
     save = _needs_grad(input, hx, weights)
-    mode = _export.capture()  # asked once for all the layers
-
     if _inference_route(save, training, num_layers, dropout, z_h, z_c, w_drop):
         return ops.stacked_inference(input, hx[0], hx[1], weights, num_layers, bidirectional,
                                      batch_first, batch_sizes, bias, False, 0.0, z_h, z_c)
+    mode = _export.capture()  # asked once for all the layers
 
     def run(layer_input, idx, reverse, h0, c0):
         w_ih, w_hh, b_ih, b_hh, w_hr = layers[idx]
@@ -403,11 +402,10 @@ def layer_norm_lstm(
             f"rnnfast.functional.layer_norm_lstm: expected {groups * per} weights "
             f"({per} per layer and direction, bias={bias}), got {len(weights)}")
     save = _needs_grad(input, hx, weights)
-    mode = _export.capture()  # asked once for all the layers
-
     if _inference_route(save, training, num_layers, dropout, z_h, z_c, w_drop):
         return ops.stacked_inference(input, hx[0], hx[1], weights, num_layers, bidirectional,
                                      batch_first, batch_sizes, bias, True, eps, z_h, z_c)
+    mode = _export.capture()  # asked once for all the layers
 
     def run(layer_input, idx, reverse, h0, c0):
         w = list(weights[idx * per:(idx + 1) * per])
