@@ -24,7 +24,7 @@ from rnnfast.bench.impls import (PRODUCTS, arithmetic_bound, discover, fastest_p
                                  floor_gemms, make_inputs)
 from rnnfast.bench.report import markdown, tables, write_readme
 from rnnfast.bench.results import FIELDS, KEY, finalize, load
-from rnnfast.bench.suite import Settings, run_suite, tf32_mode
+from rnnfast.bench.suite import _JUDGED_STEPS, Settings, _judged_error, run_suite, tf32_mode
 from rnnfast.bench.timing import saved_bytes
 from rnnfast.reference import ReferenceLayerNormLSTM
 
@@ -233,6 +233,21 @@ def test_agreement_is_judged_against_float64():
     assert by["off.LSTM"]["baseline_float64_error"] < 1e-6
     flagged = [n for n in notes if "against float64" in n]
     assert len(flagged) == len(cases) and all(n.startswith("off.LSTM on") for n in flagged)
+
+
+def test_judged_error_is_the_rms_of_the_first_steps():
+    """The float64 agreement is judged before a chaotic recurrence has
+    amplified rounding: late steps do not count, early ones by root mean
+    square."""
+    exact = torch.randn(40, 3, 8, dtype=torch.float64)
+    late = exact.clone()
+    late[_JUDGED_STEPS:] += 0.5
+    assert _judged_error(late, exact) == 0.0
+    one_step = exact.clone()
+    one_step[:1] += 1e-3
+    assert _judged_error(one_step, exact) == pytest.approx(1e-3 / _JUDGED_STEPS ** 0.5, rel=1e-6)
+    decode = exact[:1]
+    assert _judged_error(decode + 2e-3, decode) == pytest.approx(2e-3, rel=1e-6)
 
 
 # -- streaming decode ----------------------------------------------------------

@@ -45,8 +45,10 @@ FIELDS = [
     "saved_bytes_per_token",  # activation memory saved for the backward
     "peak_bytes",       # peak CUDA memory of one call above what was allocated (GPU)
     "max_abs_diff",     # output against the family baseline with the same weights
-    "float64_error",    # output against a float64 copy of the baseline (same weights)
-    "baseline_float64_error",  # the baseline's own error against that copy
+    "float64_error",    # output against a float64 copy of the baseline (same weights):
+                        # root mean square over the first 16 steps (before 2026-12-01:
+                        # the largest difference over the whole output)
+    "baseline_float64_error",  # the baseline's own error against that copy, alike
     "compile_s",        # first call, compilation included (torch.compile rows)
     "wall_s",           # seconds this measurement took, set-up and warm-up included
     "backend",          # how it ran: torch.nn.LSTM's kernels (cudnn, onednn, native),

@@ -34,6 +34,16 @@ __all__ = ["Settings", "run_suite"]
 # from float64, and its bfloat16 runs differ from it by more than 1.)
 _FLOOR_EPS = 4.0
 
+# The errors are judged where the recurrence has not yet amplified them: the
+# root mean square over the first _JUDGED_STEPS steps. Over a whole sequence
+# a LayerNorm-LSTM with default weights is chaotic, and two correct float32
+# implementations' largest errors against float64 scatter from 0.1x to 20x
+# each other's with the seed (T=200 B=4 H=128, 6 seeds; the AVX2 run of
+# 2026-11-30 noted one such case). Over the first 16 steps, by root mean
+# square, rnnfast's float32 LayerNorm-LSTM had 1.0x-1.8x the reference's
+# error over 16 seeds, AVX2 and AVX-512 kernels alike.
+_JUDGED_STEPS = 16
+
 
 @dataclass
 class Settings:
@@ -180,7 +190,7 @@ def _agreement(impl: Impl, runner: Runner, inputs: Inputs,
         with torch.inference_mode():
             exact = twin(inputs.x[0].double(), tuple(h.double() for h in inputs.hx[0]))[0]
         want = want.double()
-        baseline_outputs[impl.family] = (state, want, exact, (want - exact).abs().max().item(),
+        baseline_outputs[impl.family] = (state, want, exact, _judged_error(want, exact),
                                          exact.abs().max().item())
         return None
     if impl.family not in baseline_outputs:
@@ -191,5 +201,10 @@ def _agreement(impl: Impl, runner: Runner, inputs: Inputs,
     except (RuntimeError, KeyError):  # another parameter layout (peers)
         return None
     got = runner.output(0).double()
-    return ((got - want).abs().max().item(), (got - exact).abs().max().item(),
-            baseline_error, largest)
+    return ((got - want).abs().max().item(), _judged_error(got, exact), baseline_error, largest)
+
+
+def _judged_error(got: torch.Tensor, exact: torch.Tensor) -> float:
+    """Root mean square of ``got - exact`` over the first
+    :data:`_JUDGED_STEPS` steps of time-major outputs."""
+    return (got[:_JUDGED_STEPS] - exact[:_JUDGED_STEPS]).pow(2).mean().sqrt().item()
