@@ -106,6 +106,39 @@ def test_time_out_and_lack_of_time(tmp_path):
     assert o["last"].status == PASSED  # a time-out does not stop the later stages
     assert o["too_big"].status == SKIPPED and o["too_big"].note.startswith("lack of time")
     assert not gpu_check.ok(list(o.values()))
+    # the verdict tells a stage stopped for time from a failure
+    assert "# rnnfast GPU check: INCOMPLETE: no stage failed, slow stopped at its time limit" \
+        in (out / "stages.md").read_text()
+
+
+def test_a_stage_leaves_no_process_behind(tmp_path):
+    """A stage's main process ends while a child it started runs on (a
+    test's subprocess): the child is killed with the stage, so that it does
+    not run into the later stages."""
+    pid_file = tmp_path / "child.pid"
+    code = ("import subprocess, sys; "
+            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+            f"open({str(pid_file)!r}, 'w').write(str(p.pid))")
+    o, *_ = run([Stage("parent", py(code), cap_s=30, min_s=1)], 60, tmp_path)
+    assert o["parent"].status == PASSED
+    pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        # a killed child stays a zombie of its (ended) parent until init reaps it
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(") ", 1)[1].startswith("Z"):
+                    break
+        except OSError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, 9)
+        raise AssertionError("the stage's child process outlived it")
 
 
 def test_a_stage_leaves_the_later_minimums(tmp_path):
@@ -432,6 +465,8 @@ def test_stage_plan_follows_the_issue():
     by = {s.name: s for s in stages}
     assert "--gpu-check-no-inductor" in by["tests_cuda"].command
     assert str(ROOT / "tests" / "test_cuda.py") in by["tests_cuda"].command  # --ignore'd
+    # the CPU emulation of the CUDA backend (minutes) is not run on the GPU
+    assert str(ROOT / "tests" / "test_simt.py") in by["tests_cuda"].command
     assert by["bench"].command[by["bench"].command.index("--grid") + 1] == "gpu"
     assert all(by[t].group == "sanitizers" for t in gpu_check.SANITIZER_TOOLS)
     # the caps' minimums after the build fit the budget with room for a build
@@ -467,6 +502,22 @@ def test_no_gpu_fails_fast_in_env(tmp_path):
     assert all(s["status"] == SKIPPED for name, s in status.items() if name != "env")
     assert doc["seconds"] < 60
     assert "| env | failed |" in r.stdout
+
+
+def test_env_refuses_a_setuptools_too_old_to_build(tmp_path):
+    """pyproject.toml's license string needs setuptools >= 77: the env stage
+    says so before the build would stop on it."""
+    fake = tmp_path / "old" / "setuptools"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("__version__ = '70.3.0'\n")
+    r = subprocess.run([PY, str(SCRIPTS / "gpu_check.py"), "_env", str(tmp_path / "env.json")],
+                       capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=str(tmp_path / "old")))
+    assert r.returncode == 1
+    info = json.loads((tmp_path / "env.json").read_text())
+    assert info["setuptools_version"] == "70.3.0"
+    assert any(p.startswith("setuptools 70.3.0 is older than 77") for p in info["problems"])
+    assert "setuptools 70.3.0 is older than 77" in r.stderr
 
 
 def test_dry_run_lists_the_stages(tmp_path):
