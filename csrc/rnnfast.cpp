@@ -5,8 +5,12 @@
 #include <torch/library.h>
 
 #include <string>
+#include <vector>
 
 #include "backend_info.h"
+#ifdef RNNFAST_WITH_CUDA
+#include "cuda/launch_counts.h"
+#endif
 
 #ifndef RNNFAST_CUDA_ARCHS
 #define RNNFAST_CUDA_ARCHS ""
@@ -185,6 +189,17 @@ PYBIND11_MODULE(_C, m) {
         }
         info["cpu_row_groups"] = groups;
         info["cpu_one_use_products"] = rnnfast::cpu_one_use_products();
+        // {blocks per cluster: LayerNorm row_groups launches so far} (1: no
+        // cluster); empty until a CUDA LayerNorm-LSTM has run.
+        pybind11::dict clusters;
+#ifdef RNNFAST_WITH_CUDA
+        const std::vector<int64_t> launches =
+            rnnfast::cuda::row_groups_launches();
+        for (size_t n = 0; n < launches.size(); ++n) {
+          if (launches[n] > 0) clusters[pybind11::int_(n)] = launches[n];
+        }
+#endif
+        info["cuda_row_group_clusters"] = clusters;
         return info;
       },
       "How this rnnfast extension was built, and the CPU kernels in use.");

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import re
 
 import pytest
 import torch
@@ -570,7 +571,9 @@ def test_large_hidden_layer_norm_lstm_matches_cpu(cuda_device, hidden, batch):
     H = 300); with more (B = 150 padded) each row has its block of 512
     threads, as on every GPU before Hopper; H = 2100 makes each thread of a
     row loop over several hidden units. Every output and gradient, in
-    float64, equals the CPU kernels', padded and packed."""
+    float64, equals the CPU kernels', padded and packed; and the cluster
+    path did run where it should (a device that refused clusters would fall
+    back to single blocks, correct but slower, and pass the rest)."""
     torch.manual_seed(0)
     cpu_model = shared.randomize_layer_norm_(
         rnnfast.LayerNormLSTM(5, hidden, bidirectional=True, dtype=torch.float64))
@@ -578,11 +581,27 @@ def test_large_hidden_layer_norm_lstm_matches_cpu(cuda_device, hidden, batch):
     x = torch.randn(4, batch, 5, dtype=torch.float64)
     lengths = sorted(torch.randint(1, 5, (batch,)).tolist(), reverse=True)
     lengths[0] = 4
+    before = dict(rnnfast.build_info()["cuda_row_group_clusters"])
     for kwargs in (dict(), dict(lengths=lengths)):
         expected = shared.forward_backward(cpu_model, x, **kwargs)
         got = shared.forward_backward(gpu_model, x.to(cuda_device), **kwargs)
         got = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in got.items()}
         shared.assert_results_close(got, expected, **shared.TOLERANCES[torch.float64])
+    after = rnnfast.build_info()["cuda_row_group_clusters"]
+    ran = {size for size, n in after.items() if n > before.get(size, 0)}
+    assert ran, "no LayerNorm row_groups launch was counted"
+    major, minor = torch.cuda.get_device_capability()
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    # launch.cuh's max_cluster_for: clusters need the kernels' own code for
+    # 9.0 or newer (not driver-compiled older PTX) on a Hopper or newer
+    archs = [float(m.group()) for m in re.finditer(r"\d+\.\d+",
+                                                   rnnfast.build_info()["cuda_archs"])]
+    hopper_code = major >= 9 and any(9.0 <= a <= major + minor / 10 for a in archs)
+    if not hopper_code:
+        assert ran == {1}, f"clusters {ran} launched without Hopper code"
+    elif batch < sms:
+        assert max(ran) == (2 if hidden == 300 else 4), \
+            f"clusters of {sorted(ran)} blocks ran on {sms} SMs (launch.cuh row_groups)"
 
 
 # More rows in one step than one grid of kMaxBlocks (65535) blocks covers

@@ -10,6 +10,8 @@
 #else
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
+
+#include "launch_counts.h"
 #endif
 #include <c10/util/Exception.h>
 
@@ -232,7 +234,11 @@ inline void launch_row_groups(void (*kernel)(Params), const Params& params,
                               int64_t rows, int64_t n) {
   int sms = 0, max_cluster = 1;
   machine_for(kernel, &sms, &max_cluster);
-  launch(kernel, row_groups(rows, n, sms, max_cluster), params);
+  const LaunchShape shape = row_groups(rows, n, sms, max_cluster);
+  launch(kernel, shape, params);
+#ifndef RNNFAST_SIMT_EMULATION  // (the emulation counts its own launches)
+  count_row_groups_launch(shape.cluster);
+#endif
 }
 
 // The block's shared object of type T: one per type and block, uninitialised
