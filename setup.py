@@ -70,8 +70,15 @@ def _find_cuda_home():
     return None
 
 
-def _nvidia_wheel_includes():
-    """Headers shipped by the nvidia-* wheels (cublas_v2.h, cusparse.h, ...)."""
+def _nvidia_wheel_includes(cuda_home):
+    """Headers shipped by the nvidia-* wheels (cublas_v2.h, cusparse.h, ...),
+    for a toolkit without cuBLAS's headers (nvcc and the runtime only, as a
+    minimal install has). A full toolkit's own headers are used alone: the
+    wheels' folder also holds copies of the runtime headers, of the version
+    torch was built with, which would come before those of the nvcc that
+    compiles."""
+    if cuda_home and os.path.exists(os.path.join(cuda_home, "include", "cublas_v2.h")):
+        return []
     purelib = sysconfig.get_paths()["purelib"]
     found = []
     for pattern in ("nvidia/cu*/include", "nvidia/*/include"):
@@ -230,7 +237,7 @@ include_dirs = [os.path.join(HERE, "csrc")]
 
 if with_cuda:
     define_macros.append(("RNNFAST_WITH_CUDA", None))
-    include_dirs += _nvidia_wheel_includes()
+    include_dirs += _nvidia_wheel_includes(cuda_home)
     # No --use_fast_math: it flushes subnormals to zero (--ftz=true), so tanhf
     # of a subnormal input would return 0 and the activations would lose the
     # accuracy promised at every value (tests/utils.py,

@@ -687,7 +687,13 @@ def assert_activations_accurate(values: Tensor, sigmoid: Tensor, tanh: Tensor) -
         if name == "tanh":
             small = (x.abs() < 0.5) & (x != 0) & ~nan
             rel = ((got - expected).abs() / expected.abs())[small]
-            assert rel.max() <= 8 * eps, f"tanh: relative error {rel.max().item():.3g} near 0"
+            at = x[small][int(rel.argmax())].item()
+            # On CUDA a subnormal pre-activation comes out of two cuBLAS
+            # products (activation_probe), which may flush it before the
+            # kernel's tanh (built with --ftz=false) sees it: a relative
+            # error of 1 at |x| < 1.2e-38 alone points there.
+            assert rel.max() <= 8 * eps, \
+                f"tanh: relative error {rel.max().item():.3g} near 0, at x={at:.3g}"
             # (The sign of -0 may not survive the probe's GEMM.)
             assert (got[x == 0] == 0).all(), "tanh(0) must be 0"
 
