@@ -819,7 +819,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    f"(default {BUDGET_S:.0f}, {QUICK_BUDGET_S:.0f} with --quick; "
                    "or GPU_CHECK_BUDGET_S)")
     p.add_argument("--work", type=Path, help="folder for the logs (default: a new /tmp folder)")
-    p.add_argument("--workers", type=int, help="pytest-xdist workers (default: half the cores, 2-8, when installed)")
+    p.add_argument("--workers", type=int,
+                   help="pytest-xdist workers (default: half the cores, 2 to 8, when installed)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the stages, their caps and commands; run nothing")
     return p.parse_args(argv)
