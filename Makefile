@@ -12,12 +12,17 @@ DEPS := numpy pytest pytest-xdist expecttest ninja rich matplotlib scikit-learn 
 
 .PHONY: test bench build clean test-aarch64 test-avx2
 
-$(VENV)/.deps: pyproject.toml Makefile
+# The stamp names the torch asked for, so that another TORCH_SPEC installs
+# it into the existing venv instead of keeping the one installed first.
+DEPS_STAMP := $(VENV)/.deps-$(shell printf '%s' '$(TORCH_SPEC)' | tr -c 'A-Za-z0-9.+-' '_')
+
+$(DEPS_STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)" $(DEPS)
+	rm -f $(VENV)/.deps-*
 	touch $@
 
-build: $(VENV)/.deps
+build: $(DEPS_STAMP)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 
 test: build
@@ -34,7 +39,7 @@ bench: build
 # The suite on 64-bit ARM Linux, built with Debian's cross compiler and run
 # under qemu here (needs root for apt and binfmt_misc; ~45 minutes on 2
 # cores; not part of `test`). scripts/aarch64_check.sh says what it shows.
-test-aarch64: $(VENV)/.deps
+test-aarch64: $(DEPS_STAMP)
 	PYTHON=$(PY) bash scripts/aarch64_check.sh
 
 # The suite as it runs on an AMD EPYC with AVX2 only (no AVX-512), under
