@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import rnnfast
-from utils import cuda_tool
+from utils import claimed_archs, cuda_tool
 
 KNOWN_OPS = {"rnnfast::lstm_forward", "rnnfast::lstm_backward",
              "rnnfast::layer_norm_lstm_forward", "rnnfast::layer_norm_lstm_backward",
@@ -97,23 +97,9 @@ def cuobjdump():
     return run
 
 
-def _claimed_archs(arch_list: str) -> tuple[set[str], set[str]]:
-    """TORCH_CUDA_ARCH_LIST's machine-code and PTX archs, as cuobjdump names
-    them: "7.5;8.0;9.0+PTX" gives ({"75", "80", "90"}, {"90"})."""
-    sass, ptx = set(), set()
-    for item in re.split(r"[;\s]+", arch_list.strip()):
-        if not item:
-            continue
-        name = item.removesuffix("+PTX").replace(".", "")
-        sass.add(name)
-        if item.endswith("+PTX"):
-            ptx.add(name)
-    return sass, ptx
-
-
 def test_claimed_archs_parse():
-    assert _claimed_archs("7.5;8.0;9.0+PTX") == ({"75", "80", "90"}, {"90"})
-    assert _claimed_archs("9.0a") == ({"90a"}, set())
+    assert claimed_archs("7.5;8.0;9.0+PTX") == ({"75", "80", "90"}, {"90"})
+    assert claimed_archs("9.0a") == ({"90a"}, set())
 
 
 def _setup_functions(*names):
@@ -165,7 +151,7 @@ def test_gpu_code_for_every_claimed_arch(cuobjdump):
     """Every CUDA source is in the binary as machine code for each arch that
     build_info()['cuda_archs'] names, and as PTX for each one marked +PTX
     (which the driver compiles for newer GPUs), and nothing else."""
-    sass, ptx = _claimed_archs(rnnfast.build_info()["cuda_archs"])
+    sass, ptx = claimed_archs(rnnfast.build_info()["cuda_archs"])
     found: dict[str, dict[str, set[str]]] = {"elf": {}, "ptx": {}}
     for kind in ("elf", "ptx"):
         for line in cuobjdump(f"--list-{kind}").splitlines():

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import re
 
 import pytest
 import torch
@@ -594,9 +593,9 @@ def test_large_hidden_layer_norm_lstm_matches_cpu(cuda_device, hidden, batch):
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     # launch.cuh's max_cluster_for: clusters need the kernels' own code for
     # 9.0 or newer (not driver-compiled older PTX) on a Hopper or newer
-    archs = [float(m.group()) for m in re.finditer(r"\d+\.\d+",
-                                                   rnnfast.build_info()["cuda_archs"])]
-    hopper_code = major >= 9 and any(9.0 <= a <= major + minor / 10 for a in archs)
+    sass, _ = shared.claimed_archs(rnnfast.build_info()["cuda_archs"])
+    hopper_code = major >= 9 and any(90 <= int(a.rstrip("af")) <= 10 * major + minor
+                                     for a in sass)
     if not hopper_code:
         assert ran == {1}, f"clusters {ran} launched without Hopper code"
     elif batch < sms:

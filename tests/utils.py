@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -81,6 +82,21 @@ TOLERANCES = {
     torch.float64: dict(atol=1e-10, rtol=1e-10),
     torch.float32: dict(atol=1e-5, rtol=1e-5),
 }
+
+
+def claimed_archs(arch_list: str) -> tuple[set[str], set[str]]:
+    """TORCH_CUDA_ARCH_LIST's (build_info()["cuda_archs"]'s) machine-code and
+    PTX archs, as cuobjdump names them: "7.5;8.0;9.0+PTX" gives ({"75",
+    "80", "90"}, {"90"})."""
+    sass, ptx = set(), set()
+    for item in re.split(r"[;\s]+", arch_list.strip()):
+        if not item:
+            continue
+        name = item.removesuffix("+PTX").replace(".", "")
+        sass.add(name)
+        if item.endswith("+PTX"):
+            ptx.add(name)
+    return sass, ptx
 
 
 def cuda_tool(name: str) -> Optional[str]:
