@@ -25,7 +25,7 @@ from rnnfast.bench.impls import (PRODUCTS, arithmetic_bound, discover, fastest_p
 from rnnfast.bench.report import markdown, tables, write_readme
 from rnnfast.bench.results import FIELDS, KEY, finalize, load
 from rnnfast.bench.suite import _JUDGED_STEPS, Settings, _judged_error, run_suite, tf32_mode
-from rnnfast.bench.timing import saved_bytes
+from rnnfast.bench.timing import Timing, saved_bytes, time_runners
 from rnnfast.reference import ReferenceLayerNormLSTM
 
 TINY = ["--T", "3", "--B", "2", "--I", "4", "--H", "4", "--min-run-time", "0.001",
@@ -634,3 +634,40 @@ def test_list_runs_nothing(capsys):
     assert cli.main(["--quick", "--list", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "T=50 B=16 I=64 H=64" in out and "cases x" in out
+
+
+def test_runners_take_turns_and_a_failure_leaves_the_others_timed():
+    """time_runners times the steps in turns (a slow spell of the machine
+    falls on every implementation of a case), keeps each in the turns
+    until it has its blocks, and reports a step that raises as its
+    exception without stopping the others."""
+    import time as _time
+
+    calls: list[str] = []
+
+    def step(name, seconds):
+        def run(i):
+            calls.append(name)
+            _time.sleep(seconds)
+        return run
+
+    def broken(i):
+        calls.append("broken")
+        if calls.count("broken") > 2:
+            raise ValueError("broke on its third call")
+
+    fast, slow = step("fast", 1e-4), step("slow", 2e-3)
+    got = time_runners([fast, slow, broken], inputs=2, min_run_time=0.05, min_runs=5,
+                       one_calls=[1e-4, 2e-3, 1e-4])
+    assert isinstance(got[0], Timing) and isinstance(got[1], Timing)
+    assert isinstance(got[2], ValueError)
+    assert got[0].runs >= 5 and got[1].runs >= 5
+    assert got[0].median_ms < got[1].median_ms
+    # the first rounds hold one block of each step, in order
+    firsts = [c for i, c in enumerate(calls) if i == 0 or calls[i - 1] != c]
+    assert firsts[:3] == ["fast", "slow", "broken"]
+    assert firsts[3:5] == ["fast", "slow"]
+    # the slow step's blocks are spread between the fast one's, not after them
+    last_slow = max(i for i, c in enumerate(calls) if c == "slow")
+    first_fast, last_fast = calls.index("fast"), max(i for i, c in enumerate(calls) if c == "fast")
+    assert first_fast < last_slow and calls.index("slow") < last_fast

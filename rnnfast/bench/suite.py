@@ -19,7 +19,7 @@ from .timing import (
     peak_cuda_bytes,
     saved_bytes,
     synchronize,
-    time_runner,
+    time_runners,
     warm_up,
 )
 
@@ -102,11 +102,16 @@ def _run_case(case: Case, order: list[Impl], settings: Settings, records: list[d
               notes: list[str], skipped: dict, done: int,
               progress: Optional[Progress]) -> int:
     """Every implementation on one case, into ``records``; returns the
-    count of measurements done so far."""
+    count of measurements done so far. Each is built, warmed up and checked
+    in turn, then all are timed together, taking turns
+    (:func:`~rnnfast.bench.timing.time_runners`)."""
     inputs = make_inputs(case, settings.inputs, settings.seed)
     # family -> (baseline's weights, its output, the float64 copy's output,
     # the baseline's error against it, the largest float64 output)
     baseline_outputs: dict[str, tuple[dict, torch.Tensor, torch.Tensor, float, float]] = {}
+    # (impl, runner, record without its times, its warm-up's last call in s,
+    # the seconds its set-up took)
+    ready: list[tuple[Impl, Runner, dict, float, float]] = []
     for impl in order:
         if progress:
             progress(done, f"{case.mode} {case.device} {_dtype_label(case)} "
@@ -116,27 +121,45 @@ def _run_case(case: Case, order: list[Impl], settings: Settings, records: list[d
         try:
             torch.manual_seed(settings.seed)
             runner = impl.build(case, inputs)
-            record = _measure(impl, case, runner, inputs, settings,
-                              baseline_outputs, notes)
+            record, last_s = _prepare(impl, case, runner, inputs, settings,
+                                      baseline_outputs, notes)
         except SkipCase as e:
             skipped[(impl.name, str(e))] += 1
             continue
         except Exception as e:  # a failure is reported, never a figure
-            notes.append(f"{impl.name} on {case.mode} {case.device} {_dtype_label(case)} "
-                         f"{case.shape_label()}: failed: {type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}")
+            _note_failure(notes, impl, case, e)
             continue
-        record["wall_s"] = time.perf_counter() - start
+        ready.append((impl, runner, record, last_s, time.perf_counter() - start))
+    start = time.perf_counter()
+    timings = time_runners([runner.step for _, runner, _, _, _ in ready], len(inputs),
+                           settings.min_run_time, settings.threads,
+                           one_calls=[last_s for _, _, _, last_s, _ in ready])
+    timed_s = (time.perf_counter() - start) / max(len(ready), 1)
+    for (impl, _, record, _, setup_s), timing in zip(ready, timings):
+        if isinstance(timing, BaseException):
+            _note_failure(notes, impl, case, timing)
+            continue
+        record.update(median_ms=timing.median_ms, iqr_ms=timing.iqr_ms, runs=timing.runs,
+                      tokens_per_s=case.tokens / (timing.median_ms / 1e3),
+                      wall_s=setup_s + timed_s)
         records.append(record)
     return done
+
+
+def _note_failure(notes: list[str], impl: Impl, case: Case, e: BaseException) -> None:
+    notes.append(f"{impl.name} on {case.mode} {case.device} {_dtype_label(case)} "
+                 f"{case.shape_label()}: failed: {type(e).__name__}: "
+                 f"{str(e).splitlines()[0] if str(e) else ''}")
 
 
 def _dtype_label(case: Case) -> str:
     return case.dtype + (" (TF32)" if case.tf32 else "")
 
 
-def _measure(impl: Impl, case: Case, runner: Runner, inputs: Inputs, settings: Settings,
-             baseline_outputs: dict, notes: list[str]) -> dict:
+def _prepare(impl: Impl, case: Case, runner: Runner, inputs: Inputs, settings: Settings,
+             baseline_outputs: dict, notes: list[str]) -> tuple[dict, float]:
+    """Warms ``runner`` up and measures all but its time: its record
+    without the time fields, and the seconds of the warm-up's last call."""
     n = len(inputs)
     first_s, last_s = warm_up(runner.step, n, settings.warmup, case.device)
     agreement = _agreement(impl, runner, inputs, baseline_outputs)
@@ -159,18 +182,14 @@ def _measure(impl: Impl, case: Case, runner: Runner, inputs: Inputs, settings: S
         with torch.set_grad_enabled(case.mode == "training"):
             backend = dispatched_backend(
                 lambda: runner.module(inputs.x[0], inputs.hx[0]))
-    timing = time_runner(runner.step, n, settings.min_run_time, settings.threads,
-                         one_call=last_s)
     return dict(
         impl=impl.name, family=impl.family, baseline=BASELINES[impl.family],
         **case.as_dict(),
-        median_ms=timing.median_ms, iqr_ms=timing.iqr_ms, runs=timing.runs,
-        tokens_per_s=case.tokens / (timing.median_ms / 1e3),
         saved_bytes_per_token=saved / case.tokens,
         peak_bytes=peak, max_abs_diff=max_abs_diff, float64_error=error,
         baseline_float64_error=baseline_error,
         compile_s=first_s if impl.compiled else None, backend=backend,
-    )
+    ), last_s
 
 
 def _agreement(impl: Impl, runner: Runner, inputs: Inputs,

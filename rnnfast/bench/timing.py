@@ -9,14 +9,14 @@ import logging
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["Timing", "warm_up", "time_runner", "saved_bytes", "peak_cuda_bytes",
-           "dispatched_backend", "synchronize"]
+__all__ = ["Timing", "warm_up", "time_runner", "time_runners", "saved_bytes",
+           "peak_cuda_bytes", "dispatched_backend", "synchronize"]
 
 
 @dataclass
@@ -51,36 +51,81 @@ def time_runner(step: Callable[[int], None], inputs: int, min_run_time: float,
                 threads: Optional[int] = None, min_runs: int = 5,
                 one_call: Optional[float] = None) -> Timing:
     """Median and interquartile range of one call of ``step``, each call
-    taking the next input set.
+    taking the next input set: :func:`time_runners` of one step."""
+    timing = time_runners([step], inputs, min_run_time, threads, min_runs,
+                          [one_call])[0]
+    if isinstance(timing, BaseException):
+        raise timing
+    return timing
+
+
+def time_runners(steps: list[Callable[[int], None]], inputs: int, min_run_time: float,
+                 threads: Optional[int] = None, min_runs: int = 5,
+                 one_calls: Optional[list[Optional[float]]] = None
+                 ) -> list[Union[Timing, BaseException]]:
+    """Median and interquartile range of one call of each step, each call
+    taking the next input set, the steps timed in turns.
 
     Measurements come from ``torch.utils.benchmark.Timer.timeit``, which
     synchronises the accelerator before and after (CUDA work is complete
     when a time is taken) and runs with the process's thread count (the
     Timer's default would be one thread). Each measurement times a block of
     calls long enough for the timer's own overhead not to count (about
-    ``min_run_time / 50``, at least 1 ms), so the median and IQR are over
+    ``min_run_time / 50``, at least 1 ms), so each median and IQR is over
     many blocks: at least ``min_runs``, for at least ``min_run_time``
-    seconds in all. ``one_call`` (seconds, e.g. from the warm-up) sizes the
-    blocks; without it one call is timed first.
+    seconds in all. ``one_calls`` (seconds per step, e.g. from the
+    warm-up) size the blocks; without them one call is timed first.
+
+    The steps take turns, one block each per round, each leaving the turns
+    once it has its blocks: so a change in the machine's speed while a case
+    runs (other tenants of a shared host, a clock that moves) falls on all
+    the implementations that are compared, not on whichever ran then. On a
+    2-vCPU cloud VM the speed moved by up to 1.5x between runs a minute
+    apart, enough to turn a ratio over when the implementations ran one
+    after another. A step that raises leaves the turns; its entry is the
+    exception.
     """
     benchmark = _benchmark()
-    order = itertools.cycle(range(inputs))
-
-    def rotated() -> None:
-        step(next(order))
-
-    timer = benchmark.Timer(stmt="rotated()", globals={"rotated": rotated},
-                            num_threads=threads or torch.get_num_threads())
-    if one_call is None:
-        one_call = timer.timeit(1).median
+    one_calls = list(one_calls) if one_calls is not None else [None] * len(steps)
     block = max(min_run_time / 50, 1e-3)
-    number = max(1, int(block / max(one_call, 1e-9)))
-    times: list[float] = []  # seconds per call, one per block
-    while sum(times) * number < min_run_time or len(times) < min_runs:
-        times.append(timer.timeit(number).median)
-    q1, median, q3 = statistics.quantiles(times, n=4, method="inclusive")
-    return Timing(median_ms=median * 1e3, iqr_ms=(q3 - q1) * 1e3, runs=len(times),
-                  number=number)
+    timers, numbers = [], []
+    results: list[Union[Timing, BaseException, None]] = [None] * len(steps)
+    for index, step in enumerate(steps):
+        order = itertools.cycle(range(inputs))
+
+        def rotated(step=step, order=order) -> None:
+            step(next(order))
+
+        timer = benchmark.Timer(stmt="rotated()", globals={"rotated": rotated},
+                                num_threads=threads or torch.get_num_threads())
+        try:
+            one_call = one_calls[index]
+            if one_call is None:
+                one_call = timer.timeit(1).median
+        except Exception as e:  # noqa: BLE001 - reported by the caller
+            results[index] = e
+        timers.append(timer)
+        numbers.append(max(1, int(block / max(one_call or 0.0, 1e-9))))
+    times: list[list[float]] = [[] for _ in steps]  # seconds per call, per block
+
+    def needs(i: int) -> bool:
+        return results[i] is None and (sum(times[i]) * numbers[i] < min_run_time
+                                       or len(times[i]) < min_runs)
+
+    while any(needs(i) for i in range(len(steps))):
+        for i in range(len(steps)):
+            if not needs(i):
+                continue
+            try:
+                times[i].append(timers[i].timeit(numbers[i]).median)
+            except Exception as e:  # noqa: BLE001 - reported by the caller
+                results[i] = e
+    for i, blocks in enumerate(times):
+        if results[i] is None:
+            q1, median, q3 = statistics.quantiles(blocks, n=4, method="inclusive")
+            results[i] = Timing(median_ms=median * 1e3, iqr_ms=(q3 - q1) * 1e3,
+                                runs=len(blocks), number=numbers[i])
+    return results  # type: ignore[return-value]
 
 
 def _benchmark():
