@@ -46,8 +46,9 @@ inline void tile(int64_t n, int64_t k, const float* a, int64_t lda,
   const bool add = beta != 0.0f;
   // Unrolled, as the loops above are: a loop here indexing acc by a
   // run-time r or v makes GCC give acc a home on the stack and store every
-  // accumulator to it at every kk, which halved the AVX2 kernel's rate on
-  // AMD EPYC (one 256-bit store per cycle against two multiply-adds).
+  // accumulator to it at every kk, which cut the AVX2 kernel's rate on
+  // AMD EPYC (one 256-bit store per cycle against two multiply-adds) to a
+  // third to a half.
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) {
     float* row = c + r * ldc;

@@ -306,7 +306,8 @@ after a warm-up, inputs rotated among random tensors), IQR the interquartile
 range. From `cpu-amd-epyc-avx2-2threads-2026-12-01` on, the implementations
 of a case take turns, one block of calls each, so that a change in the
 shared machine's speed falls on all of them; earlier runs (its
-`-before-tile-fix` run among them) timed them one after another. Speed-up is the baseline's median over the row's (above 1 is faster):
+`-before-tile-fix` run among them) timed them one after another. Speed-up
+is the baseline's median over the row's (above 1 is faster):
 torch.nn.LSTM for LSTM rows, the eager plain-PyTorch reference for
 LayerNorm-LSTM rows (torch.nn.LSTM's time on the same case is shown beside
 it). `x floor` is the row's median over gemm-floor's: the time of the same
