@@ -663,6 +663,8 @@ def test_runners_take_turns_and_a_failure_leaves_the_others_timed():
     assert isinstance(got[2], ValueError)
     assert got[0].runs >= 5 and got[1].runs >= 5
     assert got[0].median_ms < got[1].median_ms
+    # each step's own timed seconds (a record's wall_s), at least min_run_time
+    assert got[0].seconds >= 0.05 and got[1].seconds >= 0.05
     # the first rounds hold one block of each step, in order
     firsts = [c for i, c in enumerate(calls) if i == 0 or calls[i - 1] != c]
     assert firsts[:3] == ["fast", "slow", "broken"]

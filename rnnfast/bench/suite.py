@@ -130,18 +130,16 @@ def _run_case(case: Case, order: list[Impl], settings: Settings, records: list[d
             _note_failure(notes, impl, case, e)
             continue
         ready.append((impl, runner, record, last_s, time.perf_counter() - start))
-    start = time.perf_counter()
     timings = time_runners([runner.step for _, runner, _, _, _ in ready], len(inputs),
                            settings.min_run_time, settings.threads,
                            one_calls=[last_s for _, _, _, last_s, _ in ready])
-    timed_s = (time.perf_counter() - start) / max(len(ready), 1)
     for (impl, _, record, _, setup_s), timing in zip(ready, timings):
         if isinstance(timing, BaseException):
             _note_failure(notes, impl, case, timing)
             continue
         record.update(median_ms=timing.median_ms, iqr_ms=timing.iqr_ms, runs=timing.runs,
                       tokens_per_s=case.tokens / (timing.median_ms / 1e3),
-                      wall_s=setup_s + timed_s)
+                      wall_s=setup_s + timing.seconds)
         records.append(record)
     return done
 

@@ -25,6 +25,7 @@ class Timing:
     iqr_ms: float  # interquartile range of the per-call times of the blocks
     runs: int  # measurements (blocks) behind the median
     number: int  # calls per block
+    seconds: float = 0.0  # the timed calls' seconds in all (every block)
 
 
 def synchronize(device: str) -> None:
@@ -124,7 +125,8 @@ def time_runners(steps: list[Callable[[int], None]], inputs: int, min_run_time: 
         if results[i] is None:
             q1, median, q3 = statistics.quantiles(blocks, n=4, method="inclusive")
             results[i] = Timing(median_ms=median * 1e3, iqr_ms=(q3 - q1) * 1e3,
-                                runs=len(blocks), number=numbers[i])
+                                runs=len(blocks), number=numbers[i],
+                                seconds=sum(blocks) * numbers[i])
     return results  # type: ignore[return-value]
 
 
