@@ -700,11 +700,12 @@ def test_row_groups_over_blocks_of_steps(monkeypatch):
 
 
 def test_no_row_groups_where_each_thread_would_read_too_much(monkeypatch):
-    """A group's thread reads all of W_hh at every step, so groups run only
-    where that fits half the L2 cache (at most 1 MiB on the Xeon) and each
-    group has a row for every 256 KiB of it: not at B=2 with H=256 (a 1 MiB
-    weight, one row a group), nor with a projection (whose product the
-    driver runs for each whole step); at B=8 with H=32 they do."""
+    """A group's thread reads all of W_hh at every step, so below the row
+    split's batch groups run only where that fits half the L2 cache (at
+    most 1 MiB on the Xeon) and each group has a row for every 256 KiB of
+    it: not at B=2 with H=256 (a 1 MiB weight, one row a group), nor with a
+    projection (whose product the driver runs for each whole step); at B=8
+    with H=32 they do."""
     if torch.get_num_threads() < 2:
         pytest.skip("one torch thread: no groups")
     monkeypatch.setenv("RNNFAST_CPU_STEP_TEAM", "0")
@@ -715,6 +716,33 @@ def test_no_row_groups_where_each_thread_would_read_too_much(monkeypatch):
     assert sum(rnnfast.build_info()["cpu_row_groups"].values()) == before
     forward_backward(rnnfast.LSTM(8, 32), torch.randn(5, 8, 8), backward=True)
     assert sum(rnnfast.build_info()["cpu_row_groups"].values()) == before + 2
+
+
+def test_row_groups_replace_the_row_split_whatever_the_weight(monkeypatch):
+    """Where the row split would run a loop's steps (B=32: 16 rows a thread
+    of two), each of its threads reads the whole W_hh at every step, so
+    groups run there whatever the weight's size (H=512: 4 MiB, more than
+    half of any L2 here), with the results of the split
+    (RNNFAST_CPU_ROW_GROUPS=0); with the split off (RNNFAST_CPU_ROW_SPLIT=0)
+    the cache bound refuses them."""
+    if torch.get_num_threads() != 2:
+        pytest.skip("two torch threads: a group of 16 rows each")
+    monkeypatch.setenv("RNNFAST_CPU_STEP_TEAM", "0")
+    torch.manual_seed(5)
+    m = rnnfast.LSTM(8, 512)
+    x = torch.randn(3, 32, 8)
+    results = []
+    for setting in ("1", "0"):
+        monkeypatch.setenv("RNNFAST_CPU_ROW_GROUPS", setting)
+        before = group_runs(2)
+        results.append(forward_backward(m, x, backward=True))
+        assert group_runs(2) - before == (2 if setting == "1" else 0)
+    assert_results_close(*results, scaled=True, **TOLERANCES[torch.float32])
+    monkeypatch.setenv("RNNFAST_CPU_ROW_GROUPS", "1")
+    monkeypatch.setenv("RNNFAST_CPU_ROW_SPLIT", "0")
+    before = group_runs(2)
+    forward_backward(m, x, backward=True)
+    assert group_runs(2) == before
 
 
 @needs_kernels

@@ -318,7 +318,8 @@ struct CpuBackend {
   // its share), so groups are used where that read stays in the core's
   // cache and is repaid by the group's rows: a weight of at most half the
   // L2 cache (1 MiB on the Xeon) and at most kGroupWeightBytesPerRow per
-  // row of the smallest group. Measured on the 2-core Xeon, float32, one
+  // row of the smallest group, or where the row split reads it so anyway
+  // (below). Measured on the 2-core Xeon, float32, one
   // process per setting alternating with RNNFAST_CPU_ROW_GROUPS=0 (p10 of
   // 40 calls, 3-4 rounds), the time with groups over that without:
   //   H=128 (256 KiB): B=2 0.94x (inference), 0.95x (training); B=8
@@ -334,6 +335,16 @@ struct CpuBackend {
   // splits a step by hidden units with one hand-off (the others need two),
   // and at B=4 H=128 the groups took 1.1x its time (the LayerNorm-LSTM
   // 0.87x in training, 0.90x evaluating).
+  // Where the row split would run the loop's largest steps (at least
+  // twice its rows per thread), groups run whatever the weight's size: each
+  // of the split's threads reads the whole weight at every step too, so the
+  // cache bound above only spared it the groups' gain. On the AMD EPYC
+  // (Zen 3, 512 KiB of L2 a core, so a 1 MiB weight had been refused; one
+  // process alternating RNNFAST_CPU_ROW_GROUPS=0 and on, medians of 18-30
+  // calls) the time with groups over that with the split: T=100 B=64 H=256
+  // LayerNorm-LSTM training 0.91x, inference 0.97x; LSTM T=50 B=64 H=512
+  // 0.96x, 0.97x; T=100 B=32 H=256 0.98x, 0.99x; two bidirectional layers
+  // at B=32 H=256 0.95x, 0.94x; LSTM T=100 B=64 H=256 0.98-1.02x.
   static constexpr int64_t kGroupWeightBytesPerRow = int64_t{256} << 10;
   static int64_t group_max_weight_bytes() {
     static const int64_t bytes = [] {
@@ -352,6 +363,12 @@ struct CpuBackend {
     }
     const int64_t groups = std::min<int64_t>(threads, rows);
     if (groups < 2) return 0;
+    // Where the row split would run the loop's largest steps, each of its
+    // threads reads the whole weight at every step too: groups read it
+    // alike, without the split's parallel region per step, whatever its
+    // size.
+    const int64_t grain = whh.row_split_rows();
+    if (grain > 0 && rows >= 2 * grain) return static_cast<int>(groups);
     const int64_t w = whh.weight_bytes();
     if (w > group_max_weight_bytes() ||
         w > kGroupWeightBytesPerRow * (rows / groups)) {
