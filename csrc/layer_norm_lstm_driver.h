@@ -54,8 +54,10 @@
 namespace rnnfast {
 
 struct LayerNormWeights {
-  at::Tensor weight_ih;  // [4H, I] (S)
-  at::Tensor weight_hh;  // [4H, H] contiguous (S)
+  // [4H, I] and [4H, H] contiguous (S, or in a forward's one-step call
+  // bfloat16 for S = float: Backend::one_step_weight_dtype)
+  at::Tensor weight_ih;
+  at::Tensor weight_hh;
   // The rest in T.
   at::Tensor gate_bias;  // [4H] ln_ih_bias + ln_hh_bias (+ b_ih + b_hh)
   at::Tensor ln_ih_weight, ln_hh_weight;    // [4H]
@@ -126,7 +128,7 @@ LayerNormForwardResult layer_norm_lstm_forward_recurrence(
   if (!training && zoneout_cell) cand_buf = at::empty({l.batch, H}, topts);
 
   using Weight = typename Backend::template StepWeight<S>;
-  const Weight whh(true, l.batch, G, H, w.weight_hh.data_ptr<S>(), H);
+  const Weight whh = step_weight<Backend, S>(l.batch, w.weight_hh);
   S* out = r.output.data_ptr<S>();
   const S* h0 = hx.data_ptr<S>();
   Backend::run_steps(whh, l.batch, l.steps, StepLoop::kLayerNormForward,

@@ -365,6 +365,23 @@ void add_recurrent_weight_grad(const SequenceLayout& l, at::Tensor& grad_w,
                              accumulate);
 }
 
+// The StepWeight of a [n, k] weight multiplied as B^T by products of at
+// most max_m rows: a weight of S, or, where the backend reads one so
+// (Backend::kBf16WeightInPlace), a bfloat16 weight of an op computing in
+// float (a one-step call's, Backend::one_step_weight_dtype).
+template <typename Backend, typename S>
+typename Backend::template StepWeight<S> step_weight(int64_t max_m,
+                                                     const at::Tensor& w) {
+  using Weight = typename Backend::template StepWeight<S>;
+  if constexpr (Backend::kBf16WeightInPlace && std::is_same_v<S, float>) {
+    if (w.scalar_type() == at::kBFloat16) {
+      return Weight(true, max_m, w.size(0), w.size(1),
+                    w.data_ptr<c10::BFloat16>(), w.size(1));
+    }
+  }
+  return Weight(true, max_m, w.size(0), w.size(1), w.data_ptr<S>(), w.size(1));
+}
+
 template <typename T>
 constexpr at::ScalarType compute_scalar_type() {
   return std::is_same_v<T, double> ? at::kDouble : at::kFloat;
@@ -378,8 +395,9 @@ ForwardResult lstm_forward_recurrence(
     const at::Tensor& x,          // [N, I] contiguous (S)
     const at::Tensor& hx,         // [B, P] contiguous (S)
     const at::Tensor& cx,         // [B, H] (T)
-    const at::Tensor& weight_ih,  // [4H, I] (S)
-    const at::Tensor& weight_hh,  // [4H, P] contiguous (S)
+    // [4H, I] and [4H, P] contiguous (S, or in a one-step call bfloat16
+    // for S = float: Backend::one_step_weight_dtype)
+    const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const at::Tensor& bias,       // [4H] b_ih + b_hh (T), or undefined
     const at::Tensor& weight_hr,  // [P, H] contiguous (S), or undefined
     bool training, const ZoneoutArgs& z) {
@@ -397,7 +415,11 @@ ForwardResult lstm_forward_recurrence(
                : Backend::input_block_rows(G * int64_t(sizeof(T)),
                                            weight_ih.numel() *
                                                int64_t(sizeof(S)));
-  const bool blocked = block_rows > 0 && block_rows < l.rows && !proj_bias.defined();
+  // (never with a weight in another dtype than S: a one-step call's,
+  // Backend::one_step_weight_dtype, op_impls.h)
+  const bool blocked = block_rows > 0 && block_rows < l.rows &&
+                       !proj_bias.defined() &&
+                       weight_ih.scalar_type() == x.scalar_type();
   // the most rows a block projects (a step's at least)
   const int64_t block_capacity = std::max(block_rows, l.batch);
   at::Tensor gates =
@@ -422,7 +444,7 @@ ForwardResult lstm_forward_recurrence(
   T* cells = training ? r.cells.data_ptr<T>() : nullptr;
   using Weight = typename Backend::template StepWeight<S>;
   // gates += h W_hh^T; h = r W_hr^T
-  const Weight whh(true, l.batch, G, P, weight_hh.data_ptr<S>(), P);
+  const Weight whh = step_weight<Backend, S>(l.batch, weight_hh);
   std::unique_ptr<Weight> whr;
   if (s.has_projection()) {
     whr = std::make_unique<Weight>(true, l.batch, P, H,

@@ -149,6 +149,20 @@ inline void check_cell_states(const char* op, const ZoneoutArgs& z,
               "cell_states (run with training=True and the same zoneout)");
 }
 
+// The dtype a forward hands its input and recurrent weights to the
+// recurrence in: sdt, except in a one-step evaluating call (a streaming
+// decode's step), whose weights the backend may read in place in their own
+// dtype (Backend::one_step_weight_dtype: a bfloat16 op computing in float
+// on the CPU), instead of converting them at every call.
+template <typename Backend>
+at::ScalarType forward_weight_dtype(const SequenceLayout& l,
+                                    const LstmSizes& s, at::ScalarType dtype,
+                                    at::ScalarType sdt, bool training) {
+  return !training && l.steps == 1 && !s.has_projection() && s.input > 0
+             ? Backend::one_step_weight_dtype(dtype, sdt, l.batch)
+             : sdt;
+}
+
 template <typename Backend>
 ForwardOutputs lstm_forward_op(const at::Tensor& input, const at::Tensor& hx,
                                const at::Tensor& cx,
@@ -185,13 +199,15 @@ ForwardOutputs lstm_forward_op(const at::Tensor& input, const at::Tensor& hx,
   if (bias_ih.has_value()) {
     bias = as_compute(*bias_ih, cdt) + as_compute(*bias_hh, cdt);
   }
+  const at::ScalarType wdt =
+      forward_weight_dtype<Backend>(l, s, dtype, sdt, training);
   ForwardResult r;
   dispatch_types<Backend>(sdt, "rnnfast::lstm_forward", [&](auto s_, auto t_) {
     using S = decltype(s_);
     using T = decltype(t_);
     r = lstm_forward_recurrence<Backend, S, T>(
         l, s, x, as_compute(hx, sdt), as_compute(cx, cdt),
-        as_compute(weight_ih, sdt), as_compute(weight_hh, sdt), bias,
+        as_compute(weight_ih, wdt), as_compute(weight_hh, wdt), bias,
         as_compute(weight_hr, sdt), training, z);
   });
   if (!training) {
@@ -294,16 +310,17 @@ using LayerNormBackwardOutputs =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// wdt: the dtype of weight_ih and weight_hh (forward_weight_dtype's, or sdt)
 inline LayerNormWeights layer_norm_weights(
-    at::ScalarType sdt, at::ScalarType cdt, const at::Tensor& weight_ih,
+    at::ScalarType wdt, at::ScalarType cdt, const at::Tensor& weight_ih,
     const at::Tensor& weight_hh, const c10::optional<at::Tensor>& bias_ih,
     const c10::optional<at::Tensor>& bias_hh, const at::Tensor& ln_ih_weight,
     const at::Tensor& ln_ih_bias, const at::Tensor& ln_hh_weight,
     const at::Tensor& ln_hh_bias, const at::Tensor& ln_cell_weight,
     const at::Tensor& ln_cell_bias) {
   LayerNormWeights w;
-  w.weight_ih = as_compute(weight_ih, sdt);
-  w.weight_hh = as_compute(weight_hh, sdt);
+  w.weight_ih = as_compute(weight_ih, wdt);
+  w.weight_hh = as_compute(weight_hh, wdt);
   // The four gate biases enter the pre-activations alike: one sum serves.
   w.gate_bias = as_compute(ln_ih_bias, cdt) + as_compute(ln_hh_bias, cdt);
   if (bias_ih.has_value()) {
@@ -359,8 +376,9 @@ LayerNormForwardOutputs layer_norm_lstm_forward_op(
     return out;
   }
   const LayerNormWeights w = layer_norm_weights(
-      sdt, cdt, weight_ih, weight_hh, bias_ih, bias_hh, ln_ih_weight,
-      ln_ih_bias, ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias);
+      forward_weight_dtype<Backend>(l, s, dtype, sdt, training), cdt,
+      weight_ih, weight_hh, bias_ih, bias_hh, ln_ih_weight, ln_ih_bias,
+      ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias);
   LayerNormForwardResult r;
   dispatch_types<Backend>(
       sdt, "rnnfast::layer_norm_lstm_forward", [&](auto s_, auto t_) {

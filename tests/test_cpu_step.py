@@ -410,6 +410,68 @@ def test_bf16_one_step_call_runs_the_one_use_product(cls, monkeypatch):
         torch.testing.assert_close(g.float(), w.float(), atol=2e-2, rtol=2e-2)
 
 
+@needs_kernels
+@pytest.mark.parametrize("cls", [rnnfast.LSTM, rnnfast.LayerNormLSTM])
+@pytest.mark.parametrize("input_size,hidden,batch", [(7, 11, 3), (24, 40, 1), (33, 17, 16),
+                                                     (5, 9, 17)])
+def test_bf16_one_step_call_in_float_reads_its_weights_in_place(cls, input_size, hidden,
+                                                                 batch, monkeypatch):
+    """A bfloat16 op that computes in float (RNNFAST_CPU_NATIVE_BF16=0, as
+    on a CPU without bfloat16 instructions) keeps the weights of a one-step
+    evaluating call in bfloat16, read in place by the one-use products (the
+    input projection and the recurrent product of each direction), instead
+    of converting them at every call: what the float op gives on the same
+    values, bit for bit (each weight element widened exactly as loaded, every
+    sum in the same order), at depths and widths below and past a vector.
+    Beyond the one-use product's 16 rows, and with the BLAS forced, the
+    weights are converted as before: the same as the float op again."""
+    monkeypatch.setenv("RNNFAST_CPU_NATIVE_BF16", "0")
+    monkeypatch.delenv("RNNFAST_CPU_STEP_GEMM", raising=False)
+    torch.manual_seed(6)
+    ours = cls(input_size, hidden, bidirectional=True)
+    if cls is rnnfast.LayerNormLSTM:
+        randomize_layer_norm_(ours)
+    ours = ours.to(torch.bfloat16).eval()
+    in_float = copy.deepcopy(ours).float()
+    x = torch.randn(1, batch, input_size).to(torch.bfloat16)
+    state = tuple(torch.randn(2, batch, hidden).to(torch.bfloat16) for _ in range(2))
+    weight_shapes = [list(p.shape) for p in ours.parameters() if p.dim() == 2]
+    for path in ("auto", "blas"):
+        if path == "blas":
+            monkeypatch.setenv("RNNFAST_CPU_STEP_GEMM", "blas")
+        with torch.inference_mode():
+            before = one_use_products()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                        record_shapes=True) as prof:
+                got = ours(x, state)
+            ran = one_use_products() - before
+            want = in_float(x.float(), tuple(s.float() for s in state))
+        in_place = path == "auto" and batch <= 16
+        assert ran == (2 * 2 if in_place else 0)
+        # the weights converted to float (a copy each) or not
+        converted = [e.input_shapes[0] for e in prof.events()
+                     if e.name == "aten::_to_copy" and e.input_shapes
+                     and e.input_shapes[0] in weight_shapes]
+        assert len(converted) == (0 if in_place else 4), (path, converted)
+        for name, g, w in zip(("output", "h", "c"), (got[0], *got[1]), (want[0], *want[1])):
+            assert g.dtype == torch.bfloat16
+            assert torch.equal(g, w.to(torch.bfloat16)), (path, name)
+
+
+def test_bf16_weights_read_in_place_by_the_avx2_kernels():
+    """The same on the AVX2 kernels, in a process whose ATen capability is
+    AVX2, on a CPU whose default kernels are AVX-512."""
+    if KERNELS != "AVX512":
+        pytest.skip("the kernels in use are already the AVX2 ones, or none")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         f"{os.path.abspath(__file__)}::test_bf16_one_step_call_in_float_reads_its_weights_in_place"],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert " 8 passed" in proc.stdout.splitlines()[-1]
+
+
 # ---- The step split by batch rows -------------------------------------------
 
 def split_case(cls, hidden, batch, steps, training, zoneout, packed):

@@ -296,6 +296,17 @@ void multiply_stored(bool serial, int64_t m, int64_t n, int64_t k,
   stored_products.fetch_add(1, std::memory_order_relaxed);
 }
 
+// The same of a bfloat16 weight, read in place.
+void multiply_stored(bool serial, int64_t m, int64_t n, int64_t k,
+                     const float* a, int64_t lda, const c10::BFloat16* b,
+                     int64_t ldb, const float* bias, float beta, float* c,
+                     int64_t ldc) {
+  step_gemm::multiply_stored_bf16_weight(
+      serial, m, n, k, a, lda, reinterpret_cast<const uint16_t*>(b), ldb,
+      bias, beta, c, ldc);
+  stored_products.fetch_add(1, std::memory_order_relaxed);
+}
+
 // Whether rnnfast's one-use product takes m rows on this CPU (whatever
 // RNNFAST_CPU_STEP_GEMM says).
 bool stored_product_takes(int64_t m) {
@@ -336,6 +347,26 @@ const char* multiply_once(const char* path, int64_t m, int64_t n, int64_t k,
   return gemm_backend();
 }
 
+const char* multiply_once(const char* path, int64_t m, int64_t n, int64_t k,
+                          const float* a, int64_t lda, const c10::BFloat16* b,
+                          int64_t ldb, const float* bias, float beta, float* c,
+                          int64_t ldc) {
+  if (m <= 0 || n <= 0) return gemm_backend();
+  if (k > 0 && stored_product_runs(m, path)) {
+    multiply_stored(serial_product(m, n, k, sizeof(float)), m, n, k, a, lda,
+                    b, ldb, bias, beta, c, ldc);
+    return own_kernel_name();
+  }
+  std::vector<float> weight(static_cast<size_t>(n * k));
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t kk = 0; kk < k; ++kk) {
+      weight[j * k + kk] = static_cast<float>(b[j * ldb + kk]);
+    }
+  }
+  return multiply_once(path, m, n, k, a, lda, weight.data(), k, bias, beta, c,
+                       ldc);
+}
+
 bool stored_bf16_product_runs(int64_t m, const char* path) {
   return m >= 1 && m <= step_gemm::kMaxStoredBf16Rows &&
          step_gemm::bf16_stored_supported() && forced_step_gemm(path) != 1;
@@ -373,6 +404,31 @@ StepWeight<T>::StepWeight(bool trans_b, int64_t max_m, int64_t n, int64_t k,
 }
 
 template <typename T>
+StepWeight<T>::StepWeight(bool trans_b, int64_t max_m, int64_t n, int64_t k,
+                          const c10::BFloat16* b, int64_t ldb, const char* path)
+    : StepWeight(trans_b, max_m, n, k, static_cast<const T*>(nullptr), ldb,
+                 path) {
+  b16_ = b;
+}
+
+template <typename T>
+void StepWeight<T>::convert_weight() const {
+  if (b16_ == nullptr || b_ != nullptr) return;
+  const int64_t rows = trans_b_ ? n_ : k_, cols = trans_b_ ? k_ : n_;
+  float_copy_.reset(new T[static_cast<size_t>(rows * cols)]);
+  T* dst = float_copy_.get();
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      for (int64_t j = 0; j < cols; ++j) {
+        dst[i * cols + j] = static_cast<T>(static_cast<float>(b16_[i * ldb_ + j]));
+      }
+    }
+  });
+  b_ = dst;
+  ldb_ = cols;
+}
+
+template <typename T>
 void StepWeight<T>::set_choice_shape(int64_t rows, bool threaded) const {
   if constexpr (std::is_same_v<T, float>) {
     choice_rows_ = rows;
@@ -399,6 +455,7 @@ StepWeight<T>::~StepWeight() {
 
 template <typename T>
 void StepWeight<T>::pack() const {
+  convert_weight();
   if constexpr (std::is_same_v<T, float>) {
     if (packable_) {
       const size_t bytes = cblas_sgemm_pack_get_size(
@@ -481,6 +538,15 @@ bool StepWeight<T>::choose_own() const {
 
 template <typename T>
 void StepWeight<T>::prepare_use() const {
+  // A bfloat16 weight is read in place by a first product only where the
+  // one-use product takes every product this weight may have (compute);
+  // otherwise, and for a second, it is converted here, on the calling
+  // thread, before the products of a split loop read it.
+  if (b16_ != nullptr && b_ == nullptr &&
+      (uses_ > 0 || !std::is_same_v<T, float> || !trans_b_ || forced_ == 1 ||
+       !stored_product_takes(max_m_))) {
+    convert_weight();
+  }
   // The first product runs unpacked; a second one means a time loop of
   // several steps, which repays the packing.
   if ((packable_ || own_candidate_) && packed_ == nullptr &&
@@ -522,6 +588,7 @@ bool StepWeight<T>::prepare_column_split() const {
       if (!own_close_to_blas(1.25)) return false;
     }
     if (own_packed_ == nullptr) {
+      convert_weight();
       own_packed_ = alloc_panels(n_, k_);
       step_gemm::pack(trans_b_, n_, k_, b_, ldb_, own_packed_);
     }
@@ -590,7 +657,18 @@ void StepWeight<T>::compute(bool serial, int64_t m, const T* a, int64_t lda,
       return;
     }
     // Unpacked (the first use: a one-step call's only one): the weight
-    // read once where it lies.
+    // read once where it lies; a bfloat16 one is left unconverted only
+    // where this product takes it (prepare_use).
+    if (b_ == nullptr) {
+      TORCH_INTERNAL_ASSERT(b16_ != nullptr && (m == 0 || stored_product_takes(m)),
+                            "rnnfast: a bfloat16 weight read in place by a "
+                            "product that cannot take it");
+      if (m > 0) {
+        multiply_stored(serial, m, n_, k_, a, lda, b16_, ldb_, nullptr, beta,
+                        c, ldc);
+      }
+      return;
+    }
     if (trans_b_ && forced_ != 1 && stored_product_takes(m)) {
       multiply_stored(serial, m, n_, k_, a, lda, b_, ldb_, nullptr, beta, c,
                       ldc);

@@ -11,6 +11,7 @@
 #include <c10/util/BFloat16.h>
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "../backend_info.h"
@@ -69,6 +70,16 @@ class StepWeight {
   // environment.
   StepWeight(bool trans_b, int64_t max_m, int64_t n, int64_t k, const T* b,
              int64_t ldb, const char* path = nullptr);
+  // A float StepWeight of a bfloat16 weight (made for T = float): that of a
+  // bfloat16 op computing in float (native_bfloat16 false) in a one-step
+  // call. Its first product reads the bfloat16 weight where it lies, on
+  // rnnfast's one-use product (multiply_stored_bf16_weight) where that
+  // takes max_m rows (trans_b, stored_product_runs); otherwise, and before
+  // any second use, it is converted once to a float copy that the
+  // StepWeight owns and used as a float weight from then on. Every product
+  // is the one the float weight's StepWeight would compute, bit for bit.
+  StepWeight(bool trans_b, int64_t max_m, int64_t n, int64_t k,
+             const c10::BFloat16* b, int64_t ldb, const char* path = nullptr);
   ~StepWeight();
   StepWeight(const StepWeight&) = delete;
   StepWeight& operator=(const StepWeight&) = delete;
@@ -134,10 +145,16 @@ class StepWeight {
   bool own_close_to_blas(double slack) const;
   void compute(bool serial, int64_t m, const T* a, int64_t lda, T beta, T* c,
                int64_t ldc) const;
+  // A bfloat16 weight's float copy (b16_ converted into float_copy_, b_
+  // and ldb_ then pointing at it), where not yet made.
+  void convert_weight() const;
 
   bool trans_b_;
-  int64_t max_m_, n_, k_, ldb_;
-  const T* b_;
+  int64_t max_m_, n_, k_;
+  mutable int64_t ldb_;
+  mutable const T* b_;  // null while a bfloat16 weight is read in place
+  const c10::BFloat16* b16_ = nullptr;  // a bfloat16 weight, or null
+  mutable std::unique_ptr<T[]> float_copy_;
   bool serial_;             // small products run on the calling thread only
   mutable bool packable_ = false;       // the BLAS can pack this operand
   mutable bool own_candidate_ = false;  // rnnfast's product may run it
@@ -229,6 +246,15 @@ class StepWeight<c10::BFloat16> {
 //   RNNFAST_CPU_STEP_GEMM).
 const char* multiply_once(const char* path, int64_t m, int64_t n, int64_t k,
                           const float* a, int64_t lda, const float* b,
+                          int64_t ldb, const float* bias, float beta, float* c,
+                          int64_t ldc);
+// The same with a bfloat16 weight (a bfloat16 op computing in float, in a
+// one-step call): read in place by rnnfast's one-use product
+// (multiply_stored_bf16_weight) where stored_product_runs(m, path), else
+// converted to float for this product; the same result, bit for bit, as
+// the float product of the weight converted to float.
+const char* multiply_once(const char* path, int64_t m, int64_t n, int64_t k,
+                          const float* a, int64_t lda, const c10::BFloat16* b,
                           int64_t ldb, const float* bias, float beta, float* c,
                           int64_t ldc);
 // Whether a product of m rows by a weight used once runs on rnnfast's

@@ -112,6 +112,24 @@ void multiply_stored(bool serial, int64_t m, int64_t n, int64_t k,
   });
 }
 
+void multiply_stored_bf16_weight(bool serial, int64_t m, int64_t n, int64_t k,
+                                 const float* a, int64_t lda,
+                                 const uint16_t* b, int64_t ldb,
+                                 const float* bias, float beta, float* c,
+                                 int64_t ldc) {
+  const bool add = beta != 0.0f;
+  over_columns(serial, n, [&](int64_t begin, int64_t end) {
+    if (avx512_kernels()) {
+      multiply_stored_columns_avx512_bf16_weight(m, n, k, a, lda, b, ldb,
+                                                 begin, end, bias, add, c,
+                                                 ldc);
+    } else {
+      multiply_stored_columns_avx2_bf16_weight(m, n, k, a, lda, b, ldb, begin,
+                                               end, bias, add, c, ldc);
+    }
+  });
+}
+
 bool bf16_stored_supported() {
   static const bool supported = avx512_kernels() && avx512bf16_supported();
   return supported;

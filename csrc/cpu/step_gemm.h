@@ -95,6 +95,19 @@ void multiply_stored(bool serial, int64_t m, int64_t n, int64_t k,
                      const float* a, int64_t lda, const float* b, int64_t ldb,
                      const float* bias, float beta, float* c, int64_t ldc);
 
+// The same for a bfloat16 weight (as uint16_t bits) and float A and C: the
+// one-use products of a bfloat16 op that computes in float (on CPUs without
+// bfloat16 instructions, blas.h, native_bfloat16), which read the weight
+// where it lies instead of a float copy made at every call. Each weight
+// element is widened to float exactly as it is loaded, so every element of
+// C is the same sum, in the same order, as multiply_stored's of the weight
+// converted to float. Requires kernels_in_use() != nullptr.
+void multiply_stored_bf16_weight(bool serial, int64_t m, int64_t n, int64_t k,
+                                 const float* a, int64_t lda,
+                                 const uint16_t* b, int64_t ldb,
+                                 const float* bias, float beta, float* c,
+                                 int64_t ldc);
+
 // The same for a bfloat16 weight and A (as uint16_t bits), C in float: on
 // CPUs with AVX512-BF16 where ATen's capability is AVX512
 // (bf16_stored_supported()), whose bfloat16 ops keep their operands in
@@ -132,6 +145,14 @@ void multiply_stored_columns_avx2(int64_t m, int64_t n, int64_t k,
                                   int64_t ldb, int64_t col_begin,
                                   int64_t col_end, const float* bias, bool add,
                                   float* c, int64_t ldc);
+void multiply_stored_columns_avx512_bf16_weight(
+    int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+    const uint16_t* b, int64_t ldb, int64_t col_begin, int64_t col_end,
+    const float* bias, bool add, float* c, int64_t ldc);
+void multiply_stored_columns_avx2_bf16_weight(
+    int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+    const uint16_t* b, int64_t ldb, int64_t col_begin, int64_t col_end,
+    const float* bias, bool add, float* c, int64_t ldc);
 void multiply_stored_columns_avx512bf16(int64_t m, int64_t n, int64_t k,
                                         const uint16_t* a, int64_t lda,
                                         const uint16_t* b, int64_t ldb,

@@ -27,6 +27,7 @@ namespace {
 // registers).
 struct Avx512Bf16 : Avx512StoredTiles<> {
   using Elem = uint16_t;  // bfloat16 bits
+  using WeightElem = uint16_t;
   using In = __m512bh;
   using Vec = __m512;
   static constexpr int64_t kWidth = 32;

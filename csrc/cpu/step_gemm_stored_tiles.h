@@ -16,11 +16,14 @@
 // register for the MR rows' multiply-adds; B's rows of a tile are read
 // from L1 again for the next block of A's rows.
 //
-// Traits: Elem (the operands' element: float, or bfloat16 bits as
-// uint16_t), In (a vector of kWidth of them, as loaded), Vec (a vector of
-// float accumulators), zero(), loadu(const Elem*) (unaligned),
-// load_first(const Elem*, count) (elements [0, count) read, the others
-// zero, count < kWidth), fmadd(In x, In w, Vec acc) (acc plus the products
+// Traits: Elem (A's element: float, or bfloat16 bits as uint16_t),
+// WeightElem (B's: Elem, or bfloat16 bits read into float vectors, each
+// converted exactly, for a float product of a bfloat16 weight), In (a
+// vector of kWidth of them, as loaded), Vec (a vector of float
+// accumulators), zero(), loadu(const Elem*) and loadu(const WeightElem*)
+// (unaligned), load_first(const Elem* or const WeightElem*, count)
+// (elements [0, count) read, the others zero, count < kWidth),
+// fmadd(In x, In w, Vec acc) (acc plus the products
 // of x and w: lane by lane for float; for bfloat16 each float lane adds the
 // products of a pair of elements, vdpbf16ps), fold(Vec) -> __m256 (lanes
 // summed in pairs down to eight), kMaxStoredRows and stored_columns(rows)
@@ -73,16 +76,17 @@ struct Avx512StoredTiles {
 
 // C[rows [0, MR), columns [j0, j0 + cols)]: A's rows [0, MR) by B's rows
 // [j0, j0 + cols), cols <= NC (fewer in the last tile of a range).
-template <typename Tr, int MR, int NC, typename E = typename Tr::Elem>
+template <typename Tr, int MR, int NC, typename E = typename Tr::Elem,
+          typename W = typename Tr::WeightElem>
 inline void stored_tile(int cols, int64_t k, const E* a, int64_t lda,
-                        const E* b, int64_t ldb, int64_t j0, const float* bias,
+                        const W* b, int64_t ldb, int64_t j0, const float* bias,
                         bool add, float* c, int64_t ldc) {
   using Vec = typename Tr::Vec;
   using In = typename Tr::In;
   Vec acc[MR][NC];
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < NC; ++j) acc[r][j] = Tr::zero();
-  const E* rows[NC];
+  const W* rows[NC];
   for (int j = 0; j < NC; ++j) {
     // a missing row reads the last one again (its sums are not stored)
     rows[j] = b + (j0 + (j < cols ? j : cols - 1)) * ldb;
@@ -134,9 +138,10 @@ inline void stored_tile(int cols, int64_t k, const E* a, int64_t lda,
 }
 
 // One tile of MR rows at column j0: NC columns, or those left before n.
-template <typename Tr, int MR, typename E = typename Tr::Elem>
+template <typename Tr, int MR, typename E = typename Tr::Elem,
+          typename W = typename Tr::WeightElem>
 inline void stored_rows(int64_t n, int64_t k, const E* a, int64_t lda,
-                        const E* b, int64_t ldb, int64_t j0, const float* bias,
+                        const W* b, int64_t ldb, int64_t j0, const float* bias,
                         bool add, float* c, int64_t ldc) {
   constexpr int NC = Tr::stored_columns(MR);
   const int64_t left = n - j0;
@@ -146,9 +151,9 @@ inline void stored_rows(int64_t n, int64_t k, const E* a, int64_t lda,
 
 // rows (1 .. Tr::kMaxStoredRows) as a compile-time count.
 template <typename Tr, int MR = Tr::kMaxStoredRows,
-          typename E = typename Tr::Elem>
+          typename E = typename Tr::Elem, typename W = typename Tr::WeightElem>
 inline void stored_any_rows(int rows, int64_t n, int64_t k, const E* a,
-                            int64_t lda, const E* b, int64_t ldb, int64_t j0,
+                            int64_t lda, const W* b, int64_t ldb, int64_t j0,
                             const float* bias, bool add, float* c,
                             int64_t ldc) {
   if constexpr (MR > 1) {
@@ -165,9 +170,10 @@ inline void stored_any_rows(int rows, int64_t n, int64_t k, const E* a,
 // columns (the width of the largest block's tile), every row block, so the
 // group's rows of B are read from L1 after the first block. Each element
 // is the same sum whatever the column range (a split over threads).
-template <typename Tr, typename E = typename Tr::Elem>
+template <typename Tr, typename E = typename Tr::Elem,
+          typename W = typename Tr::WeightElem>
 void multiply_stored_columns(int64_t m, int64_t n, int64_t k, const E* a,
-                             int64_t lda, const E* b, int64_t ldb,
+                             int64_t lda, const W* b, int64_t ldb,
                              int64_t col_begin, int64_t col_end,
                              const float* bias, bool add, float* c,
                              int64_t ldc) {

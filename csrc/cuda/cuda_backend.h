@@ -54,6 +54,14 @@ struct CudaBackend {
   template <typename S>
   static constexpr bool kNativeStorage = true;
   static bool native_storage(at::ScalarType /*dtype*/) { return true; }
+  // Weights in the storage dtype always (the CPU backend's one-step calls
+  // of a bfloat16 op computing in float read bfloat16 weights in place).
+  static constexpr bool kBf16WeightInPlace = false;
+  static at::ScalarType one_step_weight_dtype(at::ScalarType /*dtype*/,
+                                              at::ScalarType sdt,
+                                              int64_t /*rows*/) {
+    return sdt;
+  }
   // The input projection adds the bias (addmm; ATen can fuse it into the
   // cuBLASLt GEMM as an epilogue).
   static constexpr bool kBiasInStep = false;
