@@ -62,22 +62,10 @@ struct Avx2 {
   }
   static __m256 fold(Vec v) { return v; }
   using WeightElem = float;
-};
-
-// multiply_stored of a bfloat16 weight (multiply_stored_bf16_weight): B's
-// eight bfloat16 widened to floats as loaded (exact), the rest as Avx2.
-struct Avx2Bf16Weight : Avx2 {
-  using WeightElem = uint16_t;
-  using Avx2::load_first;
-  using Avx2::loadu;
-  static Vec loadu(const uint16_t* p) {
+  // multiply_stored_bf16_weight (Bf16WeightOf): eight bfloat16 as floats
+  static Vec widen_bf16(const uint16_t* p) {
     const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
-  }
-  static Vec load_first(const uint16_t* p, int64_t count) {
-    alignas(16) uint16_t part[kWidth] = {};
-    for (int64_t i = 0; i < count; ++i) part[i] = p[i];
-    return loadu(part);
   }
 };
 }  // namespace
@@ -103,8 +91,9 @@ void multiply_stored_columns_avx2_bf16_weight(
     int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
     const uint16_t* b, int64_t ldb, int64_t col_begin, int64_t col_end,
     const float* bias, bool add, float* c, int64_t ldc) {
-  multiply_stored_columns<Avx2Bf16Weight>(m, n, k, a, lda, b, ldb, col_begin,
-                                          col_end, bias, add, c, ldc);
+  multiply_stored_columns<Bf16WeightOf<Avx2>>(m, n, k, a, lda, b, ldb,
+                                              col_begin, col_end, bias, add,
+                                              c, ldc);
 }
 
 }  // namespace rnnfast::cpu::step_gemm

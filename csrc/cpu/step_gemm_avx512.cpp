@@ -50,24 +50,12 @@ struct Avx512 : Avx512StoredTiles<> {
     return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << count) - 1u), p);
   }
   using WeightElem = float;
-};
-
-// multiply_stored of a bfloat16 weight (multiply_stored_bf16_weight), on
-// AVX-512 CPUs without AVX512-BF16 (or with bfloat16 instructions turned
-// off, RNNFAST_CPU_NATIVE_BF16=0): B's sixteen bfloat16 widened to floats
-// as loaded (exact), the rest as Avx512.
-struct Avx512Bf16Weight : Avx512 {
-  using WeightElem = uint16_t;
-  using Avx512::load_first;
-  using Avx512::loadu;
-  static Vec loadu(const uint16_t* p) {
+  // multiply_stored_bf16_weight (Bf16WeightOf), on AVX-512 CPUs without
+  // AVX512-BF16 (or with RNNFAST_CPU_NATIVE_BF16=0): sixteen bfloat16 as
+  // floats
+  static Vec widen_bf16(const uint16_t* p) {
     const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-  }
-  static Vec load_first(const uint16_t* p, int64_t count) {
-    alignas(32) uint16_t part[kWidth] = {};
-    for (int64_t i = 0; i < count; ++i) part[i] = p[i];
-    return loadu(part);
   }
 };
 }  // namespace
@@ -94,9 +82,9 @@ void multiply_stored_columns_avx512_bf16_weight(
     int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
     const uint16_t* b, int64_t ldb, int64_t col_begin, int64_t col_end,
     const float* bias, bool add, float* c, int64_t ldc) {
-  multiply_stored_columns<Avx512Bf16Weight>(m, n, k, a, lda, b, ldb,
-                                            col_begin, col_end, bias, add, c,
-                                            ldc);
+  multiply_stored_columns<Bf16WeightOf<Avx512>>(m, n, k, a, lda, b, ldb,
+                                                col_begin, col_end, bias, add,
+                                                c, ldc);
 }
 
 }  // namespace rnnfast::cpu::step_gemm

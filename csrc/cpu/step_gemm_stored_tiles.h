@@ -52,6 +52,25 @@ inline __m256 sum_lanes8(const __m256 v[8]) {
   return _mm256_add_ps(low, high);
 }
 
+// The traits of a float product of a bfloat16 weight over those of a float
+// ISA (Base, which adds widen_bf16(const uint16_t*): kWidth bfloat16
+// widened to floats, exactly, a bfloat16's bits being a float's top half):
+// B read through it, a last partial vector through a zeroed buffer; A and
+// everything else as Base.
+template <typename Base>
+struct Bf16WeightOf : Base {
+  using WeightElem = uint16_t;
+  using Vec = typename Base::Vec;
+  using Base::load_first;
+  using Base::loadu;
+  static Vec loadu(const uint16_t* p) { return Base::widen_bf16(p); }
+  static Vec load_first(const uint16_t* p, int64_t count) {
+    alignas(64) uint16_t part[Base::kWidth] = {};
+    for (int64_t i = 0; i < count; ++i) part[i] = p[i];
+    return Base::widen_bf16(part);
+  }
+};
+
 // What the AVX-512 traits of the float and the bfloat16 tiles share (both
 // accumulate in __m512): the tile shapes and the fold to 256 bits. Shapes
 // measured for float on the Xeon (one thread, [n, k] = [1024, 256] in L2
