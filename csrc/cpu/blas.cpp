@@ -296,6 +296,20 @@ void multiply_stored(bool serial, int64_t m, int64_t n, int64_t k,
   stored_products.fetch_add(1, std::memory_order_relaxed);
 }
 
+// dst [rows, cols] (dense) = src [rows, cols] (row stride ld), each
+// bfloat16 widened exactly (to float, then T).
+template <typename T>
+void widen_bf16_rows(int64_t rows, int64_t cols, const c10::BFloat16* src,
+                     int64_t ld, T* dst) {
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      for (int64_t j = 0; j < cols; ++j) {
+        dst[i * cols + j] = static_cast<T>(static_cast<float>(src[i * ld + j]));
+      }
+    }
+  });
+}
+
 // The same of a bfloat16 weight, read in place.
 void multiply_stored(bool serial, int64_t m, int64_t n, int64_t k,
                      const float* a, int64_t lda, const c10::BFloat16* b,
@@ -358,11 +372,7 @@ const char* multiply_once(const char* path, int64_t m, int64_t n, int64_t k,
     return own_kernel_name();
   }
   std::vector<float> weight(static_cast<size_t>(n * k));
-  for (int64_t j = 0; j < n; ++j) {
-    for (int64_t kk = 0; kk < k; ++kk) {
-      weight[j * k + kk] = static_cast<float>(b[j * ldb + kk]);
-    }
-  }
+  widen_bf16_rows(n, k, b, ldb, weight.data());
   return multiply_once(path, m, n, k, a, lda, weight.data(), k, bias, beta, c,
                        ldc);
 }
@@ -412,19 +422,17 @@ StepWeight<T>::StepWeight(bool trans_b, int64_t max_m, int64_t n, int64_t k,
 }
 
 template <typename T>
+bool StepWeight<T>::unpacked_stored(int64_t m) const {
+  return trans_b_ && forced_ != 1 && stored_product_takes(m);
+}
+
+template <typename T>
 void StepWeight<T>::convert_weight() const {
   if (b16_ == nullptr || b_ != nullptr) return;
   const int64_t rows = trans_b_ ? n_ : k_, cols = trans_b_ ? k_ : n_;
   float_copy_.reset(new T[static_cast<size_t>(rows * cols)]);
-  T* dst = float_copy_.get();
-  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      for (int64_t j = 0; j < cols; ++j) {
-        dst[i * cols + j] = static_cast<T>(static_cast<float>(b16_[i * ldb_ + j]));
-      }
-    }
-  });
-  b_ = dst;
+  widen_bf16_rows(rows, cols, b16_, ldb_, float_copy_.get());
+  b_ = float_copy_.get();
   ldb_ = cols;
 }
 
@@ -543,8 +551,7 @@ void StepWeight<T>::prepare_use() const {
   // otherwise, and for a second, it is converted here, on the calling
   // thread, before the products of a split loop read it.
   if (b16_ != nullptr && b_ == nullptr &&
-      (uses_ > 0 || !std::is_same_v<T, float> || !trans_b_ || forced_ == 1 ||
-       !stored_product_takes(max_m_))) {
+      (uses_ > 0 || !std::is_same_v<T, float> || !unpacked_stored(max_m_))) {
     convert_weight();
   }
   // The first product runs unpacked; a second one means a time loop of
@@ -660,7 +667,7 @@ void StepWeight<T>::compute(bool serial, int64_t m, const T* a, int64_t lda,
     // read once where it lies; a bfloat16 one is left unconverted only
     // where this product takes it (prepare_use).
     if (b_ == nullptr) {
-      TORCH_INTERNAL_ASSERT(b16_ != nullptr && (m == 0 || stored_product_takes(m)),
+      TORCH_INTERNAL_ASSERT(b16_ != nullptr && (m == 0 || unpacked_stored(m)),
                             "rnnfast: a bfloat16 weight read in place by a "
                             "product that cannot take it");
       if (m > 0) {
@@ -669,7 +676,7 @@ void StepWeight<T>::compute(bool serial, int64_t m, const T* a, int64_t lda,
       }
       return;
     }
-    if (trans_b_ && forced_ != 1 && stored_product_takes(m)) {
+    if (unpacked_stored(m)) {
       multiply_stored(serial, m, n_, k_, a, lda, b_, ldb_, nullptr, beta, c,
                       ldc);
       return;

@@ -145,6 +145,9 @@ class StepWeight {
   bool own_close_to_blas(double slack) const;
   void compute(bool serial, int64_t m, const T* a, int64_t lda, T beta, T* c,
                int64_t ldc) const;
+  // Whether an unpacked product of m rows runs on rnnfast's one-use
+  // product (a weight as stored, [n, k], and the BLAS not forced).
+  bool unpacked_stored(int64_t m) const;
   // A bfloat16 weight's float copy (b16_ converted into float_copy_, b_
   // and ldb_ then pointing at it), where not yet made.
   void convert_weight() const;

@@ -97,19 +97,32 @@ void over_columns(bool serial, int64_t n, const F& run) {
 }
 }  // namespace
 
+namespace {
+// The ISA kernels of a one-use product whose weight holds W, over the
+// columns as over_columns splits them.
+template <typename W>
+using StoredColumns = void (*)(int64_t, int64_t, int64_t, const float*,
+                               int64_t, const W*, int64_t, int64_t, int64_t,
+                               const float*, bool, float*, int64_t);
+template <typename W>
+void stored_product(StoredColumns<W> avx512, StoredColumns<W> avx2,
+                    bool serial, int64_t m, int64_t n, int64_t k,
+                    const float* a, int64_t lda, const W* b, int64_t ldb,
+                    const float* bias, float beta, float* c, int64_t ldc) {
+  const bool add = beta != 0.0f;
+  const StoredColumns<W> columns = avx512_kernels() ? avx512 : avx2;
+  over_columns(serial, n, [&](int64_t begin, int64_t end) {
+    columns(m, n, k, a, lda, b, ldb, begin, end, bias, add, c, ldc);
+  });
+}
+}  // namespace
+
 void multiply_stored(bool serial, int64_t m, int64_t n, int64_t k,
                      const float* a, int64_t lda, const float* b, int64_t ldb,
                      const float* bias, float beta, float* c, int64_t ldc) {
-  const bool add = beta != 0.0f;
-  over_columns(serial, n, [&](int64_t begin, int64_t end) {
-    if (avx512_kernels()) {
-      multiply_stored_columns_avx512(m, n, k, a, lda, b, ldb, begin, end,
-                                     bias, add, c, ldc);
-    } else {
-      multiply_stored_columns_avx2(m, n, k, a, lda, b, ldb, begin, end, bias,
-                                   add, c, ldc);
-    }
-  });
+  stored_product<float>(multiply_stored_columns_avx512,
+                        multiply_stored_columns_avx2, serial, m, n, k, a, lda,
+                        b, ldb, bias, beta, c, ldc);
 }
 
 void multiply_stored_bf16_weight(bool serial, int64_t m, int64_t n, int64_t k,
@@ -117,17 +130,9 @@ void multiply_stored_bf16_weight(bool serial, int64_t m, int64_t n, int64_t k,
                                  const uint16_t* b, int64_t ldb,
                                  const float* bias, float beta, float* c,
                                  int64_t ldc) {
-  const bool add = beta != 0.0f;
-  over_columns(serial, n, [&](int64_t begin, int64_t end) {
-    if (avx512_kernels()) {
-      multiply_stored_columns_avx512_bf16_weight(m, n, k, a, lda, b, ldb,
-                                                 begin, end, bias, add, c,
-                                                 ldc);
-    } else {
-      multiply_stored_columns_avx2_bf16_weight(m, n, k, a, lda, b, ldb, begin,
-                                               end, bias, add, c, ldc);
-    }
-  });
+  stored_product<uint16_t>(multiply_stored_columns_avx512_bf16_weight,
+                           multiply_stored_columns_avx2_bf16_weight, serial, m,
+                           n, k, a, lda, b, ldb, bias, beta, c, ldc);
 }
 
 bool bf16_stored_supported() {
