@@ -39,6 +39,18 @@ struct StepGemmChoice {
 };
 // The choices made so far in this process, in the order made.
 std::vector<StepGemmChoice> cpu_step_gemm_choices();
+// The choice between the BLAS and oneDNN for the float32 products over
+// many rows (cpu/blas.h, bulk_product): chosen is "onednn",
+// cpu_gemm_in_use(), or null before the first such product in this
+// process; the best time of each on the measured product, in microseconds
+// (0 where not timed: forced by RNNFAST_CPU_BULK_GEMM, or oneDNN cannot
+// run, which why says).
+struct BulkGemmChoice {
+  const char* chosen;
+  double blas_us, onednn_us;
+  const char* why;
+};
+BulkGemmChoice cpu_bulk_gemm_choice();
 // The kernels of rnnfast's own step product on this CPU ("AVX512", "AVX2"
 // or "none": then it never runs).
 const char* cpu_step_gemm_kernels();

@@ -66,6 +66,13 @@
 //     (+ bias), all of S == T, where the backend has its own product for
 //     it (the CPU, for a few rows: a weight used once, cpu/blas.h
 //     multiply_once); false, out untouched, where it leaves it to ATen.
+//   bulk_product(c, a, b, accumulate): c = a b (c += a b when
+//     accumulate) for S == C products over many rows (matmul_into,
+//     input_projection) where the backend has its own way to run them (the
+//     CPU: oneDNN where it is faster than the BLAS, cpu/blas.h); false, c
+//     untouched, where it leaves them to ATen; bulk_product_runs<S>():
+//     whether it takes products of S (then an evaluating LSTM's blocks of
+//     input projection go through it rather than a packed StepWeight).
 //   grad_block_rows(int64_t row_bytes): the rows of a block of the
 //     LayerNorm-LSTM backward, whose gradients w.r.t. the two products take
 //     row_bytes a row (layer_norm_lstm_driver.h), and
@@ -229,6 +236,7 @@ template <typename Backend, typename S, typename C>
 void matmul_into(at::Tensor& c, const at::Tensor& a, const at::Tensor& b,
                  bool accumulate) {
   if constexpr (std::is_same_v<S, C>) {
+    if (Backend::bulk_product(c, a, b, accumulate)) return;
     if (accumulate) {
       c.addmm_(a, b);
     } else {
@@ -249,6 +257,9 @@ void input_projection(at::Tensor& out, const at::Tensor& x,
                       const at::Tensor& weight, const at::Tensor& bias) {
   if constexpr (std::is_same_v<S, T>) {
     if (Backend::small_input_projection(out, x, weight, bias)) return;
+    if (!bias.defined() && Backend::bulk_product(out, x, weight.t(), false)) {
+      return;
+    }
     if (bias.defined()) {
       at::addmm_out(out, bias, x, weight.t());
     } else {
@@ -459,7 +470,8 @@ ForwardResult lstm_forward_recurrence(
   // 15.7 -> 14.5 ms on 1; with two blocks (T=200 B=4) packing for one
   // product cost 4-7%.
   std::unique_ptr<Weight> wih;
-  if (blocked && l.rows >= 4 * block_rows) {
+  if (blocked && l.rows >= 4 * block_rows &&
+      !Backend::template bulk_product_runs<S>()) {
     wih = std::make_unique<Weight>(true, block_capacity, G, s.input,
                                    weight_ih.data_ptr<S>(), s.input);
   }

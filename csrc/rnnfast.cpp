@@ -161,6 +161,16 @@ PYBIND11_MODULE(_C, m) {
         info["cpu_native_bfloat16"] = rnnfast::cpu_native_bfloat16();
         info["cpu_bf16_step_gemm"] = std::string(rnnfast::cpu_bf16_step_gemm());
         info["cpu_int8_kernels"] = std::string(rnnfast::cpu_int8_kernels_in_use());
+        {
+          const auto bulk = rnnfast::cpu_bulk_gemm_choice();
+          pybind11::dict d;
+          d["chosen"] = bulk.chosen != nullptr ? pybind11::object(pybind11::str(bulk.chosen))
+                                               : pybind11::object(pybind11::none());
+          d["blas_us"] = bulk.blas_us;
+          d["onednn_us"] = bulk.onednn_us;
+          d["why"] = std::string(bulk.why);
+          info["cpu_bulk_gemm"] = d;
+        }
         info["cpu_step_gemm_kernels"] =
             std::string(rnnfast::cpu_step_gemm_kernels());
         pybind11::list choices;

@@ -32,6 +32,10 @@ def build_info() -> dict:
     float32, and ``cpu_bf16_step_gemm``: what runs its per-step products,
     ``"rnnfast-AMX-BF16"``, ``"mkl-bf16"`` or ``"none"``; ``cpu_step_gemm``:
     the product measured fastest for each small-batch step shape run so far;
+    ``cpu_bulk_gemm``: what runs the float32 products over many rows (the
+    input projection, the backward's input and weight gradients), ``{"chosen":
+    "onednn" or cpu_gemm's name, or None before the first such product,
+    "blas_us", "onednn_us": the times measured (0 if none), "why"}``;
     ``cpu_step_teams``: ``{threads: count}`` of the CPU time loops so far
     that split their steps over a team of that many threads;
     ``cpu_row_groups``: ``{groups: count}`` of those that ran their batch's

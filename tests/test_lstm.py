@@ -27,13 +27,17 @@ def test_parity_large_batch_parallel_rows(device, dtype):
     """Enough rows per step (300 rows of H=64: the CPU kernels split work in
     tasks of 16K cell elements) that the pointwise kernels run in parallel,
     with a packed input whose batch shrinks across the task boundary; run
-    twice, the results are bitwise equal."""
+    twice, the results are bitwise equal. The weight gradients are sums over
+    580 rows, so their tolerance scales with their size (two float32 GEMMs
+    summing in different orders, MKL's or oneDNN's against oneDNN's RNN,
+    differed by 1.2e-5 in one element of 1280)."""
     ours, ref = make_lstm_pair(5, 64, bidirectional=True, proj_size=16, dtype=dtype,
                                device=device)
     x = torch.randn(3, 300, 5, dtype=dtype, device=device)
     lengths = [3] * 200 + [2] * 80 + [1] * 20
     got = forward_backward(ours, x, lengths=lengths)
-    assert_results_close(got, forward_backward(ref, x, lengths=lengths), **TOLERANCES[dtype])
+    assert_results_close(got, forward_backward(ref, x, lengths=lengths), scaled=True,
+                         **TOLERANCES[dtype])
     again = forward_backward(ours, x, lengths=lengths)
     for key, value in got.items():
         assert value is None or torch.equal(value, again[key]), key

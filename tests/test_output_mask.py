@@ -158,18 +158,21 @@ def test_opcheck_backward_partial_mask(device, cell):
 
 
 def _gemm_calls(fn) -> int:
-    """ATen matrix products run by ``fn`` (the backward's bulk GEMMs; the
-    per-step products use the backend's own packed weights on the CPU)."""
+    """Matrix products over many rows run by ``fn`` (the backward's bulk
+    GEMMs: ATen's, or on the CPU oneDNN's where it runs them,
+    ``rnnfast::onednn_matmul``; the per-step products use the backend's own
+    packed weights on the CPU)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()
     return sum(e.count for e in prof.key_averages()
-               if e.key in ("aten::mm", "aten::addmm", "aten::addmm_"))
+               if e.key in ("aten::mm", "aten::addmm", "aten::addmm_",
+                            "rnnfast::onednn_matmul"))
 
 
 @pytest.mark.parametrize("cell", CELLS, ids=repr)
 def test_partial_mask_skips_the_gemms(cell):
     """Work evidence without timing: the GEMMs of the gradients not asked for
-    do not run (float32 on the CPU, so every bulk product is an ATen one)."""
+    do not run (float32 on the CPU: every bulk product is ATen's or oneDNN's)."""
     sample = cell.op_sample(dtype=torch.float32, lengths=[3, 2, 2, 1], hidden=4,
                             proj=2 if cell.has_projection else 0, seed=9)
     args = backward_args_from(sample)

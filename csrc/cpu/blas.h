@@ -8,6 +8,7 @@
 // README). Where torch exports no BLAS, it falls back to ATen's mm.
 #pragma once
 
+#include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 
 #include <cstdint>
@@ -296,5 +297,42 @@ std::vector<rnnfast::StepGemmChoice> step_gemm_choices();
 
 // Which implementation gemm uses ("mkl-packed", "blas" or "aten").
 const char* gemm_backend();
+
+// The float32 products over many rows at once: the input projection of
+// every step (or of a block of steps), the backward's input gradient and
+// weight gradients (lstm_driver.h, input_projection and matmul_into).
+// c = a b, or c += a b when accumulate; a and b 2-D, each row-major or the
+// transpose of a row-major matrix (a .t() view), c row-major. Runs them on
+// oneDNN's matmul where that was measured faster than the BLAS on this CPU
+// and returns true; returns false, c untouched, where ATen's product (the
+// BLAS) should run.
+//
+// oneDNN is reached through the function ATen runs its own oneDNN products
+// with (at::native::mkldnn_matmul, which writes into c), looked up in
+// libtorch_cpu at run time, so a torch without it (or with another
+// signature) builds and loads as before and uses the BLAS. Which one runs
+// is decided once per process, at the first such product, by timing both
+// on a [512, 256] x [256, 1024] product on the threads of that moment:
+// MKL runs its AVX2 kernels on AMD CPUs with AVX-512 (an AMD EPYC Zen 5: 90
+// GFLOP/s a core, where oneDNN's AVX-512 kernels reach 190-225), and
+// oneDNN's float32 matmul needs AVX-512 (ATen refuses it below), so
+// neither a vendor nor an ISA decides it alone. Only at float32 matmul
+// precision "highest" (torch.set_float32_matmul_precision): below it
+// ATen's oneDNN products may round to bfloat16, which nn.LSTM's and
+// ATen's float32 products do not. Not under
+// torch.use_deterministic_algorithms(True) either, where a choice by
+// timing could differ between runs. oneDNN builds a kernel for each new
+// shape of product (about half a millisecond): unforced, a shape new to
+// the process runs on oneDNN only if large (4e8 FLOPs or more), else on
+// the BLAS the first time and on oneDNN from the second.
+// RNNFAST_CPU_BULK_GEMM=blas or =onednn forces one for every product (read
+// at every call, as the other RNNFAST_CPU_* variables; onednn where oneDNN
+// cannot run is the BLAS).
+bool bulk_product(const at::Tensor& c, const at::Tensor& a,
+                  const at::Tensor& b, bool accumulate);
+// Whether bulk_product runs float32 products (measuring at the first call).
+bool bulk_product_runs();
+// The choice (backend_info.h, BulkGemmChoice).
+rnnfast::BulkGemmChoice bulk_gemm_choice();
 
 }  // namespace rnnfast::cpu

@@ -135,6 +135,17 @@ struct CpuBackend {
                ? at::kBFloat16
                : sdt;
   }
+  // The products over many rows (matmul_into, input_projection, W_ih's
+  // blocks) on oneDNN where it was measured faster than the BLAS here
+  // (blas.h, bulk_product).
+  static bool bulk_product(const at::Tensor& c, const at::Tensor& a,
+                           const at::Tensor& b, bool accumulate) {
+    return cpu::bulk_product(c, a, b, accumulate);
+  }
+  template <typename S>
+  static bool bulk_product_runs() {
+    return std::is_same_v<S, float> && cpu::bulk_product_runs();
+  }
   static bool small_input_projection(at::Tensor& out, const at::Tensor& x,
                                      const at::Tensor& weight,
                                      const at::Tensor& bias) {
@@ -811,6 +822,7 @@ const char* cpu_bf16_step_gemm() { return cpu::bf16_step_gemm(); }
 std::vector<StepGemmChoice> cpu_step_gemm_choices() {
   return cpu::step_gemm_choices();
 }
+BulkGemmChoice cpu_bulk_gemm_choice() { return cpu::bulk_gemm_choice(); }
 std::vector<int64_t> cpu_step_team_runs() {
   return cpu::StepTeam::runs_by_size();
 }

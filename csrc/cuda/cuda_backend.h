@@ -119,6 +119,15 @@ struct CudaBackend {
                                   int64_t /*weight_bytes*/) {
     return 0;
   }
+  // Every product over many rows is ATen's (cuBLAS).
+  static bool bulk_product(const at::Tensor& /*c*/, const at::Tensor& /*a*/,
+                           const at::Tensor& /*b*/, bool /*accumulate*/) {
+    return false;
+  }
+  template <typename S>
+  static bool bulk_product_runs() {
+    return false;
+  }
   // Every input projection is cuBLAS's GEMM.
   static bool small_input_projection(at::Tensor& /*out*/,
                                      const at::Tensor& /*x*/,

@@ -380,13 +380,18 @@ def _env_lines(env: dict) -> list[str]:
         f"cuDNN {env.get('cudnn_version')}",
         f"- rnnfast {env.get('rnnfast_version')}: "
         + ", ".join(f"{k}={v}" for k, v in build.items()
-                    if k not in ("rnnfast_version", "cpu_step_gemm")),
+                    if k not in ("rnnfast_version", "cpu_step_gemm", "cpu_bulk_gemm")),
         f"- date: {env.get('date')}",
     ]
     if env.get("isa_settings"):
         lines.insert(-1, "- set in the environment: " + ", ".join(
             f"{k}={v}" for k, v in env["isa_settings"].items()))
     lines.insert(-1, "- allocator: " + _malloc_line(env.get("malloc")))
+    bulk = build.get("cpu_bulk_gemm")
+    if bulk and bulk.get("chosen"):
+        times = (f", BLAS {bulk['blas_us']:.0f} us / oneDNN {bulk['onednn_us']:.0f} us"
+                 if bulk.get("onednn_us") else "")
+        lines.insert(-1, f"- CPU products over many rows: {bulk['chosen']} ({bulk['why']}{times})")
     if build.get("cpu_step_gemm"):
         lines.insert(-1, "- CPU per-step products chosen (best of 9 runs, us, the BLAS's "
                      "/ rnnfast's): " + "; ".join(
