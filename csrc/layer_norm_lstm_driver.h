@@ -114,7 +114,8 @@ LayerNormForwardResult layer_norm_lstm_forward_recurrence(
   LayerNormForwardResult r;
   // W_ih x for every step at once; each step normalises its rows in place.
   at::Tensor ih = Backend::empty_activation({l.rows, G}, topts);
-  input_projection<Backend, S, T>(ih, x, w.weight_ih, at::Tensor());
+  input_projection<Backend, S, T>(ih, x, w.weight_ih, at::Tensor(),
+                                  l.uniform());
   // W_hh h_{t-1}: kept for every step when training, else one step's rows.
   at::Tensor hh = Backend::empty_activation({training ? l.rows : l.batch, G}, topts);
   r.output = at::empty({l.rows, H}, sopts);
@@ -327,11 +328,12 @@ void add_block_input_and_weight_grads(LayerNormBackwardBuffers<T, S>& b,
   const at::Tensor dhh = b.dhh.narrow(0, 0, n);
   if (mask.input) {
     at::Tensor grad_input = b.r.grad_input.narrow(0, lo, n);
-    matmul_into<Backend, S, S>(grad_input, dih, b.w.weight_ih, false);
+    matmul_into<Backend, S, S>(grad_input, dih, b.w.weight_ih, false,
+                               b.l.uniform());
   }
   if (mask.weight_ih) {
     matmul_into<Backend, S, T>(b.r.grad_weight_ih, dih.t(),
-                               x.narrow(0, lo, n), true);
+                               x.narrow(0, lo, n), true, b.l.uniform());
   }
   if (mask.weight_hh) {
     add_recurrent_weight_grad<Backend, S, T>(b.l, b.r.grad_weight_hh, dhh,

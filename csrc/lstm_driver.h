@@ -66,11 +66,15 @@
 //     (+ bias), all of S == T, where the backend has its own product for
 //     it (the CPU, for a few rows: a weight used once, cpu/blas.h
 //     multiply_once); false, out untouched, where it leaves it to ATen.
-//   bulk_product(c, a, b, accumulate): c = a b (c += a b when
+//   bulk_product(c, a, b, accumulate, steady): c = a b (c += a b when
 //     accumulate) for S == C products over many rows (matmul_into,
 //     input_projection) where the backend has its own way to run them (the
 //     CPU: oneDNN where it is faster than the BLAS, cpu/blas.h); false, c
-//     untouched, where it leaves them to ATen; bulk_product_runs<S>():
+//     untouched, where it leaves them to ATen. steady: the product's shape
+//     comes back call after call (a padded batch's products, which depend
+//     on its steps and batch only, and an evaluating LSTM's blocks of input
+//     projection), where a packed batch's depend on the sum of its
+//     lengths, new at almost every call; bulk_product_runs<S>():
 //     whether it takes products of S (then an evaluating LSTM's blocks of
 //     input projection go through it rather than a packed StepWeight).
 //   grad_block_rows(int64_t row_bytes): the rows of a block of the
@@ -232,11 +236,13 @@ inline MatrixLayout matrix_layout(const at::Tensor& m) {
 // for a product kept in the compute type). Same types go through ATen
 // (float and double ops, and half-type products kept in S), mixed ones
 // through Backend::gemm.
+// steady: the product's shape comes back call after call
+// (Backend::bulk_product).
 template <typename Backend, typename S, typename C>
 void matmul_into(at::Tensor& c, const at::Tensor& a, const at::Tensor& b,
-                 bool accumulate) {
+                 bool accumulate, bool steady = false) {
   if constexpr (std::is_same_v<S, C>) {
-    if (Backend::bulk_product(c, a, b, accumulate)) return;
+    if (Backend::bulk_product(c, a, b, accumulate, steady)) return;
     if (accumulate) {
       c.addmm_(a, b);
     } else {
@@ -251,13 +257,16 @@ void matmul_into(at::Tensor& c, const at::Tensor& a, const at::Tensor& b,
   }
 }
 
-// out [N, 4H] (T) = x W^T + bias, x and W in S, bias in T or undefined.
+// out [N, 4H] (T) = x W^T + bias, x and W in S, bias in T or undefined;
+// steady: its shape comes back call after call (Backend::bulk_product).
 template <typename Backend, typename S, typename T>
 void input_projection(at::Tensor& out, const at::Tensor& x,
-                      const at::Tensor& weight, const at::Tensor& bias) {
+                      const at::Tensor& weight, const at::Tensor& bias,
+                      bool steady = false) {
   if constexpr (std::is_same_v<S, T>) {
     if (Backend::small_input_projection(out, x, weight, bias)) return;
-    if (!bias.defined() && Backend::bulk_product(out, x, weight.t(), false)) {
+    if (!bias.defined() &&
+        Backend::bulk_product(out, x, weight.t(), false, steady)) {
       return;
     }
     if (bias.defined()) {
@@ -346,13 +355,13 @@ void add_recurrent_weight_grad(const SequenceLayout& l, at::Tensor& grad_w,
       const int64_t prev = l.offsets[a] + (l.reverse ? B : -B);
       matmul_into<Backend, S, T>(
           grad_w, dgates.narrow(0, l.offsets[a] - lo, rows).t(),
-          output.narrow(0, prev, rows), accumulate);
+          output.narrow(0, prev, rows), accumulate, true);
       accumulate = true;
     }
     if (start >= first && start <= last) {
       matmul_into<Backend, S, T>(
           grad_w, dgates.narrow(0, l.offsets[start] - lo, B).t(), hx,
-          accumulate);
+          accumulate, true);
     }
     return;
   }
@@ -435,7 +444,10 @@ ForwardResult lstm_forward_recurrence(
   const int64_t block_capacity = std::max(block_rows, l.batch);
   at::Tensor gates =
       Backend::empty_activation({blocked ? block_capacity : l.rows, G}, topts);
-  if (!blocked) input_projection<Backend, S, T>(gates, x, weight_ih, proj_bias);
+  if (!blocked) {
+    input_projection<Backend, S, T>(gates, x, weight_ih, proj_bias,
+                                    l.uniform());
+  }
   int64_t block_end = 0;  // the end of the current run of steps
   int64_t block_first_row = 0;  // the packed row of the block's gates row 0
   r.output = at::empty({l.rows, P}, sopts);
@@ -526,7 +538,7 @@ ForwardResult lstm_forward_recurrence(
       } else {
         at::Tensor out = gates.narrow(0, 0, block);
         input_projection<Backend, S, T>(out, x.narrow(0, block_first_row, block),
-                                        weight_ih, proj_bias);
+                                        weight_ih, proj_bias, true);
       }
     }
     const int64_t first = step;
@@ -657,11 +669,13 @@ BackwardResult lstm_backward_recurrence(
   r.grad_cx = dc_state;
   if (mask.input) {
     r.grad_input = at::empty({l.rows, s.input}, sopts);
-    matmul_into<Backend, S, S>(r.grad_input, dgates, weight_ih, false);
+    matmul_into<Backend, S, S>(r.grad_input, dgates, weight_ih, false,
+                               l.uniform());
   }
   if (mask.weight_ih) {
     r.grad_weight_ih = at::empty({G, s.input}, topts);
-    matmul_into<Backend, S, T>(r.grad_weight_ih, dgates.t(), x, false);
+    matmul_into<Backend, S, T>(r.grad_weight_ih, dgates.t(), x, false,
+                               l.uniform());
   }
   if (mask.weight_hh) {
     r.grad_weight_hh = at::empty({G, P}, topts);
@@ -682,7 +696,8 @@ BackwardResult lstm_backward_recurrence(
     const at::Tensor rr =
         (gates.narrow(1, 3 * H, H) * cells.tanh()).to(sopts.dtype());
     r.grad_weight_hr = at::empty({P, H}, topts);
-    matmul_into<Backend, S, T>(r.grad_weight_hr, dh_total.t(), rr, false);
+    matmul_into<Backend, S, T>(r.grad_weight_hr, dh_total.t(), rr, false,
+                               l.uniform());
   }
   return r;
 }

@@ -191,22 +191,60 @@ def _onednn_products(fn) -> int:
     return sum(e.count for e in prof.key_averages() if e.key == "rnnfast::onednn_matmul")
 
 
-def test_a_new_small_shape_runs_on_the_blas_once(monkeypatch):
-    """oneDNN builds a kernel for each new shape of product: unforced, a
-    small product of a shape new to the process runs on the BLAS the first
-    time and on oneDNN from the second, a large one (4e8 FLOPs or more) on
-    oneDNN at once; forced, every product runs on oneDNN."""
+def test_small_products_of_packed_batches_stay_on_the_blas(monkeypatch):
+    """oneDNN builds a kernel for each new shape of product, and a packed
+    batch's products change shape with the sum of its lengths: unforced,
+    its products under 2e8 FLOPs stay on the BLAS, call after call, and
+    larger ones run on oneDNN; a padded batch's (whose shapes depend on its
+    steps and batch only) run on oneDNN whatever their size. Forced, every
+    product runs on oneDNN."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
     monkeypatch.delenv("RNNFAST_CPU_BULK_GEMM", raising=False)
     rnnfast.LSTM(3, 4)(torch.randn(40, 8, 3))  # the choice, made once
     if bulk()["chosen"] != "onednn":
         pytest.skip(f"the BLAS runs the bulk products here ({bulk()['why']})")
     torch.manual_seed(0)
-    small = rnnfast.LSTM(9, 13)   # x W_ih^T: [150, 9] x [9, 52], new to this process
+    small = rnnfast.LSTM(9, 13)   # x W_ih^T: [<= 150, 9] x [9, 52]
     x = torch.randn(50, 3, 9)
-    assert _onednn_products(lambda: small(x)) == 0
+    packed = pack_padded_sequence(x, [50, 47, 30])
+    assert _onednn_products(lambda: small(packed)) == 0
+    assert _onednn_products(lambda: small(packed)) == 0
     assert _onednn_products(lambda: small(x)) == 1
     monkeypatch.setenv("RNNFAST_CPU_BULK_GEMM", "onednn")
-    assert _onednn_products(lambda: small(torch.randn(51, 3, 9))) == 1
+    assert _onednn_products(lambda: small(packed)) == 1
     monkeypatch.delenv("RNNFAST_CPU_BULK_GEMM")
-    large = rnnfast.LSTM(512, 512)  # [1602, 512] x [512, 2048]: 3.4e9 FLOPs
-    assert _onednn_products(lambda: large(torch.randn(2, 801, 512))) == 1
+    large = rnnfast.LSTM(512, 512)  # [1601, 512] x [512, 2048]: 3.4e9 FLOPs
+    big = pack_padded_sequence(torch.randn(2, 801, 512), [2] * 800 + [1])
+    assert _onednn_products(lambda: large(big)) == 1
+
+
+def test_identical_calls_give_identical_bits(monkeypatch):
+    """Unforced, the same call twice in a fresh process (products of new
+    shapes, padded and packed) gives the same bits, forward and backward."""
+    monkeypatch.delenv("RNNFAST_CPU_BULK_GEMM", raising=False)
+    code = textwrap.dedent("""
+        import torch, rnnfast
+        torch.manual_seed(0)
+        from torch.nn.utils.rnn import pack_padded_sequence
+        for cls, (i, h, t, b) in [(rnnfast.LSTM, (9, 13, 50, 3)),
+                                  (rnnfast.LayerNormLSTM, (64, 96, 40, 64))]:
+          for packed in (False, True):
+            m = cls(i, h, bidirectional=True)
+            x = torch.randn(t, b, i)
+            runs = []
+            for _ in range(2):
+                xx = x.clone().requires_grad_()
+                inp = pack_padded_sequence(xx, [t] + [t - 1] * (b - 1)) if packed else xx
+                y = m(inp)[0]
+                y = y.data if packed else y
+                y.backward(torch.ones_like(y))
+                runs.append([y.detach().clone(), xx.grad] +
+                            [p.grad.clone() for p in m.parameters()])
+                m.zero_grad()
+            assert all(torch.equal(p, q) for p, q in zip(*runs)), (cls, packed)
+        print("same")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "same", out.stderr[-2000:]

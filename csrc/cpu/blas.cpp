@@ -11,14 +11,12 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
-#include <array>
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <dlfcn.h>
 #include <mutex>
-#include <set>
 #include <string>
 #include <vector>
 #include <limits>
@@ -987,26 +985,18 @@ const BulkMeasurement& bulk_measure_once() {
 // of product, and keeps up to 1024 of them: 0.45-0.6 ms a shape on the AMD
 // EPYC Zen 5, where a [200, 256] x [256, 1024] product takes 0.26 ms on
 // oneDNN once built and 0.66 on MKL. Padded batches repeat their shapes;
-// packed ones of varying lengths may bring a new one at every call. So a
-// product of a shape not run before in this process goes to oneDNN only if
-// large enough to repay the building (kNewShapeFlops, where MKL takes
-// about 2 ms and oneDNN 1 + 0.6), and otherwise to the BLAS the first time
-// and to oneDNN from the second.
-constexpr double kNewShapeFlops = 4e8;
+// packed ones of varying lengths may bring a new one at every call. So
+// of the products whose shape is not steady (bulk_product), only those of
+// at least kOnednnMinFlops go to oneDNN (where MKL takes about 1.1 ms and
+// oneDNN 0.5, or 1.0 with the building), the rest stay on the BLAS.
+// Decided by the shape and the call alone, so that every product of a
+// shape and call site runs on the same library and two identical calls
+// give the same bits.
+constexpr double kOnednnMinFlops = 2e8;
 
-bool onednn_shape_ready(const at::Tensor& c, const at::Tensor& a,
-                        const at::Tensor& b, bool accumulate) {
-  const double flops = 2.0 * double(a.size(0)) * double(a.size(1)) * double(b.size(1));
-  using Key = std::array<int64_t, 10>;
-  static std::mutex mutex;
-  static std::set<Key> seen;
-  const Key key{a.size(0), a.size(1), b.size(1), a.stride(0), a.stride(1),
-                b.stride(0), b.stride(1), c.stride(0), int64_t(accumulate), 0};
-  std::lock_guard<std::mutex> lock(mutex);
-  if (seen.count(key) != 0) return true;
-  if (seen.size() >= 1024) seen.clear();  // as oneDNN's cache would have
-  seen.insert(key);
-  return flops >= kNewShapeFlops;
+bool large_enough(const at::Tensor& a, const at::Tensor& b) {
+  return 2.0 * double(a.size(0)) * double(a.size(1)) * double(b.size(1)) >=
+         kOnednnMinFlops;
 }
 
 // A row-major matrix or the transpose of one, as oneDNN's matmul takes
@@ -1029,7 +1019,7 @@ bool bulk_product_runs() {
 }
 
 bool bulk_product(const at::Tensor& c, const at::Tensor& a,
-                  const at::Tensor& b, bool accumulate) {
+                  const at::Tensor& b, bool accumulate, bool steady) {
   if (c.scalar_type() != at::kFloat || a.scalar_type() != at::kFloat ||
       b.scalar_type() != at::kFloat || c.dim() != 2 || a.dim() != 2 ||
       b.dim() != 2 || c.numel() == 0 || a.size(1) == 0 || !c.is_contiguous() ||
@@ -1037,7 +1027,7 @@ bool bulk_product(const at::Tensor& c, const at::Tensor& a,
     return false;
   }
   if (!bulk_product_runs()) return false;
-  if (forced_bulk_gemm() == 0 && !onednn_shape_ready(c, a, b, accumulate)) {
+  if (forced_bulk_gemm() == 0 && !steady && !large_enough(a, b)) {
     return false;
   }
   // visible to torch.profiler, as ATen's products are

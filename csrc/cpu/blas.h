@@ -322,14 +322,19 @@ const char* gemm_backend();
 // ATen's float32 products do not. Not under
 // torch.use_deterministic_algorithms(True) either, where a choice by
 // timing could differ between runs. oneDNN builds a kernel for each new
-// shape of product (about half a millisecond): unforced, a shape new to
-// the process runs on oneDNN only if large (4e8 FLOPs or more), else on
-// the BLAS the first time and on oneDNN from the second.
+// shape of product (about half a millisecond), which a small product of a
+// shape that changes from call to call would pay every time: unforced,
+// products under 2e8 FLOPs stay on the BLAS unless steady: of a shape
+// that comes back call after call (a padded batch's, which depend on its
+// steps and batch only, and an evaluating LSTM's blocks of input
+// projection; a packed batch's depend on the sum of its lengths, new at
+// almost every call), where building once pays. By the shape and the call
+// alone, so that two identical calls give the same bits.
 // RNNFAST_CPU_BULK_GEMM=blas or =onednn forces one for every product (read
 // at every call, as the other RNNFAST_CPU_* variables; onednn where oneDNN
 // cannot run is the BLAS).
 bool bulk_product(const at::Tensor& c, const at::Tensor& a,
-                  const at::Tensor& b, bool accumulate);
+                  const at::Tensor& b, bool accumulate, bool steady = false);
 // Whether bulk_product runs float32 products (measuring at the first call).
 bool bulk_product_runs();
 // The choice (backend_info.h, BulkGemmChoice).

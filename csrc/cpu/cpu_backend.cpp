@@ -139,8 +139,9 @@ struct CpuBackend {
   // blocks) on oneDNN where it was measured faster than the BLAS here
   // (blas.h, bulk_product).
   static bool bulk_product(const at::Tensor& c, const at::Tensor& a,
-                           const at::Tensor& b, bool accumulate) {
-    return cpu::bulk_product(c, a, b, accumulate);
+                           const at::Tensor& b, bool accumulate,
+                           bool steady) {
+    return cpu::bulk_product(c, a, b, accumulate, steady);
   }
   template <typename S>
   static bool bulk_product_runs() {

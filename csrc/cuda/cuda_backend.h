@@ -121,7 +121,8 @@ struct CudaBackend {
   }
   // Every product over many rows is ATen's (cuBLAS).
   static bool bulk_product(const at::Tensor& /*c*/, const at::Tensor& /*a*/,
-                           const at::Tensor& /*b*/, bool /*accumulate*/) {
+                           const at::Tensor& /*b*/, bool /*accumulate*/,
+                           bool /*steady*/) {
     return false;
   }
   template <typename S>
