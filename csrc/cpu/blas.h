@@ -37,8 +37,11 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
 
 // Whether bfloat16 products run on the CPU's own bfloat16 instructions:
 // torch's MKL exports cblas_gemm_bf16bf16f32 and the CPU has AVX512-BF16
-// (every CPU with AMX-BF16 has it too), at ATen's AVX512 capability
-// (ATEN_CPU_CAPABILITY=avx2 turns it off, as it caps the other kernels).
+// and AMX-BF16 that Linux grants (rnnfast's AMX product runs the per-step
+// products; without AMX, MKL's bfloat16 GEMM ran no faster than its float
+// one on an AMD EPYC Zen 5, half the float path's speed there), at ATen's
+// AVX512 capability (ATEN_CPU_CAPABILITY=avx2 turns it off, as it caps
+// the other kernels).
 // There a bfloat16 op keeps its GEMM operands in bfloat16 (cpu_backend.cpp);
 // elsewhere MKL would convert them to float, slower than a float product.
 // RNNFAST_CPU_NATIVE_BF16=0 or =1 forces it off or on (=1 needs the MKL
