@@ -1017,15 +1017,33 @@ bool plain_or_transposed(const at::Tensor& t) {
 
 }  // namespace
 
-bool bulk_product_runs() {
-  const int forced = forced_bulk_gemm();
-  if (forced == 1 || !full_float32_precision()) return false;
+namespace {
+
+// Why the BLAS runs whatever was measured (forced, precision, deterministic
+// algorithms), or null where the measurement decides.
+const char* blas_regardless(int forced) {
+  if (forced == 1) return "RNNFAST_CPU_BULK_GEMM=blas";
+  if (!full_float32_precision()) return "float32 matmul precision below highest";
   // a choice by timing could differ between runs: not under
   // torch.use_deterministic_algorithms(True), unless forced
-  if (forced == 0 && at::globalContext().deterministicAlgorithms()) return false;
-  const BulkMeasurement& measured = bulk_measure_once();
+  if (forced == 0 && at::globalContext().deterministicAlgorithms()) {
+    return "deterministic algorithms";
+  }
+  return nullptr;
+}
+
+bool onednn_chosen(int forced, const BulkMeasurement& measured) {
   return forced == 2 ? measured.onednn_runs : measured.onednn_faster;
 }
+
+bool runs_on_onednn(int forced) {
+  return blas_regardless(forced) == nullptr &&
+         onednn_chosen(forced, bulk_measure_once());
+}
+
+}  // namespace
+
+bool bulk_product_runs() { return runs_on_onednn(forced_bulk_gemm()); }
 
 bool bulk_product(const at::Tensor& c, const at::Tensor& a,
                   const at::Tensor& b, bool accumulate, bool steady) {
@@ -1035,10 +1053,9 @@ bool bulk_product(const at::Tensor& c, const at::Tensor& a,
       !plain_or_transposed(a) || !plain_or_transposed(b)) {
     return false;
   }
-  if (!bulk_product_runs()) return false;
-  if (forced_bulk_gemm() == 0 && !steady && !large_enough(a, b)) {
-    return false;
-  }
+  const int forced = forced_bulk_gemm();
+  if (!runs_on_onednn(forced)) return false;
+  if (forced == 0 && !steady && !large_enough(a, b)) return false;
   // visible to torch.profiler, as ATen's products are
   RECORD_FUNCTION("rnnfast::onednn_matmul", std::vector<c10::IValue>());
   onednn_matmul()(a, b, c, accumulate ? 1.0f : 0.0f, 1.0f);
@@ -1047,26 +1064,16 @@ bool bulk_product(const at::Tensor& c, const at::Tensor& a,
 
 rnnfast::BulkGemmChoice bulk_gemm_choice() {
   const int forced = forced_bulk_gemm();
-  rnnfast::BulkGemmChoice r{nullptr, 0, 0, ""};
-  if (forced == 1) {
-    return {gemm_backend(), 0, 0, "RNNFAST_CPU_BULK_GEMM=blas"};
-  }
-  if (!full_float32_precision()) {
-    return {gemm_backend(), 0, 0, "float32 matmul precision below highest"};
-  }
-  if (forced == 0 && at::globalContext().deterministicAlgorithms()) {
-    return {gemm_backend(), 0, 0, "deterministic algorithms"};
+  if (const char* why = blas_regardless(forced)) {
+    return {gemm_backend(), 0, 0, why};
   }
   std::lock_guard<std::mutex> lock(bulk_mutex);
-  if (!bulk_measured) return r;
-  const bool onednn = forced == 2 ? bulk_measurement.onednn_runs
-                                  : bulk_measurement.onednn_faster;
-  r.chosen = onednn ? "onednn" : gemm_backend();
-  r.blas_us = bulk_measurement.blas_us;
-  r.onednn_us = bulk_measurement.onednn_us;
-  r.why = forced == 2 && onednn ? "RNNFAST_CPU_BULK_GEMM=onednn"
-                                : bulk_measurement.why;
-  return r;
+  if (!bulk_measured) return {nullptr, 0, 0, ""};
+  const bool onednn = onednn_chosen(forced, bulk_measurement);
+  return {onednn ? "onednn" : gemm_backend(), bulk_measurement.blas_us,
+          bulk_measurement.onednn_us,
+          forced == 2 && onednn ? "RNNFAST_CPU_BULK_GEMM=onednn"
+                                : bulk_measurement.why};
 }
 
 }  // namespace rnnfast::cpu
