@@ -144,6 +144,17 @@ void check_zoneout_args(const char* op, const at::Tensor& input,
               "_mask of size ", mask_shape, ", got ", m.sizes());
 }
 
+void check_backward_tensor(const char* op, const at::Tensor& input,
+                           const at::Tensor& t, const char* name,
+                           at::IntArrayRef expected) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
+              " must be a floating point tensor, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == input.device(), op, ": ", name,
+              " must be on the device of input (", input.device(), "), got ",
+              t.device());
+  check_shape(op, t, name, expected);
+}
+
 SequenceLayout make_layout(const at::Tensor& input,
                            const c10::optional<at::Tensor>& batch_sizes,
                            bool reverse) {

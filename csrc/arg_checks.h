@@ -39,6 +39,14 @@ void check_zoneout_args(const char* op, const at::Tensor& input,
                         const c10::optional<at::Tensor>& mask,
                         at::IntArrayRef mask_shape, double rate);
 
+// Checks a tensor that a backward op `op` reads, a gradient or an
+// activation its forward saved: floating point, on input's device and of
+// size `expected` (the kernels index it by that size: a narrower one would
+// be read and written past its end, a CPU one dereferenced by a GPU).
+void check_backward_tensor(const char* op, const at::Tensor& input,
+                           const at::Tensor& t, const char* name,
+                           at::IntArrayRef expected);
+
 // The packed-row layout of input (see lstm_params.h).
 SequenceLayout make_layout(const at::Tensor& input,
                            const c10::optional<at::Tensor>& batch_sizes,

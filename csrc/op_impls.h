@@ -139,7 +139,8 @@ inline ZoneoutArgs zoneout_args(const char* op, const at::Tensor& input,
 }
 
 // The carried cell states a backward with zoneout on c needs, checked.
-inline void check_cell_states(const char* op, const ZoneoutArgs& z,
+inline void check_cell_states(const char* op, const at::Tensor& input,
+                              int64_t hidden, const ZoneoutArgs& z,
                               const SequenceLayout& l,
                               const c10::optional<at::Tensor>& cell_states) {
   if (!z.on_cell() || l.rows == 0) return;
@@ -147,6 +148,39 @@ inline void check_cell_states(const char* op, const ZoneoutArgs& z,
                   cell_states->size(0) == l.rows,
               op, ": zoneout on the cell state needs the forward's "
               "cell_states (run with training=True and the same zoneout)");
+  check_backward_tensor(op, input, *cell_states, "cell_states",
+                        {l.rows, hidden});
+}
+
+// The tensors a backward reads besides the forward's arguments (which
+// check_lstm_args checks), first the gradients and the forward's output,
+// then what the forward saved, `saved` as {name, tensor, width} of
+// [rows, width] each: a missing one (a forward run without training, whose
+// saved tensors are [0, width]) is said so, any other misfit by its size.
+struct SavedTensor {
+  const char* name;
+  const at::Tensor& tensor;
+  int64_t width;
+};
+inline void check_backward_tensors(
+    const char* op, const at::Tensor& input, const LstmSizes& s,
+    const SequenceLayout& l, const at::Tensor& grad_output,
+    const at::Tensor& grad_hy, const at::Tensor& grad_cy,
+    const at::Tensor& output, std::initializer_list<SavedTensor> saved) {
+  const std::vector<int64_t> out_shape = output_shape(input, s.output);
+  check_backward_tensor(op, input, output, "output", out_shape);
+  check_backward_tensor(op, input, grad_output, "grad_output", out_shape);
+  check_backward_tensor(op, input, grad_hy, "grad_hy", {l.batch, s.output});
+  check_backward_tensor(op, input, grad_cy, "grad_cy", {l.batch, s.hidden});
+  if (l.rows == 0) return;
+  for (const SavedTensor& t : saved) {
+    TORCH_CHECK(t.tensor.dim() != 2 || t.tensor.size(0) != 0, op,
+                ": the forward was run without training=True, so nothing "
+                "was saved for the backward");
+  }
+  for (const SavedTensor& t : saved) {
+    check_backward_tensor(op, input, t.tensor, t.name, {l.rows, t.width});
+  }
 }
 
 // The dtype a forward hands its input and recurrent weights to the
@@ -240,17 +274,15 @@ BackwardOutputs lstm_backward_op(
       zoneout_args("rnnfast.lstm_backward", input, s, zoneout_hidden_mask,
                    zoneout_cell_mask, zoneout_hidden, zoneout_cell);
   const SequenceLayout l = make_layout(input, batch_sizes, reverse);
-  check_cell_states("rnnfast.lstm_backward", z, l, cell_states);
+  check_cell_states("rnnfast.lstm_backward", input, s.hidden, z, l,
+                    cell_states);
   const at::ScalarType dtype = input.scalar_type();
   const at::ScalarType cdt = compute_dtype(dtype);
   const at::ScalarType sdt = storage_dtype<Backend>(dtype);
-  TORCH_CHECK(grad_output.sizes() == output.sizes(),
-              "rnnfast.lstm_backward: grad_output has size ",
-              grad_output.sizes(), ", expected ", output.sizes());
-  TORCH_CHECK(l.rows == 0 || (gates.size(0) == l.rows &&
-                              cells.size(0) == l.rows),
-              "rnnfast.lstm_backward: the forward was run without "
-              "training=True, so nothing was saved for the backward");
+  check_backward_tensors("rnnfast.lstm_backward", input, s, l, grad_output,
+                         grad_hy, grad_cy, output,
+                         {{"gates", gates, 4 * s.hidden},
+                          {"cells", cells, s.hidden}});
   const LstmGradMask mask{output_mask[0], output_mask[1], output_mask[2],
                           output_mask[3], output_mask[4], output_mask[5],
                           output_mask[6]};
@@ -431,20 +463,18 @@ LayerNormBackwardOutputs layer_norm_lstm_backward_op(
       "rnnfast.layer_norm_lstm_backward", input, s, zoneout_hidden_mask,
       zoneout_cell_mask, zoneout_hidden, zoneout_cell);
   const SequenceLayout l = make_layout(input, batch_sizes, reverse);
-  check_cell_states("rnnfast.layer_norm_lstm_backward", z, l, cell_states);
+  check_cell_states("rnnfast.layer_norm_lstm_backward", input, s.hidden, z,
+                    l, cell_states);
   const at::ScalarType dtype = input.scalar_type();
   const at::ScalarType cdt = compute_dtype(dtype);
   const at::ScalarType sdt = storage_dtype<Backend>(dtype);
   const int64_t H = s.hidden;
-  TORCH_CHECK(grad_output.sizes() == output.sizes(),
-              "rnnfast.layer_norm_lstm_backward: grad_output has size ",
-              grad_output.sizes(), ", expected ", output.sizes());
-  TORCH_CHECK(l.rows == 0 || (cells.size(0) == l.rows &&
-                              normalized_ih.size(0) == l.rows &&
-                              normalized_hh.size(0) == l.rows &&
-                              stats.size(0) == l.rows),
-              "rnnfast.layer_norm_lstm_backward: the forward was run without "
-              "training=True, so nothing was saved for the backward");
+  check_backward_tensors("rnnfast.layer_norm_lstm_backward", input, s, l,
+                         grad_output, grad_hy, grad_cy, output,
+                         {{"cells", cells, H},
+                          {"normalized_ih", normalized_ih, 4 * H},
+                          {"normalized_hh", normalized_hh, 4 * H},
+                          {"stats", stats, kStatsWidth}});
   const LayerNormGradMask mask{
       output_mask[0], output_mask[1], output_mask[2], output_mask[3],
       output_mask[4], output_mask[5], output_mask[6], output_mask[7],

@@ -366,6 +366,52 @@ def test_backward_op_names_itself_in_errors(cell):
         cell.backward(*args)
 
 
+# The backward op's positions of the tensors its forward's checks do not
+# cover (gradients, the forward's output and what it saved), with the width
+# of each (None: the output's, whose shape is [T, B, P]).
+BACKWARD_TENSORS = {
+    LSTM_CELL: {"grad_output": 0, "grad_hy": 1, "grad_cy": 2, "output": 11,
+                "gates": 12, "cells": 13},
+    LAYER_NORM_LSTM_CELL: {"grad_output": 0, "grad_hy": 1, "grad_cy": 2, "output": 18,
+                           "cells": 19, "normalized_ih": 20, "normalized_hh": 21,
+                           "stats": 22},
+}
+
+
+@pytest.mark.parametrize("narrow", [True, False], ids=["narrower", "wider"])
+@pytest.mark.parametrize("name", sorted({n for names in BACKWARD_TENSORS.values()
+                                         for n in names}))
+def test_backward_op_refuses_a_misshapen_gradient_or_saved_tensor(cell, name, narrow):
+    """Each tensor the backward op reads besides the forward's arguments is
+    checked for its whole size before any kernel indexes it: one a column
+    narrower (or wider) than the op's sizes say is refused with its name,
+    where it was read past its end (a gradient of h or c corrupted the heap
+    on the CPU; on a GPU it is an illegal address)."""
+    positions = BACKWARD_TENSORS[cell]
+    if name not in positions:
+        pytest.skip(f"{cell.backward_op} has no {name}")
+    args = list(backward_args_from(cell.op_sample()))
+    i = positions[name]
+    t = args[i]
+    args[i] = t[..., :-1] if narrow else torch.cat([t, t[..., :1]], dim=-1)
+    with pytest.raises(RuntimeError,
+                       match=rf"rnnfast.{cell.backward_op}: expected {name} of size "):
+        cell.backward(*args)
+
+
+def test_backward_op_after_an_evaluating_forward_says_why(cell):
+    """Saved tensors of a forward run without training=True are empty: the
+    backward op says that this is why it cannot run."""
+    sample = cell.op_sample()
+    args = list(backward_args_from(sample))
+    for name, i in BACKWARD_TENSORS[cell].items():
+        if name not in ("grad_output", "grad_hy", "grad_cy", "output"):
+            args[i] = args[i][:0]
+    with pytest.raises(RuntimeError, match=rf"rnnfast.{cell.backward_op}: the forward was "
+                                           r"run without training=True"):
+        cell.backward(*args)
+
+
 # --------------------------------------------------------------------------
 # 2. The modules against the reference: outputs and every gradient
 # --------------------------------------------------------------------------

@@ -177,6 +177,19 @@ def test_rejects_batch_sizes_on_cuda(cuda_device, cell):
         cell.forward(*args)
 
 @pytest.mark.parametrize("cell", CELLS, ids=repr)
+@pytest.mark.parametrize("position,name", [(1, "grad_hy"), (0, "grad_output")])
+def test_backward_op_refuses_a_gradient_on_the_cpu(cuda_device, cell, position, name):
+    """A backward op called directly with a gradient left on the CPU is
+    refused by name before a kernel would dereference a host pointer."""
+    sample = cell.op_sample(device=cuda_device, dtype=torch.float32)
+    args = list(shared.backward_args_from(sample))
+    args[position] = args[position].cpu()
+    with pytest.raises(RuntimeError, match=rf"rnnfast.{cell.backward_op}: {name} must be on "
+                                           r"the device of input"):
+        cell.backward(*args)
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=repr)
 @pytest.mark.parametrize("which", ["input", "hx"])
 def test_cpu_tensor_into_cuda_model_raises_like_nn_lstm(cuda_device, cell, which):
     """The usual mistake, a CPU input (or state) given to a model on the
