@@ -455,6 +455,37 @@ def test_ncu_kernel_times(tmp_path):
         "kernel,calls,total_us,mean_us"
 
 
+def _fake_sanitizer(tmp_path, help_text):
+    tool = tmp_path / "compute-sanitizer"
+    tool.write_text(f"#!/bin/sh\ncat <<'EOF'\n{help_text}\nEOF\n")
+    tool.chmod(0o755)
+    return str(tool)
+
+
+def test_sanitizers_of_a_kernels_own_code_check_only_rnnfasts_kernels(tmp_path, monkeypatch):
+    """racecheck, synccheck and initcheck are restricted to rnnfast's kernels
+    where the tool can filter by name; memcheck checks every kernel (cuBLAS
+    handed a wrong size is rnnfast's error too); a tool without the option
+    checks everything rather than refusing to start."""
+    with_filter = _fake_sanitizer(tmp_path, "  --kernel-name arg  Filter the kernels")
+    monkeypatch.setattr(gpu_check, "find_tool",
+                        lambda name: with_filter if name == "compute-sanitizer" else None)
+    by = {s.name: s for s in gpu_check.build_stages(PY, Path("/tmp/w"), workers=0)}
+    for tool in ("racecheck", "synccheck", "initcheck"):
+        cmd = by[tool].command
+        assert cmd[cmd.index("--kernel-name") + 1] == "kns=rnnfast", cmd
+        assert cmd.index("--kernel-name") < cmd.index(PY)
+    assert "--kernel-name" not in by["memcheck"].command
+    old_tool = tmp_path / "old"
+    old_tool.mkdir()
+    without = _fake_sanitizer(old_tool, "  --tool arg  memcheck racecheck")
+    monkeypatch.setattr(gpu_check, "find_tool",
+                        lambda name: without if name == "compute-sanitizer" else None)
+    by = {s.name: s for s in gpu_check.build_stages(PY, Path("/tmp/w"), workers=0)}
+    assert all("--kernel-name" not in by[t].command for t in gpu_check.SANITIZER_TOOLS)
+    assert by["racecheck"].command[:3] == [without, "--tool", "racecheck"]
+
+
 def test_stage_plan_follows_the_issue():
     stages = gpu_check.build_stages(PY, Path("/tmp/w"), workers=0)
     assert [s.name for s in stages] == ["env", "build", "test_cuda", "tests_cuda", "memcheck",
