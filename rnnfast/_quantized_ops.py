@@ -33,7 +33,7 @@ def packed_bytes(n: int, k: int) -> int:
     ``k`` inputs (the size :func:`quantized_pack_weight` returns)."""
     cols = -(-n // _BLOCK_COLS) * _BLOCK_COLS
     depth = -(-k // _DEPTH_ALIGN) * _DEPTH_ALIGN
-    return cols * depth + cols * 4
+    return cols * depth + cols * 4 + 8  # the blocks, the column sums, k
 
 
 def quantized_pack_weight(weight: Tensor) -> Tensor:

@@ -626,6 +626,26 @@ def test_stacked_op_refuses_a_wrong_number_of_weights_or_states():
         rnnfast._quantized_ops.quantized_lstm_stack(x, h, h, [None] + args[1:], 2, False, None)
 
 
+@pytest.mark.parametrize("width", [5, 7, 64])
+def test_ops_refuse_an_input_of_another_width_than_the_weight_was_packed_for(width):
+    """A packed weight pads its inputs to a multiple of 64, so its size
+    alone fits any width up to that: the ops check the width it was packed
+    for (6 here), where a narrower input was read past its rows and a wider
+    one's extra features silently multiplied by the padding's zeros."""
+    ops = rnnfast._quantized_ops
+    w = ops.quantized_pack_weight(torch.ones(4, 6, dtype=torch.int8))
+    assert ops.quantized_linear(torch.randn(2, 6), w, torch.ones(4)).shape == (2, 4)
+    with pytest.raises(RuntimeError, match=rf"packed was packed for 6 inputs, but its input "
+                                           rf"has {width}"):
+        ops.quantized_linear(torch.randn(2, width), w, torch.ones(4))
+    q = Q.quantize_dynamic(rnnfast.LSTM(6, 8, 2))
+    h = torch.zeros(2, 2, 8)
+    with pytest.raises(RuntimeError, match=rf"rnnfast.quantized_lstm_\w+: packed_ih was "
+                                           rf"packed for 6 inputs, but its input has {width}"):
+        ops.quantized_lstm_stack(torch.randn(3, 2, width), h, h, q._op_arguments(), 2, False,
+                                 None)
+
+
 def test_torch_compile_fullgraph_inference():
     q = Q.quantize_dynamic(make_float("LayerNormLSTM", num_layers=2, bidirectional=True))
     x = torch.randn(5, 3, 13)

@@ -131,7 +131,9 @@ const char* kernels_in_use() {
 
 void pack_weight(const int8_t* w, int64_t n, int64_t k, int8_t* packed) {
   const int64_t kp = padded_depth(k);
-  std::memset(packed, 0, packed_bytes(n, k));
+  const int64_t bytes = packed_bytes(n, k);
+  std::memset(packed, 0, bytes);
+  std::memcpy(packed + bytes - int64_t(sizeof(int64_t)), &k, sizeof(k));
   int32_t* sums = column_sums(packed, n, k);
   for (int64_t j = 0; j < n; ++j) {
     const int64_t b = j / kBlockCols, col = j % kBlockCols;

@@ -34,7 +34,10 @@
 // rows (kDepthAlign):
 //   byte (block b, group g, column c, depth d) at
 //     b * 16 * Kp + g * 64 + c * 4 + d          (Kp = k rounded up to 64)
-// followed by the int32 column sums sum_k W_q[j, k] of the padded columns.
+// followed by the int32 column sums sum_k W_q[j, k] of the padded columns
+// and then by k itself (int64, unaligned: read with packed_depth), which the
+// ops check against their input's width (the padded size alone would let
+// any width up to Kp through).
 // 16 groups of one block are thus an AMX B tile as it is loaded (16 rows of
 // 64 bytes, stride 64), and a quantized activation row padded to Kp (bytes
 // 128, whose products with the zero padding vanish) is 16-row A tiles' row.
@@ -42,6 +45,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 namespace rnnfast::cpu::int8 {
 
@@ -64,10 +68,18 @@ inline int64_t depth_groups(int64_t k) {
 inline int64_t column_blocks(int64_t n) {
   return (n + kBlockCols - 1) / kBlockCols;
 }
-// Bytes of the packed form of an [n, k] weight, column sums included.
+// Bytes of the packed form of an [n, k] weight, column sums and k
+// included.
 inline int64_t packed_bytes(int64_t n, int64_t k) {
   const int64_t cols = column_blocks(n) * kBlockCols;
-  return cols * padded_depth(k) + cols * int64_t(sizeof(int32_t));
+  return cols * padded_depth(k) + cols * int64_t(sizeof(int32_t)) +
+         int64_t(sizeof(int64_t));
+}
+// The k a packed weight of `bytes` bytes was packed for (its last 8 bytes).
+inline int64_t packed_depth(const int8_t* packed, int64_t bytes) {
+  int64_t k = 0;
+  std::memcpy(&k, packed + bytes - int64_t(sizeof(int64_t)), sizeof(k));
+  return k;
 }
 // The int32 column sums that follow the blocks of a packed [n, k] weight.
 inline int32_t* column_sums(int8_t* packed, int64_t n, int64_t k) {

@@ -236,11 +236,15 @@ void check_packed(const char* op, const at::Tensor& packed, const char* name,
   check_float(op, scale, scale_name);
   check_size(op, scale, scale_name, {n});
   TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kChar &&
-                  packed.dim() == 1 && packed.numel() == q8::packed_bytes(n, k),
+                  packed.dim() == 1 && packed.is_contiguous() &&
+                  packed.numel() == q8::packed_bytes(n, k),
               op, ": ", name, " must be the packed int8 CPU weight of ", n,
               " outputs and ", k, " inputs (", q8::packed_bytes(n, k),
               " bytes, from quantized_pack_weight), got a ", packed.scalar_type(),
               " tensor of size ", packed.sizes(), " on ", packed.device());
+  const int64_t packed_k = q8::packed_depth(packed.data_ptr<int8_t>(), packed.numel());
+  TORCH_CHECK(packed_k == k, op, ": ", name, " was packed for ", packed_k,
+              " inputs, but its input has ", k);
 }
 
 struct QuantizedSizes {
