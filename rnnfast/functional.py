@@ -176,7 +176,10 @@ def _drop_weight(weight_hh: Tensor, weight_dropout: float, training: bool) -> Te
     if training and weight_dropout > 0:
         keep = _bernoulli_mask(weight_hh.shape, 1 - weight_dropout, weight_hh.device,
                                "weight_hh")
-        return weight_hh * keep / (1 - weight_dropout)
+        # the mask in the weight's dtype, not promoted by the product:
+        # torch 2.11's ONNX exporter (dynamo=True) failed in its type
+        # promotion pass on the bool-times-float product
+        return weight_hh * keep.to(weight_hh.dtype) / (1 - weight_dropout)
     return weight_hh
 
 
