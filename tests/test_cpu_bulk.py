@@ -16,7 +16,7 @@ import torch
 
 import rnnfast
 from utils import (TOLERANCES, assert_results_close, forward_backward, make_layer_norm_lstm_pair,
-                   make_lstm_pair, upcast)
+                   make_lstm_pair, profiled_calls, upcast)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -186,9 +186,7 @@ def test_deterministic_mode_and_lower_precision_run_the_blas(monkeypatch):
 
 
 def _onednn_products(fn) -> int:
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    return sum(e.count for e in prof.key_averages() if e.key == "rnnfast::onednn_matmul")
+    return profiled_calls(fn, ("rnnfast::onednn_matmul",))
 
 
 def test_small_products_of_packed_batches_stay_on_the_blas(monkeypatch):

@@ -16,7 +16,8 @@ import re
 import pytest
 import torch
 
-from utils import CELLS, backward_args_from, make_packed, random_input, random_states
+from utils import (CELLS, backward_args_from, make_packed, profiled_calls, random_input,
+                   random_states)
 
 I, H, LAYERS = 3, 5, 2
 LENGTHS = [5, 4, 4, 2]
@@ -162,11 +163,8 @@ def _gemm_calls(fn) -> int:
     GEMMs: ATen's, or on the CPU oneDNN's where it runs them,
     ``rnnfast::onednn_matmul``; the per-step products use the backend's own
     packed weights on the CPU)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    return sum(e.count for e in prof.key_averages()
-               if e.key in ("aten::mm", "aten::addmm", "aten::addmm_",
-                            "rnnfast::onednn_matmul"))
+    return profiled_calls(fn, ("aten::mm", "aten::addmm", "aten::addmm_",
+                               "rnnfast::onednn_matmul"))
 
 
 @pytest.mark.parametrize("cell", CELLS, ids=repr)

@@ -123,6 +123,15 @@ def cuda_tool(name: str) -> Optional[str]:
 # --------------------------------------------------------------------------
 # Random inputs of the module tests
 # --------------------------------------------------------------------------
+def profiled_calls(fn: Callable[[], object], names: Sequence[str]) -> int:
+    """How many times ``fn`` called the ops (or profiler ranges) ``names``,
+    by torch.profiler's CPU events: evidence of work done or skipped that
+    no timing gives."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key in names)
+
+
 def random_input(batch_first: bool, dtype=torch.float64, device="cpu", steps: int = 5,
                  batch: int = 4, size: int = 3) -> Tensor:
     """A padded input ``[steps, batch, size]`` (``[batch, steps, size]``
