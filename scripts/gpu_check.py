@@ -86,13 +86,15 @@ TOOL_REFUSED = ("Device not supported", "LibraryNotLoaded", "ERR_NVGPUCTRPERM",
                 "Failed to initialize the profiler")
 
 SANITIZER_TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
-# The tools whose checks are of a kernel's own code (shared-memory races,
-# barriers, reads of memory never written) and are run on rnnfast's kernels
-# only, where the tool can filter by name: instrumenting torch's and
-# cuBLAS's kernels too would spend the stage's minutes on code rnnfast does
-# not own. memcheck instruments everything, so that a wrong size or leading
-# dimension handed to cuBLAS is still an error.
-OWN_KERNEL_TOOLS = ("racecheck", "synccheck", "initcheck")
+# The tools whose checks stay within one kernel (shared-memory races,
+# barriers) and are run on rnnfast's kernels only, where the tool can
+# filter by name: instrumenting torch's and cuBLAS's kernels too would spend
+# the stage's minutes on code rnnfast does not own. memcheck instruments
+# everything, so that a wrong size or leading dimension handed to cuBLAS is
+# still an error, and initcheck too: rnnfast's kernels read what cuBLAS
+# wrote, and writes by kernels left uninstrumented might not count as
+# initialising that memory.
+OWN_KERNEL_TOOLS = ("racecheck", "synccheck")
 OWN_KERNELS = "rnnfast"  # every kernel is in namespace rnnfast::cuda
 
 # The skip reason that scripts/gpu_check_pytest.py gives a test

@@ -13,8 +13,8 @@
 #   tests_cuda   the other CUDA tests (-k cuda), Inductor compiles left out
 #   memcheck, racecheck, synccheck, initcheck
 #                compute-sanitizer on scripts/sanitize_case.py, at once
-#                (all but memcheck on rnnfast's kernels only, where the
-#                tool has --kernel-name)
+#                (racecheck and synccheck on rnnfast's kernels only, where
+#                the tool has --kernel-name)
 #   bench        python -m rnnfast.bench --grid gpu (the GPU preset)
 #   ncu          Nsight Compute: time per kernel of one training step
 #   bench_zoneout  zoneout against a Python loop over nn.LSTMCell (issue 15)

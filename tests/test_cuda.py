@@ -176,6 +176,7 @@ def test_rejects_batch_sizes_on_cuda(cuda_device, cell):
                                            r"a 1-D int64 CPU tensor"):
         cell.forward(*args)
 
+
 @pytest.mark.parametrize("cell", CELLS, ids=repr)
 @pytest.mark.parametrize("position,name", [(1, "grad_hy"), (0, "grad_output")])
 def test_backward_op_refuses_a_gradient_on_the_cpu(cuda_device, cell, position, name):

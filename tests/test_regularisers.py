@@ -450,6 +450,20 @@ def test_backward_without_cell_states_is_refused(cell):
         cell.backward(*args, zoneout_cell_mask=mask_c)
 
 
+def test_backward_refuses_misshapen_cell_states(cell):
+    """The carried cell states a backward with zoneout on c reads are
+    checked for their whole size: a column fewer is refused by name."""
+    sample = _op_sample(cell, seed=13, requires_grad=False)
+    _, mask_c = zoneout_masks(sample, 0.0, 0.5)
+    saved = cell.forward(*sample.args, zoneout_cell_mask=mask_c)
+    grads = [torch.ones_like(t) for t in saved[:3]]
+    args = backward_op_args(cell, sample, grads, saved)
+    cell.backward(*args, zoneout_cell_mask=mask_c, cell_states=saved[-1])
+    with pytest.raises(RuntimeError, match=rf"rnnfast.{cell.backward_op}: expected "
+                                           r"cell_states of size"):
+        cell.backward(*args, zoneout_cell_mask=mask_c, cell_states=saved[-1][:, :-1])
+
+
 # ---- torch.compile, export ---------------------------------------------------------
 
 @pytest.mark.parametrize("packed", [False, True])

@@ -35,7 +35,7 @@
 //   byte (block b, group g, column c, depth d) at
 //     b * 16 * Kp + g * 64 + c * 4 + d          (Kp = k rounded up to 64)
 // followed by the int32 column sums sum_k W_q[j, k] of the padded columns
-// and then by k itself (int64, unaligned: read with packed_depth), which the
+// and then by k itself (int64, read with packed_depth), which the
 // ops check against their input's width (the padded size alone would let
 // any width up to Kp through).
 // 16 groups of one block are thus an AMX B tile as it is loaded (16 rows of
