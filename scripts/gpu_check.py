@@ -27,6 +27,9 @@ Stages, in this order, each with its own log, exit code and time:
   bench_zoneout  rnnfast.LSTM with zoneout against a Python loop over
                nn.LSTMCell (the bench's --regularisers), T=100 B=64 and B=4
                I=H=256, training
+  bench_unfused  streaming decode (B=1 and 8, H=256 and 512, 2 layers) with
+               the fused small-batch step turned off
+               (RNNFAST_CUDA_FUSED_STEP_ROWS=0), to compare with bench's
 
 ``--quick`` runs build, test_cuda and bench only (under 5 minutes).
 
@@ -711,6 +714,20 @@ def build_stages(py: str, work: Path, quick: bool = False,
                               "--impls", "rnnfast.LSTM (zoneout)", "--no-plots",
                               "--out", str(work / "bench_zoneout")],
             cap_s=60, min_s=25, needs=("build",), env=pyenv))
+        # the small-batch forward steps without the fused product-and-cell
+        # launch (lstm_fused_forward_step, H/8 blocks of 256 threads),
+        # against the bench stage's decode cases with it: whether the fused
+        # step pays on this GPU (rnnfast-bench compare bench/results.json
+        # bench_unfused/results.json). Last: it runs only on time left over.
+        stages.append(Stage(
+            "bench_unfused", [py, "-m", "rnnfast.bench", "--device", "cuda", "--T", "1",
+                              "--B", "1", "8", "--H", "256", "512", "--layers", "2",
+                              "--bidirectional", "false", "--decode", "true",
+                              "--mode", "inference", "--tf32", "false",
+                              "--impls", "rnnfast.LSTM", "--no-plots",
+                              "--out", str(work / "bench_unfused")],
+            cap_s=45, min_s=20, needs=("build",),
+            env=dict(pyenv, RNNFAST_CUDA_FUSED_STEP_ROWS="0")))
     return stages
 
 

@@ -18,6 +18,7 @@
 #   bench        python -m rnnfast.bench --grid gpu (the GPU preset)
 #   ncu          Nsight Compute: time per kernel of one training step
 #   bench_zoneout  zoneout against a Python loop over nn.LSTMCell (issue 15)
+#   bench_unfused  decode with the fused small-batch step off, to compare
 # --quick runs build, test_cuda and bench only (under 5 minutes).
 #
 # The whole check keeps within GPU_CHECK_BUDGET_S seconds (default 530, 280

@@ -492,7 +492,7 @@ def test_stage_plan_follows_the_issue():
     stages = gpu_check.build_stages(PY, Path("/tmp/w"), workers=0)
     assert [s.name for s in stages] == ["env", "build", "test_cuda", "tests_cuda", "memcheck",
                                         "racecheck", "synccheck", "initcheck", "bench", "ncu",
-                                        "bench_zoneout"]
+                                        "bench_zoneout", "bench_unfused"]
     quick = gpu_check.build_stages(PY, Path("/tmp/w"), quick=True, workers=0)
     assert [s.name for s in quick] == ["env", "build", "test_cuda", "bench"]
     by = {s.name: s for s in stages}
@@ -501,6 +501,9 @@ def test_stage_plan_follows_the_issue():
     # the CPU emulation of the CUDA backend (minutes) is not run on the GPU
     assert str(ROOT / "tests" / "test_simt.py") in by["tests_cuda"].command
     assert by["bench"].command[by["bench"].command.index("--grid") + 1] == "gpu"
+    # the fused small-batch step turned off, for comparison with bench's
+    assert by["bench_unfused"].env["RNNFAST_CUDA_FUSED_STEP_ROWS"] == "0"
+    assert "--decode" in by["bench_unfused"].command
     assert all(by[t].group == "sanitizers" for t in gpu_check.SANITIZER_TOOLS)
     # the caps' minimums after the build fit the budget with room for a build
     after_build = gpu_check.reserve_after(units(stages[2:]))
