@@ -718,7 +718,8 @@ def build_stages(py: str, work: Path, quick: bool = False,
         # launch (lstm_fused_forward_step, H/8 blocks of 256 threads),
         # against the bench stage's decode cases with it: whether the fused
         # step pays on this GPU (rnnfast-bench compare bench/results.json
-        # bench_unfused/results.json). Last: it runs only on time left over.
+        # bench_unfused/results.json). Last and short: 20 s of the budget
+        # are set aside for it, as every stage's minimum is.
         stages.append(Stage(
             "bench_unfused", [py, "-m", "rnnfast.bench", "--device", "cuda", "--T", "1",
                               "--B", "1", "8", "--H", "256", "512", "--layers", "2",
