@@ -359,11 +359,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantized_lstm_forward(
             cx.clone(at::MemoryFormat::Contiguous)};
   }
   const at::Tensor x = input.contiguous().view({l.rows, s.input});
-  const at::Tensor w_ih = packed_ih.contiguous(), s_ih = scale_ih.contiguous(),
-                   w_hh = packed_hh.contiguous(), s_hh = scale_hh.contiguous();
+  // (packed weights are contiguous: check_packed)
+  const at::Tensor& w_ih = packed_ih;
+  const at::Tensor& w_hh = packed_hh;
+  const at::Tensor s_ih = scale_ih.contiguous(), s_hh = scale_hh.contiguous();
   at::Tensor w_hr, s_hr;
   if (s.has_projection()) {
-    w_hr = packed_hr->contiguous();
+    w_hr = *packed_hr;
     s_hr = scale_hr->contiguous();
   }
   at::Tensor gates = empty_activation({l.rows, G}, opts);
@@ -456,11 +458,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantized_layer_norm_lstm_forward
             cx.clone(at::MemoryFormat::Contiguous)};
   }
   const at::Tensor x = input.contiguous().view({l.rows, s.input});
-  const at::Tensor w_hh = packed_hh.contiguous(), s_hh = scale_hh.contiguous();
+  const at::Tensor& w_hh = packed_hh;  // contiguous: check_packed
+  const at::Tensor s_hh = scale_hh.contiguous();
   // W_ih x for every step; each step normalises its rows in place.
   at::Tensor ih = empty_activation({l.rows, G}, opts);
-  quantized_input_projection_two_terms(ih, x, packed_ih.contiguous(),
-                                       scale_ih.contiguous());
+  quantized_input_projection_two_terms(ih, x, packed_ih, scale_ih.contiguous());
   at::Tensor hh = at::empty({l.batch, G}, opts);
   // The four gate biases enter the pre-activations alike: one sum serves.
   const at::Tensor gate_bias = bias_ih.has_value()
@@ -624,7 +626,7 @@ at::Tensor quantized_linear(const at::Tensor& input, const at::Tensor& packed,
                 q8::kernels_name(q8::best_kernels()), ")");
   }
   at::Tensor out = at::empty({input.size(0), n}, input.options());
-  quantized_input_projection(out, input.contiguous(), packed.contiguous(), scale.contiguous(),
+  quantized_input_projection(out, input.contiguous(), packed, scale.contiguous(),
                              bias.has_value() ? bias->contiguous() : at::Tensor(),
                              forced ? &which : nullptr);
   return out;
