@@ -118,6 +118,13 @@ std::string cpu_multiply_once_bf16(const std::string& path, int64_t m,
                                    int64_t n, int64_t k, intptr_t a,
                                    int64_t lda, intptr_t b, int64_t ldb,
                                    float beta, intptr_t c, int64_t ldc);
+// The conversion an op applies to a CPU tensor it reads in another dtype
+// (op_impls.h, as_compute), for tests that compare it with ATen's: n
+// contiguous elements at src of dtype `from` converted to `to` into dst
+// (dtypes "float32", "bfloat16" or "float16"; raw addresses). Returns
+// whether the op's own loop ran (small_cpu_conversion), else ATen's `to`.
+bool cpu_op_conversion(intptr_t src, const std::string& from, intptr_t dst,
+                       const std::string& to, int64_t n);
 // Frees the CPU buffer cache's free blocks; returns their bytes.
 int64_t release_cpu_buffer_cache();
 // Bytes of free blocks the CPU buffer cache holds.

@@ -236,6 +236,11 @@ PYBIND11_MODULE(_C, m) {
         "_one_use_product for bfloat16 A and B (raw addresses of their "
         "bits) and float32 C, without bias: _one_use_bf16_product(path, m, "
         "n, k, a, lda, b, ldb, beta, c, ldc); returns what ran.");
+  m.def("_op_conversion", &rnnfast::cpu_op_conversion,
+        "The conversion a CPU op applies to what it reads in another dtype "
+        "(tests; raw addresses): _op_conversion(src, from, dst, to, n) with "
+        "dtypes 'float32', 'bfloat16' or 'float16'; returns whether the "
+        "op's own loop for small tensors ran.");
   m.def("empty_cache", &rnnfast::release_cpu_buffer_cache,
         "Frees the CPU blocks rnnfast keeps for reuse; returns their bytes.");
   m.def("cache_bytes", &rnnfast::cpu_buffer_cache_bytes,

@@ -157,6 +157,58 @@ def test_other_simd_levels_convert_alike(capability):
     assert "4 passed" in proc.stdout, proc.stdout[-1000:]
 
 
+def _every_value(dtype: torch.dtype) -> torch.Tensor:
+    """Every bit pattern of a 16-bit ``dtype``; for float32 the special
+    values, each binade's boundaries, ties of both 16-bit roundings (the
+    low 16 and low 13 bits exactly half way, with even and odd kept bits),
+    subnormals, values past float16's range, and random bit patterns (NaN
+    payloads among them)."""
+    if dtype != torch.float32:
+        return torch.arange(-(2 ** 15), 2 ** 15, dtype=torch.int32).to(torch.int16).view(dtype)
+    g = torch.Generator().manual_seed(0)
+    random_bits = torch.randint(-(2 ** 31), 2 ** 31 - 1, (20000,), generator=g,
+                                dtype=torch.int64).to(torch.int32)
+    kept = torch.randint(0, 2 ** 15, (2000,), generator=g, dtype=torch.int32)
+    ties = torch.cat([(kept << 16) | 0x8000, (kept << 13) | 0x1000])
+    special = torch.tensor([0.0, 1.0, float("inf"), float("nan"), 1e-40, 1e-45, 3.4e38,
+                            65504.0, 65519.99, 65520.0, 6e-8, 2.0 ** -24, 2.0 ** -25,
+                            2.0 ** -14, 1.0 + 2.0 ** -8, 1.0 + 2.0 ** -11],
+                           dtype=torch.float32)
+    special = torch.cat([special, -special, 2.0 ** torch.arange(-149, 128).float()])
+    return torch.cat([special, random_bits.view(torch.float32), ties.view(torch.float32),
+                      -ties.view(torch.float32)])
+
+
+@pytest.mark.parametrize("to", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("source", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_op_conversions_are_atens(source, to):
+    """What an op reads or returns in another dtype (a bfloat16 op computing
+    in float converts its input, states and biases and its results) is
+    converted by the op's own loop up to 32768 elements and by ATen beyond:
+    the same bits as ATen's conversion for every value (a NaN a NaN),
+    rounding to nearest even where it narrows."""
+    if source == to:
+        pytest.skip("no conversion")
+    values = _every_value(source)
+    bits = {torch.float32: torch.int32, torch.bfloat16: torch.int16,
+            torch.float16: torch.int16}[to]
+    for start in range(0, values.numel(), 32768):
+        chunk = values[start:start + 32768].contiguous()
+        got = torch.empty(chunk.numel(), dtype=to)
+        own = _C._op_conversion(chunk.data_ptr(), str(source)[6:], got.data_ptr(),
+                                str(to)[6:], chunk.numel())
+        assert own, chunk.numel()
+        want = chunk.to(to)
+        nan = want.isnan()
+        assert torch.equal(got.isnan(), nan), (source, to)
+        assert torch.equal(got[~nan].view(bits), want[~nan].view(bits)), (source, to)
+    beyond = torch.randn(32769).to(source)
+    got = torch.empty(beyond.numel(), dtype=to)
+    assert not _C._op_conversion(beyond.data_ptr(), str(source)[6:], got.data_ptr(),
+                                 str(to)[6:], beyond.numel())
+    assert torch.equal(got.view(bits), beyond.to(to).view(bits))
+
+
 def _pytorch_bfloat16_results(ref, x, hx, run):
     """The reference module's results in bfloat16 (nn.LSTM, or for the
     LayerNorm-LSTM the plain-PyTorch reference), or the plain-PyTorch

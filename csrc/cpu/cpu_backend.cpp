@@ -931,6 +931,25 @@ std::string cpu_multiply_once_bf16(const std::string& path, int64_t m,
                             beta, reinterpret_cast<float*>(c), ldc);
 }
 
+bool cpu_op_conversion(intptr_t src, const std::string& from, intptr_t dst,
+                       const std::string& to, int64_t n) {
+  auto dtype = [](const std::string& name) {
+    if (name == "float32") return at::kFloat;
+    if (name == "bfloat16") return at::kBFloat16;
+    TORCH_CHECK(name == "float16", "expected float32, bfloat16 or float16, got '",
+                name, "'");
+    return at::kHalf;
+  };
+  TORCH_CHECK(n >= 0, "expected a count of elements, got ", n);
+  const at::ScalarType f = dtype(from), t = dtype(to);
+  const at::Tensor in = at::from_blob(reinterpret_cast<void*>(src), {n},
+                                      at::TensorOptions().dtype(f));
+  const bool own = small_cpu_conversion(in, t);
+  at::from_blob(reinterpret_cast<void*>(dst), {n}, at::TensorOptions().dtype(t))
+      .copy_(as_compute(in, t));
+  return own;
+}
+
 int64_t release_cpu_buffer_cache() { return cpu::empty_activation_cache(); }
 int64_t cpu_buffer_cache_bytes() { return cpu::activation_cache_bytes(); }
 }  // namespace rnnfast
