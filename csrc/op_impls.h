@@ -159,12 +159,10 @@ inline at::Tensor sum_in(at::ScalarType dtype, const at::Tensor& a,
   };
   if (dtype == at::kFloat && fits(a) && fits(b) &&
       (!four || (fits(c) && fits(d)))) {
-    auto as_float = [](const at::Tensor& t) {
-      return t.scalar_type() == at::kFloat
-                 ? t
-                 : small_cpu_converted(t, at::kFloat);
-    };
-    const at::Tensor fa = as_float(a), fb = as_float(b);
+    // as_compute: each operand itself where it is float, else converted
+    // by the loop above (fits).
+    const at::Tensor fa = as_compute(a, at::kFloat),
+                     fb = as_compute(b, at::kFloat);
     const float* pa = fa.const_data_ptr<float>();
     const float* pb = fb.const_data_ptr<float>();
     at::Tensor out = at::detail::empty_cpu({n}, at::kFloat);
@@ -172,7 +170,8 @@ inline at::Tensor sum_in(at::ScalarType dtype, const at::Tensor& a,
     if (!four) {
       for (int64_t i = 0; i < n; ++i) o[i] = pa[i] + pb[i];
     } else {
-      const at::Tensor fc = as_float(c), fd = as_float(d);
+      const at::Tensor fc = as_compute(c, at::kFloat),
+                       fd = as_compute(d, at::kFloat);
       const float* pc = fc.const_data_ptr<float>();
       const float* pd = fd.const_data_ptr<float>();
       for (int64_t i = 0; i < n; ++i) o[i] = (pa[i] + pb[i]) + (pc[i] + pd[i]);

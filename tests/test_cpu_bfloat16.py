@@ -190,13 +190,14 @@ def test_op_conversions_are_atens(source, to):
     if source == to:
         pytest.skip("no conversion")
     values = _every_value(source)
+    names = str(source)[6:], str(to)[6:]  # "float32", ...
     bits = {torch.float32: torch.int32, torch.bfloat16: torch.int16,
             torch.float16: torch.int16}[to]
     for start in range(0, values.numel(), 32768):
         chunk = values[start:start + 32768].contiguous()
         got = torch.empty(chunk.numel(), dtype=to)
-        own = _C._op_conversion(chunk.data_ptr(), str(source)[6:], got.data_ptr(),
-                                str(to)[6:], chunk.numel())
+        own = _C._op_conversion(chunk.data_ptr(), names[0], got.data_ptr(), names[1],
+                                chunk.numel())
         assert own, chunk.numel()
         want = chunk.to(to)
         nan = want.isnan()
@@ -204,8 +205,8 @@ def test_op_conversions_are_atens(source, to):
         assert torch.equal(got[~nan].view(bits), want[~nan].view(bits)), (source, to)
     beyond = torch.randn(32769).to(source)
     got = torch.empty(beyond.numel(), dtype=to)
-    assert not _C._op_conversion(beyond.data_ptr(), str(source)[6:], got.data_ptr(),
-                                 str(to)[6:], beyond.numel())
+    assert not _C._op_conversion(beyond.data_ptr(), names[0], got.data_ptr(), names[1],
+                                 beyond.numel())
     assert torch.equal(got.view(bits), beyond.to(to).view(bits))
 
 
