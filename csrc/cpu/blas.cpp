@@ -633,11 +633,7 @@ void StepWeight<T>::multiply_panels(int64_t m, const T* a, int64_t lda,
     // A's rows were mostly written by the other threads of the team (the
     // last step's h, or d): ask for all of their lines at once, before the
     // tiles read them one element per row at a time.
-    for (int64_t i = 0; i < m; ++i) {
-      for (int64_t kk = 0; kk < k_; kk += 64 / int64_t(sizeof(T))) {
-        __builtin_prefetch(a + i * lda + kk, 0, 3);
-      }
-    }
+    if (k_ > 0) step_gemm::prefetch_rows(m, a, lda, 0, k_);
     step_gemm::multiply_panel_range(m, n_, k_, a, lda, own_packed_,
                                     panel_begin, panel_end, beta, c, ldc);
   } else {

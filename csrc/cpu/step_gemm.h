@@ -39,6 +39,22 @@ constexpr int64_t kPanelCols = 16;
 constexpr int64_t kMaxRows = 32;
 
 inline int64_t panels(int64_t n) { return (n + kPanelCols - 1) / kPanelCols; }
+// Asks for the cache lines of columns [begin, end) (begin < end) of rows
+// [0, rows) of a row-major float matrix with row stride ld, so that they
+// are on their way before a product reads or writes them: every 64-byte
+// line of each row's span once, the span's last one included.
+inline void prefetch_rows(int64_t rows, const float* p, int64_t ld,
+                          int64_t begin, int64_t end) {
+  constexpr int64_t kLineFloats = 64 / int64_t(sizeof(float));
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = p + r * ld;
+    for (int64_t j = begin; j < end - 1; j += kLineFloats) {
+      __builtin_prefetch(row + j);
+    }
+    __builtin_prefetch(row + end - 1);
+  }
+}
+
 // Floats of the packed form of a [k, n] operand.
 inline int64_t packed_floats(int64_t n, int64_t k) {
   return panels(n) * kPanelCols * k;

@@ -128,15 +128,7 @@ void multiply_panels(int64_t m, int64_t n, int64_t k, const float* a,
       const int64_t next = p + group;
       const int64_t next_end =
           (next + group < panel_end ? next + group : panel_end) * kPanelCols;
-      const int64_t first = next * kPanelCols;
-      const int64_t last = (next_end < n ? next_end : n) - 1;
-      for (int64_t r = 0; r < m; ++r) {
-        const float* row = c + r * ldc;
-        for (int64_t j = first; j < last; j += 64 / int64_t(sizeof(float))) {
-          __builtin_prefetch(row + j);
-        }
-        __builtin_prefetch(row + last);  // the line of the end
-      }
+      prefetch_rows(m, c, ldc, next * kPanelCols, next_end < n ? next_end : n);
     }
     int64_t row = 0;
     for (int64_t blk = 0; blk < blocks; ++blk) {
